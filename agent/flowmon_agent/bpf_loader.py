@@ -1,0 +1,67 @@
+"""Load BCC programs from bpf/*.c, with one clear error when the host cannot run BPF."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+
+BPF_DIR = Path(os.environ.get("FLOWMON_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))
+TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+
+
+class BPFUnavailableError(RuntimeError):
+    """BPF programs cannot be loaded on this host; the message names the cause."""
+
+
+def tracefs_root() -> Path:
+    for root in TRACEFS_CANDIDATES:
+        if (root / "events").is_dir():
+            return root
+    raise BPFUnavailableError(
+        "tracefs is not mounted: run `mount -t tracefs nodev /sys/kernel/tracing` (make setup does this)"
+    )
+
+
+def tracepoint_exists(category: str, event: str) -> bool:
+    try:
+        return (tracefs_root() / "events" / category / event).is_dir()
+    except BPFUnavailableError:
+        return False
+
+
+def check_host() -> None:
+    """Raise BPFUnavailableError naming the first missing prerequisite."""
+    if os.geteuid() != 0:
+        raise BPFUnavailableError(
+            f"loading BPF needs root (or CAP_BPF+CAP_PERFMON+CAP_SYS_RESOURCE); running as uid {os.geteuid()}"
+        )
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        raise BPFUnavailableError(f"kernel {platform.release()} has no BTF (/sys/kernel/btf/vmlinux missing)")
+    build = Path("/lib/modules") / platform.release() / "build"
+    if not build.exists():
+        raise BPFUnavailableError(
+            f"no kernel headers at {build}: install the headers for kernel {platform.release()} "
+            "(make setup links Debian's linux-headers-amd64 when the host has none)"
+        )
+    tracefs_root()
+
+
+def load_program(source_name: str, cflags: Mapping[str, int] | None = None):  # -> bcc.BPF
+    """Compile bpf/<source_name> with integer-only defines (never user strings) and return the BPF object."""
+    check_host()
+    try:
+        from bcc import BPF
+    except ImportError as exc:  # pragma: no cover - depends on the host
+        raise BPFUnavailableError(
+            "the bcc Python module is missing: install Debian's python3-bpfcc (make setup)"
+        ) from exc
+    path = BPF_DIR / source_name
+    if not path.is_file():
+        raise BPFUnavailableError(f"BPF source {path} not found (set FLOWMON_BPF_DIR)")
+    flags = [f"-D{name}={int(value)}" for name, value in (cflags or {}).items()]
+    try:
+        return BPF(src_file=str(path).encode(), cflags=flags)
+    except Exception as exc:
+        raise BPFUnavailableError(f"BCC could not compile or load {path.name}: {exc}") from exc

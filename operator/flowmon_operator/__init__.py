@@ -1,0 +1,1 @@
+"""flowmon operator: reconciles FlowMonitor resources into the shared agent and its scrape config."""

@@ -1,0 +1,13 @@
+"""Shared fixtures. Tests that need root or BPF fail (never skip) when the host lacks them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (BPF, network namespaces): run `make test` as root")
