@@ -1,0 +1,132 @@
+"""The agent policy: every FlowMonitor compiled into one document, the contract between operator and agent.
+
+The operator compiles it (stored in a ConfigMap, pushed over HTTPS); the agent validates it at the
+boundary and applies it. It is identified by a content hash that agents report back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from flowmon_agent.alerting_spec import IsolationAlerting
+from flowmon_agent.model_base import StrictModel, duration_seconds
+from flowmon_agent.spec import (
+    Dimension,
+    FlowMonitor,
+    HistogramBuckets,
+    Metric,
+    NamespaceName,
+    Selection,
+)
+
+DEFAULT_OPERATOR_NAMESPACE = "flowmon-system"
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class MonitorPolicy(StrictModel):
+    """One FlowMonitor as the agent needs it."""
+
+    namespace: NamespaceName
+    name: NamespaceName
+    tenant_namespace: NamespaceName | None = Field(
+        default=None,
+        description="Flows must have one end in this namespace; None for cluster-wide monitors "
+        "(those in the operator's namespace).",
+    )
+    selection: Selection
+    metrics: list[Metric]
+    group_by: list[Dimension]
+    max_series: int = Field(ge=1, le=100_000)
+    series_ttl_seconds: int = Field(ge=10, le=86_400)
+    histogram_buckets: HistogramBuckets
+    isolation: IsolationAlerting = Field(default_factory=IsolationAlerting)
+    token_sha256: list[Sha256Hex] = Field(
+        default_factory=list, description="SHA-256 of each bearer token that may read this monitor's path."
+    )
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def path(self) -> str:
+        return f"/metrics/{self.namespace}/{self.name}"
+
+
+class AgentPolicy(StrictModel):
+    """All monitors, sorted by namespace/name so that equal content gives an equal hash."""
+
+    schema_version: Literal[1] = 1
+    operator_namespace: NamespaceName = DEFAULT_OPERATOR_NAMESPACE
+    monitors: list[MonitorPolicy] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_sorted(self) -> AgentPolicy:
+        keys = [m.key for m in self.monitors]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a monitor appears twice")
+        if keys != sorted(keys):
+            raise ValueError("monitors must be sorted by namespace/name")
+        return self
+
+    @property
+    def hash(self) -> str:
+        return policy_hash(self)
+
+    def monitor(self, namespace: str, name: str) -> MonitorPolicy | None:
+        return next((m for m in self.monitors if m.namespace == namespace and m.name == name), None)
+
+
+def canonical_json(policy: AgentPolicy) -> str:
+    return json.dumps(policy.dump(), sort_keys=True, separators=(",", ":"))
+
+
+def policy_hash(policy: AgentPolicy) -> str:
+    """Content hash of the policy (hex SHA-256): what agents report and FlowMonitor status compares."""
+    return hashlib.sha256(canonical_json(policy).encode()).hexdigest()
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def compile_monitor(
+    monitor: FlowMonitor, *, operator_namespace: str, token_hashes: Iterable[str] = ()
+) -> MonitorPolicy:
+    """Pure: one FlowMonitor → its policy. Tenancy is decided here, once, by where the monitor lives."""
+    spec = monitor.spec
+    cluster_wide = monitor.metadata.namespace == operator_namespace
+    return MonitorPolicy(
+        namespace=monitor.metadata.namespace,
+        name=monitor.metadata.name,
+        tenant_namespace=None if cluster_wide else monitor.metadata.namespace,
+        selection=spec.selection,
+        metrics=spec.metrics,
+        group_by=spec.aggregation.group_by,
+        max_series=spec.aggregation.max_series,
+        series_ttl_seconds=duration_seconds(spec.aggregation.series_ttl),
+        histogram_buckets=spec.aggregation.histogram_buckets,
+        isolation=spec.alerting.isolation,
+        token_sha256=sorted(set(token_hashes)),
+    )
+
+
+def compile_policy(
+    monitors: Iterable[FlowMonitor],
+    *,
+    operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
+    token_hashes: Mapping[str, Iterable[str]] | None = None,
+) -> AgentPolicy:
+    """Pure: all FlowMonitors (already validated) → one agent policy. token_hashes is keyed by ns/name."""
+    hashes = token_hashes or {}
+    compiled = [
+        compile_monitor(m, operator_namespace=operator_namespace, token_hashes=hashes.get(m.key, ()))
+        for m in monitors
+    ]
+    compiled.sort(key=lambda m: m.key)
+    return AgentPolicy(operator_namespace=operator_namespace, monitors=compiled)
