@@ -28,6 +28,9 @@ class FlowKey:
     server_ip: IPAddress
     server_port: int
     reporter: Reporter
+    # Non-zero only for connections to a Service IP (see FlowTracer.set_nat_peers): those stay per
+    # connection so that user space can undo the NAT through conntrack before aggregating.
+    client_port: int = 0
 
 
 @dataclass(slots=True)
