@@ -49,10 +49,10 @@ class IsolationAlerting(StrictModel):
     """Environment isolation: named environments and the pairs that must never talk."""
 
     environments: list[Environment] = Field(
-        default_factory=list, description="Environments by namespace label."
+        default_factory=list, max_length=32, description="Environments by namespace label."
     )
     forbidden: list[ForbiddenPair] = Field(
-        default_factory=list, description="Forbidden client → server pairs."
+        default_factory=list, max_length=64, description="Forbidden client → server pairs."
     )
 
     @model_validator(mode="after")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 
@@ -42,5 +42,8 @@ def _valid_duration(text: str) -> str:
     return text
 
 
-Duration = Annotated[str, AfterValidator(_valid_duration)]
 DURATION_PATTERN = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
+# The pattern and length bounds appear in the JSON schema (so in the CRD, where CEL needs bounded strings).
+Duration = Annotated[
+    str, Field(min_length=2, max_length=32, pattern=DURATION_PATTERN), AfterValidator(_valid_duration)
+]

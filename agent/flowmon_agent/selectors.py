@@ -11,6 +11,10 @@ from pydantic import Field, model_validator
 from flowmon_agent.model_base import StrictModel
 
 LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9_.-]+$")]
+LabelValue = Annotated[str, Field(max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")]
+# Bounds on lists and maps keep the CRD's CEL rules within the API server's cost budget.
+MAX_SELECTOR_TERMS = 32
+MAX_SELECTOR_VALUES = 64
 
 
 class SelectorOperator(StrEnum):
@@ -25,8 +29,9 @@ class SelectorRequirement(StrictModel):
 
     key: LabelKey = Field(description="The label key the requirement applies to.")
     operator: SelectorOperator = Field(description="In, NotIn, Exists or DoesNotExist.")
-    values: list[str] = Field(
+    values: list[LabelValue] = Field(
         default_factory=list,
+        max_length=MAX_SELECTOR_VALUES,
         description="Values for In and NotIn (non-empty); must be empty for Exists and DoesNotExist.",
     )
 
@@ -43,11 +48,13 @@ class SelectorRequirement(StrictModel):
 class LabelSelector(StrictModel):
     """A standard Kubernetes label selector; empty selects everything."""
 
-    match_labels: dict[LabelKey, str] = Field(
-        default_factory=dict, description="Labels that must all be present with these values."
+    match_labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict,
+        max_length=MAX_SELECTOR_TERMS,
+        description="Labels that must all be present with these values.",
     )
     match_expressions: list[SelectorRequirement] = Field(
-        default_factory=list, description="Requirements that must all hold."
+        default_factory=list, max_length=MAX_SELECTOR_TERMS, description="Requirements that must all hold."
     )
 
     @property

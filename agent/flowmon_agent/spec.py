@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from flowmon_agent.alerting_spec import AlertingSpec
 from flowmon_agent.model_base import Duration, StrictModel, duration_seconds
-from flowmon_agent.selectors import LabelSelector
+from flowmon_agent.selectors import LabelKey, LabelSelector, LabelValue
 
 API_GROUP = "flowmon.io"
 API_VERSION = "v1alpha1"
@@ -67,6 +67,8 @@ DEFAULT_GROUP_BY = (
 DEFAULT_RTT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
 DEFAULT_CONNECT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
+MAX_NAMESPACES = 256  # bounds keep the CRD's CEL rules within the API server's cost budget
+
 Buckets = Annotated[
     list[Annotated[float, Field(gt=0, le=3600)]],
     Field(min_length=1, max_length=30),
@@ -78,10 +80,13 @@ class NamespaceFilter(StrictModel):
 
     include: list[NamespaceName] = Field(
         default_factory=list,
+        max_length=MAX_NAMESPACES,
         description="Namespaces whose flows are monitored; empty means all namespaces (within tenancy).",
     )
     exclude: list[NamespaceName] = Field(
-        default_factory=list, description="Namespaces never monitored, even when included otherwise."
+        default_factory=list,
+        max_length=MAX_NAMESPACES,
+        description="Namespaces never monitored, even when included otherwise.",
     )
 
     @model_validator(mode="after")
@@ -140,6 +145,7 @@ class Aggregation(StrictModel):
     group_by: list[Dimension] = Field(
         default_factory=lambda: list(DEFAULT_GROUP_BY),
         min_length=1,
+        max_length=len(Dimension),
         description="Flow labels that form series; flows differing only in other labels are summed.",
     )
     max_series: int = Field(
@@ -170,8 +176,9 @@ class Scrape(StrictModel):
     """How Prometheus scrapes this monitor."""
 
     interval: Duration = Field(default="15s", description="Scrape interval of the ServiceMonitor.")
-    service_monitor_labels: dict[str, str] = Field(
+    service_monitor_labels: dict[LabelKey, LabelValue] = Field(
         default_factory=dict,
+        max_length=32,
         description="Labels put on the ServiceMonitor so that a Prometheus selects it (e.g. release: kps).",
     )
 
@@ -189,6 +196,7 @@ class FlowMonitorSpec(StrictModel):
     metrics: list[Metric] = Field(
         default_factory=lambda: list(Metric),
         min_length=1,
+        max_length=len(Metric),
         description="Metric families to export (allow-list); default all.",
     )
     aggregation: Aggregation = Field(default_factory=Aggregation, description="Grouping and cardinality.")
