@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from flowmon_agent.alerting_spec import AlertingSpec
 from flowmon_agent.model_base import Duration, StrictModel, duration_seconds
@@ -67,6 +68,8 @@ DEFAULT_GROUP_BY = (
 DEFAULT_RTT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
 DEFAULT_CONNECT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
+SERIES_TTL_SECONDS = (10, 86_400)  # inclusive bounds, shared with the CRD's CEL rules
+SCRAPE_INTERVAL_SECONDS = (1, 3600)
 MAX_NAMESPACES = 256  # bounds keep the CRD's CEL rules within the API server's cost budget
 
 Buckets = Annotated[
@@ -97,13 +100,27 @@ class NamespaceFilter(StrictModel):
         return self
 
 
+def _prefix_notation(value: object) -> object:
+    # Only "address/length" strings, as the CRD's format (isCIDR) accepts: no bare addresses, no netmasks.
+    if isinstance(value, IPv4Network | IPv6Network):
+        return value
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9A-Fa-f:.]+/[0-9]{1,3}", value):
+        raise ValueError(f"{value!r} is not a network in prefix notation like 203.0.113.0/24")
+    return value
+
+
+CIDR_MAX_LENGTH = 43  # an IPv6 address (39) plus /128
+
+
 class NamedNetwork(StrictModel):
     """A CIDR outside the cluster that deserves its own name instead of `external`."""
 
     name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")] = (
         Field(description="The workload name flows to or from this network get.")
     )
-    cidr: IPv4Network | IPv6Network = Field(description="The network, e.g. 203.0.113.0/24.")
+    cidr: Annotated[IPv4Network | IPv6Network, BeforeValidator(_prefix_notation)] = Field(
+        description="The network in prefix notation, without host bits, e.g. 203.0.113.0/24."
+    )
 
 
 class Selection(StrictModel):
@@ -167,7 +184,8 @@ class Aggregation(StrictModel):
     def _checks(self) -> Aggregation:
         if len(set(self.group_by)) != len(self.group_by):
             raise ValueError("groupBy lists a dimension twice")
-        if not 10 <= duration_seconds(self.series_ttl) <= 86_400:
+        low, high = SERIES_TTL_SECONDS
+        if not low <= duration_seconds(self.series_ttl) <= high:
             raise ValueError("seriesTTL must be between 10s and 24h")
         return self
 
@@ -184,7 +202,8 @@ class Scrape(StrictModel):
 
     @model_validator(mode="after")
     def _interval_bounds(self) -> Scrape:
-        if not 1 <= duration_seconds(self.interval) <= 3600:
+        low, high = SCRAPE_INTERVAL_SECONDS
+        if not low <= duration_seconds(self.interval) <= high:
             raise ValueError("interval must be between 1s and 1h")
         return self
 
