@@ -42,6 +42,8 @@ for _name, _help in (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import flowmon_agent.commands  # noqa: F401  (registers the real subcommands over the placeholders)
+
     parser = argparse.ArgumentParser(
         prog="flowmon", description="Kubernetes network-flow monitoring with eBPF"
     )
@@ -62,4 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m flowmon_agent.cli` runs this file as __main__: delegate to the importable module, so
+    # that command modules register into the same SUBCOMMANDS the parser reads.
+    from flowmon_agent.cli import main as _main
+
+    sys.exit(_main())

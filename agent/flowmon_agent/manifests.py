@@ -1,0 +1,160 @@
+"""FlowMonitor manifests from files: parsed and validated once, with `file: field.path: message` problems.
+
+Shared by `flowmon validate`, `flowmon render`, the standalone agent and the demo, so a file that
+validates is exactly a file the agent and the operator accept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from flowmon_agent.spec import API_GROUP, API_VERSION, KIND, FlowMonitor
+
+API = f"{API_GROUP}/{API_VERSION}"
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One reason a file is invalid. `path` is a Kubernetes-style field path (spec.metrics[1])."""
+
+    file: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.path or '(document)'}: {self.message}"
+
+
+@dataclass(frozen=True)
+class LoadedMonitor:
+    monitor: FlowMonitor
+    file: str  # the file (and document index when the file holds several), for messages
+
+
+class ManifestError(ValueError):
+    """Some files are invalid; `problems` lists every reason."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = list(problems)
+
+
+def field_path(loc: Iterable[int | str]) -> str:
+    """pydantic's error location → `spec.selection.networks[0].cidr`.
+
+    Union members show up in pydantic's loc as validator descriptions (with brackets or parentheses);
+    they are not fields, so they are dropped."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in part or "(" in part:
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+def validation_problems(file: str, exc: ValidationError) -> list[Problem]:
+    """One problem per field; the messages of union members at one path are joined."""
+    by_path: dict[str, list[str]] = {}
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        messages = by_path.setdefault(field_path(error["loc"]), [])
+        if message not in messages:
+            messages.append(message)
+    return [Problem(file, path, " or ".join(messages)) for path, messages in by_path.items()]
+
+
+def parse_document(file: str, document: object) -> tuple[FlowMonitor | None, list[Problem]]:
+    """Pure: one YAML document → a FlowMonitor, or the problems that prevent it."""
+    if not isinstance(document, dict):
+        return None, [Problem(file, "", f"expected a {KIND} object, got {type(document).__name__}")]
+    problems = []
+    if document.get("kind") != KIND:
+        problems.append(Problem(file, "kind", f"expected {KIND}, got {document.get('kind')!r}"))
+    if document.get("apiVersion") != API:
+        problems.append(Problem(file, "apiVersion", f"expected {API}, got {document.get('apiVersion')!r}"))
+    if not isinstance(document.get("metadata"), dict) or "name" not in document["metadata"]:
+        problems.append(Problem(file, "metadata.name", "Field required"))
+    if problems:
+        return None, problems
+    try:
+        return FlowMonitor.model_validate(document), []
+    except ValidationError as exc:
+        return None, validation_problems(file, exc)
+
+
+def parse_text(file: str, text: str) -> tuple[list[LoadedMonitor], list[Problem]]:
+    """Pure: a file's text (one or more YAML documents) → monitors and problems.
+
+    Documents of a multi-document file are named `file[i]` (0-based) in messages; empty documents
+    (a trailing `---`) are skipped."""
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        return [], [Problem(file, "", f"not valid YAML: {' '.join(str(exc).split())}")]
+    if not documents:
+        return [], [Problem(file, "", f"no {KIND} in this file")]
+    monitors, problems = [], []
+    for index, document in enumerate(documents):
+        name = file if len(documents) == 1 else f"{file}[{index}]"
+        monitor, doc_problems = parse_document(name, document)
+        problems += doc_problems
+        if monitor is not None:
+            monitors.append(LoadedMonitor(monitor, name))
+    return monitors, problems
+
+
+def duplicate_problems(loaded: Sequence[LoadedMonitor]) -> list[Problem]:
+    """Two documents naming the same namespace/name would overwrite each other when applied."""
+    first: dict[str, str] = {}
+    problems = []
+    for item in loaded:
+        key = item.monitor.key
+        if key in first:
+            problems.append(
+                Problem(item.file, "metadata.name", f"{KIND} {key} is also defined in {first[key]}")
+            )
+        else:
+            first[key] = item.file
+    return problems
+
+
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given; a directory stands for its *.yaml and *.yml files (sorted, not recursive)."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        else:
+            files.append(path)
+    return files
+
+
+def load_files(paths: Sequence[str | Path]) -> tuple[list[LoadedMonitor], list[Problem]]:
+    loaded: list[LoadedMonitor] = []
+    problems: list[Problem] = []
+    for path in expand_paths(paths):
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            problems.append(Problem(str(path), "", f"cannot read: {exc.strerror}"))
+            continue
+        file_monitors, file_problems = parse_text(str(path), text)
+        loaded += file_monitors
+        problems += file_problems
+    return loaded, problems + duplicate_problems(loaded)
+
+
+def load_monitors(paths: Sequence[str | Path]) -> list[FlowMonitor]:
+    """Every FlowMonitor in the files, or ManifestError listing every problem."""
+    loaded, problems = load_files(paths)
+    if problems:
+        raise ManifestError(problems)
+    return [item.monitor for item in loaded]
