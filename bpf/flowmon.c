@@ -1,0 +1,600 @@
+// flowmon kernel side: exact TCP flow accounting, aggregated in the kernel.
+//
+// Only tracepoint arguments are read (a stable ABI), never kernel struct layouts, so this compiles
+// against any kernel headers. Per-socket state lives in `socks` (keyed by the socket pointer) while the
+// socket lives; when it closes it is folded into `flows`, keyed by the flow without the ephemeral port.
+// Nothing is sent to user space per event: user space reads the maps once a second.
+//
+// Integer cflags (set by agent/flowmon_agent/kernel_paths.py, never user strings):
+//   FLOWMON_COMPAT   1: bytes from tcp:tcp_probe (kernels without sock:sock_{send,recv}_length)
+//   FLOWMON_RAW      1: sock_{send,recv}_length as raw tracepoints (cheaper, args are plain values)
+//   FLOWMON_RAW_RESET 1: tcp_send_reset as a raw tracepoint (see on_send_reset)
+//   SOCK_MAX, FLOW_MAX, RST_MAX, ADOPT_MAX: map sizes;  RTT_INTERVAL_MS: srtt sampling period
+
+#ifndef FLOWMON_COMPAT
+#define FLOWMON_COMPAT 0
+#endif
+#ifndef FLOWMON_RAW
+#define FLOWMON_RAW 1
+#endif
+#ifndef FLOWMON_RAW_RESET
+#define FLOWMON_RAW_RESET 1
+#endif
+#ifndef SOCK_MAX
+#define SOCK_MAX 65536
+#endif
+#ifndef FLOW_MAX
+#define FLOW_MAX 16384
+#endif
+#ifndef RST_MAX
+#define RST_MAX 4096
+#endif
+#ifndef ADOPT_MAX
+#define ADOPT_MAX 16384
+#endif
+#ifndef RTT_INTERVAL_MS
+#define RTT_INTERVAL_MS 1000
+#endif
+
+#define FM_AF_INET 2
+#define FM_AF_INET6 10
+#define FM_IPPROTO_TCP 6
+#define FM_MSG_PEEK 2
+#define FM_TCP_ESTABLISHED 1
+#define FM_TCP_SYN_SENT 2
+#define FM_TCP_SYN_RECV 3
+#define FM_TCP_CLOSE 7
+#define FM_ROLE_CLIENT 0
+#define FM_ROLE_SERVER 1
+#define FM_SLOTS 32
+
+// Aggregated flow: every connection client -> server:port seen by one end (reporter). IPv4 addresses
+// use the first 4 bytes; IPv4-mapped IPv6 addresses are stored as IPv4.
+struct flow_key {
+    u8 client[16];
+    u8 server[16];
+    u16 family;
+    u16 server_port;
+    u8 reporter;
+    u8 pad[3];
+};
+
+// Cumulative since the entry was created (created_ns tells user space when an LRU entry was replaced).
+struct flow_val {
+    u64 created_ns;
+    u64 c2s_bytes;
+    u64 s2c_bytes;
+    u64 opened;
+    u64 closed;
+    u64 failed_refused;
+    u64 failed_timeout;
+    u64 retrans_c2s;
+    u64 retrans_s2c;
+    u64 resets_c2s;
+    u64 resets_s2c;
+    u64 latency_sum_us;
+    u64 rtt_sum_us;
+    u64 latency_slots[FM_SLOTS];
+    u64 rtt_slots[FM_SLOTS];
+};
+// LRU: a long-running agent sheds the least recently updated flows; user space keeps their totals and
+// counts evictions (flows_created minus entries present).
+BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, FLOW_MAX);
+// Template for new flow entries (too large for the 512-byte BPF stack).
+BPF_PERCPU_ARRAY(flow_zero, struct flow_val, 1);
+
+// Per-socket state while the socket lives. tx/rx are this socket's own send/receive directions.
+struct sock_state {
+    struct flow_key key;
+    u64 start_ns;      // client: when SYN_SENT was entered (connect latency)
+    u64 tx_bytes;
+    u64 rx_bytes;
+    u64 last_rtt_ns;   // when the last periodic srtt sample was taken
+    u32 retrans;       // segments this socket retransmitted
+    u32 resets_sent;   // RSTs this socket sent
+    u32 latency_us;    // connect latency (client)
+    u32 srtt_us;       // latest smoothed RTT from tcp_probe
+    u32 seq_hw;        // compat: highest snd_nxt seen
+    u8 established;
+    u8 rst_received;   // an RST arrived while connecting: refused
+    u8 seq_init;       // compat: seq_hw is valid
+    u8 has_latency;
+    u8 has_srtt;
+    u8 pad;
+    u16 client_port;   // the connection's client port (NAT-stable RST matching)
+    u8 pad2[4];
+};
+// Plain hash, not LRU: evicting a live socket would silently lose its counters; a full map is counted.
+BPF_HASH(socks, u64, struct sock_state, SOCK_MAX);
+
+// The socket closed last on this CPU: RSTs sent by tcp_disconnect come right after the CLOSE transition.
+struct closed_sock {
+    u64 sk;
+    struct flow_key key;
+    u16 client_port;
+    u8 pad[6];
+};
+BPF_PERCPU_ARRAY(last_closed, struct closed_sock, 1);
+
+// RST de-duplication when both ends are traced. Keyed by the connection's client end (address, port),
+// which destination NAT (Service VIPs) does not rewrite, plus which role sent the RST.
+struct rst_key {
+    u8 client[16];
+    u16 family;
+    u16 client_port;
+    u8 sender;
+    u8 pad[3];
+};
+// An RST received from a peer not (yet) known to be traced; user space counts it after a grace period
+// unless the traced sender claims it first.
+struct rst_pending_val {
+    struct flow_key key;
+    u64 ts_ns;
+    u8 to_client;      // 1: the RST went server -> client
+    u8 pad[7];
+};
+BPF_HASH(rst_pending, struct rst_key, struct rst_pending_val, RST_MAX);
+BPF_TABLE("lru_hash", struct rst_key, u64, rst_sent, RST_MAX);
+
+// Connections open before the agent started, found by user space in every netns, adopted on their
+// first received segment. Key: local/remote address and ports; value: role.
+struct tuple_key {
+    u8 local[16];
+    u8 remote[16];
+    u16 family;
+    u16 local_port;
+    u16 remote_port;
+    u16 pad;
+};
+BPF_HASH(adopt, struct tuple_key, u8, ADOPT_MAX);
+
+// Configuration written by user space. Index: 0 local-IP filter on, 1 ignored ports on, 2 adoption on.
+#define CFG_FILTER 0
+#define CFG_PORTS 1
+#define CFG_ADOPT 2
+BPF_ARRAY(cfg, u64, 4);
+struct ip_key {
+    u8 addr[16];
+    u16 family;
+    u16 pad;
+};
+BPF_HASH(local_ips, struct ip_key, u8, 4096);
+BPF_HASH(ignored_ports, u16, u8, 1024);
+
+// Drop and event counters (per CPU, summed by user space).
+#define ST_SOCK_FULL 0
+#define ST_FLOW_FAILED 1
+#define ST_RST_FULL 2
+#define ST_FLOWS_CREATED 3
+#define ST_ADOPTED 4
+#define ST_MAX 8
+BPF_PERCPU_ARRAY(stats, u64, ST_MAX);
+
+static __always_inline void stat_inc(u32 idx) {
+    u64 *v = stats.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+static __always_inline u32 log2_slot(u64 v) {
+    if (v == 0)
+        return 0;
+    u32 r = 1;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8) { v >>= 8; r += 8; }
+    if (v >> 4) { v >>= 4; r += 4; }
+    if (v >> 2) { v >>= 2; r += 2; }
+    if (v >> 1) { r += 1; }
+    return r > FM_SLOTS - 1 ? FM_SLOTS - 1 : r;
+}
+
+// Copy an address out of tracepoint args (bpf_probe_read_kernel: the verifier refuses ctx pointer
+// arithmetic) and turn IPv4-mapped IPv6 (dual-stack sockets) into plain IPv4.
+static __always_inline u16 copy_addr(u8 *dst, const u8 *src4, const u8 *src6, u16 family) {
+    if (family == FM_AF_INET) {
+        bpf_probe_read_kernel(dst, 4, src4);
+        return FM_AF_INET;
+    }
+    u8 a[16] = {};
+    bpf_probe_read_kernel(a, 16, src6);
+    u64 hi;
+    u32 w2;
+    __builtin_memcpy(&hi, a, 8);
+    __builtin_memcpy(&w2, a + 8, 4);
+    if (hi == 0 && w2 == 0xffff0000) {  // ::ffff:a.b.c.d (little-endian load of 00 00 ff ff)
+        __builtin_memcpy(dst, a + 12, 4);
+        return FM_AF_INET;
+    }
+    __builtin_memcpy(dst, a, 16);
+    return FM_AF_INET6;
+}
+
+// Address and port from a tracepoint's 28-byte sockaddr_in / sockaddr_in6.
+static __always_inline u16 copy_sockaddr(u8 *dst, u16 *port, const u8 *sa) {
+    u8 buf[28] = {};
+    bpf_probe_read_kernel(buf, 28, sa);
+    u16 family, nport;
+    __builtin_memcpy(&family, buf, 2);
+    __builtin_memcpy(&nport, buf + 2, 2);
+    *port = __builtin_bswap16(nport);
+    if (family == FM_AF_INET) {
+        __builtin_memcpy(dst, buf + 4, 4);
+        return FM_AF_INET;
+    }
+    u64 hi;
+    u32 w2;
+    __builtin_memcpy(&hi, buf + 8, 8);
+    __builtin_memcpy(&w2, buf + 16, 4);
+    if (hi == 0 && w2 == 0xffff0000) {
+        __builtin_memcpy(dst, buf + 20, 4);
+        return FM_AF_INET;
+    }
+    __builtin_memcpy(dst, buf + 8, 16);
+    return FM_AF_INET6;
+}
+
+static __always_inline int is_traced(u16 family, const u8 *local, u16 server_port) {
+    u32 idx = CFG_PORTS;
+    u64 *on = cfg.lookup(&idx);
+    if (on && *on && ignored_ports.lookup(&server_port))
+        return 0;
+    idx = CFG_FILTER;
+    on = cfg.lookup(&idx);
+    if (on && *on) {
+        struct ip_key k = {};
+        k.family = family;
+        __builtin_memcpy(k.addr, local, 16);
+        if (!local_ips.lookup(&k))
+            return 0;
+    }
+    return 1;
+}
+
+static __always_inline struct flow_val *flow_get(struct flow_key *key) {
+    struct flow_val *v = flows.lookup(key);
+    if (v)
+        return v;
+    u32 zero = 0;
+    struct flow_val *tmpl = flow_zero.lookup(&zero);
+    if (!tmpl)
+        return 0;
+    if (flows.insert(key, tmpl) == 0)
+        stat_inc(ST_FLOWS_CREATED);
+    v = flows.lookup(key);
+    if (!v) {
+        stat_inc(ST_FLOW_FAILED);
+        return 0;
+    }
+    if (v->created_ns == 0)
+        v->created_ns = bpf_ktime_get_ns();
+    return v;
+}
+
+static __always_inline void hist_add(u64 *slots, u64 *sum, u64 value) {
+    u32 slot = log2_slot(value);
+    if (slot < FM_SLOTS)
+        __sync_fetch_and_add(&slots[slot], 1);
+    __sync_fetch_and_add(sum, value);
+}
+
+static __always_inline void insert_sock(u64 sk, struct sock_state *st) {
+    if (socks.update(&sk, st) != 0)
+        stat_inc(ST_SOCK_FULL);
+}
+
+// Fold a closing socket into its flow.
+static __always_inline void fold(struct sock_state *st, int oldstate) {
+    struct flow_val *v = flow_get(&st->key);
+    if (!v)
+        return;
+    int client = st->key.reporter == FM_ROLE_CLIENT;
+    if (st->established) {
+        __sync_fetch_and_add(&v->opened, 1);
+        __sync_fetch_and_add(&v->closed, 1);
+        __sync_fetch_and_add(&v->c2s_bytes, client ? st->tx_bytes : st->rx_bytes);
+        __sync_fetch_and_add(&v->s2c_bytes, client ? st->rx_bytes : st->tx_bytes);
+        if (st->has_latency)
+            hist_add(v->latency_slots, &v->latency_sum_us, st->latency_us);
+        if (st->has_srtt)
+            hist_add(v->rtt_slots, &v->rtt_sum_us, st->srtt_us);
+    } else if (client && oldstate == FM_TCP_SYN_SENT) {
+        if (st->rst_received)
+            __sync_fetch_and_add(&v->failed_refused, 1);
+        else
+            __sync_fetch_and_add(&v->failed_timeout, 1);
+    }
+    if (st->retrans)
+        __sync_fetch_and_add(client ? &v->retrans_c2s : &v->retrans_s2c, st->retrans);
+    if (st->resets_sent)
+        __sync_fetch_and_add(client ? &v->resets_c2s : &v->resets_s2c, st->resets_sent);
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state) {
+    if (args->protocol != FM_IPPROTO_TCP)
+        return 0;
+    int newstate = args->newstate;
+    int oldstate = args->oldstate;
+    u64 sk = (u64)args->skaddr;
+
+    if (newstate == FM_TCP_SYN_SENT && oldstate == FM_TCP_CLOSE) {
+        // connect(): the client. The source port is not chosen yet; the flow key does not need it.
+        struct sock_state st = {};
+        u16 family = args->family;
+        family = copy_addr(st.key.client, args->saddr, args->saddr_v6, family);
+        copy_addr(st.key.server, args->daddr, args->daddr_v6, args->family);
+        st.key.family = family;
+        st.key.server_port = args->dport;
+        st.key.reporter = FM_ROLE_CLIENT;
+        if (!is_traced(family, st.key.client, st.key.server_port))
+            return 0;
+        st.start_ns = bpf_ktime_get_ns();
+        insert_sock(sk, &st);
+        return 0;
+    }
+    if (newstate == FM_TCP_ESTABLISHED) {
+        u64 now = bpf_ktime_get_ns();
+        if (oldstate == FM_TCP_SYN_SENT) {
+            struct sock_state *st = socks.lookup(&sk);
+            if (!st)
+                return 0;
+            st->established = 1;
+            st->last_rtt_ns = now;
+            st->client_port = args->sport;
+            if (st->start_ns) {
+                st->latency_us = (now - st->start_ns) / 1000;
+                st->has_latency = 1;
+            }
+        } else if (oldstate == FM_TCP_SYN_RECV) {
+            // The accepted child socket: the server.
+            struct sock_state st = {};
+            u16 family = args->family;
+            family = copy_addr(st.key.server, args->saddr, args->saddr_v6, family);
+            copy_addr(st.key.client, args->daddr, args->daddr_v6, args->family);
+            st.key.family = family;
+            st.key.server_port = args->sport;
+            st.key.reporter = FM_ROLE_SERVER;
+            if (!is_traced(family, st.key.server, st.key.server_port))
+                return 0;
+            st.established = 1;
+            st.last_rtt_ns = now;
+            st.client_port = args->dport;
+            insert_sock(sk, &st);
+        }
+        return 0;
+    }
+    if (newstate == FM_TCP_CLOSE) {
+        struct sock_state *st = socks.lookup(&sk);
+        if (!st)
+            return 0;
+        fold(st, oldstate);
+        if (st->established) {
+            u32 zero = 0;
+            struct closed_sock *lc = last_closed.lookup(&zero);
+            if (lc) {
+                lc->sk = sk;
+                lc->key = st->key;
+                lc->client_port = st->client_port;
+            }
+        }
+        socks.delete(&sk);
+    }
+    return 0;
+}
+
+#if !FLOWMON_COMPAT
+// Bytes the application wrote and read: exact, including sendfile/splice-to-socket (sock_sendmsg).
+#if FLOWMON_RAW
+RAW_TRACEPOINT_PROBE(sock_send_length) {
+    int ret = (int)ctx->args[1];
+    if (ret <= 0)
+        return 0;
+    u64 sk = ctx->args[0];
+    struct sock_state *st = socks.lookup(&sk);
+    if (st)
+        __sync_fetch_and_add(&st->tx_bytes, ret);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sock_recv_length) {
+    int ret = (int)ctx->args[1];
+    if (ret <= 0 || ((int)ctx->args[2] & FM_MSG_PEEK))
+        return 0;
+    u64 sk = ctx->args[0];
+    struct sock_state *st = socks.lookup(&sk);
+    if (st)
+        __sync_fetch_and_add(&st->rx_bytes, ret);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(sock, sock_send_length) {
+    int ret = args->ret;
+    if (ret <= 0 || args->protocol != FM_IPPROTO_TCP)
+        return 0;
+    u64 sk = (u64)args->sk;
+    struct sock_state *st = socks.lookup(&sk);
+    if (st)
+        __sync_fetch_and_add(&st->tx_bytes, ret);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length) {
+    int ret = args->ret;
+    if (ret <= 0 || (args->flags & FM_MSG_PEEK) || args->protocol != FM_IPPROTO_TCP)
+        return 0;
+    u64 sk = (u64)args->sk;
+    struct sock_state *st = socks.lookup(&sk);
+    if (st)
+        __sync_fetch_and_add(&st->rx_bytes, ret);
+    return 0;
+}
+#endif
+#endif
+
+// Every segment received in ESTABLISHED. Default path: srtt sampling only. Compat path: also bytes
+// (received payload = data_len; sent = advance of snd_nxt, wrap-safe and never counted twice).
+TRACEPOINT_PROBE(tcp, tcp_probe) {
+    u64 sk = (u64)args->skaddr;
+    struct sock_state *st = socks.lookup(&sk);
+    if (!st) {
+        u32 idx = CFG_ADOPT;
+        u64 *on = cfg.lookup(&idx);
+        if (!on || !*on)
+            return 0;
+        struct tuple_key t = {};
+        u16 lport, rport;
+        u16 family = copy_sockaddr(t.local, &lport, args->saddr);
+        copy_sockaddr(t.remote, &rport, args->daddr);
+        t.family = family;
+        t.local_port = lport;
+        t.remote_port = rport;
+        u8 *role = adopt.lookup(&t);
+        if (!role)
+            return 0;
+        struct sock_state fresh = {};
+        fresh.key.family = family;
+        fresh.key.reporter = *role;
+        if (*role == FM_ROLE_CLIENT) {
+            __builtin_memcpy(fresh.key.client, t.local, 16);
+            __builtin_memcpy(fresh.key.server, t.remote, 16);
+            fresh.key.server_port = rport;
+        } else {
+            __builtin_memcpy(fresh.key.client, t.remote, 16);
+            __builtin_memcpy(fresh.key.server, t.local, 16);
+            fresh.key.server_port = lport;
+        }
+        adopt.delete(&t);
+        if (!is_traced(family, t.local, fresh.key.server_port))
+            return 0;
+        fresh.established = 1;
+        fresh.client_port = *role == FM_ROLE_CLIENT ? lport : rport;
+        fresh.last_rtt_ns = bpf_ktime_get_ns();
+        insert_sock(sk, &fresh);
+        stat_inc(ST_ADOPTED);
+        st = socks.lookup(&sk);
+        if (!st)
+            return 0;
+    }
+#if FLOWMON_COMPAT
+    u32 una = args->snd_una;
+    u32 nxt = args->snd_nxt;
+    if (!st->seq_init) {
+        // Before this segment is processed snd_una is still the first unacknowledged byte we sent.
+        st->seq_init = 1;
+        st->seq_hw = una;
+    }
+    s32 adv = (s32)(nxt - st->seq_hw);
+    if (adv > 0) {
+        st->seq_hw = nxt;
+        st->tx_bytes += adv;
+    }
+    st->rx_bytes += args->data_len;
+#endif
+    u32 srtt = args->srtt;
+    if (srtt == 0)
+        return 0;
+    if (st->srtt_us != srtt)
+        st->srtt_us = srtt;
+    st->has_srtt = 1;
+    u64 now = bpf_ktime_get_ns();
+    if (now - st->last_rtt_ns < (u64)RTT_INTERVAL_MS * 1000000)
+        return 0;
+    // A long-lived connection: one sample per interval (short ones get theirs when they close).
+    st->last_rtt_ns = now;
+    struct flow_val *v = flow_get(&st->key);
+    if (v)
+        hist_add(v->rtt_slots, &v->rtt_sum_us, srtt);
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
+    u64 sk = (u64)args->skaddr;
+    struct sock_state *st = socks.lookup(&sk);
+    if (!st)
+        return 0;
+#if !FLOWMON_COMPAT
+    if (args->err)
+        return 0;  // not sent
+#endif
+    __sync_fetch_and_add(&st->retrans, 1);
+    return 0;
+}
+
+static __always_inline void rst_key_for(struct rst_key *k, struct flow_key *key, u16 client_port,
+                                         u8 sender) {
+    __builtin_memcpy(k->client, key->client, 16);
+    k->family = key->family;
+    k->client_port = client_port;
+    k->sender = sender;
+}
+
+// An RST sent by a traced socket is counted on that socket (its own direction). The classic tracepoint
+// carries `enum sk_rst_reason` on 6.10+, which older kernel headers cannot compile; the socket pointer
+// is all we need, so the raw tracepoint is used where the kernel has raw tracepoints.
+static __always_inline int on_send_reset(u64 sk) {
+    if (!sk)
+        return 0;
+    struct rst_key k = {};
+    struct sock_state *st = socks.lookup(&sk);
+    if (st) {
+        if (!st->established)
+            return 0;
+        __sync_fetch_and_add(&st->resets_sent, 1);
+        rst_key_for(&k, &st->key, st->client_port, st->key.reporter);
+    } else {
+        // tcp_disconnect (SO_LINGER 0, abort) moves to CLOSE first, then sends the RST.
+        u32 zero = 0;
+        struct closed_sock *lc = last_closed.lookup(&zero);
+        if (!lc || lc->sk != sk)
+            return 0;
+        struct flow_key key = lc->key;
+        struct flow_val *v = flow_get(&key);
+        if (v)
+            __sync_fetch_and_add(key.reporter == FM_ROLE_CLIENT ? &v->resets_c2s : &v->resets_s2c, 1);
+        rst_key_for(&k, &key, lc->client_port, key.reporter);
+    }
+    if (rst_pending.lookup(&k))
+        rst_pending.delete(&k);  // the receiver saw it first: it is ours, not the receiver's
+    else {
+        u64 now = bpf_ktime_get_ns();
+        rst_sent.update(&k, &now);
+    }
+    return 0;
+}
+
+#if FLOWMON_RAW_RESET
+RAW_TRACEPOINT_PROBE(tcp_send_reset) {
+    return on_send_reset(ctx->args[0]);
+}
+#else
+TRACEPOINT_PROBE(tcp, tcp_send_reset) {
+    return on_send_reset((u64)args->skaddr);
+}
+#endif
+
+// An RST received: while connecting it means refused; on an open connection it is counted for the
+// peer's direction unless a traced local socket sent it (then that socket counted it).
+TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
+    u64 sk = (u64)args->skaddr;
+    struct sock_state *st = socks.lookup(&sk);
+    if (!st)
+        return 0;
+    if (!st->established) {
+        st->rst_received = 1;
+        return 0;
+    }
+    u8 sender = st->key.reporter == FM_ROLE_CLIENT ? FM_ROLE_SERVER : FM_ROLE_CLIENT;
+    struct rst_key k = {};
+    rst_key_for(&k, &st->key, st->client_port, sender);
+    if (rst_sent.lookup(&k)) {
+        rst_sent.delete(&k);
+        return 0;
+    }
+    struct rst_pending_val p = {};
+    p.key = st->key;
+    p.ts_ns = bpf_ktime_get_ns();
+    p.to_client = sender == FM_ROLE_SERVER;
+    if (rst_pending.update(&k, &p) != 0)
+        stat_inc(ST_RST_FULL);
+    return 0;
+}
