@@ -10,7 +10,7 @@ FLOW_LABELS = ("client_namespace", "client_workload", "server_namespace", "serve
 OVERFLOW = (OVERFLOW_VALUE,) * 5
 
 
-def shop_view(sent_bytes: float = 12345.0) -> MonitorView:
+def shop_view(sent_bytes: float = 12345.0, received_bytes: float = 67890.0) -> MonitorView:
     """One monitor with every family kind: counters, a gauge, extra labels, a histogram, overflow."""
 
     def family(metric: Metric, samples: dict, extra: str | None = None) -> Family:
@@ -18,7 +18,7 @@ def shop_view(sent_bytes: float = 12345.0) -> MonitorView:
 
     families = (
         family(Metric.SENT_BYTES, {FLOW: sent_bytes, OVERFLOW: 7.0}),
-        family(Metric.RECEIVED_BYTES, {FLOW: 67890.0}),
+        family(Metric.RECEIVED_BYTES, {FLOW: received_bytes}),
         family(Metric.CONNECTIONS_OPENED, {FLOW: 3.0}),
         family(Metric.CONNECTIONS_ACTIVE, {FLOW: 1.0}),
         family(Metric.CONNECT_FAILURES, {(*FLOW, "refused"): 2.0, (*FLOW, "timeout"): 0.0}, "reason"),
@@ -38,7 +38,8 @@ def other_view() -> MonitorView:
     return MonitorView(key="ops/all", families=(fam,), series=1, overflowed_total=0)
 
 
-def agent_view(policy_hash: str = "ab" * 32, sent_bytes: float = 12345.0) -> AgentView:
-    return AgentView(
-        policy_hash=policy_hash, monitors={"shop/web": shop_view(sent_bytes), "ops/all": other_view()}
-    )
+def agent_view(
+    policy_hash: str = "ab" * 32, sent_bytes: float = 12345.0, received_bytes: float = 67890.0
+) -> AgentView:
+    monitors = {"shop/web": shop_view(sent_bytes, received_bytes), "ops/all": other_view()}
+    return AgentView(policy_hash=policy_hash, monitors=monitors)
