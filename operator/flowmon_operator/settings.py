@@ -1,0 +1,76 @@
+"""The operator's settings: names, image and sizing of everything it creates (env prefix FLOWMON_)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from flowmon_agent.policy import DEFAULT_OPERATOR_NAMESPACE
+
+
+class Resources(BaseModel):
+    """Container requests and limits, as in a Pod spec."""
+
+    requests: dict[str, str]
+    limits: dict[str, str]
+
+
+def _agent_resources() -> Resources:
+    # BCC compiles the BPF program with LLVM at start: peak memory is far above the steady state,
+    # so the limit leaves room for the compile while the request reflects the running agent.
+    return Resources(
+        requests={"cpu": "100m", "memory": "256Mi"},
+        limits={"cpu": "1", "memory": "1Gi"},
+    )
+
+
+def _tolerate_everything() -> list[dict]:
+    # Flows on an unmonitored node are invisible: the agent must run on every node, tainted or not.
+    return [{"operator": "Exists"}]
+
+
+class OperatorSettings(BaseSettings):
+    """Every knob has a default that works with manifests/; override with FLOWMON_<FIELD> variables."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOWMON_", frozen=True, extra="ignore")
+
+    operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE
+    cluster_domain: str = "cluster.local"
+    agent_image: str = "flowmon/agent:0.1.0"
+    agent_image_pull_policy: str = "IfNotPresent"
+    agent_port: int = Field(default=9443, ge=1024, le=65535)
+    agent_service_name: str = "flowmon-agent"
+    agent_service_account: str = "flowmon-agent"
+    daemonset_name: str = "flowmon-agent"
+    configmap_name: str = "flowmon-policy"
+    ca_secret_name: str = "flowmon-ca"
+    serving_cert_secret_name: str = "flowmon-agent-tls"
+    admin_token_secret_name: str = "flowmon-agent-admin"
+    scrape_secret_prefix: str = "flowmon-scrape-"
+    service_monitor_prefix: str = "flowmon-"
+    resources: Resources = Field(default_factory=_agent_resources)
+    tolerations: list[dict] = Field(default_factory=_tolerate_everything)
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"kubernetes.io/os": "linux"})
+    priority_class_name: str | None = None  # e.g. system-node-critical, where quotas allow it
+    max_unavailable: str = "10%"  # DaemonSets round percentages up: at least one node at a time
+    timer_interval_seconds: float = Field(default=30.0, gt=0)
+    push_timeout_seconds: float = Field(default=5.0, gt=0)
+    ca_validity_days: int = Field(default=3650, ge=1)
+    cert_validity_days: int = Field(default=365, ge=1)
+
+    @property
+    def agent_labels(self) -> dict[str, str]:
+        """The agent pods' labels: the DaemonSet's selector, the Service's and the ServiceMonitors'."""
+        return {"app.kubernetes.io/name": "flowmon-agent", "app.kubernetes.io/component": "agent"}
+
+    @property
+    def agent_service_dns(self) -> str:
+        """The name agents' certificates carry and scrapers/pushers verify (tlsConfig.serverName)."""
+        return f"{self.agent_service_name}.{self.operator_namespace}.svc"
+
+    @property
+    def agent_dns_names(self) -> list[str]:
+        """Every name of the agent Service, for the serving certificate's SANs."""
+        short = self.agent_service_name
+        ns = self.operator_namespace
+        return [short, f"{short}.{ns}", f"{short}.{ns}.svc", f"{short}.{ns}.svc.{self.cluster_domain}"]
