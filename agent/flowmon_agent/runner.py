@@ -1,0 +1,266 @@
+"""The agent's main loop: poll the kernel, aggregate, swap the view into the exporter, serve it.
+
+One asyncio loop runs the HTTPS server; each poll runs in a worker thread (`asyncio.to_thread`), so map
+reads and aggregation never stall a scrape and a slow scrape never delays a poll. Policy changes (file or
+`PUT /v1/policy`) wake the loop at once. Composable: `Agent(settings, tracer_factory=...)` can be started
+and stopped in-process (tests, `flowmon demo`); `run_agent(settings)` runs until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from flowmon_agent.aggregate import Aggregator, NatBackends, local_ip_filter
+from flowmon_agent.auth import KubeTokenReviewer, TokenReviewer
+from flowmon_agent.exporter import AgentInstruments, AgentStatus, Exporter
+from flowmon_agent.filewatch import FileWatch
+from flowmon_agent.flows import FlowSnapshot, IPAddress
+from flowmon_agent.metadata import MetadataStore, Resolver
+from flowmon_agent.metadata.inventory import parse_inventory
+from flowmon_agent.metadata.records import KINDS, parse_object, record_key
+from flowmon_agent.policy import AgentPolicy
+from flowmon_agent.policy_store import PolicyFile, PolicyStore
+from flowmon_agent.series import AgentView
+from flowmon_agent.server import AgentServer, ServerConfig
+
+log = logging.getLogger(__name__)
+
+IN_CLUSTER_API = "https://kubernetes.default.svc"
+
+
+class AgentSettings(BaseSettings):
+    """Process settings; every field can be set as FLOWMON_AGENT_<FIELD> (lists as JSON)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOWMON_AGENT_", extra="forbid")
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=9400, ge=0, le=65535)
+    node_name: str = Field(default_factory=socket.gethostname)
+    agent_nodes: list[str] | None = Field(default=None, description="Nodes running an agent; default all.")
+    policy_file: Path | None = None
+    admin_token_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    insecure: bool = False
+    inventory_file: Path | None = Field(default=None, description="Static inventory (standalone mode).")
+    kube_api_url: str | None = Field(default=None, description="API server for TokenReview.")
+    token_review: bool = False
+    token_review_admin_users: list[str] = Field(default_factory=list)
+    token_review_audiences: list[str] = Field(default_factory=list)
+    poll_interval_seconds: float = Field(default=0.5, gt=0, le=60)
+    ignored_ports: list[int] = Field(default_factory=list, description="Server ports never traced.")
+
+    def server_config(self, token_reviewer: TokenReviewer | None = None) -> ServerConfig:
+        return ServerConfig(
+            host=self.listen_host,
+            port=self.listen_port,
+            tls_cert_file=self.tls_cert_file,
+            tls_key_file=self.tls_key_file,
+            admin_token_file=self.admin_token_file,
+            insecure=self.insecure,
+            token_reviewer=token_reviewer,
+            token_review_admin_users=tuple(self.token_review_admin_users),
+        )
+
+
+class Tracer(Protocol):
+    """What the runner needs from flowmon_agent.tracer.FlowTracer."""
+
+    def poll(self) -> FlowSnapshot: ...
+    def set_local_ip_filter(self, ips: Iterable[IPAddress] | None) -> None: ...
+    def set_ignored_ports(self, ports: Iterable[int]) -> None: ...
+    def close(self) -> None: ...
+
+
+def default_tracer() -> Tracer:
+    from flowmon_agent.tracer import FlowTracer  # imports BCC: only when the real kernel path is wanted
+
+    return FlowTracer()
+
+
+def reload_inventory(path: Path, store: MetadataStore) -> None:
+    """Replace every kind the inventory describes (a relist), so that removed objects disappear."""
+    by_kind: dict[str, list] = {kind: [] for kind in KINDS}
+    for obj, kind in parse_inventory(path.read_text()):
+        record = parse_object(obj, kind)
+        if record is not None:
+            by_kind[record_key(record)[0]].append(record)
+    for kind, records in by_kind.items():
+        store.replace(kind, records)
+
+
+class Agent:
+    """The whole agent in-process: `await start()`, `await stop()`; `url`, `exporter`, `policy` exposed."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        tracer_factory: Callable[[], Tracer] = default_tracer,
+        store: MetadataStore | None = None,
+        nat_backends: Callable[[FlowSnapshot], NatBackends] | None = None,
+        token_reviewer: TokenReviewer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.instruments = AgentInstruments()
+        self.exporter = Exporter(instruments=self.instruments)
+        self.policy = PolicyStore(
+            on_rejected=lambda source: self.instruments.policy_rejected.labels(source).inc()
+        )
+        self.store = store if store is not None else MetadataStore()
+        self.resolver = Resolver(self.store)
+        self.aggregator = Aggregator(settings.node_name, settings.agent_nodes)
+        if token_reviewer is None and settings.token_review:
+            token_reviewer = KubeTokenReviewer(
+                settings.kube_api_url or IN_CLUSTER_API, audiences=settings.token_review_audiences
+            )
+        self.server = AgentServer(
+            settings.server_config(token_reviewer),
+            exporter=self.exporter,
+            policy=self.policy,
+            readiness=self.not_ready_reason,
+        )
+        self._tracer_factory, self._nat_backends, self._clock = tracer_factory, nat_backends, clock
+        self._policy_file = PolicyFile(settings.policy_file, self.policy) if settings.policy_file else None
+        self._inventory_watch = FileWatch(settings.inventory_file) if settings.inventory_file else None
+        self._metadata_at: float | None = None
+        self.tracer: Tracer | None = None
+        self._local_ips: object = ()  # last filter given to the tracer (sentinel: never set)
+        self._nat_peers: object = ()
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self.polls = 0
+        self.last_error: str | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def not_ready_reason(self) -> str | None:
+        if self.tracer is None:
+            return "BPF programs not attached yet"
+        if self.policy.policy is None:
+            return "no policy loaded yet"
+        return None
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        self.policy.subscribe(lambda _policy: self._loop.call_soon_threadsafe(self._wake.set))  # type: ignore[union-attr]
+        if self.settings.inventory_file:
+            await asyncio.to_thread(self._load_inventory)
+        if self._policy_file:
+            await asyncio.to_thread(self._policy_file.load)
+        await self.server.start()  # health answers while BPF compiles (seconds)
+        try:
+            self.tracer = await asyncio.to_thread(self._tracer_factory)
+            self.tracer.set_ignored_ports(sorted({*self.settings.ignored_ports, self.server.port or 0} - {0}))
+        except BaseException:
+            await self.server.stop()
+            raise
+        await asyncio.to_thread(self.poll_once)  # the first view before anyone is told we are ready
+        self._task = asyncio.create_task(self._run(), name="flowmon-poll")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.server.stop()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.close)
+            self.tracer = None
+
+    async def _run(self) -> None:
+        interval = self.settings.poll_interval_seconds
+        assert self._wake is not None
+        next_at = self._clock() + interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_at - self._clock()))
+            self._wake.clear()
+            next_at = self._clock() + interval  # the period runs from poll start to poll start
+            try:
+                await asyncio.to_thread(self.poll_once)
+            except Exception as exc:  # keep serving the last good view; the error is logged
+                self.last_error = repr(exc)
+                log.exception("poll failed")
+
+    # ---- one poll (worker thread) ----
+
+    def _load_inventory(self) -> None:
+        assert self.settings.inventory_file is not None
+        reload_inventory(self.settings.inventory_file, self.store)
+        self._metadata_at = self._clock()
+
+    def poll_once(self) -> AgentView | None:
+        """Read the kernel, apply filters for the running policy, aggregate, swap the view in."""
+        assert self.tracer is not None
+        started = time.perf_counter()
+        if self._policy_file:
+            self._policy_file.reload_if_changed()
+        if self._inventory_watch and self._inventory_watch.changed():
+            try:
+                self._load_inventory()
+            except (OSError, ValueError) as exc:
+                log.error("inventory reload failed, keeping the old one: %s", exc)
+        policy = self.policy.policy
+        snapshot = self.tracer.poll()
+        now = self._clock()
+        view = self._view(snapshot, policy, now)
+        age = None if self._metadata_at is None else max(0.0, now - self._metadata_at)
+        self.exporter.swap(AgentStatus(view, snapshot.kernel_path, dict(snapshot.dropped), age))
+        self.instruments.poll_duration.observe(time.perf_counter() - started)
+        self.polls += 1
+        return view
+
+    def _view(self, snapshot: FlowSnapshot, policy: AgentPolicy | None, now: float) -> AgentView:
+        if policy is None:
+            return AgentView(policy_hash="", monitors={})
+        self._apply_kernel_filters(policy)
+        backends = self._nat_backends(snapshot) if self._nat_backends else None
+        return self.aggregator.build_view(snapshot, policy, self.resolver, now, backends)
+
+    def _apply_kernel_filters(self, policy: AgentPolicy) -> None:
+        """Only what changed reaches the kernel maps (pods come and go; policies change)."""
+        assert self.tracer is not None
+        ips = local_ip_filter(policy, self.store, self.settings.node_name)
+        wanted = None if ips is None else frozenset(ips)
+        if wanted != self._local_ips:
+            self.tracer.set_local_ip_filter(wanted)
+            self._local_ips = wanted
+        set_nat_peers = getattr(self.tracer, "set_nat_peers", None)
+        if set_nat_peers is not None:
+            peers = frozenset(self.store.service_ips())
+            if peers != self._nat_peers:
+                set_nat_peers(peers)
+                self._nat_peers = peers
+
+
+async def run_agent(settings: AgentSettings, **kwargs) -> int:
+    """Run until SIGTERM or SIGINT; the kwargs are Agent's (tracer_factory, store, nat_backends...)."""
+    agent = Agent(settings, **kwargs)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    log.info("flowmon agent on node %s serving %s", settings.node_name, agent.url)
+    try:
+        await stop.wait()
+    finally:
+        await agent.stop()
+    return 0
