@@ -1,0 +1,494 @@
+"""IP flows → per-monitor series: NAT re-keying, count-once, selection, tenancy, groupBy, overflow, TTL.
+
+No I/O: the tracer's snapshot, the resolver, the policy, conntrack's answers and the time come in; an
+`AgentView` goes out. The state carried between polls (each flow's last counters, each monitor's
+series) lives in `Aggregator`, so that exported counters grow by deltas and stay monotonic when a
+flow re-keys (its pod changes, its NAT backend becomes known) or the tracer drops an entry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from flowmon_agent.flows import HISTOGRAM_SLOTS, FlowCounters, FlowKey, FlowSnapshot, IPAddress, Reporter
+from flowmon_agent.metadata.records import Labels, PodRecord
+from flowmon_agent.metadata.resolver import KIND_EXTERNAL, Endpoint, Resolver, name_network, service_endpoint
+from flowmon_agent.metadata.store import MetadataStore
+from flowmon_agent.policy import AgentPolicy, MonitorPolicy
+from flowmon_agent.selectors import selector_matches
+from flowmon_agent.series import (
+    METRICS,
+    OVERFLOW_VALUE,
+    AgentView,
+    Family,
+    FamilyType,
+    HistogramValue,
+    LabelValues,
+    MonitorView,
+)
+from flowmon_agent.spec import Dimension, Metric, Selection
+
+# Conntrack's answer for a per-connection flow to a Service IP: the backend (ip, port).
+NatBackends = Mapping[FlowKey, tuple[IPAddress, int]]
+
+# --- counters as flat integer vectors: cheap deltas and sums ------------------------------------
+SENT, RECEIVED, OPENED, CLOSED, REFUSED, TIMEOUT, RETX_C2S, RETX_S2C, RST_C2S, RST_S2C = range(10)
+CONNECT_SUM = 10
+CONNECT_SLOTS = slice(11, 11 + HISTOGRAM_SLOTS)
+RTT_SUM = 11 + HISTOGRAM_SLOTS
+RTT_SLOTS = slice(RTT_SUM + 1, RTT_SUM + 1 + HISTOGRAM_SLOTS)
+WIDTH = RTT_SUM + 1 + HISTOGRAM_SLOTS
+# What the server's agent reports when the client's agent reports the rest: what only the server sees.
+SERVER_SENT_ONLY = (RETX_S2C, RST_S2C)
+
+Vector = tuple[int, ...]
+ZERO: Vector = (0,) * WIDTH
+
+C2S, S2C = "client_to_server", "server_to_client"
+# Metric → (vector index or histogram, extra label values → index).
+_EXTRA = {
+    Metric.CONNECT_FAILURES: (("refused", REFUSED), ("timeout", TIMEOUT)),
+    Metric.RETRANSMITS: ((C2S, RETX_C2S), (S2C, RETX_S2C)),
+    Metric.RESETS: ((C2S, RST_C2S), (S2C, RST_S2C)),
+}
+_SINGLE = {
+    Metric.SENT_BYTES: SENT,
+    Metric.RECEIVED_BYTES: RECEIVED,
+    Metric.CONNECTIONS_OPENED: OPENED,
+    Metric.CONNECTIONS_CLOSED: CLOSED,
+}
+
+
+def to_vector(c: FlowCounters) -> Vector:
+    return (
+        c.sent_bytes,
+        c.received_bytes,
+        c.opened,
+        c.closed,
+        c.failed_refused,
+        c.failed_timeout,
+        c.retransmits_c2s,
+        c.retransmits_s2c,
+        c.resets_c2s,
+        c.resets_s2c,
+        c.connect_latency.sum_us,
+        *c.connect_latency.slots,
+        c.rtt.sum_us,
+        *c.rtt.slots,
+    )
+
+
+def vector_delta(current: Vector, previous: Vector | None) -> Vector:
+    """Growth since the previous poll; a counter that went down means the entry restarted."""
+    if previous is None:
+        return current
+    delta = tuple(a - b for a, b in zip(current, previous, strict=True))
+    return current if min(delta) < 0 else delta
+
+
+# --- histograms ---------------------------------------------------------------------------------
+
+
+def slot_range_us(slot: int) -> tuple[int, int]:
+    """The integer microsecond values a kernel log2 slot holds, inclusive."""
+    return (0, 0) if slot == 0 else (1 << (slot - 1), (1 << slot) - 1)
+
+
+def log2_to_buckets(slots: Sequence[int], sum_us: int, bounds_seconds: Sequence[float]) -> HistogramValue:
+    """Map log2 microsecond slots onto arbitrary `le` bounds (see docs/aggregation.md).
+
+    A slot entirely at or below a bound counts fully; a slot the bound cuts counts in proportion to
+    the integer values below the cut (values assumed uniform inside a slot); the result is floored so
+    that counts stay integers, never exceed the true count of a bound aligned with slot edges, and
+    never decrease over time. +Inf is exact.
+    """
+    cumulative: list[int] = []
+    for bound in bounds_seconds:
+        limit = math.floor(bound * 1_000_000 + 1e-6)  # values are whole microseconds
+        total = 0.0
+        for slot, count in enumerate(slots):
+            if not count:
+                continue
+            low, high = slot_range_us(slot)
+            if high <= limit:
+                total += count
+            elif low <= limit:
+                total += count * (limit - low + 1) / (high - low + 1)
+        cumulative.append(math.floor(total + 1e-9))
+    cumulative.append(sum(slots))
+    return HistogramValue(tuple(cumulative), sum_us / 1_000_000)
+
+
+# --- resolution and count-once ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedFlow:
+    client_ip: IPAddress
+    server_ip: IPAddress  # the backend's for a Service connection conntrack could resolve
+    client: Endpoint
+    server: Endpoint
+    server_port: int
+    service: str  # the Service's name when the client connected to a ClusterIP
+
+
+def resolve_flow(key: FlowKey, resolver: Resolver, backends: NatBackends) -> ResolvedFlow:
+    client = resolver.endpoint(key.client_ip)
+    service_record = resolver.service(key.server_ip, key.server_port)
+    if service_record is None:
+        server_ip, port = key.server_ip, key.server_port
+        server = resolver.endpoint(server_ip)
+    elif key in backends:
+        server_ip, port = backends[key]
+        server = resolver.endpoint(server_ip)
+    else:  # conntrack had no entry (yet, or any more): the Service stands in for its backend
+        server_ip, port = key.server_ip, key.server_port
+        server = service_endpoint(service_record)
+    service = service_record.name if service_record else ""
+    return ResolvedFlow(key.client_ip, server_ip, client, server, port, service)
+
+
+class Share(Enum):
+    """How much of a flow this agent reports (DESIGN: each connection is counted once)."""
+
+    NONE = 0
+    SERVER_SENT = 1  # only what the server sent and the client's agent cannot see
+    FULL = 2
+
+
+def flow_share(
+    reporter: Reporter,
+    flow: ResolvedFlow,
+    *,
+    node: str,
+    agent_nodes: set[str],
+    traced: TraceSet,
+) -> Share:
+    """The client socket's agent reports a connection; the server's agent only when no agent traces
+    the client. Every agent evaluates the same rule on the same policy and metadata, so they agree.
+    An endpoint with no node (an unknown address) belongs to whichever agent saw it."""
+    client, server = flow.client, flow.server
+    if reporter == Reporter.CLIENT:
+        if client.node not in (node, ""):
+            return Share.NONE
+        if client.is_pod:
+            return Share.FULL
+        # A host process or an unknown address: the server's agent reports it when it traces it.
+        server_reports = server.is_pod and server.node in agent_nodes and traced.has(flow.server_ip)
+        return Share.NONE if server_reports else Share.FULL
+    if server.node not in (node, ""):
+        return Share.NONE
+    client_reports = client.is_pod and client.node in agent_nodes and traced.has(flow.client_ip)
+    return Share.SERVER_SENT if client_reports else Share.FULL
+
+
+# --- selection and the kernel filter ------------------------------------------------------------
+
+
+def pod_selected(selection: Selection, namespace: str, labels: Mapping[str, str], ns_labels: Labels) -> bool:
+    names = selection.namespaces
+    if names.include and namespace not in names.include:
+        return False
+    if namespace in names.exclude:
+        return False
+    return selector_matches(selection.namespace_selector, ns_labels) and selector_matches(
+        selection.pod_selector, labels
+    )
+
+
+def selects_everything(monitor: MonitorPolicy) -> bool:
+    sel = monitor.selection
+    return (
+        monitor.tenant_namespace is None
+        and not sel.namespaces.include
+        and not sel.namespaces.exclude
+        and (sel.namespace_selector is None or sel.namespace_selector.is_empty)
+        and (sel.pod_selector is None or sel.pod_selector.is_empty)
+    )
+
+
+def traced_pods(
+    policy: AgentPolicy, pods: Iterable[PodRecord], store: MetadataStore
+) -> list[PodRecord] | None:
+    """Pods whose sockets must be traced so that every monitor sees its flows; None = everything.
+
+    Every selected flow has a selected pod at one end, so tracing the selected pods suffices. A tenant
+    monitor's flows also have an end in its namespace: when it selects pods elsewhere, tracing its own
+    namespace suffices instead. A cluster-wide monitor without restrictions gives None: all sockets,
+    so that new pods are traced before their metadata arrives.
+    """
+    if any(selects_everything(m) for m in policy.monitors):
+        return None
+    pods = list(pods)
+    chosen: dict[tuple[str, str], PodRecord] = {}
+    for monitor in policy.monitors:
+        selected = [
+            p
+            for p in pods
+            if pod_selected(monitor.selection, p.namespace, p.labels, store.namespace_labels(p.namespace))
+        ]
+        tenant = monitor.tenant_namespace
+        if tenant is not None and any(p.namespace != tenant for p in selected):
+            selected = [p for p in pods if p.namespace == tenant]
+        chosen.update(((p.namespace, p.name), p) for p in selected)
+    return list(chosen.values())
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSet:
+    """Pod IPs the agents trace (cluster-wide); `ips is None` means every socket is traced."""
+
+    ips: frozenset[IPAddress] | None
+
+    def has(self, ip: IPAddress) -> bool:
+        return self.ips is None or ip in self.ips
+
+
+def trace_set(policy: AgentPolicy, store: MetadataStore) -> TraceSet:
+    pods = traced_pods(policy, store.pods(), store)
+    return TraceSet(None if pods is None else frozenset(ip for p in pods for ip in p.ips))
+
+
+def local_ip_filter(policy: AgentPolicy, store: MetadataStore, node: str) -> set[IPAddress] | None:
+    """The tracer's filter on this node: IPs of local pods some monitor needs traced; None = all."""
+    pods = traced_pods(policy, store.pods(), store)
+    if pods is None:
+        return None
+    return {ip for p in pods if p.node == node for ip in p.ips}
+
+
+# --- per-monitor series -------------------------------------------------------------------------
+
+
+def _endpoint_value(ep: Endpoint, ip: IPAddress, attr: str, monitor: MonitorPolicy) -> str:
+    if attr == "workload" and ep.kind == KIND_EXTERNAL and monitor.selection.networks:
+        return name_network(ip, monitor.selection.networks) or ep.workload
+    return getattr(ep, attr)
+
+
+def flow_labels(flow: ResolvedFlow, monitor: MonitorPolicy) -> LabelValues:
+    values: list[str] = []
+    for dim in monitor.group_by:
+        if dim == Dimension.SERVER_PORT:
+            values.append(str(flow.server_port))
+        elif dim == Dimension.SERVICE:
+            values.append(flow.service)
+        else:
+            end, attr = str(dim).split("_", 1)
+            ep, ip = (flow.client, flow.client_ip) if end == "client" else (flow.server, flow.server_ip)
+            values.append(_endpoint_value(ep, ip, attr, monitor))
+    return tuple(values)
+
+
+@dataclass(slots=True)
+class Series:
+    totals: list[int] = field(default_factory=lambda: [0] * WIDTH)
+    active: int = 0
+    last_change: float = 0.0
+
+    def add(self, delta: Vector) -> None:
+        totals = self.totals
+        for i, value in enumerate(delta):
+            if value:
+                totals[i] += value
+
+
+@dataclass(slots=True)
+class MonitorState:
+    shape: tuple[object, ...]  # label names and metrics: a change starts the monitor afresh
+    series: dict[LabelValues, Series] = field(default_factory=dict)
+    overflow: Series | None = None
+    overflow_members: dict[LabelValues, float] = field(default_factory=dict)  # labels → last seen
+    overflowed_total: int = 0
+
+
+def _mask(delta: Vector, share: Share) -> Vector:
+    if share == Share.FULL:
+        return delta
+    masked = [0] * WIDTH
+    for i in SERVER_SENT_ONLY:
+        masked[i] = delta[i]
+    return tuple(masked)
+
+
+def _series_for(state: MonitorState, labels: LabelValues, monitor: MonitorPolicy, now: float) -> Series:
+    series = state.series.get(labels)
+    if series is not None:
+        return series
+    if labels not in state.overflow_members and len(state.series) < monitor.max_series:
+        series = state.series[labels] = Series(last_change=now)
+        return series
+    if labels not in state.overflow_members:
+        state.overflowed_total += 1
+    state.overflow_members[labels] = now
+    if state.overflow is None:
+        state.overflow = Series(last_change=now)
+    return state.overflow
+
+
+def _expire(state: MonitorState, ttl: float, now: float) -> None:
+    for labels in [k for k, s in state.series.items() if not s.active and now - s.last_change > ttl]:
+        del state.series[labels]
+    for labels in [k for k, seen in state.overflow_members.items() if now - seen > ttl]:
+        del state.overflow_members[labels]
+    overflow = state.overflow
+    if overflow is not None and not overflow.active and now - overflow.last_change > ttl:
+        state.overflow = None
+
+
+def _families(monitor: MonitorPolicy, rows: Sequence[tuple[LabelValues, Series]]) -> tuple[Family, ...]:
+    families: list[Family] = []
+    group = tuple(str(d) for d in monitor.group_by)
+    for metric in (Metric(m) for m in monitor.metrics):
+        info = METRICS[metric]
+        names = (*group, info.extra_label) if info.extra_label else group
+        if info.type == FamilyType.HISTOGRAM:
+            is_rtt = metric == Metric.RTT
+            bounds = tuple(
+                monitor.histogram_buckets.rtt if is_rtt else monitor.histogram_buckets.connect_duration
+            )
+            slots, total = (RTT_SLOTS, RTT_SUM) if is_rtt else (CONNECT_SLOTS, CONNECT_SUM)
+            histograms = {
+                labels: log2_to_buckets(s.totals[slots], s.totals[total], bounds)
+                for labels, s in rows
+                if sum(s.totals[slots])
+            }
+            families.append(Family(info, names, histograms=histograms, bucket_bounds=bounds))
+        elif metric == Metric.CONNECTIONS_ACTIVE:
+            families.append(Family(info, names, samples={labels: float(s.active) for labels, s in rows}))
+        elif metric in _EXTRA:
+            samples = {
+                (*labels, value): float(s.totals[index])
+                for labels, s in rows
+                for value, index in _EXTRA[metric]
+            }
+            families.append(Family(info, names, samples=samples))
+        else:
+            index = _SINGLE[metric]
+            families.append(
+                Family(info, names, samples={labels: float(s.totals[index]) for labels, s in rows})
+            )
+    return tuple(families)
+
+
+def monitor_view(monitor: MonitorPolicy, state: MonitorState) -> MonitorView:
+    rows = list(state.series.items())
+    if state.overflow is not None:
+        rows.append(((OVERFLOW_VALUE,) * len(monitor.group_by), state.overflow))
+    return MonitorView(monitor.key, _families(monitor, rows), len(rows), state.overflowed_total)
+
+
+# --- the whole agent ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FlowUpdate:
+    """One flow in one poll: what grew since the last poll, and its open connections now."""
+
+    key: FlowKey
+    flow: ResolvedFlow
+    delta: Vector
+    active: int
+    share: Share
+
+
+class Aggregator:
+    """Builds the agent's view each poll. `agent_nodes`: nodes that run an agent (default: every
+    known node); `node`: the node this agent runs on."""
+
+    def __init__(self, node: str, agent_nodes: Iterable[str] | None = None) -> None:
+        self.node = node
+        self.agent_nodes = None if agent_nodes is None else set(agent_nodes)
+        self._previous: dict[FlowKey, Vector] = {}
+        self._monitors: dict[str, MonitorState] = {}
+        self._trace_cache: tuple[tuple[int, str], TraceSet] | None = None
+
+    def trace_set(self, policy: AgentPolicy, store: MetadataStore) -> TraceSet:
+        key = (store.current_generation(), policy.hash)
+        if self._trace_cache is None or self._trace_cache[0] != key:
+            self._trace_cache = (key, trace_set(policy, store))
+        return self._trace_cache[1]
+
+    def updates(
+        self, snapshot: FlowSnapshot, policy: AgentPolicy, resolver: Resolver, backends: NatBackends
+    ) -> list[FlowUpdate]:
+        """Deltas since the last poll, resolved and shared out; advances the per-flow state."""
+        agent_nodes = (self.agent_nodes if self.agent_nodes is not None else resolver.store.node_names()) | {
+            self.node
+        }
+        traced = self.trace_set(policy, resolver.store)
+        previous, self._previous = self._previous, {}
+        out: list[FlowUpdate] = []
+        for key, counters in snapshot.flows.items():
+            vector = to_vector(counters)
+            self._previous[key] = vector
+            delta = vector_delta(vector, previous.get(key))
+            if not counters.active and not any(delta):
+                continue
+            flow = resolve_flow(key, resolver, backends)
+            share = flow_share(key.reporter, flow, node=self.node, agent_nodes=agent_nodes, traced=traced)
+            if share != Share.NONE:
+                active = counters.active if share == Share.FULL else 0
+                out.append(FlowUpdate(key, flow, _mask(delta, share), active, share))
+        return out
+
+    def build_view(
+        self,
+        snapshot: FlowSnapshot,
+        policy: AgentPolicy,
+        resolver: Resolver,
+        now: float,
+        backends: NatBackends | None = None,
+    ) -> AgentView:
+        updates = self.updates(snapshot, policy, resolver, backends or {})
+        store = resolver.store
+        views: dict[str, MonitorView] = {}
+        states: dict[str, MonitorState] = {}
+        for monitor in policy.monitors:
+            shape = (tuple(monitor.group_by), tuple(monitor.metrics))
+            state = self._monitors.get(monitor.key)
+            if state is None or state.shape != shape:
+                state = MonitorState(shape)
+            apply_updates(state, monitor, updates, store, now)
+            states[monitor.key] = state
+            views[monitor.key] = monitor_view(monitor, state)
+        self._monitors = states
+        return AgentView(policy_hash=policy.hash, monitors=views)
+
+
+def flow_visible(monitor: MonitorPolicy, flow: ResolvedFlow, store: MetadataStore) -> bool:
+    """Tenancy (an end in the tenant's namespace) and selection (an end is a selected pod)."""
+    tenant = monitor.tenant_namespace
+    if tenant is not None and tenant not in (flow.client.namespace, flow.server.namespace):
+        return False
+    return any(
+        ep.is_pod
+        and pod_selected(monitor.selection, ep.namespace, ep.labels, store.namespace_labels(ep.namespace))
+        for ep in (flow.client, flow.server)
+    )
+
+
+def apply_updates(
+    state: MonitorState,
+    monitor: MonitorPolicy,
+    updates: Iterable[FlowUpdate],
+    store: MetadataStore,
+    now: float,
+) -> None:
+    for series in state.series.values():
+        series.active = 0
+    if state.overflow is not None:
+        state.overflow.active = 0
+    for update in updates:
+        if not flow_visible(monitor, update.flow, store):
+            continue
+        if not update.active and not any(update.delta):
+            continue
+        series = _series_for(state, flow_labels(update.flow, monitor), monitor, now)
+        series.add(update.delta)
+        series.active += update.active
+        series.last_change = now
+    _expire(state, monitor.series_ttl_seconds, now)
