@@ -41,7 +41,7 @@ def make_policy(*extra: FlowMonitor):
     return compile_policy(monitors, token_hashes=hashes)
 
 
-class Agent:
+class ServerRig:
     """A server with its collaborators, as the runner wires them."""
 
     def __init__(self, tmp: Path, **config) -> None:
@@ -82,7 +82,7 @@ class Agent:
 
 @pytest_asyncio.fixture
 async def agent(tmp_path):
-    a = Agent(tmp_path)
+    a = ServerRig(tmp_path)
     await a.server.start()
     a.session = aiohttp.ClientSession(auto_decompress=False)
     yield a
@@ -298,7 +298,7 @@ def _peer_cn(der: bytes) -> str:
     return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
-async def _served_cn(agent: Agent) -> str:
+async def _served_cn(agent: ServerRig) -> str:
     _reader, writer = await asyncio.open_connection(
         "127.0.0.1", agent.server.port, ssl=agent.pki.client_context(), server_hostname="localhost"
     )
@@ -382,7 +382,7 @@ async def test_concurrent_scrapes_agree(agent):
 
 @pytest.mark.asyncio
 async def test_plain_http_on_loopback_needs_no_token(tmp_path):
-    a = Agent(tmp_path, tls_cert_file=None, tls_key_file=None, admin_token_file=None)
+    a = ServerRig(tmp_path, tls_cert_file=None, tls_key_file=None, admin_token_file=None)
     await a.server.start()
     a.session = aiohttp.ClientSession()
     try:
