@@ -22,6 +22,8 @@ SPEC = mc.ClusterSpec(
     ],
     services=[mc.ServiceSpec("payments", "api", {"app": "api"}, port=80, target_port=8080)],
     nodes=[mc.NodeSpec("node-a", "zone-a"), mc.NodeSpec("node-b", "zone-b")],
+    pod_cidr="10.244.0.0/24",
+    service_cidr="10.96.0.0/24",
 )
 
 
@@ -30,8 +32,8 @@ SPEC = mc.ClusterSpec(
 
 def test_plan_assigns_addresses_names_nodes_and_endpoints() -> None:
     plan = mc.plan_cluster(SPEC, "fmt1")
-    assert plan.gateway == "10.244.0.1"
-    assert [p.ip for p in plan.pods] == ["10.244.0.2", "10.244.0.3", "10.244.0.4"]
+    assert plan.gateway == "10.244.0.254" and plan.node_netns == "fmt1-sw"
+    assert [p.ip for p in plan.pods] == ["10.244.0.1", "10.244.0.2", "10.244.0.3"]
     assert [p.node for p in plan.pods] == ["node-a", "node-b", "node-a"]
     assert [p.netns for p in plan.pods] == [
         "fmt1-shop-frontend-0",
@@ -43,22 +45,35 @@ def test_plan_assigns_addresses_names_nodes_and_endpoints() -> None:
     assert api.labels["app"] == "api" and "pod-template-hash" in api.labels
     (svc,) = plan.services
     assert svc.cluster_ip == "10.96.0.10"
-    assert [p.ip for p in svc.endpoints] == ["10.244.0.3", "10.244.0.4"]
+    assert [p.ip for p in svc.endpoints] == ["10.244.0.2", "10.244.0.3"]
     # Deterministic: same spec and prefix, same plan.
     assert mc.plan_cluster(SPEC, "fmt1") == plan
 
 
-def test_plan_rejects_undeclared_namespace_and_a_full_cidr() -> None:
+def test_default_addresses_depend_on_the_prefix() -> None:
+    spec = mc.ClusterSpec(namespaces=[mc.NamespaceSpec("a")], deployments=[mc.DeploymentSpec("a", "x", 1)])
+    one, two = mc.plan_cluster(spec, "fmone"), mc.plan_cluster(spec, "fmtwo")
+    assert (one.pod_cidr, one.service_cidr) != (two.pod_cidr, two.service_cidr)
+    assert mc.ipaddress.ip_address(one.pods[0].ip) in mc.ipaddress.ip_network(one.pod_cidr)
+    assert mc.ipaddress.ip_address(one.pods[0].ip6) in mc.ipaddress.ip_network(one.pod_cidr6)
+
+
+def test_plan_rejects_undeclared_namespaces_small_cidrs_and_too_many_pods() -> None:
     bad = mc.ClusterSpec(namespaces=[], deployments=[mc.DeploymentSpec("nope", "x")])
     with pytest.raises(ValueError, match="namespace 'nope' is not declared"):
         mc.plan_cluster(bad, "p")
     tiny = mc.ClusterSpec(
         namespaces=[mc.NamespaceSpec("a")],
         deployments=[mc.DeploymentSpec("a", "x", 3)],
-        pod_cidr="10.0.0.0/30",
+        pod_cidr="10.0.0.0/25",
     )
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(ValueError, match="must be a /24 or larger"):
         mc.plan_cluster(tiny, "p")
+    crowded = mc.ClusterSpec(
+        namespaces=[mc.NamespaceSpec("a")], deployments=[mc.DeploymentSpec("a", "x", 201)]
+    )
+    with pytest.raises(ValueError, match="at most 200 pods"):
+        mc.plan_cluster(crowded, "p")
 
 
 @pytest.mark.parametrize(
@@ -70,6 +85,8 @@ def test_kube_proxy_rules_spread_evenly(endpoints: int, probabilities: list[str]
         namespaces=[mc.NamespaceSpec("a")],
         deployments=[mc.DeploymentSpec("a", "web", endpoints)],
         services=[mc.ServiceSpec("a", "web", {"app": "web"}, 80, 8080)],
+        pod_cidr="10.244.0.0/24",
+        service_cidr="10.96.0.0/24",
     )
     rules = mc.kube_proxy_rules(mc.plan_cluster(spec, "p").services)
     lines = rules.splitlines()
@@ -83,13 +100,14 @@ def test_kube_proxy_rules_spread_evenly(endpoints: int, probabilities: list[str]
         line.split("--probability ")[1].split()[0] for line in to_sep if "--probability" in line
     ] == probabilities
     dnat = [line for line in lines if "-j DNAT" in line]
-    assert [line.rsplit(" ", 1)[1] for line in dnat] == [f"10.244.0.{i + 2}:8080" for i in range(endpoints)]
+    assert [line.rsplit(" ", 1)[1] for line in dnat] == [f"10.244.0.{i + 1}:8080" for i in range(endpoints)]
     # Chain names are kube-proxy's: KUBE-SVC-/KUBE-SEP- + 16 base32 characters.
     assert len(svc_chain) == len("KUBE-SVC-") + 16
 
 
 def test_inventory_is_ordinary_kubernetes_objects_with_owner_chain() -> None:
-    objects = mc.inventory_objects(mc.plan_cluster(SPEC, "fmt1"))
+    plan = mc.plan_cluster(SPEC, "fmt1")
+    objects = mc.inventory_objects(plan)
     by_kind: dict[str, list[dict]] = {}
     for obj in objects:
         by_kind.setdefault(obj["kind"], []).append(obj)
@@ -107,7 +125,8 @@ def test_inventory_is_ordinary_kubernetes_objects_with_owner_chain() -> None:
     assert {n["metadata"]["labels"][mc.ZONE_LABEL] for n in by_kind["Node"]} == {"zone-a", "zone-b"}
     uids = {(o["kind"], o["metadata"]["name"]): o["metadata"]["uid"] for o in objects}
     pod = next(p for p in by_kind["Pod"] if p["metadata"]["namespace"] == "payments")
-    assert pod["status"]["podIP"] == "10.244.0.3" and pod["spec"]["nodeName"] == "node-b"
+    assert pod["status"]["podIP"] == "10.244.0.2" and pod["spec"]["nodeName"] == "node-b"
+    assert [a["ip"] for a in pod["status"]["podIPs"]] == ["10.244.0.2", plan.pods[1].ip6]
     (rs_ref,) = pod["metadata"]["ownerReferences"]
     assert rs_ref["kind"] == "ReplicaSet" and rs_ref["uid"] == uids[("ReplicaSet", rs_ref["name"])]
     rs = next(r for r in by_kind["ReplicaSet"] if r["metadata"]["name"] == rs_ref["name"])
@@ -117,7 +136,7 @@ def test_inventory_is_ordinary_kubernetes_objects_with_owner_chain() -> None:
     (svc,) = by_kind["Service"]
     assert svc["spec"]["clusterIP"] == "10.96.0.10" and svc["spec"]["selector"] == {"app": "api"}
     (eps,) = by_kind["EndpointSlice"]
-    assert [e["addresses"] for e in eps["endpoints"]] == [["10.244.0.3"], ["10.244.0.4"]]
+    assert [e["addresses"] for e in eps["endpoints"]] == [["10.244.0.2"], ["10.244.0.3"]]
 
 
 # --- the real thing ----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """A declarative mini-cluster on one host, built from network namespaces.
 
-One "node" netns holds a bridge (the pod network) and the Service rules, written the way kube-proxy's
-iptables mode writes them (KUBE-SERVICES → KUBE-SVC-* with `-m statistic` → KUBE-SEP-* DNAT). Each pod
-is a netns with a veth on that bridge. `inventory()` describes it as ordinary Kubernetes objects
+Built on `lab.Lab`: its switch netns (`<prefix>-sw`) is the node; it holds the bridge (the pod network,
+with the pods' gateway address) and the Service rules, written the way kube-proxy's iptables mode writes
+them (KUBE-SERVICES → KUBE-SVC-* with `-m statistic` → KUBE-SEP-* DNAT). Each pod is a lab netns with a
+veth on that bridge, IPv4 and IPv6. `inventory()` describes it as ordinary Kubernetes objects
 (Namespace, Node, Deployment, ReplicaSet, Pod, Service, EndpointSlice), which is what the standalone
 agent's metadata loader reads. Nothing touches the host's own network namespace: every interface, rule
 and process lives in a netns named `<prefix>-...`, so deleting those namespaces (and killing the
@@ -28,12 +29,16 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NETNS_DIR = Path("/run/netns")
-BRIDGE = "cbr0"
+from flowmon_agent import lab
+from flowmon_agent.lab import default_subnets
+
+BRIDGE = "br0"  # lab.Lab's bridge in its switch netns
+GATEWAY_OFFSET = 254  # lab.Lab's host address: pods are .1 to .200, the node's bridge is .254
 ZONE_LABEL = "topology.kubernetes.io/zone"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 _HASH_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # what Kubernetes uses for pod-template-hash
 _PR_SET_PDEATHSIG = 1
+MAX_PODS = 200  # lab.Lab's limit, below the gateway's .254
 
 
 # --- the declarative spec -----------------------------------------------------------------------
@@ -81,8 +86,11 @@ class ClusterSpec:
     deployments: Sequence[DeploymentSpec]
     services: Sequence[ServiceSpec] = ()
     nodes: Sequence[NodeSpec] = (NodeSpec("node-a"),)
-    pod_cidr: str = "10.244.0.0/24"
-    service_cidr: str = "10.96.0.0/24"
+    # None: derived from the instance prefix (lab.default_subnets), so that concurrent clusters seen by
+    # one host-wide tracer rarely share addresses.
+    pod_cidr: str | None = None
+    pod_cidr6: str | None = None
+    service_cidr: str | None = None
 
 
 # --- the plan: every name and address, computed before anything is built -------------------------
@@ -93,9 +101,11 @@ class Pod:
     namespace: str
     name: str
     ip: str
+    ip6: str
     labels: dict[str, str]
     node: str
     netns: str
+    lab_name: str  # the lab's pod name: netns is `<prefix>-<lab_name>`
     deployment: str
     replicaset: str
     bridge_port: str  # the veth end on the bridge, in the node netns
@@ -127,7 +137,9 @@ class ClusterPlan:
     spec: ClusterSpec
     node_netns: str
     gateway: str  # the bridge's address: every pod's default route
-    prefix_len: int
+    pod_cidr: str
+    pod_cidr6: str
+    service_cidr: str
     pods: tuple[Pod, ...]
     services: tuple[Service, ...]
 
@@ -146,6 +158,11 @@ def _selected(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def _default_service_cidr(prefix: str) -> str:
+    h = int.from_bytes(hashlib.sha256(f"services/{prefix}".encode()).digest()[:4], "big")
+    return f"10.{128 + h % 64}.{(h >> 8) % 256}.0/24"
+
+
 def plan_cluster(spec: ClusterSpec, prefix: str) -> ClusterPlan:
     """Pure: assign pod names, netns names, IPs, nodes and ClusterIPs."""
     known = {ns.name for ns in spec.namespaces}
@@ -154,32 +171,37 @@ def plan_cluster(spec: ClusterSpec, prefix: str) -> ClusterPlan:
             raise ValueError(f"{item.namespace}/{item.name}: namespace {item.namespace!r} is not declared")
     if not spec.nodes:
         raise ValueError("a cluster needs at least one node")
-    pod_net = ipaddress.ip_network(spec.pod_cidr)
-    svc_net = ipaddress.ip_network(spec.service_cidr)
-    hosts = pod_net.hosts()
-    gateway = str(next(hosts))
+    default4, default6 = default_subnets(prefix)
+    pod_net = ipaddress.IPv4Network(spec.pod_cidr or default4)
+    pod_net6 = ipaddress.IPv6Network(spec.pod_cidr6 or default6)
+    svc_net = ipaddress.IPv4Network(spec.service_cidr or _default_service_cidr(prefix))
+    if pod_net.num_addresses < 256:
+        raise ValueError(
+            f"pod CIDR {pod_net} must be a /24 or larger (the node's bridge is .{GATEWAY_OFFSET})"
+        )
     pods: list[Pod] = []
     for deployment in spec.deployments:
         labels = deployment.pod_labels
         template_hash = pod_template_hash(deployment.namespace, deployment.name, labels)
         replicaset = f"{deployment.name}-{template_hash}"
         for index in range(deployment.replicas):
-            try:
-                ip = str(next(hosts))
-            except StopIteration:
-                raise ValueError(f"pod CIDR {spec.pod_cidr} is too small for every pod") from None
             n = len(pods)
+            if n >= MAX_PODS:
+                raise ValueError(f"at most {MAX_PODS} pods per mini-cluster")
+            lab_name = f"{deployment.namespace}-{deployment.name}-{index}"
             pods.append(
                 Pod(
                     namespace=deployment.namespace,
                     name=f"{replicaset}-{_pod_suffix(replicaset, index)}",
-                    ip=ip,
+                    ip=str(pod_net.network_address + n + 1),
+                    ip6=str(pod_net6.network_address + n + 1),
                     labels={**labels, "pod-template-hash": template_hash},
                     node=spec.nodes[n % len(spec.nodes)].name,
-                    netns=f"{prefix}-{deployment.namespace}-{deployment.name}-{index}",
+                    netns=f"{prefix}-{lab_name}",
+                    lab_name=lab_name,
                     deployment=deployment.name,
                     replicaset=replicaset,
-                    bridge_port=f"veth{n}",
+                    bridge_port=f"v{n}",
                 )
             )
     services: list[Service] = []
@@ -202,9 +224,11 @@ def plan_cluster(spec: ClusterSpec, prefix: str) -> ClusterPlan:
     return ClusterPlan(
         prefix=prefix,
         spec=spec,
-        node_netns=f"{prefix}-node",
-        gateway=gateway,
-        prefix_len=pod_net.prefixlen,
+        node_netns=f"{prefix}-sw",
+        gateway=str(pod_net.network_address + GATEWAY_OFFSET),
+        pod_cidr=str(pod_net),
+        pod_cidr6=str(pod_net6),
+        service_cidr=str(svc_net),
         pods=tuple(pods),
         services=tuple(services),
     )
@@ -355,7 +379,7 @@ def inventory_objects(plan: ClusterPlan) -> list[dict]:
                     "nodeName": pod.node,
                     "containers": [{"name": pod.deployment, "image": "flowmon/demo"}],
                 },
-                "status": {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]},
+                "status": {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}, {"ip": pod.ip6}]},
             }
         )
     for svc in plan.services:
@@ -415,20 +439,6 @@ class MiniClusterError(RuntimeError):
     """The mini-cluster could not be built; the message names the step and the command's error."""
 
 
-def _run(argv: Sequence[str], *, input_text: str | None = None, timeout: float = 15) -> str:
-    try:
-        done = subprocess.run(
-            list(argv), input=input_text, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except FileNotFoundError as exc:
-        raise MiniClusterError(
-            f"{argv[0]} is not installed (make setup installs iproute2 and iptables)"
-        ) from exc
-    if done.returncode != 0:
-        raise MiniClusterError(f"`{' '.join(argv)}` failed: {done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout
-
-
 def _set_parent_death_signal() -> None:
     # A child must not outlive a demo or test that was killed: the kernel sends SIGKILL when we die.
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -436,9 +446,7 @@ def _set_parent_death_signal() -> None:
 
 def list_netns(prefix: str) -> list[str]:
     """Network namespaces that belong to the instance `prefix` (named `<prefix>-...`)."""
-    if not NETNS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix + "-"))
+    return lab.lab_namespaces(prefix)
 
 
 def netns_pids(netns: str) -> list[int]:
@@ -457,16 +465,14 @@ def _kill_all(pids: Sequence[int], grace: float = 2.0) -> None:
 
 
 def cleanup(prefix: str) -> list[str]:
-    """Remove every netns named `<prefix>-...` and kill every process inside; returns what was removed.
+    """Kill every process inside the netns named `<prefix>-...`, then remove them; returns their names.
 
-    Safe to call at any time, e.g. after a crash: it only needs the prefix."""
+    Safe at any time, e.g. after a crash: it only needs the prefix. (lab.cleanup_prefix removes the
+    namespaces; processes started by someone else inside them would keep them alive, so they go first.)"""
     names = list_netns(prefix)
     pids = sorted({pid for name in names for pid in netns_pids(name)} - {os.getpid()})
     _kill_all(pids)
-    # Pods first, the node (bridge side of every veth) last.
-    for name in sorted(names, key=lambda n: n.endswith("-node")):
-        with suppress(MiniClusterError):
-            _run(["ip", "netns", "delete", name])
+    lab.cleanup_prefix(prefix)
     return names
 
 
@@ -484,7 +490,12 @@ class MiniCluster:
     def __init__(self, spec: ClusterSpec, prefix: str | None = None) -> None:
         self.prefix = prefix or new_prefix()
         self.plan = plan_cluster(spec, self.prefix)
-        self._processes: list[subprocess.Popen] = []
+        self.lab = lab.Lab(
+            self.prefix,
+            [p.lab_name for p in self.plan.pods],
+            subnet4=self.plan.pod_cidr,
+            subnet6=self.plan.pod_cidr6,
+        )
 
     # -- queries
     @property
@@ -530,104 +541,77 @@ class MiniCluster:
         """Create everything; on any failure, remove what was created and raise MiniClusterError."""
         if os.geteuid() != 0:
             raise MiniClusterError("building network namespaces needs root")
-        if list_netns(self.prefix):
-            raise MiniClusterError(
-                f"network namespaces named {self.prefix}-* already exist: "
-                f"an earlier run crashed? remove them with cleanup({self.prefix!r})"
-            )
+        cleanup(self.prefix)  # leftovers of a crashed run with the same prefix
         try:
-            self._build_node()
+            self.lab.start()
+            self._setup_node()
             for pod in self.plan.pods:
-                self._build_pod(pod)
-            _run(
-                ["ip", "netns", "exec", self.node_netns, "iptables-restore", "--noflush"],
-                input_text=kube_proxy_rules(self.plan.services),
-            )
+                self._run(pod.netns, ["ip", "route", "add", "default", "via", self.plan.gateway])
+        except lab.LabError as exc:
+            self.teardown()
+            raise MiniClusterError(str(exc)) from None
         except BaseException:
             self.teardown()
             raise
 
-    def _build_node(self) -> None:
-        node = self.node_netns
-        _run(["ip", "netns", "add", node])
-        _run(["ip", "-n", node, "link", "set", "lo", "up"])
-        _run(["ip", "-n", node, "link", "add", "name", BRIDGE, "type", "bridge"])
-        _run(["ip", "-n", node, "addr", "add", f"{self.plan.gateway}/{self.plan.prefix_len}", "dev", BRIDGE])
-        _run(["ip", "-n", node, "link", "set", BRIDGE, "up"])
+    def _setup_node(self) -> None:
+        node, prefix_len = self.node_netns, self.plan.pod_cidr.split("/")[1]
+        self._run(node, ["ip", "addr", "add", f"{self.plan.gateway}/{prefix_len}", "dev", BRIDGE])
         # Bridged frames go through iptables (br_netfilter): the reply from a Service backend to a pod
         # on the same bridge must be un-DNATed by conntrack, exactly as on a kubenet node.
-        _run(
+        self._run(
+            node,
             [
-                "ip", "netns", "exec", node, "sysctl", "-q",
+                "sysctl", "-q",
                 "-w", "net.ipv4.ip_forward=1",
                 "-w", "net.bridge.bridge-nf-call-iptables=1",
                 "-w", "net.ipv4.conf.all.send_redirects=0",
                 "-w", f"net.ipv4.conf.{BRIDGE}.send_redirects=0",
-            ]
+            ],
         )  # fmt: skip
-
-    def _build_pod(self, pod: Pod) -> None:
-        node = self.node_netns
-        _run(["ip", "netns", "add", pod.netns])
-        _run(
-            [
-                "ip",
-                "-n",
-                node,
-                "link",
-                "add",
-                pod.bridge_port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                pod.netns,
-            ]
+        for pod in self.plan.pods:
+            # A pod reaching its own Service may be DNATed back to itself (kube-proxy masquerades that).
+            self._run(node, ["ip", "link", "set", pod.bridge_port, "type", "bridge_slave", "hairpin", "on"])
+        self._run(
+            node, ["iptables-restore", "-w", "5", "--noflush"], input=kube_proxy_rules(self.plan.services)
         )
-        _run(["ip", "-n", node, "link", "set", pod.bridge_port, "master", BRIDGE])
-        _run(["ip", "-n", node, "link", "set", pod.bridge_port, "type", "bridge_slave", "hairpin", "on"])
-        _run(["ip", "-n", node, "link", "set", pod.bridge_port, "up"])
-        _run(["ip", "-n", pod.netns, "link", "set", "lo", "up"])
-        _run(["ip", "-n", pod.netns, "addr", "add", f"{pod.ip}/{self.plan.prefix_len}", "dev", "eth0"])
-        _run(["ip", "-n", pod.netns, "link", "set", "eth0", "up"])
-        _run(["ip", "-n", pod.netns, "route", "add", "default", "via", self.plan.gateway])
+
+    def _run(self, netns: str, argv: Sequence[str], *, input: str | None = None) -> None:
+        done = self.exec(netns, argv, check=False, input=input)
+        if done.returncode != 0:
+            raise MiniClusterError(f"`{' '.join(argv)}` in {netns} failed: {done.stderr.strip()}")
 
     def teardown(self) -> None:
-        for proc in self._processes:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self._processes:
-            with suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=2)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=2)
-        self._processes.clear()
-        cleanup(self.prefix)
+        self.lab.cleanup()  # the processes it started (process groups), then the namespaces
+        cleanup(self.prefix)  # anything else still running inside them
 
     # -- running things inside a pod (or the node)
-    def _netns_argv(self, target: Pod | str, argv: Sequence[str]) -> list[str]:
-        netns = target.netns if isinstance(target, Pod) else target
-        return ["ip", "netns", "exec", netns, *argv]
-
     def exec(
-        self, target: Pod | str, argv: Sequence[str], *, timeout: float = 30, check: bool = True
+        self,
+        target: Pod | str,
+        argv: Sequence[str],
+        *,
+        timeout: float = 30,
+        check: bool = True,
+        input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run a command inside a pod (or a netns by name) and wait for it (bounded by `timeout`)."""
+        netns = target.netns if isinstance(target, Pod) else target
         return subprocess.run(
-            self._netns_argv(target, argv), capture_output=True, text=True, timeout=timeout, check=check
+            ["ip", "netns", "exec", netns, *argv],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
         )
 
-    def spawn(self, target: Pod | str, argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
-        """Start a long-running process inside a pod; teardown stops it (and it dies with its parent)."""
-        proc = subprocess.Popen(
-            self._netns_argv(target, argv), preexec_fn=_set_parent_death_signal, **popen_kwargs
+    def spawn(self, pod: Pod, argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
+        """Start a long-running process inside a pod; teardown stops it, and it dies with its parent."""
+        return self.lab.popen(
+            self.lab.pod(pod.lab_name), argv, preexec_fn=_set_parent_death_signal, **popen_kwargs
         )
-        self._processes.append(proc)
-        return proc
 
-    def iptables(self, target: Pod | str, args: Sequence[str]) -> None:
-        """Add rules in a pod's (or the node's) own netns, e.g. a lossy link: they vanish with it."""
-        _run(self._netns_argv(target, ["iptables", *args]))
+    def iptables(self, pod: Pod, *args: str) -> None:
+        """Add rules in a pod's own netns, e.g. a lossy link: they vanish with it."""
+        self.lab.iptables(self.lab.pod(pod.lab_name), *args)
