@@ -259,15 +259,12 @@ static __always_inline struct flow_val *flow_get(struct flow_key *key) {
     struct flow_val *tmpl = flow_zero.lookup(&zero);
     if (!tmpl)
         return 0;
+    tmpl->created_ns = bpf_ktime_get_ns();  // the entry is born with its incarnation stamp
     if (flows.insert(key, tmpl) == 0)
         stat_inc(ST_FLOWS_CREATED);
     v = flows.lookup(key);
-    if (!v) {
+    if (!v)
         stat_inc(ST_FLOW_FAILED);
-        return 0;
-    }
-    if (v->created_ns == 0)
-        v->created_ns = bpf_ktime_get_ns();
     return v;
 }
 

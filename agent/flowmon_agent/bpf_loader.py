@@ -65,3 +65,27 @@ def load_program(source_name: str, cflags: Mapping[str, int] | None = None):  # 
         return BPF(src_file=str(path).encode(), cflags=flags)
     except Exception as exc:
         raise BPFUnavailableError(f"BCC could not compile or load {path.name}: {exc}") from exc
+
+
+def raw_tracepoints_supported() -> bool:
+    """Raw tracepoints (BPF_RAW_TRACEPOINT_OPEN, Linux 4.17+): cheaper, but args are the raw TP_PROTO."""
+    try:
+        from bcc import BPF
+    except ImportError:  # pragma: no cover - depends on the host
+        return False
+    return bool(BPF.support_raw_tracepoint())
+
+
+def tracepoint_fields(category: str, event: str) -> set[str]:
+    """Field names of a classic tracepoint, from its tracefs format file (empty when absent)."""
+    try:
+        text = (tracefs_root() / "events" / category / event / "format").read_text()
+    except (OSError, BPFUnavailableError):
+        return set()
+    names = set()
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("field:"):
+            decl = line[len("field:") : line.index(";")]
+            names.add(decl.split()[-1].split("[")[0])
+    return names

@@ -1,0 +1,262 @@
+"""FlowTracer: loads the kernel side and turns its maps into cumulative per-flow counters.
+
+poll() (call it about once a second) returns every flow seen since start: the kernel's closed-flow
+totals plus what live sockets have counted so far. Counters are kept in user space too, so a flow that
+the kernel's LRU map evicts keeps its totals, and they never go backwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from flowmon_agent import existing, kernel_maps, kernel_paths
+from flowmon_agent.flows import FlowCounters, FlowKey, FlowSnapshot, IPAddress
+from flowmon_agent.kernel_maps import (
+    ROLE_CLIENT,
+    ROLE_SERVER,
+    ST_FLOW_FAILED,
+    ST_FLOWS_CREATED,
+    ST_RST_FULL,
+    ST_SOCK_FULL,
+    add_counters,
+    clamp_monotonic,
+    copy_counters,
+)
+
+CFG_FILTER, CFG_PORTS, CFG_ADOPT = 0, 1, 2
+DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384}
+
+
+@dataclass(slots=True)
+class _Incarnations:
+    """One flow key's kernel entry over time: LRU eviction and re-creation restart it from zero."""
+
+    created_ns: int
+    last: FlowCounters
+    base: FlowCounters = field(default_factory=FlowCounters)
+
+    def observe(self, created_ns: int, counters: FlowCounters) -> None:
+        if created_ns != self.created_ns and self.created_ns != 0:
+            add_counters(self.base, self.last)  # the old entry was evicted: keep what it had
+        self.created_ns = created_ns
+        self.last = counters
+
+    def total(self) -> FlowCounters:
+        out = copy_counters(self.base)
+        add_counters(out, self.last)
+        return out
+
+
+def _items(table) -> list[tuple[bytes, bytes]]:
+    """All entries as raw bytes, with one batch syscall where the kernel supports it."""
+    try:
+        return [(bytes(k), bytes(v)) for k, v in table.items_lookup_batch()]
+    except Exception:  # batch ops missing (kernel < 5.6 for some map types): one lookup per entry
+        return [(bytes(k), bytes(v)) for k, v in table.items()]
+
+
+class FlowTracer:
+    """Exact TCP flow accounting on this host. Use as a context manager, or call close()."""
+
+    def __init__(
+        self,
+        *,
+        force_compat: bool = False,
+        raw: bool | None = None,
+        sizes: Mapping[str, int] | None = None,
+        rtt_interval_ms: int = 1000,
+        adopt_existing: bool = True,
+        adopt_window_s: float = 300.0,
+        reset_grace_s: float = 0.5,
+    ) -> None:
+        cflags = {**DEFAULT_SIZES, **(sizes or {}), "RTT_INTERVAL_MS": int(rtt_interval_ms)}
+        self._path, self._bpf = kernel_paths.load(force_compat=force_compat, raw=raw, sizes=cflags)
+        self.kernel_path = self._path.name
+        self.raw_tracepoints = bool(self._path.cflags.get("FLOWMON_RAW"))
+        b = self._bpf
+        self._flows, self._socks, self._stats = b["flows"], b["socks"], b["stats"]
+        self._cfg, self._local_ips, self._ports = b["cfg"], b["local_ips"], b["ignored_ports"]
+        self._pending, self._adopt = b["rst_pending"], b["adopt"]
+        self._reset_grace_ns = int(reset_grace_s * 1e9)
+        self._incarnations: dict[FlowKey, _Incarnations] = {}
+        self._extra: dict[FlowKey, FlowCounters] = {}  # resets received from untraced senders
+        self._reported: dict[FlowKey, FlowCounters] = {}
+        self._evicted = 0
+        self._adopt_until = 0.0
+        self._closed = False
+        if adopt_existing:
+            self.adopt(existing.discover(), window_s=adopt_window_s)
+
+    # --- configuration (through maps only) -----------------------------------------------------------
+    def _set_cfg(self, index: int, value: int) -> None:
+        self._cfg[ctypes.c_int(index)] = ctypes.c_uint64(value)
+
+    def set_local_ip_filter(self, ips: Iterable[IPAddress] | None) -> None:
+        """Trace only sockets whose local address is in ips (None: trace all). Applies to new sockets."""
+        if ips is None:
+            self._set_cfg(CFG_FILTER, 0)
+            self._local_ips.clear()
+            return
+        wanted = {kernel_maps.encode_ip_key(ip) for ip in ips}
+        for raw in wanted:  # add before removing, so a kept address is never briefly missing
+            self._local_ips[self._local_ips.Key.from_buffer_copy(raw)] = ctypes.c_uint8(1)
+        for key in list(self._local_ips.keys()):
+            if bytes(key) not in wanted:
+                del self._local_ips[key]
+        self._set_cfg(CFG_FILTER, 1)
+
+    def set_ignored_ports(self, ports: Iterable[int]) -> None:
+        """Server ports whose connections are not traced (applies to new sockets)."""
+        wanted = {int(p) for p in ports}
+        if any(not 0 < p < 65536 for p in wanted):
+            raise ValueError(f"ports must be 1-65535: {sorted(wanted)}")
+        for port in wanted:
+            self._ports[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+        for key in list(self._ports.keys()):
+            if key.value not in wanted:
+                del self._ports[key]
+        self._set_cfg(CFG_PORTS, int(bool(wanted)))
+
+    def adopt(self, conns: Iterable[existing.ExistingConnection], *, window_s: float = 300.0) -> int:
+        """Measure already-open connections from their next received segment on (for window_s)."""
+        n = 0
+        for c in conns:
+            raw = kernel_maps.encode_tuple(c.local, c.local_port, c.remote, c.remote_port)
+            role = ROLE_SERVER if c.role == "server" else ROLE_CLIENT
+            try:
+                self._adopt[self._adopt.Key.from_buffer_copy(raw)] = ctypes.c_uint8(role)
+            except Exception:
+                break  # map full: the rest stay unmeasured
+            n += 1
+        if n:
+            self._adopt_until = time.monotonic() + window_s
+            self._set_cfg(CFG_ADOPT, 1)
+        return n
+
+    # --- reading ---------------------------------------------------------------------------------------
+    def _stat(self, index: int) -> int:
+        return int(self._stats.sum(ctypes.c_int(index)).value)
+
+    def _drain_resets(self) -> None:
+        """RSTs received from a peer that no traced socket claimed within the grace period."""
+        now_ns = time.monotonic_ns()
+        for k, v in _items(self._pending):
+            p = kernel_maps.decode_pending_reset(v)
+            if now_ns - p.ts_ns < self._reset_grace_ns:
+                continue
+            try:
+                del self._pending[self._pending.Key.from_buffer_copy(k)]
+            except KeyError:
+                continue  # the sender claimed it meanwhile
+            extra = self._extra.setdefault(p.key, FlowCounters())
+            if p.to_client:
+                extra.resets_s2c += 1
+            else:
+                extra.resets_c2s += 1
+
+    def _expire_adoption(self) -> None:
+        if self._adopt_until and (time.monotonic() > self._adopt_until or len(self._adopt) == 0):
+            self._set_cfg(CFG_ADOPT, 0)
+            self._adopt.clear()
+            self._adopt_until = 0.0
+
+    def poll(self) -> FlowSnapshot:
+        if self._closed:
+            raise RuntimeError("FlowTracer is closed")
+        created = self._stat(ST_FLOWS_CREATED)  # before the map read: evictions are never overestimated
+        # Closed totals first, live sockets second: a socket closing in between is missed for one poll
+        # (then clamped) rather than counted twice.
+        flows = _items(self._flows)
+        for k, v in flows:
+            key, kf = kernel_maps.decode_flow_key(k), kernel_maps.decode_flow_value(v)
+            inc = self._incarnations.get(key)
+            if inc is None:
+                self._incarnations[key] = _Incarnations(kf.created_ns, kf.counters)
+            else:
+                inc.observe(kf.created_ns, kf.counters)
+        live: dict[FlowKey, FlowCounters] = {}
+        for _, v in _items(self._socks):
+            key, c = kernel_maps.decode_live_socket(v)
+            if key in live:
+                add_counters(live[key], c)
+            else:
+                live[key] = c
+        self._drain_resets()
+        self._expire_adoption()
+        self._evicted = max(self._evicted, created - len(flows))
+
+        out: dict[FlowKey, FlowCounters] = {}
+        for key in self._incarnations.keys() | live.keys() | self._extra.keys():
+            inc = self._incarnations.get(key)
+            total = inc.total() if inc else FlowCounters()
+            for part in (live.get(key), self._extra.get(key)):
+                if part is not None:
+                    add_counters(total, part)
+            total = clamp_monotonic(self._reported.get(key), total)
+            self._reported[key] = total
+            out[key] = copy_counters(total)
+        dropped = {
+            "socket_table_full": self._stat(ST_SOCK_FULL),
+            "flow_table_evicted": self._evicted,
+            "flow_insert_failed": self._stat(ST_FLOW_FAILED),
+            "reset_table_full": self._stat(ST_RST_FULL),
+        }
+        return FlowSnapshot(out, dropped, self.kernel_path, time.monotonic())
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._bpf.cleanup()
+
+    def __enter__(self) -> FlowTracer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def format_flow(key: FlowKey, c: FlowCounters) -> str:
+    rtt = f"{c.rtt.sum_us / c.rtt.count / 1000:.2f}ms" if c.rtt.count else "-"
+    return (
+        f"{key.client_ip} -> {key.server_ip}:{key.server_port} [{key.reporter}] "
+        f"c2s={c.sent_bytes}B s2c={c.received_bytes}B opened={c.opened} closed={c.closed} "
+        f"active={c.active} refused={c.failed_refused} timeout={c.failed_timeout} "
+        f"retrans={c.retransmits_c2s}/{c.retransmits_s2c} rst={c.resets_c2s}/{c.resets_s2c} rtt={rtt}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flowmon_agent.tracer`: trace this host and print its flows every second."""
+    parser = argparse.ArgumentParser(prog="python -m flowmon_agent.tracer", description=main.__doc__)
+    parser.add_argument("--compat", action="store_true", help="force the compat kernel path")
+    parser.add_argument("--seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")
+    args = parser.parse_args(argv)
+    try:
+        tracer = FlowTracer(force_compat=args.compat)
+    except kernel_paths.BPFUnavailableError as exc:
+        print(f"flowmon: {exc}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + args.seconds if args.seconds else float("inf")
+    with tracer:
+        print(f"kernel path: {tracer.kernel_path}", flush=True)
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(1)
+                snap = tracer.poll()
+                print(f"--- {len(snap.flows)} flows, dropped {snap.dropped}")
+                for key, counters in sorted(snap.flows.items(), key=lambda kv: str(kv[0])):
+                    print(format_flow(key, counters))
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
