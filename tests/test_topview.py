@@ -1,0 +1,148 @@
+"""The live view's pure arithmetic, on synthetic exposition text."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flowmon_agent import topview as tv
+
+PAIR = (
+    'client_namespace="shop",client_workload="web",'
+    'server_namespace="pay",server_port="80",server_workload="api"'
+)
+OTHER = (
+    'client_namespace="shop",client_workload="cron",'
+    'server_namespace="shop",server_port="5432",server_workload="db"'
+)
+
+
+def exposition(sent: float, opened: float, rtt: tuple[float, float, float], *, refused: float = 0) -> str:
+    """Text as the exporter renders it (counters, a gauge, a histogram with le last-but-sorted labels)."""
+    le1, le2, inf = rtt
+    return f"""# HELP flowmon_tcp_sent_bytes_total TCP payload bytes sent from client to server.
+# TYPE flowmon_tcp_sent_bytes_total counter
+flowmon_tcp_sent_bytes_total{{{PAIR}}} {sent}
+flowmon_tcp_sent_bytes_total{{{OTHER}}} 10.0
+# TYPE flowmon_tcp_received_bytes_total counter
+flowmon_tcp_received_bytes_total{{{PAIR}}} {sent * 4}
+# TYPE flowmon_tcp_connections_opened_total counter
+flowmon_tcp_connections_opened_total{{{PAIR}}} {opened}
+# TYPE flowmon_tcp_connections_active gauge
+flowmon_tcp_connections_active{{{PAIR}}} 3.0
+# TYPE flowmon_tcp_connect_failures_total counter
+flowmon_tcp_connect_failures_total{{{PAIR},reason="refused"}} {refused}
+flowmon_tcp_connect_failures_total{{{PAIR},reason="timeout"}} 1.0
+# TYPE flowmon_tcp_retransmits_total counter
+flowmon_tcp_retransmits_total{{{PAIR},direction="client_to_server"}} 4.0
+flowmon_tcp_retransmits_total{{{PAIR},direction="server_to_client"}} 2.0
+# TYPE flowmon_isolation_violations_total counter
+flowmon_isolation_violations_total{{{PAIR}}} 1.0
+# TYPE flowmon_tcp_rtt_seconds histogram
+flowmon_tcp_rtt_seconds_bucket{{{PAIR},le="0.001"}} {le1}
+flowmon_tcp_rtt_seconds_bucket{{{PAIR},le="0.01"}} {le2}
+flowmon_tcp_rtt_seconds_bucket{{{PAIR},le="+Inf"}} {inf}
+flowmon_tcp_rtt_seconds_count{{{PAIR}}} {inf}
+flowmon_tcp_rtt_seconds_sum{{{PAIR}}} 0.1
+# TYPE flowmon_agent_info gauge
+flowmon_agent_info{{version="0.1.0"}} 1.0
+"""
+
+
+def test_parse_groups_samples_by_pair_and_sums_reasons_and_directions() -> None:
+    snap = tv.parse_exposition(exposition(1000, 10, (5, 9, 10), refused=2))
+    assert len(snap) == 2  # flowmon_agent_info is not a flow
+    key = tv.pair_key(
+        {"client_namespace": "shop", "client_workload": "web", "server_namespace": "pay"}
+        | {"server_port": "80", "server_workload": "api"}
+    )
+    pair = snap[key]
+    assert (pair.sent_bytes, pair.received_bytes, pair.opened, pair.active) == (1000, 4000, 10, 3)
+    assert (pair.failures, pair.retransmits, pair.violations) == (3, 6, 1)
+    assert pair.rtt == {0.001: 5, 0.01: 9, math.inf: 10}
+
+
+@pytest.mark.parametrize(
+    ("q", "buckets", "expected"),
+    [
+        (0.5, {0.001: 5, 0.01: 9, math.inf: 10}, 0.001),  # rank 5 at the top of the first bucket
+        (0.5, {0.001: 0, 0.01: 10, math.inf: 10}, 0.0055),  # linear inside (0.001, 0.01]
+        (0.25, {0.001: 4, 0.01: 4, math.inf: 4}, 0.00025),  # from 0 in the first bucket
+        (0.99, {0.001: 5, 0.01: 9, math.inf: 10}, 0.01),  # rank in +Inf: highest finite bound
+        (0.5, {0.001: 0, math.inf: 0}, None),  # no observations
+        (0.5, {0.001: 3}, None),  # no +Inf bucket: not a histogram
+        (0.5, {}, None),
+    ],
+)
+def test_histogram_quantile_matches_promql(q: float, buckets: dict, expected: float | None) -> None:
+    got = tv.histogram_quantile(q, buckets)
+    assert got == pytest.approx(expected) if expected is not None else got is None
+
+
+def test_rates_between_two_snapshots() -> None:
+    before = tv.parse_exposition(exposition(1000, 10, (5, 9, 10)))
+    after = tv.parse_exposition(exposition(3000, 30, (5, 29, 30), refused=4))
+    (row, other) = tv.rows(tv.diff(before, after), seconds=2.0)
+    assert (row.client, row.server) == ("shop/web", "pay/api:80")
+    assert row.sent_bytes == 1000 and row.received_bytes == 4000 and row.opened == 10
+    assert row.failures == 2  # refused 0 → 4 over 2 s; timeout unchanged
+    assert row.retransmits == 0 and row.violations == 0 and row.active == 3
+    # The window's 20 new RTT samples all fell in (1ms, 10ms]: the window's quantiles, not all-time.
+    assert row.rtt_p50 == pytest.approx(0.0055) and row.rtt_p99 == pytest.approx(0.00991)
+    assert other.sent_bytes == 0 and other.client == "shop/cron"
+
+
+def test_a_counter_reset_counts_the_new_value_not_a_negative_rate() -> None:
+    before = tv.parse_exposition(exposition(5000, 50, (5, 9, 10)))
+    after = tv.parse_exposition(exposition(300, 3, (1, 1, 2)))  # agent restarted
+    row = tv.rows(tv.diff(before, after), seconds=1.0)[0]
+    assert (row.sent_bytes, row.opened) == (300, 3)
+    assert row.rtt_p50 == pytest.approx(0.001)  # 1 of 2 samples ≤ 1ms: the median is that bound
+
+
+def test_totals_without_a_previous_snapshot_and_busiest_first() -> None:
+    rows = tv.rows(tv.diff(None, tv.parse_exposition(exposition(1000, 10, (5, 9, 10)))))
+    assert [r.client for r in rows] == ["shop/web", "shop/cron"]
+    assert rows[0].sent_bytes == 1000 and rows[0].violations == 1 and rows[0].rtt_p99 == 0.01
+
+
+@pytest.mark.parametrize(
+    ("labels", "side", "expected"),
+    [
+        ({"client_namespace": "a", "client_workload": "w"}, "client", "a/w"),
+        (
+            {"server_namespace": "a", "server_workload": "w", "server_port": "80", "service": "a/svc"},
+            "server",
+            "a/w:80 via a/svc",
+        ),
+        ({"client_zone": "z1", "server_zone": "z2"}, "client", "z1"),
+        ({"client_zone": "z1"}, "server", "*"),
+        ({"server_namespace": "a", "server_workload": "w", "service": ""}, "server", "a/w"),
+    ],
+)
+def test_endpoint_names_follow_the_monitors_grouping(labels: dict, side: str, expected: str) -> None:
+    assert tv.endpoint_name(labels, side) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 * 1024**3, "5.0 GiB")],
+)
+def test_human_bytes(value: float, text: str) -> None:
+    assert tv.human_bytes(value) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(None, "-"), (0.000042, "42µs"), (0.0123, "12.3ms"), (2.5, "2.50s")],
+)
+def test_human_seconds(value: float | None, text: str) -> None:
+    assert tv.human_seconds(value) == text
+
+
+def test_row_cells_line_up_with_columns() -> None:
+    row = tv.rows(tv.parse_exposition(exposition(2048, 10, (5, 9, 10))))[0]
+    cells = tv.row_cells(row, per_second=True)
+    assert len(cells) == len(tv.columns(per_second=True))
+    assert dict(zip(tv.columns(True), cells, strict=True))["sent"] == "2.0 KiB/s"
