@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 
+import aiohttp
 import pytest
 
 from tests.prometheus_process import PrometheusProcess, scrape_job
@@ -151,6 +152,24 @@ async def test_prometheus_reads_kernel_measured_bytes_of_a_known_flow(tmp_path, 
                     await asyncio.to_thread(
                         prom.wait_query, f"flowmon_tcp_connections_closed_total{{{flow}}}", "1"
                     )
+                    # A new policy applies without restart; the unchanged monitor's counters continue.
+                    wider = compile_policy(
+                        [monitor("shop", "web"), monitor("shop", "all")],
+                        token_hashes={"shop/web": [token_sha256(SHOP)]},
+                    )
+                    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+                        put = await http.put(
+                            agent.url + "/v1/policy", data=dump_policy_json(wider), ssl=pki.client_context()
+                        )
+                        assert put.status == 200 and (await put.json())["policyHash"] == wider.hash
+                    await asyncio.sleep(1.5)  # a few polls under the new policy
+                    await asyncio.to_thread(
+                        prom.wait_query, f"flowmon_tcp_sent_bytes_total{{{flow}}}", str(SENT)
+                    )
+                    assert agent.exporter.holder.status.view.policy_hash == wider.hash
+                    assert set(agent.exporter.holder.status.view.monitors) == {"shop/web", "shop/all"}
+                    resets = prom.query(f"resets(flowmon_tcp_sent_bytes_total{{{flow}}}[1m])")
+                    assert [r["value"][1] for r in resets] == ["0"]
             finally:
                 await agent.stop()
     finally:
