@@ -1,0 +1,262 @@
+"""Keeps a MetadataStore in step with the Kubernetes API: list, then watch, per resource, over plain HTTP(S).
+
+- Lists in pages (`limit`/`continue`) and parses each page into slim records at once: 20,000 full pod
+  objects are never held in memory together.
+- Watches resume from the last resourceVersion after a dropped connection; a 410 Gone (the version is
+  too old) relists, which also removes what was deleted meanwhile.
+- When the API goes away, the store keeps its last content (attribution goes on) and `age_seconds()`
+  grows: how long the metadata has not been known to be current (`flowmon_agent_metadata_age_seconds`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from flowmon_agent.metadata.records import parse_object
+from flowmon_agent.metadata.store import MetadataStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    kind: str
+    path: str  # the collection's URL path, all namespaces
+
+
+RESOURCES = (
+    Resource("Namespace", "/api/v1/namespaces"),
+    Resource("Node", "/api/v1/nodes"),
+    Resource("ReplicaSet", "/apis/apps/v1/replicasets"),
+    Resource("Job", "/apis/batch/v1/jobs"),
+    Resource("Service", "/api/v1/services"),
+    Resource("Pod", "/api/v1/pods"),
+)
+
+
+class Gone(Exception):
+    """The resourceVersion (or continue token) is too old: relist."""
+
+
+class ApiUnavailable(Exception):
+    pass
+
+
+def _status_code(obj: Any) -> int:
+    return int(obj.get("code") or 0) if isinstance(obj, dict) else 0
+
+
+class KubeWatcher:
+    def __init__(
+        self,
+        store: MetadataStore,
+        base_url: str,
+        *,
+        token: str | None = None,
+        token_file: str | Path | None = None,
+        ca_file: str | Path | None = None,
+        page_size: int = 500,
+        watch_timeout_seconds: int = 300,
+        retry_seconds: tuple[float, float] = (0.5, 10.0),
+        resources: Sequence[Resource] = RESOURCES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._token_file = Path(token_file) if token_file else None  # re-read: projected tokens rotate
+        self._ca_file = str(ca_file) if ca_file else None
+        self.page_size = page_size
+        self.watch_timeout_seconds = watch_timeout_seconds
+        self.retry_seconds = retry_seconds
+        self.resources = tuple(resources)
+        self._clock = clock
+        self._started = clock()
+        self._listed: set[str] = set()
+        self._connected: set[str] = set()
+        self._last_contact: dict[str, float] = {}
+        self.relists = 0  # lists after the first, e.g. on 410 Gone
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._synced = threading.Event()
+
+    @classmethod
+    def in_cluster(cls, store: MetadataStore, **kwargs: Any) -> KubeWatcher:
+        """Configured from the pod's service account, as every in-cluster client is."""
+        host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]
+        host = f"[{host}]" if ":" in host else host
+        return cls(
+            store,
+            f"https://{host}:{port}",
+            token_file=SERVICE_ACCOUNT / "token",
+            ca_file=SERVICE_ACCOUNT / "ca.crt",
+            **kwargs,
+        )
+
+    # --- freshness ------------------------------------------------------------------------------
+
+    @property
+    def synced(self) -> bool:
+        """Every resource has been listed at least once."""
+        return self._synced.is_set()
+
+    def wait_synced(self, timeout: float) -> bool:
+        return self._synced.wait(timeout)
+
+    def age_seconds(self) -> float:
+        """How long the metadata has not been known to be current: 0 while every watch is connected;
+        otherwise the time since the oldest resource last heard from the API (since start if never)."""
+        now = self._clock()
+        age = 0.0
+        for resource in self.resources:
+            kind = resource.kind
+            if kind not in self._connected:
+                age = max(age, now - self._last_contact.get(kind, self._started))
+        return age
+
+    def _contact(self, kind: str) -> None:
+        self._last_contact[kind] = self._clock()
+
+    # --- HTTP -----------------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        token = self._token
+        if self._token_file is not None:
+            token = self._token_file.read_text().strip()
+        return {"Accept": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+
+    def _session(self) -> aiohttp.ClientSession:
+        context = ssl.create_default_context(cafile=self._ca_file) if self._ca_file else None
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=self.watch_timeout_seconds + 30)
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context) if context else None,
+            timeout=timeout,
+            read_bufsize=1 << 24,  # one watch line is one whole object
+        )
+
+    async def _get_json(self, session: aiohttp.ClientSession, path: str, params: dict) -> dict:
+        async with session.get(self.base_url + path, params=params, headers=self._headers()) as resp:
+            if resp.status == 410:
+                raise Gone(path)
+            if resp.status != 200:
+                raise ApiUnavailable(f"GET {path}: HTTP {resp.status}")
+            return await resp.json()
+
+    async def list_resource(self, session: aiohttp.ClientSession, resource: Resource) -> str:
+        """List page by page into the store (as one replace); returns the list's resourceVersion."""
+        records = []
+        params: dict[str, Any] = {"limit": str(self.page_size)}
+        while True:
+            page = await self._get_json(session, resource.path, params)
+            for item in page.get("items") or []:
+                record = parse_object(item, resource.kind)
+                if record is not None:
+                    records.append(record)
+            meta = page.get("metadata") or {}
+            if not meta.get("continue"):
+                break
+            params["continue"] = meta["continue"]
+        self.store.replace(resource.kind, records)
+        if resource.kind in self._listed:
+            self.relists += 1
+        self._listed.add(resource.kind)
+        self._contact(resource.kind)
+        if len(self._listed) == len(self.resources):
+            self._synced.set()
+        return str(meta.get("resourceVersion") or "")
+
+    async def watch_resource(self, session: aiohttp.ClientSession, resource: Resource, version: str) -> str:
+        """Apply watch events until the server ends the stream; returns the last resourceVersion."""
+        params = {
+            "watch": "true",
+            "resourceVersion": version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(self.watch_timeout_seconds),
+        }
+        url = self.base_url + resource.path
+        async with session.get(url, params=params, headers=self._headers()) as resp:
+            if resp.status == 410:
+                raise Gone(resource.path)
+            if resp.status != 200:
+                raise ApiUnavailable(f"watch {resource.path}: HTTP {resp.status}")
+            self._connected.add(resource.kind)
+            try:
+                while line := await resp.content.readline():
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind == "ERROR":
+                        if _status_code(obj) == 410:
+                            raise Gone(resource.path)
+                        raise ApiUnavailable(f"watch {resource.path}: {obj.get('message')}")
+                    if kind != "BOOKMARK":
+                        self.store.apply(kind, obj, resource.kind)
+                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+            finally:
+                self._connected.discard(resource.kind)
+                self._contact(resource.kind)
+        return version
+
+    async def _follow(self, session: aiohttp.ClientSession, resource: Resource) -> None:
+        version: str | None = None
+        delay = self.retry_seconds[0]
+        while True:
+            try:
+                if version is None:
+                    version = await self.list_resource(session, resource)
+                version = await self.watch_resource(session, resource, version)
+                delay = self.retry_seconds[0]
+            except Gone:
+                log.info("%s: resourceVersion too old, relisting", resource.kind)
+                version = None
+            except (TimeoutError, aiohttp.ClientError, ApiUnavailable, OSError, ValueError) as exc:
+                log.warning("%s: %s; retrying in %.1fs with the last metadata", resource.kind, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_seconds[1])
+
+    async def run(self) -> None:
+        """Follow every resource until cancelled."""
+        async with self._session() as session:
+            await asyncio.gather(*(self._follow(session, r) for r in self.resources))
+
+    # --- as a background thread ------------------------------------------------------------------
+
+    def start(self) -> KubeWatcher:
+        ready = threading.Event()
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            self._task = loop.create_task(self.run())
+            ready.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(self._task)
+            loop.close()
+
+        self._thread = threading.Thread(target=main, name="kube-watcher", daemon=True)
+        self._thread.start()
+        ready.wait()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._loop is not None and self._task is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        if self._thread is not None:
+            self._thread.join(timeout)

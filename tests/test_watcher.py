@@ -1,0 +1,134 @@
+"""The Kubernetes watcher against the API emulator: paged list, watch, resume, 410 relist, API gone."""
+
+from __future__ import annotations
+
+import time
+from ipaddress import ip_address
+
+import pytest
+
+from flowmon_agent.metadata import MetadataStore, Resolver
+from flowmon_agent.metadata.watcher import KubeWatcher
+from tests.k8s_objects import namespace, node, owner, pod, rs, service
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def workload_of(resolver: Resolver, ip: str) -> tuple[str, str]:
+    ep = resolver.endpoint(ip_address(ip))
+    return ep.workload, ep.kind
+
+
+@pytest.fixture
+def watched(kube_api):
+    for obj in [
+        namespace("shop", env="prod"),
+        node("n1", "192.0.2.1", "zone-a"),
+        service("shop", "web", ["10.96.0.10"]),
+    ]:
+        kube_api.create(obj)
+    # The emulator collects garbage: owners must exist and be named by their real uid.
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"namespace": "shop", "name": "web"},
+    }
+    dep_uid = kube_api.create(deployment)["metadata"]["uid"]
+    replicaset = rs("shop", "web-6b7c", "web")
+    replicaset["metadata"]["ownerReferences"][0]["uid"] = dep_uid
+    uid = kube_api.create(replicaset)["metadata"]["uid"]
+    for i in range(2, 9):
+        labels = {"app": "web"}
+        kube_api.create(
+            pod(
+                "shop",
+                f"web-6b7c-{i}",
+                f"10.244.0.{i}",
+                "n1",
+                [owner("ReplicaSet", "web-6b7c", uid=uid)],
+                labels,
+            )
+        )
+    store = MetadataStore(deleted_pod_grace_seconds=0.2)
+    watcher = KubeWatcher(
+        store,
+        kube_api.url,
+        token=kube_api.token,
+        page_size=3,
+        retry_seconds=(0.05, 0.2),
+        watch_timeout_seconds=30,
+    ).start()
+    try:
+        assert watcher.wait_synced(10)
+        yield kube_api, watcher, Resolver(store)
+    finally:
+        watcher.stop()
+
+
+def test_list_in_pages_then_watch_changes(watched) -> None:
+    kube_api, watcher, resolver = watched
+    assert len(resolver.store.pods()) == 7  # three pages of three
+    assert workload_of(resolver, "10.244.0.5") == ("web", "deployment")
+    assert resolver.endpoint(ip_address("10.244.0.5")).zone == "zone-a"
+    assert resolver.service(ip_address("10.96.0.10"), 80).name == "web"
+    assert resolver.store.namespace_labels("shop") == {"env": "prod"}
+    wait_until(lambda: watcher.age_seconds() == 0)
+    # ADDED, MODIFIED (a new IP), DELETED.
+    kube_api.create(pod("shop", "solo", "10.244.0.50", "n1"))
+    wait_until(lambda: workload_of(resolver, "10.244.0.50") == ("solo", "pod"))
+    kube_api.patch(
+        "v1",
+        "Pod",
+        "solo",
+        {"status": {"podIP": "10.244.0.51", "podIPs": [{"ip": "10.244.0.51"}]}},
+        "shop",
+        subresource="status",
+    )
+    wait_until(lambda: workload_of(resolver, "10.244.0.51") == ("solo", "pod"))
+    kube_api.delete("v1", "Pod", "web-6b7c-2", "shop")
+    wait_until(lambda: all(p.name != "web-6b7c-2" for p in resolver.store.pods()))
+    time.sleep(0.3)  # the deleted pod's grace period
+    assert resolver.endpoint(ip_address("10.244.0.2")).kind == "external"
+    assert watcher.relists == 0
+
+
+def test_api_gone_keeps_metadata_ages_then_resumes_or_relists(watched) -> None:
+    kube_api, watcher, resolver = watched
+    wait_until(lambda: watcher.age_seconds() == 0)
+    kube_api.stop()
+    time.sleep(1.2)
+    # Still attributing with the last metadata, and saying how old it is.
+    assert workload_of(resolver, "10.244.0.3") == ("web", "deployment")
+    assert watcher.age_seconds() >= 1.0
+    # Changes made while the watcher could not see them; the history is then compacted, so resuming
+    # from the old resourceVersion answers 410 and the watcher must relist to learn of them.
+    kube_api.delete("v1", "Pod", "web-6b7c-3", "shop")
+    kube_api.create(pod("shop", "late", "10.244.0.60", "n1"))
+    kube_api.compact()
+    kube_api.start()
+    wait_until(lambda: workload_of(resolver, "10.244.0.60") == ("late", "pod"))
+    wait_until(lambda: all(p.name != "web-6b7c-3" for p in resolver.store.pods()))
+    assert watcher.relists >= 1
+    wait_until(lambda: watcher.age_seconds() == 0)
+
+
+def test_resume_without_relist_and_410_on_open_watch(watched) -> None:
+    kube_api, watcher, resolver = watched
+    wait_until(lambda: watcher.age_seconds() == 0)
+    kube_api.stop()
+    kube_api.start()  # same data, history kept: the watches resume from their resourceVersion
+    kube_api.create(pod("shop", "after", "10.244.0.70", "n1"))
+    wait_until(lambda: workload_of(resolver, "10.244.0.70") == ("after", "pod"))
+    assert watcher.relists == 0
+    # Open watches told their version expired (ERROR 410): relist.
+    kube_api.compact()
+    kube_api.expire_watches()
+    wait_until(lambda: watcher.relists >= 1)
+    kube_api.create(pod("shop", "later", "10.244.0.71", "n1"))
+    wait_until(lambda: workload_of(resolver, "10.244.0.71") == ("later", "pod"))
