@@ -18,11 +18,14 @@ from flowmon_agent.exporter import (
     InstrumentedCollector,
     MonitorCollector,
     StatusHolder,
+    render_agent,
     render_family,
+    render_monitor,
+    text_exposition,
 )
-from flowmon_agent.series import METRICS, AgentView, Family, HistogramValue
+from flowmon_agent.series import METRICS, AgentView, Family, HistogramValue, MonitorView
 from flowmon_agent.spec import Metric
-from tests.export_samples import FLOW, FLOW_LABELS, agent_view
+from tests.export_samples import FLOW, FLOW_LABELS, OVERFLOW, agent_view
 
 GOLDEN = Path(__file__).parent / "golden" / "exporter.txt"
 LABELS = dict(zip(FLOW_LABELS, FLOW, strict=True))
@@ -183,3 +186,25 @@ def test_promtool_accepts_every_endpoint_output():
         _promtool(exporter.monitor_text(key))
     _promtool(exporter.agent_text())
     _promtool(exporter.monitor_text("absent/monitor"))  # an empty path is still valid exposition
+
+
+def _odd_view() -> AgentView:
+    """Label values that need escaping, values Go formats with exponents, a histogram with +Inf only."""
+    weird = ('quote"d', "back\\slash", "new\nline", "ünïcode", "")
+    fam = Family(METRICS[Metric.SENT_BYTES], FLOW_LABELS, {weird: 1_234_567.0, FLOW: 0.5, OVERFLOW: 1e21})
+    hist = Family(METRICS[Metric.RTT], ("client_workload",), histograms={("x",): HistogramValue((3,), 1e-9)})
+    return AgentView(policy_hash="", monitors={"a/b": MonitorView("a/b", (fam, hist), 3, 0)})
+
+
+@pytest.mark.parametrize(
+    "families",
+    [
+        render_monitor(agent_view().monitors["shop/web"]),
+        render_agent(_status()),
+        render_monitor(_odd_view().monitors["a/b"]),
+        render_agent(AgentStatus(view=_odd_view())),
+        [],
+    ],
+)
+def test_fast_text_exposition_equals_prometheus_client(families):
+    assert text_exposition(families) == generate_latest(_Families(families))
