@@ -38,7 +38,9 @@ flowmon_tcp_connect_failures_total{{{PAIR},reason="timeout"}} 1.0
 flowmon_tcp_retransmits_total{{{PAIR},direction="client_to_server"}} 4.0
 flowmon_tcp_retransmits_total{{{PAIR},direction="server_to_client"}} 2.0
 # TYPE flowmon_isolation_violations_total counter
-flowmon_isolation_violations_total{{{PAIR}}} 1.0
+flowmon_isolation_violations_total{{{PAIR},from_env="staging",to_env="prod"}} 1.0
+# TYPE flowmon_isolation_violation_bytes_total counter
+flowmon_isolation_violation_bytes_total{{{PAIR},from_env="staging",to_env="prod"}} 999.0
 # TYPE flowmon_tcp_rtt_seconds histogram
 flowmon_tcp_rtt_seconds_bucket{{{PAIR},le="0.001"}} {le1}
 flowmon_tcp_rtt_seconds_bucket{{{PAIR},le="0.01"}} {le2}

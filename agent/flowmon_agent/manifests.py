@@ -90,6 +90,14 @@ def parse_document(file: str, document: object) -> tuple[FlowMonitor | None, lis
         return None, validation_problems(file, exc)
 
 
+def yaml_error_text(exc: yaml.YAMLError) -> str:
+    """`line 4, column 1: expected ',' or '}', but got '<stream end>'`, not PyYAML's multi-line text."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(problem.split())
+
+
 def parse_text(file: str, text: str) -> tuple[list[LoadedMonitor], list[Problem]]:
     """Pure: a file's text (one or more YAML documents) → monitors and problems.
 
@@ -98,7 +106,7 @@ def parse_text(file: str, text: str) -> tuple[list[LoadedMonitor], list[Problem]
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        return [], [Problem(file, "", f"not valid YAML: {' '.join(str(exc).split())}")]
+        return [], [Problem(file, "", f"not valid YAML: {yaml_error_text(exc)}")]
     if not documents:
         return [], [Problem(file, "", f"no {KIND} in this file")]
     monitors, problems = [], []

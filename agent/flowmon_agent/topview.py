@@ -1,8 +1,8 @@
 """The live view's arithmetic: exposition text → per workload pair totals → rates and RTT quantiles.
 
 Pure and table-tested; `flowmon top` and `flowmon demo` fetch the text and render the rows with rich.
-Metric names come from `series.METRICS`, so the view follows the exporter's contract. Any counter
-family whose name mentions "violation" is counted as environment-isolation violations of its pair.
+Metric names come from `series.METRICS`, so the view follows the exporter's contract. Counters named
+`*violations_total` (flowmon_isolation_violations_total) count as isolation violations of their pair.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from flowmon_agent.spec import Metric
 
 PairKey = tuple[tuple[str, str], ...]  # the flow labels of one series, sorted by name
 
-# Labels that split one flow's samples without naming another flow.
-_NON_FLOW_LABELS = frozenset({"le"} | {m.extra_label for m in METRICS.values() if m.extra_label})
+# Labels that split one flow's samples without naming another flow (isolation violations carry the
+# environments, which follow from the namespaces).
+_NON_FLOW_LABELS = frozenset(
+    {"le", "from_env", "to_env"} | {m.extra_label for m in METRICS.values() if m.extra_label}
+)
 
 _COUNTERS: dict[str, str] = {
     METRICS[Metric.SENT_BYTES].name + "_total": "sent_bytes",
@@ -65,7 +68,7 @@ def parse_exposition(text: str) -> Snapshot:
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, float(sample.value)
             target = _COUNTERS.get(name)
-            if target is None and "violation" in name and name.endswith("_total"):
+            if target is None and name.endswith("violations_total"):
                 target = "violations"
             if target is None and name not in (_ACTIVE, _RTT_BUCKET, _CONNECT_BUCKET):
                 continue
