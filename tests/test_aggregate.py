@@ -229,14 +229,14 @@ def test_metrics_allow_list_and_extra_labels(resolver: Resolver) -> None:
     names = [f.info.name for f in view.monitors[mon.key].families]
     assert names == ["flowmon_tcp_connect_failures", "flowmon_tcp_resets", "flowmon_tcp_connections_active"]
     assert family(view, "flowmon_tcp_connect_failures").samples == {
-        ("web", "api", "refused"): 2,
-        ("web", "api", "timeout"): 1,
+        ("web", "external", "refused"): 2,
+        ("web", "external", "timeout"): 1,
     }
     assert family(view, "flowmon_tcp_resets").samples == {
-        ("web", "api", "client_to_server"): 0,
-        ("web", "api", "server_to_client"): 4,
+        ("web", "external", "client_to_server"): 0,
+        ("web", "external", "server_to_client"): 4,
     }
-    assert family(view, "flowmon_tcp_connections_active").samples == {("web", "api"): 2}
+    assert family(view, "flowmon_tcp_connections_active").samples == {("web", "external"): 2}
 
 
 # --- overflow, TTL, monotonic counters ------------------------------------------------------------
@@ -334,8 +334,12 @@ EVERYTHING = TraceSet(None)
 @pytest.mark.parametrize(
     ("reporter", "client", "server", "node", "agent_nodes", "traced", "share"),
     [
-        # The client socket's agent reports pod clients fully; other agents never do.
-        (C, WEB1, API2, "n1", {"n1", "n2"}, EVERYTHING, Share.FULL),
+        # The client socket's agent reports pod clients; other agents never do. What the server sent is
+        # left to the server's agent when it traces the server.
+        (C, WEB1, API2, "n1", {"n1", "n2"}, EVERYTHING, Share.ALL_BUT_SERVER_SENT),
+        (C, WEB1, API2, "n1", {"n1"}, EVERYTHING, Share.FULL),
+        (C, WEB1, API2, "n1", {"n1", "n2"}, TraceSet(frozenset({ip_address(WEB1)})), Share.FULL),
+        (C, WEB1, EXT, "n1", {"n1", "n2"}, EVERYTHING, Share.FULL),
         (C, WEB1, API2, "n2", {"n1", "n2"}, EVERYTHING, Share.NONE),
         # The server's agent: only what the server sent when the client's agent reports the rest.
         (S, WEB1, API2, "n2", {"n1", "n2"}, EVERYTHING, Share.SERVER_SENT),
@@ -362,9 +366,12 @@ def test_two_agents_count_every_connection_once(resolver: Resolver) -> None:
     pairs = [(WEB1, API2, 100), (WEB2, API1, 200), (API1, API2, 300), (TOOL, WEB2, 400), (EXT, WEB1, 500)]
     flows: dict[FlowKey, FlowCounters] = {}
     for client, server, size in pairs:
-        # Each socket sees the bytes both ways; retransmits and resets only of what it sent.
+        # Each socket sees the bytes both ways and counts its own retransmits and resets; on two nodes,
+        # the client also counts the server's RST as received (its kernel has no traced sender).
         if client != EXT:
-            flows[key(client, server, reporter=C)] = counters(size, size // 10, opened=1, retransmits_c2s=1)
+            flows[key(client, server, reporter=C)] = counters(
+                size, size // 10, opened=1, retransmits_c2s=1, resets_s2c=1
+            )
         flows[key(client, server, reporter=S)] = counters(
             size, size // 10, opened=1, retransmits_s2c=2, resets_s2c=1
         )

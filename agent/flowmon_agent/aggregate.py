@@ -155,8 +155,9 @@ class Share(Enum):
     """How much of a flow this agent reports (DESIGN: each connection is counted once)."""
 
     NONE = 0
-    SERVER_SENT = 1  # only what the server sent and the client's agent cannot see
-    FULL = 2
+    SERVER_SENT = 1  # only what the server sent (retransmits, resets): the client's agent reports the rest
+    ALL_BUT_SERVER_SENT = 2  # the server's agent reports what the server sent
+    FULL = 3
 
 
 def flow_share(
@@ -167,22 +168,27 @@ def flow_share(
     agent_nodes: set[str],
     traced: TraceSet,
 ) -> Share:
-    """The client socket's agent reports a connection; the server's agent only when no agent traces
-    the client. Every agent evaluates the same rule on the same policy and metadata, so they agree.
-    An endpoint with no node (an unknown address) belongs to whichever agent saw it."""
+    """The client socket's agent reports a connection; the server's agent reports what only the server
+    sees (its retransmits and resets) when it traces the server, and everything when no agent traces the
+    client. Every agent evaluates the same rule on the same policy and metadata, so they agree. An
+    endpoint with no node (an unknown address) belongs to whichever agent saw it.
+
+    Resets: a socket counts the RSTs it sends, and RSTs it receives from a peer no traced socket on its
+    kernel sent; on two nodes both ends may count one RST, hence the masks.
+    """
     client, server = flow.client, flow.server
+    client_traced = client.is_pod and client.node in agent_nodes and traced.has(flow.client_ip)
+    server_traced = server.is_pod and server.node in agent_nodes and traced.has(flow.server_ip)
     if reporter == Reporter.CLIENT:
         if client.node not in (node, ""):
             return Share.NONE
         if client.is_pod:
-            return Share.FULL
+            return Share.ALL_BUT_SERVER_SENT if server_traced else Share.FULL
         # A host process or an unknown address: the server's agent reports it when it traces it.
-        server_reports = server.is_pod and server.node in agent_nodes and traced.has(flow.server_ip)
-        return Share.NONE if server_reports else Share.FULL
+        return Share.NONE if server_traced else Share.FULL
     if server.node not in (node, ""):
         return Share.NONE
-    client_reports = client.is_pod and client.node in agent_nodes and traced.has(flow.client_ip)
-    return Share.SERVER_SENT if client_reports else Share.FULL
+    return Share.SERVER_SENT if client_traced else Share.FULL
 
 
 # --- selection and the kernel filter ------------------------------------------------------------
@@ -308,6 +314,8 @@ class MonitorState:
 def _mask(delta: Vector, share: Share) -> Vector:
     if share == Share.FULL:
         return delta
+    if share == Share.ALL_BUT_SERVER_SENT:
+        return tuple(0 if i in SERVER_SENT_ONLY else v for i, v in enumerate(delta))
     masked = [0] * WIDTH
     for i in SERVER_SENT_ONLY:
         masked[i] = delta[i]
@@ -431,7 +439,7 @@ class Aggregator:
             flow = resolve_flow(key, resolver, backends)
             share = flow_share(key.reporter, flow, node=self.node, agent_nodes=agent_nodes, traced=traced)
             if share != Share.NONE:
-                active = counters.active if share == Share.FULL else 0
+                active = 0 if share == Share.SERVER_SENT else counters.active
                 out.append(FlowUpdate(key, flow, _mask(delta, share), active, share))
         return out
 
