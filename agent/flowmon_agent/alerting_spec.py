@@ -20,7 +20,9 @@ BaselineMetric = Annotated[str, Field(pattern=r"^(sent_bytes|received_bytes|conn
 DAY_SECONDS = 86_400
 # Alert labels and annotations must be Prometheus label names; the labels below carry the workload pair
 # and the alert's identity, so routing labels may not overwrite them.
-PromLabelName = Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")]
+PromLabelName = Annotated[str, Field(max_length=128, pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")]
+# Bounds on lists, maps and keys keep the CRD's CEL rules within the API server's cost budget.
+MAX_ENVIRONMENTS, MAX_FORBIDDEN, MAX_ALERT_LABELS = 32, 64, 32
 _RESERVED_LABELS = re.compile(
     r"^(alertname|flowmon_.*|client_.*|server_.*|service|metric|reason|from_env|to_env)$"
 )
@@ -101,10 +103,11 @@ class IsolationAlerting(StrictModel):
     """Environment isolation: named environments and the pairs that must never talk."""
 
     environments: list[Environment] = Field(
-        default_factory=list, description="Environments by namespace label."
+        default_factory=list, max_length=MAX_ENVIRONMENTS, description="Environments by namespace label."
     )
     forbidden: list[ForbiddenPair] = Field(
         default_factory=list,
+        max_length=MAX_FORBIDDEN,
         description="Forbidden client → server pairs; the agent counts every connection attempt and "
         "byte between them (flowmon_isolation_violations_total, flowmon_isolation_violation_bytes_total).",
     )
@@ -167,12 +170,15 @@ class AlertingSpec(StrictModel):
     )
     labels: dict[PromLabelName, str] = Field(
         default_factory=dict,
+        max_length=MAX_ALERT_LABELS,
         description="Extra labels on every alert (routing); they override the default severity but may "
         "not name the pair labels (client_*, server_*, service, metric, reason, from_env, to_env, "
         "flowmon_*, alertname).",
     )
     annotations: dict[PromLabelName, str] = Field(
-        default_factory=dict, description="Extra annotations on every alert, e.g. runbook_url."
+        default_factory=dict,
+        max_length=MAX_ALERT_LABELS,
+        description="Extra annotations on every alert, e.g. runbook_url.",
     )
 
     @model_validator(mode="after")
