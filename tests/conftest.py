@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["tests.kubeapi.fixtures"]  # the `kube_api` fixture: a Kubernetes API emulator
+
 
 @pytest.fixture(scope="session")
 def require_root() -> None:

@@ -1,0 +1,50 @@
+"""A small Kubernetes API server emulator for tests (kopf operators, watchers, the kubernetes client).
+
+Usage (the `kube_api` fixture is available in every test module):
+
+    def test_something(kube_api, tmp_path, monkeypatch):
+        monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig(tmp_path / "kubeconfig")))
+        kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}})
+        pod = kube_api.create({"apiVersion": "v1", "kind": "Pod",
+                               "metadata": {"name": "web", "namespace": "team-a", "labels": {"app": "web"}},
+                               "status": {"podIP": "10.0.0.5", "phase": "Running"}})
+        kube_api.patch("v1", "Pod", "web", {"status": {"podIP": "10.0.0.6"}}, "team-a", subresource="status")
+        kube_api.wait_for(lambda: kube_api.find("v1", "Pod", "web", "team-a") is None)
+
+Any HTTP client pointed at `kube_api.url` with `Authorization: Bearer <kube_api.token>` (the kubeconfig
+has both) talks the Kubernetes API:
+
+- discovery: /version, /api, /api/v1, /apis, /apis/G, /apis/G/V; built-in core, apps, batch,
+  discovery.k8s.io, coordination.k8s.io, events, rbac and apiextensions.k8s.io resources. Creating a
+  CustomResourceDefinition (HTTP or `kube_api.register_crd(group, kind, plural)`) makes its resource
+  appear in discovery and become usable, with a status subresource when the CRD declares one.
+- list (resourceVersion, labelSelector, fieldSelector on any dotted path, limit/continue), get, create
+  (generateName, uid, creationTimestamp, generation, resourceVersion; the namespace must exist),
+  replace (409 on a stale resourceVersion), delete, deletecollection.
+- watch (`?watch=true&resourceVersion=N`): JSON lines ADDED/MODIFIED/DELETED from the history after N,
+  or the current state as ADDED without a version; selectors turn modifications into ADDED/DELETED as
+  objects enter or leave the selection; sendInitialEvents ends the initial state with a BOOKMARK;
+  timeoutSeconds. A version older than the history (after `kube_api.compact()`) answers an ERROR event
+  with code 410; `kube_api.expire_watches()` also ends open streams that way.
+- patch: merge, strategic-merge (served as merge: lists are replaced), JSON patch (a failed `test`
+  answers 422), and server-side apply (creates when absent, else merges; no field-manager pruning).
+- status subresource: writes to the main endpoint keep status, writes to /status change only status;
+  generation increases only when something outside metadata and status changes. Custom resources lose
+  status on create; built-in objects keep it (there is no kubelet or controller here to fill it in).
+- deletion: finalizers keep an object with a deletionTimestamp until they are removed (no new finalizers
+  may be added then); Background/Foreground propagation deletes dependents whose owners are all gone,
+  like the garbage collector (a namespaced owner is looked up in the dependent's namespace), Orphan
+  removes the owner reference; deleting a namespace deletes what it holds; deleting a CRD removes its
+  resource and objects.
+- `kube_api.stop()` / `kube_api.start()`: the API goes away (open watches are cut, connections refused)
+  and comes back on the same port with the same data.
+
+Not emulated: schema validation and defaulting from a CRD's openAPIV3Schema, admission, RBAC, field
+managers, controllers (no pods appear for a Deployment or DaemonSet: tests create them), TLS.
+"""
+
+from .resources import ResourceType, crd_body
+from .server import KubeAPI
+from .store import ApiError, Store
+
+__all__ = ["ApiError", "KubeAPI", "ResourceType", "Store", "crd_body"]

@@ -1,0 +1,405 @@
+"""The HTTP face of the emulator: Kubernetes API paths on aiohttp, served from a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from .resources import CRD_TYPE, ResourceType, crd_body
+from .store import CLOSE_DROP, CLOSE_EXPIRED, ApiError, Store, Watcher
+
+SERVER_VERSION = {
+    "major": "1",
+    "minor": "30",
+    "gitVersion": "v1.30.0-flowmon-kubeapi",
+    "gitCommit": "0" * 40,
+    "gitTreeState": "clean",
+    "buildDate": "2026-01-01T00:00:00Z",
+    "goVersion": "go1.22.0",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
+TRUE = ("true", "1")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+def _error(exc: ApiError) -> web.Response:
+    return _json(exc.status(), exc.code)
+
+
+class _Route:
+    """A parsed resource path: /api/v1[/namespaces/NS]/PLURAL[/NAME[/SUB]] or /apis/G/V/..."""
+
+    def __init__(self, store: Store, group: str, version: str, rest: list[str]):
+        self.namespace: str | None = None
+        if (
+            len(rest) >= 3
+            and rest[0] == "namespaces"
+            and not (len(rest) == 3 and rest[2] in ("status", "finalize"))
+        ):
+            self.namespace, rest = rest[1], rest[2:]
+        self.rtype: ResourceType = store.resource(group, version, rest[0])
+        self.name: str | None = rest[1] if len(rest) > 1 else None
+        self.sub: str | None = rest[2] if len(rest) > 2 else None
+        if len(rest) > 3 or (self.namespace and not self.rtype.namespaced):
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if self.sub == "finalize":
+            self.sub = None
+        if self.sub is not None and self.sub not in self.rtype.subresources:
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({self.sub})")
+
+
+class KubeAPI:
+    """A Kubernetes API server emulator on 127.0.0.1 (random port) with a bearer token.
+
+    Start/stop/start keeps the port and the data, like an API server that goes away and comes back.
+    Test code can read and write objects directly (`create`, `get`, `patch`, ...), which goes through
+    the same store and rules as HTTP requests and feeds the same watches.
+    """
+
+    def __init__(self, store: Store | None = None, token: str = "flowmon-kubeapi-token", host="127.0.0.1"):
+        self.store = store or Store()
+        self.token = token
+        self.host = host
+        self.port = 0
+        self.requests: list[tuple[str, str]] = []  # (method, path_qs): what clients asked, for assertions
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._runner is not None
+
+    def start(self) -> KubeAPI:
+        if self.running:
+            return self
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._listen())
+            ready.set()
+            self._loop.run_forever()
+            self._loop.close()
+
+        self._thread = threading.Thread(target=serve, name="kubeapi", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the Kubernetes API emulator did not start")
+        return self
+
+    async def _listen(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        """Go away: open watch streams are cut, new connections are refused (data is kept)."""
+        if not self.running or self._loop is None:
+            return
+        self.store.close_watches(CLOSE_DROP, owner=self)
+        runner = self._runner
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), self._loop).result(10)  # type: ignore[union-attr]
+        self._runner = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread:
+            self._thread.join(10)
+        self._loop = self._thread = None
+
+    def __enter__(self) -> KubeAPI:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def kubeconfig(self, path: Path | str, namespace: str = "default") -> Path:
+        """Write a kubeconfig for this server (token auth, plain HTTP on loopback) and return its path."""
+        path = Path(path)
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "kubeapi", "cluster": {"server": self.url}}],
+            "users": [{"name": "kubeapi", "user": {"token": self.token}}],
+            "contexts": [
+                {
+                    "name": "kubeapi",
+                    "context": {"cluster": "kubeapi", "user": "kubeapi", "namespace": namespace},
+                }
+            ],
+            "current-context": "kubeapi",
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    # ---- direct access for tests -----------------------------------------------------------------------
+    def rtype(self, api_version: str, kind: str) -> ResourceType:
+        return self.store.type_for(api_version, kind)
+
+    def create(self, obj: Mapping) -> dict:
+        rtype = self.rtype(obj["apiVersion"], obj["kind"])
+        return self.store.create(rtype, obj.get("metadata", {}).get("namespace"), obj)
+
+    def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict:
+        return self.store.get(self.rtype(api_version, kind), namespace, name)
+
+    def find(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict | None:
+        """Like get, but None when absent."""
+        try:
+            return self.get(api_version, kind, name, namespace)
+        except ApiError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    def list(
+        self, api_version: str, kind: str, namespace: str | None = None, label_selector: str | None = None
+    ) -> list[dict]:
+        return self.store.list(self.rtype(api_version, kind), namespace, label_selector)[0]
+
+    def patch(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        patch: Mapping,
+        namespace: str | None = None,
+        subresource: str | None = None,
+    ) -> dict:
+        """A merge patch (subresource="status" to write status)."""
+        from .store import MERGE_PATCH
+
+        rtype = self.rtype(api_version, kind)
+        return self.store.patch(rtype, namespace, name, MERGE_PATCH, patch, subresource)
+
+    def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict:
+        return self.store.delete(self.rtype(api_version, kind), namespace, name)
+
+    def register_crd(self, group: str, kind: str, plural: str, **kwargs: Any) -> dict:
+        """Create a minimal CRD: the resource appears in discovery and can be used right away."""
+        return self.store.create(CRD_TYPE, None, crd_body(group, kind, plural, **kwargs))
+
+    def compact(self) -> int:
+        """Forget the watch history: resuming a watch from an older resourceVersion answers 410 Gone."""
+        return self.store.compact()
+
+    def expire_watches(self) -> int:
+        """Compact and end every open watch stream with an ERROR 410 event; returns how many."""
+        self.store.compact()
+        return self.store.close_watches(CLOSE_EXPIRED)
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+        """Poll until predicate() is truthy; return its value or raise AssertionError on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+            time.sleep(interval)
+
+    # ---- HTTP --------------------------------------------------------------------------------------------
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((request.method, request.path_qs))
+        if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
+            return _error(ApiError(401, "Unauthorized", "Unauthorized"))
+        try:
+            return await self._dispatch(request)
+        except ApiError as exc:
+            return _error(exc)
+        except (ValueError, json.JSONDecodeError) as exc:
+            return _error(ApiError(400, "BadRequest", str(exc)))
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        parts = [p for p in request.path.split("/") if p]
+        if request.method == "GET":
+            if parts in (["version"], ["healthz"], ["livez"], ["readyz"]):
+                return _json(SERVER_VERSION) if parts == ["version"] else web.Response(text="ok")
+            if parts == ["api"]:
+                return _json({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})
+            if parts == ["apis"]:
+                return _json(self._group_list())
+            if parts == ["api", "v1"]:
+                return _json(self._resource_list("", "v1"))
+            if len(parts) == 2 and parts[0] == "apis":
+                return _json(self._group(parts[1]))
+            if len(parts) == 3 and parts[0] == "apis":
+                return _json(self._resource_list(parts[1], parts[2]))
+        if len(parts) >= 3 and parts[:2] == ["api", "v1"]:
+            route = _Route(self.store, "", "v1", parts[2:])
+        elif len(parts) >= 4 and parts[0] == "apis":
+            route = _Route(self.store, parts[1], parts[2], parts[3:])
+        else:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return await self._serve(request, route)
+
+    def _group(self, name: str) -> dict:
+        versions = self.store.group_versions().get(name)
+        if not versions or name == "":
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({name})")
+        entries = [{"groupVersion": f"{name}/{v}", "version": v} for v in versions]
+        return {
+            "kind": "APIGroup",
+            "apiVersion": "v1",
+            "name": name,
+            "versions": entries,
+            "preferredVersion": entries[0],
+        }
+
+    def _group_list(self) -> dict:
+        groups = [self._group(g) for g in self.store.group_versions() if g]
+        for group in groups:
+            del group["kind"], group["apiVersion"]
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+
+    def _resource_list(self, group: str, version: str) -> dict:
+        rtypes = self.store.resources_in(group, version)
+        if not rtypes:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": rtypes[0].api_version,
+            "resources": [entry for rtype in rtypes for entry in rtype.discovery_entries()],
+        }
+
+    async def _serve(self, request: web.Request, route: _Route) -> web.StreamResponse:
+        q = request.query
+        store, rtype = self.store, route.rtype
+        if route.name is None:
+            if request.method == "GET" and q.get("watch", "").lower() in TRUE:
+                return await self._watch(request, route)
+            if request.method == "GET":
+                items, rv = store.list(rtype, route.namespace, q.get("labelSelector"), q.get("fieldSelector"))
+                return _json(self._list_body(rtype, items, rv, q))
+            if request.method == "POST":
+                if rtype.namespaced and not route.namespace:
+                    raise ApiError(404, "NotFound", "the server could not find the requested resource")
+                return _json(store.create(rtype, route.namespace, await request.json()), 201)
+            if request.method == "DELETE":
+                items, rv = store.list(rtype, route.namespace, q.get("labelSelector"), q.get("fieldSelector"))
+                for item in items:
+                    with contextlib.suppress(ApiError):
+                        store.delete(rtype, item["metadata"].get("namespace"), item["metadata"]["name"])
+                return _json(self._list_body(rtype, items, rv, {}))
+            raise ApiError(405, "MethodNotAllowed", f"{request.method} is not allowed here")
+        if rtype.namespaced and not route.namespace:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if request.method == "GET":
+            return _json(store.get(rtype, route.namespace, route.name))
+        if request.method == "PUT":
+            return _json(store.replace(rtype, route.namespace, route.name, await request.json(), route.sub))
+        if request.method == "PATCH":
+            content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+            raw = await request.text()
+            body = json.loads(raw) if raw.lstrip().startswith(("{", "[")) else yaml.safe_load(raw)
+            return _json(store.patch(rtype, route.namespace, route.name, content_type, body, route.sub))
+        if request.method == "DELETE":
+            raw = await request.text()
+            options = json.loads(raw) if raw.strip() else {}
+            propagation = q.get("propagationPolicy") or options.get("propagationPolicy") or "Background"
+            return _json(
+                store.delete(rtype, route.namespace, route.name, propagation, options.get("preconditions"))
+            )
+        raise ApiError(405, "MethodNotAllowed", f"{request.method} is not allowed here")
+
+    @staticmethod
+    def _list_body(rtype: ResourceType, items: list[dict], rv: int, q: Mapping) -> dict:
+        """Paged with limit/continue (the continue token is an offset)."""
+        start = int(q.get("continue") or 0)
+        limit = int(q.get("limit") or 0)
+        page = items[start : start + limit] if limit else items[start:]
+        more = bool(limit) and start + limit < len(items)
+        metadata: dict = {"resourceVersion": str(rv)}
+        if more:
+            metadata["continue"] = str(start + limit)
+            metadata["remainingItemCount"] = len(items) - start - limit
+        return {
+            "kind": f"{rtype.kind}List",
+            "apiVersion": rtype.api_version,
+            "metadata": metadata,
+            "items": page,
+        }
+
+    async def _watch(self, request: web.Request, route: _Route) -> web.StreamResponse:
+        q = request.query
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        watcher = Watcher(
+            route.rtype, route.namespace, q.get("labelSelector"), q.get("fieldSelector"), loop, queue, self
+        )
+        send_initial = q.get("sendInitialEvents", "").lower() in TRUE
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        try:
+            backlog = self.store.watch(watcher, q.get("resourceVersion"), send_initial)
+        except ApiError as exc:
+            if exc.code != 410:
+                raise
+            await response.prepare(request)
+            await response.write(json.dumps({"type": "ERROR", "object": exc.status()}).encode() + b"\n")
+            return response
+        timeout = float(q["timeoutSeconds"]) if q.get("timeoutSeconds") else None
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            await response.prepare(request)
+            lines = list(backlog)
+            if send_initial:
+                lines.append(self._bookmark(route.rtype, initial_end=True))
+            for line in lines:
+                await response.write(json.dumps(line).encode() + b"\n")
+            while deadline is None or loop.time() < deadline:
+                if request.transport is None or request.transport.is_closing():
+                    break
+                wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - loop.time()))
+                try:
+                    item = await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    continue
+                if item == CLOSE_DROP:
+                    if request.transport is not None:
+                        request.transport.abort()
+                    break
+                if item == CLOSE_EXPIRED:
+                    error = ApiError(410, "Expired", "too old resource version (watch expired)")
+                    await response.write(
+                        json.dumps({"type": "ERROR", "object": error.status()}).encode() + b"\n"
+                    )
+                    break
+                await response.write(json.dumps(item).encode() + b"\n")
+        except ConnectionResetError:
+            pass
+        finally:
+            self.store.unwatch(watcher)
+        return response
+
+    def _bookmark(self, rtype: ResourceType, initial_end: bool = False) -> dict:
+        metadata: dict = {"resourceVersion": str(self.store.rv)}
+        if initial_end:
+            metadata["annotations"] = {"k8s.io/initial-events-end": "true"}
+        return {
+            "type": "BOOKMARK",
+            "object": {"kind": rtype.kind, "apiVersion": rtype.api_version, "metadata": metadata},
+        }

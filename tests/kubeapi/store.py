@@ -1,0 +1,540 @@
+"""The emulator's state: objects, the global resourceVersion, watch history, and the API server's write rules.
+
+Thread-safe (one lock): the HTTP server runs in its own thread, tests call the store directly from theirs.
+Watchers live on an event loop and are fed through `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import secrets
+import string
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .patching import PatchError, fields_match, json_patch, labels_match, merge_patch
+from .resources import BUILTIN, CRD_TYPE, NAMESPACE_TYPE, ResourceType, types_from_crd
+
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_PATCH = "application/strategic-merge-patch+json"  # served as a merge patch (lists replaced)
+JSON_PATCH = "application/json-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply: create or merge, no field pruning
+
+
+class ApiError(Exception):
+    """An error the API answers with a `Status` object."""
+
+    def __init__(self, code: int, reason: str, message: str, details: Mapping | None = None):
+        super().__init__(message)
+        self.code, self.reason, self.message, self.details = code, reason, message, dict(details or {})
+
+    def status(self) -> dict:
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "details": self.details,
+            "code": self.code,
+        }
+
+
+def _not_found(rtype: ResourceType, name: str) -> ApiError:
+    return ApiError(
+        404, "NotFound", f'{rtype.plural} "{name}" not found', {"name": name, "kind": rtype.plural}
+    )
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _key(obj: Mapping) -> tuple[str, str]:
+    meta = obj.get("metadata", {})
+    return (meta.get("namespace") or "", meta["name"])
+
+
+@dataclass(frozen=True)
+class Event:
+    rv: int
+    type: str  # ADDED, MODIFIED, DELETED
+    rkey: tuple[str, str]
+    obj: dict
+    old: dict | None = None
+
+
+CLOSE_EXPIRED = "expired"  # sentinel: the stream ends with an ERROR 410 event
+CLOSE_DROP = "drop"  # sentinel: the connection is cut (server going away)
+
+
+@dataclass(eq=False)
+class Watcher:
+    rtype: ResourceType
+    namespace: str | None
+    label_selector: str | None
+    field_selector: str | None
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    owner: object = None  # the server that serves this watch (for dropping its streams on stop)
+
+    def translate(self, event: Event) -> dict | None:
+        """The event as this watcher sees it: selectors turn modifications into ADDED/DELETED."""
+        if event.rkey != self.rtype.key:
+            return None
+        if self.namespace and event.obj["metadata"].get("namespace") != self.namespace:
+            return None
+
+        def selected(obj: Mapping | None) -> bool:
+            return (
+                obj is not None
+                and labels_match(self.label_selector, obj)
+                and fields_match(self.field_selector, obj)
+            )
+
+        now, before = selected(event.obj), selected(event.old)
+        kind = event.type
+        if kind == "MODIFIED" and now != before:
+            kind = "ADDED" if now else "DELETED"
+        elif not now:
+            return None
+        return {"type": kind, "object": event.obj}
+
+    def push(self, item: object) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server went away
+            return False
+        return True
+
+
+@dataclass
+class Store:
+    types: dict[tuple[str, str, str], ResourceType] = field(default_factory=dict)
+    objects: dict[tuple[str, str], dict[tuple[str, str], dict]] = field(default_factory=dict)
+    rv: int = 1
+    history: list[Event] = field(default_factory=list)
+    compacted_rv: int = 0
+    watchers: set[Watcher] = field(default_factory=set)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __post_init__(self) -> None:
+        for rtype in BUILTIN:
+            self._register(rtype)
+        for name in ("default", "kube-system", "kube-public"):
+            self.create(NAMESPACE_TYPE, None, {"metadata": {"name": name}})
+
+    # ---- resource types -------------------------------------------------------------------------------
+    def _register(self, rtype: ResourceType) -> None:
+        self.types[(rtype.group, rtype.version, rtype.plural)] = rtype
+        self.objects.setdefault(rtype.key, {})
+
+    def resource(self, group: str, version: str, plural: str) -> ResourceType:
+        try:
+            return self.types[(group, version, plural)]
+        except KeyError:
+            gv = f"{group}/{version}" if group else version
+            raise ApiError(
+                404, "NotFound", f"the server could not find the requested resource ({gv} {plural})"
+            ) from None
+
+    def type_for(self, api_version: str, kind_or_plural: str) -> ResourceType:
+        group, _, version = api_version.rpartition("/")
+        with self.lock:
+            for rtype in self.types.values():
+                if (rtype.group, rtype.version) == (group, version) and kind_or_plural in (
+                    rtype.kind,
+                    rtype.plural,
+                ):
+                    return rtype
+        raise ApiError(404, "NotFound", f"no resource {kind_or_plural} in {api_version}")
+
+    def group_versions(self) -> dict[str, list[str]]:
+        """group → served versions (the core group is "")."""
+        with self.lock:
+            result: dict[str, list[str]] = {}
+            for group, version, _ in sorted(self.types):
+                if version not in result.setdefault(group, []):
+                    result[group].append(version)
+            return result
+
+    def resources_in(self, group: str, version: str) -> list[ResourceType]:
+        with self.lock:
+            return [t for (g, v, _), t in sorted(self.types.items()) if (g, v) == (group, version)]
+
+    # ---- reads ------------------------------------------------------------------------------------------
+    def _objects(self, rtype: ResourceType) -> dict[tuple[str, str], dict]:
+        return self.objects.setdefault(rtype.key, {})
+
+    def get(self, rtype: ResourceType, namespace: str | None, name: str) -> dict:
+        with self.lock:
+            obj = self._objects(rtype).get((namespace or "" if rtype.namespaced else "", name))
+            if obj is None:
+                raise _not_found(rtype, name)
+            return copy.deepcopy(obj)
+
+    def list(
+        self,
+        rtype: ResourceType,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> tuple[list[dict], int]:
+        with self.lock:
+            try:
+                items = [
+                    copy.deepcopy(obj)
+                    for (ns, _), obj in sorted(self._objects(rtype).items())
+                    if (not namespace or ns == namespace)
+                    and labels_match(label_selector, obj)
+                    and fields_match(field_selector, obj)
+                ]
+            except ValueError as exc:
+                raise ApiError(400, "BadRequest", str(exc)) from exc
+            return items, self.rv
+
+    # ---- watches ----------------------------------------------------------------------------------------
+    def watch(
+        self,
+        watcher: Watcher,
+        resource_version: str | None,
+        send_initial: bool = False,
+    ) -> list[dict]:
+        """Subscribe; return the backlog (history after the version, or synthetic ADDED for current state).
+
+        Raises ApiError(410) when the requested version is older than the compacted history.
+        """
+        with self.lock:
+            since = int(resource_version) if resource_version not in (None, "", "0") else None
+            if since is None or send_initial:
+                items, _ = self.list(
+                    watcher.rtype, watcher.namespace, watcher.label_selector, watcher.field_selector
+                )
+                backlog = [{"type": "ADDED", "object": item} for item in items]
+            else:
+                if since < self.compacted_rv:
+                    raise ApiError(410, "Expired", f"too old resource version: {since} ({self.compacted_rv})")
+                events = (watcher.translate(e) for e in self.history if e.rv > since)
+                backlog = [copy.deepcopy(e) for e in events if e is not None]
+            self.watchers.add(watcher)
+            return backlog
+
+    def unwatch(self, watcher: Watcher) -> None:
+        with self.lock:
+            self.watchers.discard(watcher)
+
+    def compact(self) -> int:
+        """Forget all history: any watch that resumes from an older resourceVersion gets 410 Gone."""
+        with self.lock:
+            self.history.clear()
+            self.compacted_rv = self.rv
+            return self.rv
+
+    def close_watches(self, how: str = CLOSE_EXPIRED, owner: object = None) -> int:
+        """End open watch streams (all, or those of one server): with an ERROR 410 event, or by a cut."""
+        with self.lock:
+            chosen = [w for w in self.watchers if owner is None or w.owner is owner]
+            for watcher in chosen:
+                watcher.push(how)
+                self.watchers.discard(watcher)
+            return len(chosen)
+
+    def _emit(self, kind: str, rtype: ResourceType, obj: dict, old: dict | None = None) -> None:
+        event = Event(self.rv, kind, rtype.key, copy.deepcopy(obj), copy.deepcopy(old))
+        self.history.append(event)
+        for watcher in list(self.watchers):
+            item = watcher.translate(event)
+            if item is not None and not watcher.push(copy.deepcopy(item)):
+                self.watchers.discard(watcher)
+
+    # ---- writes -----------------------------------------------------------------------------------------
+    def _bump(self) -> str:
+        self.rv += 1
+        return str(self.rv)
+
+    def create(self, rtype: ResourceType, namespace: str | None, body: Mapping) -> dict:
+        with self.lock:
+            obj = copy.deepcopy(dict(body))
+            meta = obj.setdefault("metadata", {})
+            if rtype.namespaced:
+                namespace = namespace or meta.get("namespace")
+                if not namespace:
+                    raise ApiError(400, "BadRequest", "the namespace of the object must be set")
+                if meta.get("namespace", namespace) != namespace:
+                    raise ApiError(400, "BadRequest", "the namespace of the object does not match the URL")
+                if ("", namespace) not in self._objects(NAMESPACE_TYPE):
+                    raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found')
+                meta["namespace"] = namespace
+            else:
+                meta.pop("namespace", None)
+            if not meta.get("name"):
+                prefix = meta.get("generateName")
+                if not prefix:
+                    raise ApiError(422, "Invalid", "name or generateName is required")
+                alphabet = string.ascii_lowercase + string.digits
+                meta["name"] = prefix + "".join(secrets.choice(alphabet) for _ in range(5))
+            if _key(obj) in self._objects(rtype):
+                raise ApiError(
+                    409,
+                    "AlreadyExists",
+                    f'{rtype.plural} "{meta["name"]}" already exists',
+                    {"name": meta["name"], "kind": rtype.plural},
+                )
+            obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
+            for managed in ("deletionTimestamp", "deletionGracePeriodSeconds"):
+                meta.pop(managed, None)
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
+            if rtype.custom and rtype.has_status:
+                obj.pop("status", None)  # custom resources get status only through the subresource
+            if rtype is NAMESPACE_TYPE:
+                obj.setdefault("status", {})["phase"] = "Active"
+            meta["resourceVersion"] = self._bump()
+            if rtype.key == CRD_TYPE.key:
+                obj = self._establish_crd(obj)
+            self._objects(rtype)[_key(obj)] = obj
+            self._emit("ADDED", rtype, obj)
+            self._collect_garbage()
+            return copy.deepcopy(obj)
+
+    def _establish_crd(self, crd: dict) -> dict:
+        """Register the CRD's resources (they appear in discovery) and mark it Established."""
+        spec = crd.get("spec", {})
+        expected = f"{spec.get('names', {}).get('plural')}.{spec.get('group')}"
+        if crd["metadata"]["name"] != expected:
+            raise ApiError(
+                422, "Invalid", f"metadata.name must be spec.names.plural+'.'+spec.group: {expected}"
+            )
+        for rtype in types_from_crd(crd):
+            self._register(rtype)
+        names = spec.get("names", {})
+        crd["status"] = {
+            "acceptedNames": names,
+            "storedVersions": [v["name"] for v in spec.get("versions", []) if v.get("storage")],
+            "conditions": [
+                {"type": t, "status": "True", "reason": r, "lastTransitionTime": _now(), "message": ""}
+                for t, r in (("NamesAccepted", "NoConflicts"), ("Established", "InitialNamesAccepted"))
+            ],
+        }
+        return crd
+
+    def _update(
+        self,
+        rtype: ResourceType,
+        namespace: str | None,
+        name: str,
+        mutate: Callable[[dict], dict],
+        subresource: str | None = None,
+    ) -> dict:
+        with self.lock:
+            old = self.get(rtype, namespace, name)
+            candidate = mutate(copy.deepcopy(old))
+            if not isinstance(candidate, dict):
+                raise ApiError(422, "Invalid", "the object must be a JSON object")
+            new = self._merge_rules(rtype, old, candidate, subresource)
+            if new == old:
+                return old  # a no-op write changes nothing, not even the resourceVersion
+            new["metadata"]["resourceVersion"] = self._bump()
+            self._objects(rtype)[_key(new)] = new
+            if rtype.key == CRD_TYPE.key:
+                self._establish_crd(new)
+            self._emit("MODIFIED", rtype, new, old)
+            if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+                self._remove(rtype, new)
+            return copy.deepcopy(new)
+
+    @staticmethod
+    def _merge_rules(rtype: ResourceType, old: dict, candidate: dict, subresource: str | None) -> dict:
+        """What the API server keeps of a write: status vs main endpoint, immutable and managed metadata."""
+        if subresource == "status":
+            new = copy.deepcopy(old)
+            if "status" in candidate:
+                new["status"] = candidate["status"]
+            else:
+                new.pop("status", None)
+            return new
+        if subresource is not None:
+            raise ApiError(404, "NotFound", f"subresource {subresource} is not served")
+        new = candidate
+        if rtype.has_status:  # the main endpoint ignores status when a status subresource exists
+            if "status" in old:
+                new["status"] = old["status"]
+            else:
+                new.pop("status", None)
+        meta, old_meta = new.setdefault("metadata", {}), old["metadata"]
+        if meta.get("resourceVersion") not in (None, old_meta["resourceVersion"]):
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {rtype.plural} "{old_meta["name"]}": '
+                "the object has been modified; please apply your changes to the latest version and try again",
+            )
+        for managed in (
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "resourceVersion",
+            "generation",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ):
+            if managed in old_meta:
+                meta[managed] = old_meta[managed]
+            else:
+                meta.pop(managed, None)
+        new["apiVersion"], new["kind"] = rtype.api_version, rtype.kind
+        if old_meta.get("deletionTimestamp"):
+            added = set(meta.get("finalizers") or []) - set(old_meta.get("finalizers") or [])
+            if added:
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    "metadata.finalizers: Forbidden: no new finalizers can be added "
+                    "if the object is being deleted",
+                )
+
+        def payload(obj: Mapping) -> dict:
+            return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
+
+        if payload(new) != payload(old):
+            meta["generation"] = old_meta.get("generation", 1) + 1
+        return new
+
+    def replace(
+        self, rtype: ResourceType, namespace: str | None, name: str, body: Mapping, subresource=None
+    ) -> dict:
+        body_name = body.get("metadata", {}).get("name")
+        if body_name not in (None, name):
+            raise ApiError(400, "BadRequest", "the name of the object does not match the URL")
+        return self._update(rtype, namespace, name, lambda _old: copy.deepcopy(dict(body)), subresource)
+
+    def patch(
+        self,
+        rtype: ResourceType,
+        namespace: str | None,
+        name: str,
+        content_type: str,
+        patch: Any,
+        subresource: str | None = None,
+    ) -> dict:
+        def apply(old: dict) -> dict:
+            try:
+                if content_type == JSON_PATCH:
+                    return json_patch(old, patch)
+                if content_type in (MERGE_PATCH, STRATEGIC_PATCH, APPLY_PATCH):
+                    if not isinstance(patch, Mapping):
+                        raise PatchError("a merge patch must be a JSON object")
+                    return merge_patch(old, patch)
+            except PatchError as exc:
+                raise ApiError(422, "Invalid", str(exc)) from exc
+            raise ApiError(415, "UnsupportedMediaType", f"unsupported patch type {content_type!r}")
+
+        with self.lock:
+            if content_type == APPLY_PATCH and subresource is None:
+                try:
+                    self.get(rtype, namespace, name)
+                except ApiError as exc:
+                    if exc.code != 404:
+                        raise
+                    body = copy.deepcopy(patch)
+                    body.setdefault("metadata", {})["name"] = name
+                    return self.create(rtype, namespace, body)
+            return self._update(rtype, namespace, name, apply, subresource)
+
+    def delete(
+        self,
+        rtype: ResourceType,
+        namespace: str | None,
+        name: str,
+        propagation: str = "Background",
+        preconditions: Mapping | None = None,
+    ) -> dict:
+        """Finalizers block removal: the object gets a deletionTimestamp and stays until they are gone."""
+        with self.lock:
+            obj = self.get(rtype, namespace, name)
+            meta = obj["metadata"]
+            for field_name in ("uid", "resourceVersion"):
+                expected = (preconditions or {}).get(field_name)
+                if expected is not None and expected != meta.get(field_name):
+                    raise ApiError(409, "Conflict", f"Precondition failed: {field_name} mismatch")
+            if meta.get("finalizers"):
+                if not meta.get("deletionTimestamp"):
+                    old = copy.deepcopy(obj)
+                    meta.update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
+                    meta["resourceVersion"] = self._bump()
+                    self._objects(rtype)[_key(obj)] = obj
+                    self._emit("MODIFIED", rtype, obj, old)
+                return copy.deepcopy(obj)
+            self._remove(rtype, obj, orphan=propagation == "Orphan")
+            return obj
+
+    def _remove(self, rtype: ResourceType, obj: dict, orphan: bool = False) -> None:
+        del self._objects(rtype)[_key(obj)]
+        obj["metadata"]["resourceVersion"] = self._bump()
+        self._emit("DELETED", rtype, obj)
+        uid = obj["metadata"]["uid"]
+        if rtype is NAMESPACE_TYPE:  # the namespace controller: everything inside goes too
+            for other in list(self.types.values()):
+                if other.namespaced:
+                    for (ns, other_name), _ in list(self._objects(other).items()):
+                        if ns == obj["metadata"]["name"]:
+                            self.delete(other, ns, other_name)
+        if rtype.key == CRD_TYPE.key:
+            for served in types_from_crd(obj):
+                self.types.pop((served.group, served.version, served.plural), None)
+                self.objects.pop(served.key, None)
+        if orphan:
+            for dep_type, dependent in self._dependents_of(uid):
+                refs = [r for r in dependent["metadata"]["ownerReferences"] if r.get("uid") != uid]
+                self._update(
+                    dep_type,
+                    dependent["metadata"].get("namespace"),
+                    dependent["metadata"]["name"],
+                    lambda o, refs=refs: {**o, "metadata": {**o["metadata"], "ownerReferences": refs}},
+                )
+        else:
+            self._collect_garbage()
+
+    def _all_objects(self) -> Iterator[tuple[ResourceType, dict]]:
+        seen = set()
+        for rtype in list(self.types.values()):
+            if rtype.key in seen:
+                continue
+            seen.add(rtype.key)
+            for obj in list(self._objects(rtype).values()):
+                yield rtype, obj
+
+    def _dependents_of(self, uid: str) -> list[tuple[ResourceType, dict]]:
+        return [
+            (rtype, obj)
+            for rtype, obj in self._all_objects()
+            if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+        ]
+
+    def _owner_exists(self, ref: Mapping, dependent_namespace: str) -> bool:
+        """Like the real GC: a namespaced owner is looked up in the dependent's own namespace."""
+        try:
+            owner_type = self.type_for(ref.get("apiVersion", ""), ref.get("kind", ""))
+        except ApiError:
+            return False
+        namespace = dependent_namespace if owner_type.namespaced else ""
+        owner = self._objects(owner_type).get((namespace, ref.get("name", "")))
+        return owner is not None and owner["metadata"]["uid"] == ref.get("uid")
+
+    def _collect_garbage(self) -> None:
+        """Delete every object whose owners are all gone (background propagation)."""
+        for rtype, obj in self._all_objects():
+            meta = obj["metadata"]
+            refs = meta.get("ownerReferences") or []
+            if not refs or meta.get("deletionTimestamp"):
+                continue
+            if (_key(obj) in self._objects(rtype)) and not any(
+                self._owner_exists(ref, meta.get("namespace") or "") for ref in refs
+            ):
+                self.delete(rtype, meta.get("namespace"), meta["name"])

@@ -1,0 +1,302 @@
+"""The Kubernetes API emulator speaks the API the way clients rely on: over real HTTP, from another thread."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.kubeapi import KubeAPI
+from tests.kubeapi.patching import json_patch, merge_patch, parse_label_selector
+
+POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "default"}}
+PODS = "/api/v1/namespaces/default/pods"
+
+
+def call(api: KubeAPI, method: str, path: str, body=None, content_type="application/json", token=None):
+    """One HTTP request; returns (status, decoded JSON)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(api.url + path, data=data, method=method)
+    request.add_header("Authorization", f"Bearer {token or api.token}")
+    request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def watch(api: KubeAPI, path: str, count: int, timeout_seconds: int = 3) -> list[dict]:
+    """Read up to `count` watch events (the stream ends after timeoutSeconds)."""
+    sep = "&" if "?" in path else "?"
+    request = urllib.request.Request(f"{api.url}{path}{sep}watch=true&timeoutSeconds={timeout_seconds}")
+    request.add_header("Authorization", f"Bearer {api.token}")
+    events = []
+    with urllib.request.urlopen(request, timeout=timeout_seconds + 5) as response:
+        for line in response:
+            events.append(json.loads(line))
+            if len(events) == count:
+                break
+    return events
+
+
+def test_rejects_requests_without_the_token(kube_api):
+    status, body = call(kube_api, "GET", "/api/v1/namespaces", token="wrong")
+    assert (status, body["reason"]) == (401, "Unauthorized")
+
+
+def test_create_fills_metadata_and_generate_name(kube_api):
+    status, pod = call(kube_api, "POST", PODS, {"metadata": {"generateName": "web-"}})
+    assert status == 201
+    meta = pod["metadata"]
+    assert meta["name"].startswith("web-") and len(meta["name"]) == len("web-") + 5
+    assert meta["uid"] and meta["creationTimestamp"].endswith("Z") and meta["generation"] == 1
+    assert int(meta["resourceVersion"]) > 0
+    assert call(kube_api, "POST", PODS, {"metadata": {"name": meta["name"]}})[0] == 409
+    assert call(kube_api, "POST", "/api/v1/namespaces/nowhere/pods", {"metadata": {"name": "x"}})[0] == 404
+
+
+def test_list_filters_by_label_and_field_selector(kube_api):
+    for name, app, node in (("a", "web", "n1"), ("b", "web", "n2"), ("c", "db", "n1")):
+        kube_api.create(
+            {
+                **POD,
+                "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
+                "spec": {"nodeName": node},
+            }
+        )
+
+    def names(query: str) -> list[str]:
+        status, body = call(kube_api, "GET", f"{PODS}?{query}")
+        assert status == 200 and body["kind"] == "PodList"
+        return [item["metadata"]["name"] for item in body["items"]]
+
+    assert names("labelSelector=app%3Dweb") == ["a", "b"]
+    assert names("labelSelector=app+in+(db,x)") == ["c"]
+    assert names("fieldSelector=spec.nodeName%3Dn1") == ["a", "c"]
+    assert names("labelSelector=app!%3Ddb&fieldSelector=metadata.name!%3Da") == ["b"]
+    first = call(kube_api, "GET", f"{PODS}?limit=2")[1]
+    rest = call(kube_api, "GET", f"{PODS}?limit=2&continue={first['metadata']['continue']}")[1]
+    assert [i["metadata"]["name"] for i in first["items"] + rest["items"]] == ["a", "b", "c"]
+    assert "continue" not in rest["metadata"]
+
+
+def test_watch_resumes_from_a_resource_version_and_sees_every_change(kube_api):
+    created = kube_api.create(POD)
+    since = created["metadata"]["resourceVersion"]
+    kube_api.patch("v1", "Pod", "web", {"metadata": {"labels": {"v": "2"}}}, "default")
+    kube_api.delete("v1", "Pod", "web", "default")
+    events = watch(kube_api, f"{PODS}?resourceVersion={since}", count=2)
+    assert [(e["type"], e["object"]["metadata"].get("labels")) for e in events] == [
+        ("MODIFIED", {"v": "2"}),
+        ("DELETED", {"v": "2"}),
+    ]
+    # Without a version: the current state as ADDED, then live events.
+    kube_api.create(POD)
+    assert [e["type"] for e in watch(kube_api, PODS, count=1)] == ["ADDED"]
+
+
+def test_watch_with_a_selector_sees_objects_enter_and_leave(kube_api):
+    since = kube_api.create(POD)["metadata"]["resourceVersion"]
+    kube_api.patch("v1", "Pod", "web", {"metadata": {"labels": {"app": "web"}}}, "default")
+    kube_api.patch("v1", "Pod", "web", {"metadata": {"labels": {"app": None}}}, "default")
+    events = watch(kube_api, f"{PODS}?resourceVersion={since}&labelSelector=app%3Dweb", count=2)
+    assert [e["type"] for e in events] == ["ADDED", "DELETED"]
+
+
+def test_too_old_resource_version_answers_410_after_compaction(kube_api):
+    since = kube_api.create(POD)["metadata"]["resourceVersion"]
+    kube_api.patch("v1", "Pod", "web", {"metadata": {"labels": {"v": "2"}}}, "default")
+    kube_api.compact()
+    (event,) = watch(kube_api, f"{PODS}?resourceVersion={since}", count=5)
+    assert event["type"] == "ERROR"
+    assert (event["object"]["code"], event["object"]["reason"]) == (410, "Expired")
+    # Resuming from the compaction point itself is fine.
+    current = call(kube_api, "GET", PODS)[1]["metadata"]["resourceVersion"]
+    kube_api.delete("v1", "Pod", "web", "default")
+    assert [e["type"] for e in watch(kube_api, f"{PODS}?resourceVersion={current}", count=1)] == ["DELETED"]
+
+
+def test_finalizers_block_deletion_until_removed(kube_api):
+    kube_api.create({**POD, "metadata": {**POD["metadata"], "finalizers": ["example.io/keep"]}})
+    status, pod = call(kube_api, "DELETE", f"{PODS}/web")
+    assert status == 200 and pod["metadata"]["deletionTimestamp"]
+    assert kube_api.get("v1", "Pod", "web", "default")["metadata"]["deletionTimestamp"]
+    status, body = call(
+        kube_api,
+        "PATCH",
+        f"{PODS}/web",
+        {"metadata": {"finalizers": ["example.io/new"]}},
+        "application/merge-patch+json",
+    )
+    assert status == 422, body
+    call(kube_api, "PATCH", f"{PODS}/web", {"metadata": {"finalizers": None}}, "application/merge-patch+json")
+    assert kube_api.find("v1", "Pod", "web", "default") is None
+
+
+def test_status_subresource_and_generation(kube_api):
+    kube_api.register_crd("example.io", "Widget", "widgets")
+    path = "/apis/example.io/v1/namespaces/default/widgets"
+    status, widget = call(
+        kube_api, "POST", path, {"metadata": {"name": "w"}, "spec": {"size": 1}, "status": {"ignored": True}}
+    )
+    assert status == 201 and "status" not in widget and widget["metadata"]["generation"] == 1
+    merge = "application/merge-patch+json"
+    _, widget = call(
+        kube_api, "PATCH", f"{path}/w/status", {"status": {"ready": True}, "spec": {"size": 9}}, merge
+    )
+    assert widget["status"] == {"ready": True} and widget["spec"] == {"size": 1}
+    assert widget["metadata"]["generation"] == 1
+    _, widget = call(kube_api, "PATCH", f"{path}/w", {"spec": {"size": 2}, "status": {"ready": False}}, merge)
+    assert widget["spec"] == {"size": 2} and widget["status"] == {"ready": True}
+    assert widget["metadata"]["generation"] == 2
+    _, widget = call(kube_api, "PATCH", f"{path}/w", {"metadata": {"labels": {"a": "b"}}}, merge)
+    assert widget["metadata"]["generation"] == 2
+    # A no-op write keeps the resourceVersion (no event, no churn).
+    _, again = call(kube_api, "PATCH", f"{path}/w", {"metadata": {"labels": {"a": "b"}}}, merge)
+    assert again["metadata"]["resourceVersion"] == widget["metadata"]["resourceVersion"]
+
+
+def test_replace_with_a_stale_resource_version_conflicts(kube_api):
+    pod = kube_api.create(POD)
+    kube_api.patch("v1", "Pod", "web", {"metadata": {"labels": {"v": "2"}}}, "default")
+    status, body = call(kube_api, "PUT", f"{PODS}/web", pod)
+    assert (status, body["reason"]) == (409, "Conflict")
+
+
+def test_json_patch_test_operation_guards_the_write(kube_api):
+    pod = kube_api.create(POD)
+    ops = [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": "stale"},
+        {"op": "add", "path": "/metadata/labels", "value": {"a": "b"}},
+    ]
+    assert call(kube_api, "PATCH", f"{PODS}/web", ops, "application/json-patch+json")[0] == 422
+    ops[0]["value"] = pod["metadata"]["resourceVersion"]
+    status, patched = call(kube_api, "PATCH", f"{PODS}/web", ops, "application/json-patch+json")
+    assert status == 200 and patched["metadata"]["labels"] == {"a": "b"}
+
+
+def test_server_side_apply_creates_then_merges(kube_api):
+    cm = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "c", "namespace": "default"},
+        "data": {"a": "1"},
+    }
+    path = "/api/v1/namespaces/default/configmaps/c?fieldManager=test&force=true"
+    assert call(kube_api, "PATCH", path, cm, "application/apply-patch+yaml")[0] == 200
+    kube_api.patch("v1", "ConfigMap", "c", {"metadata": {"annotations": {"other": "x"}}}, "default")
+    cm["data"] = {"a": "2"}
+    _, merged = call(kube_api, "PATCH", path, cm, "application/apply-patch+yaml")
+    assert merged["data"] == {"a": "2"} and merged["metadata"]["annotations"] == {"other": "x"}
+
+
+def test_garbage_collector_deletes_dependents_of_a_deleted_owner(kube_api):
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})
+    owner = kube_api.create(
+        {"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "rs", "namespace": "default"}}
+    )
+    ref = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": owner["metadata"]["uid"]}
+    kube_api.create({**POD, "metadata": {"name": "child", "namespace": "default", "ownerReferences": [ref]}})
+    kube_api.create(
+        {
+            **POD,
+            "metadata": {
+                "name": "kept",
+                "namespace": "default",
+                "finalizers": ["x/y"],
+                "ownerReferences": [ref],
+            },
+        }
+    )
+    # A namespaced owner is looked up in the dependent's namespace: a cross-namespace reference dangles.
+    kube_api.create({**POD, "metadata": {"name": "cross", "namespace": "other", "ownerReferences": [ref]}})
+    assert kube_api.find("v1", "Pod", "cross", "other") is None
+    assert kube_api.find("v1", "Pod", "child", "default") is not None
+    kube_api.delete("apps/v1", "ReplicaSet", "rs", "default")
+    assert kube_api.find("v1", "Pod", "child", "default") is None
+    assert kube_api.get("v1", "Pod", "kept", "default")["metadata"]["deletionTimestamp"]
+
+
+def test_orphan_propagation_keeps_dependents(kube_api):
+    owner = kube_api.create(
+        {"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "rs", "namespace": "default"}}
+    )
+    ref = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": owner["metadata"]["uid"]}
+    kube_api.create({**POD, "metadata": {"name": "child", "namespace": "default", "ownerReferences": [ref]}})
+    call(kube_api, "DELETE", "/apis/apps/v1/namespaces/default/replicasets/rs?propagationPolicy=Orphan")
+    assert kube_api.get("v1", "Pod", "child", "default")["metadata"]["ownerReferences"] == []
+
+
+def test_crd_appears_in_discovery_and_goes_with_its_objects(kube_api):
+    assert call(kube_api, "GET", "/apis/example.io/v1")[0] == 404
+    kube_api.register_crd("example.io", "Gadget", "gadgets", namespaced=False, short_names=("gd",))
+    groups = {g["name"]: g for g in call(kube_api, "GET", "/apis")[1]["groups"]}
+    assert groups["example.io"]["preferredVersion"]["version"] == "v1"
+    resources = {r["name"]: r for r in call(kube_api, "GET", "/apis/example.io/v1")[1]["resources"]}
+    assert resources["gadgets"]["namespaced"] is False and resources["gadgets"]["shortNames"] == ["gd"]
+    assert "gadgets/status" in resources
+    crd = kube_api.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", "gadgets.example.io")
+    assert {c["type"] for c in crd["status"]["conditions"]} == {"Established", "NamesAccepted"}
+    assert call(kube_api, "POST", "/apis/example.io/v1/gadgets", {"metadata": {"name": "g"}})[0] == 201
+    assert len(call(kube_api, "GET", "/apis/example.io/v1/gadgets")[1]["items"]) == 1
+    kube_api.delete("apiextensions.k8s.io/v1", "CustomResourceDefinition", "gadgets.example.io")
+    assert call(kube_api, "GET", "/apis/example.io/v1/gadgets")[0] == 404
+
+
+def test_deleting_a_namespace_deletes_its_objects(kube_api):
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}})
+    kube_api.create({**POD, "metadata": {"name": "p", "namespace": "team"}})
+    kube_api.delete("v1", "Namespace", "team")
+    assert kube_api.list("v1", "Pod", "team") == []
+
+
+def test_stop_cuts_watches_and_start_serves_the_same_data_on_the_same_port(kube_api):
+    kube_api.create(POD)
+    port = kube_api.port
+    kube_api.stop()
+    with pytest.raises(urllib.error.URLError):
+        call(kube_api, "GET", PODS)
+    kube_api.start()
+    assert kube_api.port == port
+    assert [i["metadata"]["name"] for i in call(kube_api, "GET", PODS)[1]["items"]] == ["web"]
+
+
+@pytest.mark.parametrize(
+    ("target", "patch", "expected"),
+    [
+        ({"a": 1, "b": {"c": 2}}, {"b": {"c": None, "d": 3}}, {"a": 1, "b": {"d": 3}}),
+        ({"a": [1, 2]}, {"a": [3]}, {"a": [3]}),
+        ({"a": 1}, {"a": {"b": 1}}, {"a": {"b": 1}}),
+    ],
+)
+def test_merge_patch(target, patch, expected):
+    assert merge_patch(target, patch) == expected
+
+
+def test_json_patch_operations():
+    doc = {"a": [1, 2], "b": {"c": 1}}
+    ops = [
+        {"op": "add", "path": "/a/1", "value": 9},
+        {"op": "remove", "path": "/b/c"},
+        {"op": "replace", "path": "/a/0", "value": 0},
+        {"op": "copy", "from": "/a", "path": "/d"},
+        {"op": "move", "from": "/d", "path": "/b/e"},
+    ]
+    assert json_patch(doc, ops) == {"a": [0, 9, 2], "b": {"e": [0, 9, 2]}}
+    assert doc == {"a": [1, 2], "b": {"c": 1}}
+
+
+def test_label_selector_parsing():
+    selector = parse_label_selector("a=b,c!=d,e in (x, y),f notin (z),g,!h")
+    ops = [(e.key, e.operator, e.values) for e in selector.match_expressions]
+    assert ops == [
+        ("a", "In", ["b"]),
+        ("c", "NotIn", ["d"]),
+        ("e", "In", ["x", "y"]),
+        ("f", "NotIn", ["z"]),
+        ("g", "Exists", []),
+        ("h", "DoesNotExist", []),
+    ]
