@@ -148,6 +148,12 @@ class HealthAlerting(StrictModel):
         description="Connect-failure alerts need at least this many failures per second.",
     )
     rtt_p99_seconds: float = Field(default=0.25, gt=0, le=60, description="RTT 99th percentile, seconds.")
+    min_rtt_samples_per_second: float = Field(
+        default=0.2,
+        gt=0,
+        description="RTT alerts need at least this many RTT samples per second: one slow sample of an "
+        "idle pair is no percentile.",
+    )
     reset_rate: float = Field(default=1.0, gt=0, description="Resets per second.")
 
 

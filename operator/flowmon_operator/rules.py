@@ -17,11 +17,14 @@ from flowmon_agent.series import METRICS
 from flowmon_agent.spec import API_GROUP, API_VERSION, KIND, Dimension, FlowMonitor, Metric
 
 MONITOR_LABEL = "flowmon_monitor"
-PAIR_LABELS: tuple[str, ...] = (
-    Dimension.CLIENT_NAMESPACE,
-    Dimension.CLIENT_WORKLOAD,
-    Dimension.SERVER_NAMESPACE,
-    Dimension.SERVER_WORKLOAD,
+PAIR_LABELS: tuple[str, ...] = tuple(
+    str(d)
+    for d in (
+        Dimension.CLIENT_NAMESPACE,
+        Dimension.CLIENT_WORKLOAD,
+        Dimension.SERVER_NAMESPACE,
+        Dimension.SERVER_WORKLOAD,
+    )
 )
 ISOLATION_LABELS: tuple[str, ...] = ("from_env", "to_env", *PAIR_LABELS)
 VIOLATIONS = "flowmon_isolation_violations_total"
@@ -291,8 +294,10 @@ def _retransmits(ctx: _Ctx) -> list[dict]:
     h = ctx.alerting.health
     rate = ctx.record_name("flowmon_tcp_retransmits", f"rate{ctx.window}")
     ratio = ctx.record_name("flowmon_tcp_retransmits", f"ratio_rate{ctx.window}")
-    bytes_ = '{__name__=~"flowmon_tcp_(sent|received)_bytes_total", ' + ctx.sel + "}"
-    segments = f"sum by ({ctx.by}) (rate({bytes_}[{ctx.window}])) / {SEGMENT_BYTES}"
+    rates = [ctx.rate(_counter(m)) for m in (Metric.SENT_BYTES, Metric.RECEIVED_BYTES) if ctx.has(m)]
+    # Both directions where a pair has both, else whichever it has.
+    total = " or ".join([" + ".join(rates), *rates]) if len(rates) == 2 else rates[0]
+    segments = f"({total}) / {SEGMENT_BYTES}"
     records = [
         _record(rate, ctx.rate(_counter(Metric.RETRANSMITS))),
         _record(ratio, f"{ctx.ref(rate)} / ({segments})"),
@@ -348,7 +353,8 @@ def _rtt(ctx: _Ctx) -> list[dict]:
     alert = _alert(
         ctx,
         "FlowmonRTTHigh",
-        f"{ctx.ref(p99)} > {h.rtt_p99_seconds}",
+        f"{ctx.ref(p99)} > {h.rtt_p99_seconds}\nand {ctx.rate('flowmon_tcp_rtt_seconds_count')} >= "
+        f"{h.min_rtt_samples_per_second}",
         f"RTT p99 of {_pair_text(ctx.pair)} is {{{{ $value | humanizeDuration }}}}",
         f"The 99th percentile of the smoothed TCP RTT of {_pair_text(ctx.pair)} is "
         f"{{{{ $value | humanizeDuration }}}} (threshold {h.rtt_p99_seconds}s). Check the nodes and zones "
