@@ -234,9 +234,27 @@ def _structural_errors(schema: Schema, value: Any, path: str) -> Iterator[str]:
         yield from _structural_errors(sub, item, sub_path)
 
 
+def _to_cel(schema: Schema, value: Any):
+    """JSON -> CEL values typed by the schema, as the API server does (a `number` 1 is the double 1.0)."""
+    if isinstance(value, dict):
+        extra = schema.get("additionalProperties")
+        fallback = extra if isinstance(extra, dict) else {}
+        return ct.MapType(
+            {
+                ct.StringType(k): _to_cel(schema.get("properties", {}).get(k, fallback), v)
+                for k, v in value.items()
+            }
+        )
+    if isinstance(value, list):
+        return ct.ListType([_to_cel(schema.get("items", {}), v) for v in value])
+    if schema.get("type") == "number" and isinstance(value, int | float) and not isinstance(value, bool):
+        return ct.DoubleType(float(value))
+    return celpy.json_to_cel(value)
+
+
 def _cel_errors(schema: Schema, value: Any, path: str) -> Iterator[str]:
     for rule in schema.get("x-kubernetes-validations", []):
-        if not _cel_holds(rule["rule"], value):
+        if not _cel_holds(rule["rule"], _to_cel(schema, value)):
             yield f"{path or '<root>'}: {rule.get('message', rule['rule'])}"
     for sub, item, sub_path in _children(schema, value, path):
         yield from _cel_errors(sub, item, sub_path)
@@ -290,7 +308,7 @@ def _cel_program(rule: str):
 
 
 def _cel_holds(rule: str, value: Any) -> bool:
-    result = _cel_program(rule).evaluate({"self": celpy.json_to_cel(value)})
+    result = _cel_program(rule).evaluate({"self": value})
     if isinstance(result, Exception):  # cel-python returns evaluation errors as values
         return False
     return bool(result)

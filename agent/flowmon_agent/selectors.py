@@ -10,7 +10,17 @@ from pydantic import Field, model_validator
 
 from flowmon_agent.model_base import StrictModel
 
-LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9_.-]+$")]
+# Kubernetes' label key syntax: an optional DNS-subdomain prefix and "/", then a name of at most 63
+# characters that begins and ends alphanumeric. `[.]`, not `\.`: the pattern is also embedded in CEL.
+LabelKey = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=317,
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$",
+    ),
+]
 LabelValue = Annotated[str, Field(max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")]
 # Bounds on lists and maps keep the CRD's CEL rules within the API server's cost budget.
 MAX_SELECTOR_TERMS = 32
