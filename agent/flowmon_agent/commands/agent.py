@@ -1,0 +1,279 @@
+"""`flowmon agent`: the node agent, standalone on this host or as the operator's DaemonSet runs it.
+
+Standalone: `--monitor FILE...` are ordinary FlowMonitor YAML, compiled exactly as the operator compiles
+them (`compile_policy`) and recompiled when a file changes; `--inventory FILE` is ordinary Kubernetes
+objects. With neither, it monitors every flow of this host on 127.0.0.1:9400 with one default monitor
+(`flowmon-system/host`); this host's addresses resolve to the pod host/<hostname> (see host_objects).
+
+In a cluster the operator's DaemonSet gives no flags: every setting comes from FLOWMON_AGENT_*
+variables (AgentSettings), the policy from the ConfigMap file. Flags override variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from flowmon_agent.cli import Handler, subcommand
+from flowmon_agent.manifests import ManifestError, load_monitors
+from flowmon_agent.policy import AgentPolicy, compile_policy, token_sha256
+from flowmon_agent.spec import FlowMonitor, FlowMonitorSpec, ObjectMeta
+
+log = logging.getLogger("flowmon.agent")
+
+DEFAULT_PORT = 9400
+HOST_NAMESPACE = "host"
+DEFAULT_MONITOR = FlowMonitor(
+    metadata=ObjectMeta(name="host", namespace="flowmon-system"), spec=FlowMonitorSpec()
+)
+
+
+@subcommand("agent", "run the node agent (standalone on this host, or in a cluster)")
+def build(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument(
+        "--monitor", "-m", nargs="+", action="extend", default=[], metavar="FILE",
+        help="FlowMonitor YAML files or directories (standalone); default: one monitor of every flow",
+    )  # fmt: skip
+    parser.add_argument("--inventory", type=Path, metavar="FILE", help="Kubernetes objects (YAML/JSON)")
+    parser.add_argument(
+        "--listen", metavar="ADDR", help=f"host:port to serve on (default 127.0.0.1:{DEFAULT_PORT})"
+    )
+    parser.add_argument("--node", metavar="NAME", help="this node's name (default: the hostname)")
+    parser.add_argument("--compat", action="store_true", help="force the compat kernel path (older kernels)")
+    parser.add_argument(
+        "--policy-file", type=Path, metavar="FILE", help="a compiled agent policy (cluster mode)"
+    )
+    parser.add_argument(
+        "--tls-cert-file", type=Path, metavar="FILE", help="serve HTTPS with this certificate"
+    )
+    parser.add_argument("--tls-key-file", type=Path, metavar="FILE", help="... and this key")
+    parser.add_argument(
+        "--admin-token-file", type=Path, metavar="FILE",
+        help="bearer tokens (one per line) that may read every path and push policy",
+    )  # fmt: skip
+    parser.add_argument(
+        "--token-file", type=Path, metavar="FILE",
+        help="bearer tokens (one per line) that may read every monitor's path (standalone scrape token)",
+    )  # fmt: skip
+    parser.add_argument("--insecure", action="store_true", help="allow plain HTTP on a non-loopback address")
+    parser.add_argument(
+        "--conntrack-netns", metavar="NAME",
+        help="read conntrack in this network namespace to undo Service NAT (default: the agent's own)",
+    )  # fmt: skip
+    parser.add_argument("--poll-interval", type=float, metavar="SECONDS", help="kernel map poll period")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    return run
+
+
+# --- pure helpers ----------------------------------------------------------------------------------
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`127.0.0.1:9400`, `[::1]:9400`, `0.0.0.0:9443`, `:9400` (loopback) → (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:{DEFAULT_PORT}")
+    host = host.removeprefix("[").removesuffix("]") or "127.0.0.1"
+    return host, int(port)
+
+
+def settings_overrides(args: argparse.Namespace) -> dict:
+    """Only what was given on the command line: everything else stays with FLOWMON_AGENT_* or defaults."""
+    overrides: dict = {}
+    if args.listen:
+        overrides["listen_host"], overrides["listen_port"] = parse_listen(args.listen)
+    for flag, field in (
+        ("node", "node_name"),
+        ("inventory", "inventory_file"),
+        ("policy_file", "policy_file"),
+        ("tls_cert_file", "tls_cert_file"),
+        ("tls_key_file", "tls_key_file"),
+        ("admin_token_file", "admin_token_file"),
+        ("poll_interval", "poll_interval_seconds"),
+    ):
+        if getattr(args, flag) is not None:
+            overrides[field] = getattr(args, flag)
+    if args.insecure:
+        overrides["insecure"] = True
+    return overrides
+
+
+def standalone_policy(monitors: Sequence[FlowMonitor], tokens: Sequence[str]) -> AgentPolicy:
+    """Every monitor readable with each of `tokens` (standalone has one scraper: the local Prometheus)."""
+    hashes = [token_sha256(t) for t in tokens]
+    return compile_policy(monitors, token_hashes={m.key: hashes for m in monitors})
+
+
+def host_objects(name: str, addresses: Sequence[str]) -> list[dict]:
+    """This host as Kubernetes objects, so that its flows are visible and named without a cluster.
+
+    A monitor selects flows with a pod at one end; a host has none. So the host appears as a pod
+    `<hostname>` in namespace `host` on a node of the same name: its processes'
+    flows read host/<hostname> → host/<hostname>:5432, remote peers `external`."""
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": HOST_NAMESPACE}},
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}},
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": HOST_NAMESPACE, "labels": {"flowmon.io/host": "true"}},
+            "spec": {"nodeName": name},
+            "status": {"phase": "Running", "podIP": addresses[0], "podIPs": [{"ip": a} for a in addresses]},
+        },
+    ]
+
+
+def parse_ip_addr_json(text: str) -> list[str]:
+    """Addresses out of `ip -j addr show`."""
+    return [
+        a["local"] for link in json.loads(text or "[]") for a in link.get("addr_info", []) if "local" in a
+    ]
+
+
+# --- I/O -------------------------------------------------------------------------------------------
+
+
+def read_tokens(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def local_addresses() -> list[str]:
+    done = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=False)
+    return parse_ip_addr_json(done.stdout) if done.returncode == 0 else ["127.0.0.1", "::1"]
+
+
+class MonitorFiles:
+    """The --monitor files: compiled now, and again whenever one changes (a bad edit keeps the old)."""
+
+    def __init__(self, paths: Sequence[str], tokens: Sequence[str]) -> None:
+        from flowmon_agent.filewatch import FileWatch
+        from flowmon_agent.manifests import expand_paths
+
+        self.paths, self.tokens = list(paths), list(tokens)
+        self._watch = FileWatch(*expand_paths(self.paths))
+
+    def compile(self) -> AgentPolicy:
+        return standalone_policy(load_monitors(self.paths), self.tokens)
+
+    def changed_policy(self) -> AgentPolicy | None:
+        if not self._watch.changed():
+            return None
+        try:
+            return self.compile()
+        except ManifestError as exc:
+            log.error("monitor files changed but are invalid, keeping the running policy:\n%s", exc)
+            return None
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return asyncio.run(serve(args))
+    except AgentStartError as exc:
+        print(f"flowmon agent: {exc}", file=sys.stderr)
+        return 1
+
+
+class AgentStartError(RuntimeError):
+    pass
+
+
+def make_agent(args: argparse.Namespace):
+    """The runner's Agent for these arguments, its monitor files (None in cluster mode), settings."""
+    from pydantic import ValidationError
+
+    from flowmon_agent.metadata import MetadataStore
+    from flowmon_agent.runner import Agent, AgentSettings
+
+    try:
+        settings = AgentSettings(**settings_overrides(args))
+    except (ValueError, ValidationError) as exc:
+        raise AgentStartError(str(exc)) from None
+    tokens = read_tokens(args.token_file) if args.token_file else []
+    files = MonitorFiles(args.monitor, tokens) if args.monitor else None
+    try:
+        if files is not None:
+            policy = files.compile()
+        elif settings.policy_file is None:
+            policy = standalone_policy([DEFAULT_MONITOR], tokens)
+        else:
+            policy = None  # the runner loads and watches the policy file
+    except ManifestError as exc:
+        raise AgentStartError("invalid monitor files:\n" + str(exc)) from None
+    store = MetadataStore()
+    if settings.inventory_file is None and settings.policy_file is None:
+        for obj in host_objects(settings.node_name, local_addresses()):
+            store.apply("ADDED", obj, obj["kind"])
+
+    def tracer_factory():
+        from flowmon_agent.tracer import FlowTracer
+
+        return FlowTracer(force_compat=args.compat)
+
+    from flowmon_agent.conntrack import ConntrackNat
+
+    nat = ConntrackNat(args.conntrack_netns)
+    agent = Agent(
+        settings,
+        tracer_factory=tracer_factory,
+        store=store,
+        nat_backends=lambda snapshot: nat.backends(snapshot.flows.keys()),
+    )
+    if policy is not None:
+        agent.policy.apply(policy, source="monitor files" if files else "default monitor")
+    return agent, files, nat
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from flowmon_agent.bpf_loader import BPFUnavailableError
+    from flowmon_agent.server import ServerConfigError
+
+    try:
+        agent, files, nat = make_agent(args)
+    except ServerConfigError as exc:
+        raise AgentStartError(str(exc)) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        "flowmon agent: compiling and loading the BPF programs (a few seconds)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        await agent.start()
+    except BPFUnavailableError as exc:
+        raise AgentStartError(str(exc)) from None
+    except OSError as exc:  # e.g. the port is taken
+        raise AgentStartError(
+            f"cannot serve on {agent.settings.listen_host}:{agent.settings.listen_port}: {exc}"
+        ) from None
+    policy = agent.policy.policy
+    paths = ", ".join(f"{agent.url}{m.path}" for m in policy.monitors) if policy else "(policy file pending)"
+    print(
+        f"flowmon agent: node {agent.settings.node_name}, kernel path {agent.tracer.kernel_path}, "  # type: ignore[union-attr]
+        f"serving {paths}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            if files is not None and (policy := await asyncio.to_thread(files.changed_policy)) is not None:
+                agent.policy.apply(policy, source="monitor files")
+    finally:
+        await agent.stop()
+        nat.close()
+    return 0
