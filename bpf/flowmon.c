@@ -107,14 +107,21 @@ struct sock_state {
 // Plain hash, not LRU: evicting a live socket would silently lose its counters; a full map is counted.
 BPF_HASH(socks, u64, struct sock_state, SOCK_MAX);
 
-// The socket closed last on this CPU: RSTs sent by tcp_disconnect come right after the CLOSE transition.
+// The sockets closed last on this CPU: RSTs sent by tcp_disconnect come right after the CLOSE
+// transition, and the peer's CLOSE may run in between (veth/loopback deliver inline), hence a ring.
 struct closed_sock {
     u64 sk;
     struct flow_key key;
     u16 client_port;
     u8 pad[6];
 };
-BPF_PERCPU_ARRAY(last_closed, struct closed_sock, 1);
+#define CLOSED_RING 4
+struct closed_ring {
+    u32 next;
+    u32 pad;
+    struct closed_sock slots[CLOSED_RING];
+};
+BPF_PERCPU_ARRAY(last_closed, struct closed_ring, 1);
 
 // RST de-duplication when both ends are traced. Keyed by the connection's client end (address, port),
 // which destination NAT (Service VIPs) does not rewrite, plus which role sent the RST.
@@ -367,11 +374,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         fold(st, oldstate);
         if (st->established) {
             u32 zero = 0;
-            struct closed_sock *lc = last_closed.lookup(&zero);
-            if (lc) {
+            struct closed_ring *ring = last_closed.lookup(&zero);
+            if (ring) {
+                struct closed_sock *lc = &ring->slots[ring->next & (CLOSED_RING - 1)];
                 lc->sk = sk;
                 lc->key = st->key;
                 lc->client_port = st->client_port;
+                ring->next++;
             }
         }
         socks.delete(&sk);
@@ -541,8 +550,16 @@ static __always_inline int on_send_reset(u64 sk) {
     } else {
         // tcp_disconnect (SO_LINGER 0, abort) moves to CLOSE first, then sends the RST.
         u32 zero = 0;
-        struct closed_sock *lc = last_closed.lookup(&zero);
-        if (!lc || lc->sk != sk)
+        struct closed_ring *ring = last_closed.lookup(&zero);
+        if (!ring)
+            return 0;
+        struct closed_sock *lc = 0;
+#pragma unroll
+        for (int i = 0; i < CLOSED_RING; i++) {
+            if (ring->slots[i].sk == sk)
+                lc = &ring->slots[i];
+        }
+        if (!lc)
             return 0;
         struct flow_key key = lc->key;
         struct flow_val *v = flow_get(&key);

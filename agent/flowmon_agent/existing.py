@@ -62,20 +62,35 @@ def parse_proc_tcp(text: str) -> tuple[list[tuple[IPAddress, int, IPAddress, int
     return established, listening
 
 
-def classify(tables: Iterable[str]) -> list[ExistingConnection]:
-    """One namespace's tcp and tcp6 tables: a connection whose local port has a listener is the server."""
+EPHEMERAL_PORTS = (32768, 60999)  # Linux's default net.ipv4.ip_local_port_range
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return EPHEMERAL_PORTS
+
+
+def classify(tables: Iterable[str], ephemeral: tuple[int, int] = EPHEMERAL_PORTS) -> list[ExistingConnection]:
+    """One namespace's tcp and tcp6 tables. The server end is the one whose local port has a listener;
+    without one (the listener closed), the end whose port is outside the ephemeral range while the
+    peer's is inside it."""
     established: list[tuple[IPAddress, int, IPAddress, int]] = []
     listening: set[int] = set()
     for text in tables:
         est, lis = parse_proc_tcp(text)
         established += est
         listening |= lis
-    return [
-        ExistingConnection(
-            local, lport, remote, rport, Reporter.SERVER if lport in listening else Reporter.CLIENT
-        )
-        for local, lport, remote, rport in established
-    ]
+    low, high = ephemeral
+
+    def role(lport: int, rport: int) -> Reporter:
+        if lport in listening or (not low <= lport <= high and low <= rport <= high):
+            return Reporter.SERVER
+        return Reporter.CLIENT
+
+    return [ExistingConnection(lo, lp, re, rp, role(lp, rp)) for lo, lp, re, rp in established]
 
 
 def _namespaces() -> dict[int, tuple[str, Path]]:
@@ -115,9 +130,10 @@ def _read_tables(kind: str, path: Path) -> list[str]:
 
 def discover() -> Iterator[ExistingConnection]:
     """Every established TCP connection on this host, across network namespaces."""
+    ephemeral = ephemeral_ports()
     for kind, path in _namespaces().values():
         try:
             tables = _read_tables(kind, path)
         except OSError:
             continue  # the namespace went away meanwhile
-        yield from classify(tables)
+        yield from classify(tables, ephemeral)

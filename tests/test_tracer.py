@@ -1,0 +1,544 @@
+"""The kernel tracer on real traffic between network namespaces: exact counts on both kernel paths.
+
+One tracer per kernel path is shared by the module (compiles cost seconds); each test uses its own
+ports (or pods) so it reads only its own flows. Tests that need root/BPF fail, never skip.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from ipaddress import ip_address
+
+import pytest
+
+from flowmon_agent import existing
+from flowmon_agent.flows import FlowCounters, FlowKey, FlowSnapshot, Reporter
+from flowmon_agent.lab import Lab, Pod
+from flowmon_agent.tracer import FlowTracer
+
+pytestmark = [pytest.mark.bpf, pytest.mark.netns]
+
+V4, V6 = socket.AF_INET, socket.AF_INET6
+MB = 1_000_000
+_ports = itertools.count(20000)
+
+
+def next_port() -> int:
+    return next(_ports)
+
+
+@pytest.fixture(scope="module")
+def lab(require_root):
+    # a,b: general traffic; c,d: loss (retransmits); e,f: slowed path (RTT)
+    with Lab("fk", ["a", "b", "c", "d", "e", "f"]) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def tracer(require_root):
+    with FlowTracer() as t:
+        assert t.kernel_path == "default"
+        yield t
+
+
+@pytest.fixture(scope="module")
+def compat_tracer(require_root):
+    with FlowTracer(force_compat=True) as t:
+        assert t.kernel_path == "compat"
+        yield t
+
+
+# --- traffic helpers ------------------------------------------------------------------------------------
+def recv_exact(sock: socket.socket, n: int) -> None:
+    view = bytearray(min(n, 1 << 20) or 1)
+    left = n
+    while left:
+        got = sock.recv_into(view, min(left, len(view)))
+        if not got:
+            raise ConnectionError(f"peer closed with {left} of {n} bytes missing")
+        left -= got
+
+
+def send_exact(sock: socket.socket, n: int) -> None:
+    chunk = b"\x5a" * min(n, 1 << 20)
+    left = n
+    while left:
+        left -= sock.send(chunk[: min(left, len(chunk))])
+
+
+def listen(lab: Lab, pod: Pod, family: int, port: int) -> socket.socket:
+    srv = lab.socket(pod, family)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((pod.ip(family), port))
+    srv.listen(512)
+    srv.settimeout(30)
+    return srv
+
+
+def connect(lab: Lab, pod: Pod, family: int, server: Pod, port: int, timeout: float = 30) -> socket.socket:
+    sock = lab.socket(pod, family)
+    sock.settimeout(timeout)
+    sock.connect((server.ip(family), port))
+    return sock
+
+
+def run_threads(targets: list[Callable[[], None]], timeout: float = 120) -> None:
+    errors: list[BaseException] = []
+
+    def wrap(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # surfaced in the test below
+                errors.append(exc)
+
+        return run
+
+    threads = [threading.Thread(target=wrap(fn), daemon=True) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "traffic thread hung"
+    if errors:
+        raise errors[0]
+
+
+def request_response(
+    lab: Lab, client: Pod, server: Pod, family: int, flows: list[tuple[int, int, int]]
+) -> None:
+    """Concurrent connections (port, c2s bytes, s2c bytes): the client sends, the server answers after
+    reading everything, the client reads the answer and closes first; the server closes on EOF."""
+    servers = {port: listen(lab, server, family, port) for port, _, _ in flows}
+
+    def serve(port: int, up: int, down: int) -> Callable[[], None]:
+        def run() -> None:
+            conn, _ = servers[port].accept()
+            with conn:
+                conn.settimeout(60)
+                recv_exact(conn, up)
+                send_exact(conn, down)
+                assert conn.recv(1) == b""  # client closed
+
+        return run
+
+    def call(port: int, up: int, down: int) -> Callable[[], None]:
+        def run() -> None:
+            with connect(lab, client, family, server, port, timeout=60) as sock:
+                send_exact(sock, up)
+                recv_exact(sock, down)
+
+        return run
+
+    try:
+        run_threads([serve(*f) for f in flows] + [call(*f) for f in flows])
+    finally:
+        for srv in servers.values():
+            srv.close()
+
+
+def key(client: Pod, server: Pod, family: int, port: int, reporter: Reporter) -> FlowKey:
+    return FlowKey(ip_address(client.ip(family)), ip_address(server.ip(family)), port, reporter)
+
+
+def wait_for(
+    tracer: FlowTracer, ready: Callable[[FlowSnapshot], bool], timeout: float = 10.0
+) -> FlowSnapshot:
+    """Poll until ready(snapshot) or timeout; the caller then asserts exact values on the snapshot."""
+    deadline = time.monotonic() + timeout
+    snap = tracer.poll()
+    while not ready(snap) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        snap = tracer.poll()
+    return snap
+
+
+def counters(snap: FlowSnapshot, k: FlowKey) -> FlowCounters:
+    assert k in snap.flows, f"flow {k} not reported"
+    return snap.flows[k]
+
+
+def assert_bytes(tracer: FlowTracer, lab: Lab, family: int, flows: list[tuple[int, int, int]]) -> None:
+    a, b = lab.pod("a"), lab.pod("b")
+    keys = [(key(a, b, family, p, r), up, down) for p, up, down in flows for r in Reporter]
+
+    def done(snap: FlowSnapshot) -> bool:
+        return all(k in snap.flows and snap.flows[k].closed == 1 for k, _, _ in keys)
+
+    snap = wait_for(tracer, done)
+    for k, up, down in keys:
+        c = counters(snap, k)
+        assert (c.sent_bytes, c.received_bytes) == (up, down), k
+        assert (c.opened, c.closed, c.active) == (1, 1, 0), k
+        assert (c.failed_refused, c.failed_timeout, c.resets_c2s, c.resets_s2c) == (0, 0, 0, 0), k
+
+
+def byte_flows() -> list[tuple[int, int, int]]:
+    return [
+        (next_port(), 1, 1),
+        (next_port(), 1448, 100_003),
+        (next_port(), 50 * MB + 123, 7),
+        (next_port(), 13, 50 * MB + 17),
+    ]
+
+
+# --- exact bytes ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", [V4, V6], ids=["ipv4", "ipv6"])
+def test_bytes_exact_default_path(tracer, lab, family) -> None:
+    flows = byte_flows()
+    request_response(lab, lab.pod("a"), lab.pod("b"), family, flows)
+    assert_bytes(tracer, lab, family, flows)
+
+
+@pytest.mark.parametrize("family", [V4, V6], ids=["ipv4", "ipv6"])
+def test_bytes_compat_path(compat_tracer, lab, family) -> None:
+    """Compat path: what a socket sent is exact (snd_nxt advance); what it received is the payload of the
+    segments tcp_probe saw, which counts retransmitted duplicates and loses 64 KiB multiples when the
+    kernel coalesces a backlog skb past the tracepoint's 16-bit data_len (docs/kernel.md)."""
+    a, b = lab.pod("a"), lab.pod("b")
+    flows = byte_flows()
+    request_response(lab, a, b, family, flows)
+    keys = [(key(a, b, family, p, r), up, down) for p, up, down in flows for r in Reporter]
+    snap = wait_for(compat_tracer, lambda s: all(k in s.flows and s.flows[k].closed == 1 for k, _, _ in keys))
+    for k, up, down in keys:
+        c = counters(snap, k)
+        assert (c.opened, c.closed, c.active) == (1, 1, 0), k
+        sent, received = (
+            (c.sent_bytes, c.received_bytes)
+            if k.reporter is Reporter.CLIENT
+            else (
+                c.received_bytes,
+                c.sent_bytes,
+            )
+        )
+        own_tx, own_rx = (up, down) if k.reporter is Reporter.CLIENT else (down, up)
+        assert sent == own_tx, k  # exact
+        if own_rx <= 1448:
+            assert received == own_rx, k  # one segment: exact
+        else:
+            # approximate by design (see the docstring): within 5% here, where veth reordering on two
+            # CPUs causes spurious retransmits of ~1% of segments
+            assert abs(received - own_rx) <= 0.05 * own_rx, (k, received, own_rx)
+
+
+def test_live_connection_counts_bytes_before_close(tracer, lab) -> None:
+    a, b, port = lab.pod("a"), lab.pod("b"), next_port()
+    with listen(lab, b, V4, port) as srv, connect(lab, a, V4, b, port) as cli:
+        conn, _ = srv.accept()
+        with conn:
+            send_exact(cli, 4321)
+            recv_exact(conn, 4321)
+            send_exact(conn, 99)
+            recv_exact(cli, 99)
+            k = key(a, b, V4, port, Reporter.CLIENT)
+            snap = wait_for(tracer, lambda s: k in s.flows and s.flows[k].received_bytes == 99)
+            c = counters(snap, k)
+            assert (c.sent_bytes, c.received_bytes, c.opened, c.closed, c.active) == (4321, 99, 1, 0, 1)
+            assert c.connect_latency.count == 1
+
+
+# --- many short connections -----------------------------------------------------------------------------
+def short_connections(lab: Lab, family: int, port: int, n: int, up: int, down: int) -> None:
+    a, b = lab.pod("a"), lab.pod("b")
+    srv = listen(lab, b, family, port)
+
+    def serve() -> None:
+        for _ in range(n):
+            conn, _ = srv.accept()
+            with conn:
+                recv_exact(conn, up)
+                send_exact(conn, down)
+                conn.recv(1)
+
+    def clients() -> None:
+        for _ in range(n):
+            with connect(lab, a, family, b, port) as sock:
+                send_exact(sock, up)
+                recv_exact(sock, down)
+
+    try:
+        run_threads([serve, clients], timeout=240)
+    finally:
+        srv.close()
+
+
+def assert_short(tracer: FlowTracer, lab: Lab, family: int, port: int, n: int, up: int, down: int) -> None:
+    a, b = lab.pod("a"), lab.pod("b")
+    keys = [key(a, b, family, port, r) for r in Reporter]
+    snap = wait_for(tracer, lambda s: all(k in s.flows and s.flows[k].closed == n for k in keys))
+    for k in keys:
+        c = counters(snap, k)
+        assert (c.opened, c.closed, c.active) == (n, n, 0), k
+        assert (c.sent_bytes, c.received_bytes) == (n * up, n * down), k
+        assert (c.failed_refused, c.failed_timeout) == (0, 0), k
+    client = counters(snap, keys[0])
+    assert client.connect_latency.count == n
+    assert client.rtt.count == n  # one srtt sample per connection, taken when it closes
+    assert snap.dropped["socket_table_full"] == 0
+
+
+def test_ten_thousand_short_connections(tracer, lab) -> None:
+    port = next_port()
+    short_connections(lab, V4, port, 10_000, 10, 20)
+    assert_short(tracer, lab, V4, port, 10_000, 10, 20)
+
+
+def test_short_connections_compat_path(compat_tracer, lab) -> None:
+    port = next_port()
+    short_connections(lab, V6, port, 500, 100, 1000)
+    assert_short(compat_tracer, lab, V6, port, 500, 100, 1000)  # single segments: exact
+
+
+# --- connect failures -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", [V4, V6], ids=["ipv4", "ipv6"])
+def test_refused_connect(tracer, lab, family) -> None:
+    a, b, port = lab.pod("a"), lab.pod("b"), next_port()
+    with pytest.raises(ConnectionRefusedError):
+        connect(lab, a, family, b, port, timeout=5)
+    k = key(a, b, family, port, Reporter.CLIENT)
+    snap = wait_for(tracer, lambda s: k in s.flows)
+    c = counters(snap, k)
+    assert (c.failed_refused, c.failed_timeout, c.opened, c.closed) == (1, 0, 0, 0)
+    assert (c.resets_c2s, c.resets_s2c) == (0, 0)  # a refusal is a failure, not a reset on a connection
+
+
+def test_timeout_connect(tracer, lab) -> None:
+    a, b, port = lab.pod("a"), lab.pod("b"), next_port()
+    lab.sysctl(a, "net.ipv4.tcp_syn_retries", 1)  # gives up after ~3 s: SYN, one retransmit
+    lab.iptables(b, "-A", "INPUT", "-p", "tcp", "--dport", str(port), "--syn", "-j", "DROP")
+    before = lab.snmp(a)["RetransSegs"]
+    try:
+        with pytest.raises((TimeoutError, OSError)):
+            connect(lab, a, V4, b, port, timeout=20)
+    finally:
+        lab.iptables(b, "-D", "INPUT", "-p", "tcp", "--dport", str(port), "--syn", "-j", "DROP")
+        lab.sysctl(a, "net.ipv4.tcp_syn_retries", 6)
+    k = key(a, b, V4, port, Reporter.CLIENT)
+    snap = wait_for(tracer, lambda s: k in s.flows and s.flows[k].failed_timeout == 1)
+    c = counters(snap, k)
+    assert (c.failed_timeout, c.failed_refused, c.opened) == (1, 0, 0)
+    # the SYN retransmits, exactly as the pod's own counter saw them
+    assert c.retransmits_c2s == lab.snmp(a)["RetransSegs"] - before >= 1
+
+
+# --- retransmits ----------------------------------------------------------------------------------------
+def test_retransmits_match_netns_counter(tracer, lab) -> None:
+    c_pod, d_pod, port = lab.pod("c"), lab.pod("d"), next_port()
+    for pod in (c_pod, d_pod):  # one segment per skb, so retransmitted skbs == RetransSegs
+        lab.run(pod, ["ip", "link", "set", "dev", "eth0", "gso_max_segs", "1"])
+    rule = ["INPUT", "-p", "tcp", "--dport", str(port), "-m", "statistic", "--mode", "random"]
+    rule += ["--probability", "0.02", "-j", "DROP"]
+    lab.iptables(d_pod, "-A", *rule)  # loses client -> server segments only
+    before = lab.snmp(c_pod)["RetransSegs"]
+    srv = listen(lab, d_pod, V4, port)
+    up = 8 * MB
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            recv_exact(conn, up)
+            send_exact(conn, 1)
+            conn.recv(1)
+
+    def upload() -> None:
+        with connect(lab, c_pod, V4, d_pod, port) as sock:
+            send_exact(sock, up)
+            recv_exact(sock, 1)
+
+    try:
+        run_threads([serve, upload])
+    finally:
+        srv.close()
+        lab.iptables(d_pod, "-D", *rule)
+    ck, sk = key(c_pod, d_pod, V4, port, Reporter.CLIENT), key(c_pod, d_pod, V4, port, Reporter.SERVER)
+    snap = wait_for(tracer, lambda s: ck in s.flows and s.flows[ck].closed == 1 and sk in s.flows)
+    time.sleep(0.5)  # FIN retransmits, if any, land in both counters
+    snap = wait_for(tracer, lambda s: True)
+    netns_delta = lab.snmp(c_pod)["RetransSegs"] - before
+    client, server = counters(snap, ck), counters(snap, sk)
+    assert netns_delta >= 20, f"too few losses to compare ({netns_delta})"
+    assert abs(client.retransmits_c2s - netns_delta) <= 0.1 * netns_delta, (
+        client.retransmits_c2s,
+        netns_delta,
+    )
+    assert client.retransmits_s2c == 0 and server.retransmits_s2c == 0 and server.retransmits_c2s == 0
+    assert client.sent_bytes == up
+
+
+# --- resets ---------------------------------------------------------------------------------------------
+def established_pair(lab: Lab, port: int) -> tuple[socket.socket, socket.socket]:
+    a, b = lab.pod("a"), lab.pod("b")
+    with listen(lab, b, V4, port) as srv:
+        cli = connect(lab, a, V4, b, port)
+        conn, _ = srv.accept()
+    send_exact(cli, 10)
+    recv_exact(conn, 10)
+    return cli, conn
+
+
+def linger0(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def reset_counts(tracer: FlowTracer, lab: Lab, port: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(client key resets c2s/s2c, server key resets c2s/s2c), after pending RSTs are settled."""
+    a, b = lab.pod("a"), lab.pod("b")
+    ck, sk = key(a, b, V4, port, Reporter.CLIENT), key(a, b, V4, port, Reporter.SERVER)
+    wait_for(tracer, lambda s: ck in s.flows and sk in s.flows and s.flows[ck].closed == 1)
+    time.sleep(0.8)  # past the grace period for RSTs whose sender is not traced
+    snap = tracer.poll()
+    c, s = counters(snap, ck), counters(snap, sk)
+    return (c.resets_c2s, c.resets_s2c), (s.resets_c2s, s.resets_s2c)
+
+
+def test_reset_sent_by_client_linger0_counted_once(tracer, lab) -> None:
+    port = next_port()
+    cli, conn = established_pair(lab, port)
+    linger0(cli)
+    with conn, pytest.raises(ConnectionResetError):
+        conn.recv(10)
+    assert reset_counts(tracer, lab, port) == ((1, 0), (0, 0))
+
+
+def test_reset_sent_by_server_linger0_counted_once(tracer, lab) -> None:
+    port = next_port()
+    cli, conn = established_pair(lab, port)
+    linger0(conn)
+    with cli, pytest.raises(ConnectionResetError):
+        cli.recv(10)
+    assert reset_counts(tracer, lab, port) == ((0, 0), (0, 1))
+
+
+def test_reset_from_iptables_reject_mid_stream(tracer, lab) -> None:
+    b, port = lab.pod("b"), next_port()
+    cli, conn = established_pair(lab, port)
+    rule = ["INPUT", "-p", "tcp", "--dport", str(port), "-j", "REJECT", "--reject-with", "tcp-reset"]
+    lab.iptables(b, "-I", *rule)
+    try:
+        with cli, pytest.raises(ConnectionResetError):
+            for _ in range(50):  # the RST answers the next segment
+                cli.send(b"x" * 100)
+                time.sleep(0.05)
+        counts = reset_counts(tracer, lab, port)
+    finally:
+        lab.iptables(b, "-D", *rule)
+        linger0(conn)
+    # sent by netfilter on the server's side: server -> client, reported by the client that received it
+    assert counts == ((0, 1), (0, 0))
+
+
+# --- RTT and connect latency ----------------------------------------------------------------------------
+def upload_rtt(tracer: FlowTracer, lab: Lab, port: int, up: int) -> FlowCounters:
+    e, f = lab.pod("e"), lab.pod("f")
+    request_response(lab, e, f, V4, [(port, up, 1)])
+    k = key(e, f, V4, port, Reporter.CLIENT)
+    return counters(wait_for(tracer, lambda s: k in s.flows and s.flows[k].closed == 1), k)
+
+
+def test_rtt_and_connect_latency_plausible_and_rtt_rises_on_slow_path(tracer, lab) -> None:
+    fast = upload_rtt(tracer, lab, next_port(), 2 * MB)
+    assert fast.rtt.count >= 1 and fast.connect_latency.count == 1
+    fast_rtt_us = fast.rtt.sum_us / fast.rtt.count
+    assert 1 <= fast_rtt_us < 20_000, fast_rtt_us  # veth on one host: well under 20 ms
+    assert 1 <= fast.connect_latency.sum_us < 200_000
+    e = lab.pod("e")
+    lab.tc(
+        e, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "8mbit", "burst", "16kb", "latency", "400ms"
+    )
+    try:
+        slow = upload_rtt(tracer, lab, next_port(), 3 * MB)
+    finally:
+        lab.tc(e, "qdisc", "del", "dev", "eth0", "root")
+    slow_rtt_us = slow.rtt.sum_us / slow.rtt.count
+    assert slow.rtt.count >= 2  # a periodic sample during the ~3 s upload plus one at close
+    assert slow_rtt_us > max(20_000, 10 * fast_rtt_us), (slow_rtt_us, fast_rtt_us)
+
+
+# --- overflow, filters, pre-existing connections (own tracers: they change configuration) ---------------
+def test_overflow_counted_and_tracer_keeps_running(lab, require_root) -> None:
+    a, b = lab.pod("a"), lab.pod("b")
+    with FlowTracer(sizes={"SOCK_MAX": 32, "FLOW_MAX": 16}, adopt_existing=False) as small:
+        small.set_local_ip_filter([a.ipv4])  # only our client sockets: other tests' traffic stays out
+        port = next_port()
+        srv = listen(lab, b, V4, port)
+        clients = [connect(lab, a, V4, b, port) for _ in range(50)]
+        accepted = [srv.accept()[0] for _ in range(50)]
+        snap = small.poll()
+        assert snap.dropped["socket_table_full"] == 50 - 32
+        for sock in clients + accepted:
+            sock.close()
+        srv.close()
+        k = key(a, b, V4, port, Reporter.CLIENT)
+        snap = wait_for(small, lambda s: k in s.flows and s.flows[k].closed == 32)
+        assert (counters(snap, k).opened, counters(snap, k).active) == (32, 0)
+        # 40 more flows (refused connects, one port each) than the 16-entry flow map holds
+        refused = [next_port() for _ in range(40)]
+        for p in refused:
+            with pytest.raises(ConnectionRefusedError):
+                connect(lab, a, V4, b, p, timeout=5)
+            small.poll()  # read before the LRU evicts it: user space keeps the totals
+        snap = small.poll()
+        assert snap.dropped["flow_table_evicted"] >= 41 - 16
+        for p in refused:
+            assert counters(snap, key(a, b, V4, p, Reporter.CLIENT)).failed_refused == 1
+        assert counters(snap, k).closed == 32  # evicted long ago, totals kept
+        # still running and exact
+        p = next_port()
+        request_response(lab, a, b, V4, [(p, 777, 888)])
+        k2 = key(a, b, V4, p, Reporter.CLIENT)
+        snap = wait_for(small, lambda s: k2 in s.flows and s.flows[k2].closed == 1)
+        assert (counters(snap, k2).sent_bytes, counters(snap, k2).received_bytes) == (777, 888)
+        assert key(a, b, V4, p, Reporter.SERVER) not in snap.flows  # b is not in the local-IP filter
+
+
+def test_ignored_ports_are_not_traced(lab, require_root) -> None:
+    a, b = lab.pod("a"), lab.pod("b")
+    ignored, kept = next_port(), next_port()
+    with FlowTracer(adopt_existing=False) as t:
+        t.set_local_ip_filter([a.ipv4, b.ipv4])
+        t.set_ignored_ports([ignored])
+        request_response(lab, a, b, V4, [(ignored, 10, 10), (kept, 10, 10)])
+        k = key(a, b, V4, kept, Reporter.CLIENT)
+        snap = wait_for(t, lambda s: k in s.flows and s.flows[k].closed == 1)
+        assert not [f for f in snap.flows if f.server_port == ignored]
+        assert all(f.client_ip == a.ipv4 for f in snap.flows)
+
+
+def test_connection_opened_before_the_tracer_is_counted(lab, require_root) -> None:
+    a, b, port = lab.pod("a"), lab.pod("b"), next_port()
+    with listen(lab, b, V6, port) as srv:
+        cli = connect(lab, a, V6, b, port)
+        conn, _ = srv.accept()
+    found = [c for c in existing.discover() if c.local_port == port or c.remote_port == port]
+    assert {c.role for c in found} == {Reporter.CLIENT, Reporter.SERVER}
+    with cli, conn, FlowTracer() as t:
+        # adopted at the first segment each end receives; measured exactly from then on
+        send_exact(cli, 1)
+        recv_exact(conn, 1)
+        send_exact(conn, 1)
+        recv_exact(cli, 1)
+        keys = [key(a, b, V6, port, r) for r in Reporter]
+        snap = wait_for(t, lambda s: all(k in s.flows for k in keys))
+        before = {k: counters(snap, k) for k in keys}
+        for k in keys:
+            assert (before[k].opened, before[k].active) == (1, 1), k
+        send_exact(cli, 5000)
+        recv_exact(conn, 5000)
+        send_exact(conn, 7000)
+        recv_exact(cli, 7000)
+        snap = wait_for(t, lambda s: s.flows[keys[0]].received_bytes - before[keys[0]].received_bytes == 7000)
+        for k in keys:
+            c = counters(snap, k)
+            assert c.sent_bytes - before[k].sent_bytes == 5000, k
+            assert c.received_bytes - before[k].received_bytes == 7000, k
+        cli.close()
+        conn.close()
+        snap = wait_for(t, lambda s: all(s.flows[k].closed == 1 for k in keys))
+        for k in keys:
+            assert (counters(snap, k).opened, counters(snap, k).closed, counters(snap, k).active) == (1, 1, 0)
