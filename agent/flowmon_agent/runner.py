@@ -22,6 +22,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flowmon_agent.aggregate import Aggregator, NatBackends, local_ip_filter
+from flowmon_agent.auth import IN_CLUSTER_SA as SA_DIR
 from flowmon_agent.auth import KubeTokenReviewer, TokenReviewer
 from flowmon_agent.exporter import AgentInstruments, AgentStatus, Exporter
 from flowmon_agent.filewatch import FileWatch
@@ -29,6 +30,7 @@ from flowmon_agent.flows import FlowSnapshot, IPAddress
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_agent.metadata.inventory import parse_inventory
 from flowmon_agent.metadata.records import KINDS, parse_object, record_key
+from flowmon_agent.metadata.watcher import KubeWatcher
 from flowmon_agent.policy import AgentPolicy
 from flowmon_agent.policy_store import PolicyFile, PolicyStore
 from flowmon_agent.series import AgentView
@@ -54,7 +56,10 @@ class AgentSettings(BaseSettings):
     tls_key_file: Path | None = None
     insecure: bool = False
     inventory_file: Path | None = Field(default=None, description="Static inventory (standalone mode).")
-    kube_api_url: str | None = Field(default=None, description="API server for TokenReview.")
+    kube_metadata: bool = Field(default=False, description="Watch the Kubernetes API for metadata.")
+    kube_api_url: str | None = Field(
+        default=None, description="API server for the metadata watch and TokenReview; default in-cluster."
+    )
     token_review: bool = False
     token_review_admin_users: list[str] = Field(default_factory=list)
     token_review_audiences: list[str] = Field(default_factory=list)
@@ -111,6 +116,7 @@ class Agent:
         store: MetadataStore | None = None,
         nat_backends: Callable[[FlowSnapshot], NatBackends] | None = None,
         token_reviewer: TokenReviewer | None = None,
+        watcher: KubeWatcher | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -121,6 +127,15 @@ class Agent:
         )
         self.store = store if store is not None else MetadataStore()
         self.resolver = Resolver(self.store)
+        if watcher is None and settings.kube_metadata:
+            watcher = (
+                KubeWatcher(
+                    self.store, settings.kube_api_url, token_file=SA_DIR / "token", ca_file=SA_DIR / "ca.crt"
+                )
+                if settings.kube_api_url
+                else KubeWatcher.in_cluster(self.store)
+            )
+        self.watcher = watcher
         self.aggregator = Aggregator(settings.node_name, settings.agent_nodes)
         if token_reviewer is None and settings.token_review:
             token_reviewer = KubeTokenReviewer(
@@ -154,6 +169,8 @@ class Agent:
             return "BPF programs not attached yet"
         if self.policy.policy is None:
             return "no policy loaded yet"
+        if self.watcher is not None and not self.watcher.synced:
+            return "Kubernetes metadata not listed yet"
         return None
 
     # ---- lifecycle ----
@@ -163,6 +180,8 @@ class Agent:
         self.policy.subscribe(lambda _policy: self._loop.call_soon_threadsafe(self._wake.set))  # type: ignore[union-attr]
         if self.settings.inventory_file:
             await asyncio.to_thread(self._load_inventory)
+        if self.watcher is not None:
+            self.watcher.start()
         if self._policy_file:
             await asyncio.to_thread(self._policy_file.load)
         await self.server.start()  # health answers while BPF compiles (seconds)
@@ -180,6 +199,8 @@ class Agent:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.server.stop()
+        if self.watcher is not None:
+            await asyncio.to_thread(self.watcher.stop)
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.close)
             self.tracer = None
@@ -221,11 +242,16 @@ class Agent:
         snapshot = self.tracer.poll()
         now = self._clock()
         view = self._view(snapshot, policy, now)
-        age = None if self._metadata_at is None else max(0.0, now - self._metadata_at)
+        age = self._metadata_age(now)
         self.exporter.swap(AgentStatus(view, snapshot.kernel_path, dict(snapshot.dropped), age))
         self.instruments.poll_duration.observe(time.perf_counter() - started)
         self.polls += 1
         return view
+
+    def _metadata_age(self, now: float) -> float | None:
+        if self.watcher is not None:
+            return self.watcher.age_seconds()
+        return None if self._metadata_at is None else max(0.0, now - self._metadata_at)
 
     def _view(self, snapshot: FlowSnapshot, policy: AgentPolicy | None, now: float) -> AgentView:
         if policy is None:

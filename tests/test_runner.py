@@ -1,0 +1,89 @@
+"""The agent runner with the real tracer: readiness, metadata from the Kubernetes API emulator, policy
+file reload and API pushes that wake the poll loop, the self metrics that describe them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+
+from flowmon_agent.metadata import MetadataStore
+from flowmon_agent.metadata.watcher import KubeWatcher
+from flowmon_agent.policy import compile_policy
+from flowmon_agent.policy_store import dump_policy_json
+from flowmon_agent.runner import Agent, AgentSettings
+from tests.test_server import monitor
+
+pytestmark = [pytest.mark.bpf, pytest.mark.asyncio]
+
+
+async def _until(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+async def _scrape(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(url) as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+def _sample(text: str, prefix: str) -> float | None:
+    return next(
+        (float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)), None
+    )
+
+
+async def test_runner_lifecycle_metadata_and_live_policy(tmp_path, require_root, kube_api):
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+    first = compile_policy([monitor("shop", "web")])
+    second = compile_policy([monitor("shop", "web"), monitor("shop", "db")])
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(dump_policy_json(first))
+    store = MetadataStore()
+    settings = AgentSettings(
+        listen_port=0, node_name="node-a", policy_file=policy_file, poll_interval_seconds=5
+    )
+    agent = Agent(settings, store=store, watcher=KubeWatcher(store, kube_api.url, token=kube_api.token))
+    assert agent.not_ready_reason() == "BPF programs not attached yet"
+    await agent.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            await _until(lambda: agent.not_ready_reason() is None)
+            assert store.namespace_labels("shop") is not None
+            assert (await http.get(agent.url + "/readyz")).status == 200
+            text = await _scrape(http, agent.url + "/metrics")
+            assert f'policy_hash="{first.hash}"' in text and 'kernel_path="' in text
+            assert _sample(text, "flowmon_agent_metadata_age_seconds ") == 0.0  # watches connected
+            assert _sample(text, "flowmon_agent_poll_duration_seconds_count ") >= 1
+
+            # A push wakes the loop: the view follows well before the 5 s poll interval.
+            async with http.put(agent.url + "/v1/policy", data=dump_policy_json(second)) as resp:
+                assert resp.status == 200 and (await resp.json()) == {"policyHash": second.hash}
+            started = time.monotonic()
+            await _until(lambda: agent.exporter.holder.status.view.policy_hash == second.hash, timeout=2)
+            assert time.monotonic() - started < 2
+            assert set(agent.exporter.holder.status.view.monitors) == {"shop/web", "shop/db"}
+
+            # A bad policy file is refused and counted; the pushed policy keeps running.
+            policy_file.write_text('{"monitors": [{"name": "x"}]}')
+            await _until(
+                lambda: agent.instruments.registry.get_sample_value(
+                    "flowmon_agent_policy_rejected_total", {"source": "file"}
+                ),
+                timeout=12,
+            )
+            assert json.loads(await _scrape(http, agent.url + "/v1/policy"))["policyHash"] == second.hash
+            # A good file change applies.
+            policy_file.write_text(dump_policy_json(first))
+            await _until(lambda: agent.policy.hash == first.hash, timeout=12)
+    finally:
+        await agent.stop()
+    assert agent.tracer is None
