@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flowmon_agent import isolation
 from flowmon_agent.alerting_spec import DAY_SECONDS, AlertingSpec
 from flowmon_agent.model_base import duration_seconds
 from flowmon_agent.series import METRICS
@@ -26,9 +27,9 @@ PAIR_LABELS: tuple[str, ...] = tuple(
         Dimension.SERVER_WORKLOAD,
     )
 )
-ISOLATION_LABELS: tuple[str, ...] = ("from_env", "to_env", *PAIR_LABELS)
-VIOLATIONS = "flowmon_isolation_violations_total"
-VIOLATION_BYTES = "flowmon_isolation_violation_bytes_total"
+ISOLATION_LABELS = isolation.LABEL_NAMES
+VIOLATIONS = f"{isolation.VIOLATIONS.name}_total"
+VIOLATION_BYTES = f"{isolation.VIOLATION_BYTES.name}_total"
 
 ALERT_NAMES = (
     "FlowmonTrafficAnomaly",
@@ -268,7 +269,7 @@ def _new_dependency(ctx: _Ctx) -> list[dict]:
 def _isolation_alert(ctx: _Ctx) -> dict:
     by = ", ".join((MONITOR_LABEL, *ISOLATION_LABELS))
     w = ctx.event_window
-    either = f'{{__name__=~"flowmon_isolation_violation(s|_bytes)_total", {ctx.sel}}}'
+    either = f'{{__name__=~"{VIOLATIONS}|{VIOLATION_BYTES}", {ctx.sel}}}'
     # increase() needs two samples of a series: a violation that creates its series is caught by the
     # third clause (a series that did not exist one window ago).
     expr = (

@@ -1,0 +1,254 @@
+"""Environment isolation in the agent: namespace → environment, forbidden flows, cumulative counters, and
+end to end in a netns mini-cluster with the real tracer: staging → prod is counted within a second."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from flowmon_agent.alerting_spec import IsolationAlerting
+from flowmon_agent.exporter import render_family, text_exposition
+from flowmon_agent.isolation import IsolationCounter, environment_of, violation
+from flowmon_agent.series import OVERFLOW_VALUE
+
+ISOLATION = IsolationAlerting.model_validate(
+    {
+        "environments": [
+            {"name": "staging", "namespaceSelector": {"matchLabels": {"env": "staging"}}},
+            {
+                "name": "prod",
+                "namespaceSelector": {
+                    "matchExpressions": [{"key": "env", "operator": "In", "values": ["prod", "production"]}]
+                },
+            },
+            {
+                "name": "any-team",
+                "namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "Exists"}]},
+            },
+        ],
+        "forbidden": [{"from": "staging", "to": "prod"}, {"from": "any-team", "to": "prod"}],
+    }
+)
+NAMESPACES = {
+    "shop-staging": {"env": "staging", "team": "shop"},  # first matching environment wins: staging
+    "shop": {"env": "prod"},
+    "payments": {"env": "production"},
+    "tools": {"team": "ops"},
+    "default": {},
+}
+
+
+@pytest.mark.parametrize(
+    ("labels", "env"),
+    [
+        (NAMESPACES["shop-staging"], "staging"),
+        (NAMESPACES["shop"], "prod"),
+        (NAMESPACES["payments"], "prod"),
+        (NAMESPACES["tools"], "any-team"),
+        ({}, None),
+        (None, None),
+    ],
+)
+def test_environment_of_a_namespace(labels: dict | None, env: str | None) -> None:
+    assert environment_of(ISOLATION, labels) == env
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "expected"),
+    [
+        ("shop-staging", "shop", ("staging", "prod")),
+        ("shop-staging", "payments", ("staging", "prod")),
+        ("tools", "shop", ("any-team", "prod")),
+        ("shop", "shop-staging", None),  # prod → staging is allowed
+        ("shop", "payments", None),
+        ("shop-staging", "shop-staging", None),
+        ("default", "shop", None),  # a namespace in no environment
+        ("", "shop", None),  # a node or an external address
+        ("shop-staging", "unknown-ns", None),
+    ],
+)
+def test_forbidden_flows(client: str, server: str, expected: tuple[str, str] | None) -> None:
+    assert violation(ISOLATION, client, server, NAMESPACES.get) == expected
+
+
+def test_no_forbidden_pairs_means_no_violations() -> None:
+    open_ = IsolationAlerting.model_validate({"environments": ISOLATION.dump()["environments"]})
+    assert violation(open_, "shop-staging", "shop", NAMESPACES.get) is None
+    assert IsolationCounter(open_).families() == ()
+
+
+def test_counter_accumulates_attempts_and_bytes_and_renders() -> None:
+    counter = IsolationCounter(ISOLATION)
+    stg, prod = ("shop-staging", "loadgen"), ("shop", "db")
+    add = lambda c, s, a, b: counter.add(c, s, attempts=a, bytes_=b, namespace_labels=NAMESPACES.get)  # noqa: E731
+    assert add(stg, prod, 1, 500) == ("staging", "prod", "shop-staging", "loadgen", "shop", "db")
+    assert add(stg, prod, 0, 1500) is not None  # a long-lived connection's bytes keep counting
+    assert add(stg, prod, 0, 0) is None
+    assert add(prod, stg, 4, 100) is None
+    assert add(("tools", "backup"), ("payments", "api"), 2, 0) is not None
+    text = text_exposition(render_family(f) for f in counter.families()).decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    loadgen = tuple(
+        sorted(
+            {
+                "from_env": "staging",
+                "to_env": "prod",
+                "client_namespace": "shop-staging",
+                "client_workload": "loadgen",
+                "server_namespace": "shop",
+                "server_workload": "db",
+            }.items()
+        )
+    )
+    assert samples[("flowmon_isolation_violations_total", loadgen)] == 1
+    assert samples[("flowmon_isolation_violation_bytes_total", loadgen)] == 2000
+    assert len(samples) == 4  # two pairs, two families
+    assert "# TYPE flowmon_isolation_violations_total counter" in text
+
+
+def test_counter_caps_pairs_with_an_overflow_per_environment_pair() -> None:
+    counter = IsolationCounter(ISOLATION, max_series=2)
+    for i in range(5):
+        counter.add(
+            ("shop-staging", f"w{i}"), ("shop", "db"), attempts=1, bytes_=10, namespace_labels=NAMESPACES.get
+        )
+    assert len(counter.totals) == 3
+    assert counter.totals[("staging", "prod", *(OVERFLOW_VALUE,) * 4)] == [3, 30]
+
+
+# --- end to end: the real tracer in a netns mini-cluster -------------------------------------------
+
+SERVER = """
+import socket, time
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 5432)); srv.listen(16); srv.settimeout(30)
+print("listening", flush=True)
+held = []
+end = time.time() + 30
+while time.time() < end and len(held) < 4:
+    conn, _ = srv.accept(); conn.recv(65536); held.append(conn)
+time.sleep(5)
+"""
+CLIENT = """
+import socket, sys, time
+sock = socket.create_connection((sys.argv[1], 5432), timeout=10)
+sock.sendall(b"x" * 1000)
+print("connected", flush=True)
+time.sleep(float(sys.argv[2]))
+sock.close()
+"""
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_staging_to_prod_is_counted_within_a_second(require_root) -> None:
+    from flowmon_agent import minicluster as mc
+    from flowmon_agent.aggregate import (
+        OPENED,
+        RECEIVED,
+        REFUSED,
+        SENT,
+        TIMEOUT,
+        Aggregator,
+        flow_visible,
+        local_ip_filter,
+    )
+    from flowmon_agent.metadata import MetadataStore, Resolver
+    from flowmon_agent.policy import compile_policy
+    from flowmon_agent.spec import FlowMonitor
+    from flowmon_agent.tracer import FlowTracer
+
+    spec = mc.ClusterSpec(
+        namespaces=[
+            mc.NamespaceSpec("staging", {"env": "staging"}),
+            mc.NamespaceSpec("prod", {"env": "prod"}),
+        ],
+        deployments=[
+            mc.DeploymentSpec("staging", "loadgen", replicas=1),
+            mc.DeploymentSpec("prod", "web", replicas=1),
+            mc.DeploymentSpec("prod", "db", replicas=1),
+        ],
+    )
+    monitor = FlowMonitor.model_validate(
+        {
+            "metadata": {"name": "isolation", "namespace": "flowmon-system"},
+            "spec": {
+                "selection": {"namespaces": {"include": ["staging", "prod"]}},
+                "alerting": {"isolation": ISOLATION.dump()},
+            },
+        }
+    )
+    policy = compile_policy([monitor])
+    (mon,) = policy.monitors
+    prefix = mc.new_prefix("fiso")
+    try:
+        with mc.MiniCluster(spec, prefix=prefix) as cluster, FlowTracer() as tracer:
+            store = MetadataStore()
+            for obj in cluster.inventory():
+                store.apply("ADDED", obj)
+            resolver = Resolver(store)
+            node = cluster.pods[0].node
+            tracer.set_local_ip_filter(local_ip_filter(policy, store, node))
+            aggregator = Aggregator(node)
+            counter = IsolationCounter(mon.isolation, mon.max_series)
+            seen_pairs: set[tuple[str, str]] = set()
+
+            def poll() -> None:  # what the agent does every second, with the integration glue
+                for u in aggregator.updates(tracer.poll(), policy, resolver, {}):
+                    if not flow_visible(mon, u.flow, store):
+                        continue
+                    seen_pairs.add((u.flow.client.workload, u.flow.server.workload))
+                    counter.add(
+                        (u.flow.client.namespace, u.flow.client.workload),
+                        (u.flow.server.namespace, u.flow.server.workload),
+                        attempts=u.delta[OPENED] + u.delta[REFUSED] + u.delta[TIMEOUT],
+                        bytes_=u.delta[SENT] + u.delta[RECEIVED],
+                        namespace_labels=store.namespace_labels,
+                    )
+
+            db = cluster.pods_of("prod", "db")[0]
+            server = cluster.spawn(db, ["python3", "-c", SERVER], stdout=subprocess.PIPE, text=True)
+            assert server.stdout.readline().strip() == "listening"
+            poll()
+
+            def connect(pod):
+                client = cluster.spawn(
+                    pod, ["python3", "-c", CLIENT, db.ip, "2"], stdout=subprocess.PIPE, text=True
+                )
+                assert client.stdout.readline().strip() == "connected"
+                return client, time.monotonic()
+
+            # Allowed: prod → prod. Seen by aggregation, never counted.
+            web_client, _ = connect(cluster.pods_of("prod", "web")[0])
+            deadline = time.monotonic() + 5
+            while ("web", "db") not in seen_pairs and time.monotonic() < deadline:
+                time.sleep(0.1)
+                poll()
+            assert ("web", "db") in seen_pairs
+            assert counter.totals == {}
+
+            # Forbidden: staging → prod, still open: counted at the next poll.
+            loadgen_client, connected = connect(cluster.pods_of("staging", "loadgen")[0])
+            key = ("staging", "prod", "staging", "loadgen", "prod", "db")
+            while key not in counter.totals and time.monotonic() - connected < 5:
+                time.sleep(0.05)
+                poll()
+            latency = time.monotonic() - connected
+            assert key in counter.totals, (counter.totals, seen_pairs)
+            assert latency < 1.0, f"violation counted {latency:.2f}s after the connection"
+            attempts, bytes_ = counter.totals[key]
+            assert attempts == 1 and bytes_ >= 1000
+            assert list(counter.totals) == [key]
+            print(f"staging → prod counted {latency * 1000:.0f} ms after connect")
+            for proc in (web_client, loadgen_client):
+                proc.wait(timeout=10)
+            server.kill()
+    finally:
+        mc.cleanup(prefix)
