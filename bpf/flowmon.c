@@ -32,6 +32,9 @@
 #ifndef ADOPT_MAX
 #define ADOPT_MAX 16384
 #endif
+#ifndef NAT_MAX
+#define NAT_MAX 16384
+#endif
 #ifndef RTT_INTERVAL_MS
 #define RTT_INTERVAL_MS 1000
 #endif
@@ -49,14 +52,16 @@
 #define FM_SLOTS 32
 
 // Aggregated flow: every connection client -> server:port seen by one end (reporter). IPv4 addresses
-// use the first 4 bytes; IPv4-mapped IPv6 addresses are stored as IPv4.
+// use the first 4 bytes; IPv4-mapped IPv6 addresses are stored as IPv4. client_port is 0 except for
+// connections to a NAT peer (a Service IP): those stay per connection so user space can undo the NAT.
 struct flow_key {
     u8 client[16];
     u8 server[16];
     u16 family;
     u16 server_port;
     u8 reporter;
-    u8 pad[3];
+    u8 pad;
+    u16 client_port;
 };
 
 // Cumulative since the entry was created (created_ns tells user space when an LRU entry was replaced).
@@ -100,7 +105,7 @@ struct sock_state {
     u8 seq_init;       // compat: seq_hw is valid
     u8 has_latency;
     u8 has_srtt;
-    u8 pad;
+    u8 per_conn;       // the server is a NAT peer: key.client_port is filled in
     u16 client_port;   // the connection's client port (NAT-stable RST matching)
     u8 pad2[4];
 };
@@ -159,6 +164,7 @@ BPF_HASH(adopt, struct tuple_key, u8, ADOPT_MAX);
 #define CFG_FILTER 0
 #define CFG_PORTS 1
 #define CFG_ADOPT 2
+#define CFG_NAT 3
 BPF_ARRAY(cfg, u64, 4);
 struct ip_key {
     u8 addr[16];
@@ -167,6 +173,7 @@ struct ip_key {
 };
 BPF_HASH(local_ips, struct ip_key, u8, 4096);
 BPF_HASH(ignored_ports, u16, u8, 1024);
+BPF_HASH(nat_peers, struct ip_key, u8, NAT_MAX);
 
 // Drop and event counters (per CPU, summed by user space).
 #define ST_SOCK_FULL 0
@@ -258,6 +265,17 @@ static __always_inline int is_traced(u16 family, const u8 *local, u16 server_por
     return 1;
 }
 
+static __always_inline int is_nat_peer(u16 family, const u8 *server) {
+    u32 idx = CFG_NAT;
+    u64 *on = cfg.lookup(&idx);
+    if (!on || !*on)
+        return 0;
+    struct ip_key k = {};
+    k.family = family;
+    __builtin_memcpy(k.addr, server, 16);
+    return nat_peers.lookup(&k) != 0;
+}
+
 static __always_inline struct flow_val *flow_get(struct flow_key *key) {
     struct flow_val *v = flows.lookup(key);
     if (v)
@@ -333,6 +351,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         if (!is_traced(family, st.key.client, st.key.server_port))
             return 0;
         st.start_ns = bpf_ktime_get_ns();
+        st.per_conn = is_nat_peer(family, st.key.server);
         insert_sock(sk, &st);
         return 0;
     }
@@ -345,6 +364,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             st->established = 1;
             st->last_rtt_ns = now;
             st->client_port = args->sport;
+            if (st->per_conn)
+                st->key.client_port = args->sport;
             if (st->start_ns) {
                 st->latency_us = (now - st->start_ns) / 1000;
                 st->has_latency = 1;
@@ -371,6 +392,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         struct sock_state *st = socks.lookup(&sk);
         if (!st)
             return 0;
+        if (st->per_conn && st->key.client_port == 0)
+            st->key.client_port = args->sport;  // a failed connect: the port was chosen after SYN_SENT
         fold(st, oldstate);
         if (st->established) {
             u32 zero = 0;

@@ -542,3 +542,37 @@ def test_connection_opened_before_the_tracer_is_counted(lab, require_root) -> No
         snap = wait_for(t, lambda s: all(s.flows[k].closed == 1 for k in keys))
         for k in keys:
             assert (counters(snap, k).opened, counters(snap, k).closed, counters(snap, k).active) == (1, 1, 0)
+
+
+def test_nat_peers_are_reported_per_connection(lab, require_root) -> None:
+    a, b = lab.pod("a"), lab.pod("b")
+    port, refused = next_port(), next_port()
+    with FlowTracer(adopt_existing=False, connection_key_ttl_s=1.0) as t:
+        t.set_local_ip_filter([a.ipv4, b.ipv4])
+        t.set_nat_peers([b.ipv4])  # as if b's address were a Service IP
+        with listen(lab, b, V4, port) as srv:
+            socks = [connect(lab, a, V4, b, port) for _ in range(2)]
+            accepted = [srv.accept()[0] for _ in socks]
+        client_ports = sorted(s.getsockname()[1] for s in socks)
+        for s in socks:
+            send_exact(s, 100)
+        for s in accepted:
+            recv_exact(s, 100)
+        for s in socks + accepted:
+            s.close()
+        with pytest.raises(ConnectionRefusedError):
+            connect(lab, a, V4, b, refused, timeout=5)
+        per_conn = [FlowKey(a.ipv4, b.ipv4, port, Reporter.CLIENT, client_port=cp) for cp in client_ports]
+        snap = wait_for(t, lambda s: all(k in s.flows and s.flows[k].closed == 1 for k in per_conn))
+        for k in per_conn:
+            assert (counters(snap, k).sent_bytes, counters(snap, k).opened) == (100, 1)
+        # the server sees the real client and aggregates as usual
+        assert counters(snap, key(a, b, V4, port, Reporter.SERVER)).sent_bytes == 200  # c2s
+        failed = [k for k in snap.flows if k.server_port == refused]
+        assert len(failed) == 1 and failed[0].client_port != 0 and snap.flows[failed[0]].failed_refused == 1
+        # closed per-connection keys are forgotten after the TTL (here and in the kernel map)
+        time.sleep(1.2)
+        t.poll()
+        snap = t.poll()
+        assert not [k for k in snap.flows if k.client_port]
+        assert snap.dropped["flow_table_evicted"] == 0

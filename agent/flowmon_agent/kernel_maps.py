@@ -14,9 +14,9 @@ from flowmon_agent.flows import HISTOGRAM_SLOTS, FlowCounters, FlowKey, IPAddres
 AF_INET, AF_INET6 = 2, 10
 ROLE_CLIENT, ROLE_SERVER = 0, 1
 
-FLOW_KEY = struct.Struct("<16s16sHHB3x")  # struct flow_key
+FLOW_KEY = struct.Struct("<16s16sHHBxH")  # struct flow_key
 FLOW_VAL = struct.Struct(f"<13Q{HISTOGRAM_SLOTS}Q{HISTOGRAM_SLOTS}Q")  # struct flow_val
-SOCK_STATE = struct.Struct("<40sQQQQIIIIIBBBBBxH4x")  # struct sock_state
+SOCK_STATE = struct.Struct("<40sQQQQIIIIIBBBBBBH4x")  # struct sock_state
 RST_PENDING = struct.Struct("<40sQB7x")  # struct rst_pending_val
 TUPLE_KEY = struct.Struct("<16s16sHHHH")  # struct tuple_key
 IP_KEY = struct.Struct("<16sHH")  # struct ip_key
@@ -43,12 +43,13 @@ def encode_addr(ip: IPAddress) -> tuple[int, bytes]:
 
 
 def decode_flow_key(raw: bytes) -> FlowKey:
-    client, server, family, port, reporter = FLOW_KEY.unpack(raw[: FLOW_KEY.size])
+    client, server, family, port, reporter, client_port = FLOW_KEY.unpack(raw[: FLOW_KEY.size])
     return FlowKey(
         client_ip=decode_addr(family, client),
         server_ip=decode_addr(family, server),
         server_port=port,
         reporter=Reporter.CLIENT if reporter == ROLE_CLIENT else Reporter.SERVER,
+        client_port=client_port,
     )
 
 
@@ -56,7 +57,7 @@ def encode_flow_key(key: FlowKey) -> bytes:
     family, client = encode_addr(key.client_ip)
     _, server = encode_addr(key.server_ip)
     role = ROLE_CLIENT if key.reporter is Reporter.CLIENT else ROLE_SERVER
-    return FLOW_KEY.pack(client, server, family, key.server_port, role)
+    return FLOW_KEY.pack(client, server, family, key.server_port, role, key.client_port)
 
 
 @dataclass(frozen=True, slots=True)

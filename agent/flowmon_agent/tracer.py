@@ -28,8 +28,8 @@ from flowmon_agent.kernel_maps import (
     copy_counters,
 )
 
-CFG_FILTER, CFG_PORTS, CFG_ADOPT = 0, 1, 2
-DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384}
+CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT = 0, 1, 2, 3
+DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384, "NAT_MAX": 16384}
 
 
 @dataclass(slots=True)
@@ -73,6 +73,7 @@ class FlowTracer:
         adopt_existing: bool = True,
         adopt_window_s: float = 300.0,
         reset_grace_s: float = 0.5,
+        connection_key_ttl_s: float = 300.0,
     ) -> None:
         cflags = {**DEFAULT_SIZES, **(sizes or {}), "RTT_INTERVAL_MS": int(rtt_interval_ms)}
         self._path, self._bpf = kernel_paths.load(force_compat=force_compat, raw=raw, sizes=cflags)
@@ -81,7 +82,10 @@ class FlowTracer:
         b = self._bpf
         self._flows, self._socks, self._stats = b["flows"], b["socks"], b["stats"]
         self._cfg, self._local_ips, self._ports = b["cfg"], b["local_ips"], b["ignored_ports"]
-        self._pending, self._adopt = b["rst_pending"], b["adopt"]
+        self._pending, self._adopt, self._nat = b["rst_pending"], b["adopt"], b["nat_peers"]
+        self._conn_ttl_s = connection_key_ttl_s
+        self._conn_seen: dict[FlowKey, tuple[float, FlowCounters]] = {}  # per-connection keys: last change
+        self._forgotten = 0  # kernel entries user space deleted (not evictions)
         self._reset_grace_ns = int(reset_grace_s * 1e9)
         self._incarnations: dict[FlowKey, _Incarnations] = {}
         self._extra: dict[FlowKey, FlowCounters] = {}  # resets received from untraced senders
@@ -96,19 +100,30 @@ class FlowTracer:
     def _set_cfg(self, index: int, value: int) -> None:
         self._cfg[ctypes.c_int(index)] = ctypes.c_uint64(value)
 
+    @staticmethod
+    def _sync_ips(table, ips: Iterable[IPAddress]) -> int:
+        wanted = {kernel_maps.encode_ip_key(ip) for ip in ips}
+        for raw in wanted:  # add before removing, so a kept address is never briefly missing
+            table[table.Key.from_buffer_copy(raw)] = ctypes.c_uint8(1)
+        for key in list(table.keys()):
+            if bytes(key) not in wanted:
+                del table[key]
+        return len(wanted)
+
     def set_local_ip_filter(self, ips: Iterable[IPAddress] | None) -> None:
         """Trace only sockets whose local address is in ips (None: trace all). Applies to new sockets."""
         if ips is None:
             self._set_cfg(CFG_FILTER, 0)
             self._local_ips.clear()
             return
-        wanted = {kernel_maps.encode_ip_key(ip) for ip in ips}
-        for raw in wanted:  # add before removing, so a kept address is never briefly missing
-            self._local_ips[self._local_ips.Key.from_buffer_copy(raw)] = ctypes.c_uint8(1)
-        for key in list(self._local_ips.keys()):
-            if bytes(key) not in wanted:
-                del self._local_ips[key]
+        self._sync_ips(self._local_ips, ips)
         self._set_cfg(CFG_FILTER, 1)
+
+    def set_nat_peers(self, ips: Iterable[IPAddress]) -> None:
+        """Server IPs behind NAT (Service IPs): connections to them are reported one by one
+        (FlowKey.client_port set) so user space can resolve each through conntrack. New sockets only."""
+        n = self._sync_ips(self._nat, ips)
+        self._set_cfg(CFG_NAT, int(n > 0))
 
     def set_ignored_ports(self, ports: Iterable[int]) -> None:
         """Server ports whose connections are not traced (applies to new sockets)."""
@@ -188,7 +203,7 @@ class FlowTracer:
                 live[key] = c
         self._drain_resets()
         self._expire_adoption()
-        self._evicted = max(self._evicted, created - len(flows))
+        self._evicted = max(self._evicted, created - len(flows) - self._forgotten)
 
         out: dict[FlowKey, FlowCounters] = {}
         for key in self._incarnations.keys() | live.keys() | self._extra.keys():
@@ -200,6 +215,7 @@ class FlowTracer:
             total = clamp_monotonic(self._reported.get(key), total)
             self._reported[key] = total
             out[key] = copy_counters(total)
+        self._forget_idle_connections(out)
         dropped = {
             "socket_table_full": self._stat(ST_SOCK_FULL),
             "flow_table_evicted": self._evicted,
@@ -207,6 +223,25 @@ class FlowTracer:
             "reset_table_full": self._stat(ST_RST_FULL),
         }
         return FlowSnapshot(out, dropped, self.kernel_path, time.monotonic())
+
+    def _forget_idle_connections(self, out: dict[FlowKey, FlowCounters]) -> None:
+        """Per-connection keys (NAT peers) are dropped, here and in the kernel, once closed and unchanged
+        for connection_key_ttl_s: one snapshot after another reports their final totals until then."""
+        now = time.monotonic()
+        for key, c in out.items():
+            if not key.client_port:
+                continue
+            seen = self._conn_seen.get(key)
+            if seen is None or seen[1] != c:
+                self._conn_seen[key] = (now, c)
+            elif c.active == 0 and now - seen[0] >= self._conn_ttl_s:
+                for state in (self._conn_seen, self._incarnations, self._extra, self._reported):
+                    state.pop(key, None)
+                try:
+                    del self._flows[self._flows.Key.from_buffer_copy(kernel_maps.encode_flow_key(key))]
+                    self._forgotten += 1
+                except KeyError:
+                    pass  # already evicted
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -1,0 +1,183 @@
+"""Pure parts of the kernel agent on synthetic input: map decoding, counter arithmetic, path choice,
+/proc/net/tcp parsing. No BPF needed."""
+
+from __future__ import annotations
+
+import platform
+from ipaddress import IPv4Address, IPv6Address
+
+import pytest
+
+from flowmon_agent import existing, kernel_maps, kernel_paths
+from flowmon_agent.flows import HISTOGRAM_SLOTS, FlowCounters, FlowKey, Log2Histogram, Reporter
+from flowmon_agent.kernel_maps import FLOW_KEY, FLOW_VAL, SOCK_STATE
+from flowmon_agent.tracer import _Incarnations
+
+V4A, V4B = IPv4Address("10.1.2.3"), IPv4Address("10.1.2.4")
+V6A, V6B = IPv6Address("fd00::1"), IPv6Address("fd00::2")
+
+
+def test_struct_sizes_match_the_c_structs() -> None:
+    assert (FLOW_KEY.size, FLOW_VAL.size, SOCK_STATE.size) == (40, 616, 104)
+    assert (kernel_maps.RST_PENDING.size, kernel_maps.TUPLE_KEY.size, kernel_maps.IP_KEY.size) == (56, 40, 20)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        FlowKey(V4A, V4B, 80, Reporter.CLIENT),
+        FlowKey(V6A, V6B, 443, Reporter.SERVER),
+        FlowKey(V4A, V4B, 8080, Reporter.CLIENT, client_port=40001),
+    ],
+)
+def test_flow_key_round_trip(key: FlowKey) -> None:
+    raw = kernel_maps.encode_flow_key(key)
+    assert len(raw) == 40
+    assert kernel_maps.decode_flow_key(raw) == key
+
+
+def test_ipv4_mapped_addresses_are_stored_as_ipv4() -> None:
+    mapped = IPv6Address("::ffff:10.1.2.3")
+    assert kernel_maps.encode_addr(mapped) == kernel_maps.encode_addr(V4A) == (2, V4A.packed + bytes(12))
+
+
+def test_flow_value_decodes_every_field() -> None:
+    lat = [0] * HISTOGRAM_SLOTS
+    rtt = [0] * HISTOGRAM_SLOTS
+    lat[5], rtt[10], rtt[31] = 2, 3, 1
+    raw = FLOW_VAL.pack(123, 1000, 2000, 5, 4, 1, 2, 3, 0, 1, 0, 50, 9000, *lat, *rtt)
+    kf = kernel_maps.decode_flow_value(raw)
+    c = kf.counters
+    assert kf.created_ns == 123
+    assert (c.sent_bytes, c.received_bytes, c.opened, c.closed, c.active) == (1000, 2000, 5, 4, 1)
+    assert (c.failed_refused, c.failed_timeout, c.retransmits_c2s, c.retransmits_s2c) == (1, 2, 3, 0)
+    assert (c.resets_c2s, c.resets_s2c) == (1, 0)
+    assert c.connect_latency == Log2Histogram(lat, 50) and c.rtt == Log2Histogram(rtt, 9000)
+
+
+def sock_state(
+    key: FlowKey,
+    *,
+    tx: int,
+    rx: int,
+    retrans: int = 0,
+    resets: int = 0,
+    established: int = 1,
+    latency: int = 0,
+    has_latency: int = 0,
+) -> bytes:
+    return SOCK_STATE.pack(
+        kernel_maps.encode_flow_key(key), 0, tx, rx, 0, retrans, resets, latency, 0, 0,
+        established, 0, 0, has_latency, 0, 0, 0
+    )  # fmt: skip
+
+
+def test_live_client_socket_maps_its_directions() -> None:
+    key = FlowKey(V4A, V4B, 80, Reporter.CLIENT)
+    got_key, c = kernel_maps.decode_live_socket(
+        sock_state(key, tx=10, rx=20, retrans=2, resets=1, latency=300, has_latency=1)
+    )
+    assert got_key == key
+    assert (c.sent_bytes, c.received_bytes, c.opened, c.active, c.closed) == (10, 20, 1, 1, 0)
+    assert (c.retransmits_c2s, c.retransmits_s2c, c.resets_c2s, c.resets_s2c) == (2, 0, 1, 0)
+    assert c.connect_latency.slots[9] == 1 and c.connect_latency.sum_us == 300  # 256 <= 300 < 512
+
+
+def test_live_server_socket_maps_its_directions() -> None:
+    key = FlowKey(V6A, V6B, 443, Reporter.SERVER)
+    _, c = kernel_maps.decode_live_socket(sock_state(key, tx=10, rx=20, retrans=2, resets=1))
+    assert (c.sent_bytes, c.received_bytes) == (20, 10)  # server rx is client -> server
+    assert (c.retransmits_c2s, c.retransmits_s2c, c.resets_c2s, c.resets_s2c) == (0, 2, 0, 1)
+
+
+def test_connecting_socket_is_not_opened_yet() -> None:
+    key = FlowKey(V4A, V4B, 80, Reporter.CLIENT)
+    _, c = kernel_maps.decode_live_socket(sock_state(key, tx=0, rx=0, retrans=1, established=0))
+    assert (c.opened, c.active, c.retransmits_c2s) == (0, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("value", "slot"), [(0, 0), (1, 1), (2, 2), (3, 2), (4, 3), (1023, 10), (1 << 40, 31)]
+)
+def test_log2_slot_matches_the_kernel(value: int, slot: int) -> None:
+    assert kernel_maps.log2_slot(value) == slot
+
+
+def test_clamp_keeps_counters_monotonic_but_active_is_a_gauge() -> None:
+    prev = FlowCounters(sent_bytes=100, opened=3, closed=1, active=2)
+    prev.rtt.slots[3] = 2
+    cur = FlowCounters(sent_bytes=90, opened=3, closed=2, active=1)  # a socket closed between map reads
+    out = kernel_maps.clamp_monotonic(prev, cur)
+    assert (out.sent_bytes, out.opened, out.closed, out.active) == (100, 3, 2, 1)
+    assert out.rtt.slots[3] == 2
+
+
+def test_evicted_flow_keeps_its_totals_when_recreated() -> None:
+    inc = _Incarnations(1, FlowCounters(sent_bytes=10, closed=1, opened=1))
+    inc.observe(1, FlowCounters(sent_bytes=15, closed=2, opened=2))  # same entry, grew
+    inc.observe(7, FlowCounters(sent_bytes=4, closed=1, opened=1))  # evicted, re-created from zero
+    total = inc.total()
+    assert (total.sent_bytes, total.closed, total.opened) == (19, 3, 3)
+
+
+# --- kernel path choice -----------------------------------------------------------------------------------
+def exists_except(*gone: str):
+    return lambda cat, ev: f"{cat}:{ev}" not in gone
+
+
+def test_default_path_when_every_tracepoint_exists() -> None:
+    paths, reasons = kernel_paths.candidate_paths(exists=exists_except(), raw_supported=lambda: True)
+    assert [p.name for p in paths] == ["default", "compat"] and reasons == []
+    assert paths[0].cflags == {"FLOWMON_COMPAT": 0, "FLOWMON_RAW": 1, "FLOWMON_RAW_RESET": 1}
+
+
+def test_compat_path_without_send_length() -> None:
+    paths, reasons = kernel_paths.candidate_paths(
+        exists=exists_except("sock:sock_send_length"), raw_supported=lambda: False
+    )
+    assert [p.name for p in paths] == ["compat"]
+    assert paths[0].cflags["FLOWMON_RAW_RESET"] == 0
+    assert reasons == ["default: missing tracepoints sock:sock_send_length"]
+
+
+def test_compat_can_be_forced_and_raw_turned_off() -> None:
+    paths, _ = kernel_paths.candidate_paths(
+        force_compat=True, exists=exists_except(), raw_supported=lambda: True
+    )
+    assert [p.name for p in paths] == ["compat"]
+    paths, _ = kernel_paths.candidate_paths(raw=False, exists=exists_except(), raw_supported=lambda: True)
+    assert paths[0].cflags["FLOWMON_RAW"] == 0
+
+
+def test_no_path_names_missing_tracepoints_and_kernel(monkeypatch) -> None:
+    monkeypatch.setattr(kernel_paths.bpf_loader, "check_host", lambda: None)
+    monkeypatch.setattr(kernel_paths.bpf_loader, "tracepoint_exists", exists_except("tcp:tcp_probe"))
+    with pytest.raises(kernel_paths.KernelPathError) as err:
+        kernel_paths.load()
+    assert "tcp:tcp_probe" in str(err.value) and platform.release() in str(err.value)
+
+
+# --- connections that existed before the agent -----------------------------------------------------------
+PROC_TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
+   2: 0100007F:9C40 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 20 4 30 10 -1
+   3: 0100007F:9C41 0200000A:0050 06 00000000:00000000 03:00000000 00000000     0        0 0 3 0
+"""
+PROC_TCP6 = """\
+  sl  local_address                         remote_address                        st tx_queue rx_queue
+   0: 0000000000000000FFFF00000302010A:C350 0000000000000000FFFF00000402010A:01BB 01 00000000:00000000
+   1: 000000FD000000000000000001000000:4E20 000000FD000000000000000002000000:9000 01 00000000:00000000
+"""
+
+
+def test_proc_tcp_connections_are_classified() -> None:
+    got = existing.classify([PROC_TCP, PROC_TCP6])
+    lo = IPv4Address("127.0.0.1")
+    assert got == [
+        existing.ExistingConnection(lo, 8080, lo, 40000, Reporter.SERVER),  # has a listener
+        existing.ExistingConnection(lo, 40000, lo, 8080, Reporter.CLIENT),
+        existing.ExistingConnection(V4A, 50000, V4B, 443, Reporter.CLIENT),  # IPv4-mapped
+        existing.ExistingConnection(V6A, 20000, V6B, 36864, Reporter.SERVER),  # no listener: by port
+    ]
