@@ -3,7 +3,6 @@
 # tracefs, and a .venv that imports Debian's bcc module. A second run changes nothing and takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 need_root() { [ "$(id -u)" -eq 0 ] || { log "must run as root (installs packages, mounts tracefs)"; exit 1; }; }
@@ -60,10 +59,7 @@ if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
   "$PY" -m venv .venv
 fi
-SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-mkdir -p .venv/debian-bcc
-ln -sfn /usr/lib/python3/dist-packages/bcc .venv/debian-bcc/bcc
-echo "$ROOT/.venv/debian-bcc" > "$SITE/debian_bcc.pth"
+bash scripts/link-debian-bcc.sh .venv
 
 # Reinstall Python dependencies only when pyproject.toml changes.
 STAMP=.venv/.deps-$(sha256sum pyproject.toml | cut -c1-16)
