@@ -108,7 +108,8 @@ class _Ctx:
         return f"sum by ({self.by}) (rate({series}{{{self.sel}}}[{self.window}]))"
 
     def record_name(self, metric: str, op: str) -> str:
-        return f"flowmon_pair:{metric}:{op}"
+        """`level:metric:operation`, the metric without `_total` (Prometheus' recording rule naming)."""
+        return f"flowmon_pair:{metric.removesuffix('_total')}:{op}"
 
     def ref(self, name: str) -> str:
         return f"{name}{{{self.sel}}}"
