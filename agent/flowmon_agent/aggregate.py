@@ -8,7 +8,9 @@ flow re-keys (its pod changes, its NAT backend becomes known) or the tracer drop
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -32,7 +34,8 @@ from flowmon_agent.series import (
 from flowmon_agent.spec import Dimension, Metric, Selection
 
 # Conntrack's answer for a per-connection flow to a Service IP: the backend (ip, port).
-NatBackends = Mapping[FlowKey, tuple[IPAddress, int]]
+Backend = tuple[IPAddress, int]
+NatBackends = Mapping[FlowKey, Backend]
 
 # --- counters as flat integer vectors: cheap deltas and sums ------------------------------------
 SENT, RECEIVED, OPENED, CLOSED, REFUSED, TIMEOUT, RETX_C2S, RETX_S2C, RST_C2S, RST_S2C = range(10)
@@ -45,6 +48,7 @@ WIDTH = RTT_SUM + 1 + HISTOGRAM_SLOTS
 SERVER_SENT_ONLY = (RETX_S2C, RST_S2C)
 
 Vector = tuple[int, ...]
+Sparse = tuple[tuple[int, int], ...]  # (index, growth) of the non-zero entries
 ZERO: Vector = (0,) * WIDTH
 
 C2S, S2C = "client_to_server", "server_to_client"
@@ -85,7 +89,9 @@ def vector_delta(current: Vector, previous: Vector | None) -> Vector:
     """Growth since the previous poll; a counter that went down means the entry restarted."""
     if previous is None:
         return current
-    delta = tuple(a - b for a, b in zip(current, previous, strict=True))
+    if current == previous:
+        return ZERO
+    delta = tuple(map(operator.sub, current, previous))
     return current if min(delta) < 0 else delta
 
 
@@ -97,6 +103,19 @@ def slot_range_us(slot: int) -> tuple[int, int]:
     return (0, 0) if slot == 0 else (1 << (slot - 1), (1 << slot) - 1)
 
 
+@functools.lru_cache(maxsize=256)
+def slot_weights(bound_seconds: float) -> tuple[float, ...]:
+    """The share of each log2 slot's values at or below the bound (1 below, 0 above, a fraction if cut)."""
+    limit = math.floor(bound_seconds * 1_000_000 + 1e-6)  # values are whole microseconds
+    weights = []
+    for slot in range(HISTOGRAM_SLOTS):
+        low, high = slot_range_us(slot)
+        weights.append(
+            1.0 if high <= limit else (limit - low + 1) / (high - low + 1) if low <= limit else 0.0
+        )
+    return tuple(weights)
+
+
 def log2_to_buckets(slots: Sequence[int], sum_us: int, bounds_seconds: Sequence[float]) -> HistogramValue:
     """Map log2 microsecond slots onto arbitrary `le` bounds (see docs/aggregation.md).
 
@@ -105,19 +124,9 @@ def log2_to_buckets(slots: Sequence[int], sum_us: int, bounds_seconds: Sequence[
     that counts stay integers, never exceed the true count of a bound aligned with slot edges, and
     never decrease over time. +Inf is exact.
     """
-    cumulative: list[int] = []
-    for bound in bounds_seconds:
-        limit = math.floor(bound * 1_000_000 + 1e-6)  # values are whole microseconds
-        total = 0.0
-        for slot, count in enumerate(slots):
-            if not count:
-                continue
-            low, high = slot_range_us(slot)
-            if high <= limit:
-                total += count
-            elif low <= limit:
-                total += count * (limit - low + 1) / (high - low + 1)
-        cumulative.append(math.floor(total + 1e-9))
+    cumulative = [
+        math.floor(sum(map(operator.mul, slots, slot_weights(bound))) + 1e-9) for bound in bounds_seconds
+    ]
     cumulative.append(sum(slots))
     return HistogramValue(tuple(cumulative), sum_us / 1_000_000)
 
@@ -295,11 +304,10 @@ class Series:
     active: int = 0
     last_change: float = 0.0
 
-    def add(self, delta: Vector) -> None:
+    def add(self, growth: Sparse) -> None:
         totals = self.totals
-        for i, value in enumerate(delta):
-            if value:
-                totals[i] += value
+        for i, value in growth:
+            totals[i] += value
 
 
 @dataclass(slots=True)
@@ -392,15 +400,37 @@ def monitor_view(monitor: MonitorPolicy, state: MonitorState) -> MonitorView:
 # --- the whole agent ----------------------------------------------------------------------------
 
 
+class FlowInfo:
+    """What a flow resolves to, cached across polls until metadata, policy or its NAT backend changes;
+    each monitor's verdict (its labels, or None when it does not see the flow) is cached on it."""
+
+    __slots__ = ("backend", "flow", "labels", "share")
+
+    def __init__(self, flow: ResolvedFlow, share: Share, backend: Backend | None) -> None:
+        self.flow, self.share, self.backend = flow, share, backend
+        self.labels: dict[str, LabelValues | None] = {}
+
+    def labels_for(self, monitor: MonitorPolicy, store: MetadataStore) -> LabelValues | None:
+        try:
+            return self.labels[monitor.key]
+        except KeyError:
+            visible = flow_visible(monitor, self.flow, store)
+            found = self.labels[monitor.key] = flow_labels(self.flow, monitor) if visible else None
+            return found
+
+
 @dataclass(frozen=True, slots=True)
 class FlowUpdate:
     """One flow in one poll: what grew since the last poll, and its open connections now."""
 
     key: FlowKey
-    flow: ResolvedFlow
-    delta: Vector
+    info: FlowInfo
+    growth: Sparse
     active: int
-    share: Share
+
+    @property
+    def flow(self) -> ResolvedFlow:
+        return self.info.flow
 
 
 class Aggregator:
@@ -413,6 +443,8 @@ class Aggregator:
         self._previous: dict[FlowKey, Vector] = {}
         self._monitors: dict[str, MonitorState] = {}
         self._trace_cache: tuple[tuple[int, str], TraceSet] | None = None
+        self._info: dict[FlowKey, FlowInfo] = {}
+        self._info_version: tuple[object, ...] = ()
 
     def trace_set(self, policy: AgentPolicy, store: MetadataStore) -> TraceSet:
         key = (store.current_generation(), policy.hash)
@@ -420,27 +452,43 @@ class Aggregator:
             self._trace_cache = (key, trace_set(policy, store))
         return self._trace_cache[1]
 
+    def _flow_info(
+        self, key: FlowKey, resolver: Resolver, backends: NatBackends, agent_nodes: set[str], traced: TraceSet
+    ) -> FlowInfo:
+        backend = backends.get(key) if key.client_port else None
+        info = self._info.get(key)
+        if info is None or info.backend != backend:
+            flow = resolve_flow(key, resolver, backends)
+            share = flow_share(key.reporter, flow, node=self.node, agent_nodes=agent_nodes, traced=traced)
+            info = self._info[key] = FlowInfo(flow, share, backend)
+        return info
+
     def updates(
         self, snapshot: FlowSnapshot, policy: AgentPolicy, resolver: Resolver, backends: NatBackends
     ) -> list[FlowUpdate]:
         """Deltas since the last poll, resolved and shared out; advances the per-flow state."""
-        agent_nodes = (self.agent_nodes if self.agent_nodes is not None else resolver.store.node_names()) | {
-            self.node
-        }
-        traced = self.trace_set(policy, resolver.store)
+        store = resolver.store
+        agent_nodes = (self.agent_nodes if self.agent_nodes is not None else store.node_names()) | {self.node}
+        traced = self.trace_set(policy, store)
+        version = (store.current_generation(), policy.hash, frozenset(agent_nodes))
+        if version != self._info_version:
+            self._info, self._info_version = {}, version
         previous, self._previous = self._previous, {}
         out: list[FlowUpdate] = []
         for key, counters in snapshot.flows.items():
-            vector = to_vector(counters)
-            self._previous[key] = vector
+            vector = self._previous[key] = to_vector(counters)
             delta = vector_delta(vector, previous.get(key))
-            if not counters.active and not any(delta):
+            if delta is ZERO and not counters.active:
                 continue
-            flow = resolve_flow(key, resolver, backends)
-            share = flow_share(key.reporter, flow, node=self.node, agent_nodes=agent_nodes, traced=traced)
-            if share != Share.NONE:
-                active = 0 if share == Share.SERVER_SENT else counters.active
-                out.append(FlowUpdate(key, flow, _mask(delta, share), active, share))
+            info = self._flow_info(key, resolver, backends, agent_nodes, traced)
+            if info.share == Share.NONE:
+                continue
+            growth = tuple((i, v) for i, v in enumerate(_mask(delta, info.share)) if v)
+            active = 0 if info.share == Share.SERVER_SENT else counters.active
+            if growth or active:
+                out.append(FlowUpdate(key, info, growth, active))
+        for key in [k for k in self._info if k not in self._previous]:
+            del self._info[key]
         return out
 
     def build_view(
@@ -491,12 +539,11 @@ def apply_updates(
     if state.overflow is not None:
         state.overflow.active = 0
     for update in updates:
-        if not flow_visible(monitor, update.flow, store):
+        labels = update.info.labels_for(monitor, store)
+        if labels is None:
             continue
-        if not update.active and not any(update.delta):
-            continue
-        series = _series_for(state, flow_labels(update.flow, monitor), monitor, now)
-        series.add(update.delta)
+        series = _series_for(state, labels, monitor, now)
+        series.add(update.growth)
         series.active += update.active
         series.last_change = now
     _expire(state, monitor.series_ttl_seconds, now)
