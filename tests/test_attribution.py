@@ -24,6 +24,7 @@ from flowmon_agent.policy import AgentPolicy, MonitorPolicy
 from flowmon_agent.series import AgentView
 from flowmon_agent.spec import HistogramBuckets, Selection
 from flowmon_agent.tracer import FlowTracer
+from tests.test_aggregate import summed
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
@@ -164,16 +165,6 @@ def run_clients(cluster: mc.MiniCluster, plan: dict[str, list[tuple[str, int, in
 def poll_settled(tracer: FlowTracer) -> FlowSnapshot:
     time.sleep(0.7)  # the tracer's reset grace; closes are folded at once
     return tracer.poll()
-
-
-def summed(views: list[AgentView], monitor_key: str) -> dict[str, dict[tuple, float]]:
-    totals: dict[str, dict[tuple, float]] = {}
-    for view in views:
-        for fam in view.monitors[monitor_key].families:
-            into = totals.setdefault(fam.info.name, {})
-            for labels, value in fam.samples.items():
-                into[labels] = into.get(labels, 0) + value
-    return totals
 
 
 def agents_views(snapshot: FlowSnapshot, resolver: Resolver, backends=None) -> list[AgentView]:

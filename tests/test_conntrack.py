@@ -12,6 +12,7 @@ import pytest
 from flowmon_agent import minicluster as mc
 from flowmon_agent.conntrack import ConntrackNat, reply_source
 from flowmon_agent.flows import FlowKey, Reporter
+from tests.test_minicluster import SERVER  # answers each connection with the address it accepted it on
 
 SPEC = mc.ClusterSpec(
     namespaces=[mc.NamespaceSpec("shop"), mc.NamespaceSpec("pay")],
@@ -19,18 +20,6 @@ SPEC = mc.ClusterSpec(
     services=[mc.ServiceSpec("pay", "api", {"app": "api"}, 80, 8080)],
 )
 
-# Answers each connection with the address it was accepted on: the client learns its backend.
-SERVER = textwrap.dedent(
-    """
-    import socket
-    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", 8080)); srv.listen(64); srv.settimeout(60)
-    for _ in range(200):
-        conn, _ = srv.accept()
-        with conn:
-            conn.sendall(conn.getsockname()[0].encode())
-    """
-)
 # Prints "local_port backend_ip" per connection.
 CLIENT = textwrap.dedent(
     """

@@ -5,11 +5,13 @@ from flowmon_agent.metadata.inventory import InventoryError, load_inventory, par
 from flowmon_agent.metadata.records import PodRecord, ServiceRecord, parse_object
 from flowmon_agent.metadata.resolver import EXTERNAL, Endpoint, Resolver
 from flowmon_agent.metadata.store import MetadataStore
+from flowmon_agent.metadata.watcher import KubeWatcher
 
 __all__ = [
     "EXTERNAL",
     "Endpoint",
     "InventoryError",
+    "KubeWatcher",
     "MetadataStore",
     "PodRecord",
     "Resolver",
