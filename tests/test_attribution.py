@@ -225,11 +225,6 @@ def test_pod_to_pod_bytes_exact_and_counted_once_by_two_agents(cluster, tracer, 
     assert summed(after, "pay/team")["flowmon_tcp_sent_bytes"].keys() >= expected_sent.keys()
 
 
-@pytest.mark.xfail(
-    not hasattr(FlowTracer, "set_nat_peers"),
-    strict=True,
-    reason="the tracer does not yet keep connections to Service IPs apart (set_nat_peers)",
-)
 def test_service_traffic_attributed_to_backend_pods_with_the_service_label(cluster, tracer, metadata) -> None:
     store = metadata.store
     svc = cluster.service("pay", "api")
