@@ -8,8 +8,8 @@ Metric names come from `series.METRICS`, so the view follows the exporter's cont
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -112,6 +112,37 @@ def _buckets_delta(current: Mapping[float, float], previous: Mapping[float, floa
     return {le: count - previous.get(le, 0.0) for le, count in current.items()}
 
 
+def combine(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """One monitor's snapshots from several agents: summed (each connection is counted by one agent)."""
+    result: Snapshot = {}
+    for snapshot in snapshots:
+        for key, totals in snapshot.items():
+            have = result.setdefault(key, PairTotals())
+            for f in (*COUNTER_FIELDS, "active"):
+                setattr(have, f, getattr(have, f) + getattr(totals, f))
+            for mine, theirs in ((have.rtt, totals.rtt), (have.connect, totals.connect)):
+                for le, count in theirs.items():
+                    mine[le] = mine.get(le, 0.0) + count
+    return result
+
+
+def attach_violations(base: Snapshot, isolation: Snapshot) -> Snapshot:
+    """Violations counted by another monitor (the isolation monitor groups differently), added to every
+    base pair whose labels include the violation's; a violation no base pair matches gets its own row."""
+    result = {
+        key: replace(totals, rtt=dict(totals.rtt), connect=dict(totals.connect))
+        for key, totals in base.items()
+    }
+    for key, totals in isolation.items():
+        if not totals.violations:
+            continue
+        labels = set(key)
+        matches = [k for k in result if labels <= set(k)]
+        for k in matches or [key]:
+            result.setdefault(k, PairTotals()).violations += totals.violations
+    return result
+
+
 def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
     """Like PromQL's histogram_quantile over cumulative buckets: linear inside the bucket holding the
     rank; a rank in the +Inf bucket gives the highest finite bound. None without observations."""
@@ -190,6 +221,14 @@ def rows(stats: Snapshot, seconds: float | None = None) -> list[Row]:
     return sorted(result, key=lambda r: (-(r.sent_bytes + r.received_bytes), -r.opened, r.client, r.server))
 
 
+def live_rows(previous: Snapshot | None, current: Snapshot, seconds: float) -> list[Row]:
+    """The live view: rates since the previous refresh (totals on the first), except violations, which
+    stay cumulative: a rare event must not blink away after one refresh."""
+    rates = rows(diff(previous, current), seconds if previous is not None else None)
+    totals = {(r.client, r.server): r.violations for r in rows(current)}
+    return [replace(r, violations=totals.get((r.client, r.server), 0.0)) for r in rates]
+
+
 def is_overflow(row: Row) -> bool:
     return OVERFLOW_VALUE in row.client or OVERFLOW_VALUE in row.server
 
@@ -252,5 +291,5 @@ def columns(per_second: bool) -> Sequence[str]:
         "rtt p99",
         "retrans" + unit,
         "failed" + unit,
-        "violations" + unit,
+        "violations",
     )

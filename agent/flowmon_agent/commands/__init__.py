@@ -4,6 +4,6 @@ Each module imports its heavy dependencies (BCC, rich, aiohttp) inside the handl
 `flowmon validate` in a CI job starts in a fraction of a second.
 """
 
-from flowmon_agent.commands import agent, render, validate
+from flowmon_agent.commands import agent, render, top, validate
 
-__all__ = ["agent", "render", "validate"]
+__all__ = ["agent", "render", "top", "validate"]
