@@ -3,10 +3,12 @@ end to end in a netns mini-cluster with the real tracer: staging → prod is cou
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowmon_agent.alerting_spec import IsolationAlerting
@@ -252,3 +254,79 @@ def test_staging_to_prod_is_counted_within_a_second(require_root) -> None:
             server.kill()
     finally:
         mc.cleanup(prefix)
+
+
+# --- a real Prometheus: the rendered rules turn the agent's counter into a firing alert ----------
+
+
+def test_real_prometheus_fires_isolation_alert_on_a_single_connection(tmp_path) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from flowmon_agent.spec import FlowMonitor
+    from flowmon_operator.rules import monitor_relabeling, rule_groups
+    from tests.prometheus_process import PrometheusProcess
+
+    monitor = FlowMonitor.model_validate(
+        {
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"alerting": {"isolation": ISOLATION.dump()}},
+        }
+    )
+    counter = IsolationCounter(monitor.spec.alerting.isolation)
+
+    class Endpoint(BaseHTTPRequestHandler):  # serves the monitor's path the way the exporter renders it
+        def do_GET(self) -> None:
+            body = text_exposition(render_family(f) for f in counter.families())
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    relabel = {
+        "action": "replace",
+        **{re.sub(r"([A-Z])", r"_\1", k).lower(): v for k, v in monitor_relabeling(monitor).items()},
+    }
+    job = {
+        "job_name": "flowmon-agent",
+        "metrics_path": "/metrics/shop/web",
+        "static_configs": [{"targets": [f"127.0.0.1:{server.server_port}"]}],
+        "relabel_configs": [relabel],
+    }
+    # Production groups evaluate every minute; only the interval is shortened here.
+    groups = [{**g, "interval": "1s"} for g in rule_groups(monitor)]
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": groups}))
+    prom = PrometheusProcess(tmp_path, [job])
+    prom.config["rule_files"] = [str(tmp_path / "rules.yml")]
+    try:
+        with prom:
+            prom.wait_query('up{job="flowmon-agent"}', "1")
+            time.sleep(2)
+            assert prom.query('ALERTS{alertname="FlowmonIsolationViolation"}') == []
+            counter.add(
+                ("shop-staging", "loadgen"),
+                ("shop", "db"),
+                attempts=1,
+                bytes_=0,
+                namespace_labels=NAMESPACES.get,
+            )
+            started = time.monotonic()
+            firing = prom.wait_query(
+                'ALERTS{alertname="FlowmonIsolationViolation",alertstate="firing"}', "1", 20
+            )
+            elapsed = time.monotonic() - started
+            (alert,) = firing
+            labels = alert["metric"]
+            assert labels["flowmon_monitor"] == "shop/web" and labels["severity"] == "critical"
+            assert (labels["from_env"], labels["to_env"]) == ("staging", "prod")
+            assert (labels["client_workload"], labels["server_workload"]) == ("loadgen", "db")
+            assert "job" not in labels and "instance" not in labels
+            assert elapsed < 10, elapsed
+            print(f"FlowmonIsolationViolation firing {elapsed:.1f}s after the violation was counted")
+    finally:
+        server.shutdown()
