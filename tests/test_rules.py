@@ -16,7 +16,13 @@ from pydantic import ValidationError
 
 from flowmon_agent.spec import FlowMonitor
 from flowmon_operator.rule_tests import RULE_FILE, Suite, suites
-from flowmon_operator.rules import ALERT_NAMES, MONITOR_LABEL, build_prometheus_rule, monitor_relabeling
+from flowmon_operator.rules import (
+    ALERT_NAMES,
+    MONITOR_LABEL,
+    build_prometheus_rule,
+    monitor_relabeling,
+    prom_duration,
+)
 from tests.schemas import validate_prometheus_operator
 
 ISOLATION = {
@@ -183,6 +189,14 @@ def test_routing_labels_override_severity_but_not_pair_labels() -> None:
 def test_bad_baselines_are_refused(baseline: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         monitor({"alerting": {"baseline": baseline}})
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(300, "5m"), (90, "1m30s"), (86_400, "1d"), (84_600, "23h30m"), (171_000, "1d23h30m"), (0, "0s")],
+)
+def test_prom_duration(seconds: int, text: str) -> None:
+    assert prom_duration(seconds) == text
 
 
 def test_a_monitor_without_uid_cannot_own_its_rule() -> None:
