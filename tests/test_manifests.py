@@ -1,0 +1,431 @@
+"""manifests/ (the kustomize base), the container images and the agent's kernel-header discovery.
+
+Every manifest validates against the Kubernetes schemas; RBAC grants exactly what the operator and the
+agents use (derived from what the builders render and what the agent's metadata watcher lists); with
+KUBECONFIG set, a real API server accepts everything in a server-side dry run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flowmon_agent.metadata.watcher import RESOURCES
+from flowmon_agent.spec import FlowMonitor
+from flowmon_operator.render import render_all
+from flowmon_operator.settings import OperatorSettings
+from tests import schemas
+
+REPO = schemas.REPO
+MANIFESTS = REPO / "manifests"
+SETTINGS = OperatorSettings()
+NAMESPACED_KINDS = {"ServiceAccount", "Role", "RoleBinding", "Deployment", "FlowMonitor"}
+CLUSTER_KINDS = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "resources", "images"}
+
+
+def kustomize_build(directory: Path) -> list[dict]:
+    """The subset of `kustomize build` this base uses: resources (files and bases), namespace, images.
+    Unknown keys fail the test: a new transformer needs support here first."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert set(kustomization) <= KUSTOMIZE_KEYS, set(kustomization) - KUSTOMIZE_KEYS
+    objects: list[dict] = []
+    for entry in kustomization["resources"]:
+        path = (directory / entry).resolve()
+        if path.is_dir():
+            objects += kustomize_build(path)
+        else:
+            objects += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    namespace = kustomization.get("namespace")
+    for obj in objects:
+        if namespace and obj["kind"] not in CLUSTER_KINDS:
+            obj["metadata"]["namespace"] = namespace
+    for image in kustomization.get("images", []):
+        for obj in objects:
+            for container in obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                name = container["image"].rsplit(":", 1)[0]
+                if name == image["name"]:
+                    container["image"] = f"{image.get('newName', name)}:{image['newTag']}"
+    return objects
+
+
+OBJECTS = kustomize_build(MANIFESTS)
+
+
+def find(kind: str, name: str) -> dict:
+    (obj,) = [o for o in OBJECTS if o["kind"] == kind and o["metadata"]["name"] == name]
+    return obj
+
+
+@pytest.mark.parametrize("obj", OBJECTS, ids=lambda o: f"{o['kind']}/{o['metadata']['name']}")
+def test_every_manifest_validates(obj):
+    schemas.validate_k8s(obj)
+
+
+def test_the_base_holds_what_installs_flowmon():
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in OBJECTS)
+    assert kinds == sorted(
+        [
+            ("Namespace", "flowmon-system"),
+            ("CustomResourceDefinition", "flowmonitors.flowmon.io"),
+            ("ServiceAccount", "flowmon-operator"),
+            ("ClusterRole", "flowmon-operator"),
+            ("ClusterRoleBinding", "flowmon-operator"),
+            ("Role", "flowmon-operator"),
+            ("RoleBinding", "flowmon-operator"),
+            ("Deployment", "flowmon-operator"),
+            ("ServiceAccount", "flowmon-agent"),
+            ("ClusterRole", "flowmon-agent"),
+            ("ClusterRoleBinding", "flowmon-agent"),
+        ]
+    )
+    assert find("CustomResourceDefinition", "flowmonitors.flowmon.io") == schemas.load_crd(
+        schemas.FLOWMON_CRD
+    )
+
+
+def test_files_apply_without_kustomize_too():
+    """Every namespaced object names its namespace itself, so the namespace transformer changes nothing
+    (and `kubectl apply -f manifests/` would work as well)."""
+    for path in MANIFESTS.glob("*.yaml"):
+        if path.name == "kustomization.yaml":
+            continue
+        for obj in yaml.safe_load_all(path.read_text()):
+            if obj["kind"] not in CLUSTER_KINDS:
+                assert obj["metadata"].get("namespace") == SETTINGS.operator_namespace, (
+                    path.name,
+                    obj["kind"],
+                )
+
+
+# --- RBAC: an evaluator, then what each identity needs --------------------------------------------------
+def allowed(account: str, group: str, resource: str, verb: str, namespace: str | None) -> bool:
+    """Whether the ServiceAccount may do `verb` on `resource` in `namespace` (None: cluster-wide)."""
+    for binding in OBJECTS:
+        if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
+            continue
+        if not any(s["kind"] == "ServiceAccount" and s["name"] == account for s in binding["subjects"]):
+            continue
+        if binding["kind"] == "RoleBinding" and binding["metadata"]["namespace"] != namespace:
+            continue
+        ref = binding["roleRef"]
+        role = find(ref["kind"], ref["name"])
+        for rule in role["rules"]:
+            if group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]:
+                return True
+    return False
+
+
+def granted(account: str) -> set[tuple[str, str, str]]:
+    out = set()
+    for binding in OBJECTS:
+        if binding["kind"] in ("ClusterRoleBinding", "RoleBinding") and any(
+            s["name"] == account for s in binding["subjects"]
+        ):
+            role = find(binding["roleRef"]["kind"], binding["roleRef"]["name"])
+            for rule in role["rules"]:
+                out |= {
+                    (g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+                }
+    return out
+
+
+def test_no_wildcards_anywhere():
+    for obj in OBJECTS:
+        for rule in obj.get("rules", []):
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[key], (obj["metadata"]["name"], rule)
+            assert "resourceNames" not in rule or rule["resourceNames"]
+
+
+PLURALS = {
+    "ConfigMap": ("", "configmaps"),
+    "Secret": ("", "secrets"),
+    "Service": ("", "services"),
+    "DaemonSet": ("apps", "daemonsets"),
+    "ServiceMonitor": ("monitoring.coreos.com", "servicemonitors"),
+    "PrometheusRule": ("monitoring.coreos.com", "prometheusrules"),
+}
+WRITE = ("get", "create", "patch", "delete")  # server-side apply creates and patches
+
+
+def operator_needs() -> set[tuple[str, str, str, str | None]]:
+    """(group, resource, verb, namespace) for everything the operator does; derived from what the
+    builders render for monitors in two namespaces, plus kopf's and the reconciler's reads."""
+    monitors = [
+        FlowMonitor.model_validate({"metadata": {"name": "web", "namespace": ns, "uid": "u"}})
+        for ns in ("shop", SETTINGS.operator_namespace)
+    ]
+    needs = set()
+    for obj in render_all(monitors, SETTINGS, token_for=lambda _m: "t"):
+        group, plural = PLURALS[obj["kind"]]
+        ns = obj["metadata"]["namespace"]
+        needs |= {(group, plural, verb, ns) for verb in (*WRITE, "list")}  # list: cleanup by label
+    needs |= {("flowmon.io", "flowmonitors", v, None) for v in ("get", "list", "watch", "patch")}
+    needs |= {("flowmon.io", "flowmonitors/status", v, None) for v in ("get", "patch")}
+    needs |= {("", "pods", v, SETTINGS.operator_namespace) for v in ("get", "list", "watch")}
+    needs |= {(g, "events", v, "shop") for g in ("", "events.k8s.io") for v in ("create", "patch")}
+    return needs
+
+
+# Granted beyond operator_needs(), on purpose: kopf watches CRDs to notice its resource (read-only).
+OPERATOR_EXTRAS = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
+
+
+def test_operator_may_do_what_it_does():
+    missing = [n for n in operator_needs() if not allowed("flowmon-operator", *n)]
+    assert missing == []
+
+
+def test_operator_may_do_nothing_else():
+    needed = {(g, r, v) for g, r, v, _ in operator_needs()} | OPERATOR_EXTRAS
+    assert granted("flowmon-operator") - needed == set()
+    # the agent objects are written in the operator's namespace only
+    assert not allowed("flowmon-operator", "apps", "daemonsets", "create", "shop")
+    assert not allowed("flowmon-operator", "", "configmaps", "patch", "shop")
+    assert not allowed("flowmon-operator", "", "pods", "list", "shop")
+
+
+def test_agent_may_read_the_metadata_it_watches_and_nothing_more():
+    needs = set()
+    for resource in RESOURCES:
+        match = re.fullmatch(r"/api/v1/(\w+)|/apis/([\w.]+)/v1/(\w+)", resource.path)
+        assert match, resource.path
+        group, plural = ("", match[1]) if match[1] else (match[2], match[3])
+        needs |= {(group, plural, verb) for verb in ("list", "watch")}
+    assert all(allowed("flowmon-agent", g, r, v, None) for g, r, v in needs)
+    # get is granted with list/watch (harmless, read-only); no writes, no secrets
+    assert {(g, r) for g, r, _ in granted("flowmon-agent")} == {(g, r) for g, r, _ in needs}
+    assert {v for _, _, v in granted("flowmon-agent")} == {"get", "list", "watch"}
+
+
+def test_service_accounts_match_the_operator_settings():
+    assert find("Namespace", SETTINGS.operator_namespace)
+    assert find("ServiceAccount", SETTINGS.agent_service_account)
+    for binding in (o for o in OBJECTS if o["kind"].endswith("RoleBinding")):
+        for subject in binding["subjects"]:
+            assert find("ServiceAccount", subject["name"])["metadata"]["namespace"] == subject["namespace"]
+
+
+def test_operator_deployment():
+    deployment = find("Deployment", "flowmon-operator")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "flowmon-operator"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FLOWMON_OPERATOR_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert set(env) <= {f"FLOWMON_{name.upper()}" for name in OperatorSettings.model_fields}
+    assert container["image"] == "flowmon/operator:0.1.0"
+    assert not pod.get("hostNetwork") and not any("hostPath" in v for v in pod.get("volumes", []))
+
+
+def test_real_cluster_or_schemas_accept_everything():
+    """With KUBECONFIG set: a server-side dry run on that cluster (CRDs first, then what the operator
+    renders, which needs the Prometheus Operator CRDs installed). Without: the schema validators."""
+    monitors = [FlowMonitor.model_validate({"metadata": {"name": "web", "namespace": "default"}})]
+    rendered = render_all(monitors, SETTINGS, token_for=lambda _m: "t")
+    if not os.environ.get("KUBECONFIG"):
+        for obj in [*OBJECTS, *rendered]:
+            schemas.validate_any(obj)
+        return
+    from kubernetes import client, config, dynamic
+
+    config.load_kube_config()
+    api = dynamic.DynamicClient(client.ApiClient())
+    for obj in [*OBJECTS, *rendered]:
+        resource = api.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+        namespace = obj["metadata"].get("namespace")
+        api.server_side_apply(
+            resource,
+            body=obj,
+            namespace=namespace,
+            field_manager="flowmon-test",
+            dry_run="All",
+            force_conflicts=True,
+        )
+
+
+# --- images ---------------------------------------------------------------------------------------------
+DOCKERFILES = sorted((REPO / "images").glob("*.Dockerfile"))
+APT_INSTALL = REPO / "images" / "apt-install.sh"
+PACKAGES = REPO / "scripts" / "apt-packages.txt"
+
+
+def apt_sections(*sections: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["sh", str(APT_INSTALL), "--print", str(PACKAGES), *sections],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+
+
+def all_packages() -> list[str]:
+    lines = [line.strip() for line in PACKAGES.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_package_sections_cover_the_whole_list():
+    """setup.sh installs every line; the sections split the same lines, each package exactly once."""
+    sections = re.findall(r"^## section: (\S+)", PACKAGES.read_text(), re.MULTILINE)
+    assert sections == ["base", "agent", "test"]
+    listed = apt_sections(*sections).stdout.split()
+    assert sorted(listed) == sorted(all_packages()) and len(set(listed)) == len(listed)
+    assert "python3-bpfcc" in apt_sections("agent").stdout.split()
+    assert apt_sections("nope").returncode == 3
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_references_exist(dockerfile):
+    text = dockerfile.read_text()
+    assert text.startswith("#") and "FROM debian:12" in text  # the Debian the setup script targets
+    for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE):
+        *sources, _dest = line.split()
+        for source in sources:
+            assert (REPO / source).exists(), f"{dockerfile.name}: COPY {source} does not exist"
+    for sections in re.findall(r"apt-install\.sh \S+ (.+)$", text, re.MULTILINE):
+        result = apt_sections(*sections.split(" &&")[0].split())
+        assert result.returncode == 0 and result.stdout.split(), (sections, result.stderr)
+
+
+def test_images_agree_with_the_manifests():
+    agent = (REPO / "images" / "agent.Dockerfile").read_text()
+    operator = (REPO / "images" / "operator.Dockerfile").read_text()
+    assert "apt-packages.txt base agent" in agent and "apt-packages.txt base" in operator
+    assert "USER 65532:65532" in operator  # matches the Deployment's runAsUser
+    runs_as = find("Deployment", "flowmon-operator")["spec"]["template"]["spec"]["securityContext"][
+        "runAsUser"
+    ]
+    assert runs_as == 65532
+    assert 'ENTRYPOINT ["/usr/local/bin/flowmon-agent-entrypoint", "flowmon"]' in agent
+    assert os.access(REPO / "images" / "agent-entrypoint.sh", os.X_OK)
+
+
+# --- the agent entrypoint's kernel-header discovery -----------------------------------------------------
+ENTRYPOINT = REPO / "images" / "agent-entrypoint.sh"
+KREL = "6.1.0-99-amd64"
+
+
+def header_tree(path: Path, marker: str = "Makefile") -> Path:
+    (path / Path(marker).parent).mkdir(parents=True, exist_ok=True)
+    (path / marker).write_text("")
+    return path
+
+
+def layout_build_dir(root: Path) -> str:
+    return str(header_tree(root / "lib/modules" / KREL / "build"))
+
+
+def layout_build_symlink(root: Path) -> str:
+    target = header_tree(root / "usr/src" / f"linux-headers-{KREL}", "include/linux/kconfig.h")
+    (root / "lib/modules" / KREL).mkdir(parents=True)
+    (root / "lib/modules" / KREL / "build").symlink_to(os.path.relpath(target, root / "lib/modules" / KREL))
+    return str(root / "lib/modules" / KREL / "build")
+
+
+def layout_usr_src_only(root: Path) -> str:
+    return str(header_tree(root / "usr/src" / f"linux-headers-{KREL}"))
+
+
+def layout_rhel(root: Path) -> str:
+    return str(header_tree(root / "usr/src/kernels" / KREL))
+
+
+def layout_explicit(root: Path) -> str:
+    layout_build_dir(root)
+    return str(header_tree(root / "custom-headers"))
+
+
+def layout_kheaders(root: Path) -> str:
+    (root / "sys/kernel").mkdir(parents=True)
+    (root / "sys/kernel/kheaders.tar.xz").write_bytes(b"")
+    return ""
+
+
+def run_entrypoint(root: Path, explicit: bool = False) -> subprocess.CompletedProcess:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "FLOWMON_HOST_ROOT": str(root),
+        "FLOWMON_KERNEL_RELEASE": KREL,
+        "NODE_NAME": "node-a",
+    }
+    if explicit:
+        env["FLOWMON_KERNEL_HEADERS"] = str(root / "custom-headers")
+    return subprocess.run(
+        ["sh", str(ENTRYPOINT), "sh", "-c", 'echo "ran with ${BCC_KERNEL_SOURCE:-kheaders}"'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        layout_build_dir,
+        layout_build_symlink,
+        layout_usr_src_only,
+        layout_rhel,
+        layout_explicit,
+        layout_kheaders,
+    ],
+    ids=lambda f: f.__name__.removeprefix("layout_"),
+)
+def test_entrypoint_finds_host_headers(tmp_path, layout):
+    expected = layout(tmp_path) or "kheaders"
+    result = run_entrypoint(tmp_path, explicit=layout is layout_explicit)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"ran with {expected}"
+
+
+def test_entrypoint_without_headers_stops_with_a_clear_error(tmp_path):
+    result = run_entrypoint(tmp_path)
+    assert result.returncode == 78 and result.stdout == ""
+    assert f"no kernel headers for kernel {KREL} on node node-a" in result.stderr
+    assert f"apt install linux-headers-{KREL}" in result.stderr and "modprobe kheaders" in result.stderr
+
+
+def test_entrypoint_names_a_dangling_build_link(tmp_path):
+    """The host has headers, but /usr/src is not mounted into the container: say so."""
+    (tmp_path / "lib/modules" / KREL).mkdir(parents=True)
+    (tmp_path / "lib/modules" / KREL / "build").symlink_to(f"/nonexistent/usr/src/linux-headers-{KREL}")
+    result = run_entrypoint(tmp_path)
+    assert result.returncode == 78
+    assert "links to /nonexistent/usr/src" in result.stderr and "is /usr/src mounted?" in result.stderr
+
+
+def test_the_daemonset_mounts_where_the_entrypoint_looks():
+    from flowmon_operator.builders import build_agent_daemonset
+
+    pod = build_agent_daemonset(SETTINGS, "0" * 64)["spec"]["template"]["spec"]
+    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    text = ENTRYPOINT.read_text()
+    for path in ("/lib/modules", "/usr/src", "/sys/kernel"):
+        assert f"$ROOT{path}" in text
+        assert any(m == path or m.startswith(path + "/") for m in mounts), path
+
+
+def test_docs_explain_install_and_kind():
+    docs = (REPO / "docs" / "operator.md").read_text()
+    for phrase in (
+        "kubectl apply -k manifests/",
+        "kind create cluster",
+        "kind load docker-image",
+        "KUBECONFIG",
+    ):
+        assert phrase in docs
