@@ -1,0 +1,115 @@
+"""The kopf handlers: thin functions that call flowmon_operator.reconcile, wired into a registry.
+
+`make_registry(settings)` registers them (the timer's interval comes from the settings);
+`run(...)` runs the real kopf operator with that registry; `flowmon operator` calls it.
+Everything a handler needs (settings, the API client, the round lock) travels in kopf's memo.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import kopf
+
+from flowmon_agent.spec import API_GROUP, API_VERSION, PLURAL
+from flowmon_operator import reconcile
+from flowmon_operator.kube import KubeClient, load_connection
+from flowmon_operator.reconcile import Runtime
+from flowmon_operator.settings import OperatorSettings
+
+FINALIZER = f"{API_GROUP}/finalizer"
+RESOURCE = (API_GROUP, API_VERSION, PLURAL)
+
+
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf authenticates exactly as the operator's own client does (in-cluster, else $KUBECONFIG)."""
+    conn = load_connection()
+    return kopf.ConnectionInfo(
+        server=conn.server,
+        token=conn.bearer(),
+        ca_path=conn.ca_path,
+        certificate_path=conn.cert_path,
+        private_key_path=conn.key_path,
+        insecure=conn.insecure,
+    )
+
+
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config: OperatorSettings = memo.config
+    settings.persistence.finalizer = FINALIZER
+    # Progress and the last-handled spec live in annotations: status belongs to the status model.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    # One replica with a Recreate strategy (manifests/): no peering needed.
+    settings.peering.standalone = True
+    settings.posting.level = logging.WARNING  # Kubernetes events only for problems
+    settings.watching.reconnect_backoff = min(
+        settings.watching.reconnect_backoff, config.timer_interval_seconds
+    )
+    memo.runtime = Runtime(config, KubeClient(load_connection()), tuple(memo.namespaces))
+
+
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    runtime: Runtime | None = memo.get("runtime")
+    if runtime is not None:
+        await runtime.kube.close()
+
+
+async def reconcile_monitor(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """create, update and resume: one idempotent round. An invalid spec gets Ready=False (written by the
+    round) and a permanent error: retrying cannot fix it, the next spec change will."""
+    outcome = await reconcile.sync(memo.runtime, trigger=body)
+    problem = outcome.problems.get(reconcile.monitor_key(body))
+    if problem is not None:
+        raise kopf.PermanentError(f"invalid spec: {problem}")
+
+
+async def resync_monitor(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """The timer: restores children edited or deleted by hand, retries agents that missed a push."""
+    await reconcile.sync(memo.runtime, trigger=body)
+
+
+async def delete_monitor(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Drop the monitor from the policy (the last one takes the shared objects along), then its children."""
+    meta = body["metadata"]
+    await reconcile.sync(memo.runtime, deleting=reconcile.monitor_key(body))
+    await reconcile.delete_children(memo.runtime, meta["namespace"], meta["name"])
+
+
+def make_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    backoff = config.timer_interval_seconds
+    kopf.on.login(registry=registry)(login)
+    kopf.on.startup(registry=registry)(startup)
+    kopf.on.cleanup(registry=registry)(cleanup)
+    for cause in (kopf.on.create, kopf.on.update, kopf.on.resume):
+        cause(*RESOURCE, registry=registry, backoff=backoff)(reconcile_monitor)
+    kopf.on.delete(*RESOURCE, registry=registry, backoff=backoff)(delete_monitor)
+    kopf.timer(*RESOURCE, registry=registry, interval=config.timer_interval_seconds, initial_delay=backoff)(
+        resync_monitor
+    )
+    return registry
+
+
+async def operator(
+    config: OperatorSettings,
+    *,
+    namespaces: Sequence[str] = (),
+    stop_flag: threading.Event | None = None,
+    ready_flag: threading.Event | None = None,
+) -> None:
+    """The real kopf operator; cluster-wide unless namespaces are given."""
+    await kopf.operator(
+        registry=make_registry(config),
+        memo=kopf.Memo(config=config, namespaces=tuple(namespaces)),
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=list(namespaces),
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+    )

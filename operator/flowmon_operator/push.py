@@ -1,0 +1,142 @@
+"""Policy delivery to running agents: PUT /v1/policy over HTTPS, read back each agent's policy hash.
+
+Concurrent over all agent pods, each call bounded by a timeout. The agents' serving certificate carries
+the Service's DNS name, not pod IPs: connections go to the pod IP and verify that name (SNI + hostname).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+POLICY_PATH = "/v1/policy"
+
+
+@dataclass(frozen=True)
+class AgentPod:
+    name: str
+    ip: str | None
+    ready: bool
+
+
+@dataclass(frozen=True)
+class AgentReport:
+    """What one agent runs after this round (policy_hash None: unknown, see error)."""
+
+    pod: str
+    ready: bool
+    policy_hash: str | None = None
+    pushed: bool = False
+    error: str | None = None
+
+
+def _pod_ready(pod: Mapping) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def agent_pods(pods: Iterable[Mapping]) -> list[AgentPod]:
+    """Pure: the DaemonSet's pods → agents (terminating pods are not agents any more)."""
+    agents = []
+    for pod in pods:
+        meta = pod.get("metadata", {})
+        if meta.get("deletionTimestamp"):
+            continue
+        ip = pod.get("status", {}).get("podIP")
+        agents.append(AgentPod(meta["name"], ip, ready=bool(ip) and _pod_ready(pod)))
+    return sorted(agents, key=lambda a: a.name)
+
+
+def client_context(ca_pem: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cadata=ca_pem)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """How to reach agents: port, the name their certificate carries, the CA, the admin token."""
+
+    port: int
+    server_name: str
+    ca_pem: str
+    token: str
+    timeout: float = 5.0
+
+
+def _url(ip: str, port: int) -> str:
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"https://{host}:{port}{POLICY_PATH}"
+
+
+async def _call(
+    session: aiohttp.ClientSession,
+    target: PushTarget,
+    context: ssl.SSLContext,
+    agent: AgentPod,
+    method: str,
+    body: str | None = None,
+) -> str:
+    """One request; the agent's policy hash, or an exception with a short reason."""
+    headers = {"Authorization": f"Bearer {target.token}", "Content-Type": "application/json"}
+    async with session.request(
+        method,
+        _url(agent.ip or "", target.port),
+        data=body,
+        headers=headers,
+        ssl=context,
+        server_hostname=target.server_name,
+        timeout=aiohttp.ClientTimeout(total=target.timeout),
+    ) as response:
+        if response.status != 200:
+            text = (await response.text())[:300]
+            raise RuntimeError(f"{method} {POLICY_PATH}: HTTP {response.status}: {text}")
+        document = await response.json(content_type=None)
+        return str(document.get("policyHash") or "")
+
+
+async def _converge(
+    session: aiohttp.ClientSession,
+    target: PushTarget,
+    context: ssl.SSLContext,
+    agent: AgentPod,
+    policy_json: str,
+    policy_hash: str,
+    force: bool,
+) -> AgentReport:
+    if not agent.ready:
+        return AgentReport(agent.name, ready=False)
+    try:
+        running = None if force else await _call(session, target, context, agent, "GET")
+        if running == policy_hash:
+            return AgentReport(agent.name, ready=True, policy_hash=running)
+        running = await _call(session, target, context, agent, "PUT", policy_json)
+        return AgentReport(agent.name, ready=True, policy_hash=running, pushed=True)
+    except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError, OSError) as exc:
+        return AgentReport(agent.name, ready=True, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+async def sync_agents(
+    agents: Iterable[AgentPod],
+    target: PushTarget,
+    policy_json: str,
+    policy_hash: str,
+    *,
+    force: bool = False,
+) -> list[AgentReport]:
+    """Bring every ready agent to the policy: ask its hash, PUT when it differs (always PUT with force,
+    i.e. right after the policy changed). Agents that miss a round are caught up by the next one."""
+    context = client_context(target.ca_pem)
+    async with aiohttp.ClientSession() as session:
+        return list(
+            await asyncio.gather(
+                *(
+                    _converge(session, target, context, agent, policy_json, policy_hash, force)
+                    for agent in agents
+                )
+            )
+        )

@@ -1,0 +1,150 @@
+"""Pure: what a FlowMonitor's status says, from the spec's validity and the agents' reports.
+
+Conditions (types and their meaning are defined with the CRD's status model, flowmon_operator.crd):
+Ready (objects exist and the policy runs), PolicyApplied (every ready agent runs the current policy),
+Degraded (something works only partly). lastTransitionTime changes only when a condition's status does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from flowmon_operator.crd import FlowMonitorStatus, agent_counts
+from flowmon_operator.push import AgentReport
+
+
+@dataclass(frozen=True)
+class Agents:
+    desired: int
+    ready: int
+    in_sync: int
+    failed: tuple[str, ...] = ()  # "pod: error" of ready agents that did not answer or refused
+
+
+def count_agents(reports: Iterable[AgentReport], desired: int, policy_hash: str) -> Agents:
+    reports = list(reports)
+    ready = [r for r in reports if r.ready]
+    return Agents(
+        desired=max(desired, len(reports)),
+        ready=len(ready),
+        in_sync=sum(r.policy_hash == policy_hash for r in ready),
+        failed=tuple(f"{r.pod}: {r.error}" for r in ready if r.error),
+    )
+
+
+def validation_message(exc: ValidationError, prefix: str = "") -> str:
+    """Each error as `field.path: message`, e.g. `spec.aggregation.maxSeries: Input should be ...`."""
+    lines = []
+    for error in exc.errors():
+        path = ".".join(str(p) for p in (*((prefix,) if prefix else ()), *error["loc"]))
+        lines.append(f"{path}: {error['msg']}" if path else error["msg"])
+    return "; ".join(lines)
+
+
+def set_condition(
+    conditions: Sequence[Mapping],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    *,
+    now: str,
+    generation: int | None,
+) -> list[dict]:
+    """Replace one condition, keeping lastTransitionTime when its status did not change."""
+    value = "True" if status else "False"
+    previous = next((c for c in conditions if c.get("type") == type_), None)
+    since = previous["lastTransitionTime"] if previous and previous.get("status") == value else now
+    condition = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    kept = [dict(c) for c in conditions if c.get("type") != type_]
+    order = {"Ready": 0, "PolicyApplied": 1, "Degraded": 2}
+    return sorted([*kept, condition], key=lambda c: order.get(c["type"], 9))
+
+
+def _checked(status: dict) -> dict:
+    """The status must fit the CRD's status schema (the same pydantic model generates it)."""
+    return FlowMonitorStatus.model_validate(status).model_dump(by_alias=True, exclude_none=True)
+
+
+def running_status(
+    previous: Mapping,
+    *,
+    generation: int | None,
+    agents: Agents,
+    policy_hash: str,
+    predicted_series: int,
+    now: str,
+    notes: Sequence[str] = (),
+) -> dict:
+    """Status of a valid monitor whose policy has been compiled and pushed; `notes` are children that
+    could not be created (e.g. the Prometheus Operator CRDs are missing)."""
+    short = policy_hash[:12]
+    counts = f"{agents.in_sync} of {agents.ready} ready agents ({agents.desired} desired) run policy {short}"
+    if agents.ready == 0:
+        ready = (False, "NoAgentsReady", f"no agent is ready yet ({agents.desired} desired)")
+    elif agents.in_sync == 0:
+        ready = (False, "PolicyNotApplied", counts)
+    else:
+        ready = (True, "Reconciled", counts)
+    if agents.ready == 0:
+        applied = (False, "NoAgentsReady", counts)
+    elif agents.in_sync < agents.ready:
+        applied = (False, "AgentsOutOfSync", counts)
+    else:
+        applied = (True, "AllAgentsInSync", counts)
+    if notes:
+        degraded = (True, "ChildrenNotApplied", "; ".join(notes))
+    elif agents.failed:
+        degraded = (True, "AgentsOutOfSync", "; ".join(agents.failed)[:2000])
+    elif agents.in_sync < agents.ready:
+        degraded = (True, "AgentsOutOfSync", counts)
+    elif agents.ready < agents.desired:
+        degraded = (True, "AgentsNotReady", f"{agents.ready} of {agents.desired} agents are ready")
+    else:
+        degraded = (False, "AsExpected", counts)
+    conditions = list(previous.get("conditions") or [])
+    for type_, (value, reason, message) in (
+        ("Ready", ready),
+        ("PolicyApplied", applied),
+        ("Degraded", degraded),
+    ):
+        conditions = set_condition(conditions, type_, value, reason, message, now=now, generation=generation)
+    status = {
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "agents": agent_counts(agents.desired, agents.ready, agents.in_sync),
+        "predictedSeries": predicted_series,
+        "policyHash": policy_hash,
+    }
+    return _checked(status)
+
+
+def invalid_status(previous: Mapping, *, generation: int | None, message: str, now: str) -> dict:
+    """Ready=False naming the invalid fields; everything else stays as it was (nothing that runs changed)."""
+    conditions = set_condition(
+        list(previous.get("conditions") or []),
+        "Ready",
+        False,
+        "InvalidSpec",
+        message[:4000],
+        now=now,
+        generation=generation,
+    )
+    kept = {k: v for k, v in previous.items() if k in ("agents", "predictedSeries", "policyHash")}
+    return _checked({**kept, "observedGeneration": generation, "conditions": conditions})
+
+
+def status_changed(previous: Mapping, new: Mapping) -> bool:
+    """Whether writing `new` would change anything we own (no write, no watch event, no churn)."""
+    return any(previous.get(key) != value for key, value in new.items())

@@ -1,0 +1,433 @@
+"""The operator end to end: the real kopf event loop (flowmon_operator.handlers.operator) against the
+Kubernetes API emulator (tests/kubeapi), pushing policy over HTTPS to real agent servers
+(flowmon_agent.server) that listen on loopback addresses standing in for two nodes.
+
+There is no DaemonSet controller here: once the operator has created the DaemonSet and the agents'
+Secrets, the test plays the controller and the kubelet. It starts one agent server per "node" with the
+serving certificate and admin token from those Secrets, and creates the agent Pods (owned by the
+DaemonSet, Ready, with the loopback address as pod IP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flowmon_agent.exporter import Exporter
+from flowmon_agent.policy import AgentPolicy, token_sha256
+from flowmon_agent.policy_store import PolicyStore
+from flowmon_agent.server import AgentServer, ServerConfig
+from flowmon_operator import builders
+from flowmon_operator.handlers import FINALIZER, operator
+from flowmon_operator.settings import OperatorSettings
+from tests.kubeapi import KubeAPI
+from tests.schemas import FLOWMON_CRD, SHARED_SCHEMAS, validate_any
+
+NS = "flowmon-system"
+FM = "flowmon.io/v1alpha1"
+NODES = {"node-a": "127.0.0.2", "node-b": "127.0.0.3"}
+TIMER = 1.0  # the operator's timer period in these tests
+WAIT = 20.0  # generous bound for anything that must happen within a few timer periods
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def decode(secret: dict, key: str) -> str:
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+class AgentFleet:
+    """Real agent HTTPS servers, one per node address, on one background event loop."""
+
+    def __init__(self, directory: Path, port: int):
+        self.directory, self.port = directory, port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="agents", daemon=True)
+        self.thread.start()
+        self.servers: dict[str, AgentServer] = {}
+        self.stores: dict[str, PolicyStore] = {}
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(15)
+
+    def start(self, ip: str, cert_pem: str, key_pem: str, admin_token: str) -> None:
+        files = {"tls.crt": cert_pem, "tls.key": key_pem, "admin-token": admin_token + "\n"}
+        for name, text in files.items():
+            (self.directory / f"{ip}-{name}").write_text(text)
+        config = ServerConfig(
+            host=ip,
+            port=self.port,
+            tls_cert_file=self.directory / f"{ip}-tls.crt",
+            tls_key_file=self.directory / f"{ip}-tls.key",
+            admin_token_file=self.directory / f"{ip}-admin-token",
+        )
+        store = self.stores.setdefault(ip, PolicyStore())
+        self.servers[ip] = AgentServer(config, exporter=Exporter(), policy=store, readiness=lambda: None)
+        self._run(self.servers[ip].start())
+
+    def stop(self, ip: str) -> None:
+        self._run(self.servers.pop(ip).stop())
+
+    def hash(self, ip: str) -> str | None:
+        return self.stores[ip].hash
+
+    def policy(self, ip: str) -> AgentPolicy | None:
+        return self.stores[ip].policy
+
+    def close(self) -> None:
+        for ip in list(self.servers):
+            self.stop(ip)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class Cluster:
+    """The emulated cluster, the running operator, and helpers to read what it did."""
+
+    def __init__(self, api: KubeAPI, settings: OperatorSettings, agents: AgentFleet):
+        self.api, self.settings, self.agents = api, settings, agents
+
+    def wait(self, predicate, timeout: float = WAIT):
+        return self.api.wait_for(predicate, timeout)
+
+    # FlowMonitors
+    def create_monitor(self, name: str, namespace: str = "team-a", spec: dict | None = None) -> dict:
+        return self.api.create(
+            {
+                "apiVersion": FM,
+                "kind": "FlowMonitor",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": spec or {},
+            }
+        )
+
+    def monitor(self, name: str, namespace: str = "team-a") -> dict | None:
+        return self.api.find(FM, "FlowMonitor", name, namespace)
+
+    def condition(self, name: str, type_: str, namespace: str = "team-a") -> dict:
+        conditions = ((self.monitor(name, namespace) or {}).get("status") or {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == type_), {})
+
+    def ready_with(self, name: str, policy_hash: str | None = None, namespace: str = "team-a") -> bool:
+        body = self.monitor(name, namespace) or {}
+        status = body.get("status") or {}
+        return (
+            self.condition(name, "Ready", namespace).get("status") == "True"
+            and status.get("observedGeneration") == body["metadata"]["generation"]
+            and (policy_hash is None or status.get("policyHash") == policy_hash)
+        )
+
+    # what the operator created
+    def shared(self) -> dict[str, dict | None]:
+        s = self.settings
+        return {
+            "DaemonSet": self.api.find("apps/v1", "DaemonSet", s.daemonset_name, NS),
+            "Service": self.api.find("v1", "Service", s.agent_service_name, NS),
+            "ConfigMap": self.api.find("v1", "ConfigMap", s.configmap_name, NS),
+        }
+
+    def children(self, name: str, namespace: str = "team-a") -> dict[str, dict | None]:
+        s = self.settings
+        return {
+            "Secret": self.api.find("v1", "Secret", f"{s.scrape_secret_prefix}{name}", namespace),
+            "ServiceMonitor": self.api.find(
+                "monitoring.coreos.com/v1", "ServiceMonitor", f"{s.service_monitor_prefix}{name}", namespace
+            ),
+            "PrometheusRule": self.api.find(
+                "monitoring.coreos.com/v1", "PrometheusRule", f"flowmon-{name}", namespace
+            ),
+        }
+
+    def policy(self) -> AgentPolicy | None:
+        cm = self.shared()["ConfigMap"]
+        return AgentPolicy.model_validate_json(cm["data"][builders.POLICY_FILE]) if cm else None
+
+    def secret(self, name: str) -> dict | None:
+        return self.api.find("v1", "Secret", name, NS)
+
+    def bring_up_agents(self) -> None:
+        """Play the DaemonSet controller and kubelet: agent servers and Ready pods on every node."""
+        s = self.settings
+        daemonset = self.wait(lambda: self.shared()["DaemonSet"])
+        tls = self.wait(lambda: self.secret(s.serving_cert_secret_name))
+        admin = self.wait(lambda: self.secret(s.admin_token_secret_name))
+        for node, ip in NODES.items():
+            self.agents.start(ip, decode(tls, "tls.crt"), decode(tls, "tls.key"), decode(admin, "token"))
+            owner = {
+                "apiVersion": "apps/v1",
+                "kind": "DaemonSet",
+                "name": s.daemonset_name,
+                "uid": daemonset["metadata"]["uid"],
+                "controller": True,
+            }
+            self.api.create(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": f"flowmon-agent-{node}",
+                        "namespace": NS,
+                        "labels": s.agent_labels,
+                        "ownerReferences": [owner],
+                    },
+                    "spec": {"nodeName": node, "containers": [{"name": "agent", "image": s.agent_image}]},
+                    "status": {
+                        "phase": "Running",
+                        "podIP": ip,
+                        "conditions": [{"type": "Ready", "status": "True"}],
+                    },
+                }
+            )
+        counts = dict.fromkeys(
+            ("desiredNumberScheduled", "currentNumberScheduled", "numberReady"), len(NODES)
+        )
+        self.api.patch(
+            "apps/v1",
+            "DaemonSet",
+            s.daemonset_name,
+            {"status": {**counts, "numberMisscheduled": 0}},
+            NS,
+            subresource="status",
+        )
+
+
+@pytest.fixture
+def cluster(kube_api: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig(tmp_path / "kubeconfig")))
+    kube_api.create(yaml.safe_load(FLOWMON_CRD.read_text()))
+    for kind in ("servicemonitors", "prometheusrules"):
+        kube_api.create(yaml.safe_load((SHARED_SCHEMAS / f"monitoring.coreos.com_{kind}.yaml").read_text()))
+    for namespace in (NS, "team-a", "team-b"):
+        kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    settings = OperatorSettings(
+        timer_interval_seconds=TIMER, push_timeout_seconds=2.0, agent_port=free_port()
+    )
+    agents = AgentFleet(tmp_path, settings.agent_port)
+    stop, ready = threading.Event(), threading.Event()
+    thread = threading.Thread(
+        target=lambda: asyncio.run(operator(settings, stop_flag=stop, ready_flag=ready)), name="operator"
+    )
+    thread.start()
+    try:
+        assert ready.wait(15), "the operator did not start"
+        yield Cluster(kube_api, settings, agents)
+    finally:
+        stop.set()
+        thread.join(20)
+        agents.close()
+    assert not thread.is_alive(), "the operator did not stop"
+
+
+def test_create_builds_every_object_and_pushes_the_policy_to_every_agent(cluster: Cluster):
+    cluster.create_monitor("web")
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web"))
+
+    shared, children = cluster.shared(), cluster.children("web")
+    assert all(shared.values()) and all(children.values()), (shared, children)
+    s = cluster.settings
+    for name in (s.ca_secret_name, s.serving_cert_secret_name, s.admin_token_secret_name):
+        assert cluster.secret(name) is not None
+    # Only the token's hash is in the policy; the token itself is in the monitor's namespace.
+    policy = cluster.policy()
+    token = decode(children["Secret"], builders.SCRAPE_TOKEN_KEY)
+    assert policy.monitor("team-a", "web").token_sha256 == [token_sha256(token)]
+    assert token not in cluster.shared()["ConfigMap"]["data"][builders.POLICY_FILE]
+    # Per-monitor children are owned by the monitor; the agents run exactly the ConfigMap's policy.
+    uid = cluster.monitor("web")["metadata"]["uid"]
+    for child in children.values():
+        assert [ref["uid"] for ref in child["metadata"]["ownerReferences"]] == [uid]
+    assert {cluster.agents.hash(ip) for ip in NODES.values()} == {policy.hash}
+
+    status = cluster.monitor("web")["status"]
+    assert status["agents"] == {"desired": 2, "ready": 2, "inSync": 2, "summary": "2/2"}
+    assert status["policyHash"] == policy.hash
+    assert status["predictedSeries"] > 0
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert conditions == {
+        "Ready": ("True", "Reconciled"),
+        "PolicyApplied": ("True", "AllAgentsInSync"),
+        "Degraded": ("False", "AsExpected"),
+    }
+    assert FINALIZER in cluster.monitor("web")["metadata"]["finalizers"]
+    # Everything the operator wrote is what a real API server with these CRDs would accept.
+    for obj in [*shared.values(), *children.values(), cluster.monitor("web")]:
+        validate_any(obj)
+
+
+def test_update_pushes_the_new_policy_to_running_agents(cluster: Cluster):
+    cluster.create_monitor("web")
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web"))
+    before = cluster.policy().hash
+    daemonset_uid = cluster.shared()["DaemonSet"]["metadata"]["uid"]
+
+    cluster.api.patch(FM, "FlowMonitor", "web", {"spec": {"aggregation": {"maxSeries": 500}}}, "team-a")
+    cluster.wait(lambda: (p := cluster.policy()) is not None and p.hash != before)
+    after = cluster.policy()
+    assert after.monitor("team-a", "web").max_series == 500
+    cluster.wait(lambda: cluster.ready_with("web", after.hash))
+    assert {cluster.agents.hash(ip) for ip in NODES.values()} == {after.hash}
+    assert cluster.monitor("web")["status"]["agents"]["inSync"] == 2
+    assert cluster.monitor("web")["status"]["observedGeneration"] == 2
+    # Pushed, not rolled out: the same DaemonSet, the pod template does not carry the hash.
+    daemonset = cluster.shared()["DaemonSet"]
+    assert daemonset["metadata"]["uid"] == daemonset_uid
+    assert before not in json.dumps(daemonset["spec"]) and after.hash not in json.dumps(daemonset["spec"])
+
+
+def test_an_agent_that_missed_a_push_is_caught_up_by_the_timer(cluster: Cluster):
+    cluster.create_monitor("web")
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web"))
+    down = NODES["node-b"]
+    tls = cluster.secret(cluster.settings.serving_cert_secret_name)
+    admin = cluster.secret(cluster.settings.admin_token_secret_name)
+    cluster.agents.stop(down)
+
+    cluster.api.patch(FM, "FlowMonitor", "web", {"spec": {"aggregation": {"maxSeries": 700}}}, "team-a")
+    cluster.wait(lambda: cluster.condition("web", "Degraded").get("status") == "True")
+    new_hash = cluster.policy().hash
+    status = cluster.monitor("web")["status"]
+    assert status["agents"] == {"desired": 2, "ready": 2, "inSync": 1, "summary": "1/2"}
+    assert cluster.condition("web", "PolicyApplied")["reason"] == "AgentsOutOfSync"
+    assert "flowmon-agent-node-b" in cluster.condition("web", "Degraded")["message"]
+    assert cluster.agents.hash(NODES["node-a"]) == new_hash and cluster.agents.hash(down) != new_hash
+
+    cluster.agents.start(down, decode(tls, "tls.crt"), decode(tls, "tls.key"), decode(admin, "token"))
+    cluster.wait(lambda: cluster.agents.hash(down) == new_hash)
+    cluster.wait(lambda: cluster.condition("web", "Degraded").get("status") == "False")
+    assert cluster.monitor("web")["status"]["agents"]["inSync"] == 2
+
+
+def test_invalid_spec_gets_a_condition_naming_the_field_and_changes_nothing(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+):
+    cluster.create_monitor("web")
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web"))
+
+    def versions() -> dict[str, str]:
+        objects = {**cluster.shared(), **{f"web/{k}": v for k, v in cluster.children("web").items()}}
+        return {kind: obj["metadata"]["resourceVersion"] for kind, obj in objects.items()}
+
+    before, running = versions(), cluster.policy().hash
+    # A new monitor that is invalid: nothing is created for it.
+    cluster.create_monitor("bad", spec={"aggregation": {"maxSeries": 0}})
+    cluster.wait(lambda: cluster.condition("bad", "Ready").get("reason") == "InvalidSpec")
+    assert "spec.aggregation.maxSeries" in cluster.condition("bad", "Ready")["message"]
+    assert not any(cluster.children("bad").values())
+    # A running monitor updated into an invalid spec: its last good policy keeps running.
+    cluster.api.patch(FM, "FlowMonitor", "web", {"spec": {"metrics": ["no_such_metric"]}}, "team-a")
+    cluster.wait(lambda: cluster.condition("web", "Ready").get("reason") == "InvalidSpec")
+    assert "spec.metrics.0" in cluster.condition("web", "Ready")["message"]
+    assert cluster.monitor("web")["status"]["observedGeneration"] == 2
+    # Several timer rounds later, nothing that runs has changed.
+    time.sleep(3 * TIMER)
+    assert versions() == before
+    assert cluster.policy().hash == running
+    assert {cluster.agents.hash(ip) for ip in NODES.values()} == {running}
+    # And no retry storm: a permanent error is reported once per spec, not retried.
+    failures = [r for r in caplog.records if "failed permanently" in r.getMessage()]
+    assert sum("spec.aggregation.maxSeries" in r.getMessage() for r in failures) == 1
+    assert sum("spec.metrics.0" in r.getMessage() for r in failures) == 1
+
+
+def test_deleting_one_of_two_monitors_removes_its_children_and_the_last_removes_everything(cluster: Cluster):
+    cluster.create_monitor("web")
+    cluster.create_monitor("db", namespace="team-b")
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web") and cluster.ready_with("db", namespace="team-b"))
+    both = cluster.policy()
+    assert [m.key for m in both.monitors] == ["team-a/web", "team-b/db"]
+    cluster.wait(
+        lambda: cluster.ready_with("web", both.hash) and cluster.ready_with("db", both.hash, "team-b")
+    )
+
+    cluster.api.delete(FM, "FlowMonitor", "db", "team-b")
+    cluster.wait(lambda: cluster.monitor("db", "team-b") is None)
+    assert not any(cluster.children("db", "team-b").values())
+    assert all(cluster.shared().values()) and all(cluster.children("web").values())
+    only_web = cluster.policy()
+    assert [m.key for m in only_web.monitors] == ["team-a/web"]
+    cluster.wait(lambda: {cluster.agents.hash(ip) for ip in NODES.values()} == {only_web.hash})
+    cluster.wait(lambda: cluster.ready_with("web", only_web.hash))
+
+    cluster.api.delete(FM, "FlowMonitor", "web", "team-a")
+    cluster.wait(lambda: cluster.monitor("web") is None)
+    assert not any(cluster.shared().values())
+    assert not any(cluster.children("web").values())
+    # The DaemonSet's pods went with it (garbage collection of owned objects).
+    assert cluster.api.list("v1", "Pod", NS) == []
+
+
+def test_children_deleted_or_edited_by_hand_are_restored_and_foreign_fields_kept(cluster: Cluster):
+    cluster.create_monitor("web")
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web"))
+    s = cluster.settings
+    monitor_uid = cluster.monitor("web")["metadata"]["uid"]
+    token = decode(cluster.children("web")["Secret"], builders.SCRAPE_TOKEN_KEY)
+
+    cluster.api.delete(
+        "monitoring.coreos.com/v1", "ServiceMonitor", f"{s.service_monitor_prefix}web", "team-a"
+    )
+    cluster.api.delete("v1", "ConfigMap", s.configmap_name, NS)
+    cluster.api.patch(
+        "apps/v1",
+        "DaemonSet",
+        s.daemonset_name,
+        {
+            "metadata": {"annotations": {"example.com/other-controller": "kept"}},
+            "spec": {"minReadySeconds": 99},
+        },
+        NS,
+    )
+    cluster.api.patch(
+        "v1", "Secret", f"{s.scrape_secret_prefix}web", {"data": {"ca.crt": "bm9wZQ=="}}, "team-a"
+    )
+    cluster.wait(
+        lambda: all(cluster.children("web").values()) and all(cluster.shared().values()),
+        timeout=3 * TIMER + 5,
+    )
+    cluster.wait(lambda: cluster.shared()["DaemonSet"]["spec"]["minReadySeconds"] == 5, timeout=3 * TIMER + 5)
+    cluster.wait(
+        lambda: (
+            decode(cluster.children("web")["Secret"], "ca.crt")
+            == decode(cluster.secret(s.ca_secret_name), "tls.crt")
+        ),
+        timeout=3 * TIMER + 5,
+    )
+    daemonset = cluster.shared()["DaemonSet"]
+    assert daemonset["metadata"]["annotations"]["example.com/other-controller"] == "kept"
+    service_monitor = cluster.children("web")["ServiceMonitor"]
+    assert service_monitor["metadata"]["ownerReferences"][0]["uid"] == monitor_uid
+    # The scrape token survives the repair (Prometheus keeps working), and the policy still holds its hash.
+    assert decode(cluster.children("web")["Secret"], builders.SCRAPE_TOKEN_KEY) == token
+    assert cluster.policy().monitor("team-a", "web").token_sha256 == [token_sha256(token)]
+
+
+def test_the_operator_survives_the_api_going_away(cluster: Cluster):
+    cluster.create_monitor("web")
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web"))
+    cluster.api.stop()
+    time.sleep(2 * TIMER)
+    cluster.api.start()
+    cluster.create_monitor("db", namespace="team-b")
+    cluster.wait(lambda: cluster.ready_with("db", namespace="team-b"))
+    assert all(cluster.children("db", "team-b").values())
+    assert [m.key for m in cluster.policy().monitors] == ["team-a/web", "team-b/db"]
