@@ -303,11 +303,27 @@ class Series:
     totals: list[int] = field(default_factory=lambda: [0] * WIDTH)
     active: int = 0
     last_change: float = 0.0
+    # Rendered histograms by (metric, bounds), until the next growth: mapping slots costs the most.
+    histograms: dict[tuple[str, tuple[float, ...]], HistogramValue | None] = field(default_factory=dict)
 
     def add(self, growth: Sparse) -> None:
         totals = self.totals
         for i, value in growth:
             totals[i] += value
+        self.histograms.clear()
+
+    def histogram(self, metric: str, bounds: tuple[float, ...]) -> HistogramValue | None:
+        """The series' histogram on these bounds; None while it has no samples."""
+        key = (metric, bounds)
+        try:
+            return self.histograms[key]
+        except KeyError:
+            slots, total = (RTT_SLOTS, RTT_SUM) if metric == Metric.RTT else (CONNECT_SLOTS, CONNECT_SUM)
+            counts = self.totals[slots]
+            value = self.histograms[key] = (
+                log2_to_buckets(counts, self.totals[total], bounds) if any(counts) else None
+            )
+            return value
 
 
 @dataclass(slots=True)
@@ -317,6 +333,10 @@ class MonitorState:
     overflow: Series | None = None
     overflow_members: dict[LabelValues, float] = field(default_factory=dict)  # labels → last seen
     overflowed_total: int = 0
+    # The last view and the monitor it was built for: reused while nothing changed.
+    view: MonitorView | None = None
+    view_of: MonitorPolicy | None = None
+    dirty: bool = True
 
 
 def _mask(delta: Vector, share: Share) -> Vector:
@@ -346,13 +366,17 @@ def _series_for(state: MonitorState, labels: LabelValues, monitor: MonitorPolicy
 
 
 def _expire(state: MonitorState, ttl: float, now: float) -> None:
-    for labels in [k for k, s in state.series.items() if not s.active and now - s.last_change > ttl]:
+    idle = [k for k, s in state.series.items() if not s.active and now - s.last_change > ttl]
+    for labels in idle:
         del state.series[labels]
     for labels in [k for k, seen in state.overflow_members.items() if now - seen > ttl]:
         del state.overflow_members[labels]
     overflow = state.overflow
     if overflow is not None and not overflow.active and now - overflow.last_change > ttl:
         state.overflow = None
+        idle.append(())
+    if idle:
+        state.dirty = True
 
 
 def _families(monitor: MonitorPolicy, rows: Sequence[tuple[LabelValues, Series]]) -> tuple[Family, ...]:
@@ -362,16 +386,10 @@ def _families(monitor: MonitorPolicy, rows: Sequence[tuple[LabelValues, Series]]
         info = METRICS[metric]
         names = (*group, info.extra_label) if info.extra_label else group
         if info.type == FamilyType.HISTOGRAM:
-            is_rtt = metric == Metric.RTT
-            bounds = tuple(
-                monitor.histogram_buckets.rtt if is_rtt else monitor.histogram_buckets.connect_duration
-            )
-            slots, total = (RTT_SLOTS, RTT_SUM) if is_rtt else (CONNECT_SLOTS, CONNECT_SUM)
-            histograms = {
-                labels: log2_to_buckets(s.totals[slots], s.totals[total], bounds)
-                for labels, s in rows
-                if sum(s.totals[slots])
-            }
+            buckets = monitor.histogram_buckets
+            bounds = tuple(buckets.rtt if metric == Metric.RTT else buckets.connect_duration)
+            rendered = ((labels, s.histogram(metric, bounds)) for labels, s in rows)
+            histograms = {labels: value for labels, value in rendered if value is not None}
             families.append(Family(info, names, histograms=histograms, bucket_bounds=bounds))
         elif metric == Metric.CONNECTIONS_ACTIVE:
             families.append(Family(info, names, samples={labels: float(s.active) for labels, s in rows}))
@@ -391,10 +409,14 @@ def _families(monitor: MonitorPolicy, rows: Sequence[tuple[LabelValues, Series]]
 
 
 def monitor_view(monitor: MonitorPolicy, state: MonitorState) -> MonitorView:
+    if not state.dirty and state.view is not None and state.view_of == monitor:
+        return state.view
     rows = list(state.series.items())
     if state.overflow is not None:
         rows.append(((OVERFLOW_VALUE,) * len(monitor.group_by), state.overflow))
-    return MonitorView(monitor.key, _families(monitor, rows), len(rows), state.overflowed_total)
+    state.view = MonitorView(monitor.key, _families(monitor, rows), len(rows), state.overflowed_total)
+    state.view_of, state.dirty = monitor, False
+    return state.view
 
 
 # --- the whole agent ----------------------------------------------------------------------------
@@ -419,6 +441,18 @@ class FlowInfo:
             return found
 
 
+class FlowState:
+    """Per flow, between polls: its last counters, and what it resolved to (valid for one epoch)."""
+
+    __slots__ = ("epoch", "info", "seen", "vector")
+
+    def __init__(self, vector: Vector) -> None:
+        self.vector = vector
+        self.info: FlowInfo | None = None
+        self.epoch = -1
+        self.seen = 0
+
+
 @dataclass(frozen=True, slots=True)
 class FlowUpdate:
     """One flow in one poll: what grew since the last poll, and its open connections now."""
@@ -440,11 +474,12 @@ class Aggregator:
     def __init__(self, node: str, agent_nodes: Iterable[str] | None = None) -> None:
         self.node = node
         self.agent_nodes = None if agent_nodes is None else set(agent_nodes)
-        self._previous: dict[FlowKey, Vector] = {}
+        self._flows: dict[FlowKey, FlowState] = {}
         self._monitors: dict[str, MonitorState] = {}
         self._trace_cache: tuple[tuple[int, str], TraceSet] | None = None
-        self._info: dict[FlowKey, FlowInfo] = {}
         self._info_version: tuple[object, ...] = ()
+        self._info_epoch = 0
+        self._poll = 0
 
     def trace_set(self, policy: AgentPolicy, store: MetadataStore) -> TraceSet:
         key = (store.current_generation(), policy.hash)
@@ -455,13 +490,9 @@ class Aggregator:
     def _flow_info(
         self, key: FlowKey, resolver: Resolver, backends: NatBackends, agent_nodes: set[str], traced: TraceSet
     ) -> FlowInfo:
-        backend = backends.get(key) if key.client_port else None
-        info = self._info.get(key)
-        if info is None or info.backend != backend:
-            flow = resolve_flow(key, resolver, backends)
-            share = flow_share(key.reporter, flow, node=self.node, agent_nodes=agent_nodes, traced=traced)
-            info = self._info[key] = FlowInfo(flow, share, backend)
-        return info
+        flow = resolve_flow(key, resolver, backends)
+        share = flow_share(key.reporter, flow, node=self.node, agent_nodes=agent_nodes, traced=traced)
+        return FlowInfo(flow, share, backends.get(key) if key.client_port else None)
 
     def updates(
         self, snapshot: FlowSnapshot, policy: AgentPolicy, resolver: Resolver, backends: NatBackends
@@ -471,24 +502,40 @@ class Aggregator:
         agent_nodes = (self.agent_nodes if self.agent_nodes is not None else store.node_names()) | {self.node}
         traced = self.trace_set(policy, store)
         version = (store.current_generation(), policy.hash, frozenset(agent_nodes))
-        if version != self._info_version:
-            self._info, self._info_version = {}, version
-        previous, self._previous = self._previous, {}
+        if version != self._info_version:  # resolutions and verdicts may have changed
+            self._info_version, self._info_epoch = version, self._info_epoch + 1
+        self._poll += 1
+        poll, epoch, known = self._poll, self._info_epoch, self._flows
         out: list[FlowUpdate] = []
         for key, counters in snapshot.flows.items():
-            vector = self._previous[key] = to_vector(counters)
-            delta = vector_delta(vector, previous.get(key))
+            vector = to_vector(counters)
+            state = known.get(key)  # one lookup per flow and poll: hashing FlowKeys is the hot spot
+            if state is None:
+                state = known[key] = FlowState(vector)
+                delta = vector
+            else:
+                delta = vector_delta(vector, state.vector)
+                state.vector = vector
+            state.seen = poll
             if delta is ZERO and not counters.active:
                 continue
-            info = self._flow_info(key, resolver, backends, agent_nodes, traced)
+            info = state.info
+            if (
+                info is None
+                or state.epoch != epoch
+                or (key.client_port and backends.get(key) != info.backend)
+            ):
+                info = state.info = self._flow_info(key, resolver, backends, agent_nodes, traced)
+                state.epoch = epoch
             if info.share == Share.NONE:
                 continue
             growth = tuple((i, v) for i, v in enumerate(_mask(delta, info.share)) if v)
             active = 0 if info.share == Share.SERVER_SENT else counters.active
             if growth or active:
                 out.append(FlowUpdate(key, info, growth, active))
-        for key in [k for k in self._info if k not in self._previous]:
-            del self._info[key]
+        if len(known) > len(snapshot.flows):  # entries the tracer no longer reports
+            for key in [k for k, state in known.items() if state.seen != poll]:
+                del known[key]
         return out
 
     def build_view(
@@ -534,14 +581,15 @@ def apply_updates(
     store: MetadataStore,
     now: float,
 ) -> None:
-    for series in state.series.values():
-        series.active = 0
-    if state.overflow is not None:
-        state.overflow.active = 0
+    for series in (*state.series.values(), *([state.overflow] if state.overflow else [])):
+        if series.active:  # open connections are counted afresh each poll
+            series.active = 0
+            state.dirty = True
     for update in updates:
         labels = update.info.labels_for(monitor, store)
         if labels is None:
             continue
+        state.dirty = True
         series = _series_for(state, labels, monitor, now)
         series.add(update.growth)
         series.active += update.active
