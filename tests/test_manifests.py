@@ -234,8 +234,9 @@ def test_operator_deployment():
 
 
 def test_real_cluster_or_schemas_accept_everything():
-    """With KUBECONFIG set: a server-side dry run on that cluster (CRDs first, then what the operator
-    renders, which needs the Prometheus Operator CRDs installed). Without: the schema validators."""
+    """With KUBECONFIG set: a server-side dry run on that cluster, where `kubectl apply -k manifests/`
+    ran before (the namespace and CRD exist) and the Prometheus Operator CRDs are installed.
+    Without: the schema validators."""
     monitors = [FlowMonitor.model_validate({"metadata": {"name": "web", "namespace": "default"}})]
     rendered = render_all(monitors, SETTINGS, token_for=lambda _m: "t")
     if not os.environ.get("KUBECONFIG"):
