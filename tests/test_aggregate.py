@@ -361,6 +361,27 @@ def test_flow_share(resolver, reporter, client, server, node, agent_nodes, trace
     assert flow_share(reporter, flow, node=node, agent_nodes=agent_nodes, traced=traced) == share
 
 
+def test_one_agent_standing_for_several_nodes_reports_every_connection_once(resolver: Resolver) -> None:
+    """Standalone mode: one kernel holds the sockets of every node in the inventory."""
+    mon = monitor(group_by=["client_pod", "server_pod"])
+    flows = {
+        key(WEB1, API2, reporter=C): counters(100, opened=1),
+        key(WEB1, API2, reporter=S): counters(100, opened=1),
+        key(WEB2, API1, reporter=C): counters(200, opened=1),
+        key(WEB2, API1, reporter=S): counters(200, opened=1),
+    }
+    view = Aggregator({"n1", "n2"}).build_view(snap(flows), policy(mon), resolver, 0.0)
+    assert sent(view) == {("web-5f6d-1", "api-5f6d-2"): 100, ("web-5f6d-2", "api-5f6d-1"): 200}
+    assert local_ip_filter(
+        policy(monitor(namespaces={"include": ["pay"]})), resolver.store, {"n1", "n2"}
+    ) == {
+        ip_address(API1),
+        ip_address(API2),
+    }
+    # Named after the host only, it would own none of them.
+    assert sent(Aggregator("host").build_view(snap(flows), policy(mon), resolver, 0.0)) == {}
+
+
 def test_two_agents_count_every_connection_once(resolver: Resolver) -> None:
     """Both sockets of every pod-to-pod connection are on 'this kernel'; two agents split them."""
     mon = monitor(group_by=["client_pod", "server_pod"])

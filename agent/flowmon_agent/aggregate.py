@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -173,29 +173,31 @@ def flow_share(
     reporter: Reporter,
     flow: ResolvedFlow,
     *,
-    node: str,
-    agent_nodes: set[str],
+    node: str | Collection[str],
+    agent_nodes: Collection[str],
     traced: TraceSet,
 ) -> Share:
     """The client socket's agent reports a connection; the server's agent reports what only the server
     sees (its retransmits and resets) when it traces the server, and everything when no agent traces the
     client. Every agent evaluates the same rule on the same policy and metadata, so they agree. An
-    endpoint with no node (an unknown address) belongs to whichever agent saw it.
+    endpoint with no node (an unknown address) belongs to whichever agent saw it. `node` may name several
+    nodes: an agent standing for all the nodes whose sockets share its kernel (standalone mode).
 
     Resets: a socket counts the RSTs it sends, and RSTs it receives from a peer no traced socket on its
     kernel sent; on two nodes both ends may count one RST, hence the masks.
     """
     client, server = flow.client, flow.server
+    local = {node, ""} if isinstance(node, str) else {*node, ""}
     client_traced = client.is_pod and client.node in agent_nodes and traced.has(flow.client_ip)
     server_traced = server.is_pod and server.node in agent_nodes and traced.has(flow.server_ip)
     if reporter == Reporter.CLIENT:
-        if client.node not in (node, ""):
+        if client.node not in local:
             return Share.NONE
         if client.is_pod:
             return Share.ALL_BUT_SERVER_SENT if server_traced else Share.FULL
         # A host process or an unknown address: the server's agent reports it when it traces it.
         return Share.NONE if server_traced else Share.FULL
-    if server.node not in (node, ""):
+    if server.node not in local:
         return Share.NONE
     return Share.SERVER_SENT if client_traced else Share.FULL
 
@@ -267,12 +269,16 @@ def trace_set(policy: AgentPolicy, store: MetadataStore) -> TraceSet:
     return TraceSet(None if pods is None else frozenset(ip for p in pods for ip in p.ips))
 
 
-def local_ip_filter(policy: AgentPolicy, store: MetadataStore, node: str) -> set[IPAddress] | None:
-    """The tracer's filter on this node: IPs of local pods some monitor needs traced; None = all."""
+def local_ip_filter(
+    policy: AgentPolicy, store: MetadataStore, node: str | Collection[str]
+) -> set[IPAddress] | None:
+    """The tracer's filter on this node (or these nodes): IPs of local pods some monitor needs traced;
+    None = all."""
+    nodes = {node} if isinstance(node, str) else set(node)
     pods = traced_pods(policy, store.pods(), store)
     if pods is None:
         return None
-    return {ip for p in pods if p.node == node for ip in p.ips}
+    return {ip for p in pods if p.node in nodes for ip in p.ips}
 
 
 # --- per-monitor series -------------------------------------------------------------------------
@@ -468,11 +474,13 @@ class FlowUpdate:
 
 
 class Aggregator:
-    """Builds the agent's view each poll. `agent_nodes`: nodes that run an agent (default: every
-    known node); `node`: the node this agent runs on."""
+    """Builds the agent's view each poll. `node`: the node this agent runs on, or the names of every node
+    whose sockets live on its kernel (standalone mode: one host playing several nodes); `agent_nodes`:
+    nodes that run an agent (default: every known node)."""
 
-    def __init__(self, node: str, agent_nodes: Iterable[str] | None = None) -> None:
-        self.node = node
+    def __init__(self, node: str | Iterable[str], agent_nodes: Iterable[str] | None = None) -> None:
+        self.node: str | frozenset[str] = node if isinstance(node, str) else frozenset(node)
+        self._local = frozenset({self.node}) if isinstance(self.node, str) else self.node
         self.agent_nodes = None if agent_nodes is None else set(agent_nodes)
         self._flows: dict[FlowKey, FlowState] = {}
         self._monitors: dict[str, MonitorState] = {}
@@ -499,7 +507,7 @@ class Aggregator:
     ) -> list[FlowUpdate]:
         """Deltas since the last poll, resolved and shared out; advances the per-flow state."""
         store = resolver.store
-        agent_nodes = (self.agent_nodes if self.agent_nodes is not None else store.node_names()) | {self.node}
+        agent_nodes = (self.agent_nodes if self.agent_nodes is not None else store.node_names()) | self._local
         traced = self.trace_set(policy, store)
         version = (store.current_generation(), policy.hash, frozenset(agent_nodes))
         if version != self._info_version:  # resolutions and verdicts may have changed
