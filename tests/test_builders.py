@@ -404,3 +404,79 @@ def test_extra_label_values_match_the_aggregation():
     for metric, values in aggregate._EXTRA.items():
         assert builders.EXTRA_LABEL_VALUES[METRICS[metric].extra_label] == len(values)
     assert {m.extra_label for m in METRICS.values() if m.extra_label} == set(builders.EXTRA_LABEL_VALUES)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"aggregation": {"maxSeries": 5, "groupBy": ["client_workload", "server_workload", "server_port"]}},
+        {"metrics": ["rtt", "resets"], "aggregation": {"maxSeries": 3, "groupBy": ["server_port"]}},
+        {
+            "metrics": ["connect_duration", "connect_failures"],
+            "aggregation": {
+                "maxSeries": 40,
+                "groupBy": ["client_workload", "server_workload"],
+                "histogramBuckets": {"connectDuration": [0.001, 1]},
+            },
+        },
+    ],
+    ids=["saturated", "two metrics", "under the cap"],
+)
+def test_predicted_series_bounds_what_an_agent_exports(spec):
+    """The real aggregation and exposition, fed more flows than the cap allows: the samples on the
+    monitor's path never exceed the prediction, and reach it exactly once the cap overflows."""
+    from ipaddress import ip_address
+
+    from flowmon_agent.aggregate import Aggregator
+    from flowmon_agent.exporter import render_monitor, text_exposition
+    from flowmon_agent.flows import (
+        HISTOGRAM_SLOTS,
+        FlowCounters,
+        FlowKey,
+        FlowSnapshot,
+        Log2Histogram,
+        Reporter,
+    )
+    from flowmon_agent.metadata import MetadataStore, Resolver
+    from flowmon_agent.policy import compile_policy
+    from tests.k8s_objects import namespace, node, owner, pod, rs
+
+    store = MetadataStore()
+    for obj in (
+        namespace("shop"),
+        node("n1", "192.0.2.1"),
+        rs("shop", "web-1", "web"),
+        rs("shop", "api-1", "api"),
+        pod("shop", "web-1-a", "10.0.0.1", "n1", [owner("ReplicaSet", "web-1")]),
+        pod("shop", "api-1-a", "10.0.0.2", "n1", [owner("ReplicaSet", "api-1")]),
+    ):
+        store.apply("ADDED", obj)
+    mon = monitor("all", "flowmon-system", **spec)
+    policy = compile_policy([mon])
+
+    def busy() -> FlowCounters:  # every counter and histogram non-zero: every family has every row
+        hist = Log2Histogram(slots=[1] * HISTOGRAM_SLOTS, sum_us=HISTOGRAM_SLOTS * 1000)
+        return FlowCounters(
+            1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, hist, Log2Histogram(list(hist.slots), hist.sum_us)
+        )
+
+    flows = {
+        FlowKey(ip_address("10.0.0.1"), ip_address("10.0.0.2"), port, Reporter.CLIENT): busy()
+        for port in range(1000, 1060)  # 60 server ports: more label sets than any cap above
+    }
+    view = Aggregator("n1", ["n1"]).build_view(
+        FlowSnapshot(flows=flows, dropped={}, kernel_path="default", monotonic_time=0.0),
+        policy,
+        Resolver(store),
+        0.0,
+    )
+    text = text_exposition(render_monitor(view.monitors[mon.key])).decode()
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    predicted = predicted_series(mon)
+    assert 0 < len(samples) <= predicted
+    if "server_port" in mon.spec.aggregation.group_by:  # 60 label sets: beyond every cap above
+        assert len(samples) == predicted
+    else:  # one workload pair: one label set per metric, far below the cap
+        assert predicted_series(mon, cardinality=dict.fromkeys(mon.spec.aggregation.group_by, 1)) == len(
+            samples
+        )
