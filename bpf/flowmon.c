@@ -519,17 +519,21 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
     }
     st->rx_bytes += args->data_len;
 #endif
+    // srtt sampling, read-only on most segments (no cache-line writes shared with the send path): the
+    // first srtt is kept for the sample taken at close; then one sample per interval goes straight to
+    // the flow's histogram and refreshes the value kept for close.
     u32 srtt = args->srtt;
     if (srtt == 0)
         return 0;
-    if (st->srtt_us != srtt)
+    if (!st->has_srtt) {
         st->srtt_us = srtt;
-    st->has_srtt = 1;
+        st->has_srtt = 1;
+    }
     u64 now = bpf_ktime_get_ns();
     if (now - st->last_rtt_ns < (u64)RTT_INTERVAL_MS * 1000000)
         return 0;
-    // A long-lived connection: one sample per interval (short ones get theirs when they close).
     st->last_rtt_ns = now;
+    st->srtt_us = srtt;
     struct flow_val *v = flow_get(&st->key);
     if (v)
         hist_add(v->rtt_slots, &v->rtt_sum_us, srtt);

@@ -1,0 +1,27 @@
+// Benchmark floor: the same hooks as bpf/flowmon.c's default path, each only counting its events in a
+// per-CPU array. The difference between this and "no tracer" is the cost of being attached at all.
+// FLOOR_RAW 1: sock_{send,recv}_length as raw tracepoints (like flowmon's default), 0: classic.
+#ifndef FLOOR_RAW
+#define FLOOR_RAW 1
+#endif
+BPF_PERCPU_ARRAY(events, u64, 8);
+
+static __always_inline int bump(u32 idx) {
+    u64 *v = events.lookup(&idx);
+    if (v)
+        (*v)++;
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state) { return bump(0); }
+#if FLOOR_RAW
+RAW_TRACEPOINT_PROBE(sock_send_length) { return bump(1); }
+RAW_TRACEPOINT_PROBE(sock_recv_length) { return bump(2); }
+#else
+TRACEPOINT_PROBE(sock, sock_send_length) { return bump(1); }
+TRACEPOINT_PROBE(sock, sock_recv_length) { return bump(2); }
+#endif
+TRACEPOINT_PROBE(tcp, tcp_probe) { return bump(3); }
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) { return bump(4); }
+RAW_TRACEPOINT_PROBE(tcp_send_reset) { return bump(5); }
+TRACEPOINT_PROBE(tcp, tcp_receive_reset) { return bump(6); }
