@@ -45,8 +45,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=API_GROUP, key="last-handled-configuration"
     )
-    # One replica with a Recreate strategy (manifests/): no peering needed.
-    settings.peering.standalone = True
     settings.posting.level = logging.WARNING  # Kubernetes events only for problems
     settings.watching.reconnect_backoff = min(
         settings.watching.reconnect_backoff, config.timer_interval_seconds
@@ -100,14 +98,19 @@ async def operator(
     config: OperatorSettings,
     *,
     namespaces: Sequence[str] = (),
+    peering_name: str | None = None,
+    liveness_endpoint: str | None = None,
     stop_flag: threading.Event | None = None,
     ready_flag: threading.Event | None = None,
 ) -> None:
-    """The real kopf operator; cluster-wide unless namespaces are given."""
+    """The real kopf operator; cluster-wide unless namespaces are given. Standalone (no peering) unless a
+    peering name is given: manifests/ runs one replica with the Recreate strategy."""
     await kopf.operator(
         registry=make_registry(config),
         memo=kopf.Memo(config=config, namespaces=tuple(namespaces)),
-        standalone=True,
+        standalone=peering_name is None,
+        peering_name=peering_name,
+        liveness_endpoint=liveness_endpoint,
         clusterwide=not namespaces,
         namespaces=list(namespaces),
         stop_flag=stop_flag,

@@ -1,0 +1,61 @@
+"""`flowmon operator`: run the kopf operator that reconciles FlowMonitors (flowmon_operator.handlers).
+
+Settings (namespaces of the agents, image, ports, timer period...) come from FLOWMON_* environment
+variables (flowmon_operator.settings); the flags here choose what to watch and how much to log.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from flowmon_agent.cli import Handler, subcommand
+
+
+@subcommand("operator", "run the kopf operator that reconciles FlowMonitors")
+def build(parser: argparse.ArgumentParser) -> Handler:
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="serve FlowMonitors in this namespace only (repeatable)",
+    )
+    scope.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="serve FlowMonitors in every namespace (default)"
+    )
+    parser.add_argument(
+        "--peering",
+        metavar="NAME",
+        help="coordinate replicas through kopf peering NAME (default: standalone, one replica)",
+    )
+    parser.add_argument(
+        "--liveness", metavar="URL", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every reconciliation step")
+    parser.add_argument("--debug", action="store_true", help="log kopf's internals and API calls too")
+    return run
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import kopf
+
+    from flowmon_operator.handlers import operator
+    from flowmon_operator.settings import OperatorSettings
+
+    kopf.configure(verbose=args.verbose, debug=args.debug)
+    try:
+        asyncio.run(
+            operator(
+                OperatorSettings(),
+                namespaces=args.namespace,
+                peering_name=args.peering,
+                liveness_endpoint=args.liveness,
+            )
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 0

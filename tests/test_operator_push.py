@@ -1,0 +1,151 @@
+"""Policy push (flowmon_operator.push) to real agent servers (flowmon_agent.server) on loopback addresses."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from flowmon_agent.exporter import Exporter
+from flowmon_agent.policy import canonical_json, compile_policy
+from flowmon_agent.policy_store import PolicyStore
+from flowmon_agent.server import AgentServer, ServerConfig
+from flowmon_agent.spec import FlowMonitor
+from flowmon_operator.certs import generate_ca, issue_serving_cert
+from flowmon_operator.push import AgentPod, PushTarget, agent_pods, sync_agents
+
+SERVICE_DNS = "flowmon-agent.flowmon-system.svc"
+ADMIN = "admin-token-for-push-tests"
+IPS = ("127.0.0.2", "127.0.0.3")
+POLICY = compile_policy([FlowMonitor.model_validate({"metadata": {"namespace": "shop", "name": "web"}})])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest_asyncio.fixture
+async def fleet(tmp_path: Path):
+    """Two agent servers with a serving certificate for the Service name, on one port."""
+    ca = generate_ca("push-test-ca")
+    pair = issue_serving_cert(ca, [SERVICE_DNS])
+    (tmp_path / "tls.crt").write_text(pair.cert_pem)
+    (tmp_path / "tls.key").write_text(pair.key_pem)
+    (tmp_path / "admin").write_text(ADMIN + "\n")
+    port = free_port()
+    stores = {ip: PolicyStore() for ip in IPS}
+    servers = []
+    for ip in IPS:
+        config = ServerConfig(
+            host=ip,
+            port=port,
+            tls_cert_file=tmp_path / "tls.crt",
+            tls_key_file=tmp_path / "tls.key",
+            admin_token_file=tmp_path / "admin",
+        )
+        server = AgentServer(config, exporter=Exporter(), policy=stores[ip], readiness=lambda: None)
+        await server.start()
+        servers.append(server)
+    target = PushTarget(port=port, server_name=SERVICE_DNS, ca_pem=ca.cert_pem, token=ADMIN, timeout=2.0)
+    yield target, stores
+    for server in servers:
+        await server.stop()
+
+
+def agents(*ips: str) -> list[AgentPod]:
+    return [AgentPod(f"agent-{i}", ip, ready=True) for i, ip in enumerate(ips)]
+
+
+@pytest.mark.asyncio
+async def test_push_brings_every_agent_to_the_policy_and_then_only_asks(fleet):
+    target, stores = fleet
+    reports = await sync_agents(agents(*IPS), target, canonical_json(POLICY), POLICY.hash)
+    assert [(r.policy_hash, r.pushed, r.error) for r in reports] == [(POLICY.hash, True, None)] * 2
+    assert {store.hash for store in stores.values()} == {POLICY.hash}
+    again = await sync_agents(agents(*IPS), target, canonical_json(POLICY), POLICY.hash)
+    assert [(r.policy_hash, r.pushed) for r in again] == [(POLICY.hash, False)] * 2
+
+
+@pytest.mark.asyncio
+async def test_refusals_are_reported_and_change_nothing(fleet):
+    target, stores = fleet
+    wrong_token = PushTarget(target.port, target.server_name, target.ca_pem, "not-the-admin-token")
+    (report,) = await sync_agents(agents(IPS[0]), wrong_token, canonical_json(POLICY), POLICY.hash)
+    assert "HTTP 401" in report.error and report.policy_hash is None
+    (report,) = await sync_agents(agents(IPS[0]), target, '{"monitors": 5}', "0" * 64, force=True)
+    assert "HTTP 422" in report.error and "monitors" in report.error
+    assert stores[IPS[0]].hash is None
+
+
+@pytest.mark.asyncio
+async def test_the_agent_certificate_must_carry_the_service_name(fleet):
+    target, _ = fleet
+    other_name = PushTarget(target.port, "someone-else.example", target.ca_pem, target.token)
+    (report,) = await sync_agents(agents(IPS[0]), other_name, canonical_json(POLICY), POLICY.hash)
+    assert report.error and "certificate" in report.error.lower()
+
+
+@pytest.mark.asyncio
+async def test_silent_agents_time_out_concurrently(fleet):
+    target, stores = fleet
+    silent = []
+    for ip in ("127.0.0.4", "127.0.0.5"):  # accept connections, never answer the TLS handshake
+        sock = socket.socket()
+        sock.bind((ip, target.port))
+        sock.listen()
+        silent.append(sock)
+    quick = PushTarget(target.port, target.server_name, target.ca_pem, target.token, timeout=1.0)
+    started = time.monotonic()
+    try:
+        reports = await sync_agents(
+            agents(IPS[0], "127.0.0.4", "127.0.0.5"), quick, canonical_json(POLICY), POLICY.hash
+        )
+    finally:
+        for sock in silent:
+            sock.close()
+    elapsed = time.monotonic() - started
+    assert reports[0].policy_hash == POLICY.hash and stores[IPS[0]].hash == POLICY.hash
+    assert all(r.error and r.policy_hash is None for r in reports[1:])
+    assert elapsed < 1.9, f"two 1 s timeouts took {elapsed:.1f} s: not concurrent"
+
+
+@pytest.mark.asyncio
+async def test_agents_that_are_not_ready_are_not_contacted(fleet):
+    target, stores = fleet
+    pods = [AgentPod("down", IPS[0], ready=False), AgentPod("up", IPS[1], ready=True)]
+    reports = await sync_agents(pods, target, canonical_json(POLICY), POLICY.hash)
+    assert [(r.pod, r.ready, r.policy_hash) for r in reports] == [
+        ("down", False, None),
+        ("up", True, POLICY.hash),
+    ]
+    assert stores[IPS[0]].hash is None
+
+
+def pod(name: str, ip: str | None, ready: str | None, deleting: bool = False) -> dict:
+    meta = {"name": name, **({"deletionTimestamp": "2026-01-01T00:00:00Z"} if deleting else {})}
+    status = {"podIP": ip} if ip else {}
+    if ready is not None:
+        status["conditions"] = [{"type": "Ready", "status": ready}]
+    return {"metadata": meta, "status": status}
+
+
+@pytest.mark.parametrize(
+    ("pods", "expected"),
+    [
+        (
+            [pod("b", "10.0.0.2", "True"), pod("a", "10.0.0.1", "True")],
+            [AgentPod("a", "10.0.0.1", True), AgentPod("b", "10.0.0.2", True)],
+        ),
+        ([pod("a", "10.0.0.1", "False")], [AgentPod("a", "10.0.0.1", False)]),
+        ([pod("a", None, "True")], [AgentPod("a", None, False)]),
+        ([pod("a", "10.0.0.1", None)], [AgentPod("a", "10.0.0.1", False)]),
+        ([pod("a", "10.0.0.1", "True", deleting=True)], []),
+    ],
+)
+def test_agent_pods(pods, expected):
+    assert agent_pods(pods) == expected

@@ -1,0 +1,147 @@
+"""FlowMonitor status from agent reports and spec validity (flowmon_operator.status), table-driven."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from flowmon_agent.spec import FlowMonitor
+from flowmon_operator.push import AgentReport
+from flowmon_operator.status import (
+    Agents,
+    count_agents,
+    invalid_status,
+    running_status,
+    set_condition,
+    status_changed,
+    validation_message,
+)
+
+H1, H2 = "1" * 64, "2" * 64
+T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z"
+
+
+@pytest.mark.parametrize(
+    ("reports", "desired", "expected"),
+    [
+        ([], 0, Agents(0, 0, 0)),
+        ([AgentReport("a", True, H1), AgentReport("b", True, H1)], 2, Agents(2, 2, 2)),
+        ([AgentReport("a", True, H1), AgentReport("b", True, H2)], 2, Agents(2, 2, 1)),
+        ([AgentReport("a", True, H1), AgentReport("b", False)], 3, Agents(3, 1, 1)),
+        # More pods than the DaemonSet's status says (it lags): count what exists.
+        ([AgentReport("a", True, H1), AgentReport("b", True, H1)], 1, Agents(2, 2, 2)),
+        ([AgentReport("a", True, error="timeout")], 1, Agents(1, 1, 0, ("a: timeout",))),
+    ],
+)
+def test_count_agents(reports, desired, expected):
+    assert count_agents(reports, desired, H1) == expected
+
+
+@pytest.mark.parametrize(
+    ("agents", "notes", "ready", "applied", "degraded"),
+    [
+        (Agents(2, 2, 2), (), ("True", "Reconciled"), ("True", "AllAgentsInSync"), ("False", "AsExpected")),
+        (
+            Agents(2, 2, 1),
+            (),
+            ("True", "Reconciled"),
+            ("False", "AgentsOutOfSync"),
+            ("True", "AgentsOutOfSync"),
+        ),
+        (
+            Agents(2, 1, 0, ("b: refused",)),
+            (),
+            ("False", "PolicyNotApplied"),
+            ("False", "AgentsOutOfSync"),
+            ("True", "AgentsOutOfSync"),
+        ),
+        (
+            Agents(3, 2, 2),
+            (),
+            ("True", "Reconciled"),
+            ("True", "AllAgentsInSync"),
+            ("True", "AgentsNotReady"),
+        ),
+        (
+            Agents(0, 0, 0),
+            (),
+            ("False", "NoAgentsReady"),
+            ("False", "NoAgentsReady"),
+            ("False", "AsExpected"),
+        ),
+        (
+            Agents(1, 1, 1),
+            ("CRD missing",),
+            ("True", "Reconciled"),
+            ("True", "AllAgentsInSync"),
+            ("True", "ChildrenNotApplied"),
+        ),
+    ],
+)
+def test_running_status_conditions(agents, notes, ready, applied, degraded):
+    status = running_status(
+        {}, generation=3, agents=agents, policy_hash=H1, predicted_series=42, now=T0, notes=notes
+    )
+    got = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert got == {"Ready": ready, "PolicyApplied": applied, "Degraded": degraded}
+    assert [c["type"] for c in status["conditions"]] == ["Ready", "PolicyApplied", "Degraded"]
+    assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+    assert status["agents"] == {
+        "desired": agents.desired,
+        "ready": agents.ready,
+        "inSync": agents.in_sync,
+        "summary": f"{agents.in_sync}/{agents.desired}",
+    }
+    assert (status["observedGeneration"], status["policyHash"], status["predictedSeries"]) == (3, H1, 42)
+
+
+def test_transition_time_moves_only_when_the_status_flips():
+    first = set_condition([], "Ready", True, "Reconciled", "ok", now=T0, generation=1)
+    same = set_condition(first, "Ready", True, "Reconciled", "still ok", now=T1, generation=2)
+    flipped = set_condition(same, "Ready", False, "InvalidSpec", "bad", now=T1, generation=3)
+    assert same[0]["lastTransitionTime"] == T0 and same[0]["message"] == "still ok"
+    assert flipped[0]["lastTransitionTime"] == T1 and flipped[0]["observedGeneration"] == 3
+
+
+def test_invalid_status_changes_only_ready_and_keeps_what_runs():
+    previous = running_status(
+        {}, generation=1, agents=Agents(2, 2, 2), policy_hash=H1, predicted_series=7, now=T0
+    )
+    status = invalid_status(previous, generation=2, message="spec.metrics.0: bad", now=T1)
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert (by_type["Ready"]["status"], by_type["Ready"]["reason"]) == ("False", "InvalidSpec")
+    assert by_type["Ready"]["message"] == "spec.metrics.0: bad"
+    assert by_type["PolicyApplied"] == next(c for c in previous["conditions"] if c["type"] == "PolicyApplied")
+    assert (status["agents"], status["policyHash"], status["observedGeneration"]) == (
+        previous["agents"],
+        H1,
+        2,
+    )
+
+
+def test_validation_message_names_every_field_path():
+    body = {
+        "metadata": {"name": "m", "namespace": "a"},
+        "spec": {"aggregation": {"maxSeries": 0}, "metrics": ["x"]},
+    }
+    with pytest.raises(ValidationError) as info:
+        FlowMonitor.model_validate(body)
+    message = validation_message(info.value)
+    assert (
+        message.startswith("spec.")
+        and "spec.aggregation.maxSeries: " in message
+        and "spec.metrics.0: " in message
+    )
+
+
+def test_status_changed_ignores_foreign_keys():
+    new = {"policyHash": H1, "agents": {"desired": 1}}
+    assert not status_changed({**new, "kopf": {"x": 1}}, new)
+    assert status_changed({"policyHash": H2, "agents": {"desired": 1}}, new)
+
+
+def test_status_must_fit_the_crd_status_model():
+    with pytest.raises(ValidationError):
+        running_status(
+            {}, generation=1, agents=Agents(1, 1, 1), policy_hash="not-a-hash", predicted_series=1, now=T0
+        )
