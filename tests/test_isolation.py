@@ -207,11 +207,12 @@ def test_staging_to_prod_is_counted_within_a_second(require_root) -> None:
                     if not flow_visible(mon, u.flow, store):
                         continue
                     seen_pairs.add((u.flow.client.workload, u.flow.server.workload))
+                    growth = dict(u.growth)  # sparse (counter index, growth) pairs
                     counter.add(
                         (u.flow.client.namespace, u.flow.client.workload),
                         (u.flow.server.namespace, u.flow.server.workload),
-                        attempts=u.delta[OPENED] + u.delta[REFUSED] + u.delta[TIMEOUT],
-                        bytes_=u.delta[SENT] + u.delta[RECEIVED],
+                        attempts=sum(growth.get(i, 0) for i in (OPENED, REFUSED, TIMEOUT)),
+                        bytes_=growth.get(SENT, 0) + growth.get(RECEIVED, 0),
                         namespace_labels=store.namespace_labels,
                     )
 
