@@ -27,14 +27,14 @@ def build(parser: argparse.ArgumentParser) -> Handler:
     return run
 
 
-def render_text(monitors, operator_namespace: str | None = None) -> str:
-    """The YAML stream for these monitors, with placeholders for generated secrets."""
+def rendered_objects(monitors, operator_namespace: str | None = None) -> list[dict]:
+    """Every object for these monitors, with placeholders for generated secrets."""
     from flowmon_operator.certs import KeyPair
-    from flowmon_operator.render import render_all, to_yaml
+    from flowmon_operator.render import render_all
     from flowmon_operator.settings import OperatorSettings
 
     overrides = {"operator_namespace": operator_namespace} if operator_namespace else {}
-    objects = render_all(
+    return render_all(
         monitors,
         OperatorSettings(**overrides),
         token_for=lambda m: PLACEHOLDER.format(f"scrape token for {m.key}"),
@@ -44,6 +44,13 @@ def render_text(monitors, operator_namespace: str | None = None) -> str:
         ),
         admin_token=PLACEHOLDER.format("agent admin token"),
     )
+
+
+def render_text(monitors, operator_namespace: str | None = None) -> str:
+    """The YAML stream for these monitors, with placeholders for generated secrets."""
+    from flowmon_operator.render import to_yaml
+
+    objects = rendered_objects(monitors, operator_namespace)
     return to_yaml(objects) if objects else ""
 
 
