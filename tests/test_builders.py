@@ -187,7 +187,8 @@ def test_least_privilege():
     }
     assert "SYS_ADMIN" not in AGENT_CAPABILITIES
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert pod["hostNetwork"] is True and not pod.get("hostPID") and not pod.get("hostIPC")
+    assert pod["hostNetwork"] is True and pod["hostPID"] is True and not pod.get("hostIPC")
+    assert daemonset(OperatorSettings(agent_host_pid=False))["spec"]["template"]["spec"]["hostPID"] is False
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}

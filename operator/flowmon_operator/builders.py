@@ -149,7 +149,6 @@ def _agent_env(settings: OperatorSettings) -> list[dict]:
         {"name": "FLOWMON_AGENT_TLS_CERT_FILE", "value": f"{TLS_DIR}/tls.crt"},
         {"name": "FLOWMON_AGENT_TLS_KEY_FILE", "value": f"{TLS_DIR}/tls.key"},
         {"name": "FLOWMON_AGENT_ADMIN_TOKEN_FILE", "value": f"{ADMIN_DIR}/{ADMIN_TOKEN_KEY}"},
-        {"name": "FLOWMON_AGENT_IGNORED_PORTS", "value": f"[{settings.agent_port}]"},  # not its own scrapes
     ]
 
 
@@ -209,8 +208,11 @@ def build_agent_daemonset(settings: OperatorSettings, policy_hash: str) -> dict:
         "serviceAccountName": settings.agent_service_account,
         # hostNetwork: conntrack (Service NAT) is read from the host's network namespace, host-network
         # pods and node addresses are seen as such, and Prometheus scrapes each node's agent at node IP.
-        # hostPID stays off: tracepoints see every namespace's sockets without it.
         "hostNetwork": True,
+        # hostPID: at start the agent adopts connections opened before it (long-lived pools, gRPC) by
+        # reading /proc/<pid>/net/tcp of a process in each pod's network namespace; tracepoints need no
+        # hostPID. Off (settings.agent_host_pid) means only connections opened later are measured.
+        "hostPID": settings.agent_host_pid,
         "dnsPolicy": "ClusterFirstWithHostNet",
         "tolerations": list(settings.tolerations),
         "nodeSelector": dict(settings.node_selector),

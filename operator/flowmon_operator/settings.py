@@ -52,6 +52,7 @@ class OperatorSettings(BaseSettings):
     tolerations: list[dict] = Field(default_factory=_tolerate_everything)
     node_selector: dict[str, str] = Field(default_factory=lambda: {"kubernetes.io/os": "linux"})
     priority_class_name: str | None = None  # e.g. system-node-critical, where quotas allow it
+    agent_host_pid: bool = True  # adopt connections opened before the agent started (builders explains)
     max_unavailable: str = "10%"  # DaemonSets round percentages up: at least one node at a time
     timer_interval_seconds: float = Field(default=30.0, gt=0)
     push_timeout_seconds: float = Field(default=5.0, gt=0)
