@@ -91,13 +91,16 @@ def test_schema_is_structural_and_documented(part):
 
 
 def test_defaults_validate_against_their_own_schema():
-    for path, node in walk(SPEC, "spec"):
+    """The API server rejects a CRD whose defaults (after their own nested defaulting) do not validate."""
+    checked = 0
+    for _path, node in walk(SPEC, "spec"):
         if "default" in node:
             plain = schemas.openapi_to_jsonschema(node)
             jsonschema.Draft202012Validator(plain).validate(
                 schemas.apply_defaults(node, copy.deepcopy(node["default"]))
             )
-            assert path  # (defaults exist at many levels)
+            checked += 1
+    assert checked > 20
 
 
 def test_cel_rules_are_within_cost_bounds():
