@@ -52,11 +52,31 @@ def test_reply_source_reads_the_backend_from_the_reply_tuple() -> None:
     assert reply_source(reply) == (ip_address("fd00::5"), 8443)
 
 
+# Waits until a server accepts on ip:8080.
+WAIT = textwrap.dedent(
+    """
+    import socket, sys, time
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection((sys.argv[1], 8080), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    """
+)
+
+
 @pytest.fixture(scope="module")
 def cluster(require_root):
     with mc.MiniCluster(SPEC, prefix=mc.new_prefix("fmct")) as built:
+        client = built.pods_of("shop", "web")[0]
         for pod in built.pods_of("pay", "api"):
             built.spawn(pod, [sys.executable, "-c", SERVER])
+        for pod in built.pods_of("pay", "api"):  # every backend listens before any Service traffic
+            built.exec(client, [sys.executable, "-c", WAIT, pod.ip], timeout=30)
         yield built
 
 
