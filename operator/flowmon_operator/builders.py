@@ -136,11 +136,14 @@ def _probe(path: str, period: int, failures: int) -> dict:
     }
 
 
+def _from_field(name: str, path: str) -> dict:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+
+
 def _agent_env(settings: OperatorSettings) -> list[dict]:
-    field = lambda path: {"valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}  # noqa: E731
     return [
-        {"name": "NODE_NAME", **field("spec.nodeName")},
-        {"name": "POD_IP", **field("status.podIP")},
+        _from_field("NODE_NAME", "spec.nodeName"),
+        _from_field("POD_IP", "status.podIP"),
         {"name": "FLOWMON_AGENT_NODE_NAME", "value": "$(NODE_NAME)"},
         # With hostNetwork the pod IP is the node's IP: listen there, not on every host interface.
         {"name": "FLOWMON_AGENT_LISTEN_HOST", "value": "$(POD_IP)"},
