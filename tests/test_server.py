@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import ssl
+import warnings
 from pathlib import Path
 
 import aiohttp
@@ -201,10 +202,11 @@ async def test_gzip_on_request(agent):
 
 
 @pytest.mark.asyncio
-@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
 async def test_tls_below_1_2_is_refused(agent):
     ctx = agent.pki.client_context()
-    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    with warnings.catch_warnings():  # TLS 1.1 is deprecated: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_1
     ctx.set_ciphers("ALL:@SECLEVEL=0")
     with pytest.raises(aiohttp.ClientError):
         async with agent.session.get(agent.server.url + "/healthz", ssl=ctx):
