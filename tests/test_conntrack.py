@@ -102,6 +102,9 @@ def test_conntrack_finds_each_connections_backend_in_the_node_netns(cluster: mc.
         assert found == {key: (backend, 8080) for key, backend in keys.items()}
         # No entry for a connection that never was; flows without a client port are not NAT lookups.
         assert nat.lookup(never.client_ip, 1, never.server_ip, 80) is None
+    # A bounded number of lookups per poll: the rest are resolved by the next polls.
+    with ConntrackNat(cluster.node_netns, max_lookups_per_poll=10) as nat:
+        assert [len(nat.backends(keys)) for _ in range(4)] == [10, 20, 30, 30]
     # The host's own netns has no such connection: the netns matters.
     with ConntrackNat() as host:
         key = next(iter(keys))
