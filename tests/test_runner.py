@@ -17,8 +17,6 @@ from flowmon_agent.policy_store import dump_policy_json
 from flowmon_agent.runner import Agent, AgentSettings
 from tests.test_server import monitor
 
-pytestmark = [pytest.mark.bpf, pytest.mark.asyncio]
-
 
 async def _until(predicate, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
@@ -41,6 +39,8 @@ def _sample(text: str, prefix: str) -> float | None:
     )
 
 
+@pytest.mark.bpf
+@pytest.mark.asyncio
 async def test_runner_lifecycle_metadata_and_live_policy(tmp_path, require_root, kube_api):
     kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
     first = compile_policy([monitor("shop", "web")])
@@ -87,3 +87,33 @@ async def test_runner_lifecycle_metadata_and_live_policy(tmp_path, require_root,
     finally:
         await agent.stop()
     assert agent.tracer is None
+
+
+@pytest.mark.parametrize(
+    ("env", "fields", "expected"),
+    [
+        ({}, {}, False),  # standalone host: no API
+        ({"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, {}, True),  # in a pod: watch the API
+        ({"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, {"inventory_file": "/inv.yaml"}, False),
+        ({"FLOWMON_AGENT_KUBE_METADATA": "false", "KUBERNETES_SERVICE_HOST": "x"}, {}, False),
+        ({"FLOWMON_AGENT_KUBE_METADATA": "true"}, {}, True),
+    ],
+)
+def test_metadata_source_choice(monkeypatch, env, fields, expected):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert AgentSettings(**fields).use_kube_metadata() is expected
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("FLOWMON_AGENT_LISTEN_PORT", "9555")
+    monkeypatch.setenv("FLOWMON_AGENT_IGNORED_PORTS", "[22, 443]")
+    monkeypatch.setenv("FLOWMON_AGENT_POLL_INTERVAL_SECONDS", "0.25")
+    settings = AgentSettings()
+    assert (settings.listen_port, settings.ignored_ports, settings.poll_interval_seconds) == (
+        9555,
+        [22, 443],
+        0.25,
+    )
+    assert settings.server_config().port == 9555

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import time
@@ -56,7 +57,10 @@ class AgentSettings(BaseSettings):
     tls_key_file: Path | None = None
     insecure: bool = False
     inventory_file: Path | None = Field(default=None, description="Static inventory (standalone mode).")
-    kube_metadata: bool = Field(default=False, description="Watch the Kubernetes API for metadata.")
+    kube_metadata: bool | None = Field(
+        default=None,
+        description="Watch the Kubernetes API for metadata; default: when in a pod and no inventory file.",
+    )
     kube_api_url: str | None = Field(
         default=None, description="API server for the metadata watch and TokenReview; default in-cluster."
     )
@@ -65,6 +69,11 @@ class AgentSettings(BaseSettings):
     token_review_audiences: list[str] = Field(default_factory=list)
     poll_interval_seconds: float = Field(default=0.5, gt=0, le=60)
     ignored_ports: list[int] = Field(default_factory=list, description="Server ports never traced.")
+
+    def use_kube_metadata(self) -> bool:
+        if self.kube_metadata is not None:
+            return self.kube_metadata
+        return self.inventory_file is None and "KUBERNETES_SERVICE_HOST" in os.environ
 
     def server_config(self, token_reviewer: TokenReviewer | None = None) -> ServerConfig:
         return ServerConfig(
@@ -127,7 +136,7 @@ class Agent:
         )
         self.store = store if store is not None else MetadataStore()
         self.resolver = Resolver(self.store)
-        if watcher is None and settings.kube_metadata:
+        if watcher is None and settings.use_kube_metadata():
             watcher = (
                 KubeWatcher(
                     self.store, settings.kube_api_url, token_file=SA_DIR / "token", ca_file=SA_DIR / "ca.crt"
