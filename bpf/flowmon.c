@@ -46,7 +46,9 @@
 #define FM_TCP_ESTABLISHED 1
 #define FM_TCP_SYN_SENT 2
 #define FM_TCP_SYN_RECV 3
+#define FM_TCP_FIN_WAIT1 4
 #define FM_TCP_CLOSE 7
+#define FM_TCP_CLOSE_WAIT 8
 #define FM_ROLE_CLIENT 0
 #define FM_ROLE_SERVER 1
 #define FM_SLOTS 32
@@ -112,21 +114,23 @@ struct sock_state {
 // Plain hash, not LRU: evicting a live socket would silently lose its counters; a full map is counted.
 BPF_HASH(socks, u64, struct sock_state, SOCK_MAX);
 
-// The sockets closed last on this CPU: RSTs sent by tcp_disconnect come right after the CLOSE
-// transition, and the peer's CLOSE may run in between (veth/loopback deliver inline), hence a ring.
+// Sockets that closed abruptly (from ESTABLISHED, CLOSE_WAIT or FIN_WAIT1): tcp_disconnect (SO_LINGER 0,
+// abort, unread data) moves to CLOSE first and only then sends its RST, possibly after migrating to
+// another CPU, and the peer's own CLOSE may run in between (veth delivers inline). A small shared ring;
+// normal closes (FIN_WAIT2, LAST_ACK) never touch it.
 struct closed_sock {
     u64 sk;
     struct flow_key key;
     u16 client_port;
     u8 pad[6];
 };
-#define CLOSED_RING 4
+#define CLOSED_RING 16
 struct closed_ring {
     u32 next;
     u32 pad;
     struct closed_sock slots[CLOSED_RING];
 };
-BPF_PERCPU_ARRAY(last_closed, struct closed_ring, 1);
+BPF_ARRAY(last_closed, struct closed_ring, 1);
 
 // RST de-duplication when both ends are traced. Keyed by the connection's client end (address, port),
 // which destination NAT (Service VIPs) does not rewrite, plus which role sent the RST.
@@ -395,15 +399,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         if (st->per_conn && st->key.client_port == 0)
             st->key.client_port = args->sport;  // a failed connect: the port was chosen after SYN_SENT
         fold(st, oldstate);
-        if (st->established) {
+        if (st->established && (oldstate == FM_TCP_ESTABLISHED || oldstate == FM_TCP_CLOSE_WAIT ||
+                                oldstate == FM_TCP_FIN_WAIT1)) {
             u32 zero = 0;
             struct closed_ring *ring = last_closed.lookup(&zero);
             if (ring) {
-                struct closed_sock *lc = &ring->slots[ring->next & (CLOSED_RING - 1)];
+                // not atomic (Debian's LLVM cannot use xadd's result): a rare collision loses a slot
+                u32 slot = ring->next & (CLOSED_RING - 1);
+                ring->next = slot + 1;
+                struct closed_sock *lc = &ring->slots[slot];
                 lc->sk = sk;
                 lc->key = st->key;
                 lc->client_port = st->client_port;
-                ring->next++;
             }
         }
         socks.delete(&sk);

@@ -236,8 +236,8 @@ class Lab:
         with self.inside(pod), open(path, "w") as f:
             f.write(str(value))
 
-    def iptables(self, pod: Pod, *args: str, ipv6: bool = False) -> None:
-        self.run(pod, ["ip6tables" if ipv6 else "iptables", "-w", "5", *args])
+    def iptables(self, pod: Pod, *args: str, ipv6: bool = False, check: bool = True) -> None:
+        self.run(pod, ["ip6tables" if ipv6 else "iptables", "-w", "5", *args], check=check)
 
     def tc(self, pod: Pod, *args: str) -> None:
         self.run(pod, ["tc", *args])
