@@ -132,3 +132,78 @@ def test_resume_without_relist_and_410_on_open_watch(watched) -> None:
     wait_until(lambda: watcher.relists >= 1)
     kube_api.create(pod("shop", "later", "10.244.0.71", "n1"))
     wait_until(lambda: workload_of(resolver, "10.244.0.71") == ("later", "pod"))
+
+
+def test_https_with_a_ca_and_a_rotating_service_account_token(tmp_path) -> None:
+    """In-cluster style: TLS verified against the cluster CA, the token re-read from its file (projected
+    tokens rotate) on every request."""
+    import asyncio
+    import ssl
+    import threading
+
+    from aiohttp import web
+
+    from flowmon_agent.metadata.watcher import Resource
+    from tests.tls_samples import make_pki
+
+    pki = make_pki(tmp_path)
+    token_file = tmp_path / "token"
+    token_file.write_text("first\n")
+    accepted = {"Bearer first"}
+    pods = [pod("shop", "a", "10.244.0.2"), pod("shop", "b", "10.244.0.3")]
+    seen_tokens: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen_tokens.append(request.headers.get("Authorization", ""))
+        if request.headers.get("Authorization") not in accepted:
+            return web.json_response({"kind": "Status", "code": 401}, status=401)
+        if request.query.get("watch"):  # ends at once: the watcher comes back with its current token
+            return web.Response(text="")
+        return web.json_response({"kind": "PodList", "metadata": {"resourceVersion": "7"}, "items": pods})
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.cert_file, pki.key_file)
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_get("/api/v1/pods", handle)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    store = MetadataStore()
+    watcher = KubeWatcher(
+        store,
+        f"https://localhost:{port}",
+        token_file=token_file,
+        ca_file=pki.ca_file,
+        resources=[Resource("Pod", "/api/v1/pods")],
+        retry_seconds=(0.05, 0.1),
+    ).start()
+    try:
+        assert watcher.wait_synced(10)
+        assert {p.name for p in store.pods()} == {"a", "b"}
+        # The token rotates: the old one is refused from now on, the watcher picks up the new file.
+        token_file.write_text("second\n")
+        accepted.clear()
+        accepted.add("Bearer second")
+        count = len(seen_tokens)
+        wait_until(lambda: "Bearer second" in seen_tokens[count:])
+        # A server whose certificate the CA did not sign is refused.
+        other = KubeWatcher(
+            MetadataStore(),
+            f"https://localhost:{port}",
+            token="x",
+            resources=[Resource("Pod", "/api/v1/pods")],
+        )
+        other.start()
+        time.sleep(0.5)
+        assert not other.synced
+        other.stop()
+    finally:
+        watcher.stop()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -221,7 +221,10 @@ class KubeWatcher:
             try:
                 if version is None:
                     version = await self.list_resource(session, resource)
+                started = self._clock()
                 version = await self.watch_resource(session, resource, version)
+                if self._clock() - started < 1.0:  # a server ending watches at once: do not spin
+                    await asyncio.sleep(self.retry_seconds[0])
                 delay = self.retry_seconds[0]
             except Gone:
                 log.info("%s: resourceVersion too old, relisting", resource.kind)
