@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import weakref
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -259,14 +260,30 @@ class TraceSet:
     """Pod IPs the agents trace (cluster-wide); `ips is None` means every socket is traced."""
 
     ips: frozenset[IPAddress] | None
+    pods: tuple[PodRecord, ...] = ()
 
     def has(self, ip: IPAddress) -> bool:
         return self.ips is None or ip in self.ips
 
 
+# Per store: (generation, policy hash) → its trace set. Agents ask every poll; pods change far less.
+_TRACE_SETS: weakref.WeakKeyDictionary[MetadataStore, tuple[tuple[int, str], TraceSet]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def trace_set(policy: AgentPolicy, store: MetadataStore) -> TraceSet:
+    """What every agent traces under this policy, cluster-wide (cached until metadata or policy change)."""
+    version = (store.current_generation(), policy.hash)
+    cached = _TRACE_SETS.get(store)
+    if cached is not None and cached[0] == version:
+        return cached[1]
     pods = traced_pods(policy, store.pods(), store)
-    return TraceSet(None if pods is None else frozenset(ip for p in pods for ip in p.ips))
+    result = (
+        TraceSet(None) if pods is None else TraceSet(frozenset(ip for p in pods for ip in p.ips), tuple(pods))
+    )
+    _TRACE_SETS[store] = (version, result)
+    return result
 
 
 def local_ip_filter(
@@ -275,10 +292,10 @@ def local_ip_filter(
     """The tracer's filter on this node (or these nodes): IPs of local pods some monitor needs traced;
     None = all."""
     nodes = {node} if isinstance(node, str) else set(node)
-    pods = traced_pods(policy, store.pods(), store)
-    if pods is None:
+    traced = trace_set(policy, store)
+    if traced.ips is None:
         return None
-    return {ip for p in pods if p.node in nodes for ip in p.ips}
+    return {ip for p in traced.pods if p.node in nodes for ip in p.ips}
 
 
 # --- per-monitor series -------------------------------------------------------------------------
@@ -484,16 +501,9 @@ class Aggregator:
         self.agent_nodes = None if agent_nodes is None else set(agent_nodes)
         self._flows: dict[FlowKey, FlowState] = {}
         self._monitors: dict[str, MonitorState] = {}
-        self._trace_cache: tuple[tuple[int, str], TraceSet] | None = None
         self._info_version: tuple[object, ...] = ()
         self._info_epoch = 0
         self._poll = 0
-
-    def trace_set(self, policy: AgentPolicy, store: MetadataStore) -> TraceSet:
-        key = (store.current_generation(), policy.hash)
-        if self._trace_cache is None or self._trace_cache[0] != key:
-            self._trace_cache = (key, trace_set(policy, store))
-        return self._trace_cache[1]
 
     def _flow_info(
         self, key: FlowKey, resolver: Resolver, backends: NatBackends, agent_nodes: set[str], traced: TraceSet
@@ -508,7 +518,7 @@ class Aggregator:
         """Deltas since the last poll, resolved and shared out; advances the per-flow state."""
         store = resolver.store
         agent_nodes = (self.agent_nodes if self.agent_nodes is not None else store.node_names()) | self._local
-        traced = self.trace_set(policy, store)
+        traced = trace_set(policy, store)
         version = (store.current_generation(), policy.hash, frozenset(agent_nodes))
         if version != self._info_version:  # resolutions and verdicts may have changed
             self._info_version, self._info_epoch = version, self._info_epoch + 1
