@@ -14,7 +14,7 @@ from flowmon_agent.metadata import MetadataStore
 from flowmon_agent.metadata.watcher import KubeWatcher
 from flowmon_agent.policy import compile_policy
 from flowmon_agent.policy_store import dump_policy_json
-from flowmon_agent.runner import Agent, AgentSettings
+from flowmon_agent.runner import Agent, AgentSettings, stall_reason
 from tests.test_server import monitor
 
 
@@ -117,3 +117,20 @@ def test_settings_from_environment(monkeypatch):
         0.25,
     )
     assert settings.server_config().port == 9555
+
+
+@pytest.mark.parametrize(
+    ("last", "now", "interval", "stalled"),
+    [
+        (None, 1000.0, 0.5, False),  # starting
+        (100.0, 129.0, 0.5, False),
+        (100.0, 131.0, 0.5, True),  # 30 s floor
+        (100.0, 140.0, 5.0, False),  # ten intervals when those are longer
+        (100.0, 151.0, 5.0, True),
+    ],
+)
+def test_stall_reason(last, now, interval, stalled):
+    reason = stall_reason(last, now, interval, "OSError('map gone')")
+    assert (reason is not None) is stalled
+    if stalled:
+        assert "no successful poll for" in reason and "map gone" in reason

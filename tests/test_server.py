@@ -50,6 +50,7 @@ class ServerRig:
         token_file = tmp / "admin-token"
         token_file.write_text(ADMIN + "\n")
         self.ready_reason: str | None = "BPF programs not attached yet"
+        self.stall: str | None = None
         self.exporter = Exporter()
         self.exporter.swap(AgentStatus(view=agent_view()))
         self.store = PolicyStore()
@@ -67,6 +68,7 @@ class ServerRig:
             exporter=self.exporter,
             policy=self.store,
             readiness=lambda: self.ready_reason,
+            liveness=lambda: self.stall,
         )
         self.session: aiohttp.ClientSession | None = None
 
@@ -187,6 +189,13 @@ async def test_readiness_follows_the_agent(agent):
     assert (await agent.request("GET", "/readyz"))[:2] == (503, b"BPF programs not attached yet\n")
     agent.ready_reason = None
     assert (await agent.request("GET", "/readyz"))[:2] == (200, b"ready\n")
+
+
+@pytest.mark.asyncio
+async def test_liveness_follows_the_poll_loop(agent):
+    assert (await agent.request("GET", "/healthz"))[:2] == (200, b"ok\n")
+    agent.stall = "no successful poll for 31 s"
+    assert (await agent.request("GET", "/healthz"))[:2] == (503, b"no successful poll for 31 s\n")
 
 
 @pytest.mark.asyncio

@@ -259,6 +259,11 @@ class AgentInstruments:
             buckets=POLL_BUCKETS,
             registry=self.registry,
         )
+        self.poll_errors = Counter(
+            "flowmon_agent_poll_errors",
+            "Polls that failed (the last good view keeps serving).",
+            registry=self.registry,
+        )
         self.policy_rejected = Counter(
             "flowmon_agent_policy_rejected",
             "Policies refused as invalid, by where they came from (file, api).",

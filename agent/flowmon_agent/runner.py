@@ -40,6 +40,7 @@ from flowmon_agent.server import AgentServer, ServerConfig
 log = logging.getLogger(__name__)
 
 IN_CLUSTER_API = "https://kubernetes.default.svc"
+STALL_SECONDS = 30.0
 
 
 class AgentSettings(BaseSettings):
@@ -103,6 +104,19 @@ def default_tracer() -> Tracer:
     return FlowTracer()
 
 
+def stall_reason(
+    last_poll_at: float | None, now: float, interval: float, last_error: str | None
+) -> str | None:
+    """Pure, for /healthz (a liveness probe): polls that keep failing or hang mean a restart may help.
+    Before the first poll nothing is stalled yet (BPF compiles for seconds): readiness covers that."""
+    if last_poll_at is None:
+        return None
+    idle = now - last_poll_at
+    if idle > max(STALL_SECONDS, 10 * interval):
+        return f"no successful poll for {idle:.0f} s (last error: {last_error})"
+    return None
+
+
 def reload_inventory(path: Path, store: MetadataStore) -> None:
     """Replace every kind the inventory describes (a relist), so that removed objects disappear."""
     by_kind: dict[str, list] = {kind: [] for kind in KINDS}
@@ -155,6 +169,7 @@ class Agent:
             exporter=self.exporter,
             policy=self.policy,
             readiness=self.not_ready_reason,
+            liveness=self.stall_reason,
         )
         self._tracer_factory, self._nat_backends, self._clock = tracer_factory, nat_backends, clock
         self._policy_file = PolicyFile(settings.policy_file, self.policy) if settings.policy_file else None
@@ -168,6 +183,7 @@ class Agent:
         self._task: asyncio.Task | None = None
         self.polls = 0
         self.last_error: str | None = None
+        self._last_poll_at: float | None = None  # end of the last successful poll
 
     @property
     def url(self) -> str:
@@ -181,6 +197,11 @@ class Agent:
         if self.watcher is not None and not self.watcher.synced:
             return "Kubernetes metadata not listed yet"
         return None
+
+    def stall_reason(self) -> str | None:
+        return stall_reason(
+            self._last_poll_at, self._clock(), self.settings.poll_interval_seconds, self.last_error
+        )
 
     # ---- lifecycle ----
 
@@ -227,6 +248,7 @@ class Agent:
                 await asyncio.to_thread(self.poll_once)
             except Exception as exc:  # keep serving the last good view; the error is logged
                 self.last_error = repr(exc)
+                self.instruments.poll_errors.inc()
                 log.exception("poll failed")
 
     # ---- one poll (worker thread) ----
@@ -255,6 +277,7 @@ class Agent:
         self.exporter.swap(AgentStatus(view, snapshot.kernel_path, dict(snapshot.dropped), age))
         self.instruments.poll_duration.observe(time.perf_counter() - started)
         self.polls += 1
+        self._last_poll_at = self._clock()
         return view
 
     def _metadata_age(self, now: float) -> float | None:

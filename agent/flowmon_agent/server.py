@@ -129,10 +129,12 @@ class AgentServer:
         exporter: Exporter,
         policy: PolicyStore,
         readiness: Callable[[], str | None],  # None when ready, else why not
+        liveness: Callable[[], str | None] = lambda: None,  # None while healthy, else what is stuck
     ) -> None:
         self.config = config
         self.mode = server_mode(config)
         self._exporter, self._policy, self._readiness = exporter, policy, readiness
+        self._liveness = liveness
         self._admin: list[bytes] = []
         self._ssl: ssl.SSLContext | None = None
         self._runner: web.AppRunner | None = None
@@ -230,7 +232,8 @@ class AgentServer:
     # ---- handlers ----
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        problem = self._liveness()
+        return web.Response(text="ok\n") if problem is None else web.Response(status=503, text=problem + "\n")
 
     async def _readyz(self, _request: web.Request) -> web.Response:
         reason = self._readiness()
