@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -244,8 +245,20 @@ async def serve(args: argparse.Namespace) -> int:
         raise AgentStartError(str(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    main_pid = os.getpid()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # Not loop.add_signal_handler: its wakeup fd is inherited by children that libraries fork
+        # (pyroute2 opens a socket in another netns from a forked child, then SIGTERMs it), and the
+        # child's signal would stop this agent. A forked child gets the default action instead.
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        loop.call_soon_threadsafe(stop.set)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        signal.signal(sig, on_signal)
     print(
         "flowmon agent: compiling and loading the BPF programs (a few seconds)...",
         file=sys.stderr,

@@ -1,0 +1,201 @@
+"""`flowmon demo` end to end: real netns, BPF agents, Prometheus; and nothing of it left afterwards.
+
+The demo runs as the user runs it (`python -m flowmon_agent.cli demo`); while it runs, its Prometheus
+must answer every query the demo prints with the series the traffic mix produces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flowmon_agent import minicluster
+from flowmon_agent.demo import scenario, state
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.bpf, pytest.mark.netns, pytest.mark.slow]
+
+
+def start_demo(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flowmon_agent.cli", "demo", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def read_until_prometheus(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, list[str]]:
+    """Lines until `Prometheus: URL` (everything is started by then); returns the URL and the lines."""
+    deadline, lines = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError("demo ended early:\n" + "".join(lines))
+        lines.append(line)
+        if line.startswith("Prometheus: "):
+            return line.split()[1], lines
+    raise AssertionError("demo did not start in time:\n" + "".join(lines))
+
+
+def query(url: str, expr: str) -> list[dict]:
+    with urllib.request.urlopen(
+        f"{url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}", timeout=5
+    ) as r:
+        answer = json.load(r)
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def demo_processes() -> list[str]:
+    """Command lines of any process the demo starts (agents, Prometheus, pod workloads)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if (
+            "flowmon_agent.demo.trafficgen" in cmdline
+            or f"--conntrack-netns {scenario.PREFIX}-sw" in cmdline
+            or ("prometheus" in cmdline and "flowmon-demo-" in cmdline)
+            or ("flowmon_agent.cli demo" in cmdline and "--cleanup" not in cmdline)
+        ):
+            found.append(cmdline)
+    return found
+
+
+def assert_nothing_left(lines: list[str] = ()) -> None:
+    assert minicluster.list_netns(scenario.PREFIX) == [], "".join(lines)
+    deadline = time.monotonic() + 10  # processes killed by the parent-death signal take a moment
+    while demo_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert demo_processes() == []
+    assert not state.STATE_FILE.exists()
+    assert not [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("flowmon-demo-*")]
+    # The host's own tables were never touched: kube-proxy's chains exist only in the node netns.
+    host_nat = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
+    assert "KUBE-SVC" not in host_nat
+
+
+@pytest.fixture
+def no_demo_running(require_root):
+    assert demo_processes() == [], "another demo is running"
+    yield
+    subprocess.run([sys.executable, "-m", "flowmon_agent.cli", "demo", "--cleanup"], cwd=ROOT, check=False)
+
+
+def wait_for(url: str, expr: str, check, deadline: float) -> list[dict]:
+    result: list[dict] = []
+    while time.monotonic() < deadline:
+        result = query(url, expr)
+        if result and check(result):
+            return result
+        time.sleep(1)
+    raise AssertionError(f"{expr}: {result}")
+
+
+def pair(r: dict, client: str, server: str) -> bool:
+    m = r["metric"]
+    return f"{m.get('client_namespace')}/{m.get('client_workload')}" == client and (
+        f"{m.get('server_namespace')}/{m.get('server_workload')}" == server
+    )
+
+
+def test_headless_demo_answers_its_queries_and_leaves_nothing(no_demo_running) -> None:
+    proc = start_demo("--no-ui", "--duration", "35")
+    try:
+        url, lines = read_until_prometheus(proc)
+        deadline = time.monotonic() + 30
+        by_query = dict((what, expr) for what, expr in scenario.QUERIES)
+        checks = {
+            "bytes/s per workload pair (service map)": lambda rs: (
+                any(pair(r, "shop/frontend", "payments/api") and float(r["value"][1]) > 0 for r in rs)
+                and any(pair(r, "shop/frontend", "shop/cart") for r in rs)
+            ),
+            "failed connects (the broken dependency)": lambda rs: any(
+                pair(r, "shop/cart", "shop/recommendations") and r["metric"]["reason"] == "refused"
+                for r in rs
+            ),
+            "retransmitted segments (the lossy link)": lambda rs: any(
+                pair(r, "payments/settlement", "payments/ledger") for r in rs
+            ),
+            "RTT p99 per pair": lambda rs: any(r["value"][1] not in ("NaN", "0") for r in rs),
+            "bytes/s between zones (cost)": lambda rs: any(
+                r["metric"].get("client_zone") != r["metric"].get("server_zone") for r in rs
+            ),
+            "staging → prod connections (isolation)": lambda rs: any(
+                pair(r, "shop-staging/frontend", "payments/api") and float(r["value"][1]) >= 1 for r in rs
+            ),
+        }
+        assert set(checks) == set(by_query), "every printed query is checked"
+        for what, check in checks.items():
+            wait_for(url, by_query[what], check, deadline)
+        # Every agent is scraped over TLS with the token, for every monitor.
+        up = query(url, "up")
+        assert len(up) == 2 * 4 and all(r["value"][1] == "1" for r in up), up
+        out, _ = proc.communicate(timeout=90)
+        lines.append(out)
+        assert proc.returncode == 0, "".join(lines)
+        assert "totals per workload pair" in out and "nothing of the demo remains" in out
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+    assert_nothing_left(lines)
+
+
+def test_cleanup_after_a_killed_demo(no_demo_running) -> None:
+    proc = start_demo("--no-ui", "--duration", "120")
+    try:
+        _, lines = read_until_prometheus(proc)
+        assert len(minicluster.list_netns(scenario.PREFIX)) == 1 + 13
+        assert state.STATE_FILE.exists()
+        proc.kill()  # SIGKILL: no teardown runs
+        proc.wait(timeout=10)
+        assert minicluster.list_netns(scenario.PREFIX), "the netns outlive a killed demo"
+        done = subprocess.run(
+            [sys.executable, "-m", "flowmon_agent.cli", "demo", "--cleanup"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "network namespaces" in done.stdout
+    finally:
+        proc.kill()
+    assert_nothing_left(lines)
+    again = subprocess.run(
+        [sys.executable, "-m", "flowmon_agent.cli", "demo", "--cleanup"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0 and "nothing to clean up" in again.stdout
+
+
+def test_demo_refuses_clearly_without_root() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os; os.setuid(65534); from flowmon_agent import cli; cli.main(['demo'])",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert "needs root" in done.stderr
