@@ -7,6 +7,8 @@ import gzip
 import json
 import os
 import ssl
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -352,21 +354,26 @@ async def test_concurrent_scrapes_agree(agent):
     def status(n: int) -> AgentStatus:
         return AgentStatus(view=agent_view(policy_hash=f"{n:064x}", sent_bytes=n, received_bytes=n))
 
-    stop = asyncio.Event()
+    stop = threading.Event()
 
-    async def swapper() -> None:
+    def swapper() -> None:  # a thread, like the poll loop
         n = 0
         while not stop.is_set():
             n += 1
             agent.exporter.swap(status(n))
-            await asyncio.sleep(0)
+            time.sleep(0.0005)
 
-    task = asyncio.create_task(swapper())
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    bodies = []
     try:
-        bodies = await asyncio.gather(*(agent.request("GET", "/metrics/shop/web", SHOP) for _ in range(40)))
+        for _ in range(4):  # waves of concurrent scrapes, apart in time so that they see different polls
+            wave = (agent.request("GET", "/metrics/shop/web", SHOP) for _ in range(10))
+            bodies += await asyncio.gather(*wave)
+            await asyncio.sleep(0.02)
     finally:
         stop.set()
-        await task
+        thread.join()
     values = set()
     for code, body, _ in bodies:
         assert code == 200
