@@ -13,7 +13,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -431,3 +435,38 @@ def test_the_operator_survives_the_api_going_away(cluster: Cluster):
     cluster.wait(lambda: cluster.ready_with("db", namespace="team-b"))
     assert all(cluster.children("db", "team-b").values())
     assert [m.key for m in cluster.policy().monitors] == ["team-a/web", "team-b/db"]
+
+
+def test_flowmon_operator_command_runs_kopf_and_stops_on_sigint(kube_api: KubeAPI, tmp_path: Path):
+    """`flowmon operator -n team-a` as a process: serves its namespace only, stops cleanly on Ctrl-C."""
+    kube_api.create(yaml.safe_load(FLOWMON_CRD.read_text()))
+    for namespace in (NS, "team-a", "team-b"):
+        kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kube_api.kubeconfig(tmp_path / "kubeconfig")),
+        "FLOWMON_TIMER_INTERVAL_SECONDS": str(TIMER),
+        "FLOWMON_AGENT_PORT": str(free_port()),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flowmon_agent.cli", "operator", "-n", "team-a"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for namespace in ("team-a", "team-b"):
+            kube_api.create(
+                {"apiVersion": FM, "kind": "FlowMonitor", "metadata": {"name": "web", "namespace": namespace}}
+            )
+        cluster = Cluster(kube_api, OperatorSettings(), agents=None)  # type: ignore[arg-type]
+        # No agent pods exist: everything is created, the monitor says why it is not ready yet.
+        cluster.wait(lambda: cluster.condition("web", "Ready").get("reason") == "NoAgentsReady")
+        assert all(cluster.shared().values())
+        assert [m.key for m in cluster.policy().monitors] == ["team-a/web"]
+        assert "status" not in cluster.monitor("web", "team-b")
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output

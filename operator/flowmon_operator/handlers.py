@@ -46,6 +46,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         prefix=API_GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING  # Kubernetes events only for problems
+    # A deleted monitor keeps its finalizer until its timer has exited; check soon, not after 60 s.
+    settings.background.cancellation_polling = min(5.0, config.timer_interval_seconds)
     settings.watching.reconnect_backoff = min(
         settings.watching.reconnect_backoff, config.timer_interval_seconds
     )
