@@ -230,6 +230,16 @@ def test_operator_deployment():
     assert env["FLOWMON_OPERATOR_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert set(env) <= {f"FLOWMON_{name.upper()}" for name in OperatorSettings.model_fields}
     assert container["image"] == "flowmon/operator:0.1.0"
+    # the image's entrypoint is `flowmon`: the args are a real command line, and the probe asks kopf's
+    # liveness endpoint where --liveness serves it
+    from flowmon_agent.cli import build_parser
+
+    args = build_parser().parse_args(container["args"])
+    assert args.command == "operator" and args.all_namespaces and not args.namespace
+    url = re.fullmatch(r"http://0\.0\.0\.0:(\d+)(/\S*)", args.liveness)
+    probe = container["livenessProbe"]["httpGet"]
+    (port,) = [p for p in container["ports"] if p["name"] == probe["port"]]
+    assert (port["containerPort"], probe["path"]) == (int(url[1]), url[2])
     assert not pod.get("hostNetwork") and not any("hostPath" in v for v in pod.get("volumes", []))
 
 
