@@ -244,9 +244,8 @@ def test_agent_environment():
 
 def test_agent_environment_matches_the_agent_settings():
     """Every FLOWMON_AGENT_* variable is a field of the agent's settings (extra="forbid" there)."""
-    from flowmon_agent.runner import AgentSettings
-
     from flowmon_agent.cli import build_parser
+    from flowmon_agent.runner import AgentSettings
 
     container = daemonset()["spec"]["template"]["spec"]["containers"][0]
     assert build_parser().parse_args(container["args"]).command == "agent"  # after the image's `flowmon`
