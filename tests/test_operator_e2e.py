@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -90,6 +92,17 @@ class AgentFleet:
 
     def policy(self, ip: str) -> AgentPolicy | None:
         return self.stores[ip].policy
+
+    def scrape(self, ip: str, path: str, token: str, ca_pem: str) -> int:
+        """The HTTP status a scraper with this token gets (CA verified; names are the push tests' job)."""
+        context = ssl.create_default_context(cadata=ca_pem)
+        context.check_hostname = False
+        connection = http.client.HTTPSConnection(ip, self.port, context=context, timeout=5)
+        try:
+            connection.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+            return connection.getresponse().status
+        finally:
+            connection.close()
 
     def close(self) -> None:
         for ip in list(self.servers):
@@ -361,6 +374,17 @@ def test_deleting_one_of_two_monitors_removes_its_children_and_the_last_removes_
         lambda: cluster.ready_with("web", both.hash) and cluster.ready_with("db", both.hash, "team-b")
     )
 
+    # Tenancy through the whole chain: each ServiceMonitor's token reads its own monitor's path only.
+    tokens = {
+        key: decode(cluster.children(name, ns)["Secret"], builders.SCRAPE_TOKEN_KEY)
+        for key, (ns, name) in {"web": ("team-a", "web"), "db": ("team-b", "db")}.items()
+    }
+    ca = decode(cluster.secret(cluster.settings.ca_secret_name), "tls.crt")
+    for ip in NODES.values():
+        assert cluster.agents.scrape(ip, "/metrics/team-b/db", tokens["db"], ca) == 200
+        assert cluster.agents.scrape(ip, "/metrics/team-b/db", tokens["web"], ca) == 403
+        assert cluster.agents.scrape(ip, "/metrics/team-a/web", tokens["web"], ca) == 200
+
     cluster.api.delete(FM, "FlowMonitor", "db", "team-b")
     cluster.wait(lambda: cluster.monitor("db", "team-b") is None)
     assert not any(cluster.children("db", "team-b").values())
@@ -470,3 +494,16 @@ def test_flowmon_operator_command_runs_kopf_and_stops_on_sigint(kube_api: KubeAP
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
+
+
+def test_missing_prometheus_operator_crds_degrade_but_the_policy_still_runs(cluster: Cluster):
+    cluster.create_monitor("web")
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web"))
+    crd = "apiextensions.k8s.io/v1", "CustomResourceDefinition", "servicemonitors.monitoring.coreos.com"
+    cluster.api.delete(*crd)
+    cluster.wait(lambda: cluster.condition("web", "Degraded").get("reason") == "ChildrenNotApplied")
+    assert "ServiceMonitor CRD" in cluster.condition("web", "Degraded")["message"]
+    assert cluster.condition("web", "Ready")["status"] == "True"
+    assert cluster.children("web")["Secret"] is not None
+    assert {cluster.agents.hash(ip) for ip in NODES.values()} == {cluster.policy().hash}

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from flowmon_agent.policy import AgentPolicy, MonitorPolicy, canonical_json, compile_policy, token_sha256
 from flowmon_agent.spec import FlowMonitor
-from flowmon_operator import builders, certs
+from flowmon_operator import builders, certs, rules
 from flowmon_operator.certs import KeyPair
 from flowmon_operator.kube import Conflict, KubeClient, NotFound
 from flowmon_operator.push import PushTarget, agent_pods, sync_agents
@@ -33,11 +33,6 @@ from flowmon_operator.status import (
     status_changed,
     validation_message,
 )
-
-try:  # the alerting issue's PrometheusRule builder
-    from flowmon_operator import rules
-except ImportError:  # pragma: no cover - rules.py is part of the package
-    rules = None
 
 log = logging.getLogger(__name__)
 FLOWMONITOR = "FlowMonitor"
@@ -146,11 +141,11 @@ async def apply_children(rt: Runtime, monitor: FlowMonitor, pki: Pki) -> list[st
         )
     except NotFound:
         notes.append("the ServiceMonitor CRD (monitoring.coreos.com/v1) is not installed")
-    rule = rules.build_prometheus_rule(monitor, s) if rules is not None else None
+    rule = rules.build_prometheus_rule(monitor, s)
     try:
         if rule is not None:
             await rt.kube.apply(rule)
-        elif rules is not None:
+        else:  # alerting turned off: the rule goes
             await rt.kube.delete("PrometheusRule", rules.rule_name(monitor), monitor.metadata.namespace)
     except NotFound:
         if rule is not None:
