@@ -148,3 +148,43 @@ def test_row_cells_line_up_with_columns() -> None:
     cells = tv.row_cells(row, per_second=True)
     assert len(cells) == len(tv.columns(per_second=True))
     assert dict(zip(tv.columns(True), cells, strict=True))["sent"] == "2.0 KiB/s"
+
+
+def test_combine_sums_agents_counters_and_buckets() -> None:
+    one = tv.parse_exposition(exposition(1000, 10, (5, 9, 10)))
+    two = tv.parse_exposition(exposition(500, 5, (1, 2, 3)))
+    both = tv.combine([one, two])
+    key = next(k for k in both if ("client_workload", "web") in k)
+    assert both[key].sent_bytes == 1500 and both[key].opened == 15 and both[key].active == 6
+    assert both[key].rtt == {0.001: 6, 0.01: 11, math.inf: 13}
+    assert one[key].sent_bytes == 1000  # inputs untouched
+
+
+def test_violations_of_another_monitor_attach_to_matching_pairs() -> None:
+    base = tv.parse_exposition(
+        "# TYPE flowmon_tcp_sent_bytes_total counter\nflowmon_tcp_sent_bytes_total{"
+        + PAIR
+        + ',service="pay/api"} 10.0\n'
+    )
+    isolation = tv.parse_exposition(
+        "# TYPE flowmon_isolation_violations_total counter\n"
+        'flowmon_isolation_violations_total{from_env="staging",to_env="prod",client_namespace="shop",'
+        'client_workload="web",server_namespace="pay",server_workload="api"} 2.0\n'
+        'flowmon_isolation_violations_total{from_env="staging",to_env="prod",client_namespace="x",'
+        'client_workload="y",server_namespace="pay",server_workload="api"} 1.0\n'
+    )
+    merged = tv.attach_violations(base, isolation)
+    rows = {(r.client, r.server): r for r in tv.rows(merged)}
+    assert rows[("shop/web", "pay/api:80 via pay/api")].violations == 2
+    assert rows[("shop/web", "pay/api:80 via pay/api")].sent_bytes == 10
+    assert rows[("x/y", "pay/api")].violations == 1  # no traffic row matched: its own row
+    assert tv.rows(base)[0].violations == 0  # base untouched
+
+
+def test_live_rows_are_rates_but_violations_stay_cumulative() -> None:
+    before = tv.parse_exposition(exposition(1000, 10, (5, 9, 10)))
+    after = tv.parse_exposition(exposition(2000, 10, (5, 9, 10)))
+    first = tv.live_rows(None, before, 0.0)
+    assert first[0].sent_bytes == 1000 and first[0].violations == 1  # totals on the first refresh
+    row = tv.live_rows(before, after, 2.0)[0]
+    assert row.sent_bytes == 500 and row.opened == 0 and row.violations == 1

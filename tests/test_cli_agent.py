@@ -1,0 +1,222 @@
+"""`flowmon agent` (standalone) and `flowmon top`: pure helpers, then the real command on this host."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flowmon_agent import cli, topview
+from flowmon_agent.commands import agent as cmd
+from flowmon_agent.manifests import load_monitors
+from flowmon_agent.policy import compile_policy, token_sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:9400", ("127.0.0.1", 9400)),
+        ("0.0.0.0:9443", ("0.0.0.0", 9443)),
+        ("[::1]:9400", ("::1", 9400)),
+        (":0", ("127.0.0.1", 0)),
+    ],
+)
+def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
+    assert cmd.parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["9400", "host:", "host:http", "host:70000"])
+def test_parse_listen_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        cmd.parse_listen(text)
+
+
+def test_only_given_flags_override_settings() -> None:
+    args = cli.build_parser().parse_args(["agent", "--listen", "[::1]:0", "--node", "n1", "--insecure"])
+    assert cmd.settings_overrides(args) == {
+        "listen_host": "::1",
+        "listen_port": 0,
+        "node_name": "n1",
+        "insecure": True,
+    }
+    bare = cli.build_parser().parse_args(["agent"])
+    assert cmd.settings_overrides(bare) == {}  # FLOWMON_AGENT_* variables (the DaemonSet) stay in charge
+
+
+def test_monitor_files_compile_exactly_as_the_operator_compiles_them() -> None:
+    monitors = load_monitors([ROOT / "examples"])
+    policy = cmd.standalone_policy(monitors, ["t0k3n"])
+    expected = compile_policy(monitors, token_hashes={m.key: [token_sha256("t0k3n")] for m in monitors})
+    assert policy == expected and policy.hash == expected.hash
+    assert {m.tenant_namespace for m in policy.monitors} == {None, "shop"}  # tenancy as in a cluster
+
+
+def test_host_objects_make_this_host_a_pod_with_every_address() -> None:
+    ns, node, pod = cmd.host_objects("box", ["127.0.0.1", "::1", "192.0.2.7"])
+    assert (ns["kind"], node["kind"], pod["kind"]) == ("Namespace", "Node", "Pod")
+    assert pod["metadata"]["namespace"] == "host" and pod["spec"]["nodeName"] == "box"
+    assert [a["ip"] for a in pod["status"]["podIPs"]] == ["127.0.0.1", "::1", "192.0.2.7"]
+    assert "addresses" not in node.get("status", {})  # a node address would win over the pod
+
+
+def test_parse_ip_addr_json() -> None:
+    text = json.dumps(
+        [
+            {"ifname": "lo", "addr_info": [{"local": "127.0.0.1"}, {"local": "::1"}]},
+            {"ifname": "eth0", "addr_info": [{"local": "192.0.2.2"}, {"family": "inet6"}]},
+            {"ifname": "dummy0"},
+        ]
+    )
+    assert cmd.parse_ip_addr_json(text) == ["127.0.0.1", "::1", "192.0.2.2"]
+    assert cmd.parse_ip_addr_json("") == []
+
+
+def test_invalid_monitor_files_stop_the_agent_before_bpf(tmp_path: Path) -> None:
+    bad = ROOT / "tests" / "golden" / "invalid" / "semantic.yaml"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowmon_agent.cli",
+            "agent",
+            "--monitor",
+            str(bad),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"{bad}: spec.selection.namespaces: namespaces both included and excluded" in done.stderr
+
+
+# --- the real agent on this host --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_exchange(request: int, response: int, connections: int) -> int:
+    """A server and a client on 127.0.0.1: `connections` exchanges of known sizes; returns the port."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        for _ in range(connections):
+            conn, _ = srv.accept()
+            with conn:
+                got = 0
+                while got < request:
+                    got += len(conn.recv(65536))
+                conn.sendall(b"r" * response)
+        srv.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    for _ in range(connections):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"q" * request)
+            got = 0
+            while got < response:
+                chunk = c.recv(65536)
+                if not chunk:
+                    break
+                got += len(chunk)
+    thread.join(timeout=10)
+    return port
+
+
+@pytest.mark.bpf
+def test_bare_agent_monitors_every_flow_of_this_host_and_top_shows_it(require_root) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/metrics/flowmon-system/host"
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flowmon_agent.cli",
+            "agent",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--node",
+            "box",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert agent.poll() is None, agent.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert time.monotonic() < deadline, "agent not ready"
+                time.sleep(0.2)
+        server_port = loopback_exchange(request=3333, response=77777, connections=4)
+        want = ("host/box", f"host/box:{server_port}")
+        rows: dict = {}
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(base, timeout=5) as r:
+                rows = {
+                    (row.client, row.server): row
+                    for row in topview.rows(topview.parse_exposition(r.read().decode()))
+                }
+            if want in rows and rows[want].opened == 4:
+                break
+            time.sleep(0.5)
+        row = rows[want]
+        # Exact kernel-measured payload bytes, each connection counted once (client and server on this host).
+        assert (row.sent_bytes, row.received_bytes, row.opened) == (4 * 3333, 4 * 77777, 4)
+        top = subprocess.run(
+            [sys.executable, "-m", "flowmon_agent.cli", "top", "--once", base],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert top.returncode == 0, top.stderr
+        line = next(line for line in top.stdout.splitlines() if f"host/box:{server_port}" in line)
+        assert "13.0 KiB" in line and "303.8 KiB" in line  # 13332 B and 311108 B
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        out, _ = agent.communicate(timeout=30)
+    assert agent.returncode == 0, out
+
+
+def test_top_reports_an_unreachable_agent() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowmon_agent.cli",
+            "top",
+            "--once",
+            f"http://127.0.0.1:{free_port()}/metrics/a/b",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "NO_PROXY": "*"},
+    )
+    assert done.returncode == 1 and "Connection refused" in done.stderr
