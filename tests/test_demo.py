@@ -157,12 +157,21 @@ def test_headless_demo_answers_its_queries_and_leaves_nothing(no_demo_running) -
     assert_nothing_left(lines)
 
 
-def test_cleanup_after_a_killed_demo(no_demo_running) -> None:
+def test_second_demo_refuses_and_cleanup_after_a_killed_demo(no_demo_running) -> None:
     proc = start_demo("--no-ui", "--duration", "120")
     try:
         _, lines = read_until_prometheus(proc)
         assert len(minicluster.list_netns(scenario.PREFIX)) == 1 + 13
         assert state.STATE_FILE.exists()
+        # A second demo refuses instead of tearing down the running one.
+        second = subprocess.run(
+            [sys.executable, "-m", "flowmon_agent.cli", "demo", "--no-ui"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert second.returncode == 1 and "another demo is running" in second.stderr
+        assert len(minicluster.list_netns(scenario.PREFIX)) == 1 + 13
         proc.kill()  # SIGKILL: no teardown runs
         proc.wait(timeout=10)
         assert minicluster.list_netns(scenario.PREFIX), "the netns outlive a killed demo"

@@ -94,6 +94,7 @@ class Demo:
 
         self.args = args
         self.state = state.DemoState()
+        self.state.add_process(os.getpid(), "demo")
         self.workdir = Path(tempfile.mkdtemp(prefix="flowmon-demo-"))
         self.state.add_directory(self.workdir)
         self.cluster = None
@@ -386,6 +387,8 @@ def _interrupt(_signum, _frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flowmon_agent.demo import state
+
     try:
         check_host()
         if args.cleanup:
@@ -394,6 +397,10 @@ def run(args: argparse.Namespace) -> int:
                 say(line)
             say("nothing to clean up" if not done else "clean")
             return 0
+        if running := state.alive(state.load(), "demo"):
+            raise DemoError(
+                f"another demo is running (pid {running[0]}): stop it, or run `flowmon demo --cleanup`"
+            )
         if leftovers := cleanup_everything():
             say("an earlier demo left things behind; removed them: " + "; ".join(leftovers))
     except DemoError as exc:

@@ -62,12 +62,25 @@ def load(path: Path = STATE_FILE) -> Owned:
         return Owned()
 
 
+def alive(owned: Owned, what: str) -> list[int]:
+    """Recorded processes named `what` that still run (same pid and start time)."""
+    return [
+        p["pid"]
+        for p in owned.processes
+        if p["what"] == what and p["start"] is not None and start_time(p["pid"]) == p["start"]
+    ]
+
+
 def release(path: Path = STATE_FILE, grace: float = 5.0) -> list[str]:
     """Stop every recorded process that is still the same process, remove the recorded directories and
     the state file; returns what was done, for the user."""
     owned = load(path)
     done: list[str] = []
-    alive = [p for p in owned.processes if p["start"] is not None and start_time(p["pid"]) == p["start"]]
+    alive = [
+        p
+        for p in owned.processes
+        if p["start"] is not None and start_time(p["pid"]) == p["start"] and p["pid"] != os.getpid()
+    ]
     done += [f"stopped {p['what']} (pid {p['pid']})" for p in alive]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for proc in alive:
