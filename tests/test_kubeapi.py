@@ -300,3 +300,12 @@ def test_label_selector_parsing():
         ("g", "Exists", []),
         ("h", "DoesNotExist", []),
     ]
+
+
+def test_send_initial_events_ends_the_initial_state_with_a_bookmark(kube_api):
+    kube_api.create(POD)
+    events = watch(kube_api, f"{PODS}?sendInitialEvents=true&allowWatchBookmarks=true", count=2)
+    assert [e["type"] for e in events] == ["ADDED", "BOOKMARK"]
+    bookmark = events[1]["object"]["metadata"]
+    assert bookmark["annotations"] == {"k8s.io/initial-events-end": "true"}
+    assert int(bookmark["resourceVersion"]) >= int(events[0]["object"]["metadata"]["resourceVersion"])

@@ -48,9 +48,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = logging.WARNING  # Kubernetes events only for problems
     # A deleted monitor keeps its finalizer until its timer has exited; check soon, not after 60 s.
     settings.background.cancellation_polling = min(5.0, config.timer_interval_seconds)
-    settings.watching.reconnect_backoff = min(
-        settings.watching.reconnect_backoff, config.timer_interval_seconds
-    )
+    # Reconnect watches regularly: a connection that silently died (no RST) would otherwise hang forever.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
     memo.runtime = Runtime(config, KubeClient(load_connection()), tuple(memo.namespaces))
 
 

@@ -354,7 +354,7 @@ class KubeAPI:
         send_initial = q.get("sendInitialEvents", "").lower() in TRUE
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         try:
-            backlog = self.store.watch(watcher, q.get("resourceVersion"), send_initial)
+            backlog, backlog_rv = self.store.watch(watcher, q.get("resourceVersion"), send_initial)
         except ApiError as exc:
             if exc.code != 410:
                 raise
@@ -367,7 +367,7 @@ class KubeAPI:
             await response.prepare(request)
             lines = list(backlog)
             if send_initial:
-                lines.append(self._bookmark(route.rtype, initial_end=True))
+                lines.append(self._bookmark(route.rtype, backlog_rv, initial_end=True))
             for line in lines:
                 await response.write(json.dumps(line).encode() + b"\n")
             while deadline is None or loop.time() < deadline:
@@ -395,8 +395,9 @@ class KubeAPI:
             self.store.unwatch(watcher)
         return response
 
-    def _bookmark(self, rtype: ResourceType, initial_end: bool = False) -> dict:
-        metadata: dict = {"resourceVersion": str(self.store.rv)}
+    @staticmethod
+    def _bookmark(rtype: ResourceType, resource_version: int, initial_end: bool = False) -> dict:
+        metadata: dict = {"resourceVersion": str(resource_version)}
         if initial_end:
             metadata["annotations"] = {"k8s.io/initial-events-end": "true"}
         return {

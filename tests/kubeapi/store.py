@@ -205,8 +205,9 @@ class Store:
         watcher: Watcher,
         resource_version: str | None,
         send_initial: bool = False,
-    ) -> list[dict]:
-        """Subscribe; return the backlog (history after the version, or synthetic ADDED for current state).
+    ) -> tuple[list[dict], int]:
+        """Subscribe; return the backlog (history after the version, or synthetic ADDED for current state)
+        and the resourceVersion it brings the watcher to.
 
         Raises ApiError(410) when the requested version is older than the compacted history.
         """
@@ -223,7 +224,7 @@ class Store:
                 events = (watcher.translate(e) for e in self.history if e.rv > since)
                 backlog = [copy.deepcopy(e) for e in events if e is not None]
             self.watchers.add(watcher)
-            return backlog
+            return backlog, self.rv
 
     def unwatch(self, watcher: Watcher) -> None:
         with self.lock:
