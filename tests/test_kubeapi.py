@@ -309,3 +309,48 @@ def test_send_initial_events_ends_the_initial_state_with_a_bookmark(kube_api):
     bookmark = events[1]["object"]["metadata"]
     assert bookmark["annotations"] == {"k8s.io/initial-events-end": "true"}
     assert int(bookmark["resourceVersion"]) >= int(events[0]["object"]["metadata"]["resourceVersion"])
+
+
+def test_the_official_kubernetes_client_works_against_it(kube_api, tmp_path):
+    """The `kubernetes` package (strict pydantic models) lists, watches, patches and reads custom objects."""
+    import kubernetes
+
+    config = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(
+        config_file=str(kube_api.kubeconfig(tmp_path / "kubeconfig")), client_configuration=config
+    )
+    with kubernetes.client.ApiClient(config) as client:
+        core = kubernetes.client.CoreV1Api(client)
+        assert kubernetes.client.VersionApi(client).get_code().git_version.startswith("v1.30")
+        core.create_namespaced_pod(
+            "default",
+            {
+                "metadata": {"name": "p", "labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "c", "image": "x"}]},
+            },
+        )
+        listed = core.list_namespaced_pod("default", label_selector="app=web")
+        assert [p.metadata.name for p in listed.items] == ["p"]
+        core.patch_namespaced_pod("p", "default", {"metadata": {"labels": {"v": "2"}}})
+        stream = kubernetes.watch.Watch().stream(
+            core.list_namespaced_pod,
+            "default",
+            resource_version=listed.metadata.resource_version,
+            timeout_seconds=2,
+        )
+        event = next(iter(stream))
+        assert (event["type"], event["object"].metadata.labels) == ("MODIFIED", {"app": "web", "v": "2"})
+        kube_api.register_crd("example.io", "Widget", "widgets")
+        custom = kubernetes.client.CustomObjectsApi(client)
+        custom.create_namespaced_custom_object(
+            "example.io",
+            "v1",
+            "default",
+            "widgets",
+            {"apiVersion": "example.io/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"a": 1}},
+        )
+        assert custom.get_namespaced_custom_object("example.io", "v1", "default", "widgets", "w")["spec"] == {
+            "a": 1
+        }
+        core.delete_namespaced_pod("p", "default")
+        assert core.list_namespaced_pod("default").items == []
