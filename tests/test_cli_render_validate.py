@@ -63,7 +63,7 @@ def test_invalid_files_exit_1_with_one_line_per_problem_golden() -> None:
         ("bad-fields.yaml", "spec.aggregation.maxSeries", "greater than or equal to 1"),
         ("bad-fields.yaml", "spec.aggregation.seriesTTL", "should match pattern"),
         ("bad-fields.yaml", "spec.scrape.intervall", "Extra inputs are not permitted"),
-        ("bad-fields.yaml", "spec.selection.networks[0].cidr", "not a valid IPv4 network"),
+        ("bad-fields.yaml", "spec.selection.networks[0].cidr", "203.0.113.7/24 has host bits set"),
         ("bad-fields.yaml", "spec.alerting.isolation", "unknown environment 'prod'"),
         ("semantic.yaml", "spec.selection.namespaces", "both included and excluded: payments"),
         ("semantic.yaml", "spec.aggregation.histogramBuckets", "strictly ascending"),
@@ -71,6 +71,8 @@ def test_invalid_files_exit_1_with_one_line_per_problem_golden() -> None:
         ("not-a-monitor.yaml[1]", "apiVersion", "expected flowmon.io/v1alpha1, got 'flowmon.io/v1'"),
         ("not-a-monitor.yaml[1]", "metadata.name", "Field required"),
         ("broken-yaml.yaml", "(document)", "not valid YAML: line 4, column 1"),
+        ("strict-types.yaml", "spec.aggregation.maxSeries", "Input should be a valid integer"),
+        ("strict-types.yaml", "spec.alerting.enabled", "Input should be a valid boolean"),
     ],
 )
 def test_each_problem_is_file_field_path_message(file: str, path: str, fragment: str) -> None:

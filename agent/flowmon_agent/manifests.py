@@ -6,6 +6,7 @@ validates is exactly a file the agent and the operator accept.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,10 @@ class ManifestError(ValueError):
         self.problems = list(problems)
 
 
+def _is_union_tag(part: int | str) -> bool:
+    return isinstance(part, str) and ("[" in part or "(" in part)
+
+
 def field_path(loc: Iterable[int | str]) -> str:
     """pydantic's error location → `spec.selection.networks[0].cidr`.
 
@@ -53,7 +58,7 @@ def field_path(loc: Iterable[int | str]) -> str:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif "[" in part or "(" in part:
+        elif _is_union_tag(part):
             continue
         else:
             path += f".{part}" if path else part
@@ -61,14 +66,17 @@ def field_path(loc: Iterable[int | str]) -> str:
 
 
 def validation_problems(file: str, exc: ValidationError) -> list[Problem]:
-    """One problem per field; the messages of union members at one path are joined."""
+    """One problem per field. A value that fits no member of a union (an IPv4 or IPv6 network) gets the
+    first member's message only: the others only say why it is not, say, IPv6."""
     by_path: dict[str, list[str]] = {}
     for error in exc.errors():
         message = error["msg"].removeprefix("Value error, ")
-        messages = by_path.setdefault(field_path(error["loc"]), [])
-        if message not in messages:
+        path = field_path(error["loc"])
+        union_member = any(_is_union_tag(part) for part in error["loc"])
+        messages = by_path.setdefault(path, [])
+        if message not in messages and not (union_member and messages):
             messages.append(message)
-    return [Problem(file, path, " or ".join(messages)) for path, messages in by_path.items()]
+    return [Problem(file, path, "; ".join(messages)) for path, messages in by_path.items()]
 
 
 def parse_document(file: str, document: object) -> tuple[FlowMonitor | None, list[Problem]]:
@@ -85,9 +93,13 @@ def parse_document(file: str, document: object) -> tuple[FlowMonitor | None, lis
     if problems:
         return None, problems
     try:
-        return FlowMonitor.model_validate(document), []
+        # Strict JSON types, as the API server applies the CRD: `maxSeries: "500"` is refused there,
+        # so it is refused here too (pydantic's lax mode would coerce it).
+        return FlowMonitor.model_validate_json(json.dumps(document), strict=True), []
     except ValidationError as exc:
         return None, validation_problems(file, exc)
+    except (TypeError, ValueError) as exc:  # YAML values JSON cannot hold (dates, binary)
+        return None, [Problem(file, "", f"not representable as JSON: {exc}")]
 
 
 def yaml_error_text(exc: yaml.YAMLError) -> str:

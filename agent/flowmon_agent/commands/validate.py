@@ -1,7 +1,10 @@
 """`flowmon validate FILE...`: schema and semantic validation of FlowMonitor files, for CI pipelines.
 
 Exit 0 when every file is valid; exit 1 with one `file: field.path: message` line per problem on
-stderr. Directories stand for their *.yaml/*.yml files.
+stderr. Directories stand for their *.yaml/*.yml files. Validation is the FlowMonitor models in strict
+JSON mode, which is what the API server enforces with the CRD (crds/ is generated from these models and
+the operator's drift tests hold the two equal), plus what no schema sees: duplicate namespace/name
+across files, wrong kind or apiVersion.
 """
 
 from __future__ import annotations
