@@ -220,3 +220,24 @@ def test_top_reports_an_unreachable_agent() -> None:
         env={**os.environ, "NO_PROXY": "*"},
     )
     assert done.returncode == 1 and "Connection refused" in done.stderr
+
+
+def test_an_agent_named_after_a_node_the_inventory_lacks_is_warned(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from flowmon_agent import minicluster as mc
+
+    spec = mc.ClusterSpec(
+        namespaces=[mc.NamespaceSpec("a")],
+        deployments=[mc.DeploymentSpec("a", "x", 2)],
+        nodes=[mc.NodeSpec("node-a"), mc.NodeSpec("node-b")],
+    )
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump_all(mc.inventory_objects(mc.plan_cluster(spec, "p"))))
+    cmd.warn_foreign_node(inventory, "node-b")
+    assert capsys.readouterr().err == ""
+    cmd.warn_foreign_node(inventory, "laptop")
+    assert "node 'laptop' is not in" in capsys.readouterr().err
+    inventory.write_text("{not yaml")
+    with pytest.raises(cmd.AgentStartError, match="cannot read the inventory"):
+        cmd.warn_foreign_node(inventory, "node-a")

@@ -132,6 +132,17 @@ def host_objects(name: str, addresses: Sequence[str]) -> list[dict]:
     ]
 
 
+def inventory_node_names(objects) -> set[str]:
+    """Nodes an inventory names: its Node objects and its pods' spec.nodeName."""
+    names = set()
+    for obj, kind in objects:
+        if kind == "Node":
+            names.add((obj.get("metadata") or {}).get("name"))
+        elif kind == "Pod":
+            names.add((obj.get("spec") or {}).get("nodeName"))
+    return names - {None, ""}
+
+
 def parse_ip_addr_json(text: str) -> list[str]:
     """Addresses out of `ip -j addr show`."""
     return [
@@ -149,6 +160,23 @@ def read_tokens(path: Path) -> list[str]:
 def local_addresses() -> list[str]:
     done = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=False)
     return parse_ip_addr_json(done.stdout) if done.returncode == 0 else ["127.0.0.1", "::1"]
+
+
+def warn_foreign_node(inventory: Path, node: str) -> None:
+    """An agent owns the pods of its node: named after a node the inventory does not know, it reports
+    none of them (each connection is reported by the agent of the client's node)."""
+    from flowmon_agent.metadata.inventory import InventoryError, parse_inventory
+
+    try:
+        nodes = inventory_node_names(parse_inventory(inventory.read_text()))
+    except (OSError, InventoryError) as exc:
+        raise AgentStartError(f"cannot read the inventory {inventory}: {exc}") from None
+    if nodes and node not in nodes:
+        print(
+            f"flowmon agent: warning: node {node!r} is not in {inventory} ({', '.join(sorted(nodes))}): "
+            "this agent reports no pod's connections; pass --node NAME",
+            file=sys.stderr,
+        )
 
 
 class MonitorFiles:
@@ -211,6 +239,8 @@ def make_agent(args: argparse.Namespace):
             policy = None  # the runner loads and watches the policy file
     except ManifestError as exc:
         raise AgentStartError("invalid monitor files:\n" + str(exc)) from None
+    if settings.inventory_file is not None:
+        warn_foreign_node(settings.inventory_file, settings.node_name)
     store = MetadataStore()
     if settings.inventory_file is None and settings.policy_file is None:
         for obj in host_objects(settings.node_name, local_addresses()):
