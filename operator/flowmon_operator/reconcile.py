@@ -48,6 +48,7 @@ class Runtime:
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tokens: dict[str, str] = field(default_factory=dict)  # monitor key → scrape token (cache)
+    notes: dict[str, list[str]] = field(default_factory=dict)  # monitor key → children that cannot exist
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ async def delete_children(rt: Runtime, namespace: str, name: str) -> int:
         for child in children:
             deleted += await rt.kube.delete(kind, child["metadata"]["name"], namespace)
     rt.tokens.pop(f"{namespace}/{name}", None)
+    rt.notes.pop(f"{namespace}/{name}", None)
     return deleted
 
 
@@ -252,14 +254,13 @@ async def sync(rt: Runtime, *, trigger: Mapping | None = None, deleting: str | N
         ]
         if not valid and not carried:
             await delete_shared(rt)
-            await _write_statuses(rt, live, valid, problems, None, None, trigger_key, {})
+            await _write_statuses(rt, live, valid, problems, None, None, trigger_key)
             return Outcome(None, None, problems)
 
         pki = await ensure_pki(rt)
-        notes: dict[str, list[str]] = {}
         for key, monitor in valid.items():
             if key == trigger_key:
-                notes[key] = await apply_children(rt, monitor, pki)
+                rt.notes[key] = await apply_children(rt, monitor, pki)
             elif key not in rt.tokens:
                 await ensure_scrape_secret(rt, monitor, pki)
         fresh = compile_policy(
@@ -274,7 +275,7 @@ async def sync(rt: Runtime, *, trigger: Mapping | None = None, deleting: str | N
         if changed:
             log.info("policy %s: %d monitors", policy.hash[:12], len(policy.monitors))
         agents = await push_to_agents(rt, policy, pki, force=changed)
-        await _write_statuses(rt, live, valid, problems, policy, agents, trigger_key, notes)
+        await _write_statuses(rt, live, valid, problems, policy, agents, trigger_key)
         return Outcome(policy, agents, problems)
 
 
@@ -286,7 +287,6 @@ async def _write_statuses(
     policy: AgentPolicy | None,
     agents: Agents | None,
     trigger_key: str | None,
-    notes: dict[str, list[str]],
 ) -> None:
     """Every live monitor's status, written only when it changes. Only the trigger's observedGeneration
     moves: its children were applied in this round, the others' in their own rounds."""
@@ -309,7 +309,7 @@ async def _write_statuses(
                 policy_hash=policy.hash,
                 predicted_series=builders.predicted_series(valid[key]),
                 now=now,
-                notes=notes.get(key, ()),
+                notes=rt.notes.get(key, ()),
             )
         else:
             continue
