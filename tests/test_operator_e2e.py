@@ -280,6 +280,11 @@ def test_create_builds_every_object_and_pushes_the_policy_to_every_agent(cluster
         "Degraded": ("False", "AsExpected"),
     }
     assert FINALIZER in cluster.monitor("web")["metadata"]["finalizers"]
+    # Steady state: timer rounds keep running and write nothing at all (no churn, no watch events).
+    settled, asked = cluster.api.store.rv, len(cluster.api.requests)
+    time.sleep(3 * TIMER)
+    rounds = [p for m, p in cluster.api.requests[asked:] if m == "PATCH" and "/daemonsets/" in p]
+    assert len(rounds) >= 2 and cluster.api.store.rv == settled
     # Everything the operator wrote is what a real API server with these CRDs would accept.
     for obj in [*shared.values(), *children.values(), cluster.monitor("web")]:
         validate_any(obj)
