@@ -208,3 +208,39 @@ def test_demo_refuses_clearly_without_root() -> None:
         text=True,
     )
     assert "needs root" in done.stderr
+
+
+def test_live_view_in_a_terminal(no_demo_running) -> None:
+    """The default path of `make demo`: a terminal, the live table redrawn until --duration."""
+    import pty
+    import re
+
+    main, child = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowmon_agent.cli", "demo", "--duration", "14"],
+        cwd=ROOT,
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        env={**os.environ, "COLUMNS": "180", "LINES": "40", "TERM": "xterm"},
+    )
+    os.close(child)
+    output = b""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    proc.wait(timeout=30)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode(errors="replace"))
+    assert proc.returncode == 0, text[-3000:]
+    assert "workload pairs" in text and "conns/s" in text
+    # Rates appear once two refreshes happened: the steady calls to payments/api through the Service.
+    assert re.search(r"shop/frontend\s*│\s*payments/api via api\s*│\s*[0-9.]+ KiB/s", text), text[-3000:]
+    assert "nothing of the demo remains" in text
+    assert_nothing_left()
