@@ -1,12 +1,14 @@
 """Kernel-side overhead: throughput with no tracer, a count-only BPF floor, BCC's tcplife, and flowmon.
 
-    .venv/bin/python -m bench.kernel_overhead [--rounds 5] [--seconds 3]
+    .venv/bin/python -m bench.kernel_overhead [--rounds 6] [--seconds 2]
 
 Two network namespaces (client, server) on a bridge; workloads: wrk against nginx with
 `Connection: close` (churn: one connection per request), wrk keep-alive (tiny requests on open
-connections: the send/recv hooks dominate), iperf3 bulk. Every round runs every mode once, in a shuffled
-order, so slow drift of the shared machine hits all modes alike. Reported per mode: the median over
-rounds of (throughput / the same round's no-tracer throughput) and the tracer process's CPU in cores.
+connections: the send/recv hooks dominate), iperf3 bulk. Each round measures every mode once per workload
+in a shuffled order, each right after a paired no-tracer measurement, so the shared machine's load
+swings hit both sides of a pair alike. Reported per mode: the median over rounds of (throughput / paired
+no-tracer throughput) and the tracer process's CPU in cores. The floor and flowmon modes load once and
+attach/detach on command; tcplife is started and stopped around each of its measurements.
 Also compares raw and classic tracepoints for sock_{send,recv}_length (floor and flowmon).
 """
 
@@ -17,6 +19,7 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -36,35 +39,98 @@ PORT_HTTP, PORT_IPERF = 8080, 5201
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-# --- the tracer side: one process per mode, started and stopped every round ---------------------------
+# --- the tracer side -------------------------------------------------------------------------------------
+# floor and flowmon modes are persistent processes that load (compile) once and then attach or detach
+# their programs on command, in milliseconds; so each measurement can be paired with a "none" measurement
+# right before it. tcplife is BCC's own tool and is started and stopped around its measurement.
+def _toggles(bpf):
+    tps = list(bpf.tracepoint_fds)
+    raws = list(bpf.raw_tracepoint_fds)
+
+    def off() -> None:
+        for tp in tps:
+            bpf.detach_tracepoint(tp)
+        for tp in raws:
+            bpf.detach_raw_tracepoint(tp)
+
+    def on() -> None:
+        for tp in tps:
+            cat, event = tp.split(b":")
+            bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + cat + b"__" + event)
+        for tp in raws:
+            bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
+
+    return on, off
+
+
 def run_mode(mode: str) -> int:
-    """Child process: attach the mode's BPF programs, say `ready`, keep working until stdin closes."""
+    """Child process: load the mode's programs detached, then obey `on`/`off` lines until stdin closes."""
     import threading
 
+    lock = threading.Lock()
     stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    tracer = None
     if mode.startswith("floor"):
         from bcc import BPF
 
         cflags = [f"-DFLOOR_RAW={0 if mode.endswith('classic') else 1}"]
         bpf = BPF(src_file=str(ROOT / "bench" / "count_floor.c").encode(), cflags=cflags)
-        print("ready", flush=True)
-        stop.wait()
-        bpf.cleanup()
-        return 0
-    from flowmon_agent.tracer import FlowTracer
+    else:
+        from flowmon_agent.tracer import FlowTracer
 
-    with FlowTracer(raw=not mode.endswith("classic")) as tracer:
-        print("ready", flush=True)
-        while not stop.wait(1.0):
-            tracer.poll()  # the agent's real once-a-second work
+        tracer = FlowTracer(raw=not mode.endswith("classic"))
+        bpf = tracer._bpf
+
+        def poll_every_second() -> None:  # the agent's real user-space work
+            while not stop.wait(1.0):
+                with lock:
+                    tracer.poll()
+
+        threading.Thread(target=poll_every_second, daemon=True).start()
+    on, off = _toggles(bpf)
+    off()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        with lock:
+            (on if line.strip() == "on" else off)()
+        print("ok", flush=True)
+    stop.set()
+    with lock:
+        if tracer is not None:
+            tracer.close()
+        else:
+            bpf.cleanup()
     return 0
 
 
-@dataclass
 class Tracer:
-    proc: subprocess.Popen | None = None
-    out: Path | None = None
+    """A tracer mode in its own process; cores() is that process's CPU use."""
+
+    def __init__(self, mode: str, tmp: Path) -> None:
+        self.mode = mode
+        self.tmp = tmp
+        self.proc: subprocess.Popen | None = None
+        if mode not in ("none", "tcplife"):
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.kernel_overhead", "--run-mode", mode],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                cwd=ROOT,
+                text=True,
+            )
+            self._expect("ready")
+
+    def _expect(self, word: str) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != word:
+            raise RuntimeError(f"mode {self.mode}: expected {word!r}, got {line!r}")
+
+    def _say(self, word: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+        self._expect("ok")
 
     def cpu_seconds(self) -> float:
         if self.proc is None:
@@ -72,50 +138,40 @@ class Tracer:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
+    def attach(self) -> None:
+        if self.mode == "tcplife":
+            out = self.tmp / "tcplife.out"
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            with open(out, "w") as f:
+                self.proc = subprocess.Popen([TCPLIFE], stdout=f, stderr=subprocess.DEVNULL, env=env)
+            deadline = time.monotonic() + 30
+            while out.stat().st_size == 0:  # its header line: attached
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("tcplife did not start")
+                time.sleep(0.05)
+        elif self.proc is not None:
+            self._say("on")
 
-def start_tracer(mode: str, tmp: Path) -> Tracer:
-    if mode == "none":
-        return Tracer()
-    if mode == "tcplife":
-        out = tmp / "tcplife.out"
-        out.unlink(missing_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(out, "w") as f:
-            proc = subprocess.Popen([TCPLIFE], stdout=f, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (not out.exists() or out.stat().st_size == 0):
-            if proc.poll() is not None:
-                raise RuntimeError("tcplife exited early")
-            time.sleep(0.1)
-        return Tracer(proc, out)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.kernel_overhead", "--run-mode", mode],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if line != "ready":
-        raise RuntimeError(f"mode {mode} did not start: {line!r}")
-    return Tracer(proc)
+    def detach(self) -> None:
+        if self.mode == "tcplife" and self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+            (self.tmp / "tcplife.out").unlink(missing_ok=True)
+        elif self.proc is not None:
+            self._say("off")
 
-
-def stop_tracer(t: Tracer) -> None:
-    if t.proc is None:
-        return
-    if t.proc.stdin:
-        t.proc.stdin.close()
-    else:
-        t.proc.send_signal(signal.SIGINT)
-    try:
-        t.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        t.proc.kill()
-        t.proc.wait()
-    if t.out:
-        t.out.unlink(missing_ok=True)
+    def close(self) -> None:
+        if self.proc is not None and self.mode != "tcplife":
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        elif self.mode == "tcplife":
+            self.detach()
 
 
 # --- workloads -----------------------------------------------------------------------------------------
@@ -158,17 +214,45 @@ def iperf(lab: Lab, ip: str, seconds: float) -> float:
 class Result:
     throughput: dict[str, list[float]] = field(default_factory=dict)
     ratio: dict[str, list[float]] = field(default_factory=dict)
-    cpu: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (CPU s, wall s)
+    cost: dict[str, list[float]] = field(default_factory=dict)
 
 
-def measure(lab: Lab, workload: str, seconds: float) -> float:
+def process_tree_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) of these processes and their live children."""
+    total = 0.0
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            todo += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except OSError:
+            continue
+        total += (int(stat[11]) + int(stat[12])) / CLK_TCK
+    return total
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(lab: Lab, workload: str, seconds: float, servers: list[int]) -> tuple[float, float]:
+    """(throughput, workload CPU seconds per unit of throughput-second): the second is the cost of the
+    work itself (BPF programs run in the workload's syscalls and, mostly, its softirqs), which other
+    load on the machine disturbs much less than throughput."""
     server = lab.pod("server")
+    cpu0 = process_tree_cpu(servers) + children_cpu()
     if workload == "bulk":
-        return iperf(lab, str(server.ipv4), seconds)
-    return wrk(lab, f"http://{server.ipv4}:{PORT_HTTP}/", seconds, close=workload == "churn")
+        value = iperf(lab, str(server.ipv4), seconds)
+    else:
+        value = wrk(lab, f"http://{server.ipv4}:{PORT_HTTP}/", seconds, close=workload == "churn")
+    cpu = process_tree_cpu(servers) + children_cpu() - cpu0
+    return value, cpu / (value * seconds)
 
 
-def run(rounds: int, seconds: float, modes: tuple[str, ...], workloads: tuple[str, ...], seed: int) -> None:
+def run(rounds: int, seconds: int, modes: tuple[str, ...], workloads: tuple[str, ...], seed: int) -> None:
     rng = random.Random(seed)
     results = {w: Result() for w in workloads}
     with tempfile.TemporaryDirectory(prefix="fkb-") as tmpdir, Lab("fkb", ["client", "server"]) as lab:
@@ -178,64 +262,82 @@ def run(rounds: int, seconds: float, modes: tuple[str, ...], workloads: tuple[st
         lab.sysctl(client, "net.ipv4.tcp_tw_reuse", 1)
         lab.sysctl(server, "net.core.somaxconn", 4096)
         (tmp / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp, ip=server.ipv4, port=PORT_HTTP))
-        lab.popen(server, ["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)])
-        lab.popen(server, ["iperf3", "-s", "-B", str(server.ipv4), "-p", str(PORT_IPERF)])
-        time.sleep(1.0)
-        for w in workloads:  # warm-up, not recorded
-            measure(lab, w, 1)
-        started = time.monotonic()
-        for r in range(rounds):
-            for w in workloads:
-                order = list(modes)
-                rng.shuffle(order)
-                base = None
-                got: dict[str, tuple[float, float]] = {}
-                for mode in order:
-                    tracer = start_tracer(mode, tmp)
-                    try:
-                        cpu0, t0 = tracer.cpu_seconds(), time.monotonic()
-                        value = measure(lab, w, seconds)
-                        cores = (tracer.cpu_seconds() - cpu0) / (time.monotonic() - t0)
-                    finally:
-                        stop_tracer(tracer)
-                    got[mode] = (value, cores)
-                base = got["none"][0]
-                res = results[w]
-                for mode, (value, cores) in got.items():
-                    res.throughput.setdefault(mode, []).append(value)
-                    res.ratio.setdefault(mode, []).append(value / base)
-                    res.cpu.setdefault(mode, []).append(cores)
-                line = "  ".join(f"{m}={got[m][0] / base:.3f}" for m in modes)
-                print(f"round {r + 1}/{rounds} {w:9s} none={base:.1f}  {line}", flush=True)
-        elapsed = time.monotonic() - started
+        servers = [
+            lab.popen(server, ["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)]).pid,
+            lab.popen(server, ["iperf3", "-s", "-B", str(server.ipv4), "-p", str(PORT_IPERF)]).pid,
+        ]
+        tracers = {m: Tracer(m, tmp) for m in modes if m != "none"}
+        try:
+            for w in workloads:  # warm-up, not recorded
+                measure(lab, w, 1, servers)
+            started = time.monotonic()
+            for r in range(rounds):
+                for w in workloads:
+                    order = list(tracers)
+                    rng.shuffle(order)
+                    res = results[w]
+                    line = []
+                    for mode in order:
+                        base, base_cost = measure(lab, w, seconds, servers)  # paired: right before
+                        tracer = tracers[mode]
+                        tracer.attach()
+                        try:
+                            cpu0, t0 = tracer.cpu_seconds(), time.monotonic()
+                            value, cost = measure(lab, w, seconds, servers)
+                            used, wall = tracer.cpu_seconds() - cpu0, time.monotonic() - t0
+                        finally:
+                            tracer.detach()
+                        res.throughput.setdefault("none", []).append(base)
+                        res.throughput.setdefault(mode, []).append(value)
+                        res.ratio.setdefault(mode, []).append(value / base)
+                        res.cpu.setdefault(mode, []).append((used, wall))
+                        res.cost.setdefault(mode, []).append(cost / base_cost)
+                        line.append(f"{mode}={value / base:.3f}")
+                    print(f"round {r + 1}/{rounds} {w:9s} " + "  ".join(sorted(line)), flush=True)
+            elapsed = time.monotonic() - started
+        finally:
+            for tracer in tracers.values():
+                tracer.close()
     report(results, modes, rounds, seconds, elapsed)
+
+
+def _median_iqr(values: list[float]) -> str:
+    med = statistics.median(values)
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [med] * 3
+    return f"{med:.3f} ({q[0]:.3f}-{q[2]:.3f})"
 
 
 def report(
     results: dict[str, Result], modes: tuple[str, ...], rounds: int, seconds: float, elapsed: float
 ) -> None:
     units = {"churn": "req/s", "keepalive": "req/s", "bulk": "Gbit/s"}
-    print(f"\n{rounds} interleaved rounds of {seconds:g} s per mode and workload, {elapsed:.0f} s in all")
+    print(f"\n{rounds} rounds of {seconds:g} s per measurement, each mode paired with a no-tracer run,")
+    print(f"{elapsed:.0f} s in all. Ratios: median (quartiles) over rounds.")
     for w, res in results.items():
-        print(f"\n### {w} ({units[w]}, median of {rounds})\n")
-        print("| mode | throughput | ratio to no tracer | tracer process CPU (cores) |")
-        print("| --- | --- | --- | --- |")
+        print(f"\n### {w} ({units[w]})\n")
+        print(
+            "| mode | throughput | throughput / no tracer | workload CPU per unit / no tracer | tracer CPU |"
+        )
+        print("| --- | --- | --- | --- | --- |")
         for mode in modes:
-            if mode not in res.ratio:
+            if mode not in res.throughput:
                 continue
             tp = statistics.median(res.throughput[mode])
-            ratio = statistics.median(res.ratio[mode])
-            spread = f"{min(res.ratio[mode]):.3f}-{max(res.ratio[mode]):.3f}"
-            cpu = statistics.median(res.cpu[mode])
-            print(f"| {mode} | {tp:,.1f} | {ratio:.3f} ({spread}) | {cpu:.3f} |")
+            if mode == "none":
+                print(f"| none | {tp:,.1f} | 1 | 1 | - |")
+                continue
+            # tracer process CPU over all its measurements together (1/CLK_TCK resolution per reading)
+            cpu = sum(c for c, _ in res.cpu[mode]) / sum(w for _, w in res.cpu[mode])
+            ratio, cost = _median_iqr(res.ratio[mode]), _median_iqr(res.cost[mode])
+            print(f"| {mode} | {tp:,.1f} | {ratio} | {cost} | {cpu:.3f} cores |")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=int, default=3, help="length of one measurement")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=int, default=2, help="length of one measurement")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--seed", type=int, default=1)
