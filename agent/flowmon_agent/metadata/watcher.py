@@ -159,9 +159,15 @@ class KubeWatcher:
             return await resp.json()
 
     async def list_resource(self, session: aiohttp.ClientSession, resource: Resource) -> str:
-        """List page by page into the store (as one replace); returns the list's resourceVersion."""
+        """List page by page into the store (as one replace); returns the version to watch from.
+
+        That is the first page's resourceVersion: the API serves every page from that snapshot, and a
+        server that does not (pages shifting under writes) still has its later changes replayed by the
+        watch. Items seen twice are harmless.
+        """
         records = []
         params: dict[str, Any] = {"limit": str(self.page_size)}
+        version: str | None = None
         while True:
             page = await self._get_json(session, resource.path, params)
             for item in page.get("items") or []:
@@ -169,17 +175,20 @@ class KubeWatcher:
                 if record is not None:
                     records.append(record)
             meta = page.get("metadata") or {}
+            if version is None:
+                version = str(meta.get("resourceVersion") or "")
             if not meta.get("continue"):
                 break
             params["continue"] = meta["continue"]
         self.store.replace(resource.kind, records)
+        log.debug("%s: listed %d at resourceVersion %s", resource.kind, len(records), version)
         if resource.kind in self._listed:
             self.relists += 1
         self._listed.add(resource.kind)
         self._contact(resource.kind)
         if len(self._listed) == len(self.resources):
             self._synced.set()
-        return str(meta.get("resourceVersion") or "")
+        return version or ""
 
     async def watch_resource(self, session: aiohttp.ClientSession, resource: Resource, version: str) -> str:
         """Apply watch events until the server ends the stream; returns the last resourceVersion."""
@@ -196,6 +205,7 @@ class KubeWatcher:
             if resp.status != 200:
                 raise ApiUnavailable(f"watch {resource.path}: HTTP {resp.status}")
             self._connected.add(resource.kind)
+            log.debug("%s: watching from resourceVersion %s", resource.kind, version)
             try:
                 while line := await resp.content.readline():
                     if not line.strip():
@@ -208,6 +218,9 @@ class KubeWatcher:
                         raise ApiUnavailable(f"watch {resource.path}: {obj.get('message')}")
                     if kind != "BOOKMARK":
                         self.store.apply(kind, obj, resource.kind)
+                    log.debug(
+                        "%s: %s %s", resource.kind, kind, (obj.get("metadata") or {}).get("resourceVersion")
+                    )
                     version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
             finally:
                 self._connected.discard(resource.kind)
