@@ -32,6 +32,19 @@ CLIENT = textwrap.dedent(
 )
 
 
+def test_reply_source_reads_the_backend_from_the_reply_tuple() -> None:
+    reply = {
+        "attrs": [
+            ("CTA_TUPLE_IP", {"attrs": [("CTA_IP_V6_SRC", "fd00::5"), ("CTA_IP_V6_DST", "fd00::2")]}),
+            (
+                "CTA_TUPLE_PROTO",
+                {"attrs": [("CTA_PROTO_NUM", 6), ("CTA_PROTO_SRC_PORT", 8443), ("CTA_PROTO_DST_PORT", 5)]},
+            ),
+        ]
+    }
+    assert reply_source(reply) == (ip_address("fd00::5"), 8443)
+
+
 # Waits until a server accepts on ip:8080.
 WAIT = textwrap.dedent(
     """
