@@ -24,12 +24,14 @@ class Owned:
 
 
 def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat)."""
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat); None when it
+    does not run (gone, or a zombie waiting for its parent)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else int(fields[19])
 
 
 class DemoState:

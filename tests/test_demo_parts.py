@@ -1,0 +1,185 @@
+"""The demo's parts on their own: scenario consistency, Prometheus config (checked by promtool), the
+state file that `--cleanup` relies on, the traffic generator."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flowmon_agent.commands.render import rendered_objects
+from flowmon_agent.demo import prometheus as prom
+from flowmon_agent.demo import scenario, state, trafficgen
+from flowmon_agent.manifests import load_monitors
+from flowmon_agent.minicluster import plan_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- scenario ------------------------------------------------------------------------------------
+
+
+def test_every_call_targets_a_service_with_backends_except_the_broken_one() -> None:
+    plan = plan_cluster(scenario.CLUSTER, scenario.PREFIX)
+    services = {s.key: s for s in plan.services}
+    serving = {(ns, dep): port for ns, dep, port in scenario.SERVERS}
+    for call in scenario.CALLS:
+        svc = services[call.service]
+        assert svc.endpoints, call
+        backend = (svc.endpoints[0].namespace, svc.endpoints[0].deployment)
+        if call.what == "failing dependency":
+            assert backend not in serving  # nothing listens: connects are refused
+        else:
+            assert serving[backend] == svc.target_port, call
+        assert [p for p in plan.pods if (p.namespace, p.deployment) == call.client_ref], call
+    forbidden = [c for c in scenario.CALLS if c.what == "forbidden"]
+    assert [c.client_ref[0] for c in forbidden] == ["shop-staging"]
+    envs = {ns.name: ns.labels["env"] for ns in scenario.CLUSTER.namespaces}
+    assert envs[forbidden[0].client_ref[0]] == "staging" and envs[forbidden[0].service_ref[0]] == "prod"
+    assert len({p.node for p in plan.pods}) == 2 and len(plan.pods) == 13
+
+
+def test_queries_are_valid_promql(tmp_path: Path) -> None:
+    # promtool checks rule expressions: wrap every demo query as a recording rule.
+    rules = {
+        "groups": [
+            {
+                "name": "demo",
+                "rules": [
+                    {"record": f"demo:q{i}", "expr": expr} for i, (_, expr) in enumerate(scenario.QUERIES)
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "queries.yml"
+    path.write_text(yaml.safe_dump(rules))
+    assert prom.promtool_check("rules", path) is None
+
+
+# --- Prometheus config -----------------------------------------------------------------------------
+
+
+def test_scrape_config_and_rendered_rules_pass_promtool(tmp_path: Path) -> None:
+    monitors = load_monitors([ROOT / "examples"])
+    ca, token = tmp_path / "ca.crt", tmp_path / "token"
+    ca.write_text("x")
+    token.write_text("t")
+    targets = [prom.Target("127.0.0.1:9401", "node-a"), prom.Target("127.0.0.1:9402", "node-b")]
+    jobs = [
+        prom.scrape_job(m.key, f"/metrics/{m.key}", targets, ca_file=ca, token_file=token, interval="2s")
+        for m in monitors
+    ]
+    job = jobs[0]
+    assert job["scheme"] == "https" and job["authorization"]["credentials_file"] == str(token)
+    assert job["static_configs"][1] == {
+        "targets": ["127.0.0.1:9402"],
+        "labels": {"flowmon_monitor": monitors[0].key, "node": "node-b"},
+    }
+    rules = prom.rules_file(o for o in rendered_objects(monitors) if o["kind"] == "PrometheusRule")
+    assert len(rules["groups"]) >= 3
+    rules_path = tmp_path / "rules.yml"
+    rules_path.write_text(yaml.safe_dump(rules))
+    config_path = tmp_path / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(prom.config(jobs, [rules_path])))
+    assert prom.promtool_check("rules", rules_path) is None
+    assert prom.promtool_check("config", config_path) is None
+
+
+# --- state file ------------------------------------------------------------------------------------
+
+
+def test_release_kills_recorded_processes_but_never_a_reused_pid(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    mine = subprocess.Popen(["sleep", "60"])
+    stranger = subprocess.Popen(["sleep", "60"])
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    try:
+        st = state.DemoState(path)
+        st.add_process(mine.pid, "agent node-a")
+        st.add_directory(workdir)
+        # A record whose pid now belongs to another process (different start time): must survive.
+        st.owned.processes.append(
+            {"pid": stranger.pid, "start": state.start_time(stranger.pid) - 1, "what": "old"}
+        )
+        st._save()
+        assert state.alive(state.load(path), "agent node-a") == [mine.pid]
+        done = state.release(path)
+        assert done == [f"stopped agent node-a (pid {mine.pid})", f"removed {workdir}"]
+        assert mine.wait(timeout=5) is not None
+        assert stranger.poll() is None
+        assert not path.exists() and not workdir.exists()
+        assert state.release(path) == []  # idempotent
+    finally:
+        mine.kill()
+        stranger.kill()
+
+
+# --- traffic generator -----------------------------------------------------------------------------
+
+
+def test_trafficgen_exchanges_counts_refusals_and_stops_in_time() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = threading.Thread(target=trafficgen.serve, args=(port, 4.0), daemon=True)
+    server.start()
+    time.sleep(0.3)
+    assert trafficgen.call_once(("127.0.0.1", port), 5000, 70000, 2.0) == "ok"
+    started = time.monotonic()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowmon_agent.demo.trafficgen",
+            "call",
+            f"127.0.0.1:{port}",
+            "--rate",
+            "50",
+            "--seconds",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert time.monotonic() - started < 5
+    assert out.stdout.startswith(f"127.0.0.1:{port}: {{'ok': ")
+    bursts = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowmon_agent.demo.trafficgen",
+            "call",
+            f"127.0.0.1:{port}",
+            "--burst",
+            "4",
+            "--every",
+            "0.4",
+            "--count",
+            "10",
+            "--seconds",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert bursts.stdout.strip() == f"127.0.0.1:{port}: {{'ok': 10}}"  # 4 + 4 + 2: the count bounds it
+    server.join(timeout=6)
+    assert not server.is_alive()  # --seconds bounds the server too
+    assert trafficgen.call_once(("127.0.0.1", port), 10, 10, 1.0) == "refused"
+
+
+@pytest.mark.parametrize("probability", [0.03, 0.5])
+def test_loss_rule_is_an_iptables_statistic_drop(probability: float) -> None:
+    rule = scenario.loss_rule(5432, probability)
+    assert rule[:2] == ["-A", "INPUT"] and rule[-2:] == ["-j", "DROP"]
+    assert ["-m", "statistic", "--mode", "random", "--probability", str(probability)] == rule[6:12]
