@@ -16,6 +16,7 @@ from flowmon_agent.aggregate import (
     log2_to_buckets,
     resolve_flow,
 )
+from flowmon_agent.alerting_spec import IsolationAlerting
 from flowmon_agent.flows import FlowCounters, FlowKey, FlowSnapshot, Log2Histogram, Reporter
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_agent.policy import AgentPolicy, MonitorPolicy
@@ -515,3 +516,34 @@ def test_histogram_families_use_the_monitors_buckets(resolver: Resolver) -> None
 def test_local_ip_filter(resolver: Resolver, monitors, node_name, expected) -> None:
     got = local_ip_filter(policy(*monitors), resolver.store, node_name)
     assert got == (None if expected is None else {ip_address(ip) for ip in expected})
+
+
+# --- environment isolation, counted in the poll ------------------------------------------------------
+
+
+def test_forbidden_environment_pairs_are_counted_in_the_monitors_view(resolver: Resolver) -> None:
+    isolation = IsolationAlerting.model_validate(
+        {
+            "environments": [
+                {"name": "staging", "namespaceSelector": {"matchLabels": {"env": "staging"}}},
+                {"name": "prod", "namespaceSelector": {"matchLabels": {"env": "prod"}}},
+            ],
+            "forbidden": [{"from": "staging", "to": "prod"}],
+        }
+    )
+    mon = monitor().model_copy(update={"isolation": isolation})
+    agg = Aggregator("n1")
+    flows = {
+        key(TOOL, API1): counters(20, 5, opened=1),  # dev (staging) → pay (prod): forbidden
+        key(WEB1, API1): counters(100, 7, opened=1),  # prod → prod: allowed
+        key(TOOL, EXT): counters(3, opened=0, failed_refused=2),  # staging → outside any env
+    }
+    view = agg.build_view(snap(flows), policy(mon), resolver, 0.0)
+    pair = ("staging", "prod", "dev", "tool", "pay", "api")
+    assert family(view, "flowmon_isolation_violations").samples == {pair: 1.0}
+    assert family(view, "flowmon_isolation_violation_bytes").samples == {pair: 25.0}
+    flows[key(TOOL, API1)] = counters(20, 5, opened=1, failed_refused=3)  # three refused retries
+    view = agg.build_view(snap(flows), policy(mon), resolver, 1.0)
+    assert family(view, "flowmon_isolation_violations").samples == {pair: 4.0}
+    without = agg.build_view(snap(flows), policy(monitor()), resolver, 2.0)
+    assert all(f.info.name != "flowmon_isolation_violations" for f in without.monitors[mon.key].families)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from flowmon_agent.flows import HISTOGRAM_SLOTS, FlowCounters, FlowKey, FlowSnapshot, IPAddress, Reporter
+from flowmon_agent.isolation import IsolationCounter
 from flowmon_agent.metadata.records import Labels, PodRecord
 from flowmon_agent.metadata.resolver import KIND_EXTERNAL, Endpoint, Resolver, name_network, service_endpoint
 from flowmon_agent.metadata.store import MetadataStore
@@ -356,6 +357,7 @@ class MonitorState:
     overflow: Series | None = None
     overflow_members: dict[LabelValues, float] = field(default_factory=dict)  # labels → last seen
     overflowed_total: int = 0
+    isolation: IsolationCounter | None = None  # set when the monitor forbids environment pairs
     # The last view and the monitor it was built for: reused while nothing changed.
     view: MonitorView | None = None
     view_of: MonitorPolicy | None = None
@@ -437,7 +439,10 @@ def monitor_view(monitor: MonitorPolicy, state: MonitorState) -> MonitorView:
     rows = list(state.series.items())
     if state.overflow is not None:
         rows.append(((OVERFLOW_VALUE,) * len(monitor.group_by), state.overflow))
-    state.view = MonitorView(monitor.key, _families(monitor, rows), len(rows), state.overflowed_total)
+    families = _families(monitor, rows)
+    if state.isolation is not None:
+        families += state.isolation.families()
+    state.view = MonitorView(monitor.key, families, len(rows), state.overflowed_total)
     state.view_of, state.dirty = monitor, False
     return state.view
 
@@ -573,6 +578,12 @@ class Aggregator:
             state = self._monitors.get(monitor.key)
             if state is None or state.shape != shape:
                 state = MonitorState(shape)
+            if monitor.isolation.forbidden and (
+                state.isolation is None or state.isolation.isolation != monitor.isolation
+            ):
+                state.isolation, state.dirty = IsolationCounter(monitor.isolation, monitor.max_series), True
+            elif not monitor.isolation.forbidden and state.isolation is not None:
+                state.isolation, state.dirty = None, True
             apply_updates(state, monitor, updates, store, now)
             states[monitor.key] = state
             views[monitor.key] = monitor_view(monitor, state)
@@ -612,4 +623,22 @@ def apply_updates(
         series.add(update.growth)
         series.active += update.active
         series.last_change = now
+        if state.isolation is not None:
+            count_violation(state.isolation, update, store)
     _expire(state, monitor.series_ttl_seconds, now)
+
+
+def count_violation(counter: IsolationCounter, update: FlowUpdate, store: MetadataStore) -> None:
+    """Connection attempts (established or failed) and bytes of a flow between forbidden environments,
+    counted in the same poll that saw them (within a second, before any rule evaluation)."""
+    growth = dict(update.growth)
+    attempts = growth.get(OPENED, 0) + growth.get(REFUSED, 0) + growth.get(TIMEOUT, 0)
+    bytes_ = growth.get(SENT, 0) + growth.get(RECEIVED, 0)
+    flow = update.flow
+    counter.add(
+        (flow.client.namespace, flow.client.workload),
+        (flow.server.namespace, flow.server.workload),
+        attempts=attempts,
+        bytes_=bytes_,
+        namespace_labels=store.namespace_labels,
+    )
