@@ -152,16 +152,7 @@ sock.close()
 @pytest.mark.netns
 def test_staging_to_prod_is_counted_within_a_second(require_root) -> None:
     from flowmon_agent import minicluster as mc
-    from flowmon_agent.aggregate import (
-        OPENED,
-        RECEIVED,
-        REFUSED,
-        SENT,
-        TIMEOUT,
-        Aggregator,
-        flow_visible,
-        local_ip_filter,
-    )
+    from flowmon_agent.aggregate import Aggregator, local_ip_filter
     from flowmon_agent.metadata import MetadataStore, Resolver
     from flowmon_agent.policy import compile_policy
     from flowmon_agent.spec import FlowMonitor
@@ -199,22 +190,23 @@ def test_staging_to_prod_is_counted_within_a_second(require_root) -> None:
             node = cluster.pods[0].node
             tracer.set_local_ip_filter(local_ip_filter(policy, store, node))
             aggregator = Aggregator(node)
-            counter = IsolationCounter(mon.isolation, mon.max_series)
             seen_pairs: set[tuple[str, str]] = set()
+            totals: dict[tuple[str, ...], list[float]] = {}
 
-            def poll() -> None:  # what the agent does every second, with the integration glue
-                for u in aggregator.updates(tracer.poll(), policy, resolver, {}):
-                    if not flow_visible(mon, u.flow, store):
-                        continue
-                    seen_pairs.add((u.flow.client.workload, u.flow.server.workload))
-                    growth = dict(u.growth)  # sparse (counter index, growth) pairs
-                    counter.add(
-                        (u.flow.client.namespace, u.flow.client.workload),
-                        (u.flow.server.namespace, u.flow.server.workload),
-                        attempts=sum(growth.get(i, 0) for i in (OPENED, REFUSED, TIMEOUT)),
-                        bytes_=growth.get(SENT, 0) + growth.get(RECEIVED, 0),
-                        namespace_labels=store.namespace_labels,
-                    )
+            def poll() -> None:  # what the agent's runner does every poll: the real aggregation path
+                view = aggregator.build_view(tracer.poll(), policy, resolver, time.monotonic())
+                families = {f.info.name: f for f in view.monitors[mon.key].families}
+                group = families["flowmon_tcp_sent_bytes"].label_names
+                for labels in families["flowmon_tcp_sent_bytes"].samples:
+                    named = dict(zip(group, labels, strict=True))
+                    seen_pairs.add((named["client_workload"], named["server_workload"]))
+                totals.clear()
+                for name, index in (
+                    ("flowmon_isolation_violations", 0),
+                    ("flowmon_isolation_violation_bytes", 1),
+                ):
+                    for labels, value in families[name].samples.items():
+                        totals.setdefault(labels, [0.0, 0.0])[index] = value
 
             db = cluster.pods_of("prod", "db")[0]
             server = cluster.spawn(db, ["python3", "-c", SERVER], stdout=subprocess.PIPE, text=True)
@@ -235,20 +227,20 @@ def test_staging_to_prod_is_counted_within_a_second(require_root) -> None:
                 time.sleep(0.1)
                 poll()
             assert ("web", "db") in seen_pairs
-            assert counter.totals == {}
+            assert totals == {}
 
             # Forbidden: staging → prod, still open: counted at the next poll.
             loadgen_client, connected = connect(cluster.pods_of("staging", "loadgen")[0])
             key = ("staging", "prod", "staging", "loadgen", "prod", "db")
-            while key not in counter.totals and time.monotonic() - connected < 5:
+            while key not in totals and time.monotonic() - connected < 5:
                 time.sleep(0.05)
                 poll()
             latency = time.monotonic() - connected
-            assert key in counter.totals, (counter.totals, seen_pairs)
+            assert key in totals, (totals, seen_pairs)
             assert latency < 1.0, f"violation counted {latency:.2f}s after the connection"
-            attempts, bytes_ = counter.totals[key]
+            attempts, bytes_ = totals[key]
             assert attempts == 1 and bytes_ >= 1000
-            assert list(counter.totals) == [key]
+            assert list(totals) == [key]
             print(f"staging → prod counted {latency * 1000:.0f} ms after connect")
             for proc in (web_client, loadgen_client):
                 proc.wait(timeout=10)
