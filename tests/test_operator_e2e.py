@@ -139,10 +139,13 @@ class Cluster:
         return next((c for c in conditions if c["type"] == type_), {})
 
     def ready_with(self, name: str, policy_hash: str | None = None, namespace: str = "team-a") -> bool:
+        """Reconciled at its current generation; every agent is ready and runs the (given) policy."""
         body = self.monitor(name, namespace) or {}
         status = body.get("status") or {}
         return (
             self.condition(name, "Ready", namespace).get("status") == "True"
+            and self.condition(name, "PolicyApplied", namespace).get("status") == "True"
+            and self.condition(name, "Degraded", namespace).get("status") == "False"
             and status.get("observedGeneration") == body["metadata"]["generation"]
             and (policy_hash is None or status.get("policyHash") == policy_hash)
         )
@@ -176,20 +179,32 @@ class Cluster:
         return self.api.find("v1", "Secret", name, NS)
 
     def bring_up_agents(self) -> None:
-        """Play the DaemonSet controller and kubelet: agent servers and Ready pods on every node."""
+        """Play the DaemonSet controller and kubelet: agent servers and Ready pods on every node. The
+        DaemonSet's status says how many it wants first, so no round sees a partial fleet as complete."""
         s = self.settings
         daemonset = self.wait(lambda: self.shared()["DaemonSet"])
         tls = self.wait(lambda: self.secret(s.serving_cert_secret_name))
         admin = self.wait(lambda: self.secret(s.admin_token_secret_name))
+        counts = dict.fromkeys(
+            ("desiredNumberScheduled", "currentNumberScheduled", "numberReady"), len(NODES)
+        )
+        self.api.patch(
+            "apps/v1",
+            "DaemonSet",
+            s.daemonset_name,
+            {"status": {**counts, "numberMisscheduled": 0}},
+            NS,
+            subresource="status",
+        )
+        owner = {
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "name": s.daemonset_name,
+            "uid": daemonset["metadata"]["uid"],
+            "controller": True,
+        }
         for node, ip in NODES.items():
             self.agents.start(ip, decode(tls, "tls.crt"), decode(tls, "tls.key"), decode(admin, "token"))
-            owner = {
-                "apiVersion": "apps/v1",
-                "kind": "DaemonSet",
-                "name": s.daemonset_name,
-                "uid": daemonset["metadata"]["uid"],
-                "controller": True,
-            }
             self.api.create(
                 {
                     "apiVersion": "v1",
@@ -208,17 +223,6 @@ class Cluster:
                     },
                 }
             )
-        counts = dict.fromkeys(
-            ("desiredNumberScheduled", "currentNumberScheduled", "numberReady"), len(NODES)
-        )
-        self.api.patch(
-            "apps/v1",
-            "DaemonSet",
-            s.daemonset_name,
-            {"status": {**counts, "numberMisscheduled": 0}},
-            NS,
-            subresource="status",
-        )
 
 
 @pytest.fixture
