@@ -526,3 +526,17 @@ def test_missing_prometheus_operator_crds_degrade_but_the_policy_still_runs(clus
     settled = degraded()
     time.sleep(3 * TIMER)
     assert degraded() == settled
+
+
+def test_flowmon_operator_without_credentials_says_so(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_SERVICE")}
+    env["KUBECONFIG"] = str(tmp_path / "missing-kubeconfig")
+    result = subprocess.run(
+        [sys.executable, "-m", "flowmon_agent.cli", "operator"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "no Kubernetes API credentials" in result.stderr

@@ -40,12 +40,22 @@ def build(parser: argparse.ArgumentParser) -> Handler:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import sys
 
     import kopf
 
     from flowmon_operator.handlers import operator
+    from flowmon_operator.kube import load_connection
     from flowmon_operator.settings import OperatorSettings
 
+    try:  # fail fast and clearly instead of kopf retrying the login every minute
+        load_connection()
+    except Exception as exc:  # the kubernetes package's config errors have no common base
+        print(
+            f"flowmon operator: no Kubernetes API credentials (in-cluster or kubeconfig): {exc}",
+            file=sys.stderr,
+        )
+        return 1
     kopf.configure(verbose=args.verbose, debug=args.debug)
     try:
         asyncio.run(
