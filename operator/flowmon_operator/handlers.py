@@ -90,9 +90,14 @@ def make_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
     for cause in (kopf.on.create, kopf.on.update, kopf.on.resume):
         cause(*RESOURCE, registry=registry, backoff=backoff)(reconcile_monitor)
     kopf.on.delete(*RESOURCE, registry=registry, backoff=backoff)(delete_monitor)
-    kopf.timer(*RESOURCE, registry=registry, interval=config.timer_interval_seconds, initial_delay=backoff)(
-        resync_monitor
-    )
+    # A failed round (e.g. the API is away) is retried after one timer period, not kopf's default minute.
+    kopf.timer(
+        *RESOURCE,
+        registry=registry,
+        interval=config.timer_interval_seconds,
+        initial_delay=backoff,
+        backoff=backoff,
+    )(resync_monitor)
     return registry
 
 
