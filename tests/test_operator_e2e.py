@@ -116,6 +116,27 @@ class Cluster:
 
     def __init__(self, api: KubeAPI, settings: OperatorSettings, agents: AgentFleet):
         self.api, self.settings, self.agents = api, settings, agents
+        self._operator: tuple[threading.Thread, threading.Event] | None = None
+
+    def start_operator(self) -> None:
+        """The real kopf operator on its own event loop in a thread, as `flowmon operator` runs it."""
+        stop, ready = threading.Event(), threading.Event()
+        thread = threading.Thread(
+            target=lambda: asyncio.run(operator(self.settings, stop_flag=stop, ready_flag=ready)),
+            name="operator",
+        )
+        thread.start()
+        self._operator = thread, stop
+        assert ready.wait(15), "the operator did not start"
+
+    def stop_operator(self) -> None:
+        if self._operator is None:
+            return
+        thread, stop = self._operator
+        stop.set()
+        thread.join(20)
+        self._operator = None
+        assert not thread.is_alive(), "the operator did not stop"
 
     def wait(self, predicate, timeout: float = WAIT):
         return self.api.wait_for(predicate, timeout)
@@ -236,20 +257,15 @@ def cluster(kube_api: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     settings = OperatorSettings(
         timer_interval_seconds=TIMER, push_timeout_seconds=2.0, agent_port=free_port()
     )
-    agents = AgentFleet(tmp_path, settings.agent_port)
-    stop, ready = threading.Event(), threading.Event()
-    thread = threading.Thread(
-        target=lambda: asyncio.run(operator(settings, stop_flag=stop, ready_flag=ready)), name="operator"
-    )
-    thread.start()
+    cluster = Cluster(kube_api, settings, AgentFleet(tmp_path, settings.agent_port))
     try:
-        assert ready.wait(15), "the operator did not start"
-        yield Cluster(kube_api, settings, agents)
+        cluster.start_operator()
+        yield cluster
     finally:
-        stop.set()
-        thread.join(20)
-        agents.close()
-    assert not thread.is_alive(), "the operator did not stop"
+        try:
+            cluster.stop_operator()
+        finally:
+            cluster.agents.close()
 
 
 def test_create_builds_every_object_and_pushes_the_policy_to_every_agent(cluster: Cluster):
@@ -473,6 +489,27 @@ def test_the_operator_survives_the_api_going_away(cluster: Cluster):
     service_monitor = "monitoring.coreos.com/v1", "ServiceMonitor", "flowmon-web", "team-a"
     cluster.api.delete(*service_monitor)
     cluster.wait(lambda: cluster.api.find(*service_monitor) is not None, timeout=4 * TIMER + 3)
+
+
+def test_a_restarted_operator_resumes_with_the_same_pki_and_tokens(cluster: Cluster):
+    cluster.create_monitor("web")
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web"))
+    s = cluster.settings
+    names = (s.ca_secret_name, s.serving_cert_secret_name, s.admin_token_secret_name)
+    identity = {name: cluster.secret(name) for name in names}
+    scrape = cluster.children("web")["Secret"]
+
+    cluster.stop_operator()
+    cluster.api.patch(FM, "FlowMonitor", "web", {"spec": {"aggregation": {"maxSeries": 321}}}, "team-a")
+    cluster.start_operator()
+    cluster.wait(lambda: (p := cluster.policy()) is not None and p.monitor("team-a", "web").max_series == 321)
+    cluster.wait(lambda: cluster.ready_with("web", cluster.policy().hash))
+    # Created once, reused: same Secrets (uid, data), so agents and Prometheus keep trusting them.
+    for name, before in identity.items():
+        after = cluster.secret(name)
+        assert (after["metadata"]["uid"], after["data"]) == (before["metadata"]["uid"], before["data"])
+    assert cluster.children("web")["Secret"]["data"] == scrape["data"]
 
 
 def test_flowmon_operator_command_runs_kopf_and_stops_on_sigint(kube_api: KubeAPI, tmp_path: Path):
