@@ -491,6 +491,23 @@ def test_the_operator_survives_the_api_going_away(cluster: Cluster):
     cluster.wait(lambda: cluster.api.find(*service_monitor) is not None, timeout=4 * TIMER + 3)
 
 
+def test_expired_watches_make_kopf_relist_and_carry_on(cluster: Cluster):
+    cluster.create_monitor("web")
+    cluster.wait(lambda: cluster.condition("web", "Ready").get("reason") == "NoAgentsReady")
+    asked = len(cluster.api.requests)
+    assert cluster.api.expire_watches() >= 1  # ERROR 410 on every open stream, history compacted
+    cluster.create_monitor("db", namespace="team-b")
+    cluster.wait(lambda: cluster.condition("db", "Ready", "team-b").get("reason") == "NoAgentsReady")
+    relists = [
+        path
+        for method, path in cluster.api.requests[asked:]
+        if method == "GET"
+        and path.startswith("/apis/flowmon.io/v1alpha1/flowmonitors")
+        and "watch=" not in path
+    ]
+    assert relists, "kopf did not list again after 410 Gone"
+
+
 def test_a_restarted_operator_resumes_with_the_same_pki_and_tokens(cluster: Cluster):
     cluster.create_monitor("web")
     cluster.bring_up_agents()
