@@ -38,6 +38,9 @@ has both) talks the Kubernetes API:
   resource and objects.
 - `kube_api.stop()` / `kube_api.start()`: the API goes away (open watches are cut, connections refused)
   and comes back on the same port with the same data.
+- For assertions: `kube_api.find(...)` (None when absent), `kube_api.list(...)`, `kube_api.requests`
+  (every (method, path?query) served), `kube_api.store.rv` (the current resourceVersion: unchanged means
+  nothing was written), `kube_api.wait_for(predicate, timeout)`.
 
 Not emulated: schema validation and defaulting from a CRD's openAPIV3Schema, admission, RBAC, field
 managers, controllers (no pods appear for a Deployment or DaemonSet: tests create them), TLS.
