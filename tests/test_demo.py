@@ -143,6 +143,13 @@ def test_headless_demo_answers_its_queries_and_leaves_nothing(no_demo_running) -
         assert set(checks) == set(by_query), "every printed query is checked"
         for what, check in checks.items():
             wait_for(url, by_query[what], check, deadline)
+        # The rendered rules run: the single forbidden connection fires the isolation alert.
+        wait_for(
+            url,
+            'ALERTS{alertname="FlowmonIsolationViolation",alertstate="firing"}',
+            lambda rs: any(pair(r, "shop-staging/frontend", "payments/api") for r in rs),
+            time.monotonic() + 25,
+        )
         # Every agent is scraped over TLS with the token, for every monitor.
         up = query(url, "up")
         assert len(up) == 2 * 4 and all(r["value"][1] == "1" for r in up), up
