@@ -80,6 +80,10 @@ async def test_refusals_are_reported_and_change_nothing(fleet):
     (report,) = await sync_agents(agents(IPS[0]), target, '{"monitors": 5}', "0" * 64, force=True)
     assert "HTTP 422" in report.error and "monitors" in report.error
     assert stores[IPS[0]].hash is None
+    # An agent that refuses a push keeps its last good policy, and the report says which one it runs.
+    await sync_agents(agents(IPS[0]), target, canonical_json(POLICY), POLICY.hash)
+    (report,) = await sync_agents(agents(IPS[0]), target, '{"monitors": 5}', "0" * 64, force=True)
+    assert "HTTP 422" in report.error and report.policy_hash == POLICY.hash == stores[IPS[0]].hash
 
 
 @pytest.mark.asyncio

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from flowmon_agent.policy import compile_policy
 from flowmon_agent.spec import FlowMonitor
 from flowmon_operator.push import AgentReport
 from flowmon_operator.status import (
@@ -12,6 +13,7 @@ from flowmon_operator.status import (
     count_agents,
     invalid_status,
     running_status,
+    runs_monitor,
     set_condition,
     status_changed,
     validation_message,
@@ -34,7 +36,32 @@ T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z"
     ],
 )
 def test_count_agents(reports, desired, expected):
-    assert count_agents(reports, desired, H1) == expected
+    assert count_agents(reports, desired, lambda reported: reported == H1) == expected
+
+
+def policy_of(**max_series: int):
+    monitors = [
+        FlowMonitor.model_validate(
+            {"metadata": {"namespace": ns, "name": "m"}, "spec": {"aggregation": {"maxSeries": n}}}
+        )
+        for ns, n in max_series.items()
+    ]
+    return compile_policy(monitors)
+
+
+def test_an_agent_on_an_earlier_policy_runs_the_monitors_that_did_not_change():
+    before = policy_of(a=10, b=10)
+    now = policy_of(a=10, b=20)  # team b changed; an agent still runs `before`
+    known = {before.hash: before}
+    assert runs_monitor(now, "a/m", known)(before.hash) is True
+    assert runs_monitor(now, "b/m", known)(before.hash) is False
+    assert runs_monitor(now, "a/m", known)(now.hash) is True
+    # Unknown hashes (operator restarted, foreign policy) and unknown agents count as out of sync.
+    assert runs_monitor(now, "a/m", {})(before.hash) is False
+    assert runs_monitor(now, "a/m", known)(None) is False
+    # A monitor that is new in `now` is in sync only where `now` runs.
+    added = policy_of(a=10, b=20, c=5)
+    assert runs_monitor(added, "c/m", {now.hash: now})(now.hash) is False
 
 
 @pytest.mark.parametrize(

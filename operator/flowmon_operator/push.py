@@ -73,6 +73,13 @@ def _url(ip: str, port: int) -> str:
     return f"https://{host}:{port}{POLICY_PATH}"
 
 
+class RefusedError(RuntimeError):
+    """The agent answered, with an error status (401, 422...)."""
+
+
+_FAILURES = (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError, OSError)
+
+
 async def _call(
     session: aiohttp.ClientSession,
     target: PushTarget,
@@ -94,7 +101,7 @@ async def _call(
     ) as response:
         if response.status != 200:
             text = (await response.text())[:300]
-            raise RuntimeError(f"{method} {POLICY_PATH}: HTTP {response.status}: {text}")
+            raise RefusedError(f"{method} {POLICY_PATH}: HTTP {response.status}: {text}")
         document = await response.json(content_type=None)
         return str(document.get("policyHash") or "")
 
@@ -110,14 +117,22 @@ async def _converge(
 ) -> AgentReport:
     if not agent.ready:
         return AgentReport(agent.name, ready=False)
+    running = None
     try:
         running = None if force else await _call(session, target, context, agent, "GET")
         if running == policy_hash:
             return AgentReport(agent.name, ready=True, policy_hash=running)
         running = await _call(session, target, context, agent, "PUT", policy_json)
         return AgentReport(agent.name, ready=True, policy_hash=running, pushed=True)
-    except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError, OSError) as exc:
-        return AgentReport(agent.name, ready=True, error=f"{type(exc).__name__}: {exc}"[:300])
+    except _FAILURES as exc:
+        error = f"{type(exc).__name__}: {exc}"[:300]
+        refused = isinstance(exc, RefusedError)
+    if refused and running is None:  # it answered but refused: it keeps its last good policy, which?
+        try:
+            running = await _call(session, target, context, agent, "GET")
+        except _FAILURES:
+            running = None
+    return AgentReport(agent.name, ready=True, policy_hash=running, error=error)
 
 
 async def sync_agents(

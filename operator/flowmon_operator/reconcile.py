@@ -23,13 +23,14 @@ from flowmon_agent.spec import FlowMonitor
 from flowmon_operator import builders, certs, rules
 from flowmon_operator.certs import KeyPair
 from flowmon_operator.kube import Conflict, KubeClient, NotFound
-from flowmon_operator.push import PushTarget, agent_pods, sync_agents
+from flowmon_operator.push import AgentReport, PushTarget, agent_pods, sync_agents
 from flowmon_operator.settings import OperatorSettings
 from flowmon_operator.status import (
     Agents,
     count_agents,
     invalid_status,
     running_status,
+    runs_monitor,
     status_changed,
     validation_message,
 )
@@ -48,6 +49,7 @@ class Runtime:
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tokens: dict[str, str] = field(default_factory=dict)  # monitor key → scrape token (cache)
+    policies: dict[str, AgentPolicy] = field(default_factory=dict)  # recent policies by hash
     notes: dict[str, list[str]] = field(default_factory=dict)  # monitor key → children that cannot exist
 
 
@@ -195,7 +197,15 @@ async def delete_shared(rt: Runtime) -> None:
             log.info("deleted %s %s/%s: no FlowMonitor is left", kind, s.operator_namespace, name)
 
 
-async def push_to_agents(rt: Runtime, policy: AgentPolicy, pki: Pki, *, force: bool) -> Agents:
+@dataclass(frozen=True)
+class Fleet:
+    """The agents after a push round: what each reports, and how many the DaemonSet wants."""
+
+    reports: tuple[AgentReport, ...]
+    desired: int
+
+
+async def push_to_agents(rt: Runtime, policy: AgentPolicy, pki: Pki, *, force: bool) -> Fleet:
     s = rt.settings
     selector = ",".join(f"{k}={v}" for k, v in sorted(s.agent_labels.items()))
     pods = await rt.kube.list("Pod", s.operator_namespace, selector)
@@ -212,7 +222,7 @@ async def push_to_agents(rt: Runtime, policy: AgentPolicy, pki: Pki, *, force: b
     for report in reports:
         if report.error:
             log.warning("agent %s missed the policy %s: %s", report.pod, policy.hash[:12], report.error)
-    return count_agents(reports, desired, policy.hash)
+    return Fleet(tuple(reports), desired)
 
 
 # --- the round ---------------------------------------------------------------------------------------------
@@ -223,6 +233,17 @@ async def list_monitors(rt: Runtime) -> list[dict]:
     for namespace in rt.namespaces:
         found += await rt.kube.list(FLOWMONITOR, namespace)
     return found
+
+
+def remember(policies: dict[str, AgentPolicy], policy: AgentPolicy | None, keep: int = 32) -> None:
+    """Keep the last few policies by hash: an agent reporting one of them may still run a monitor's
+    current part (see status.runs_monitor)."""
+    if policy is None:
+        return
+    policies.pop(policy.hash, None)
+    policies[policy.hash] = policy
+    while len(policies) > keep:
+        del policies[next(iter(policies))]
 
 
 def merge_policy(fresh: AgentPolicy, carried: list[MonitorPolicy]) -> AgentPolicy:
@@ -274,8 +295,11 @@ async def sync(rt: Runtime, *, trigger: Mapping | None = None, deleting: str | N
         changed = running is None or running.hash != policy.hash
         if changed:
             log.info("policy %s: %d monitors", policy.hash[:12], len(policy.monitors))
-        agents = await push_to_agents(rt, policy, pki, force=changed)
-        await _write_statuses(rt, live, valid, problems, policy, agents, trigger_key)
+        for known in (running, policy):
+            remember(rt.policies, known)
+        fleet = await push_to_agents(rt, policy, pki, force=changed)
+        await _write_statuses(rt, live, valid, problems, policy, fleet, trigger_key)
+        agents = count_agents(fleet.reports, fleet.desired, lambda reported: reported == policy.hash)
         return Outcome(policy, agents, problems)
 
 
@@ -285,7 +309,7 @@ async def _write_statuses(
     valid: dict[str, FlowMonitor],
     problems: dict[str, str],
     policy: AgentPolicy | None,
-    agents: Agents | None,
+    fleet: Fleet | None,
     trigger_key: str | None,
 ) -> None:
     """Every live monitor's status, written only when it changes. Only the trigger's observedGeneration
@@ -301,11 +325,12 @@ async def _write_statuses(
             new = invalid_status(
                 previous, generation=body["metadata"].get("generation"), message=problems[key], now=now
             )
-        elif policy is not None and agents is not None:
+        elif policy is not None and fleet is not None:
+            runs = runs_monitor(policy, key, rt.policies)
             new = running_status(
                 previous,
                 generation=generation,
-                agents=agents,
+                agents=count_agents(fleet.reports, fleet.desired, runs),
                 policy_hash=policy.hash,
                 predicted_series=builders.predicted_series(valid[key]),
                 now=now,

@@ -7,11 +7,12 @@ Degraded (something works only partly). lastTransitionTime changes only when a c
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from flowmon_agent.policy import AgentPolicy
 from flowmon_operator.crd import FlowMonitorStatus, agent_counts
 from flowmon_operator.push import AgentReport
 
@@ -24,13 +25,34 @@ class Agents:
     failed: tuple[str, ...] = ()  # "pod: error" of ready agents that did not answer or refused
 
 
-def count_agents(reports: Iterable[AgentReport], desired: int, policy_hash: str) -> Agents:
+def runs_monitor(
+    current: AgentPolicy, key: str, known: Mapping[str, AgentPolicy]
+) -> Callable[[str | None], bool]:
+    """Whether an agent reporting a policy hash runs this monitor's current policy: it runs the current
+    policy, or an earlier one (known by its hash) whose entry for this monitor is the same. So one team's
+    change that has not reached an agent yet does not put another team's monitor out of sync."""
+    wanted = current.monitor(*key.split("/", 1))
+
+    def runs(policy_hash: str | None) -> bool:
+        if policy_hash is None:
+            return False
+        if policy_hash == current.hash:
+            return True
+        earlier = known.get(policy_hash)
+        return earlier is not None and wanted is not None and earlier.monitor(*key.split("/", 1)) == wanted
+
+    return runs
+
+
+def count_agents(reports: Iterable[AgentReport], desired: int, runs: Callable[[str | None], bool]) -> Agents:
+    """desired: the DaemonSet's count (or the pods that exist, when more); in_sync: ready agents for which
+    `runs(reported hash)` holds."""
     reports = list(reports)
     ready = [r for r in reports if r.ready]
     return Agents(
         desired=max(desired, len(reports)),
         ready=len(ready),
-        in_sync=sum(r.policy_hash == policy_hash for r in ready),
+        in_sync=sum(runs(r.policy_hash) for r in ready),
         failed=tuple(f"{r.pod}: {r.error}" for r in ready if r.error),
     )
 
