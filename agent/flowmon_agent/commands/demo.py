@@ -149,7 +149,6 @@ class Demo:
         )
         for i, node in enumerate(nodes):
             port = FIRST_AGENT_PORT + i
-            log = (self.workdir / f"agent-{node}.log").open("w")
             argv = [
                 sys.executable, "-m", "flowmon_agent.cli", "agent",
                 "--monitor", str(self.args.monitors), "--inventory", str(inventory),
@@ -158,9 +157,14 @@ class Demo:
                 "--token-file", str(token), "--admin-token-file", str(token),
                 "--conntrack-netns", self.cluster.node_netns, "--log-level", "WARNING",
             ]  # fmt: skip
-            proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_death_signal
-            )
+            with (self.workdir / f"agent-{node}.log").open("w") as log:  # the child keeps its own fd
+                proc = subprocess.Popen(
+                    argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_death_signal,
+                )
             self.state.add_process(proc.pid, f"agent {node}")
             self.agents.append((node, port, proc))
         for node, port, proc in self.agents:
@@ -220,10 +224,9 @@ class Demo:
         servers = []
         for namespace, deployment, port in scenario.SERVERS:
             for pod in cluster.pods_of(namespace, deployment):
-                out = (logs / f"{pod.lab_name}-serve.log").open("w")
-                cluster.spawn(
-                    pod, scenario.server_argv(port, duration + 60), stdout=out, stderr=subprocess.STDOUT
-                )
+                with (logs / f"{pod.lab_name}-serve.log").open("w") as out:
+                    argv = scenario.server_argv(port, duration + 60)
+                    cluster.spawn(pod, argv, stdout=out, stderr=subprocess.STDOUT)
                 servers.append((pod, port))
         for pod, port in servers:
             self._wait_listening(pod, port)
@@ -233,9 +236,9 @@ class Demo:
         for call in scenario.CALLS:
             svc = cluster.service(*call.service_ref)
             for pod in cluster.pods_of(*call.client_ref):
-                out = (logs / f"{pod.lab_name}-call-{svc.name}.log").open("w")
                 argv = scenario.call_argv(call, f"{svc.cluster_ip}:{svc.port}", duration)
-                cluster.spawn(pod, argv, stdout=out, stderr=subprocess.STDOUT)
+                with (logs / f"{pod.lab_name}-call-{svc.name}.log").open("w") as out:
+                    cluster.spawn(pod, argv, stdout=out, stderr=subprocess.STDOUT)
 
     def _wait_listening(self, pod, port: int, timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout
