@@ -94,7 +94,11 @@ class FlowTracer:
         self._adopt_until = 0.0
         self._closed = False
         if adopt_existing:
-            self.adopt(existing.discover(), window_s=adopt_window_s)
+            try:
+                self.adopt(existing.discover(), window_s=adopt_window_s)
+            except BaseException:
+                self.close()
+                raise
 
     # --- configuration (through maps only) -----------------------------------------------------------
     def _set_cfg(self, index: int, value: int) -> None:
