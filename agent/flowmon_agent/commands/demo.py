@@ -141,6 +141,7 @@ class Demo:
 
     def start_agents(self, inventory: Path, ca: Path, cert: Path, key: Path, token: Path) -> None:
         from flowmon_agent.demo import scenario
+        from flowmon_agent.demo.prometheus import free_port
 
         nodes = [n.name for n in scenario.CLUSTER.nodes]
         say(
@@ -148,7 +149,7 @@ class Demo:
             "(compiling the BPF programs)..."
         )
         for i, node in enumerate(nodes):
-            port = FIRST_AGENT_PORT + i
+            port = free_port(FIRST_AGENT_PORT + i)  # another one when taken
             argv = [
                 sys.executable, "-m", "flowmon_agent.cli", "agent",
                 "--monitor", str(self.args.monitors), "--inventory", str(inventory),
