@@ -33,7 +33,8 @@ from flowmon_agent.lab import Lab
 
 ROOT = Path(__file__).resolve().parents[1]
 TCPLIFE = "/usr/sbin/tcplife-bpfcc"
-MODES = ("none", "floor", "floor-classic", "tcplife", "flowmon", "flowmon-classic")
+MODES = ("none", "floor", "floor-classic", "tcplife", "flowmon", "flowmon-classic", "flowmon-nortt")
+DEFAULT_MODES = MODES[:-1]
 WORKLOADS = ("churn", "keepalive", "bulk")
 PORT_HTTP, PORT_IPERF = 8080, 5201
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -78,7 +79,8 @@ def run_mode(mode: str) -> int:
     else:
         from flowmon_agent.tracer import FlowTracer
 
-        tracer = FlowTracer(raw=not mode.endswith("classic"))
+        tracer = FlowTracer(raw=not mode.endswith("classic"), adopt_existing=not mode.endswith("nortt"))
+        tracer.set_rtt_sampling(not mode.endswith("nortt"))  # nortt: tcp_probe detached
         bpf = tracer._bpf
 
         def poll_every_second() -> None:  # the agent's real user-space work
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=2, help="length of one measurement")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"any of {','.join(MODES)}")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--run-mode", help=argparse.SUPPRESS)

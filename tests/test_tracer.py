@@ -578,3 +578,19 @@ def test_nat_peers_are_reported_per_connection(lab, require_root) -> None:
         snap = t.poll()
         assert not [k for k in snap.flows if k.client_port]
         assert snap.dropped["flow_table_evicted"] == 0
+
+
+def test_rtt_sampling_can_be_switched_off_and_on(lab, require_root) -> None:
+    a, b = lab.pod("a"), lab.pod("b")
+    with FlowTracer(adopt_existing=False) as t:
+        t.set_local_ip_filter([a.ipv4])
+        t.set_rtt_sampling(False)  # tcp_probe detached: bytes stay exact, no RTT samples
+        off, on = next_port(), next_port()
+        request_response(lab, a, b, V4, [(off, 3000, 4000)])
+        t.set_rtt_sampling(True)
+        request_response(lab, a, b, V4, [(on, 3000, 4000)])
+        k_off, k_on = key(a, b, V4, off, Reporter.CLIENT), key(a, b, V4, on, Reporter.CLIENT)
+        snap = wait_for(t, lambda s: all(k in s.flows and s.flows[k].closed == 1 for k in (k_off, k_on)))
+        for k in (k_off, k_on):
+            assert (counters(snap, k).sent_bytes, counters(snap, k).received_bytes) == (3000, 4000)
+        assert (counters(snap, k_off).rtt.count, counters(snap, k_on).rtt.count) == (0, 1)

@@ -93,6 +93,8 @@ class FlowTracer:
         self._evicted = 0
         self._adopt_until = 0.0
         self._closed = False
+        self._rtt_wanted = True
+        self._probe_attached = True
         if adopt_existing:
             try:
                 self.adopt(existing.discover(), window_s=adopt_window_s)
@@ -183,6 +185,24 @@ class FlowTracer:
             self._set_cfg(CFG_ADOPT, 0)
             self._adopt.clear()
             self._adopt_until = 0.0
+            self._update_probe()
+
+    def set_rtt_sampling(self, enabled: bool) -> None:
+        """RTT samples need tcp:tcp_probe, the costliest hook (every received segment). When no one wants
+        RTT it is detached (default path; it stays while pre-existing connections are being adopted)."""
+        self._rtt_wanted = bool(enabled)
+        self._update_probe()
+
+    def _update_probe(self) -> None:
+        needed = self._rtt_wanted or bool(self._adopt_until) or self.kernel_path == "compat"
+        if needed == self._probe_attached:
+            return
+        tp = b"tcp:tcp_probe"
+        if needed:
+            self._bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__tcp__tcp_probe")
+        else:
+            self._bpf.detach_tracepoint(tp)
+        self._probe_attached = needed
 
     def poll(self) -> FlowSnapshot:
         if self._closed:
