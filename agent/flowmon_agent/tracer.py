@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import sys
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from flowmon_agent import existing, kernel_maps, kernel_paths
 from flowmon_agent.flows import FlowCounters, FlowKey, FlowSnapshot, IPAddress
@@ -28,6 +31,7 @@ from flowmon_agent.kernel_maps import (
     copy_counters,
 )
 
+T = TypeVar("T")
 CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT = 0, 1, 2, 3
 DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384, "NAT_MAX": 16384}
 
@@ -50,6 +54,15 @@ class _Incarnations:
         out = copy_counters(self.base)
         add_counters(out, self.last)
         return out
+
+
+def _locked(method: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(method)
+    def run(self: FlowTracer, *args: Any, **kwargs: Any) -> T:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def _items(table) -> list[tuple[bytes, bytes]]:
@@ -80,9 +93,9 @@ class FlowTracer:
         self.kernel_path = self._path.name
         self.raw_tracepoints = bool(self._path.cflags.get("FLOWMON_RAW"))
         b = self._bpf
-        self._flows, self._socks, self._stats = b["flows"], b["socks"], b["stats"]
-        self._cfg, self._local_ips, self._ports = b["cfg"], b["local_ips"], b["ignored_ports"]
-        self._pending, self._adopt, self._nat = b["rst_pending"], b["adopt"], b["nat_peers"]
+        self._flows, self._socks, self._stats = b[b"flows"], b[b"socks"], b[b"stats"]
+        self._cfg, self._local_ips, self._ports = b[b"cfg"], b[b"local_ips"], b[b"ignored_ports"]
+        self._pending, self._adopt, self._nat = b[b"rst_pending"], b[b"adopt"], b[b"nat_peers"]
         self._conn_ttl_s = connection_key_ttl_s
         self._conn_seen: dict[FlowKey, tuple[float, FlowCounters]] = {}  # per-connection keys: last change
         self._forgotten = 0  # kernel entries user space deleted (not evictions)
@@ -93,6 +106,7 @@ class FlowTracer:
         self._evicted = 0
         self._adopt_until = 0.0
         self._closed = False
+        self._lock = threading.RLock()  # poll() may run in a worker thread while the loop reconfigures
         self._rtt_wanted = True
         self._probe_attached = True
         if adopt_existing:
@@ -116,6 +130,7 @@ class FlowTracer:
                 del table[key]
         return len(wanted)
 
+    @_locked
     def set_local_ip_filter(self, ips: Iterable[IPAddress] | None) -> None:
         """Trace only sockets whose local address is in ips (None: trace all). Applies to new sockets."""
         if ips is None:
@@ -125,12 +140,14 @@ class FlowTracer:
         self._sync_ips(self._local_ips, ips)
         self._set_cfg(CFG_FILTER, 1)
 
+    @_locked
     def set_nat_peers(self, ips: Iterable[IPAddress]) -> None:
         """Server IPs behind NAT (Service IPs): connections to them are reported one by one
         (FlowKey.client_port set) so user space can resolve each through conntrack. New sockets only."""
         n = self._sync_ips(self._nat, ips)
         self._set_cfg(CFG_NAT, int(n > 0))
 
+    @_locked
     def set_ignored_ports(self, ports: Iterable[int]) -> None:
         """Server ports whose connections are not traced (applies to new sockets)."""
         wanted = {int(p) for p in ports}
@@ -143,6 +160,7 @@ class FlowTracer:
                 del self._ports[key]
         self._set_cfg(CFG_PORTS, int(bool(wanted)))
 
+    @_locked
     def adopt(self, conns: Iterable[existing.ExistingConnection], *, window_s: float = 300.0) -> int:
         """Measure already-open connections from their next received segment on (for window_s)."""
         n = 0
@@ -187,6 +205,7 @@ class FlowTracer:
             self._adopt_until = 0.0
             self._update_probe()
 
+    @_locked
     def set_rtt_sampling(self, enabled: bool) -> None:
         """RTT samples need tcp:tcp_probe, the costliest hook (every received segment). When no one wants
         RTT it is detached (default path; it stays while pre-existing connections are being adopted)."""
@@ -204,6 +223,7 @@ class FlowTracer:
             self._bpf.detach_tracepoint(tp)
         self._probe_attached = needed
 
+    @_locked
     def poll(self) -> FlowSnapshot:
         if self._closed:
             raise RuntimeError("FlowTracer is closed")
@@ -268,6 +288,7 @@ class FlowTracer:
                     pass  # already evicted
 
     # --- lifecycle -------------------------------------------------------------------------------------
+    @_locked
     def close(self) -> None:
         if not self._closed:
             self._closed = True
