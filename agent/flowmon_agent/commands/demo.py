@@ -284,6 +284,11 @@ class Demo:
         print("Queries to try in Prometheus (Graph tab):")
         for what, expr in scenario.QUERIES:
             print(f"  # {what}\n  {expr}")
+        team = " ".join(f"https://127.0.0.1:{port}/metrics/shop/shop-flows" for _, port, _ in self.agents)
+        print(
+            "The shop team's own view, from another terminal (its monitor sees only flows touching `shop`):"
+        )
+        print(f"  .venv/bin/flowmon top --ca {self.workdir}/ca.crt --token {self.workdir}/token {team}")
         print(flush=True)
 
     def live(self, end: float) -> None:
