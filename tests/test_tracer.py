@@ -208,15 +208,9 @@ def test_bytes_compat_path(compat_tracer, lab, family) -> None:
     for k, up, down in keys:
         c = counters(snap, k)
         assert (c.opened, c.closed, c.active) == (1, 1, 0), k
-        sent, received = (
-            (c.sent_bytes, c.received_bytes)
-            if k.reporter is Reporter.CLIENT
-            else (
-                c.received_bytes,
-                c.sent_bytes,
-            )
-        )
-        own_tx, own_rx = (up, down) if k.reporter is Reporter.CLIENT else (down, up)
+        client = k.reporter is Reporter.CLIENT  # this socket's own directions
+        sent, received = (c.sent_bytes, c.received_bytes) if client else (c.received_bytes, c.sent_bytes)
+        own_tx, own_rx = (up, down) if client else (down, up)
         assert sent == own_tx, k  # exact
         if own_rx <= 1448:
             assert received == own_rx, k  # one segment: exact
