@@ -588,3 +588,22 @@ def test_rtt_sampling_can_be_switched_off_and_on(lab, require_root) -> None:
         for k in (k_off, k_on):
             assert (counters(snap, k).sent_bytes, counters(snap, k).received_bytes) == (3000, 4000)
         assert (counters(snap, k_off).rtt.count, counters(snap, k_on).rtt.count) == (0, 1)
+
+
+def test_dual_stack_server_reports_ipv4_clients_as_ipv4(tracer, lab) -> None:
+    """nginx-style [::] listeners accept IPv4 clients on IPv6 sockets (::ffff:a.b.c.d): same flow key."""
+    a, b, port = lab.pod("a"), lab.pod("b"), next_port()
+    srv = lab.socket(b, V6)
+    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    srv.bind(("::", port))
+    srv.listen()
+    with srv, connect(lab, a, V4, b, port) as cli:
+        conn, (peer, *_) = srv.accept()
+        assert peer == f"::ffff:{a.ipv4}"
+        with conn:
+            send_exact(cli, 321)
+            recv_exact(conn, 321)
+    keys = [key(a, b, V4, port, r) for r in Reporter]
+    snap = wait_for(tracer, lambda s: all(k in s.flows and s.flows[k].closed == 1 for k in keys))
+    for k in keys:
+        assert counters(snap, k).sent_bytes == 321, k
