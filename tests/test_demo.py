@@ -251,3 +251,19 @@ def test_live_view_in_a_terminal(no_demo_running) -> None:
     assert re.search(r"shop/frontend\s*│\s*payments/api via api\s*│\s*[0-9.]+ KiB/s", text), text[-3000:]
     assert "nothing of the demo remains" in text
     assert_nothing_left()
+
+
+def test_ctrl_c_ends_the_demo_early_and_removes_everything(no_demo_running) -> None:
+    proc = start_demo("--no-ui", "--duration", "120")
+    try:
+        _, lines = read_until_prometheus(proc)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        out, _ = proc.communicate(timeout=60)
+        lines.append(out)
+        assert time.monotonic() - started < 30
+        assert proc.returncode == 0, "".join(lines)
+        assert "nothing of the demo remains" in out
+    finally:
+        proc.kill()
+    assert_nothing_left(lines)
