@@ -439,7 +439,7 @@ class MiniClusterError(RuntimeError):
     """The mini-cluster could not be built; the message names the step and the command's error."""
 
 
-def _set_parent_death_signal() -> None:
+def set_parent_death_signal() -> None:
     # A child must not outlive a demo or test that was killed: the kernel sends SIGKILL when we die.
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -609,7 +609,7 @@ class MiniCluster:
     def spawn(self, pod: Pod, argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
         """Start a long-running process inside a pod; teardown stops it, and it dies with its parent."""
         return self.lab.popen(
-            self.lab.pod(pod.lab_name), argv, preexec_fn=_set_parent_death_signal, **popen_kwargs
+            self.lab.pod(pod.lab_name), argv, preexec_fn=set_parent_death_signal, **popen_kwargs
         )
 
     def iptables(self, pod: Pod, *args: str) -> None:

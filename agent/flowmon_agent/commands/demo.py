@@ -22,6 +22,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from flowmon_agent.cli import Handler, subcommand
+from flowmon_agent.minicluster import set_parent_death_signal
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 DEFAULT_DURATION = 120.0
@@ -63,15 +64,19 @@ def cleanup_everything() -> list[str]:
     return done
 
 
+def check_root() -> None:
+    if os.geteuid() != 0:
+        raise DemoError(
+            "needs root: it builds network namespaces and loads BPF programs (try: sudo make demo)"
+        )
+
+
 def check_host() -> None:
     from flowmon_agent.bpf_loader import BPFUnavailableError
     from flowmon_agent.bpf_loader import check_host as check_bpf
     from flowmon_agent.demo.prometheus import PROMETHEUS
 
-    if os.geteuid() != 0:
-        raise DemoError(
-            "needs root: it builds network namespaces and loads BPF programs (try: sudo make demo)"
-        )
+    check_root()
     try:
         check_bpf()
     except BPFUnavailableError as exc:
@@ -80,12 +85,6 @@ def check_host() -> None:
         raise DemoError(f"{PROMETHEUS} is missing: run `make setup` (installs Debian's prometheus)")
     if not Path("/proc/sys/net/bridge").exists():
         raise DemoError("the kernel has no bridge netfilter (br_netfilter): Service DNAT cannot be shown")
-
-
-def _death_signal() -> None:
-    from flowmon_agent.minicluster import _set_parent_death_signal
-
-    _set_parent_death_signal()
 
 
 class Demo:
@@ -164,7 +163,7 @@ class Demo:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=_death_signal,
+                    preexec_fn=set_parent_death_signal,
                 )
             self.state.add_process(proc.pid, f"agent {node}")
             self.agents.append((node, port, proc))
@@ -212,7 +211,7 @@ class Demo:
             rule_files = []
         self.prometheus = prom.Prometheus(self.workdir / "prometheus")
         self.prometheus.directory.mkdir()
-        self.prometheus.start(prom.config(jobs, rule_files), preexec_fn=_death_signal)
+        self.prometheus.start(prom.config(jobs, rule_files), preexec_fn=set_parent_death_signal)
         self.state.add_process(self.prometheus.proc.pid, "prometheus")
 
     def start_traffic(self) -> None:
@@ -399,13 +398,14 @@ def run(args: argparse.Namespace) -> int:
     from flowmon_agent.demo import state
 
     try:
-        check_host()
-        if args.cleanup:
+        check_root()
+        if args.cleanup:  # needs nothing else: a host that cannot run the demo can still be cleaned
             done = cleanup_everything()
             for line in done:
                 say(line)
             say("nothing to clean up" if not done else "clean")
             return 0
+        check_host()
         if running := state.alive(state.load(), "demo"):
             raise DemoError(
                 f"another demo is running (pid {running[0]}): stop it, or run `flowmon demo --cleanup`"
