@@ -35,6 +35,7 @@ class Problem:
 class LoadedMonitor:
     monitor: FlowMonitor
     file: str  # the file (and document index when the file holds several), for messages
+    document: dict  # as written, for checks against other schemas (crd_check)
 
 
 class ManifestError(ValueError):
@@ -127,7 +128,7 @@ def parse_text(file: str, text: str) -> tuple[list[LoadedMonitor], list[Problem]
         monitor, doc_problems = parse_document(name, document)
         problems += doc_problems
         if monitor is not None:
-            monitors.append(LoadedMonitor(monitor, name))
+            monitors.append(LoadedMonitor(monitor, name, document))
     return monitors, problems
 
 
