@@ -553,8 +553,10 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
     if (!st)
         return 0;
 #if !FLOWMON_COMPAT
-    if (args->err)
-        return 0;  // not sent
+    // -EBUSY: the original is still in a host queue, nothing was sent (and RetransSegs does not count
+    // it). Other errors (a full veth backlog, a qdisc drop) were sent and lost locally: counted.
+    if (args->err == -16)
+        return 0;
 #endif
     __sync_fetch_and_add(&st->retrans, 1);
     return 0;

@@ -181,3 +181,11 @@ def test_proc_tcp_connections_are_classified() -> None:
         existing.ExistingConnection(V4A, 50000, V4B, 443, Reporter.CLIENT),  # IPv4-mapped
         existing.ExistingConnection(V6A, 20000, V6B, 36864, Reporter.SERVER),  # no listener: by port
     ]
+
+
+def test_unclaimed_reset_goes_to_the_sending_ends_key_when_that_end_is_traced() -> None:
+    client_key = FlowKey(V4A, V4B, 80, Reporter.CLIENT)
+    server_key = FlowKey(V4A, V4B, 80, Reporter.SERVER)
+    assert kernel_maps.reset_owner(client_key, True, {client_key, server_key}) == server_key
+    assert kernel_maps.reset_owner(client_key, True, {client_key}) == client_key  # server not traced here
+    assert kernel_maps.reset_owner(server_key, False, {client_key, server_key}) == client_key

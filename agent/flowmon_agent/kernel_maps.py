@@ -6,6 +6,7 @@ Kept free of BCC so that decoding is tested on synthetic bytes. Each format mirr
 from __future__ import annotations
 
 import struct
+from collections.abc import Container
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -142,6 +143,15 @@ class PendingReset:
 def decode_pending_reset(raw: bytes) -> PendingReset:
     key, ts, to_client = RST_PENDING.unpack(raw[: RST_PENDING.size])
     return PendingReset(decode_flow_key(key), ts, bool(to_client))
+
+
+def reset_owner(receiver: FlowKey, to_client: bool, known: Container[FlowKey]) -> FlowKey:
+    """The key that carries an RST no traced socket claimed (netfilter REJECT, a reply for no socket, a
+    remote host): the sending end's key when that end's sockets are traced here, so that count-once
+    (what the server sent comes from the server's key) sees it; otherwise the receiver's key."""
+    sender = Reporter.SERVER if to_client else Reporter.CLIENT
+    mirror = FlowKey(receiver.client_ip, receiver.server_ip, receiver.server_port, sender)
+    return mirror if mirror in known else receiver
 
 
 def encode_tuple(local: IPAddress, local_port: int, remote: IPAddress, remote_port: int) -> bytes:

@@ -13,7 +13,7 @@ import functools
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -63,6 +63,16 @@ def _locked(method: Callable[..., T]) -> Callable[..., T]:
             return method(self, *args, **kwargs)
 
     return run
+
+
+class _Union:
+    """`in` over several containers without building their union."""
+
+    def __init__(self, *parts: Container[FlowKey]) -> None:
+        self.parts = parts
+
+    def __contains__(self, item: object) -> bool:
+        return any(item in part for part in self.parts)
 
 
 def _items(table) -> list[tuple[bytes, bytes]]:
@@ -181,7 +191,7 @@ class FlowTracer:
     def _stat(self, index: int) -> int:
         return int(self._stats.sum(ctypes.c_int(index)).value)
 
-    def _drain_resets(self) -> None:
+    def _drain_resets(self, known: Container[FlowKey]) -> None:
         """RSTs received from a peer that no traced socket claimed within the grace period."""
         now_ns = time.monotonic_ns()
         for k, v in _items(self._pending):
@@ -192,7 +202,7 @@ class FlowTracer:
                 del self._pending[self._pending.Key.from_buffer_copy(k)]
             except KeyError:
                 continue  # the sender claimed it meanwhile
-            extra = self._extra.setdefault(p.key, FlowCounters())
+            extra = self._extra.setdefault(kernel_maps.reset_owner(p.key, p.to_client, known), FlowCounters())
             if p.to_client:
                 extra.resets_s2c += 1
             else:
@@ -245,7 +255,7 @@ class FlowTracer:
                 add_counters(live[key], c)
             else:
                 live[key] = c
-        self._drain_resets()
+        self._drain_resets(_Union(self._incarnations, live))
         self._expire_adoption()
         self._evicted = max(self._evicted, created - len(flows) - self._forgotten)
 
