@@ -241,3 +241,32 @@ def test_an_agent_named_after_a_node_the_inventory_lacks_is_warned(tmp_path: Pat
     inventory.write_text("{not yaml")
     with pytest.raises(cmd.AgentStartError, match="cannot read the inventory"):
         cmd.warn_foreign_node(inventory, "node-a")
+
+
+AGENT_METRICS = """# TYPE flowmon_agent_series gauge
+flowmon_agent_series{monitor="shop/web"} 2.0
+flowmon_agent_series{monitor="flowmon-system/service-map"} 7.0
+flowmon_agent_series{monitor="a/b"} 1.0
+# TYPE flowmon_agent_info gauge
+flowmon_agent_info{version="0.1.0"} 1.0
+"""
+
+
+def test_an_agent_address_alone_stands_for_its_first_monitor() -> None:
+    from flowmon_agent.commands import top
+
+    assert top.monitors_served(AGENT_METRICS) == ["flowmon-system/service-map", "a/b", "shop/web"]
+    fetched = []
+
+    def fetch(url: str) -> str:
+        fetched.append(url)
+        return AGENT_METRICS
+
+    urls, notes = top.expand_agent_urls(["https://10.0.0.1:9443", "http://h:1/metrics/x/y"], fetch)
+    assert urls == ["https://10.0.0.1:9443/metrics/flowmon-system/service-map", "http://h:1/metrics/x/y"]
+    assert fetched == ["https://10.0.0.1:9443/metrics"]
+    assert notes == [
+        "https://10.0.0.1:9443: showing flowmon-system/service-map; it also serves a/b, shop/web"
+    ]
+    with pytest.raises(OSError, match="serves no monitor"):
+        top.expand_agent_urls(["http://h:1/"], lambda _url: "")

@@ -1,9 +1,10 @@
 """`flowmon top [URL...]`: a live terminal view of workload pairs from agent endpoints.
 
-Each URL is one monitor's path on one agent (e.g. https://127.0.0.1:9400/metrics/shop/shop-flows);
-several URLs of the same monitor on different agents are summed, as each connection is counted by one
-agent. `--violations URL...` adds isolation violations counted by another monitor. The arithmetic is
-`flowmon_agent.topview`; this module fetches and draws (rich).
+Each URL is one monitor's path on one agent (e.g. https://127.0.0.1:9400/metrics/shop/shop-flows), or an
+agent's address alone (its first monitor, cluster-wide ones first; reading its /metrics needs the admin
+token when auth is on). Several URLs of the same monitor on different agents are summed, as each
+connection is counted by one agent. `--violations URL...` adds isolation violations counted by another
+monitor. The arithmetic is `flowmon_agent.topview`; this module fetches and draws (rich).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import ssl
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +63,40 @@ class Endpoints:
             return base
         isolation = topview.combine(topview.parse_exposition(self.fetch(u)) for u in self.violations)
         return topview.attach_violations(base, isolation)
+
+
+def monitors_served(agent_metrics: str) -> list[str]:
+    """Pure: the monitor keys an agent serves, from its own /metrics (flowmon_agent_series{monitor=})."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    keys = {
+        sample.labels["monitor"]
+        for family in text_string_to_metric_families(agent_metrics)
+        if family.name == "flowmon_agent_series"
+        for sample in family.samples
+        if "monitor" in sample.labels
+    }
+    # Cluster-wide monitors first: they see the most.
+    return sorted(keys, key=lambda key: (not key.startswith("flowmon-system/"), key))
+
+
+def expand_agent_urls(urls: Sequence[str], fetch: Callable[[str], str]) -> tuple[list[str], list[str]]:
+    """A URL without a path stands for the agent: its first monitor (see monitors_served). Returns the
+    monitor URLs and notes for the user about what was chosen."""
+    result, notes = [], []
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.path.strip("/"):
+            result.append(url)
+            continue
+        base = f"{parts.scheme}://{parts.netloc}"
+        served = monitors_served(fetch(f"{base}/metrics"))
+        if not served:
+            raise OSError(f"{base} serves no monitor")
+        result.append(f"{base}/metrics/{served[0]}")
+        if len(served) > 1:
+            notes.append(f"{base}: showing {served[0]}; it also serves {', '.join(served[1:])}")
+    return result, notes
 
 
 def ssl_context(ca: Path | None, insecure: bool) -> ssl.SSLContext:
@@ -129,6 +165,10 @@ def run(args: argparse.Namespace) -> int:
     endpoints = Endpoints(args.urls, args.violations, token, ssl_context(args.ca, args.insecure))
     console = wide_console()
     try:
+        urls, notes = expand_agent_urls(args.urls, endpoints.fetch)
+        endpoints = Endpoints(urls, args.violations, token, endpoints.context)
+        for note in notes:
+            print(f"flowmon top: {note}", file=sys.stderr)
         if args.once:
             rows = topview.rows(endpoints.snapshot())
             console.print(table(rows, per_second=False, title="flowmon: totals since the agents started"))
@@ -136,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         watch(
             endpoints,
             interval=args.interval,
-            title=f"flowmon top — {', '.join(args.urls)}",
+            title=f"flowmon top — {', '.join(urls)}",
             until=lambda: False,
         )
     except KeyboardInterrupt:
