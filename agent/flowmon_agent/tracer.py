@@ -109,6 +109,7 @@ class FlowTracer:
         self._conn_ttl_s = connection_key_ttl_s
         self._conn_seen: dict[FlowKey, tuple[float, FlowCounters]] = {}  # per-connection keys: last change
         self._forgotten = 0  # kernel entries user space deleted (not evictions)
+        self._adopt_dropped = 0
         self._reset_grace_ns = int(reset_grace_s * 1e9)
         self._incarnations: dict[FlowKey, _Incarnations] = {}
         self._extra: dict[FlowKey, FlowCounters] = {}  # resets received from untraced senders
@@ -179,8 +180,9 @@ class FlowTracer:
             role = ROLE_SERVER if c.role == "server" else ROLE_CLIENT
             try:
                 self._adopt[self._adopt.Key.from_buffer_copy(raw)] = ctypes.c_uint8(role)
-            except Exception:
-                break  # map full: the rest stay unmeasured
+            except Exception:  # map full: this one stays unmeasured
+                self._adopt_dropped += 1
+                continue
             n += 1
         if n:
             self._adopt_until = time.monotonic() + window_s
@@ -275,6 +277,7 @@ class FlowTracer:
             "flow_table_evicted": self._evicted,
             "flow_insert_failed": self._stat(ST_FLOW_FAILED),
             "reset_table_full": self._stat(ST_RST_FULL),
+            "adopt_table_full": self._adopt_dropped,
         }
         return FlowSnapshot(out, dropped, self.kernel_path, time.monotonic())
 
