@@ -270,3 +270,29 @@ def test_an_agent_address_alone_stands_for_its_first_monitor() -> None:
     ]
     with pytest.raises(OSError, match="serves no monitor"):
         top.expand_agent_urls(["http://h:1/"], lambda _url: "")
+
+
+def test_monitor_files_recompile_on_change_and_keep_the_policy_on_a_bad_edit(tmp_path: Path, caplog) -> None:
+    import os as _os
+
+    path = tmp_path / "m.yaml"
+    path.write_text((ROOT / "examples" / "cost-by-zone.yaml").read_text())
+    files = cmd.MonitorFiles([str(tmp_path)], ["tok"])
+    first = files.compile()
+    assert [m.key for m in first.monitors] == ["flowmon-system/cost-by-zone"]
+    assert files.changed_policy() is None  # nothing changed
+    path.write_text(path.read_text().replace("name: cost-by-zone", "name: cost"))
+    _os.utime(path, ns=(1, 1))  # a different mtime even within one clock tick
+    changed = files.changed_policy()
+    assert changed is not None and [m.key for m in changed.monitors] == ["flowmon-system/cost"]
+    assert changed.monitors[0].token_sha256 == [token_sha256("tok")]
+    (tmp_path / "n.yaml").write_text((ROOT / "examples" / "service-map.yaml").read_text())  # a new file
+    added = files.changed_policy()
+    assert added is not None and [m.key for m in added.monitors] == [
+        "flowmon-system/cost",
+        "flowmon-system/service-map",
+    ]
+    path.write_text("kind: FlowMonitor\n")
+    _os.utime(path, ns=(2, 2))
+    assert files.changed_policy() is None
+    assert "keeping the running policy" in caplog.text and "m.yaml: apiVersion" in caplog.text

@@ -180,14 +180,19 @@ def warn_foreign_node(inventory: Path, node: str) -> None:
 
 
 class MonitorFiles:
-    """The --monitor files: compiled now, and again whenever one changes (a bad edit keeps the old)."""
+    """The --monitor files: compiled now, and again whenever one changes, appears in a given directory
+    or goes away (a bad edit is logged and the running policy stays)."""
 
     def __init__(self, paths: Sequence[str], tokens: Sequence[str]) -> None:
+        self.paths, self.tokens = list(paths), list(tokens)
+        self._watch = self._new_watch()
+
+    def _new_watch(self):
         from flowmon_agent.filewatch import FileWatch
         from flowmon_agent.manifests import expand_paths
 
-        self.paths, self.tokens = list(paths), list(tokens)
-        self._watch = FileWatch(*expand_paths(self.paths))
+        # A directory's own stat changes when an entry is added or removed.
+        return FileWatch(*map(Path, self.paths), *expand_paths(self.paths))
 
     def compile(self) -> AgentPolicy:
         return standalone_policy(load_monitors(self.paths), self.tokens)
@@ -195,6 +200,7 @@ class MonitorFiles:
     def changed_policy(self) -> AgentPolicy | None:
         if not self._watch.changed():
             return None
+        self._watch = self._new_watch()  # the set of files may have changed
         try:
             return self.compile()
         except ManifestError as exc:
