@@ -374,6 +374,9 @@ def established_pair(lab: Lab, port: int) -> tuple[socket.socket, socket.socket]
         conn, _ = srv.accept()
     send_exact(cli, 10)
     recv_exact(conn, 10)
+    # let the server's delayed ACK go out now: arriving after the client was reset, it would draw a
+    # second (correctly counted) RST from the client's kernel
+    time.sleep(0.3)
     return cli, conn
 
 

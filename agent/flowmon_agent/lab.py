@@ -1,10 +1,11 @@
 """A network-namespace lab: "pods" on a bridge, with IPv4 and IPv6, for tests, benchmarks and the demo.
 
 Layout for prefix P: a switch namespace `P-sw` holding bridge `br0`, and one namespace `P-<pod>` per pod
-whose `eth0` is a veth into the bridge. Nothing is added to the host's namespace unless `host=True`
-(then a veth `Ph` in the host reaches the bridge). Every name carries the caller's prefix, so
-concurrent users never collide, and `cleanup_prefix(P)` removes whatever a crashed run left behind.
-Addresses are private: 10.a.b.0/24 and fd00::/8, derived from the prefix unless given.
+whose `eth0` is a veth into the bridge. Nothing is added to the host's namespace, so the lab's private
+addresses (10.a.b.0/24 and fd00::/8, derived from the prefix unless given; pods get .1 to .200, .254 is
+left for a gateway in the switch namespace) never reach the host's routes. Every name carries the
+caller's prefix, so concurrent users never collide, and `cleanup_prefix(P)` removes whatever a crashed
+run left behind.
 """
 
 from __future__ import annotations
@@ -65,10 +66,9 @@ def lab_namespaces(prefix: str) -> list[str]:
 
 
 def cleanup_prefix(prefix: str) -> None:
-    """Remove every namespace and host link named after prefix (idempotent; safe after a crash)."""
+    """Remove every namespace named after prefix (idempotent; safe after a crash)."""
     for name in lab_namespaces(prefix):
         _run(["ip", "netns", "del", name], check=False)
-    _run(["ip", "link", "del", f"{prefix}h"], check=False)
 
 
 class Lab:
@@ -81,7 +81,6 @@ class Lab:
         *,
         subnet4: str | None = None,
         subnet6: str | None = None,
-        host: bool = False,
     ) -> None:
         if not prefix or len(prefix) > 10 or not prefix.replace("-", "").isalnum():
             raise ValueError(f"lab prefix must be 1-10 letters/digits, got {prefix!r}")
@@ -93,15 +92,12 @@ class Lab:
         self.subnet6 = IPv6Network(subnet6) if subnet6 else d6
         self.prefix = prefix
         self.switch = f"{prefix}-sw"
-        self.host = host
         self.pods = [
             Pod(
                 n, f"{prefix}-{n}", self.subnet4.network_address + i + 1, self.subnet6.network_address + i + 1
             )
             for i, n in enumerate(names)
         ]
-        self.host_ipv4 = self.subnet4.network_address + 254
-        self.host_ipv6 = self.subnet6.network_address + 254
         self._procs: list[subprocess.Popen] = []
         self._lock = threading.Lock()
 
@@ -131,64 +127,20 @@ class Lab:
         _run(["ip", "-n", sw, "link", "add", "br0", "type", "bridge"])
         _run(["ip", "-n", sw, "link", "set", "br0", "up"])
         for i, pod in enumerate(self.pods):
-            _run(["ip", "netns", "add", pod.netns])
+            ns = pod.netns
+            _run(["ip", "netns", "add", ns])
             _run(
-                [
-                    "ip",
-                    "-n",
-                    sw,
-                    "link",
-                    "add",
-                    f"v{i}",
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    pod.netns,
-                ]
+                ["ip", "-n", sw, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns]
             )
             _run(["ip", "-n", sw, "link", "set", f"v{i}", "master", "br0", "up"])
             self.sysctl(pod, "net.ipv6.conf.all.disable_ipv6", 0)
             self.sysctl(pod, "net.ipv6.conf.default.disable_ipv6", 0)
-            _run(["ip", "-n", pod.netns, "link", "set", "lo", "up"])
-            _run(["ip", "-n", pod.netns, "link", "set", "eth0", "up"])
-            _run(
-                ["ip", "-n", pod.netns, "addr", "add", f"{pod.ipv4}/{self.subnet4.prefixlen}", "dev", "eth0"]
-            )
-            _run(
-                [
-                    "ip",
-                    "-n",
-                    pod.netns,
-                    "-6",
-                    "addr",
-                    "add",
-                    f"{pod.ipv6}/{self.subnet6.prefixlen}",
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ]
-            )
-        if self.host:
-            link = f"{self.prefix}h"
-            _run(["ip", "link", "add", link, "type", "veth", "peer", "name", "host", "netns", sw])
-            _run(["ip", "-n", sw, "link", "set", "host", "master", "br0", "up"])
-            _run(["ip", "link", "set", link, "up"])
-            _run(["ip", "addr", "add", f"{self.host_ipv4}/{self.subnet4.prefixlen}", "dev", link])
-            _run(
-                [
-                    "ip",
-                    "-6",
-                    "addr",
-                    "add",
-                    f"{self.host_ipv6}/{self.subnet6.prefixlen}",
-                    "dev",
-                    link,
-                    "nodad",
-                ]
-            )
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            addr4 = f"{pod.ipv4}/{self.subnet4.prefixlen}"
+            addr6 = f"{pod.ipv6}/{self.subnet6.prefixlen}"
+            _run(["ip", "-n", ns, "addr", "add", addr4, "dev", "eth0"])
+            _run(["ip", "-n", ns, "-6", "addr", "add", addr6, "dev", "eth0", "nodad"])  # no DAD delay
 
     def cleanup(self) -> None:
         """Stop processes started here, then delete the namespaces (their links and rules go with them)."""
