@@ -17,6 +17,7 @@ from flowmon_agent.demo import prometheus as prom
 from flowmon_agent.demo import scenario, state, trafficgen
 from flowmon_agent.manifests import load_monitors
 from flowmon_agent.minicluster import plan_cluster
+from flowmon_agent.prometheus_process import config, promtool_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def test_queries_are_valid_promql(tmp_path: Path) -> None:
     }
     path = tmp_path / "queries.yml"
     path.write_text(yaml.safe_dump(rules))
-    assert prom.promtool_check("rules", path) is None
+    assert promtool_check("rules", path) is None
 
 
 # --- Prometheus config -----------------------------------------------------------------------------
@@ -85,9 +86,9 @@ def test_scrape_config_and_rendered_rules_pass_promtool(tmp_path: Path) -> None:
     rules_path = tmp_path / "rules.yml"
     rules_path.write_text(yaml.safe_dump(rules))
     config_path = tmp_path / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(prom.config(jobs, [rules_path])))
-    assert prom.promtool_check("rules", rules_path) is None
-    assert prom.promtool_check("config", config_path) is None
+    config_path.write_text(yaml.safe_dump(config(jobs, [rules_path])))
+    assert promtool_check("rules", rules_path) is None
+    assert promtool_check("config", config_path) is None
 
 
 # --- state file ------------------------------------------------------------------------------------

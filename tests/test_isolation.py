@@ -256,9 +256,9 @@ def test_real_prometheus_fires_isolation_alert_on_a_single_connection(tmp_path) 
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    from flowmon_agent.prometheus_process import Prometheus, config
     from flowmon_agent.spec import FlowMonitor
     from flowmon_operator.rules import monitor_relabeling, rule_groups
-    from tests.prometheus_process import PrometheusProcess
 
     monitor = FlowMonitor.model_validate(
         {
@@ -294,10 +294,8 @@ def test_real_prometheus_fires_isolation_alert_on_a_single_connection(tmp_path) 
     # Production groups evaluate every minute; only the interval is shortened here.
     groups = [{**g, "interval": "1s"} for g in rule_groups(monitor)]
     (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": groups}))
-    prom = PrometheusProcess(tmp_path, [job])
-    prom.config["rule_files"] = [str(tmp_path / "rules.yml")]
     try:
-        with prom:
+        with Prometheus(tmp_path).start(config([job], [tmp_path / "rules.yml"], interval="1s")) as prom:
             prom.wait_query('up{job="flowmon-agent"}', "1")
             time.sleep(2)
             assert prom.query('ALERTS{alertname="FlowmonIsolationViolation"}') == []

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.prometheus_process import PrometheusProcess, scrape_job
+from flowmon_agent.prometheus_process import Prometheus, config, https_scrape_job
 from tests.test_server import ADMIN, OPS, SHOP, ServerRig
+
+
+def _job(name: str, port: int, path: str, ca_file: Path, token_file: Path) -> dict:
+    return https_scrape_job(name, path, {f"127.0.0.1:{port}": {}}, ca_file=ca_file, token_file=token_file)
 
 
 def _token(tmp_path, name: str, token: str):
@@ -25,16 +30,12 @@ async def test_prometheus_scrapes_synthetic_view_with_tls_and_scoped_tokens(tmp_
     try:
         port, ca = agent.server.port, agent.pki.ca_file
         jobs = [
-            scrape_job(
-                "shop", port, "/metrics/shop/web", ca_file=ca, token_file=_token(tmp_path, "shop", SHOP)
-            ),
-            scrape_job(
-                "stolen", port, "/metrics/ops/all", ca_file=ca, token_file=_token(tmp_path, "s2", SHOP)
-            ),
-            scrape_job("ops", port, "/metrics/ops/all", ca_file=ca, token_file=_token(tmp_path, "ops", OPS)),
-            scrape_job("agent", port, "/metrics", ca_file=ca, token_file=_token(tmp_path, "admin", ADMIN)),
+            _job("shop", port, "/metrics/shop/web", ca, _token(tmp_path, "shop", SHOP)),
+            _job("stolen", port, "/metrics/ops/all", ca, _token(tmp_path, "s2", SHOP)),
+            _job("ops", port, "/metrics/ops/all", ca, _token(tmp_path, "ops", OPS)),
+            _job("agent", port, "/metrics", ca, _token(tmp_path, "admin", ADMIN)),
         ]
-        with PrometheusProcess(tmp_path, jobs) as prom:
+        with Prometheus(tmp_path).start(config(jobs, interval="1s")) as prom:
             expr = 'flowmon_tcp_sent_bytes_total{job="shop",client_workload="web",server_workload="db"}'
             await asyncio.to_thread(prom.wait_query, expr, "12345")
             await asyncio.to_thread(
@@ -134,14 +135,14 @@ async def test_prometheus_reads_kernel_measured_bytes_of_a_known_flow(tmp_path, 
                 )
                 assert client.stdout.strip() == str(RECEIVED)
                 assert server.wait(timeout=30) == 0 and server.stdout.read().strip() == str(SENT)
-                job = scrape_job(
+                job = _job(
                     "shop",
                     agent.server.port,
                     "/metrics/shop/web",
-                    ca_file=pki.ca_file,
-                    token_file=_token(tmp_path, "shop", SHOP),
+                    pki.ca_file,
+                    _token(tmp_path, "shop", SHOP),
                 )
-                with PrometheusProcess(tmp_path, [job]) as prom:
+                with Prometheus(tmp_path).start(config([job], interval="1s")) as prom:
                     flow = 'client_workload="web",server_workload="db",server_port="5432"'
                     await asyncio.to_thread(
                         prom.wait_query, f"flowmon_tcp_sent_bytes_total{{{flow}}}", str(SENT)

@@ -74,7 +74,7 @@ def check_root() -> None:
 def check_host() -> None:
     from flowmon_agent.bpf_loader import BPFUnavailableError
     from flowmon_agent.bpf_loader import check_host as check_bpf
-    from flowmon_agent.demo.prometheus import PROMETHEUS
+    from flowmon_agent.prometheus_process import PROMETHEUS
 
     check_root()
     try:
@@ -140,7 +140,7 @@ class Demo:
 
     def start_agents(self, inventory: Path, ca: Path, cert: Path, key: Path, token: Path) -> None:
         from flowmon_agent.demo import scenario
-        from flowmon_agent.demo.prometheus import free_port
+        from flowmon_agent.prometheus_process import free_port
 
         nodes = [n.name for n in scenario.CLUSTER.nodes]
         say(
@@ -191,6 +191,7 @@ class Demo:
         from flowmon_agent.commands.render import rendered_objects
         from flowmon_agent.demo import prometheus as prom
         from flowmon_agent.manifests import load_monitors
+        from flowmon_agent.prometheus_process import Prometheus, config, free_port, promtool_check
 
         say("starting Prometheus (scrapes every agent over TLS with a bearer token)...")
         monitors = load_monitors([self.args.monitors])
@@ -206,12 +207,12 @@ class Demo:
         rules_path = self.workdir / "rules.yml"
         rules_path.write_text(yaml.safe_dump(rules, sort_keys=False))
         rule_files = [rules_path]
-        if problem := prom.promtool_check("rules", rules_path):
+        if problem := promtool_check("rules", rules_path):
             say(f"warning: promtool refuses the rendered rules, Prometheus runs without them: {problem}")
             rule_files = []
-        self.prometheus = prom.Prometheus(self.workdir / "prometheus")
+        self.prometheus = Prometheus(self.workdir / "prometheus", free_port(prom.PREFERRED_PORT))
         self.prometheus.directory.mkdir()
-        self.prometheus.start(prom.config(jobs, rule_files), preexec_fn=set_parent_death_signal)
+        self.prometheus.start(config(jobs, rule_files), preexec_fn=set_parent_death_signal)
         self.state.add_process(self.prometheus.proc.pid, "prometheus")
 
     def start_traffic(self) -> None:
