@@ -28,6 +28,8 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
+from flowmon_agent.crd_check import served_schema, to_json_schema
+
 K8S_VERSION = "1.30"
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SCHEMAS = REPO.parent / "shared" / "schemas"
@@ -111,13 +113,10 @@ def _raise(obj: dict, errors: list[str]) -> None:
 
 
 def version_schema(crd: dict, api_version: str) -> Schema:
-    group, version = api_version.split("/")
-    if crd["spec"]["group"] != group:
-        raise SchemaError(f"{api_version} does not belong to CRD {crd['metadata']['name']}")
-    for v in crd["spec"]["versions"]:
-        if v["name"] == version and v.get("served", True):
-            return v["schema"]["openAPIV3Schema"]
-    raise SchemaError(f"CRD {crd['metadata']['name']} serves no version {version}")
+    schema = served_schema(crd, api_version)
+    if schema is None:
+        raise SchemaError(f"CRD {crd['metadata']['name']} serves no version {api_version}")
+    return schema
 
 
 def custom_resource_errors(obj: dict, crd: dict) -> list[str]:
@@ -130,7 +129,7 @@ def custom_resource_errors(obj: dict, crd: dict) -> list[str]:
     except SchemaError as exc:
         return [str(exc)]
     doc = apply_defaults(schema, copy.deepcopy(obj))
-    validator = jsonschema.Draft202012Validator(openapi_to_jsonschema(schema), format_checker=_FORMATS)
+    validator = jsonschema.Draft202012Validator(to_json_schema(schema), format_checker=_FORMATS)
     errors = [f"{_path(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
     errors += list(_structural_errors(schema, doc, ""))
     if not errors:  # the API server runs CEL on schema-valid data only
@@ -140,47 +139,6 @@ def custom_resource_errors(obj: dict, crd: dict) -> list[str]:
 
 def _path(parts) -> str:
     return ".".join(str(p) for p in parts) or "<root>"
-
-
-def openapi_to_jsonschema(node: Schema, strict: bool = True) -> Schema:
-    """OpenAPI v3 (Kubernetes flavour) -> JSON Schema 2020-12. strict: unknown fields are errors."""
-    out: Schema = {}
-    for key, value in node.items():
-        if key in ("properties", "patternProperties"):
-            out[key] = {k: openapi_to_jsonschema(v, strict) for k, v in value.items()}
-        elif key == "items" or (key == "additionalProperties" and isinstance(value, dict)):
-            out[key] = openapi_to_jsonschema(value, strict)
-        elif key in ("allOf", "anyOf", "oneOf"):
-            out[key] = [openapi_to_jsonschema(v, strict) for v in value]
-        elif key == "not":
-            out[key] = openapi_to_jsonschema(value, strict)
-        elif (
-            key == "nullable"
-            or key.startswith("x-kubernetes-")
-            or key in ("exclusiveMinimum", "exclusiveMaximum")
-        ):
-            continue
-        else:
-            out[key] = value
-    for flag, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-        if node.get(flag) is True:
-            out[flag] = out.pop(bound)
-    if node.get("x-kubernetes-int-or-string"):
-        out.pop("type", None)
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if node.get("x-kubernetes-list-type") == "set":
-        out["uniqueItems"] = True
-    if (
-        strict
-        and node.get("type") == "object"
-        and "properties" in node
-        and "additionalProperties" not in node
-        and not node.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        out["additionalProperties"] = False
-    if node.get("nullable"):
-        out = {"anyOf": [out, {"type": "null"}]}
-    return out
 
 
 _FORMATS = jsonschema.FormatChecker(())

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from flowmon_agent.crd_check import to_json_schema
 from flowmon_agent.spec import FlowMonitorSpec
 from flowmon_operator import crd as crd_module
 from flowmon_operator.crd import RULES, build_crd, crd_yaml, validate_spec
@@ -95,7 +96,7 @@ def test_defaults_validate_against_their_own_schema():
     checked = 0
     for _path, node in walk(SPEC, "spec"):
         if "default" in node:
-            plain = schemas.openapi_to_jsonschema(node)
+            plain = to_json_schema(node)
             jsonschema.Draft202012Validator(plain).validate(
                 schemas.apply_defaults(node, copy.deepcopy(node["default"]))
             )
