@@ -4,7 +4,10 @@ file reload and API pushes that wake the poll loop, the self metrics that descri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import time
 
 import aiohttp
@@ -134,3 +137,53 @@ def test_stall_reason(last, now, interval, stalled):
     assert (reason is not None) is stalled
     if stalled:
         assert "no successful poll for" in reason and "map gone" in reason
+
+
+@pytest.mark.bpf
+@pytest.mark.asyncio
+async def test_run_agent_survives_a_forked_childs_sigterm_and_stops_on_its_own(tmp_path, require_root):
+    """pyroute2 opens a netns socket from a child forked in a worker thread and SIGTERMs it afterwards.
+    That signal ends the child; only a SIGTERM to the agent's own pid stops the agent."""
+    from pyroute2.process import ChildProcess
+
+    from flowmon_agent.prometheus_process import free_port
+    from flowmon_agent.runner import run_agent
+
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(dump_policy_json(compile_policy([monitor("shop", "web")])))
+    port = free_port()
+    settings = AgentSettings(
+        listen_port=port, node_name="node-a", policy_file=policy_file, kube_metadata=False
+    )
+    task = asyncio.create_task(run_agent(settings))
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        return resp.status == 200
+                return False
+
+            deadline = time.monotonic() + 60  # BPF compiles for seconds
+            while not await ready():
+                assert not task.done() and time.monotonic() < deadline, "agent never became ready"
+                await asyncio.sleep(0.1)
+
+            def fork_and_terminate() -> int | None:  # as pyroute2 does in a conntrack lookup
+                child = ChildProcess(time.sleep, [10])
+                child.run()
+                time.sleep(0.3)  # the child is asleep in its own code when SIGTERM arrives
+                child.stop()
+                return child.exitcode
+
+            assert await asyncio.to_thread(fork_and_terminate) == -signal.SIGTERM
+            await asyncio.sleep(1)  # several polls: a stop request would have ended the task
+            assert not task.done()
+            assert await ready()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(task, timeout=15) == 0
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -308,17 +308,42 @@ class Agent:
                 self._nat_peers = peers
 
 
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)):
+    """While inside: these signals, sent to this process, set `stop`; the previous handlers come back after.
+
+    Not `loop.add_signal_handler`: it routes signals through a wakeup fd (the loop's self-pipe), and a
+    child that a library forks without exec shares that socket. pyroute2 opens a socket in another netns
+    from such a child and then SIGTERMs it: the child's C-level handler writes SIGTERM into the shared
+    socket and this process's loop stops. A plain handler runs in the child as its own Python code
+    instead, which sees another pid and dies as SIGTERM's default action would."""
+    loop = asyncio.get_running_loop()
+    pid = os.getpid()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if os.getpid() != pid:  # a forked child: never talk to the parent's loop
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        loop.call_soon_threadsafe(stop.set)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 async def run_agent(settings: AgentSettings, **kwargs) -> int:
     """Run until SIGTERM or SIGINT; the kwargs are Agent's (tracer_factory, store, nat_backends...)."""
     agent = Agent(settings, **kwargs)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await agent.start()
-    log.info("flowmon agent on node %s serving %s", settings.node_name, agent.url)
-    try:
-        await stop.wait()
-    finally:
-        await agent.stop()
+    with stop_on_signals(stop):
+        await agent.start()
+        log.info("flowmon agent on node %s serving %s", settings.node_name, agent.url)
+        try:
+            await stop.wait()
+        finally:
+            await agent.stop()
     return 0

@@ -16,8 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -273,6 +271,7 @@ def make_agent(args: argparse.Namespace):
 
 async def serve(args: argparse.Namespace) -> int:
     from flowmon_agent.bpf_loader import BPFUnavailableError
+    from flowmon_agent.runner import stop_on_signals
     from flowmon_agent.server import ServerConfigError
 
     try:
@@ -280,49 +279,40 @@ async def serve(args: argparse.Namespace) -> int:
     except ServerConfigError as exc:
         raise AgentStartError(str(exc)) from None
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    main_pid = os.getpid()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        # Not loop.add_signal_handler: its wakeup fd is inherited by children that libraries fork
-        # (pyroute2 opens a socket in another netns from a forked child, then SIGTERMs it), and the
-        # child's signal would stop this agent. A forked child gets the default action instead.
-        if os.getpid() != main_pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        loop.call_soon_threadsafe(stop.set)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    print(
-        "flowmon agent: compiling and loading the BPF programs (a few seconds)...",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        await agent.start()
-    except BPFUnavailableError as exc:
-        raise AgentStartError(str(exc)) from None
-    except OSError as exc:  # e.g. the port is taken
-        raise AgentStartError(
-            f"cannot serve on {agent.settings.listen_host}:{agent.settings.listen_port}: {exc}"
-        ) from None
-    policy = agent.policy.policy
-    paths = ", ".join(f"{agent.url}{m.path}" for m in policy.monitors) if policy else "(policy file pending)"
-    print(
-        f"flowmon agent: node {agent.settings.node_name}, kernel path {agent.tracer.kernel_path}, "  # type: ignore[union-attr]
-        f"serving {paths}",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-            if files is not None and (policy := await asyncio.to_thread(files.changed_policy)) is not None:
-                agent.policy.apply(policy, source="monitor files")
-    finally:
-        await agent.stop()
-        nat.close()
+    with stop_on_signals(stop):  # a child forked to read conntrack in another netns must not stop us
+        print(
+            "flowmon agent: compiling and loading the BPF programs (a few seconds)...",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            await agent.start()
+        except BPFUnavailableError as exc:
+            raise AgentStartError(str(exc)) from None
+        except OSError as exc:  # e.g. the port is taken
+            raise AgentStartError(
+                f"cannot serve on {agent.settings.listen_host}:{agent.settings.listen_port}: {exc}"
+            ) from None
+        policy = agent.policy.policy
+        paths = (
+            ", ".join(f"{agent.url}{m.path}" for m in policy.monitors) if policy else "(policy file pending)"
+        )
+        print(
+            f"flowmon agent: node {agent.settings.node_name}, kernel path {agent.tracer.kernel_path}, "  # type: ignore[union-attr]
+            f"serving {paths}",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                if (
+                    files is not None
+                    and (policy := await asyncio.to_thread(files.changed_policy)) is not None
+                ):
+                    agent.policy.apply(policy, source="monitor files")
+        finally:
+            await agent.stop()
+            nat.close()
     return 0
