@@ -54,6 +54,14 @@ def test_only_given_flags_override_settings() -> None:
     assert cmd.settings_overrides(bare) == {}  # FLOWMON_AGENT_* variables (the DaemonSet) stay in charge
 
 
+def test_several_node_flags_make_one_agent_stand_for_several_nodes() -> None:
+    from flowmon_agent.runner import AgentSettings
+
+    args = cli.build_parser().parse_args(["agent", "--node", "node-a", "--node", "node-b,node-c"])
+    assert cmd.settings_overrides(args) == {"node_name": "node-a,node-b,node-c"}
+    assert AgentSettings(**cmd.settings_overrides(args)).node_name == ["node-a", "node-b", "node-c"]
+
+
 def test_monitor_files_compile_exactly_as_the_operator_compiles_them() -> None:
     monitors = load_monitors([ROOT / "examples"])
     policy = cmd.standalone_policy(monitors, ["t0k3n"])
@@ -238,6 +246,11 @@ def test_an_agent_named_after_a_node_the_inventory_lacks_is_warned(tmp_path: Pat
     assert capsys.readouterr().err == ""
     cmd.warn_foreign_node(inventory, "laptop")
     assert "node 'laptop' is not in" in capsys.readouterr().err
+    cmd.warn_foreign_node(inventory, "node-a", "node-b")  # one agent for both nodes
+    assert capsys.readouterr().err == ""
+    cmd.warn_foreign_node(inventory, "node-a", "laptop")
+    err = capsys.readouterr().err
+    assert "node 'laptop' is not in" in err and "node 'node-a'" not in err
     inventory.write_text("{not yaml")
     with pytest.raises(cmd.AgentStartError, match="cannot read the inventory"):
         cmd.warn_foreign_node(inventory, "node-a")

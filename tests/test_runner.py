@@ -8,10 +8,12 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 
 from flowmon_agent.metadata import MetadataStore
 from flowmon_agent.metadata.watcher import KubeWatcher
@@ -120,6 +122,34 @@ def test_settings_from_environment(monkeypatch):
         0.25,
     )
     assert settings.server_config().port == 9555
+
+
+@pytest.mark.parametrize(
+    ("env", "fields", "expected"),
+    [
+        ({}, {}, [socket.gethostname()]),  # one node: this host
+        ({"FLOWMON_AGENT_NODE_NAME": "node-a"}, {}, ["node-a"]),  # the DaemonSet's spec.nodeName
+        ({"FLOWMON_AGENT_NODE_NAME": "node-a, node-b"}, {}, ["node-a", "node-b"]),
+        ({"FLOWMON_AGENT_NODE_NAME": '["node-a", "node-b"]'}, {}, ["node-a", "node-b"]),
+        ({"FLOWMON_AGENT_NODE_NAME": "node-a"}, {"node_name": "n1,n2"}, ["n1", "n2"]),  # flags win
+        ({}, {"node_name": ["n1", "n2"]}, ["n1", "n2"]),
+    ],
+)
+def test_node_names_one_or_several(monkeypatch, env, fields, expected):
+    monkeypatch.delenv("FLOWMON_AGENT_NODE_NAME", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = AgentSettings(**fields)
+    assert settings.node_name == expected
+    # The agent stands for each of them: it reports the connections of their pods (aggregate.flow_share).
+    assert Agent(settings).aggregator.node == frozenset(expected)
+
+
+@pytest.mark.parametrize("value", ["", " , ", "[]"])
+def test_node_names_cannot_be_empty(monkeypatch, value):
+    monkeypatch.setenv("FLOWMON_AGENT_NODE_NAME", value)
+    with pytest.raises(ValidationError, match="node_name"):
+        AgentSettings()
 
 
 @pytest.mark.parametrize(

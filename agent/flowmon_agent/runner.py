@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -17,10 +18,10 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Annotated, Protocol
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from flowmon_agent.aggregate import Aggregator, NatBackends, local_ip_filter
 from flowmon_agent.auth import IN_CLUSTER_SA as SA_DIR
@@ -50,7 +51,12 @@ class AgentSettings(BaseSettings):
 
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=9400, ge=0, le=65535)
-    node_name: str = Field(default_factory=socket.gethostname)
+    node_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [socket.gethostname()],
+        min_length=1,
+        description="This node's name; several (a,b or a JSON list) for a standalone agent that stands for "
+        "every node of its inventory, whose sockets all share its kernel.",
+    )
     agent_nodes: list[str] | None = Field(default=None, description="Nodes running an agent; default all.")
     policy_file: Path | None = None
     admin_token_file: Path | None = None
@@ -70,6 +76,16 @@ class AgentSettings(BaseSettings):
     token_review_audiences: list[str] = Field(default_factory=list)
     poll_interval_seconds: float = Field(default=0.5, gt=0, le=60)
     ignored_ports: list[int] = Field(default_factory=list, description="Server ports never traced.")
+
+    @field_validator("node_name", mode="before")
+    @classmethod
+    def _node_names(cls, value: object) -> object:
+        """FLOWMON_AGENT_NODE_NAME is one name (the DaemonSet's spec.nodeName) or several, comma-separated."""
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
     def use_kube_metadata(self) -> bool:
         if self.kube_metadata is not None:
@@ -341,7 +357,7 @@ async def run_agent(settings: AgentSettings, **kwargs) -> int:
     stop = asyncio.Event()
     with stop_on_signals(stop):
         await agent.start()
-        log.info("flowmon agent on node %s serving %s", settings.node_name, agent.url)
+        log.info("flowmon agent on node %s serving %s", ", ".join(settings.node_name), agent.url)
         try:
             await stop.wait()
         finally:

@@ -45,7 +45,11 @@ def build(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument(
         "--listen", metavar="ADDR", help=f"host:port to serve on (default 127.0.0.1:{DEFAULT_PORT})"
     )
-    parser.add_argument("--node", metavar="NAME", help="this node's name (default: the hostname)")
+    parser.add_argument(
+        "--node", action="append", metavar="NAME",
+        help="this node's name (default: the hostname); repeat it (or a,b) for one standalone agent that "
+        "stands for several nodes of its inventory",
+    )  # fmt: skip
     parser.add_argument("--compat", action="store_true", help="force the compat kernel path (older kernels)")
     parser.add_argument(
         "--policy-file", type=Path, metavar="FILE", help="a compiled agent policy (cluster mode)"
@@ -89,8 +93,9 @@ def settings_overrides(args: argparse.Namespace) -> dict:
     overrides: dict = {}
     if args.listen:
         overrides["listen_host"], overrides["listen_port"] = parse_listen(args.listen)
+    if args.node:
+        overrides["node_name"] = ",".join(args.node)
     for flag, field in (
-        ("node", "node_name"),
         ("inventory", "inventory_file"),
         ("policy_file", "policy_file"),
         ("tls_cert_file", "tls_cert_file"),
@@ -160,21 +165,22 @@ def local_addresses() -> list[str]:
     return parse_ip_addr_json(done.stdout) if done.returncode == 0 else ["127.0.0.1", "::1"]
 
 
-def warn_foreign_node(inventory: Path, node: str) -> None:
-    """An agent owns the pods of its node: named after a node the inventory does not know, it reports
-    none of them (each connection is reported by the agent of the client's node)."""
+def warn_foreign_node(inventory: Path, *nodes: str) -> None:
+    """An agent owns the pods of its nodes: a node the inventory does not know gets no pods (each
+    connection is reported by the agent of the client's node)."""
     from flowmon_agent.metadata.inventory import InventoryError, parse_inventory
 
     try:
-        nodes = inventory_node_names(parse_inventory(inventory.read_text()))
+        known = inventory_node_names(parse_inventory(inventory.read_text()))
     except (OSError, InventoryError) as exc:
         raise AgentStartError(f"cannot read the inventory {inventory}: {exc}") from None
-    if nodes and node not in nodes:
-        print(
-            f"flowmon agent: warning: node {node!r} is not in {inventory} ({', '.join(sorted(nodes))}): "
-            "this agent reports no pod's connections; pass --node NAME",
-            file=sys.stderr,
-        )
+    for node in nodes:
+        if known and node not in known:
+            print(
+                f"flowmon agent: warning: node {node!r} is not in {inventory} ({', '.join(sorted(known))}): "
+                "this agent reports no pod's connections there; pass --node NAME",
+                file=sys.stderr,
+            )
 
 
 class MonitorFiles:
@@ -244,10 +250,10 @@ def make_agent(args: argparse.Namespace):
     except ManifestError as exc:
         raise AgentStartError("invalid monitor files:\n" + str(exc)) from None
     if settings.inventory_file is not None:
-        warn_foreign_node(settings.inventory_file, settings.node_name)
+        warn_foreign_node(settings.inventory_file, *settings.node_name)
     store = MetadataStore()
     if settings.inventory_file is None and settings.policy_file is None:
-        for obj in host_objects(settings.node_name, local_addresses()):
+        for obj in host_objects(settings.node_name[0], local_addresses()):
             store.apply("ADDED", obj, obj["kind"])
 
     def tracer_factory():
@@ -297,8 +303,9 @@ async def serve(args: argparse.Namespace) -> int:
         paths = (
             ", ".join(f"{agent.url}{m.path}" for m in policy.monitors) if policy else "(policy file pending)"
         )
+        nodes = ", ".join(agent.settings.node_name)
         print(
-            f"flowmon agent: node {agent.settings.node_name}, kernel path {agent.tracer.kernel_path}, "  # type: ignore[union-attr]
+            f"flowmon agent: node {nodes}, kernel path {agent.tracer.kernel_path}, "  # type: ignore[union-attr]
             f"serving {paths}",
             file=sys.stderr,
             flush=True,
