@@ -10,15 +10,22 @@ setup:
 demo: setup
 	$(PY) -m flowmon_agent.cli demo
 
+# pytest's exit code 5 means no test ran: a failure, said out loud.
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Every benchmark once, with the arguments recorded in docs/BENCHMARKS.md (about 15 minutes, needs root).
 bench: setup
-	$(PY) -m bench.run_all
+	$(PY) -m bench.metadata_memory --pods 20000 --budget-mb 100
+	$(PY) -m bench.aggregate_poll --flows 10000 --changing 1.0
+	$(PY) -m bench.scrape_time --series 10000 --scrapes 60
+	$(PY) -m bench.freshness --connections 220 --poll-interval 0.5
+	$(PY) -m bench.kernel_overhead --rounds 7 --seconds 2
 
 clean-demo: setup
 	$(PY) -m flowmon_agent.cli demo --cleanup

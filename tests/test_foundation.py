@@ -28,9 +28,13 @@ def test_stdlib_operator_is_not_shadowed_from_repo_root() -> None:
 
 
 def test_cli_lists_all_subcommands() -> None:
-    help_text = cli.build_parser().format_help()
-    for name in ("agent", "operator", "demo", "top", "render", "validate"):
-        assert name in help_text
+    parser = cli.build_parser()
+    (subparsers,) = [a for a in parser._actions if a.dest == "command"]
+    assert set(subparsers.choices) == {"agent", "operator", "demo", "top", "render", "validate"}
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "flowmon"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "{agent,operator,demo,top,render,validate}" in out.replace(" ", "")
 
 
 def test_smoke_bpf_program_loads_and_counts_a_connection(require_root) -> None:
@@ -51,6 +55,25 @@ def test_loader_names_the_cause_when_not_root(monkeypatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(bpf_loader.BPFUnavailableError, match="needs root"):
         bpf_loader.load_program("smoke.c")
+
+
+def test_loader_names_missing_btf(monkeypatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    real_exists = Path.exists
+    monkeypatch.setattr(
+        Path, "exists", lambda p: False if str(p) == "/sys/kernel/btf/vmlinux" else real_exists(p)
+    )
+    with pytest.raises(bpf_loader.BPFUnavailableError, match="has no BTF"):
+        bpf_loader.check_host()
+
+
+def test_loader_names_missing_headers(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", str(tmp_path / "nowhere"))
+    with pytest.raises(bpf_loader.BPFUnavailableError, match="no kernel headers for kernel"):
+        bpf_loader.check_host()
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", str(tmp_path))
+    assert bpf_loader.kernel_headers() == tmp_path
 
 
 def test_loader_names_a_missing_source(require_root) -> None:

@@ -39,13 +39,26 @@ def check_host() -> None:
         )
     if not Path("/sys/kernel/btf/vmlinux").exists():
         raise BPFUnavailableError(f"kernel {platform.release()} has no BTF (/sys/kernel/btf/vmlinux missing)")
-    build = Path("/lib/modules") / platform.release() / "build"
-    if not build.exists():
+    if kernel_headers() is None:
+        build = Path("/lib/modules") / platform.release() / "build"
         raise BPFUnavailableError(
-            f"no kernel headers at {build}: install the headers for kernel {platform.release()} "
-            "(make setup links Debian's linux-headers-amd64 when the host has none)"
+            f"no kernel headers for kernel {platform.release()}: not at {build}, not in $BCC_KERNEL_SOURCE, "
+            "no /sys/kernel/kheaders.tar.xz (install the kernel's headers; make setup links Debian's "
+            "linux-headers-amd64 when the host has none)"
         )
     tracefs_root()
+
+
+def kernel_headers() -> Path | None:
+    """Where BCC will find headers, in BCC's own order of preference; None when nowhere."""
+    explicit = os.environ.get("BCC_KERNEL_SOURCE")
+    if explicit:
+        return Path(explicit) if Path(explicit).is_dir() else None
+    build = Path("/lib/modules") / platform.release() / "build"
+    if build.is_dir():  # follows the symlink: a dangling link is no headers
+        return build
+    kheaders = Path("/sys/kernel/kheaders.tar.xz")  # CONFIG_IKHEADERS: BCC unpacks it itself
+    return kheaders if kheaders.is_file() else None
 
 
 def load_program(source_name: str, cflags: Mapping[str, int] | None = None):  # -> bcc.BPF
