@@ -120,10 +120,12 @@ BPF_HASH(socks, u64, struct sock_state, SOCK_MAX);
 // normal closes (FIN_WAIT2, LAST_ACK) never touch it.
 struct closed_sock {
     u64 sk;
+    u64 ts_ns;         // the RST follows within the same syscall; older entries may be a reused pointer
     struct flow_key key;
     u16 client_port;
     u8 pad[6];
 };
+#define CLOSED_MATCH_NS 100000000ULL
 #define CLOSED_RING 16
 struct closed_ring {
     u32 next;
@@ -409,6 +411,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
                 ring->next = slot + 1;
                 struct closed_sock *lc = &ring->slots[slot];
                 lc->sk = sk;
+                lc->ts_ns = bpf_ktime_get_ns();
                 lc->key = st->key;
                 lc->client_port = st->client_port;
             }
@@ -590,13 +593,15 @@ static __always_inline int on_send_reset(u64 sk) {
         if (!ring)
             return 0;
         struct closed_sock *lc = 0;
+        u64 now = bpf_ktime_get_ns();
 #pragma unroll
         for (int i = 0; i < CLOSED_RING; i++) {
-            if (ring->slots[i].sk == sk)
+            if (ring->slots[i].sk == sk && now - ring->slots[i].ts_ns < CLOSED_MATCH_NS)
                 lc = &ring->slots[i];
         }
         if (!lc)
             return 0;
+        lc->sk = 0;  // one RST per abrupt close
         struct flow_key key = lc->key;
         struct flow_val *v = flow_get(&key);
         if (v)

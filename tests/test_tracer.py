@@ -32,6 +32,15 @@ def next_port() -> int:
     return next(_ports)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def bounded_sockets():
+    """Every socket here, accepted ones too, gives up after 60 s: a lost packet fails a test, never hangs."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)
+    yield
+    socket.setdefaulttimeout(previous)
+
+
 @pytest.fixture(scope="module")
 def lab(require_root):
     # a,b: general traffic; c,d: loss (retransmits); e,f: slowed path (RTT)
