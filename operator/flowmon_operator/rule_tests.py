@@ -253,6 +253,15 @@ def _between(rate: Rate, start: int, end: int, other: Rate) -> Rate:
     return lambda t: other(t) if start <= t < end else rate(t)
 
 
+def _suite(
+    name: str, evaluation_interval: str, monitor: FlowMonitor, scrapes: Scrapes, **checks: list
+) -> Suite:
+    """A suite of one test, named like it, over `scrapes` against the monitor's rule groups; `checks`:
+    promtool's alert_rule_test and/or promql_expr_test."""
+    test = {"name": name, "interval": f"{STEP}s", "input_series": scrapes.series, **checks}
+    return Suite(name, evaluation_interval, [test], rule_groups(monitor))
+
+
 def baseline_suite(monitor: FlowMonitor) -> Suite:
     """Days of daily variation, then on the last day: a 5x spike, a drop to zero, a new dependency."""
     base = monitor.spec.alerting.baseline
@@ -320,12 +329,7 @@ def baseline_suite(monitor: FlowMonitor) -> Suite:
         _silent('alertname="FlowmonNewDependency"', appears - STEP, appears - STEP),
         _silent(f'{MONITOR_LABEL}="{OTHER_MONITOR}"', seconds, seconds),
     ]
-    return Suite(
-        "baseline",
-        "5m",
-        [{"name": "baseline", "interval": f"{STEP}s", "input_series": s.series, "promql_expr_test": tests}],
-        rule_groups(monitor),
-    )
+    return _suite("baseline", "5m", monitor, s, promql_expr_test=tests)
 
 
 def health_suite(monitor: FlowMonitor) -> Suite:
@@ -386,12 +390,7 @@ def health_suite(monitor: FlowMonitor) -> Suite:
         _silent(f'{MONITOR_LABEL}="{monitor_value(monitor)}", server_workload="api"', seconds, seconds),
         _silent(f'{MONITOR_LABEL}="{monitor_value(monitor)}", client_workload="cron"', seconds, seconds),
     ]
-    return Suite(
-        "health",
-        "1m",
-        [{"name": "health", "interval": f"{STEP}s", "input_series": s.series, "promql_expr_test": tests}],
-        rule_groups(monitor),
-    )
+    return _suite("health", "1m", monitor, s, promql_expr_test=tests)
 
 
 def isolation_suite(monitor: FlowMonitor) -> Suite:
@@ -428,36 +427,26 @@ def isolation_suite(monitor: FlowMonitor) -> Suite:
         }
 
     name = "FlowmonIsolationViolation"
-    return Suite(
+    return _suite(
         "isolation",
         "1m",
-        [
+        monitor,
+        s,
+        alert_rule_test=[
+            {"eval_time": prom_duration(first + 60), "alertname": name, "exp_alerts": [expected(loadgen)]},
             {
-                "name": "isolation",
-                "interval": f"{STEP}s",
-                "input_series": s.series,
-                "alert_rule_test": [
-                    {
-                        "eval_time": prom_duration(first + 60),
-                        "alertname": name,
-                        "exp_alerts": [expected(loadgen)],
-                    },
-                    {
-                        "eval_time": prom_duration(resumes - 5 * 60),
-                        "alertname": name,
-                        "exp_alerts": [expected(loadgen)],
-                    },
-                    {
-                        "eval_time": prom_duration(resumes + 3 * 60),
-                        "alertname": name,
-                        "exp_alerts": [expected(batch)],
-                    },
-                    {"eval_time": prom_duration(seconds), "alertname": name, "exp_alerts": [expected(batch)]},
-                ],
-                "promql_expr_test": [_silent(f'{MONITOR_LABEL}="{OTHER_MONITOR}"', seconds, seconds)],
-            }
+                "eval_time": prom_duration(resumes - 5 * 60),
+                "alertname": name,
+                "exp_alerts": [expected(loadgen)],
+            },
+            {
+                "eval_time": prom_duration(resumes + 3 * 60),
+                "alertname": name,
+                "exp_alerts": [expected(batch)],
+            },
+            {"eval_time": prom_duration(seconds), "alertname": name, "exp_alerts": [expected(batch)]},
         ],
-        rule_groups(monitor),
+        promql_expr_test=[_silent(f'{MONITOR_LABEL}="{OTHER_MONITOR}"', seconds, seconds)],
     )
 
 
