@@ -25,6 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.bpf, pytest.mark.netns, pytest.mark.slow]
 
 
+def run_demo(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`flowmon demo ARGS` to its end, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "flowmon_agent.cli", "demo", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def start_demo(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "flowmon_agent.cli", "demo", *args],
@@ -94,7 +105,7 @@ def assert_nothing_left(lines: list[str] = ()) -> None:
 def no_demo_running(require_root):
     assert demo_processes() == [], "another demo is running"
     yield
-    subprocess.run([sys.executable, "-m", "flowmon_agent.cli", "demo", "--cleanup"], cwd=ROOT, check=False)
+    run_demo("--cleanup")
 
 
 def wait_for(url: str, expr: str, check, deadline: float) -> list[dict]:
@@ -171,35 +182,19 @@ def test_second_demo_refuses_and_cleanup_after_a_killed_demo(no_demo_running) ->
         assert len(minicluster.list_netns(scenario.PREFIX)) == 1 + 13
         assert state.STATE_FILE.exists()
         # A second demo refuses instead of tearing down the running one.
-        second = subprocess.run(
-            [sys.executable, "-m", "flowmon_agent.cli", "demo", "--no-ui"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
+        second = run_demo("--no-ui")
         assert second.returncode == 1 and "another demo is running" in second.stderr
         assert len(minicluster.list_netns(scenario.PREFIX)) == 1 + 13
         proc.kill()  # SIGKILL: no teardown runs
         proc.wait(timeout=10)
         assert minicluster.list_netns(scenario.PREFIX), "the netns outlive a killed demo"
-        done = subprocess.run(
-            [sys.executable, "-m", "flowmon_agent.cli", "demo", "--cleanup"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = run_demo("--cleanup", timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "network namespaces" in done.stdout
     finally:
         proc.kill()
     assert_nothing_left(lines)
-    again = subprocess.run(
-        [sys.executable, "-m", "flowmon_agent.cli", "demo", "--cleanup"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    again = run_demo("--cleanup")
     assert again.returncode == 0 and "nothing to clean up" in again.stdout
 
 
