@@ -17,8 +17,10 @@ import pytest
 
 from flowmon_agent import cli, topview
 from flowmon_agent.commands import agent as cmd
+from flowmon_agent.demo.trafficgen import receive
 from flowmon_agent.manifests import load_monitors
 from flowmon_agent.policy import compile_policy, token_sha256
+from flowmon_agent.prometheus_process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,12 +116,6 @@ def test_invalid_monitor_files_stop_the_agent_before_bpf(tmp_path: Path) -> None
 # --- the real agent on this host --------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def loopback_exchange(request: int, response: int, connections: int) -> int:
     """A server and a client on 127.0.0.1: `connections` exchanges of known sizes; returns the port."""
     srv = socket.socket()
@@ -131,9 +127,7 @@ def loopback_exchange(request: int, response: int, connections: int) -> int:
         for _ in range(connections):
             conn, _ = srv.accept()
             with conn:
-                got = 0
-                while got < request:
-                    got += len(conn.recv(65536))
+                receive(conn, request)
                 conn.sendall(b"r" * response)
         srv.close()
 
@@ -142,12 +136,7 @@ def loopback_exchange(request: int, response: int, connections: int) -> int:
     for _ in range(connections):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(b"q" * request)
-            got = 0
-            while got < response:
-                chunk = c.recv(65536)
-                if not chunk:
-                    break
-                got += len(chunk)
+            receive(c, response)
     thread.join(timeout=10)
     return port
 

@@ -17,7 +17,7 @@ from flowmon_agent.demo import prometheus as prom
 from flowmon_agent.demo import scenario, state, trafficgen
 from flowmon_agent.manifests import load_monitors
 from flowmon_agent.minicluster import plan_cluster
-from flowmon_agent.prometheus_process import config, promtool_check
+from flowmon_agent.prometheus_process import config, free_port, promtool_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,11 +125,7 @@ def test_release_kills_recorded_processes_but_never_a_reused_pid(tmp_path: Path)
 
 
 def test_trafficgen_exchanges_counts_refusals_and_stops_in_time() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = threading.Thread(target=trafficgen.serve, args=(port, 4.0), daemon=True)
     server.start()
     time.sleep(0.3)

@@ -16,7 +16,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import yaml
 from flowmon_agent.exporter import Exporter
 from flowmon_agent.policy import AgentPolicy, token_sha256
 from flowmon_agent.policy_store import PolicyStore
+from flowmon_agent.prometheus_process import free_port
 from flowmon_agent.server import AgentServer, ServerConfig
 from flowmon_operator import builders
 from flowmon_operator.handlers import FINALIZER, operator
@@ -43,12 +43,6 @@ FM = "flowmon.io/v1alpha1"
 NODES = {"node-a": "127.0.0.2", "node-b": "127.0.0.3"}
 TIMER = 1.0  # the operator's timer period in these tests
 WAIT = 20.0  # generous bound for anything that must happen within a few timer periods
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def decode(secret: dict, key: str) -> str:

@@ -12,6 +12,7 @@ import pytest_asyncio
 from flowmon_agent.exporter import Exporter
 from flowmon_agent.policy import canonical_json, compile_policy
 from flowmon_agent.policy_store import PolicyStore
+from flowmon_agent.prometheus_process import free_port
 from flowmon_agent.server import AgentServer, ServerConfig
 from flowmon_agent.spec import FlowMonitor
 from flowmon_operator.certs import generate_ca, issue_serving_cert
@@ -21,12 +22,6 @@ SERVICE_DNS = "flowmon-agent.flowmon-system.svc"
 ADMIN = "admin-token-for-push-tests"
 IPS = ("127.0.0.2", "127.0.0.3")
 POLICY = compile_policy([FlowMonitor.model_validate({"metadata": {"namespace": "shop", "name": "web"}})])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest_asyncio.fixture

@@ -51,15 +51,23 @@ def _answer(conn: socket.socket) -> None:
             line, _, rest = head.partition(b"\n")
             response, request = (min(int(v), MAX_RESPONSE) for v in line.split())
             # Drain the request first: closing with unread bytes would send a RST instead of a FIN.
-            pending = request - len(rest)
-            while pending > 0:
-                chunk = conn.recv(min(pending, 65536))
-                if not chunk:
-                    return
-                pending -= len(chunk)
+            pending = max(0, request - len(rest))
+            if receive(conn, pending) < pending:
+                return
             conn.sendall(b"r" * response)
         except (OSError, ValueError):
             pass
+
+
+def receive(sock: socket.socket, count: int) -> int:
+    """Read `count` bytes (never more) or until the peer closes; how many came."""
+    got = 0
+    while got < count:
+        chunk = sock.recv(min(count - got, 65536))
+        if not chunk:
+            break
+        got += len(chunk)
+    return got
 
 
 def call_once(target: tuple[str, int], request: int, response: int, timeout: float) -> str:
@@ -67,12 +75,7 @@ def call_once(target: tuple[str, int], request: int, response: int, timeout: flo
     try:
         with socket.create_connection(target, timeout=timeout) as sock:
             sock.sendall(f"{response} {request}\n".encode() + b"q" * request)
-            got = 0
-            while got < response:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                got += len(chunk)
+            got = receive(sock, response)
         return "ok" if got >= response else "short"
     except ConnectionRefusedError:
         return "refused"
