@@ -418,6 +418,39 @@ def test_two_agents_count_every_connection_once(resolver: Resolver) -> None:
         assert totals["flowmon_tcp_resets"][(*labels, "server_to_client")] == 1
 
 
+@pytest.mark.parametrize(
+    ("policy_nodes", "configured", "expected_sent"),
+    [
+        # The client's node n1 runs no (ready) agent: the server's agent reports the whole connection.
+        (["n2"], None, 100),
+        (["n2"], ["n1", "n2"], 100),  # the operator's list wins over the agent's own setting
+        # n1 has an agent: it reports the client's side, n2 only what the server sent.
+        (["n1", "n2"], None, 0),
+        (None, None, 0),  # no list anywhere: every known node is assumed to run an agent
+        (None, ["n2"], 100),  # standalone setting, used when the policy says nothing
+    ],
+)
+def test_agent_nodes_from_the_policy_decide_who_reports_a_connection(
+    resolver: Resolver, policy_nodes, configured, expected_sent
+) -> None:
+    mon = monitor(group_by=["client_pod", "server_pod"])
+    pol = AgentPolicy(monitors=[mon], agent_nodes=policy_nodes)
+    # Only the server's socket is on n2's kernel; n1's kernel (no agent) is not read at all.
+    flows = {key(WEB1, API2, reporter=S): counters(100, 10, opened=1, retransmits_s2c=2)}
+    view = Aggregator("n2", configured).build_view(snap(flows), pol, resolver, 0.0)
+    labels = ("web-5f6d-1", "api-5f6d-2")
+    assert sent(view).get(labels, 0) == expected_sent
+    assert family(view, "flowmon_tcp_retransmits").samples[(*labels, "server_to_client")] == 2
+
+
+def test_policy_agent_nodes_are_sorted_unique_and_change_the_hash() -> None:
+    mon = monitor()
+    assert AgentPolicy(monitors=[mon]).hash != AgentPolicy(monitors=[mon], agent_nodes=["n1"]).hash
+    assert AgentPolicy(monitors=[mon], agent_nodes=[]).hash != AgentPolicy(monitors=[mon]).hash
+    with pytest.raises(ValueError, match="sorted and unique"):
+        AgentPolicy(monitors=[mon], agent_nodes=["n2", "n1"])
+
+
 # --- Service NAT ----------------------------------------------------------------------------------
 
 

@@ -282,6 +282,9 @@ def test_create_builds_every_object_and_pushes_the_policy_to_every_agent(cluster
     for child in children.values():
         assert [ref["uid"] for ref in child["metadata"]["ownerReferences"]] == [uid]
     assert {cluster.agents.hash(ip) for ip in NODES.values()} == {policy.hash}
+    # Count-once: the pushed policy names the nodes whose agent is ready.
+    assert policy.agent_nodes == sorted(NODES)
+    assert {tuple(cluster.agents.policy(ip).agent_nodes) for ip in NODES.values()} == {tuple(sorted(NODES))}
 
     status = cluster.monitor("web")["status"]
     assert status["agents"] == {"desired": 2, "ready": 2, "inSync": 2, "summary": "2/2"}
@@ -323,6 +326,25 @@ def test_update_pushes_the_new_policy_to_running_agents(cluster: Cluster):
     daemonset = cluster.shared()["DaemonSet"]
     assert daemonset["metadata"]["uid"] == daemonset_uid
     assert before not in json.dumps(daemonset["spec"]) and after.hash not in json.dumps(daemonset["spec"])
+
+
+def test_an_agent_that_stops_being_ready_leaves_the_policys_agent_nodes(cluster: Cluster):
+    """Its node's clients are then reported by the servers' agents: the others must learn it."""
+    cluster.create_monitor("web")
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web") and cluster.policy().agent_nodes == sorted(NODES))
+    cluster.api.patch(
+        "v1",
+        "Pod",
+        "flowmon-agent-node-b",
+        {"status": {"conditions": [{"type": "Ready", "status": "False"}]}},
+        NS,
+        subresource="status",
+    )
+    cluster.wait(lambda: cluster.policy().agent_nodes == ["node-a"])
+    node_a = NODES["node-a"]
+    cluster.wait(lambda: cluster.agents.hash(node_a) == cluster.policy().hash)
+    assert cluster.agents.policy(node_a).agent_nodes == ["node-a"]
 
 
 def test_an_agent_that_missed_a_push_is_caught_up_by_the_timer(cluster: Cluster):

@@ -16,7 +16,7 @@ from flowmon_agent.prometheus_process import free_port
 from flowmon_agent.server import AgentServer, ServerConfig
 from flowmon_agent.spec import FlowMonitor
 from flowmon_operator.certs import generate_ca, issue_serving_cert
-from flowmon_operator.push import AgentPod, PushTarget, agent_pods, sync_agents
+from flowmon_operator.push import AgentPod, PushTarget, agent_nodes, agent_pods, sync_agents
 
 SERVICE_DNS = "flowmon-agent.flowmon-system.svc"
 ADMIN = "admin-token-for-push-tests"
@@ -148,3 +148,14 @@ def pod(name: str, ip: str | None, ready: str | None, deleting: bool = False) ->
 )
 def test_agent_pods(pods, expected):
     assert agent_pods(pods) == expected
+
+
+def test_agent_nodes_are_the_nodes_of_ready_agents():
+    pods = [
+        {**pod("c", "10.0.0.3", "True"), "spec": {"nodeName": "n2"}},
+        {**pod("a", "10.0.0.1", "True"), "spec": {"nodeName": "n1"}},
+        {**pod("b", "10.0.0.2", "False"), "spec": {"nodeName": "n3"}},  # not ready: its clients unreported
+        {**pod("d", "10.0.0.4", "True", deleting=True), "spec": {"nodeName": "n4"}},
+        pod("e", "10.0.0.5", "True"),  # not scheduled yet
+    ]
+    assert agent_nodes(agent_pods(pods)) == ["n1", "n2"]

@@ -495,10 +495,20 @@ class FlowUpdate:
         return self.info.flow
 
 
+def effective_agent_nodes(
+    policy: AgentPolicy, configured: Collection[str] | None, store: MetadataStore
+) -> set[str]:
+    """Nodes whose agent reports its clients' connections: the policy's list (the operator knows which
+    agents are ready), else the agent's own setting, else every known node (standalone mode)."""
+    if policy.agent_nodes is not None:
+        return set(policy.agent_nodes)
+    return set(configured) if configured is not None else set(store.node_names())
+
+
 class Aggregator:
     """Builds the agent's view each poll. `node`: the node this agent runs on, or the names of every node
     whose sockets live on its kernel (standalone mode: one host playing several nodes); `agent_nodes`:
-    nodes that run an agent (default: every known node)."""
+    nodes that run an agent when the policy does not say (default: every known node)."""
 
     def __init__(self, node: str | Iterable[str], agent_nodes: Iterable[str] | None = None) -> None:
         self.node: str | frozenset[str] = node if isinstance(node, str) else frozenset(node)
@@ -522,7 +532,7 @@ class Aggregator:
     ) -> list[FlowUpdate]:
         """Deltas since the last poll, resolved and shared out; advances the per-flow state."""
         store = resolver.store
-        agent_nodes = (self.agent_nodes if self.agent_nodes is not None else store.node_names()) | self._local
+        agent_nodes = effective_agent_nodes(policy, self.agent_nodes, store) | self._local
         traced = trace_set(policy, store)
         version = (store.current_generation(), policy.hash, frozenset(agent_nodes))
         if version != self._info_version:  # resolutions and verdicts may have changed

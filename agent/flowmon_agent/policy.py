@@ -26,6 +26,7 @@ from flowmon_agent.spec import (
 
 DEFAULT_OPERATOR_NAMESPACE = "flowmon-system"
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+NodeName = Annotated[str, Field(min_length=1, max_length=253)]
 
 
 class MonitorPolicy(StrictModel):
@@ -64,6 +65,11 @@ class AgentPolicy(StrictModel):
     schema_version: Literal[1] = 1
     operator_namespace: NamespaceName = DEFAULT_OPERATOR_NAMESPACE
     monitors: list[MonitorPolicy] = Field(default_factory=list)
+    agent_nodes: list[NodeName] | None = Field(
+        default=None,
+        description="Nodes whose agent is ready (count-once: a client there is reported by its agent); "
+        "None: every known node (standalone mode, older operators).",
+    )
 
     @model_validator(mode="after")
     def _unique_sorted(self) -> AgentPolicy:
@@ -72,6 +78,8 @@ class AgentPolicy(StrictModel):
             raise ValueError("a monitor appears twice")
         if keys != sorted(keys):
             raise ValueError("monitors must be sorted by namespace/name")
+        if self.agent_nodes is not None and self.agent_nodes != sorted(set(self.agent_nodes)):
+            raise ValueError("agentNodes must be sorted and unique")
         return self
 
     @property
@@ -121,12 +129,18 @@ def compile_policy(
     *,
     operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
     token_hashes: Mapping[str, Iterable[str]] | None = None,
+    agent_nodes: Iterable[str] | None = None,
 ) -> AgentPolicy:
-    """Pure: all FlowMonitors (already validated) → one agent policy. token_hashes is keyed by ns/name."""
+    """Pure: all FlowMonitors (already validated) → one agent policy. token_hashes is keyed by ns/name;
+    agent_nodes: the nodes whose agent is ready (None: let agents assume every node has one)."""
     hashes = token_hashes or {}
     compiled = [
         compile_monitor(m, operator_namespace=operator_namespace, token_hashes=hashes.get(m.key, ()))
         for m in monitors
     ]
     compiled.sort(key=lambda m: m.key)
-    return AgentPolicy(operator_namespace=operator_namespace, monitors=compiled)
+    return AgentPolicy(
+        operator_namespace=operator_namespace,
+        monitors=compiled,
+        agent_nodes=None if agent_nodes is None else sorted(set(agent_nodes)),
+    )

@@ -21,6 +21,7 @@ class AgentPod:
     name: str
     ip: str | None
     ready: bool
+    node: str | None = None  # spec.nodeName
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,15 @@ def agent_pods(pods: Iterable[Mapping]) -> list[AgentPod]:
         if meta.get("deletionTimestamp"):
             continue
         ip = pod.get("status", {}).get("podIP")
-        agents.append(AgentPod(meta["name"], ip, ready=bool(ip) and _pod_ready(pod)))
+        node = pod.get("spec", {}).get("nodeName")
+        agents.append(AgentPod(meta["name"], ip, ready=bool(ip) and _pod_ready(pod), node=node))
     return sorted(agents, key=lambda a: a.name)
+
+
+def agent_nodes(agents: Iterable[AgentPod]) -> list[str]:
+    """Pure: the nodes whose agent is ready, for the policy (count-once: a client's connections are
+    reported by its node's agent only when there is one)."""
+    return sorted({a.node for a in agents if a.ready and a.node})
 
 
 def client_context(ca_pem: str) -> ssl.SSLContext:

@@ -23,7 +23,7 @@ from flowmon_agent.spec import FlowMonitor
 from flowmon_operator import builders, certs, rules
 from flowmon_operator.certs import KeyPair
 from flowmon_operator.kube import Conflict, KubeClient, NotFound
-from flowmon_operator.push import AgentReport, PushTarget, agent_pods, sync_agents
+from flowmon_operator.push import AgentPod, AgentReport, PushTarget, agent_nodes, agent_pods, sync_agents
 from flowmon_operator.settings import OperatorSettings
 from flowmon_operator.status import (
     Agents,
@@ -203,14 +203,21 @@ class Fleet:
 
     reports: tuple[AgentReport, ...]
     desired: int
+    pods: tuple[AgentPod, ...] = ()
 
 
-async def push_to_agents(rt: Runtime, policy: AgentPolicy, pki: Pki, *, force: bool) -> Fleet:
+async def list_agents(rt: Runtime) -> Fleet:
+    """The DaemonSet's pods as agents (not yet pushed to), and how many the DaemonSet wants."""
     s = rt.settings
     selector = ",".join(f"{k}={v}" for k, v in sorted(s.agent_labels.items()))
     pods = await rt.kube.list("Pod", s.operator_namespace, selector)
     daemonset = await rt.kube.get("DaemonSet", s.daemonset_name, s.operator_namespace)
     desired = int(((daemonset or {}).get("status") or {}).get("desiredNumberScheduled") or 0)
+    return Fleet((), desired, tuple(agent_pods(pods)))
+
+
+async def push_to_agents(rt: Runtime, policy: AgentPolicy, pki: Pki, agents: Fleet, *, force: bool) -> Fleet:
+    s = rt.settings
     target = PushTarget(
         port=s.agent_port,
         server_name=s.agent_service_dns,
@@ -218,11 +225,11 @@ async def push_to_agents(rt: Runtime, policy: AgentPolicy, pki: Pki, *, force: b
         token=pki.admin_token,
         timeout=s.push_timeout_seconds,
     )
-    reports = await sync_agents(agent_pods(pods), target, canonical_json(policy), policy.hash, force=force)
+    reports = await sync_agents(agents.pods, target, canonical_json(policy), policy.hash, force=force)
     for report in reports:
         if report.error:
             log.warning("agent %s missed the policy %s: %s", report.pod, policy.hash[:12], report.error)
-    return Fleet(tuple(reports), desired)
+    return Fleet(tuple(reports), agents.desired, agents.pods)
 
 
 # --- the round ---------------------------------------------------------------------------------------------
@@ -249,7 +256,9 @@ def remember(policies: dict[str, AgentPolicy], policy: AgentPolicy | None, keep:
 def merge_policy(fresh: AgentPolicy, carried: list[MonitorPolicy]) -> AgentPolicy:
     """Pure: the freshly compiled monitors plus the last good policy of monitors now invalid."""
     monitors = sorted([*fresh.monitors, *carried], key=lambda m: m.key)
-    return AgentPolicy(operator_namespace=fresh.operator_namespace, monitors=monitors)
+    return AgentPolicy(
+        operator_namespace=fresh.operator_namespace, monitors=monitors, agent_nodes=fresh.agent_nodes
+    )
 
 
 async def sync(rt: Runtime, *, trigger: Mapping | None = None, deleting: str | None = None) -> Outcome:
@@ -284,10 +293,12 @@ async def sync(rt: Runtime, *, trigger: Mapping | None = None, deleting: str | N
                 rt.notes[key] = await apply_children(rt, monitor, pki)
             elif key not in rt.tokens:
                 await ensure_scrape_secret(rt, monitor, pki)
+        agents = await list_agents(rt)
         fresh = compile_policy(
             valid.values(),
             operator_namespace=s.operator_namespace,
             token_hashes={key: [token_sha256(rt.tokens[key])] for key in valid},
+            agent_nodes=agent_nodes(agents.pods),
         )
         policy = merge_policy(fresh, carried)
         for obj in builders.build_shared_objects(s, policy):
@@ -297,7 +308,7 @@ async def sync(rt: Runtime, *, trigger: Mapping | None = None, deleting: str | N
             log.info("policy %s: %d monitors", policy.hash[:12], len(policy.monitors))
         for known in (running, policy):
             remember(rt.policies, known)
-        fleet = await push_to_agents(rt, policy, pki, force=changed)
+        fleet = await push_to_agents(rt, policy, pki, agents, force=changed)
         await _write_statuses(rt, live, valid, problems, policy, fleet, trigger_key)
         agents = count_agents(fleet.reports, fleet.desired, lambda reported: reported == policy.hash)
         return Outcome(policy, agents, problems)
