@@ -1,16 +1,17 @@
-"""Authorization decisions (pure): static tokens from the policy and admin file, TokenReview verdicts.
-
-The TokenReview HTTP call itself (KubeTokenReviewer) is not exercised here: the Kubernetes API emulator in
-tests/kubeapi does not serve authentication.k8s.io yet; only the decision logic and the answer parser are.
-"""
+"""Authorization decisions (pure): static tokens from the policy and admin file, TokenReview verdicts;
+and KubeTokenReviewer's HTTP call against the Kubernetes API emulator's tokenreviews (tests/kubeapi)."""
 
 from __future__ import annotations
+
+import asyncio
+from pathlib import Path
 
 import pytest
 
 from flowmon_agent.auth import (
     AGENT,
     Decision,
+    KubeTokenReviewer,
     ReviewedUser,
     Target,
     bearer_token,
@@ -67,6 +68,19 @@ def test_decide_reviewed(user, target, expected):
     assert decide_reviewed(user, target, admin_users=admins) is expected
 
 
+PROMETHEUS = ReviewedUser("system:serviceaccount:monitoring:prometheus")
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [(SHOP, Decision.ALLOW), (OPS, Decision.ALLOW), (AGENT, Decision.FORBIDDEN)],  # reads, never admin
+)
+def test_readers_read_every_monitor_and_nothing_else(target, expected):
+    readers = [PROMETHEUS.username]
+    assert decide_reviewed(PROMETHEUS, target, admin_users=(), readers=readers) is expected
+    assert decide_reviewed(PROMETHEUS, SHOP, admin_users=(), readers=()) is Decision.FORBIDDEN
+
+
 @pytest.mark.parametrize(
     ("header", "token"),
     [
@@ -111,3 +125,55 @@ def test_monitor_digests_come_from_the_policy_hashes():
     policy = compile_policy([monitor], token_hashes={"shop/web": [token_sha256("t1")]})
     assert monitor_digests(policy) == {"shop/web": [digest("t1")]}
     assert monitor_digests(None) == {}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_kube_token_reviewer_asks_the_api_server(kube_api, tmp_path: Path):
+    """The real HTTP call: the agent's own ServiceAccount token authenticates the TokenReview; answers
+    are cached per token for the TTL; a registered ServiceAccount token comes back as its user."""
+    agent_token = tmp_path / "token"
+    agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent") + "\n")
+    prometheus = kube_api.service_account_token("monitoring", "prometheus")
+    clock = Clock()
+    reviewer = KubeTokenReviewer(kube_api.url, sa_token_file=agent_token, ca_file=None, ttl=60, clock=clock)
+
+    async def reviews() -> list:
+        return [await reviewer.review(t) for t in (prometheus, "forged-token", prometheus)]
+
+    user, stranger, again = asyncio.run(reviews())
+    assert user == ReviewedUser("system:serviceaccount:monitoring:prometheus") == again
+    assert stranger is None
+    posts = [p for m, p in kube_api.requests if m == "POST" and p.endswith("/tokenreviews")]
+    assert len(posts) == 2  # the repeated token came from the cache
+    kube_api.tokens.revoke(prometheus)
+    assert asyncio.run(reviewer.review(prometheus)) is not None  # still cached
+    clock.now = 61
+    assert asyncio.run(reviewer.review(prometheus)) is None  # the TTL is over: asked again
+
+
+def test_kube_token_reviewer_audiences_and_an_unauthorized_agent(kube_api, tmp_path: Path):
+    agent_token = tmp_path / "token"
+    agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent"))
+    scoped = kube_api.service_account_token("shop", "prometheus", audiences=["flowmon"])
+    plain = kube_api.service_account_token("shop", "other")
+
+    def review(audiences: list[str], token: str, token_file: Path = agent_token):
+        reviewer = KubeTokenReviewer(
+            kube_api.url, sa_token_file=token_file, ca_file=None, audiences=audiences
+        )
+        return asyncio.run(reviewer.review(token))
+
+    assert review(["flowmon"], scoped) == ReviewedUser("system:serviceaccount:shop:prometheus")
+    assert review(["flowmon"], plain) is None  # a token for the API server is not one for flowmon
+    assert review([], plain) == ReviewedUser("system:serviceaccount:shop:other")
+    # The agent's own credentials refused: no verdict, and nothing is cached either.
+    stranger = tmp_path / "stranger"
+    stranger.write_text("not-a-token")
+    assert review([], plain, stranger) is None

@@ -10,6 +10,7 @@ import pytest
 
 from flowmon_agent import aggregate
 from flowmon_agent.policy import AgentPolicy, policy_hash, token_sha256
+from flowmon_agent.runner import AgentSettings
 from flowmon_agent.series import METRICS
 from flowmon_agent.spec import Dimension, FlowMonitor
 from flowmon_operator import builders, certs
@@ -483,3 +484,38 @@ def test_predicted_series_bounds_what_an_agent_exports(spec):
         assert predicted_series(mon, cardinality=dict.fromkeys(mon.spec.aggregation.group_by, 1)) == len(
             samples
         )
+
+
+@pytest.mark.parametrize(
+    ("readers", "env"),
+    [
+        ([], {}),
+        (
+            ["monitoring/prometheus-k8s", "shop/prom"],
+            {
+                "FLOWMON_AGENT_TOKEN_REVIEW": "true",
+                "FLOWMON_AGENT_TOKEN_REVIEW_READERS": json.dumps(
+                    ["system:serviceaccount:monitoring:prometheus-k8s", "system:serviceaccount:shop:prom"]
+                ),
+            },
+        ),
+    ],
+)
+def test_token_review_readers_turn_token_review_on_in_the_agents(readers, env, monkeypatch):
+    daemonset = builders.build_agent_daemonset(OperatorSettings(token_review_readers=readers), "h")
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    got = {e["name"]: e["value"] for e in container["env"] if "TOKEN_REVIEW" in e["name"]}
+    assert got == env
+    for name, value in got.items():  # the agent reads them back as its settings
+        monkeypatch.setenv(name, value)
+    agent = AgentSettings()
+    assert (agent.token_review, agent.token_review_readers) == (
+        bool(readers),
+        json.loads(env.get("FLOWMON_AGENT_TOKEN_REVIEW_READERS", "[]")),
+    )
+
+
+@pytest.mark.parametrize("bad", ["prometheus", "Mon/p", "a/b/c", "/p"])
+def test_token_review_readers_are_namespace_slash_name(bad):
+    with pytest.raises(ValueError):
+        OperatorSettings(token_review_readers=[bad])

@@ -26,12 +26,30 @@ MANIFESTS = REPO / "manifests"
 SETTINGS = OperatorSettings()
 NAMESPACED_KINDS = {"ServiceAccount", "Role", "RoleBinding", "Deployment", "FlowMonitor"}
 CLUSTER_KINDS = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
-KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "resources", "images"}
+KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "resources", "images", "patches"}
+
+
+def json_patch(obj: dict, ops: list[dict]) -> None:
+    """The JSON 6902 operations the overlays use: add (`-` appends) and replace."""
+    for op in ops:
+        assert op["op"] in ("add", "replace"), op
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        node = obj
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            if last == "-":
+                node.append(op["value"])
+            else:
+                node[int(last)] = op["value"]
+        else:
+            node[last] = op["value"]
 
 
 def kustomize_build(directory: Path) -> list[dict]:
-    """The subset of `kustomize build` this base uses: resources (files and bases), namespace, images.
-    Unknown keys fail the test: a new transformer needs support here first."""
+    """The subset of `kustomize build` these kustomizations use: resources (files and bases), namespace,
+    images, inline JSON 6902 patches with a kind/name target. Unknown keys fail the test: a new
+    transformer needs support here first."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     assert set(kustomization) <= KUSTOMIZE_KEYS, set(kustomization) - KUSTOMIZE_KEYS
     objects: list[dict] = []
@@ -51,14 +69,23 @@ def kustomize_build(directory: Path) -> list[dict]:
                 name = container["image"].rsplit(":", 1)[0]
                 if name == image["name"]:
                     container["image"] = f"{image.get('newName', name)}:{image['newTag']}"
+    for patch in kustomization.get("patches", []):
+        target = patch["target"]
+        matched = [
+            o for o in objects if (o["kind"], o["metadata"]["name"]) == (target["kind"], target["name"])
+        ]
+        assert matched, target
+        for obj in matched:
+            json_patch(obj, yaml.safe_load(patch["patch"]))
     return objects
 
 
 OBJECTS = kustomize_build(MANIFESTS)
+TOKEN_REVIEW = MANIFESTS / "token-review"  # the overlay that lets agents use TokenReview
 
 
-def find(kind: str, name: str) -> dict:
-    (obj,) = [o for o in OBJECTS if o["kind"] == kind and o["metadata"]["name"] == name]
+def find(kind: str, name: str, objects: list[dict] = OBJECTS) -> dict:
+    (obj,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
     return obj
 
 
@@ -104,9 +131,11 @@ def test_files_apply_without_kustomize_too():
 
 
 # --- RBAC: an evaluator, then what each identity needs --------------------------------------------------
-def allowed(account: str, group: str, resource: str, verb: str, namespace: str | None) -> bool:
+def allowed(
+    account: str, group: str, resource: str, verb: str, namespace: str | None, objects: list[dict] = OBJECTS
+) -> bool:
     """Whether the ServiceAccount may do `verb` on `resource` in `namespace` (None: cluster-wide)."""
-    for binding in OBJECTS:
+    for binding in objects:
         if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
             continue
         if not any(s["kind"] == "ServiceAccount" and s["name"] == account for s in binding["subjects"]):
@@ -114,20 +143,20 @@ def allowed(account: str, group: str, resource: str, verb: str, namespace: str |
         if binding["kind"] == "RoleBinding" and binding["metadata"]["namespace"] != namespace:
             continue
         ref = binding["roleRef"]
-        role = find(ref["kind"], ref["name"])
+        role = find(ref["kind"], ref["name"], objects)
         for rule in role["rules"]:
             if group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]:
                 return True
     return False
 
 
-def granted(account: str) -> set[tuple[str, str, str]]:
+def granted(account: str, objects: list[dict] = OBJECTS) -> set[tuple[str, str, str]]:
     out = set()
-    for binding in OBJECTS:
+    for binding in objects:
         if binding["kind"] in ("ClusterRoleBinding", "RoleBinding") and any(
             s["name"] == account for s in binding["subjects"]
         ):
-            role = find(binding["roleRef"]["kind"], binding["roleRef"]["name"])
+            role = find(binding["roleRef"]["kind"], binding["roleRef"]["name"], objects)
             for rule in role["rules"]:
                 out |= {
                     (g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
@@ -191,17 +220,58 @@ def test_operator_may_do_nothing_else():
     assert not allowed("flowmon-operator", "", "pods", "list", "shop")
 
 
-def test_agent_may_read_the_metadata_it_watches_and_nothing_more():
+def agent_needs(settings: OperatorSettings) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) the agents use: the metadata watcher's lists and watches, plus TokenReview
+    when the DaemonSet the operator renders with these settings turns it on."""
     needs = set()
     for resource in RESOURCES:
         match = re.fullmatch(r"/api/v1/(\w+)|/apis/([\w.]+)/v1/(\w+)", resource.path)
         assert match, resource.path
         group, plural = ("", match[1]) if match[1] else (match[2], match[3])
         needs |= {(group, plural, verb) for verb in ("list", "watch")}
+    monitors = [FlowMonitor.model_validate({"metadata": {"name": "web", "namespace": "shop", "uid": "u"}})]
+    (daemonset,) = [
+        o for o in render_all(monitors, settings, token_for=lambda _m: "t") if o["kind"] == "DaemonSet"
+    ]
+    env = {e["name"]: e.get("value") for e in daemonset["spec"]["template"]["spec"]["containers"][0]["env"]}
+    if env.get("FLOWMON_AGENT_TOKEN_REVIEW") == "true":
+        needs.add(("authentication.k8s.io", "tokenreviews", "create"))
+    return needs
+
+
+def test_agent_may_read_the_metadata_it_watches_and_nothing_more():
+    needs = agent_needs(SETTINGS)
     assert all(allowed("flowmon-agent", g, r, v, None) for g, r, v in needs)
-    # get is granted with list/watch (harmless, read-only); no writes, no secrets
+    # get is granted with list/watch (harmless, read-only); no writes, no secrets, no TokenReview
     assert {(g, r) for g, r, _ in granted("flowmon-agent")} == {(g, r) for g, r, _ in needs}
     assert {v for _, _, v in granted("flowmon-agent")} == {"get", "list", "watch"}
+
+
+def operator_settings_of(objects: list[dict], monkeypatch: pytest.MonkeyPatch) -> OperatorSettings:
+    """The settings the operator Deployment's env gives (plain values; fieldRefs keep their defaults)."""
+    (container,) = find("Deployment", "flowmon-operator", objects)["spec"]["template"]["spec"]["containers"]
+    for item in container["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+    return OperatorSettings()
+
+
+def test_token_review_overlay_grants_the_agents_tokenreviews_and_turns_it_on(monkeypatch):
+    overlay = kustomize_build(TOKEN_REVIEW)
+    for obj in overlay:
+        schemas.validate_k8s(obj)
+    settings = operator_settings_of(overlay, monkeypatch)
+    assert settings.token_review_readers == ["monitoring/prometheus-k8s"]
+    needs = agent_needs(settings)
+    assert ("authentication.k8s.io", "tokenreviews", "create") in needs
+    assert all(allowed("flowmon-agent", g, r, v, None, overlay) for g, r, v in needs)
+    extra = granted("flowmon-agent", overlay) - granted("flowmon-agent")
+    assert extra == {("authentication.k8s.io", "tokenreviews", "create")}
+    assert granted("flowmon-operator", overlay) == granted("flowmon-operator")
+    # The base turns nothing on: its agents never call TokenReview, so they may not.
+    (base,) = find("Deployment", "flowmon-operator")["spec"]["template"]["spec"]["containers"]
+    assert "FLOWMON_TOKEN_REVIEW_READERS" not in {e["name"] for e in base["env"]}
+    assert ("authentication.k8s.io", "tokenreviews", "create") not in agent_needs(SETTINGS)
 
 
 def test_service_accounts_match_the_operator_settings():

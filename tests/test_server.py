@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from flowmon_agent.auth import KubeTokenReviewer
 from flowmon_agent.exporter import AgentStatus, Exporter
 from flowmon_agent.policy import compile_policy, token_sha256
 from flowmon_agent.policy_store import PolicyFile, PolicyStore, dump_policy_json
@@ -175,6 +176,42 @@ async def test_auth(agent, path, token, status):
     assert got == status, body
     if status == 401:
         assert headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.asyncio
+async def test_token_review_admits_service_account_tokens(kube_api, tmp_path):
+    """Tokens matching no digest are reviewed by the (emulated) API server: the configured reader reads
+    every monitor, a ServiceAccount of a monitor's namespace reads that namespace's, unknown ones get 401."""
+    agent_token = tmp_path / "sa-token"
+    agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent"))
+    reviewer = KubeTokenReviewer(kube_api.url, sa_token_file=agent_token, ca_file=None)
+    prometheus = kube_api.service_account_token("monitoring", "prometheus")
+    team = kube_api.service_account_token("shop", "scraper")
+    rig = ServerRig(
+        tmp_path,
+        token_reviewer=reviewer,
+        token_review_readers=("system:serviceaccount:monitoring:prometheus",),
+    )
+    await rig.server.start()
+    rig.session = aiohttp.ClientSession(auto_decompress=False)
+    try:
+        cases = [
+            ("/metrics/shop/web", prometheus, 200),
+            ("/metrics/ops/all", prometheus, 200),
+            ("/metrics", prometheus, 403),  # a reader, not an admin
+            ("/v1/policy", prometheus, 403),
+            ("/metrics/shop/web", team, 200),
+            ("/metrics/ops/all", team, 403),
+            ("/metrics/shop/web", "forged-token", 401),
+            ("/metrics/shop/web", SHOP, 200),  # static tokens still work, without a review
+        ]
+        for path, token, expected in cases:
+            assert (await rig.request("GET", path, token))[0] == expected, (path, token)
+        reviews = [p for m, p in kube_api.requests if m == "POST" and p.endswith("/tokenreviews")]
+        assert len(reviews) == 3  # one per distinct unknown token: answers are cached
+    finally:
+        await rig.session.close()
+        await rig.server.stop()
 
 
 @pytest.mark.asyncio

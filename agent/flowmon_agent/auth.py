@@ -96,12 +96,17 @@ class ReviewedUser:
     username: str
 
 
-def decide_reviewed(user: ReviewedUser | None, target: Target, *, admin_users: Iterable[str]) -> Decision:
-    """Pure: a TokenReview result → decision. Admin users read everything and push policy; a
-    ServiceAccount reads the monitors of its own namespace (the tenancy boundary), nothing else."""
+def decide_reviewed(
+    user: ReviewedUser | None, target: Target, *, admin_users: Iterable[str], readers: Iterable[str] = ()
+) -> Decision:
+    """Pure: a TokenReview result → decision. Admin users read everything and push policy; readers (a
+    cluster Prometheus) read every monitor's path; a ServiceAccount reads the monitors of its own
+    namespace (the tenancy boundary), nothing else."""
     if user is None:
         return Decision.UNAUTHENTICATED
     if user.username in set(admin_users):
+        return Decision.ALLOW
+    if target.monitor is not None and user.username in set(readers):
         return Decision.ALLOW
     if target.monitor is not None and user.username.startswith(SA_PREFIX):
         sa_namespace = user.username[len(SA_PREFIX) :].split(":", 1)[0]

@@ -73,6 +73,9 @@ class AgentSettings(BaseSettings):
     )
     token_review: bool = False
     token_review_admin_users: list[str] = Field(default_factory=list)
+    token_review_readers: list[str] = Field(
+        default_factory=list, description="Reviewed usernames that read every monitor (a cluster Prometheus)."
+    )
     token_review_audiences: list[str] = Field(default_factory=list)
     poll_interval_seconds: float = Field(default=0.5, gt=0, le=60)
     ignored_ports: list[int] = Field(default_factory=list, description="Server ports never traced.")
@@ -102,6 +105,7 @@ class AgentSettings(BaseSettings):
             insecure=self.insecure,
             token_reviewer=token_reviewer,
             token_review_admin_users=tuple(self.token_review_admin_users),
+            token_review_readers=tuple(self.token_review_readers),
         )
 
 

@@ -52,6 +52,7 @@ class ServerConfig:
     insecure: bool = False  # plain HTTP without auth on a non-loopback address (logs a warning)
     token_reviewer: TokenReviewer | None = None
     token_review_admin_users: tuple[str, ...] = ()
+    token_review_readers: tuple[str, ...] = ()  # usernames that read every monitor's path
     reload_interval: float = 1.0  # how often cert, key and token files are checked for changes
 
 
@@ -219,7 +220,12 @@ class AgentServer:
         )
         if decision is None and token is not None and self.config.token_reviewer is not None:
             user = await self.config.token_reviewer.review(token)
-            decision = decide_reviewed(user, target, admin_users=self.config.token_review_admin_users)
+            decision = decide_reviewed(
+                user,
+                target,
+                admin_users=self.config.token_review_admin_users,
+                readers=self.config.token_review_readers,
+            )
         decision = decision or Decision.UNAUTHENTICATED
         if decision is Decision.ALLOW:
             return None

@@ -13,6 +13,7 @@ label and, per monitor, the monitor's namespace/name labels, so the handlers can
 from __future__ import annotations
 
 import base64
+import json
 import math
 from collections.abc import Mapping
 
@@ -141,6 +142,15 @@ def _from_field(name: str, path: str) -> dict:
 
 
 def _agent_env(settings: OperatorSettings) -> list[dict]:
+    token_review = []
+    if settings.token_review_readers:  # the agents' RBAC must then allow tokenreviews: create
+        token_review = [
+            {"name": "FLOWMON_AGENT_TOKEN_REVIEW", "value": "true"},
+            {
+                "name": "FLOWMON_AGENT_TOKEN_REVIEW_READERS",
+                "value": json.dumps(settings.token_review_usernames),
+            },
+        ]
     return [
         _from_field("NODE_NAME", "spec.nodeName"),
         _from_field("POD_IP", "status.podIP"),
@@ -152,6 +162,7 @@ def _agent_env(settings: OperatorSettings) -> list[dict]:
         {"name": "FLOWMON_AGENT_TLS_CERT_FILE", "value": f"{TLS_DIR}/tls.crt"},
         {"name": "FLOWMON_AGENT_TLS_KEY_FILE", "value": f"{TLS_DIR}/tls.key"},
         {"name": "FLOWMON_AGENT_ADMIN_TOKEN_FILE", "value": f"{ADMIN_DIR}/{ADMIN_TOKEN_KEY}"},
+        *token_review,
     ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -56,6 +58,12 @@ class OperatorSettings(BaseSettings):
     max_unavailable: str = "10%"  # DaemonSets round percentages up: at least one node at a time
     timer_interval_seconds: float = Field(default=30.0, gt=0)
     push_timeout_seconds: float = Field(default=5.0, gt=0)
+    # TokenReview: ServiceAccounts ("namespace/name", e.g. a cluster Prometheus) that read every monitor with
+    # their own token. Non-empty turns TokenReview on in the agents, which then need `tokenreviews: create`
+    # (manifests/token-review). Empty (default): only the per-monitor scrape tokens.
+    token_review_readers: list[
+        Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")]
+    ] = Field(default_factory=list)
     ca_validity_days: int = Field(default=3650, ge=1)
     cert_validity_days: int = Field(default=365, ge=1)
 
@@ -63,6 +71,11 @@ class OperatorSettings(BaseSettings):
     def agent_labels(self) -> dict[str, str]:
         """The agent pods' labels: the DaemonSet's selector, the Service's and the ServiceMonitors'."""
         return {"app.kubernetes.io/name": "flowmon-agent", "app.kubernetes.io/component": "agent"}
+
+    @property
+    def token_review_usernames(self) -> list[str]:
+        """The Kubernetes usernames TokenReview reports for token_review_readers."""
+        return [f"system:serviceaccount:{ref.replace('/', ':', 1)}" for ref in self.token_review_readers]
 
     @property
     def agent_service_dns(self) -> str:

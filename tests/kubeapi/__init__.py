@@ -38,6 +38,10 @@ has both) talks the Kubernetes API:
   resource and objects.
 - `kube_api.stop()` / `kube_api.start()`: the API goes away (open watches are cut, connections refused)
   and comes back on the same port with the same data.
+- authentication.k8s.io/v1 `tokenreviews` (create only, in discovery): tokens registered with
+  `kube_api.service_account_token(namespace, name)` (or `kube_api.tokens.register(token, username)`) are
+  reviewed as authenticated `system:serviceaccount:<ns>:<name>` when the requested audiences match;
+  anything else as not authenticated. Registered tokens also authenticate requests to the emulator.
 - For assertions: `kube_api.find(...)` (None when absent), `kube_api.list(...)`, `kube_api.requests`
   (every (method, path?query) served), `kube_api.store.rv` (the current resourceVersion: unchanged means
   nothing was written), `kube_api.wait_for(predicate, timeout)`.

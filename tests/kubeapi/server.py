@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from .authn import DISCOVERY as TOKENREVIEW_DISCOVERY
+from .authn import TOKENREVIEW_PATH, Tokens
 from .resources import CRD_TYPE, ResourceType, crd_body
 from .store import CLOSE_DROP, CLOSE_EXPIRED, ApiError, Store, Watcher
 
@@ -75,6 +77,7 @@ class KubeAPI:
         self.host = host
         self.port = 0
         self.requests: list[tuple[str, str]] = []  # (method, path_qs): what clients asked, for assertions
+        self.tokens = Tokens()  # TokenReview: tokens tests registered (see authn)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -155,6 +158,10 @@ class KubeAPI:
         return path
 
     # ---- direct access for tests -----------------------------------------------------------------------
+    def service_account_token(self, namespace: str, name: str, **kwargs: Any) -> str:
+        """A new token that TokenReview (and this server) authenticates as that ServiceAccount."""
+        return self.tokens.service_account(namespace, name, **kwargs)
+
     def rtype(self, api_version: str, kind: str) -> ResourceType:
         return self.store.type_for(api_version, kind)
 
@@ -224,7 +231,7 @@ class KubeAPI:
     # ---- HTTP --------------------------------------------------------------------------------------------
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path_qs))
-        if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
+        if self.token and not self._authenticated(request.headers.get("Authorization", "")):
             return _error(ApiError(401, "Unauthorized", "Unauthorized"))
         try:
             return await self._dispatch(request)
@@ -233,8 +240,16 @@ class KubeAPI:
         except (ValueError, json.JSONDecodeError) as exc:
             return _error(ApiError(400, "BadRequest", str(exc)))
 
+    def _authenticated(self, header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        return scheme == "Bearer" and (token == self.token or self.tokens.known(token))
+
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
+        if parts == TOKENREVIEW_PATH:  # create-only and never stored, like the real API
+            if request.method != "POST":
+                raise ApiError(405, "MethodNotAllowed", "tokenreviews support only create")
+            return _json(self.tokens.review(await request.json()), 201)
         if request.method == "GET":
             if parts in (["version"], ["healthz"], ["livez"], ["readyz"]):
                 return _json(SERVER_VERSION) if parts == ["version"] else web.Response(text="ok")
@@ -257,7 +272,7 @@ class KubeAPI:
         return await self._serve(request, route)
 
     def _group(self, name: str) -> dict:
-        versions = self.store.group_versions().get(name)
+        versions = self._group_versions().get(name)
         if not versions or name == "":
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({name})")
         entries = [{"groupVersion": f"{name}/{v}", "version": v} for v in versions]
@@ -270,12 +285,22 @@ class KubeAPI:
         }
 
     def _group_list(self) -> dict:
-        groups = [self._group(g) for g in self.store.group_versions() if g]
+        groups = [self._group(g) for g in self._group_versions() if g]
         for group in groups:
             del group["kind"], group["apiVersion"]
         return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
 
+    def _group_versions(self) -> dict[str, list[str]]:
+        return {**self.store.group_versions(), TOKENREVIEW_PATH[1]: [TOKENREVIEW_PATH[2]]}
+
     def _resource_list(self, group: str, version: str) -> dict:
+        if [group, version] == TOKENREVIEW_PATH[1:3]:
+            return {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": "/".join(TOKENREVIEW_PATH[1:3]),
+                "resources": [TOKENREVIEW_DISCOVERY],
+            }
         rtypes = self.store.resources_in(group, version)
         if not rtypes:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
