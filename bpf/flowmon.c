@@ -5,6 +5,9 @@
 // socket lives; when it closes it is folded into `flows`, keyed by the flow without the ephemeral port.
 // Nothing is sent to user space per event: user space reads the maps once a second.
 //
+// Counters go straight into the flow entry as they happen (bytes, opens, closes, retransmits, resets,
+// samples), so user space reads only `flows`: its work grows with distinct flows, not with connections.
+//
 // Integer cflags (set by agent/flowmon_agent/kernel_paths.py, never user strings):
 //   FLOWMON_COMPAT   1: bytes from tcp:tcp_probe (kernels without sock:sock_{send,recv}_length)
 //   FLOWMON_RAW      1: sock_{send,recv}_length as raw tracepoints (cheaper, args are plain values)
@@ -67,6 +70,7 @@ struct flow_key {
 };
 
 // Cumulative since the entry was created (created_ns tells user space when an LRU entry was replaced).
+// opened - closed = connections open now.
 struct flow_val {
     u64 created_ns;
     u64 c2s_bytes;
@@ -90,26 +94,26 @@ BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, FLOW_MAX);
 // Template for new flow entries (too large for the 512-byte BPF stack).
 BPF_PERCPU_ARRAY(flow_zero, struct flow_val, 1);
 
-// Per-socket state while the socket lives. tx/rx are this socket's own send/receive directions.
+// Per-socket state while the socket lives: only what routes its events to its flow (no counters but a
+// connecting client's SYN retransmits, whose NAT per-connection key is not final yet).
 struct sock_state {
     struct flow_key key;
     u64 start_ns;      // client: when SYN_SENT was entered (connect latency)
-    u64 tx_bytes;
-    u64 rx_bytes;
     u64 last_rtt_ns;   // when the last periodic srtt sample was taken
-    u32 retrans;       // segments this socket retransmitted
-    u32 resets_sent;   // RSTs this socket sent
-    u32 latency_us;    // connect latency (client)
+    u32 retrans;       // SYN retransmits while connecting (moved to the flow at ESTABLISHED or close)
     u32 srtt_us;       // latest smoothed RTT from tcp_probe
     u32 seq_hw;        // compat: highest snd_nxt seen
     u8 established;
     u8 rst_received;   // an RST arrived while connecting: refused
     u8 seq_init;       // compat: seq_hw is valid
-    u8 has_latency;
     u8 has_srtt;
     u8 per_conn;       // the server is a NAT peer: key.client_port is filled in
+    u8 peer_local;     // compat: the peer socket is traced here; its snd_nxt advance is our rx
     u16 client_port;   // the connection's client port (NAT-stable RST matching)
-    u8 pad2[4];
+    u8 pad2[6];
+#if FLOWMON_COMPAT
+    struct flow_key peer_key;  // compat, peer_local: the peer's flow, credited with what we send
+#endif
 };
 // Plain hash, not LRU: evicting a live socket would silently lose its counters; a full map is counted.
 BPF_HASH(socks, u64, struct sock_state, SOCK_MAX);
@@ -306,37 +310,87 @@ static __always_inline void hist_add(u64 *slots, u64 *sum, u64 value) {
     __sync_fetch_and_add(sum, value);
 }
 
-static __always_inline void insert_sock(u64 sk, struct sock_state *st) {
-    if (socks.update(&sk, st) != 0)
+static __always_inline int insert_sock(u64 sk, struct sock_state *st) {
+    if (socks.update(&sk, st) != 0) {
         stat_inc(ST_SOCK_FULL);
+        return -1;
+    }
+    return 0;
 }
 
-// Fold a closing socket into its flow.
-static __always_inline void fold(struct sock_state *st, int oldstate) {
+// This socket's own direction (tx: what it sent) in its flow: the client sends c2s, the server s2c.
+static __always_inline u64 *dir_bytes(struct flow_val *v, u8 reporter, int tx) {
+    return (reporter == FM_ROLE_CLIENT) == tx ? &v->c2s_bytes : &v->s2c_bytes;
+}
+
+// A connection reached ESTABLISHED (its key is final now): opened, connect latency, SYN retransmits.
+static __always_inline void count_open(struct sock_state *st, u64 now) {
     struct flow_val *v = flow_get(&st->key);
     if (!v)
         return;
+    __sync_fetch_and_add(&v->opened, 1);
+    if (st->start_ns)
+        hist_add(v->latency_slots, &v->latency_sum_us, (now - st->start_ns) / 1000);
+    if (st->retrans) {
+        __sync_fetch_and_add(&v->retrans_c2s, st->retrans);  // only a client retransmits while connecting
+        st->retrans = 0;
+    }
+}
+
+// A socket closes: closed and its last srtt sample, or a failed connect.
+static __always_inline void count_close(struct sock_state *st, int oldstate) {
     int client = st->key.reporter == FM_ROLE_CLIENT;
+    int failed = !st->established && client && oldstate == FM_TCP_SYN_SENT;
+    if (!st->established && !failed && !st->retrans)
+        return;
+    struct flow_val *v = flow_get(&st->key);
+    if (!v)
+        return;
     if (st->established) {
-        __sync_fetch_and_add(&v->opened, 1);
         __sync_fetch_and_add(&v->closed, 1);
-        __sync_fetch_and_add(&v->c2s_bytes, client ? st->tx_bytes : st->rx_bytes);
-        __sync_fetch_and_add(&v->s2c_bytes, client ? st->rx_bytes : st->tx_bytes);
-        if (st->has_latency)
-            hist_add(v->latency_slots, &v->latency_sum_us, st->latency_us);
         if (st->has_srtt)
             hist_add(v->rtt_slots, &v->rtt_sum_us, st->srtt_us);
-    } else if (client && oldstate == FM_TCP_SYN_SENT) {
+    } else if (failed) {
         if (st->rst_received)
             __sync_fetch_and_add(&v->failed_refused, 1);
         else
             __sync_fetch_and_add(&v->failed_timeout, 1);
     }
     if (st->retrans)
-        __sync_fetch_and_add(client ? &v->retrans_c2s : &v->retrans_s2c, st->retrans);
-    if (st->resets_sent)
-        __sync_fetch_and_add(client ? &v->resets_c2s : &v->resets_s2c, st->resets_sent);
+        __sync_fetch_and_add(&v->retrans_c2s, st->retrans);
 }
+
+#if FLOWMON_COMPAT
+// Compat: a client socket waits here (by its NAT-stable client end) for a traced local server socket.
+BPF_HASH(conn_peers, struct rst_key, u64, SOCK_MAX);
+
+static __always_inline void peer_key_for(struct rst_key *k, struct flow_key *key, u16 client_port) {
+    __builtin_memcpy(k->client, key->client, 16);
+    k->family = key->family;
+    k->client_port = client_port;
+}
+
+// The server socket of a connection whose client is traced here: link both, so that each credits what
+// it sends (exact, from snd_nxt) to the other's received bytes instead of summing tcp_probe's data_len.
+// Nothing was received by either before this point (the server sends only once ESTABLISHED; the client's
+// early data is counted from its snd_nxt at its first probe, which comes after this).
+static __always_inline void link_peer(struct sock_state *srv) {
+    struct rst_key k = {};
+    peer_key_for(&k, &srv->key, srv->client_port);
+    u64 *csk = conn_peers.lookup(&k);
+    if (!csk)
+        return;
+    u64 client_sk = *csk;
+    conn_peers.delete(&k);
+    struct sock_state *cli = socks.lookup(&client_sk);
+    if (!cli || !cli->established)
+        return;
+    cli->peer_key = srv->key;
+    cli->peer_local = 1;
+    srv->peer_key = cli->key;
+    srv->peer_local = 1;
+}
+#endif
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     if (args->protocol != FM_IPPROTO_TCP)
@@ -372,10 +426,12 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             st->client_port = args->sport;
             if (st->per_conn)
                 st->key.client_port = args->sport;
-            if (st->start_ns) {
-                st->latency_us = (now - st->start_ns) / 1000;
-                st->has_latency = 1;
-            }
+            count_open(st, now);
+#if FLOWMON_COMPAT
+            struct rst_key k = {};
+            peer_key_for(&k, &st->key, st->client_port);
+            conn_peers.update(&k, &sk);  // full: the pair stays on the approximate data_len path
+#endif
         } else if (oldstate == FM_TCP_SYN_RECV) {
             // The accepted child socket: the server.
             struct sock_state st = {};
@@ -390,7 +446,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             st.established = 1;
             st.last_rtt_ns = now;
             st.client_port = args->dport;
-            insert_sock(sk, &st);
+#if FLOWMON_COMPAT
+            link_peer(&st);
+#endif
+            if (insert_sock(sk, &st) == 0)
+                count_open(&st, now);
         }
         return 0;
     }
@@ -400,7 +460,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             return 0;
         if (st->per_conn && st->key.client_port == 0)
             st->key.client_port = args->sport;  // a failed connect: the port was chosen after SYN_SENT
-        fold(st, oldstate);
+        count_close(st, oldstate);
         if (st->established && (oldstate == FM_TCP_ESTABLISHED || oldstate == FM_TCP_CLOSE_WAIT ||
                                 oldstate == FM_TCP_FIN_WAIT1)) {
             u32 zero = 0;
@@ -416,62 +476,64 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
                 lc->client_port = st->client_port;
             }
         }
+#if FLOWMON_COMPAT
+        if (st->key.reporter == FM_ROLE_CLIENT && st->established && !st->peer_local) {
+            struct rst_key k = {};
+            peer_key_for(&k, &st->key, st->client_port);
+            conn_peers.delete(&k);  // the server was not traced here
+        }
+#endif
         socks.delete(&sk);
     }
     return 0;
 }
 
 #if !FLOWMON_COMPAT
-// Bytes the application wrote and read: exact, including sendfile/splice-to-socket (sock_sendmsg).
+// Bytes the application wrote and read: exact, including sendfile/splice-to-socket (sock_sendmsg), added
+// to the socket's flow as they happen.
+static __always_inline void count_bytes(u64 sk, int tx, int ret) {
+    struct sock_state *st = socks.lookup(&sk);
+    if (!st)
+        return;
+    struct flow_val *v = flow_get(&st->key);
+    if (v)
+        __sync_fetch_and_add(dir_bytes(v, st->key.reporter, tx), ret);
+}
+
 #if FLOWMON_RAW
 RAW_TRACEPOINT_PROBE(sock_send_length) {
     int ret = (int)ctx->args[1];
-    if (ret <= 0)
-        return 0;
-    u64 sk = ctx->args[0];
-    struct sock_state *st = socks.lookup(&sk);
-    if (st)
-        __sync_fetch_and_add(&st->tx_bytes, ret);
+    if (ret > 0)
+        count_bytes(ctx->args[0], 1, ret);
     return 0;
 }
 
 RAW_TRACEPOINT_PROBE(sock_recv_length) {
     int ret = (int)ctx->args[1];
-    if (ret <= 0 || ((int)ctx->args[2] & FM_MSG_PEEK))
-        return 0;
-    u64 sk = ctx->args[0];
-    struct sock_state *st = socks.lookup(&sk);
-    if (st)
-        __sync_fetch_and_add(&st->rx_bytes, ret);
+    if (ret > 0 && !((int)ctx->args[2] & FM_MSG_PEEK))
+        count_bytes(ctx->args[0], 0, ret);
     return 0;
 }
 #else
 TRACEPOINT_PROBE(sock, sock_send_length) {
     int ret = args->ret;
-    if (ret <= 0 || args->protocol != FM_IPPROTO_TCP)
-        return 0;
-    u64 sk = (u64)args->sk;
-    struct sock_state *st = socks.lookup(&sk);
-    if (st)
-        __sync_fetch_and_add(&st->tx_bytes, ret);
+    if (ret > 0 && args->protocol == FM_IPPROTO_TCP)
+        count_bytes((u64)args->sk, 1, ret);
     return 0;
 }
 
 TRACEPOINT_PROBE(sock, sock_recv_length) {
     int ret = args->ret;
-    if (ret <= 0 || (args->flags & FM_MSG_PEEK) || args->protocol != FM_IPPROTO_TCP)
-        return 0;
-    u64 sk = (u64)args->sk;
-    struct sock_state *st = socks.lookup(&sk);
-    if (st)
-        __sync_fetch_and_add(&st->rx_bytes, ret);
+    if (ret > 0 && !(args->flags & FM_MSG_PEEK) && args->protocol == FM_IPPROTO_TCP)
+        count_bytes((u64)args->sk, 0, ret);
     return 0;
 }
 #endif
 #endif
 
 // Every segment received in ESTABLISHED. Default path: srtt sampling only. Compat path: also bytes
-// (received payload = data_len; sent = advance of snd_nxt, wrap-safe and never counted twice).
+// (sent = advance of snd_nxt, wrap-safe and never counted twice; received = the local peer's sent bytes
+// when the peer is traced here, otherwise the payload of received segments, data_len).
 TRACEPOINT_PROBE(tcp, tcp_probe) {
     u64 sk = (u64)args->skaddr;
     struct sock_state *st = socks.lookup(&sk);
@@ -508,7 +570,9 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
         fresh.established = 1;
         fresh.client_port = *role == FM_ROLE_CLIENT ? lport : rport;
         fresh.last_rtt_ns = bpf_ktime_get_ns();
-        insert_sock(sk, &fresh);
+        if (insert_sock(sk, &fresh) != 0)
+            return 0;
+        count_open(&fresh, 0);
         stat_inc(ST_ADOPTED);
         st = socks.lookup(&sk);
         if (!st)
@@ -523,11 +587,24 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
         st->seq_hw = una;
     }
     s32 adv = (s32)(nxt - st->seq_hw);
+    u32 data_len = st->peer_local ? 0 : args->data_len;
+    if (adv > 0 || data_len) {
+        struct flow_val *fv = flow_get(&st->key);
+        if (fv) {
+            if (adv > 0)
+                __sync_fetch_and_add(dir_bytes(fv, st->key.reporter, 1), adv);
+            if (data_len)
+                __sync_fetch_and_add(dir_bytes(fv, st->key.reporter, 0), data_len);
+        }
+    }
     if (adv > 0) {
         st->seq_hw = nxt;
-        st->tx_bytes += adv;
+        if (st->peer_local) {
+            struct flow_val *pv = flow_get(&st->peer_key);  // our tx is the peer's rx: same direction
+            if (pv)
+                __sync_fetch_and_add(dir_bytes(pv, st->key.reporter, 1), adv);
+        }
     }
-    st->rx_bytes += args->data_len;
 #endif
     // srtt sampling, read-only on most segments (no cache-line writes shared with the send path): the
     // first srtt is kept for the sample taken at close; then one sample per interval goes straight to
@@ -561,7 +638,13 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
     if (args->err == -16)
         return 0;
 #endif
-    __sync_fetch_and_add(&st->retrans, 1);
+    if (!st->established) {
+        __sync_fetch_and_add(&st->retrans, 1);  // a SYN: the NAT per-connection key is not final yet
+        return 0;
+    }
+    struct flow_val *v = flow_get(&st->key);
+    if (v)
+        __sync_fetch_and_add(st->key.reporter == FM_ROLE_CLIENT ? &v->retrans_c2s : &v->retrans_s2c, 1);
     return 0;
 }
 
@@ -584,7 +667,9 @@ static __always_inline int on_send_reset(u64 sk) {
     if (st) {
         if (!st->established)
             return 0;
-        __sync_fetch_and_add(&st->resets_sent, 1);
+        struct flow_val *v = flow_get(&st->key);
+        if (v)
+            __sync_fetch_and_add(st->key.reporter == FM_ROLE_CLIENT ? &v->resets_c2s : &v->resets_s2c, 1);
         rst_key_for(&k, &st->key, st->client_port, st->key.reporter);
     } else {
         // tcp_disconnect (SO_LINGER 0, abort) moves to CLOSE first, then sends the RST.

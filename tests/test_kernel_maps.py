@@ -10,7 +10,7 @@ import pytest
 
 from flowmon_agent import existing, kernel_maps, kernel_paths
 from flowmon_agent.flows import HISTOGRAM_SLOTS, FlowCounters, FlowKey, Log2Histogram, Reporter
-from flowmon_agent.kernel_maps import FLOW_KEY, FLOW_VAL, SOCK_STATE
+from flowmon_agent.kernel_maps import FLOW_KEY, FLOW_VAL
 from flowmon_agent.tracer import _Incarnations
 
 V4A, V4B = IPv4Address("10.1.2.3"), IPv4Address("10.1.2.4")
@@ -18,7 +18,7 @@ V6A, V6B = IPv6Address("fd00::1"), IPv6Address("fd00::2")
 
 
 def test_struct_sizes_match_the_c_structs() -> None:
-    assert (FLOW_KEY.size, FLOW_VAL.size, SOCK_STATE.size) == (40, 616, 104)
+    assert (FLOW_KEY.size, FLOW_VAL.size) == (40, 616)
     assert (kernel_maps.RST_PENDING.size, kernel_maps.TUPLE_KEY.size, kernel_maps.IP_KEY.size) == (56, 40, 20)
 
 
@@ -53,47 +53,6 @@ def test_flow_value_decodes_every_field() -> None:
     assert (c.failed_refused, c.failed_timeout, c.retransmits_c2s, c.retransmits_s2c) == (1, 2, 3, 0)
     assert (c.resets_c2s, c.resets_s2c) == (1, 0)
     assert c.connect_latency == Log2Histogram(lat, 50) and c.rtt == Log2Histogram(rtt, 9000)
-
-
-def sock_state(
-    key: FlowKey,
-    *,
-    tx: int,
-    rx: int,
-    retrans: int = 0,
-    resets: int = 0,
-    established: int = 1,
-    latency: int = 0,
-    has_latency: int = 0,
-) -> bytes:
-    return SOCK_STATE.pack(
-        kernel_maps.encode_flow_key(key), 0, tx, rx, 0, retrans, resets, latency, 0, 0,
-        established, 0, 0, has_latency, 0, 0, 0
-    )  # fmt: skip
-
-
-def test_live_client_socket_maps_its_directions() -> None:
-    key = FlowKey(V4A, V4B, 80, Reporter.CLIENT)
-    got_key, c = kernel_maps.decode_live_socket(
-        sock_state(key, tx=10, rx=20, retrans=2, resets=1, latency=300, has_latency=1)
-    )
-    assert got_key == key
-    assert (c.sent_bytes, c.received_bytes, c.opened, c.active, c.closed) == (10, 20, 1, 1, 0)
-    assert (c.retransmits_c2s, c.retransmits_s2c, c.resets_c2s, c.resets_s2c) == (2, 0, 1, 0)
-    assert c.connect_latency.slots[9] == 1 and c.connect_latency.sum_us == 300  # 256 <= 300 < 512
-
-
-def test_live_server_socket_maps_its_directions() -> None:
-    key = FlowKey(V6A, V6B, 443, Reporter.SERVER)
-    _, c = kernel_maps.decode_live_socket(sock_state(key, tx=10, rx=20, retrans=2, resets=1))
-    assert (c.sent_bytes, c.received_bytes) == (20, 10)  # server rx is client -> server
-    assert (c.retransmits_c2s, c.retransmits_s2c, c.resets_c2s, c.resets_s2c) == (0, 2, 0, 1)
-
-
-def test_connecting_socket_is_not_opened_yet() -> None:
-    key = FlowKey(V4A, V4B, 80, Reporter.CLIENT)
-    _, c = kernel_maps.decode_live_socket(sock_state(key, tx=0, rx=0, retrans=1, established=0))
-    assert (c.opened, c.active, c.retransmits_c2s) == (0, 0, 1)
 
 
 @pytest.mark.parametrize(

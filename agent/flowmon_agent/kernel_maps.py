@@ -17,7 +17,6 @@ ROLE_CLIENT, ROLE_SERVER = 0, 1
 
 FLOW_KEY = struct.Struct("<16s16sHHBxH")  # struct flow_key
 FLOW_VAL = struct.Struct(f"<13Q{HISTOGRAM_SLOTS}Q{HISTOGRAM_SLOTS}Q")  # struct flow_val
-SOCK_STATE = struct.Struct("<40sQQQQIIIIIBBBBBBH4x")  # struct sock_state
 RST_PENDING = struct.Struct("<40sQB7x")  # struct rst_pending_val
 TUPLE_KEY = struct.Struct("<16s16sHHHH")  # struct tuple_key
 IP_KEY = struct.Struct("<16sHH")  # struct ip_key
@@ -109,28 +108,6 @@ def decode_flow_value(raw: bytes) -> KernelFlow:
 def log2_slot(value: int) -> int:
     """The kernel's slot for a value (slot k holds 2**(k-1) <= v < 2**k; 0 holds 0)."""
     return min(value.bit_length(), HISTOGRAM_SLOTS - 1)
-
-
-def decode_live_socket(raw: bytes) -> tuple[FlowKey, FlowCounters]:
-    """What a live socket adds to its flow so far (its own directions mapped to client/server)."""
-    (key, _start, tx, rx, _last_rtt, retrans, resets, latency, _srtt, _hw) = SOCK_STATE.unpack(
-        raw[: SOCK_STATE.size]
-    )[:10]
-    established, _rst, _seq, has_latency = SOCK_STATE.unpack(raw[: SOCK_STATE.size])[10:14]
-    flow = decode_flow_key(key)
-    client = flow.reporter is Reporter.CLIENT
-    c = FlowCounters()
-    if established:
-        c.opened = c.active = 1
-        c.sent_bytes, c.received_bytes = (tx, rx) if client else (rx, tx)
-        if has_latency:
-            c.connect_latency.slots[log2_slot(latency)] += 1
-            c.connect_latency.sum_us = latency
-    if client:
-        c.retransmits_c2s, c.resets_c2s = retrans, resets
-    else:
-        c.retransmits_s2c, c.resets_s2c = retrans, resets
-    return flow, c
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """FlowTracer: loads the kernel side and turns its maps into cumulative per-flow counters.
 
-poll() (call it about once a second) returns every flow seen since start: the kernel's closed-flow
-totals plus what live sockets have counted so far. Counters are kept in user space too, so a flow that
-the kernel's LRU map evicts keeps its totals, and they never go backwards.
+poll() (call it about once a second) returns every flow seen since start. The kernel adds every event
+(bytes, opens, closes, ...) straight into the flow's entry, so a poll reads only the flow map: its cost
+grows with distinct flows, not with open connections. Counters are kept in user space too, so a flow
+that the kernel's LRU map evicts keeps its totals, and they never go backwards.
 """
 
 from __future__ import annotations
@@ -65,16 +66,6 @@ def _locked(method: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-class _Union:
-    """`in` over several containers without building their union."""
-
-    def __init__(self, *parts: Container[FlowKey]) -> None:
-        self.parts = parts
-
-    def __contains__(self, item: object) -> bool:
-        return any(item in part for part in self.parts)
-
-
 def _items(table) -> list[tuple[bytes, bytes]]:
     """All entries as raw bytes, with one batch syscall where the kernel supports it."""
     try:
@@ -103,7 +94,7 @@ class FlowTracer:
         self.kernel_path = self._path.name
         self.raw_tracepoints = bool(self._path.cflags.get("FLOWMON_RAW"))
         b = self._bpf
-        self._flows, self._socks, self._stats = b[b"flows"], b[b"socks"], b[b"stats"]
+        self._flows, self._stats = b[b"flows"], b[b"stats"]
         self._cfg, self._local_ips, self._ports = b[b"cfg"], b[b"local_ips"], b[b"ignored_ports"]
         self._pending, self._adopt, self._nat = b[b"rst_pending"], b[b"adopt"], b[b"nat_peers"]
         self._conn_ttl_s = connection_key_ttl_s
@@ -240,8 +231,6 @@ class FlowTracer:
         if self._closed:
             raise RuntimeError("FlowTracer is closed")
         created = self._stat(ST_FLOWS_CREATED)  # before the map read: evictions are never overestimated
-        # Closed totals first, live sockets second: a socket closing in between is missed for one poll
-        # (then clamped) rather than counted twice.
         flows = _items(self._flows)
         for k, v in flows:
             key, kf = kernel_maps.decode_flow_key(k), kernel_maps.decode_flow_value(v)
@@ -250,24 +239,18 @@ class FlowTracer:
                 self._incarnations[key] = _Incarnations(kf.created_ns, kf.counters)
             else:
                 inc.observe(kf.created_ns, kf.counters)
-        live: dict[FlowKey, FlowCounters] = {}
-        for _, v in _items(self._socks):
-            key, c = kernel_maps.decode_live_socket(v)
-            if key in live:
-                add_counters(live[key], c)
-            else:
-                live[key] = c
-        self._drain_resets(_Union(self._incarnations, live))
+        self._drain_resets(self._incarnations)
         self._expire_adoption()
         self._evicted = max(self._evicted, created - len(flows) - self._forgotten)
 
         out: dict[FlowKey, FlowCounters] = {}
-        for key in self._incarnations.keys() | live.keys() | self._extra.keys():
+        for key in self._incarnations.keys() | self._extra.keys():
             inc = self._incarnations.get(key)
             total = inc.total() if inc else FlowCounters()
-            for part in (live.get(key), self._extra.get(key)):
-                if part is not None:
-                    add_counters(total, part)
+            extra = self._extra.get(key)
+            if extra is not None:
+                add_counters(total, extra)
+            total.active = max(total.active, 0)  # opens lost with an evicted entry must not make it negative
             total = clamp_monotonic(self._reported.get(key), total)
             self._reported[key] = total
             out[key] = copy_counters(total)
