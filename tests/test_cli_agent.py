@@ -116,10 +116,13 @@ def test_invalid_monitor_files_stop_the_agent_before_bpf(tmp_path: Path) -> None
 # --- the real agent on this host --------------------------------------------------------------------
 
 
-def loopback_exchange(request: int, response: int, connections: int) -> int:
-    """A server and a client on 127.0.0.1: `connections` exchanges of known sizes; returns the port."""
+def loopback_exchange(
+    request: int, response: int, connections: int, server_ip: str = "127.0.0.1", client_ip: str | None = None
+) -> int:
+    """A server and a client on loopback addresses: `connections` exchanges of known sizes; returns the
+    server's port."""
     srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
+    srv.bind((server_ip, 0))
     srv.listen()
     port = srv.getsockname()[1]
 
@@ -134,7 +137,8 @@ def loopback_exchange(request: int, response: int, connections: int) -> int:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     for _ in range(connections):
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        source = (client_ip, 0) if client_ip else None
+        with socket.create_connection((server_ip, port), timeout=5, source_address=source) as c:
             c.sendall(b"q" * request)
             receive(c, response)
     thread.join(timeout=10)

@@ -10,9 +10,11 @@ import os
 import signal
 import socket
 import time
+from ipaddress import ip_address
 
 import aiohttp
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from flowmon_agent.metadata import MetadataStore
@@ -20,6 +22,8 @@ from flowmon_agent.metadata.watcher import KubeWatcher
 from flowmon_agent.policy import compile_policy
 from flowmon_agent.policy_store import dump_policy_json
 from flowmon_agent.runner import Agent, AgentSettings, stall_reason
+from tests.k8s_objects import namespace, node, pod
+from tests.test_cli_agent import loopback_exchange
 from tests.test_server import monitor
 
 
@@ -92,6 +96,118 @@ async def test_runner_lifecycle_metadata_and_live_policy(tmp_path, require_root,
     finally:
         await agent.stop()
     assert agent.tracer is None
+
+
+SHOP_PODS = [
+    namespace("shop"),
+    node("node-a", "192.0.2.10"),
+    pod("shop", "web-1", "127.0.0.21", "node-a"),
+    pod("shop", "db-1", "127.0.0.22", "node-a"),
+]
+PAIR = {"client_pod": "web-1", "server_pod": "db-1"}
+
+
+def _pair_sent(agent: Agent) -> float | None:
+    """web-1 → db-1 bytes in the running view (None: no such series)."""
+    families = agent.exporter.holder.status.view.monitors["shop/pairs"].families
+    sent = next(f for f in families if f.info.name == "flowmon_tcp_sent_bytes")
+    return sent.samples.get(tuple(PAIR.values()))
+
+
+@pytest.mark.bpf
+@pytest.mark.asyncio
+async def test_the_api_going_away_keeps_attribution_and_the_metadata_age_grows(
+    tmp_path, require_root, kube_api
+):
+    """Metadata from the emulator; the API stops mid-run: flows are still named with the last metadata,
+    and flowmon_agent_metadata_age_seconds on /metrics grows until the API is back."""
+    for obj in SHOP_PODS:
+        kube_api.create(obj)
+    policy_file = tmp_path / "policy.json"
+    pairs = monitor("shop", "pairs", aggregation={"groupBy": ["client_pod", "server_pod"]})
+    policy_file.write_text(dump_policy_json(compile_policy([pairs])))
+    store = MetadataStore()
+    settings = AgentSettings(
+        listen_port=0, node_name="node-a", policy_file=policy_file, poll_interval_seconds=0.2
+    )
+    agent = Agent(settings, store=store, watcher=KubeWatcher(store, kube_api.url, token=kube_api.token))
+    await agent.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            await _until(lambda: agent.not_ready_reason() is None)
+            age = lambda text: _sample(text, "flowmon_agent_metadata_age_seconds ")  # noqa: E731
+            assert age(await _scrape(http, agent.url + "/metrics")) == 0.0
+
+            kube_api.stop()
+            await _until(lambda: agent.watcher.age_seconds() > 0)
+            await asyncio.to_thread(loopback_exchange, 1500, 90, 3, "127.0.0.22", "127.0.0.21")
+            await _until(lambda: _pair_sent(agent) == 3 * 1500)
+            first = age(await _scrape(http, agent.url + "/metrics"))
+            await asyncio.sleep(1.0)
+            second = age(await _scrape(http, agent.url + "/metrics"))
+            assert 0 < first < second and second - first >= 0.5, (first, second)
+
+            kube_api.start()  # the watches reconnect: current again
+            await _until(lambda: agent.watcher.age_seconds() == 0.0, timeout=30)
+            await _until(lambda: agent.exporter.holder.status.metadata_age_seconds == 0.0)
+    finally:
+        await agent.stop()
+        if not kube_api.running:
+            kube_api.start()
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.bpf
+@pytest.mark.asyncio
+async def test_static_inventory_age_is_the_time_since_the_last_good_load(tmp_path, require_root):
+    """A static inventory's age: since the file was last (re)loaded successfully; a broken edit keeps
+    the old metadata and its age growing, a good edit resets it."""
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump_all(SHOP_PODS))
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(dump_policy_json(compile_policy([monitor("shop", "web")])))
+    clock = Clock(1000.0)
+    settings = AgentSettings(
+        listen_port=0,
+        node_name="node-a",
+        policy_file=policy_file,
+        inventory_file=inventory,
+        poll_interval_seconds=0.1,
+    )
+    agent = Agent(settings, clock=clock)
+    await agent.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def age_after_a_poll() -> float | None:
+                polls = agent.polls
+                await _until(lambda: agent.polls >= polls + 2)
+                return _sample(
+                    await _scrape(http, agent.url + "/metrics"), "flowmon_agent_metadata_age_seconds "
+                )
+
+            assert await age_after_a_poll() == 0.0
+            clock.now = 1030.0
+            assert await age_after_a_poll() == 30.0
+            inventory.write_text("kind: [unclosed\n")  # a broken edit: the old metadata stays
+            await age_after_a_poll()
+            clock.now = 1050.0
+            assert await age_after_a_poll() == 50.0
+            assert agent.store.namespace_labels("shop") is not None
+            inventory.write_text(
+                yaml.safe_dump_all([*SHOP_PODS, pod("shop", "web-2", "127.0.0.23", "node-a")])
+            )
+            assert await age_after_a_poll() == 0.0
+            assert agent.store.pod_by_ip(ip_address("127.0.0.23")).name == "web-2"
+    finally:
+        await agent.stop()
 
 
 @pytest.mark.parametrize(
