@@ -393,9 +393,12 @@ static __always_inline void link_peer(struct sock_state *srv) {
 #endif
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
+    // Half of a connection's ~10 transitions (FIN_WAIT*, CLOSE_WAIT, LAST_ACK, SYN_RECV, ...) need nothing.
+    int newstate = args->newstate;
+    if (newstate != FM_TCP_SYN_SENT && newstate != FM_TCP_ESTABLISHED && newstate != FM_TCP_CLOSE)
+        return 0;
     if (args->protocol != FM_IPPROTO_TCP)
         return 0;
-    int newstate = args->newstate;
     int oldstate = args->oldstate;
     u64 sk = (u64)args->skaddr;
 
@@ -615,6 +618,7 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
     if (!st->has_srtt) {
         st->srtt_us = srtt;
         st->has_srtt = 1;
+        return 0;  // the interval started at ESTABLISHED: no periodic sample due yet in most cases
     }
     u64 now = bpf_ktime_get_ns();
     if (now - st->last_rtt_ns < (u64)RTT_INTERVAL_MS * 1000000)
