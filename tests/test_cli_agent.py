@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
 import socket
@@ -18,6 +18,7 @@ import pytest
 from flowmon_agent import cli, topview
 from flowmon_agent.commands import agent as cmd
 from flowmon_agent.demo.trafficgen import receive
+from flowmon_agent.lab import Lab
 from flowmon_agent.manifests import load_monitors
 from flowmon_agent.policy import compile_policy, token_sha256
 from flowmon_agent.prometheus_process import free_port
@@ -78,18 +79,17 @@ def test_host_objects_make_this_host_a_pod_with_every_address() -> None:
     assert pod["metadata"]["namespace"] == "host" and pod["spec"]["nodeName"] == "box"
     assert [a["ip"] for a in pod["status"]["podIPs"]] == ["127.0.0.1", "::1", "192.0.2.7"]
     assert "addresses" not in node.get("status", {})  # a node address would win over the pod
-
-
-def test_parse_ip_addr_json() -> None:
-    text = json.dumps(
-        [
-            {"ifname": "lo", "addr_info": [{"local": "127.0.0.1"}, {"local": "::1"}]},
-            {"ifname": "eth0", "addr_info": [{"local": "192.0.2.2"}, {"family": "inet6"}]},
-            {"ifname": "dummy0"},
-        ]
-    )
-    assert cmd.parse_ip_addr_json(text) == ["127.0.0.1", "::1", "192.0.2.2"]
-    assert cmd.parse_ip_addr_json("") == []
+    # Every other network namespace of the host is a pod of its own on the same node.
+    objects = cmd.host_objects("box", ["192.0.2.7"], {"fm-a": ["10.9.0.1", "fd00::1"], "empty": []})
+    assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
+        ("Namespace", "host"),
+        ("Node", "box"),
+        ("Pod", "box"),
+        ("Pod", "fm-a"),
+    ]
+    netns_pod = objects[-1]
+    assert netns_pod["spec"]["nodeName"] == "box" and netns_pod["metadata"]["namespace"] == "host"
+    assert [a["ip"] for a in netns_pod["status"]["podIPs"]] == ["10.9.0.1", "fd00::1"]
 
 
 def test_invalid_monitor_files_stop_the_agent_before_bpf(tmp_path: Path) -> None:
@@ -117,11 +117,18 @@ def test_invalid_monitor_files_stop_the_agent_before_bpf(tmp_path: Path) -> None
 
 
 def loopback_exchange(
-    request: int, response: int, connections: int, server_ip: str = "127.0.0.1", client_ip: str | None = None
+    request: int,
+    response: int,
+    connections: int,
+    server_ip: str = "127.0.0.1",
+    client_ip: str | None = None,
+    server_netns=contextlib.nullcontext,
+    client_netns=contextlib.nullcontext,
 ) -> int:
-    """A server and a client on loopback addresses: `connections` exchanges of known sizes; returns the
-    server's port."""
-    srv = socket.socket()
+    """A server and a client on loopback (or lab namespace) addresses: `connections` exchanges of known
+    sizes; returns the server's port. `*_netns()` enter the namespace each end's sockets are made in."""
+    with server_netns():
+        srv = socket.socket(socket.AF_INET6 if ":" in server_ip else socket.AF_INET)
     srv.bind((server_ip, 0))
     srv.listen()
     port = srv.getsockname()[1]
@@ -138,28 +145,23 @@ def loopback_exchange(
     thread.start()
     for _ in range(connections):
         source = (client_ip, 0) if client_ip else None
-        with socket.create_connection((server_ip, port), timeout=5, source_address=source) as c:
+        with (
+            client_netns(),
+            socket.create_connection((server_ip, port), timeout=5, source_address=source) as c,
+        ):
             c.sendall(b"q" * request)
             receive(c, response)
     thread.join(timeout=10)
     return port
 
 
-@pytest.mark.bpf
-def test_bare_agent_monitors_every_flow_of_this_host_and_top_shows_it(require_root) -> None:
+@contextlib.contextmanager
+def bare_agent(node: str = "box"):
+    """`flowmon agent` with no monitor, inventory or policy (only --listen, --node): yields its default
+    monitor's URL once ready; stopped with SIGTERM, which must end it cleanly."""
     port = free_port()
-    base = f"http://127.0.0.1:{port}/metrics/flowmon-system/host"
     agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flowmon_agent.cli",
-            "agent",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--node",
-            "box",
-        ],
+        [sys.executable, "-m", "flowmon_agent.cli", "agent", "--listen", f"127.0.0.1:{port}", "--node", node],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -175,19 +177,34 @@ def test_bare_agent_monitors_every_flow_of_this_host_and_top_shows_it(require_ro
             except OSError:
                 assert time.monotonic() < deadline, "agent not ready"
                 time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/metrics/flowmon-system/host"
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        out, _ = agent.communicate(timeout=30)
+    assert agent.returncode == 0, out
+
+
+def row_when_opened(base: str, want: tuple[str, str], opened: int, timeout: float = 30) -> topview.Row:
+    """The top row client → server once it counts `opened` connections (the last one seen otherwise)."""
+    deadline, rows = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(base, timeout=5) as r:
+            rows = {
+                (row.client, row.server): row
+                for row in topview.rows(topview.parse_exposition(r.read().decode()))
+            }
+        if want in rows and rows[want].opened >= opened:
+            break
+        time.sleep(0.5)
+    assert want in rows, sorted(rows)
+    return rows[want]
+
+
+@pytest.mark.bpf
+def test_bare_agent_monitors_every_flow_of_this_host_and_top_shows_it(require_root) -> None:
+    with bare_agent() as base:
         server_port = loopback_exchange(request=3333, response=77777, connections=4)
-        want = ("host/box", f"host/box:{server_port}")
-        rows: dict = {}
-        while time.monotonic() < deadline:
-            with urllib.request.urlopen(base, timeout=5) as r:
-                rows = {
-                    (row.client, row.server): row
-                    for row in topview.rows(topview.parse_exposition(r.read().decode()))
-                }
-            if want in rows and rows[want].opened == 4:
-                break
-            time.sleep(0.5)
-        row = rows[want]
+        row = row_when_opened(base, ("host/box", f"host/box:{server_port}"), 4)
         # Exact kernel-measured payload bytes, each connection counted once (client and server on this host).
         assert (row.sent_bytes, row.received_bytes, row.opened) == (4 * 3333, 4 * 77777, 4)
         top = subprocess.run(
@@ -199,10 +216,32 @@ def test_bare_agent_monitors_every_flow_of_this_host_and_top_shows_it(require_ro
         assert top.returncode == 0, top.stderr
         line = next(line for line in top.stdout.splitlines() if f"host/box:{server_port}" in line)
         assert "13.0 KiB" in line and "303.8 KiB" in line  # 13332 B and 311108 B
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        out, _ = agent.communicate(timeout=30)
-    assert agent.returncode == 0, out
+
+
+@pytest.mark.bpf
+def test_bare_agent_shows_flows_between_network_namespaces_and_to_unknown_addresses(require_root) -> None:
+    """Containers on this host: each network namespace is named after itself, its connections to another
+    one are counted once; an address no namespace of this host had when the agent started is external."""
+    with Lab("fca", ["a", "b"]) as lab, bare_agent() as base:
+        a, b = lab.pod("a"), lab.pod("b")
+        port = loopback_exchange(
+            1111, 2222, 3, str(b.ipv4), None, lambda: lab.inside(b), lambda: lab.inside(a)
+        )
+        row = row_when_opened(base, (f"host/{a.netns}", f"host/{b.netns}:{port}"), 3)
+        assert (row.sent_bytes, row.received_bytes, row.opened) == (3 * 1111, 3 * 2222, 3)
+        # IPv6 between the same two namespaces: the same pods.
+        port6 = loopback_exchange(
+            500, 600, 2, str(b.ipv6), None, lambda: lab.inside(b), lambda: lab.inside(a)
+        )
+        row = row_when_opened(base, (f"host/{a.netns}", f"host/{b.netns}:{port6}"), 2)
+        assert (row.sent_bytes, row.received_bytes, row.opened) == (2 * 500, 2 * 600, 2)
+        # An address added after the agent started is nobody's: an external peer.
+        late = str(lab.subnet4.network_address + 250)
+        lab.run(b, ["ip", "addr", "add", f"{late}/{lab.subnet4.prefixlen}", "dev", "eth0"])
+        port_ext = loopback_exchange(700, 800, 2, late, None, lambda: lab.inside(b), lambda: lab.inside(a))
+        # No namespace, workload `external`.
+        row = row_when_opened(base, (f"host/{a.netns}", f"/external:{port_ext}"), 2)
+        assert (row.sent_bytes, row.received_bytes, row.opened) == (2 * 700, 2 * 800, 2)
 
 
 def test_top_reports_an_unreachable_agent() -> None:

@@ -3,7 +3,8 @@
 Standalone: `--monitor FILE...` are ordinary FlowMonitor YAML, compiled exactly as the operator compiles
 them (`compile_policy`) and recompiled when a file changes; `--inventory FILE` is ordinary Kubernetes
 objects. With neither, it monitors every flow of this host on 127.0.0.1:9400 with one default monitor
-(`flowmon-system/host`); this host's addresses resolve to the pod host/<hostname> (see host_objects).
+(`flowmon-system/host`); this host's addresses resolve to the pod host/<hostname>, each other network
+namespace's (containers, `ip netns`) to a pod host/<netns> (see host_objects).
 
 In a cluster the operator's DaemonSet gives no flags: every setting comes from FLOWMON_AGENT_*
 variables (AgentSettings), the policy from the ConfigMap file. Flags override variables.
@@ -14,14 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
-import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from flowmon_agent.cli import Handler, subcommand
+from flowmon_agent.hostnets import addresses_of, namespace_addresses
 from flowmon_agent.manifests import ManifestError, load_monitors
 from flowmon_agent.policy import AgentPolicy, compile_policy, token_sha256
 from flowmon_agent.spec import FlowMonitor, FlowMonitorSpec, ObjectMeta
@@ -116,22 +116,35 @@ def standalone_policy(monitors: Sequence[FlowMonitor], tokens: Sequence[str]) ->
     return compile_policy(monitors, token_hashes={m.key: hashes for m in monitors})
 
 
-def host_objects(name: str, addresses: Sequence[str]) -> list[dict]:
+def host_objects(
+    name: str, addresses: Sequence[str], namespaces: Mapping[str, Sequence[str]] | None = None
+) -> list[dict]:
     """This host as Kubernetes objects, so that its flows are visible and named without a cluster.
 
     A monitor selects flows with a pod at one end; a host has none. So the host appears as a pod
-    `<hostname>` in namespace `host` on a node of the same name: its processes'
-    flows read host/<hostname> → host/<hostname>:5432, remote peers `external`."""
+    `<hostname>` in namespace `host` on a node of the same name, and so does each other network
+    namespace of the host (containers, `ip netns`: `namespaces`, name → its addresses, see hostnets):
+    its processes' flows read host/<hostname> → host/<hostname>:5432, a container's host/<netns>, remote
+    peers `external`. All on this node: every local connection is counted once."""
+
+    def host_pod(pod: str, ips: Sequence[str], labels: dict[str, str]) -> dict:
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod, "namespace": HOST_NAMESPACE, "labels": labels},
+            "spec": {"nodeName": name},
+            "status": {"phase": "Running", "podIP": ips[0], "podIPs": [{"ip": a} for a in ips]},
+        }
+
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": HOST_NAMESPACE}},
         {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}},
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name, "namespace": HOST_NAMESPACE, "labels": {"flowmon.io/host": "true"}},
-            "spec": {"nodeName": name},
-            "status": {"phase": "Running", "podIP": addresses[0], "podIPs": [{"ip": a} for a in addresses]},
-        },
+        host_pod(name, addresses, {"flowmon.io/host": "true"}),
+        *(
+            host_pod(pod, ips, {"flowmon.io/netns": "true"})
+            for pod, ips in sorted((namespaces or {}).items())
+            if pod != name and ips
+        ),
     ]
 
 
@@ -146,13 +159,6 @@ def inventory_node_names(objects) -> set[str]:
     return names - {None, ""}
 
 
-def parse_ip_addr_json(text: str) -> list[str]:
-    """Addresses out of `ip -j addr show`."""
-    return [
-        a["local"] for link in json.loads(text or "[]") for a in link.get("addr_info", []) if "local" in a
-    ]
-
-
 # --- I/O -------------------------------------------------------------------------------------------
 
 
@@ -161,8 +167,7 @@ def read_tokens(path: Path) -> list[str]:
 
 
 def local_addresses() -> list[str]:
-    done = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=False)
-    return parse_ip_addr_json(done.stdout) if done.returncode == 0 else ["127.0.0.1", "::1"]
+    return addresses_of() or ["127.0.0.1", "::1"]
 
 
 def warn_foreign_node(inventory: Path, *nodes: str) -> None:
@@ -253,7 +258,7 @@ def make_agent(args: argparse.Namespace):
         warn_foreign_node(settings.inventory_file, *settings.node_name)
     store = MetadataStore()
     if settings.inventory_file is None and settings.policy_file is None:
-        for obj in host_objects(settings.node_name[0], local_addresses()):
+        for obj in host_objects(settings.node_name[0], local_addresses(), namespace_addresses()):
             store.apply("ADDED", obj, obj["kind"])
 
     def tracer_factory():
