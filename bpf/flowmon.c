@@ -449,11 +449,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             st.established = 1;
             st.last_rtt_ns = now;
             st.client_port = args->dport;
+            if (insert_sock(sk, &st) != 0)
+                return 0;
+            count_open(&st, now);
 #if FLOWMON_COMPAT
-            link_peer(&st);
+            struct sock_state *srv = socks.lookup(&sk);  // linked only once stored: a full map links nothing
+            if (srv)
+                link_peer(srv);
 #endif
-            if (insert_sock(sk, &st) == 0)
-                count_open(&st, now);
         }
         return 0;
     }
