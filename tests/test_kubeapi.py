@@ -354,3 +354,42 @@ def test_the_official_kubernetes_client_works_against_it(kube_api, tmp_path):
         }
         core.delete_namespaced_pod("p", "default")
         assert core.list_namespaced_pod("default").items == []
+
+
+TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+
+
+def review_body(token: str, audiences=()) -> dict:
+    spec = {"token": token, **({"audiences": list(audiences)} if audiences else {})}
+    return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
+
+
+def test_token_reviews_answer_for_registered_service_account_tokens(kube_api):
+    token = kube_api.service_account_token("shop", "prometheus", audiences=["flowmon"])
+    status, answer = call(kube_api, "POST", TOKENREVIEWS, review_body(token))
+    assert status == 201 and answer["kind"] == "TokenReview"
+    assert answer["status"]["authenticated"] is True
+    assert answer["status"]["user"]["username"] == "system:serviceaccount:shop:prometheus"
+    assert "system:serviceaccounts:shop" in answer["status"]["user"]["groups"]
+    assert answer["status"]["audiences"] == ["flowmon"]
+    assert (
+        call(kube_api, "POST", TOKENREVIEWS, review_body(token, ["other"]))[1]["status"].get("authenticated")
+        is None
+    )
+    unknown = call(kube_api, "POST", TOKENREVIEWS, review_body("forged"))[1]["status"]
+    assert not unknown.get("authenticated") and unknown["error"]
+    # A registered token also authenticates to the API; a revoked one no longer does.
+    assert call(kube_api, "GET", "/api/v1/namespaces", token=token)[0] == 200
+    kube_api.tokens.revoke(token)
+    assert call(kube_api, "GET", "/api/v1/namespaces", token=token)[0] == 401
+    assert call(kube_api, "POST", TOKENREVIEWS, review_body(token))[1]["status"].get("authenticated") is None
+
+
+def test_token_reviews_are_create_only_validated_and_discoverable(kube_api):
+    assert call(kube_api, "GET", TOKENREVIEWS)[0] == 405
+    assert call(kube_api, "POST", TOKENREVIEWS, {"kind": "Pod"})[0] == 400
+    assert call(kube_api, "POST", TOKENREVIEWS, review_body(""))[0] == 422
+    groups = {g["name"] for g in call(kube_api, "GET", "/apis")[1]["groups"]}
+    assert "authentication.k8s.io" in groups
+    resources = call(kube_api, "GET", "/apis/authentication.k8s.io/v1")[1]["resources"]
+    assert [(r["name"], r["verbs"]) for r in resources] == [("tokenreviews", ["create"])]
