@@ -221,7 +221,8 @@ def test_bare_agent_monitors_every_flow_of_this_host_and_top_shows_it(require_ro
 @pytest.mark.bpf
 def test_bare_agent_shows_flows_between_network_namespaces_and_to_unknown_addresses(require_root) -> None:
     """Containers on this host: each network namespace is named after itself, its connections to another
-    one are counted once; an address no namespace of this host had when the agent started is external."""
+    one are counted once, a namespace that appears later is picked up, an address that names no
+    namespace (link-local) is external."""
     with Lab("fca", ["a", "b"]) as lab, bare_agent() as base:
         a, b = lab.pod("a"), lab.pod("b")
         port = loopback_exchange(
@@ -235,13 +236,27 @@ def test_bare_agent_shows_flows_between_network_namespaces_and_to_unknown_addres
         )
         row = row_when_opened(base, (f"host/{a.netns}", f"host/{b.netns}:{port6}"), 2)
         assert (row.sent_bytes, row.received_bytes, row.opened) == (2 * 500, 2 * 600, 2)
-        # An address added after the agent started is nobody's: an external peer.
-        late = str(lab.subnet4.network_address + 250)
-        lab.run(b, ["ip", "addr", "add", f"{late}/{lab.subnet4.prefixlen}", "dev", "eth0"])
-        port_ext = loopback_exchange(700, 800, 2, late, None, lambda: lab.inside(b), lambda: lab.inside(a))
-        # No namespace, workload `external`.
-        row = row_when_opened(base, (f"host/{a.netns}", f"/external:{port_ext}"), 2)
+        # A link-local address (the same kind in every namespace) names nobody: an external peer.
+        lab.run(b, ["ip", "addr", "add", "169.254.77.2/24", "dev", "eth0"])
+        lab.run(a, ["ip", "route", "add", "169.254.77.0/24", "dev", "eth0", "src", str(a.ipv4)])
+        port_ext = loopback_exchange(
+            700, 800, 2, "169.254.77.2", str(a.ipv4), lambda: lab.inside(b), lambda: lab.inside(a)
+        )
+        row = row_when_opened(base, (f"host/{a.netns}", f"/external:{port_ext}"), 2)  # no namespace
         assert (row.sent_bytes, row.received_bytes, row.opened) == (2 * 700, 2 * 800, 2)
+        # A container started after the agent: its namespace becomes a pod within a second or so.
+        with Lab("fcb", ["c", "d"]) as late:
+            c, d = late.pod("c"), late.pod("d")
+            row = None
+            for _ in range(10):  # the agent re-lists namespaces about once a second: a few tries at most
+                port_late = loopback_exchange(
+                    900, 1000, 2, str(d.ipv4), None, lambda: late.inside(d), lambda: late.inside(c)
+                )
+                with contextlib.suppress(AssertionError):
+                    row = row_when_opened(base, (f"host/{c.netns}", f"host/{d.netns}:{port_late}"), 2, 3)
+                    break
+            assert row is not None, "the late namespaces never became pods"
+            assert (row.sent_bytes, row.received_bytes, row.opened) == (2 * 900, 2 * 1000, 2)
 
 
 def test_top_reports_an_unreachable_agent() -> None:

@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 import time
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 
 from flowmon_agent import hostnets
 from flowmon_agent.lab import Lab
+from flowmon_agent.metadata import MetadataStore
 
 
 def test_parse_ip_addr_json() -> None:
@@ -72,3 +74,23 @@ def test_every_namespace_once_named_or_held_by_a_process(require_root) -> None:
         finally:
             hidden.kill()
             hidden.wait()
+
+
+def test_host_metadata_follows_namespaces_that_appear_and_go(require_root) -> None:
+    from flowmon_agent.commands.agent import host_objects
+
+    store = MetadataStore()
+    host = hostnets.HostMetadata(store, lambda netns: host_objects("box", ["192.0.2.1"], netns))
+    with Lab("fhm", ["a"]) as first:
+        host.refresh()
+        a = first.pod("a")
+        assert store.pod_by_ip(ip_address(str(a.ipv4))).name == a.netns
+        assert store.pod_by_ip(ip_address("192.0.2.1")).name == "box"
+        with Lab("fhn", ["c"]) as late:
+            c = late.pod("c")
+            assert store.pod_by_ip(ip_address(str(c.ipv4))) is None
+            assert host.refresh()  # a namespace appeared
+            assert store.pod_by_ip(ip_address(str(c.ipv6))).name == c.netns
+        assert host.refresh()  # ... and went
+        assert {p.name for p in store.pods()} >= {"box", a.netns}
+        assert c.netns not in {p.name for p in store.pods()}

@@ -13,10 +13,11 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from ipaddress import ip_address
 from pathlib import Path
 
+from flowmon_agent.metadata import MetadataStore
 from flowmon_agent.netns import NETNS_RUN_DIR
 
 IP_TIMEOUT_S = 5.0
@@ -53,25 +54,40 @@ def _inode(path: Path) -> int | None:
         return None
 
 
+def _candidates(run_dir: Path, proc: Path) -> list[tuple[Path, Callable[[], str]]]:
+    """(path, its name when needed): named namespaces first, then every process's."""
+    named = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+    pids = sorted((p for p in proc.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+    def command_name(pid: Path) -> Callable[[], str]:
+        return lambda: f"{(pid / 'comm').read_text().strip()}-{pid.name}"
+
+    return [
+        *((p, (lambda name=p.name: name)) for p in named),
+        *((pid / "ns" / "net", command_name(pid)) for pid in pids),
+    ]
+
+
+def namespace_inodes(run_dir: Path = NETNS_RUN_DIR, proc: Path = Path("/proc")) -> frozenset[int]:
+    """Cheap (stat only): which network namespaces exist, to notice one appearing or going."""
+    inodes = (_inode(path) for path, _ in _candidates(run_dir, proc))
+    return frozenset(i for i in inodes if i is not None)
+
+
 def network_namespaces(run_dir: Path = NETNS_RUN_DIR, proc: Path = Path("/proc")) -> list[tuple[str, Path]]:
     """(name, path) of every network namespace but the caller's, once each: named ones first (their
     name), then those only processes hold (`<command>-<pid>` of the first process found in it)."""
     seen = {_inode(proc / "self" / "ns" / "net")}
     found: list[tuple[str, Path]] = []
-    named = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
-    pids = sorted((p for p in proc.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    candidates = [(p.name, p) for p in named]
-    for pid in pids:
-        try:
-            command = (pid / "comm").read_text().strip()
-        except OSError:
-            continue
-        candidates.append((f"{command}-{pid.name}", pid / "ns" / "net"))
-    for name, path in candidates:
+    for path, name in _candidates(run_dir, proc):
         inode = _inode(path)
-        if inode is not None and inode not in seen:
-            seen.add(inode)
-            found.append((pod_name(name), path))
+        if inode is None or inode in seen:
+            continue
+        try:
+            found.append((pod_name(name()), path))
+        except OSError:  # the process exited meanwhile
+            continue
+        seen.add(inode)
     return found
 
 
@@ -95,3 +111,22 @@ def namespace_addresses() -> dict[str, list[str]]:
         if addresses:
             out.setdefault(name, addresses)
     return out
+
+
+class HostMetadata:
+    """The bare agent's metadata: `build(namespace addresses)` gives this host's objects; `refresh()`
+    re-reads them into the store when a network namespace appeared or went (a container started or
+    stopped), and is cheap otherwise. Addresses changed inside an existing namespace wait for the next
+    namespace change."""
+
+    def __init__(self, store: MetadataStore, build: Callable[[dict[str, list[str]]], list[dict]]) -> None:
+        self.store, self.build = store, build
+        self._seen: frozenset[int] | None = None
+
+    def refresh(self) -> bool:
+        seen = namespace_inodes()
+        if seen == self._seen:
+            return False
+        self._seen = seen
+        self.store.replace_all((obj, obj["kind"]) for obj in self.build(namespace_addresses()))
+        return True

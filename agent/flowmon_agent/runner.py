@@ -31,7 +31,6 @@ from flowmon_agent.filewatch import FileWatch
 from flowmon_agent.flows import FlowSnapshot, IPAddress
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_agent.metadata.inventory import parse_inventory
-from flowmon_agent.metadata.records import KINDS, parse_object, record_key
 from flowmon_agent.metadata.watcher import KubeWatcher
 from flowmon_agent.policy import AgentPolicy
 from flowmon_agent.policy_store import PolicyFile, PolicyStore
@@ -139,13 +138,7 @@ def stall_reason(
 
 def reload_inventory(path: Path, store: MetadataStore) -> None:
     """Replace every kind the inventory describes (a relist), so that removed objects disappear."""
-    by_kind: dict[str, list] = {kind: [] for kind in KINDS}
-    for obj, kind in parse_inventory(path.read_text()):
-        record = parse_object(obj, kind)
-        if record is not None:
-            by_kind[record_key(record)[0]].append(record)
-    for kind, records in by_kind.items():
-        store.replace(kind, records)
+    store.replace_all(parse_inventory(path.read_text()))
 
 
 class Agent:

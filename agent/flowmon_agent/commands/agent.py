@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from flowmon_agent.cli import Handler, subcommand
-from flowmon_agent.hostnets import addresses_of, namespace_addresses
+from flowmon_agent.hostnets import HostMetadata, addresses_of
 from flowmon_agent.manifests import ManifestError, load_monitors
 from flowmon_agent.policy import AgentPolicy, compile_policy, token_sha256
 from flowmon_agent.spec import FlowMonitor, FlowMonitorSpec, ObjectMeta
@@ -256,10 +256,12 @@ def make_agent(args: argparse.Namespace):
         raise AgentStartError("invalid monitor files:\n" + str(exc)) from None
     if settings.inventory_file is not None:
         warn_foreign_node(settings.inventory_file, *settings.node_name)
-    store = MetadataStore()
-    if settings.inventory_file is None and settings.policy_file is None:
-        for obj in host_objects(settings.node_name[0], local_addresses(), namespace_addresses()):
-            store.apply("ADDED", obj, obj["kind"])
+    store, host = MetadataStore(), None
+    if settings.inventory_file is None and settings.policy_file is None:  # bare: this host's namespaces
+        host = HostMetadata(
+            store, lambda netns: host_objects(settings.node_name[0], local_addresses(), netns)
+        )
+        host.refresh()
 
     def tracer_factory():
         from flowmon_agent.tracer import FlowTracer
@@ -277,7 +279,7 @@ def make_agent(args: argparse.Namespace):
     )
     if policy is not None:
         agent.policy.apply(policy, source="monitor files" if files else "default monitor")
-    return agent, files, nat
+    return agent, files, nat, host
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -286,7 +288,7 @@ async def serve(args: argparse.Namespace) -> int:
     from flowmon_agent.server import ServerConfigError
 
     try:
-        agent, files, nat = make_agent(args)
+        agent, files, nat, host = make_agent(args)
     except ServerConfigError as exc:
         raise AgentStartError(str(exc)) from None
     stop = asyncio.Event()
@@ -324,6 +326,8 @@ async def serve(args: argparse.Namespace) -> int:
                     and (policy := await asyncio.to_thread(files.changed_policy)) is not None
                 ):
                     agent.policy.apply(policy, source="monitor files")
+                if host is not None:  # a container started or stopped: its namespace's pod follows
+                    await asyncio.to_thread(host.refresh)
         finally:
             await agent.stop()
             nat.close()

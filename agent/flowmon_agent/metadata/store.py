@@ -91,6 +91,17 @@ class MetadataStore:
             for record in fresh.values():
                 self.upsert(record)
 
+    def replace_all(self, objects: Iterable[tuple[Mapping[str, Any], str]]) -> None:
+        """A relist of every kind at once ((object, kind) pairs, as an inventory parses): kinds with no
+        object left end up empty."""
+        by_kind: dict[str, list[Record]] = {kind: [] for kind in KINDS}
+        for obj, kind in objects:
+            record = parse_object(obj, kind)
+            if record is not None:
+                by_kind[record_key(record)[0]].append(record)
+        for kind, records in by_kind.items():
+            self.replace(kind, records)
+
     def _index(self, record: Record) -> None:
         match record:
             case PodRecord():
