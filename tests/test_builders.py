@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import pytest
 
@@ -519,3 +520,84 @@ def test_token_review_readers_turn_token_review_on_in_the_agents(readers, env, m
 def test_token_review_readers_are_namespace_slash_name(bad):
     with pytest.raises(ValueError):
         OperatorSettings(token_review_readers=[bad])
+
+
+# cert-manager.io/v1 Certificate, as documented at https://cert-manager.io/docs/usage/certificate/ (there is
+# no CRD schema in ../shared): spec.secretName and spec.issuerRef.name are required; these are the fields
+# and values we set.
+CERTIFICATE_SPEC_FIELDS = {
+    "secretName",
+    "secretTemplate",
+    "commonName",
+    "dnsNames",
+    "duration",
+    "renewBefore",
+    "privateKey",
+    "usages",
+    "issuerRef",
+}
+CERTIFICATE_USAGES = {"server auth", "client auth", "digital signature", "key encipherment", "signing"}
+GO_DURATION = r"^([0-9]+(\.[0-9]+)?(h|m|s|ms))+$"
+
+
+@pytest.mark.parametrize(
+    "issuer, kind, name",
+    [("Issuer/flowmon-ca", "Issuer", "flowmon-ca"), ("ClusterIssuer/corp.ca", "ClusterIssuer", "corp.ca")],
+)
+def test_serving_certificate_for_cert_manager(issuer, kind, name):
+    settings = OperatorSettings(cert_manager_issuer=issuer)
+    cert = builders.build_serving_certificate(settings)
+    assert (cert["apiVersion"], cert["kind"]) == ("cert-manager.io/v1", "Certificate")
+    assert cert["metadata"]["namespace"] == settings.operator_namespace
+    spec = cert["spec"]
+    assert set(spec) <= CERTIFICATE_SPEC_FIELDS
+    # the Secret the DaemonSet mounts, the names scrapers and the push verify, from the chosen issuer
+    assert spec["secretName"] == settings.serving_cert_secret_name
+    (daemonset,) = [
+        o
+        for o in render_all(
+            [FlowMonitor.model_validate({"metadata": {"name": "w", "namespace": "a"}})], settings
+        )
+        if o["kind"] == "DaemonSet"
+    ]
+    mounted = {
+        v["secret"]["secretName"] for v in daemonset["spec"]["template"]["spec"]["volumes"] if "secret" in v
+    }
+    assert spec["secretName"] in mounted
+    assert spec["dnsNames"] == settings.agent_dns_names
+    assert settings.agent_service_dns in spec["dnsNames"]
+    assert spec["issuerRef"] == {"group": "cert-manager.io", "kind": kind, "name": name}
+    assert "server auth" in spec["usages"] and set(spec["usages"]) <= CERTIFICATE_USAGES
+    assert re.match(GO_DURATION, spec["duration"]) and re.match(GO_DURATION, spec["renewBefore"])
+    hours = {k: int(spec[k].removesuffix("h")) for k in ("duration", "renewBefore")}
+    assert 0 < hours["renewBefore"] < hours["duration"]
+    assert spec["privateKey"]["algorithm"] in {"RSA", "ECDSA", "Ed25519"}
+    schemas._check_metadata(cert)
+
+
+@pytest.mark.parametrize("issuer", ["Issuer", "Issuer/", "Secret/x", "ClusterIssuer/UPPER", "Issuer/a/b"])
+def test_cert_manager_issuer_setting_is_checked(issuer):
+    with pytest.raises(ValueError):
+        OperatorSettings(cert_manager_issuer=issuer)
+
+
+def test_without_cert_manager_there_is_no_certificate():
+    assert OperatorSettings().cert_manager_issuer_ref is None
+    with pytest.raises(ValueError):
+        builders.build_serving_certificate(OperatorSettings())
+
+
+def test_render_with_cert_manager_swaps_the_pki_secrets_for_a_certificate():
+    settings = OperatorSettings(cert_manager_issuer="ClusterIssuer/corp")
+    monitor = FlowMonitor.model_validate({"metadata": {"name": "web", "namespace": "shop"}})
+    issuer_ca = certs.generate_ca("corp")
+    objects = render_all([monitor], settings, ca=issuer_ca, token_for=lambda _m: "t")
+    kinds = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert ("Certificate", settings.serving_cert_secret_name) in kinds
+    assert ("Secret", settings.ca_secret_name) not in kinds
+    assert ("Secret", settings.serving_cert_secret_name) not in kinds
+    (scrape,) = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["namespace"] == "shop"]
+    assert base64.b64decode(scrape["data"][builders.CA_KEY]).decode() == issuer_ca.cert_pem
+    for obj in objects:
+        if obj["kind"] != "Certificate":
+            schemas.validate_any(obj)

@@ -82,6 +82,7 @@ def kustomize_build(directory: Path) -> list[dict]:
 
 OBJECTS = kustomize_build(MANIFESTS)
 TOKEN_REVIEW = MANIFESTS / "token-review"  # the overlay that lets agents use TokenReview
+CERT_MANAGER = MANIFESTS / "cert-manager"  # the overlay that takes the serving certificate from cert-manager
 
 
 def find(kind: str, name: str, objects: list[dict] = OBJECTS) -> dict:
@@ -179,11 +180,14 @@ PLURALS = {
     "DaemonSet": ("apps", "daemonsets"),
     "ServiceMonitor": ("monitoring.coreos.com", "servicemonitors"),
     "PrometheusRule": ("monitoring.coreos.com", "prometheusrules"),
+    "Certificate": ("cert-manager.io", "certificates"),
 }
+# Kinds the operator applies but never lists or deletes (get: server-side apply reads first).
+APPLY_ONLY = {"Certificate": ("get", "create", "patch")}
 WRITE = ("get", "create", "patch", "delete")  # server-side apply creates and patches
 
 
-def operator_needs() -> set[tuple[str, str, str, str | None]]:
+def operator_needs(settings: OperatorSettings = SETTINGS) -> set[tuple[str, str, str, str | None]]:
     """(group, resource, verb, namespace) for everything the operator does; derived from what the
     builders render for monitors in two namespaces, plus kopf's and the reconciler's reads."""
     monitors = [
@@ -191,10 +195,11 @@ def operator_needs() -> set[tuple[str, str, str, str | None]]:
         for ns in ("shop", SETTINGS.operator_namespace)
     ]
     needs = set()
-    for obj in render_all(monitors, SETTINGS, token_for=lambda _m: "t"):
+    for obj in render_all(monitors, settings, token_for=lambda _m: "t"):
         group, plural = PLURALS[obj["kind"]]
         ns = obj["metadata"]["namespace"]
-        needs |= {(group, plural, verb, ns) for verb in (*WRITE, "list")}  # list: cleanup by label
+        verbs = APPLY_ONLY.get(obj["kind"], (*WRITE, "list"))  # list: cleanup by label
+        needs |= {(group, plural, verb, ns) for verb in verbs}
     needs |= {("flowmon.io", "flowmonitors", v, None) for v in ("get", "list", "watch", "patch")}
     needs |= {("flowmon.io", "flowmonitors/status", v, None) for v in ("get", "patch")}
     needs |= {("", "pods", v, SETTINGS.operator_namespace) for v in ("get", "list", "watch")}
@@ -272,6 +277,30 @@ def test_token_review_overlay_grants_the_agents_tokenreviews_and_turns_it_on(mon
     (base,) = find("Deployment", "flowmon-operator")["spec"]["template"]["spec"]["containers"]
     assert "FLOWMON_TOKEN_REVIEW_READERS" not in {e["name"] for e in base["env"]}
     assert ("authentication.k8s.io", "tokenreviews", "create") not in agent_needs(SETTINGS)
+
+
+def test_cert_manager_overlay_grants_the_operator_certificates_and_turns_it_on(monkeypatch):
+    overlay = kustomize_build(CERT_MANAGER)
+    for obj in overlay:
+        schemas.validate_k8s(obj)
+    settings = operator_settings_of(overlay, monkeypatch)
+    assert settings.cert_manager_issuer_ref == {
+        "group": "cert-manager.io",
+        "kind": "ClusterIssuer",
+        "name": "flowmon-ca",
+    }
+    needs = operator_needs(settings)
+    missing = [n for n in needs if not allowed("flowmon-operator", *n, overlay)]
+    assert missing == []
+    extra = granted("flowmon-operator", overlay) - granted("flowmon-operator")
+    assert extra == {("cert-manager.io", "certificates", v) for v in ("get", "create", "patch")}
+    assert not allowed("flowmon-operator", "cert-manager.io", "certificates", "create", "shop", overlay)
+    assert granted("flowmon-agent", overlay) == granted("flowmon-agent")
+    # The base issues its own certificate: no Certificate rendered, none may be written.
+    assert not any(n[0] == "cert-manager.io" for n in operator_needs())
+    assert not allowed(
+        "flowmon-operator", "cert-manager.io", "certificates", "get", SETTINGS.operator_namespace
+    )
 
 
 def test_service_accounts_match_the_operator_settings():

@@ -32,10 +32,11 @@ from flowmon_agent.policy import AgentPolicy, token_sha256
 from flowmon_agent.policy_store import PolicyStore
 from flowmon_agent.prometheus_process import free_port
 from flowmon_agent.server import AgentServer, ServerConfig
-from flowmon_operator import builders
+from flowmon_operator import builders, certs
 from flowmon_operator.handlers import FINALIZER, operator
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi import KubeAPI
+from tests.kubeapi.resources import crd_body
 from tests.schemas import FLOWMON_CRD, SHARED_SCHEMAS, validate_any
 
 NS = "flowmon-system"
@@ -240,8 +241,9 @@ class Cluster:
             )
 
 
-@pytest.fixture
-def cluster(kube_api: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+def running_cluster(
+    kube_api: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings_overrides
+) -> Iterator[Cluster]:
     monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig(tmp_path / "kubeconfig")))
     kube_api.create(yaml.safe_load(FLOWMON_CRD.read_text()))
     for kind in ("servicemonitors", "prometheusrules"):
@@ -249,7 +251,7 @@ def cluster(kube_api: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     for namespace in (NS, "team-a", "team-b"):
         kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     settings = OperatorSettings(
-        timer_interval_seconds=TIMER, push_timeout_seconds=2.0, agent_port=free_port()
+        timer_interval_seconds=TIMER, push_timeout_seconds=2.0, agent_port=free_port(), **settings_overrides
     )
     cluster = Cluster(kube_api, settings, AgentFleet(tmp_path, settings.agent_port))
     try:
@@ -260,6 +262,20 @@ def cluster(kube_api: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             cluster.stop_operator()
         finally:
             cluster.agents.close()
+
+
+@pytest.fixture
+def cluster(kube_api: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    yield from running_cluster(kube_api, tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def cert_manager_cluster(
+    kube_api: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Cluster]:
+    # A minimal Certificate CRD: the emulator serves the kind; cert-manager's schema is not in ../shared.
+    kube_api.create(crd_body("cert-manager.io", "Certificate", "certificates"))
+    yield from running_cluster(kube_api, tmp_path, monkeypatch, cert_manager_issuer="ClusterIssuer/test-ca")
 
 
 def test_create_builds_every_object_and_pushes_the_policy_to_every_agent(cluster: Cluster):
@@ -615,3 +631,59 @@ def test_flowmon_operator_without_credentials_says_so(tmp_path: Path):
     )
     assert result.returncode == 1
     assert "no Kubernetes API credentials" in result.stderr
+
+
+def test_cert_manager_issues_the_serving_certificate_and_its_ca_is_trusted(cert_manager_cluster: Cluster):
+    cluster, s = cert_manager_cluster, cert_manager_cluster.settings
+    cluster.create_monitor("web")
+    certificate = cluster.wait(
+        lambda: cluster.api.find("cert-manager.io/v1", "Certificate", s.serving_cert_secret_name, NS)
+    )
+    assert certificate["spec"]["issuerRef"] == {
+        "group": "cert-manager.io",
+        "kind": "ClusterIssuer",
+        "name": "test-ca",
+    }
+    # Until cert-manager has issued the Secret, the monitor waits and says why; nothing runs yet.
+    cluster.wait(lambda: cluster.condition("web", "Ready").get("reason") == "WaitingForCertificate")
+    assert s.serving_cert_secret_name in cluster.condition("web", "Ready")["message"]
+    time.sleep(2 * TIMER)
+    assert cluster.secret(s.serving_cert_secret_name) is None  # the operator does not issue it itself
+    assert cluster.secret(s.ca_secret_name) is None
+    assert not any(cluster.shared().values()) and cluster.children("web")["Secret"] is None
+
+    # The test plays cert-manager's controller (an external component, not flowmon's): it issues the
+    # Certificate's names from its CA and writes the Secret as cert-manager's CA issuer does.
+    issuer_ca = certs.generate_ca("test-ca")
+    serving = certs.issue_serving_cert(issuer_ca, certificate["spec"]["dnsNames"])
+    cluster.api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": certificate["spec"]["secretName"], "namespace": NS},
+            "type": "kubernetes.io/tls",
+            "data": {
+                k: base64.b64encode(v.encode()).decode()
+                for k, v in (
+                    ("tls.crt", serving.cert_pem),
+                    ("tls.key", serving.key_pem),
+                    ("ca.crt", issuer_ca.cert_pem),
+                )
+            },
+        }
+    )
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web"))
+    # The push verified the agents against cert-manager's CA (and the Service name): they run the policy.
+    policy = cluster.policy()
+    assert {cluster.agents.hash(ip) for ip in NODES.values()} == {policy.hash}
+    scrape = cluster.children("web")["Secret"]
+    assert decode(scrape, builders.CA_KEY) == issuer_ca.cert_pem
+    token = decode(scrape, builders.SCRAPE_TOKEN_KEY)
+    assert (
+        cluster.agents.scrape(NODES["node-a"], "/metrics/team-a/web", token, decode(scrape, builders.CA_KEY))
+        == 200
+    )
+    # The serving Secret is cert-manager's: the operator left it as issued and made no CA of its own.
+    assert decode(cluster.secret(s.serving_cert_secret_name), "tls.crt") == serving.cert_pem
+    assert cluster.secret(s.ca_secret_name) is None

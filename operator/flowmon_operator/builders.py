@@ -320,6 +320,34 @@ def build_serving_cert_secret(settings: OperatorSettings, cert: KeyPair, ca_pem:
     return _tls_secret(settings.serving_cert_secret_name, settings.operator_namespace, cert, ca_pem)
 
 
+CERTIFICATE_API_VERSION = "cert-manager.io/v1"
+
+
+def build_serving_certificate(settings: OperatorSettings) -> dict:
+    """cert-manager's Certificate for the agents' serving certificate: it writes tls.crt, tls.key and ca.crt
+    into the Secret the DaemonSet already mounts. ECDSA P-256 as certs.py; server auth only."""
+    issuer_ref = settings.cert_manager_issuer_ref
+    if issuer_ref is None:
+        raise ValueError("cert_manager_issuer is not set: the operator issues the certificate itself")
+    name = settings.serving_cert_secret_name
+    return {
+        "apiVersion": CERTIFICATE_API_VERSION,
+        "kind": "Certificate",
+        "metadata": _meta(name, settings.operator_namespace, managed_labels()),
+        "spec": {
+            "secretName": name,
+            "secretTemplate": {"labels": managed_labels()},
+            "commonName": settings.agent_service_dns,
+            "dnsNames": settings.agent_dns_names,
+            "duration": settings.cert_manager_duration,
+            "renewBefore": settings.cert_manager_renew_before,
+            "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+            "usages": ["server auth", "digital signature"],
+            "issuerRef": issuer_ref,
+        },
+    }
+
+
 def build_admin_token_secret(settings: OperatorSettings, token: str) -> dict:
     """The token the operator uses to push policy (the agent mounts it; only the operator reads it)."""
     return {

@@ -60,10 +60,18 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await runtime.kube.close()
 
 
+async def _sync(memo: kopf.Memo, **kwargs: Any) -> reconcile.Outcome:
+    """One round; waiting for cert-manager is temporary: retried after one timer period."""
+    try:
+        return await reconcile.sync(memo.runtime, **kwargs)
+    except reconcile.WaitingForCertificate as exc:
+        raise kopf.TemporaryError(str(exc), delay=memo.runtime.settings.timer_interval_seconds) from None
+
+
 async def reconcile_monitor(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """create, update and resume: one idempotent round. An invalid spec gets Ready=False (written by the
     round) and a permanent error: retrying cannot fix it, the next spec change will."""
-    outcome = await reconcile.sync(memo.runtime, trigger=body)
+    outcome = await _sync(memo, trigger=body)
     problem = outcome.problems.get(reconcile.monitor_key(body))
     if problem is not None:
         raise kopf.PermanentError(f"invalid spec: {problem}")
@@ -71,13 +79,13 @@ async def reconcile_monitor(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 async def resync_monitor(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """The timer: restores children edited or deleted by hand, retries agents that missed a push."""
-    await reconcile.sync(memo.runtime, trigger=body)
+    await _sync(memo, trigger=body)
 
 
 async def delete_monitor(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Drop the monitor from the policy (the last one takes the shared objects along), then its children."""
     meta = body["metadata"]
-    await reconcile.sync(memo.runtime, deleting=reconcile.monitor_key(body))
+    await _sync(memo, deleting=reconcile.monitor_key(body))
     await reconcile.delete_children(memo.runtime, meta["namespace"], meta["name"])
 
 

@@ -93,6 +93,7 @@ KINDS: dict[str, Ref] = {
     "DaemonSet": Ref("apps/v1", "daemonsets"),
     "ServiceMonitor": Ref("monitoring.coreos.com/v1", "servicemonitors"),
     "PrometheusRule": Ref("monitoring.coreos.com/v1", "prometheusrules"),
+    "Certificate": Ref("cert-manager.io/v1", "certificates"),
     "FlowMonitor": Ref("flowmon.io/v1alpha1", "flowmonitors"),
 }
 

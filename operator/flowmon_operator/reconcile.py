@@ -33,6 +33,7 @@ from flowmon_operator.status import (
     runs_monitor,
     status_changed,
     validation_message,
+    waiting_status,
 )
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,37 @@ async def _create_once(kube: KubeClient, obj: dict) -> dict:
         return found
 
 
+class WaitingForCertificate(Exception):
+    """cert-manager has not issued the agents' serving certificate yet: nothing can be pushed or scraped."""
+
+    reason = "WaitingForCertificate"
+
+
+async def cert_manager_ca(rt: Runtime) -> KeyPair:
+    """Apply the Certificate; the CA scrapers and the push trust is the issued Secret's ca.crt (cert-manager
+    writes it for CA and selfSigned issuers). The operator holds no CA key in this mode."""
+    s, ns = rt.settings, rt.settings.operator_namespace
+    name = s.serving_cert_secret_name
+    try:
+        await rt.kube.apply(builders.build_serving_certificate(s))
+    except NotFound:
+        raise WaitingForCertificate(
+            "the cert-manager Certificate CRD (cert-manager.io/v1) is not installed"
+        ) from None
+    serving = await rt.kube.get("Secret", name, ns)
+    ca_pem = _decode(serving, builders.CA_KEY)
+    if not ca_pem or not _decode(serving, "tls.crt"):
+        raise WaitingForCertificate(
+            f"waiting for cert-manager ({s.cert_manager_issuer}) to issue Certificate {ns}/{name} into "
+            f"Secret {ns}/{name} with tls.crt and ca.crt"
+        )
+    return KeyPair(ca_pem, "")
+
+
 async def ensure_pki(rt: Runtime) -> Pki:
     s, kube, ns = rt.settings, rt.kube, rt.settings.operator_namespace
+    if s.cert_manager_issuer:
+        return Pki(ca=await cert_manager_ca(rt), admin_token=await ensure_admin_token(rt))
     ca_secret = await kube.get("Secret", s.ca_secret_name, ns)
     ca = KeyPair(_decode(ca_secret, "tls.crt") or "", _decode(ca_secret, "tls.key") or "")
     if not ca.cert_pem or not ca.key_pem:
@@ -113,10 +143,15 @@ async def ensure_pki(rt: Runtime) -> Pki:
         log.info("issuing the agents' serving certificate")
         pair = certs.issue_serving_cert(ca, s.agent_dns_names, validity_days=s.cert_validity_days)
         await kube.apply(builders.build_serving_cert_secret(s, pair, ca.cert_pem))
-    admin = await kube.get("Secret", s.admin_token_secret_name, ns)
+    return Pki(ca=ca, admin_token=await ensure_admin_token(rt))
+
+
+async def ensure_admin_token(rt: Runtime) -> str:
+    s, kube = rt.settings, rt.kube
+    admin = await kube.get("Secret", s.admin_token_secret_name, s.operator_namespace)
     if _decode(admin, builders.ADMIN_TOKEN_KEY) is None:
         admin = await _create_once(kube, builders.build_admin_token_secret(s, certs.generate_token()))
-    return Pki(ca=ca, admin_token=_decode(admin, builders.ADMIN_TOKEN_KEY) or "")
+    return _decode(admin, builders.ADMIN_TOKEN_KEY) or ""
 
 
 # --- per monitor -------------------------------------------------------------------------------------------
@@ -287,7 +322,11 @@ async def sync(rt: Runtime, *, trigger: Mapping | None = None, deleting: str | N
             await _write_statuses(rt, live, valid, problems, None, None, trigger_key)
             return Outcome(None, None, problems)
 
-        pki = await ensure_pki(rt)
+        try:
+            pki = await ensure_pki(rt)
+        except WaitingForCertificate as exc:
+            await _write_waiting(rt, live, problems, exc)
+            raise
         for key, monitor in valid.items():
             if key == trigger_key:
                 rt.notes[key] = await apply_children(rt, monitor, pki)
@@ -312,6 +351,27 @@ async def sync(rt: Runtime, *, trigger: Mapping | None = None, deleting: str | N
         await _write_statuses(rt, live, valid, problems, policy, fleet, trigger_key)
         agents = count_agents(fleet.reports, fleet.desired, lambda reported: reported == policy.hash)
         return Outcome(policy, agents, problems)
+
+
+async def _write_waiting(
+    rt: Runtime, live: list[dict], problems: dict[str, str], exc: WaitingForCertificate
+) -> None:
+    """Valid monitors say why nothing runs yet (Ready=False with the reason); invalid ones keep theirs."""
+    for body in live:
+        if monitor_key(body) in problems:
+            continue
+        previous = body.get("status") or {}
+        new = waiting_status(
+            previous,
+            generation=previous.get("observedGeneration"),
+            reason=exc.reason,
+            message=str(exc),
+            now=_now(),
+        )
+        if status_changed(previous, new):
+            await rt.kube.patch_status(
+                FLOWMONITOR, body["metadata"]["name"], body["metadata"]["namespace"], new
+            )
 
 
 async def _write_statuses(

@@ -28,17 +28,15 @@ def render_all(
 ) -> list[dict]:
     """Shared objects first (Secrets, ConfigMap, Service, DaemonSet), then per monitor, sorted by
     namespace/name: scrape Secret, ServiceMonitor, PrometheusRule (when alerting is enabled).
-    No monitors, no objects: the shared ones exist only while a monitor does."""
+    No monitors, no objects: the shared ones exist only while a monitor does.
+    With settings.cert_manager_issuer, a cert-manager Certificate replaces the CA and serving-cert Secrets,
+    and `ca` is the issuer's CA the scrape Secrets carry (only its cert is used; the operator copies the
+    issued Secret's ca.crt when it runs)."""
     settings = settings or OperatorSettings()
     ordered = sorted(monitors, key=lambda m: m.key)
     if not ordered:
         return []
-    ca = ca or certs.generate_ca(
-        f"flowmon-ca.{settings.operator_namespace}", validity_days=settings.ca_validity_days
-    )
-    serving_cert = serving_cert or certs.issue_serving_cert(
-        ca, settings.agent_dns_names, validity_days=settings.cert_validity_days
-    )
+    pki, ca_pem = _pki_objects(settings, ca, serving_cert)
     tokens = {m.key: token_for(m) for m in ordered}
     policy = compile_policy(
         ordered,
@@ -46,18 +44,36 @@ def render_all(
         token_hashes={key: [token_sha256(token)] for key, token in tokens.items()},
     )
     objects = [
-        builders.build_ca_secret(settings, ca),
-        builders.build_serving_cert_secret(settings, serving_cert, ca.cert_pem),
+        *pki,
         builders.build_admin_token_secret(settings, admin_token or certs.generate_token()),
         *builders.build_shared_objects(settings, policy),
     ]
     for monitor in ordered:
-        secret = builders.build_scrape_secret(settings, monitor, tokens[monitor.key], ca.cert_pem)
+        secret = builders.build_scrape_secret(settings, monitor, tokens[monitor.key], ca_pem)
         objects += [secret, builders.build_service_monitor(settings, monitor, secret["metadata"]["name"])]
         rule = _prometheus_rule(monitor, settings)
         if rule is not None:
             objects.append(rule)
     return objects
+
+
+def _pki_objects(
+    settings: OperatorSettings, ca: KeyPair | None, serving_cert: KeyPair | None
+) -> tuple[list[dict], str]:
+    """The serving-certificate objects and the CA (PEM) the scrape Secrets carry."""
+    if settings.cert_manager_issuer:
+        return [builders.build_serving_certificate(settings)], ca.cert_pem if ca else ""
+    ca = ca or certs.generate_ca(
+        f"flowmon-ca.{settings.operator_namespace}", validity_days=settings.ca_validity_days
+    )
+    serving_cert = serving_cert or certs.issue_serving_cert(
+        ca, settings.agent_dns_names, validity_days=settings.cert_validity_days
+    )
+    secrets = [
+        builders.build_ca_secret(settings, ca),
+        builders.build_serving_cert_secret(settings, serving_cert, ca.cert_pem),
+    ]
+    return secrets, ca.cert_pem
 
 
 def _prometheus_rule(monitor: FlowMonitor, settings: OperatorSettings) -> dict | None:

@@ -64,6 +64,16 @@ class OperatorSettings(BaseSettings):
     token_review_readers: list[
         Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")]
     ] = Field(default_factory=list)
+    # cert-manager: "Issuer/<name>" (in operator_namespace) or "ClusterIssuer/<name>". Set: the operator
+    # renders a cert-manager Certificate for the serving-cert Secret instead of issuing it, and trusts the
+    # issued Secret's ca.crt (needs manifests/cert-manager). Empty (default): the operator's own CA.
+    cert_manager_issuer: Annotated[
+        str, Field(pattern=r"^((Cluster)?Issuer/[a-z0-9]([-.a-z0-9]*[a-z0-9])?)?$")
+    ] = ""
+    # Go durations, as cert-manager reads them: 90 days (cert-manager's default); renew 30 days before
+    # expiry, as needs_renewal's margin for the operator's own certificates.
+    cert_manager_duration: Annotated[str, Field(pattern=r"^([0-9]+(h|m|s))+$")] = "2160h"
+    cert_manager_renew_before: Annotated[str, Field(pattern=r"^([0-9]+(h|m|s))+$")] = "720h"
     ca_validity_days: int = Field(default=3650, ge=1)
     cert_validity_days: int = Field(default=365, ge=1)
 
@@ -76,6 +86,14 @@ class OperatorSettings(BaseSettings):
     def token_review_usernames(self) -> list[str]:
         """The Kubernetes usernames TokenReview reports for token_review_readers."""
         return [f"system:serviceaccount:{ref.replace('/', ':', 1)}" for ref in self.token_review_readers]
+
+    @property
+    def cert_manager_issuer_ref(self) -> dict[str, str] | None:
+        """The Certificate's issuerRef, or None when the operator issues the serving certificate itself."""
+        if not self.cert_manager_issuer:
+            return None
+        kind, name = self.cert_manager_issuer.split("/", 1)
+        return {"group": "cert-manager.io", "kind": kind, "name": name}
 
     @property
     def agent_service_dns(self) -> str:

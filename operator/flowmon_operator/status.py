@@ -152,19 +152,25 @@ def running_status(
     return _checked(status)
 
 
-def invalid_status(previous: Mapping, *, generation: int | None, message: str, now: str) -> dict:
-    """Ready=False naming the invalid fields; everything else stays as it was (nothing that runs changed)."""
+def waiting_status(previous: Mapping, *, generation: int | None, reason: str, message: str, now: str) -> dict:
+    """Ready=False for `reason` (e.g. cert-manager has not issued the certificate yet); the agents, series
+    and policy hash stay as they were: nothing that runs changed."""
     conditions = set_condition(
         list(previous.get("conditions") or []),
         "Ready",
         False,
-        "InvalidSpec",
+        reason,
         message[:4000],
         now=now,
         generation=generation,
     )
     kept = {k: v for k, v in previous.items() if k in ("agents", "predictedSeries", "policyHash")}
     return _checked({**kept, "observedGeneration": generation, "conditions": conditions})
+
+
+def invalid_status(previous: Mapping, *, generation: int | None, message: str, now: str) -> dict:
+    """Ready=False naming the invalid fields; everything else stays as it was (nothing that runs changed)."""
+    return waiting_status(previous, generation=generation, reason="InvalidSpec", message=message, now=now)
 
 
 def status_changed(previous: Mapping, new: Mapping) -> bool:
