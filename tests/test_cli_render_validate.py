@@ -23,9 +23,10 @@ INVALID = sorted((GOLDEN / "invalid").glob("*.yaml"))
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
-def flowmon(*args: str) -> subprocess.CompletedProcess[str]:
-    """The real command line, from the repository root (paths in messages are relative to it)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWMON_")}  # operator settings
+def flowmon(*args: str, settings: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command line, from the repository root (paths in messages are relative to it); only the
+    given operator settings (FLOWMON_* variables) apply."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWMON_")} | (settings or {})
     return subprocess.run(
         [sys.executable, "-m", "flowmon_agent.cli", *args], cwd=ROOT, capture_output=True, text=True, env=env
     )
@@ -155,6 +156,29 @@ def test_render_output_is_what_the_operator_needs() -> None:
     assert config_map["metadata"]["annotations"]["flowmon.io/policy-hash"] == policy.hash
     # No generated secret material leaks into the output: only placeholders.
     assert "BEGIN" not in yaml.safe_dump_all(objects)
+
+
+def test_render_with_cert_manager_renders_a_certificate_instead_of_the_pki_secrets() -> None:
+    done = flowmon("render", "examples", settings={"FLOWMON_CERT_MANAGER_ISSUER": "Issuer/flowmon-ca"})
+    assert done.returncode == 0, done.stderr
+    objects = list(yaml.safe_load_all(done.stdout))
+    (certificate,) = [o for o in objects if o["kind"] == "Certificate"]
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["spec"]["issuerRef"] == {
+        "group": "cert-manager.io",
+        "kind": "Issuer",
+        "name": "flowmon-ca",
+    }
+    names = {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"}
+    assert not names & {"flowmon-ca", certificate["spec"]["secretName"]}
+    plain = list(yaml.safe_load_all(flowmon("render", "examples").stdout))
+    assert [o for o in plain if o["kind"] == "Certificate"] == []
+    assert [o for o in objects if o["kind"] != "Certificate"] == [
+        o
+        for o in plain
+        if (o["kind"], o["metadata"]["name"])
+        not in {("Secret", "flowmon-ca"), ("Secret", "flowmon-agent-tls")}
+    ]
 
 
 def test_render_refuses_invalid_files_like_validate() -> None:
