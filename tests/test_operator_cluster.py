@@ -20,7 +20,6 @@ import contextlib
 import os
 import secrets
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from flowmon_operator import builders
 from flowmon_operator.handlers import FINALIZER, operator
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi import KubeAPI
+from tests.kubeapi.server import wait_for
 from tests.schemas import FLOWMON_CRD, SHARED_SCHEMAS
 
 FM = "flowmon.io/v1alpha1"
@@ -82,14 +82,7 @@ class Api:
 
 
 def wait(predicate: Callable[[], Any], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.2)
+    return wait_for(predicate, timeout, interval=0.2)
 
 
 class Scenario:

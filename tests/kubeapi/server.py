@@ -218,15 +218,7 @@ class KubeAPI:
         return self.store.close_watches(CLOSE_EXPIRED)
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-        """Poll until predicate() is truthy; return its value or raise AssertionError on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s: {predicate}")
-            time.sleep(interval)
+        return wait_for(predicate, timeout, interval)
 
     # ---- HTTP --------------------------------------------------------------------------------------------
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -429,3 +421,15 @@ class KubeAPI:
             "type": "BOOKMARK",
             "object": {"kind": rtype.kind, "apiVersion": rtype.api_version, "metadata": metadata},
         }
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll until predicate() is truthy; return its value or raise AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
