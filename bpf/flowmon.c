@@ -392,6 +392,22 @@ static __always_inline void link_peer(struct sock_state *srv) {
 }
 #endif
 
+// The flow key of the socket a state change is about: its local end (saddr/sport) is the client when it
+// sent the SYN, the server when it was accepted. Returns the family (IPv4-mapped addresses become IPv4).
+// Takes the tracepoint's fields one by one: BCC defines the args struct only inside the probe.
+static __always_inline u16 local_key(struct flow_key *key, u8 role, u16 family, const u8 *saddr,
+                                     const u8 *saddr_v6, const u8 *daddr, const u8 *daddr_v6, u16 sport,
+                                     u16 dport) {
+    u8 *local = role == FM_ROLE_CLIENT ? key->client : key->server;
+    u8 *remote = role == FM_ROLE_CLIENT ? key->server : key->client;
+    u16 fam = copy_addr(local, saddr, saddr_v6, family);
+    copy_addr(remote, daddr, daddr_v6, family);
+    key->family = fam;
+    key->server_port = role == FM_ROLE_CLIENT ? dport : sport;
+    key->reporter = role;
+    return fam;
+}
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     // Half of a connection's ~10 transitions (FIN_WAIT*, CLOSE_WAIT, LAST_ACK, SYN_RECV, ...) need nothing.
     int newstate = args->newstate;
@@ -405,12 +421,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     if (newstate == FM_TCP_SYN_SENT && oldstate == FM_TCP_CLOSE) {
         // connect(): the client. The source port is not chosen yet; the flow key does not need it.
         struct sock_state st = {};
-        u16 family = args->family;
-        family = copy_addr(st.key.client, args->saddr, args->saddr_v6, family);
-        copy_addr(st.key.server, args->daddr, args->daddr_v6, args->family);
-        st.key.family = family;
-        st.key.server_port = args->dport;
-        st.key.reporter = FM_ROLE_CLIENT;
+        u16 family = local_key(&st.key, FM_ROLE_CLIENT, args->family, args->saddr, args->saddr_v6,
+                               args->daddr, args->daddr_v6, args->sport, args->dport);
         if (!is_traced(family, st.key.client, st.key.server_port))
             return 0;
         st.start_ns = bpf_ktime_get_ns();
@@ -438,12 +450,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         } else if (oldstate == FM_TCP_SYN_RECV) {
             // The accepted child socket: the server.
             struct sock_state st = {};
-            u16 family = args->family;
-            family = copy_addr(st.key.server, args->saddr, args->saddr_v6, family);
-            copy_addr(st.key.client, args->daddr, args->daddr_v6, args->family);
-            st.key.family = family;
-            st.key.server_port = args->sport;
-            st.key.reporter = FM_ROLE_SERVER;
+            u16 family = local_key(&st.key, FM_ROLE_SERVER, args->family, args->saddr, args->saddr_v6,
+                                   args->daddr, args->daddr_v6, args->sport, args->dport);
             if (!is_traced(family, st.key.server, st.key.server_port))
                 return 0;
             st.established = 1;
