@@ -1,7 +1,7 @@
 // flowmon kernel side: exact TCP flow accounting, aggregated in the kernel.
 //
 // Only tracepoint arguments are read (a stable ABI), never kernel struct layouts, so this compiles
-// against any kernel headers. Per-socket state lives in `socks` (keyed by the socket pointer) while the
+// against any kernel headers. Per-socket state lives in `socks` (found by the socket pointer) while the
 // socket lives; when it closes it is folded into `flows`, keyed by the flow without the ephemeral port.
 // Nothing is sent to user space per event: user space reads the maps once a second.
 //
@@ -94,29 +94,56 @@ BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, FLOW_MAX);
 // Template for new flow entries (too large for the 512-byte BPF stack).
 BPF_PERCPU_ARRAY(flow_zero, struct flow_val, 1);
 
-// Per-socket state while the socket lives: only what routes its events to its flow (no counters but a
-// connecting client's SYN retransmits, whose NAT per-connection key is not final yet).
+// Per-socket state while the socket lives. Two cache lines: the first is read by every event and
+// written only on state changes and srtt samples; the second holds the counters the socket's own
+// send/recv add to (default path), so the hot path never writes a line another CPU reads.
 struct sock_state {
+    u64 sk;            // the socket (0: slot free, FM_SK_CLAIMED: being written)
     struct flow_key key;
-    u64 start_ns;      // client: when SYN_SENT was entered (connect latency)
     u64 last_rtt_ns;   // when the last periodic srtt sample was taken
-    u32 retrans;       // SYN retransmits while connecting (moved to the flow at ESTABLISHED or close)
     u32 srtt_us;       // latest smoothed RTT from tcp_probe
-    u32 seq_hw;        // compat: highest snd_nxt seen
+    u8 has_srtt;
     u8 established;
+    u8 per_conn;       // the server is a NAT peer: key.client_port is filled in
+    u8 probe;          // distance of this slot from the socket's home slot
+    // --- second cache line
+    u64 tx_word;       // default path: generation << 48 | bytes sent, not yet in the flow
+    u64 rx_word;       //               generation << 48 | bytes received, not yet in the flow
+    u64 open_word;     //               generation << 48 | FM_OPEN_PENDING | FM_HAS_LATENCY | latency_us
+    u64 start_ns;      // client: when SYN_SENT was entered (connect latency)
+    u32 retrans;       // SYN retransmits while connecting (moved to the flow at ESTABLISHED or close)
+    u32 seq_hw;        // compat: highest snd_nxt seen
+    u16 client_port;   // the connection's client port (NAT-stable RST matching)
     u8 rst_received;   // an RST arrived while connecting: refused
     u8 seq_init;       // compat: seq_hw is valid
-    u8 has_srtt;
-    u8 per_conn;       // the server is a NAT peer: key.client_port is filled in
     u8 peer_local;     // compat: the peer socket is traced here; its snd_nxt advance is our rx
-    u16 client_port;   // the connection's client port (NAT-stable RST matching)
-    u8 pad2[6];
+    u8 pad[11];
 #if FLOWMON_COMPAT
     struct flow_key peer_key;  // compat, peer_local: the peer's flow, credited with what we send
 #endif
 };
-// Plain hash, not LRU: evicting a live socket would silently lose its counters; a full map is counted.
-BPF_HASH(socks, u64, struct sock_state, SOCK_MAX);
+
+// The socket table: an array indexed by a hash of the socket pointer, each socket in its home slot or
+// one of the next SOCK_PROBES - 1. An array lookup is inlined by the verifier (no key hashing, no bucket
+// lock, no free list), which halves the per-connection cost of a hash map under connection churn (see
+// docs/kernel.md). Not LRU: evicting a live socket would silently lose its counters; a socket that finds
+// no free slot is counted (ST_SOCK_FULL) and not traced.
+#define FM_SK_CLAIMED 1ULL
+#define SOCK_PROBES 8
+#define FM_GEN_ONE (1ULL << 48)
+#define FM_GEN_MASK 0xFFFF000000000000ULL
+#define FM_OPEN_PENDING (1ULL << 47)
+#define FM_HAS_LATENCY (1ULL << 46)
+#define FM_LATENCY_MAX (FM_HAS_LATENCY - 1)
+struct sock_slot {
+    struct sock_state st;
+    u32 displaced;     // sockets whose home is this slot but that live in a later one
+    u32 pad;
+};
+// Memory-mappable arrays are page-aligned: with 128-byte slots each cache line holds one slot's half.
+#define FM_BPF_F_MMAPABLE 1024
+BPF_F_TABLE("array", u32, struct sock_slot, socks, SOCK_MAX, FM_BPF_F_MMAPABLE);
+
 
 // Sockets that closed abruptly (from ESTABLISHED, CLOSE_WAIT or FIN_WAIT1): tcp_disconnect (SO_LINGER 0,
 // abort, unread data) moves to CLOSE first and only then sends its RST, possibly after migrating to
@@ -310,12 +337,69 @@ static __always_inline void hist_add(u64 *slots, u64 *sum, u64 value) {
     __sync_fetch_and_add(sum, value);
 }
 
-static __always_inline int insert_sock(u64 sk, struct sock_state *st) {
-    if (socks.update(&sk, st) != 0) {
-        stat_inc(ST_SOCK_FULL);
-        return -1;
+static __always_inline u32 sock_home(u64 sk) {
+    return (u32)((sk * 0x9E3779B97F4A7C15ULL) >> 32) & (SOCK_MAX - 1);  // SOCK_MAX: a power of two
+}
+
+static __always_inline struct sock_state *sock_find(u64 sk) {
+    u32 i = sock_home(sk);
+    struct sock_slot *home = socks.lookup(&i);
+    if (!home)
+        return 0;
+    if (home->st.sk == sk)
+        return &home->st;
+    if (!home->displaced)
+        return 0;  // the common miss (an untraced socket) reads one slot
+#pragma unroll
+    for (u32 p = 1; p < SOCK_PROBES; p++) {
+        u32 j = (i + p) & (SOCK_MAX - 1);
+        struct sock_slot *slot = socks.lookup(&j);
+        if (slot && slot->st.sk == sk)
+            return &slot->st;
     }
     return 0;
+}
+
+// Store a new socket's state; a slot is claimed with compare-and-swap, so two CPUs never share one.
+static __always_inline struct sock_state *sock_insert(u64 sk, struct sock_state *init) {
+    u32 i = sock_home(sk);
+#pragma unroll
+    for (u32 p = 0; p < SOCK_PROBES; p++) {
+        u32 j = (i + p) & (SOCK_MAX - 1);
+        struct sock_slot *slot = socks.lookup(&j);
+        if (!slot)
+            return 0;
+        // the same pointer still stored (its close was never seen): reuse the slot
+        int mine = slot->st.sk == sk;
+        if (!mine && (slot->st.sk != 0 || __sync_val_compare_and_swap(&slot->st.sk, 0, FM_SK_CLAIMED) != 0))
+            continue;
+        if (p && !mine) {
+            struct sock_slot *home = socks.lookup(&i);
+            if (home)
+                __sync_fetch_and_add(&home->displaced, 1);
+        }
+        u64 gen = (slot->st.tx_word + FM_GEN_ONE) & FM_GEN_MASK;  // a new generation for the slot
+        init->tx_word = init->rx_word = init->open_word = gen;
+        init->sk = FM_SK_CLAIMED;
+        init->probe = p;
+        slot->st = *init;
+        asm volatile("" ::: "memory");  // the state is complete before the socket can be found
+        slot->st.sk = sk;
+        return &slot->st;
+    }
+    stat_inc(ST_SOCK_FULL);
+    return 0;
+}
+
+static __always_inline void sock_remove(u64 sk, struct sock_state *st) {
+    u8 p = st->probe;
+    st->sk = 0;
+    if (p) {
+        u32 i = sock_home(sk);
+        struct sock_slot *home = socks.lookup(&i);
+        if (home)
+            __sync_fetch_and_add(&home->displaced, (u32)-1);
+    }
 }
 
 // This socket's own direction (tx: what it sent) in its flow: the client sends c2s, the server s2c.
@@ -323,29 +407,74 @@ static __always_inline u64 *dir_bytes(struct flow_val *v, u8 reporter, int tx) {
     return (reporter == FM_ROLE_CLIENT) == tx ? &v->c2s_bytes : &v->s2c_bytes;
 }
 
-// A connection reached ESTABLISHED (its key is final now): opened, connect latency, SYN retransmits.
-static __always_inline void count_open(struct sock_state *st, u64 now) {
-    struct flow_val *v = flow_get(&st->key);
-    if (!v)
-        return;
-    __sync_fetch_and_add(&v->opened, 1);
-    if (st->start_ns)
-        hist_add(v->latency_slots, &v->latency_sum_us, (now - st->start_ns) / 1000);
-    if (st->retrans) {
-        __sync_fetch_and_add(&v->retrans_c2s, st->retrans);  // only a client retransmits while connecting
-        st->retrans = 0;
+// Default path: bytes and opens wait in the socket's second cache line and reach the flow at close, or
+// when user space runs flowmon_fold before it reads `flows`: one flow update per short connection instead
+// of one per event. Each word carries the slot's generation, so a fold racing a close and the slot's reuse
+// can tell whose counters it took.
+static __always_inline void take_pending(struct sock_state *st, u64 *tx, u64 *rx, u64 *open) {
+#if FLOWMON_COMPAT
+    *tx = *rx = *open = 0;  // the compat path adds to the flow as events happen
+#else
+    *tx = __sync_fetch_and_and(&st->tx_word, FM_GEN_MASK);
+    *rx = __sync_fetch_and_and(&st->rx_word, FM_GEN_MASK);
+    *open = __sync_fetch_and_and(&st->open_word, FM_GEN_MASK);
+#endif
+}
+
+static __always_inline void credit_pending(struct flow_val *v, u8 reporter, u64 tx, u64 rx, u64 open) {
+    tx &= ~FM_GEN_MASK;
+    rx &= ~FM_GEN_MASK;
+    if (tx)
+        __sync_fetch_and_add(dir_bytes(v, reporter, 1), tx);
+    if (rx)
+        __sync_fetch_and_add(dir_bytes(v, reporter, 0), rx);
+    if (open & FM_OPEN_PENDING) {
+        __sync_fetch_and_add(&v->opened, 1);
+        if (open & FM_HAS_LATENCY)
+            hist_add(v->latency_slots, &v->latency_sum_us, open & FM_LATENCY_MAX);
     }
 }
 
-// A socket closes: closed and its last srtt sample, or a failed connect.
+// A connection reached ESTABLISHED (its key is final now): opened, connect latency, SYN retransmits.
+static __always_inline void count_open(struct sock_state *st, u64 now) {
+    u64 open = FM_OPEN_PENDING;
+    if (st->start_ns) {
+        u64 latency_us = (now - st->start_ns) / 1000;
+        open |= FM_HAS_LATENCY | (latency_us < FM_LATENCY_MAX ? latency_us : FM_LATENCY_MAX);
+    }
+#if FLOWMON_COMPAT
+    if (!st->retrans) {
+        struct flow_val *v = flow_get(&st->key);
+        if (v)
+            credit_pending(v, st->key.reporter, 0, 0, open);
+        return;
+    }
+#else
+    __sync_fetch_and_or(&st->open_word, open);
+    if (!st->retrans)
+        return;
+    open = 0;
+#endif
+    struct flow_val *v = flow_get(&st->key);
+    if (!v)
+        return;
+    credit_pending(v, st->key.reporter, 0, 0, open);
+    __sync_fetch_and_add(&v->retrans_c2s, st->retrans);  // only a client retransmits while connecting
+    st->retrans = 0;
+}
+
+// A socket closes: what it still had pending, closed and its last srtt sample, or a failed connect.
 static __always_inline void count_close(struct sock_state *st, int oldstate) {
     int client = st->key.reporter == FM_ROLE_CLIENT;
     int failed = !st->established && client && oldstate == FM_TCP_SYN_SENT;
     if (!st->established && !failed && !st->retrans)
         return;
+    u64 tx, rx, open;
+    take_pending(st, &tx, &rx, &open);
     struct flow_val *v = flow_get(&st->key);
     if (!v)
         return;
+    credit_pending(v, st->key.reporter, tx, rx, open);
     if (st->established) {
         __sync_fetch_and_add(&v->closed, 1);
         if (st->has_srtt)
@@ -382,7 +511,7 @@ static __always_inline void link_peer(struct sock_state *srv) {
         return;
     u64 client_sk = *csk;
     conn_peers.delete(&k);
-    struct sock_state *cli = socks.lookup(&client_sk);
+    struct sock_state *cli = sock_find(client_sk);
     if (!cli || !cli->established)
         return;
     cli->peer_key = srv->key;
@@ -427,13 +556,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             return 0;
         st.start_ns = bpf_ktime_get_ns();
         st.per_conn = is_nat_peer(family, st.key.server);
-        insert_sock(sk, &st);
+        sock_insert(sk, &st);
         return 0;
     }
     if (newstate == FM_TCP_ESTABLISHED) {
         u64 now = bpf_ktime_get_ns();
         if (oldstate == FM_TCP_SYN_SENT) {
-            struct sock_state *st = socks.lookup(&sk);
+            struct sock_state *st = sock_find(sk);
             if (!st)
                 return 0;
             st->established = 1;
@@ -457,19 +586,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             st.established = 1;
             st.last_rtt_ns = now;
             st.client_port = args->dport;
-            if (insert_sock(sk, &st) != 0)
+            struct sock_state *srv = sock_insert(sk, &st);
+            if (!srv)
                 return 0;
-            count_open(&st, now);
+            count_open(srv, now);
 #if FLOWMON_COMPAT
-            struct sock_state *srv = socks.lookup(&sk);  // linked only once stored: a full map links nothing
-            if (srv)
-                link_peer(srv);
+            link_peer(srv);  // only once stored: a full table links nothing
 #endif
         }
         return 0;
     }
     if (newstate == FM_TCP_CLOSE) {
-        struct sock_state *st = socks.lookup(&sk);
+        struct sock_state *st = sock_find(sk);
         if (!st)
             return 0;
         if (st->per_conn && st->key.client_port == 0)
@@ -497,21 +625,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             conn_peers.delete(&k);  // the server was not traced here
         }
 #endif
-        socks.delete(&sk);
+        sock_remove(sk, st);
     }
     return 0;
 }
 
 #if !FLOWMON_COMPAT
 // Bytes the application wrote and read: exact, including sendfile/splice-to-socket (sock_sendmsg), added
-// to the socket's flow as they happen.
+// to the socket's pending counters (its own cache line) until close or the next fold.
 static __always_inline void count_bytes(u64 sk, int tx, int ret) {
-    struct sock_state *st = socks.lookup(&sk);
-    if (!st)
-        return;
-    struct flow_val *v = flow_get(&st->key);
-    if (v)
-        __sync_fetch_and_add(dir_bytes(v, st->key.reporter, tx), ret);
+    struct sock_state *st = sock_find(sk);
+    if (st)
+        __sync_fetch_and_add(tx ? &st->tx_word : &st->rx_word, (u64)ret);
 }
 
 #if FLOWMON_RAW
@@ -550,7 +675,7 @@ TRACEPOINT_PROBE(sock, sock_recv_length) {
 // when the peer is traced here, otherwise the payload of received segments, data_len).
 TRACEPOINT_PROBE(tcp, tcp_probe) {
     u64 sk = (u64)args->skaddr;
-    struct sock_state *st = socks.lookup(&sk);
+    struct sock_state *st = sock_find(sk);
     if (!st) {
         u32 idx = CFG_ADOPT;
         u64 *on = cfg.lookup(&idx);
@@ -584,13 +709,11 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
         fresh.established = 1;
         fresh.client_port = *role == FM_ROLE_CLIENT ? lport : rport;
         fresh.last_rtt_ns = bpf_ktime_get_ns();
-        if (insert_sock(sk, &fresh) != 0)
-            return 0;
-        count_open(&fresh, 0);
-        stat_inc(ST_ADOPTED);
-        st = socks.lookup(&sk);
+        st = sock_insert(sk, &fresh);
         if (!st)
             return 0;
+        count_open(st, 0);
+        stat_inc(ST_ADOPTED);
     }
 #if FLOWMON_COMPAT
     u32 una = args->snd_una;
@@ -644,7 +767,7 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
     u64 sk = (u64)args->skaddr;
-    struct sock_state *st = socks.lookup(&sk);
+    struct sock_state *st = sock_find(sk);
     if (!st)
         return 0;
 #if !FLOWMON_COMPAT
@@ -678,7 +801,7 @@ static __always_inline int on_send_reset(u64 sk) {
     if (!sk)
         return 0;
     struct rst_key k = {};
-    struct sock_state *st = socks.lookup(&sk);
+    struct sock_state *st = sock_find(sk);
     if (st) {
         if (!st->established)
             return 0;
@@ -731,7 +854,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset) {
 // peer's direction unless a traced local socket sent it (then that socket counted it).
 TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
     u64 sk = (u64)args->skaddr;
-    struct sock_state *st = socks.lookup(&sk);
+    struct sock_state *st = sock_find(sk);
     if (!st)
         return 0;
     if (!st->established) {
@@ -753,3 +876,54 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
         stat_inc(ST_RST_FULL);
     return 0;
 }
+
+#if !FLOWMON_COMPAT
+// Counters a fold took from a slot that a new socket took meanwhile belong to that socket: given back.
+static __always_inline u64 own_part(u64 *word, u64 taken, u64 gen) {
+    if ((taken & FM_GEN_MASK) == gen)
+        return taken;
+    if (taken & ~FM_GEN_MASK)
+        __sync_fetch_and_add(word, taken & ~FM_GEN_MASK);
+    return 0;
+}
+
+static __always_inline void fold_socket(struct sock_state *st) {
+    u64 sk = st->sk;
+    if (sk <= FM_SK_CLAIMED || !st->established)
+        return;
+    u64 gen = st->tx_word & FM_GEN_MASK;
+    if (((st->tx_word | st->rx_word | st->open_word) & ~FM_GEN_MASK) == 0)
+        return;  // nothing pending: an idle socket is only read
+    struct flow_key key = st->key;
+    if (st->sk != sk || (st->tx_word & FM_GEN_MASK) != gen)
+        return;  // closed or replaced while the key was read: its close took the counters
+    u64 tx = own_part(&st->tx_word, __sync_fetch_and_and(&st->tx_word, FM_GEN_MASK), gen);
+    u64 rx = own_part(&st->rx_word, __sync_fetch_and_and(&st->rx_word, FM_GEN_MASK), gen);
+    u64 open = own_part(&st->open_word, __sync_fetch_and_and(&st->open_word, FM_GEN_MASK), gen);
+    if (((tx | rx | open) & ~FM_GEN_MASK) == 0)
+        return;
+    struct flow_val *v = flow_get(&key);
+    if (v)
+        credit_pending(v, key.reporter, tx, rx, open);
+}
+
+// Run by user space (BPF_PROG_TEST_RUN, never attached) before each read of `flows`: moves the pending
+// counters of the live sockets in slots args[0] .. args[0] + FOLD_CHUNK - 1 into their flows, so a
+// long-lived connection's bytes are as fresh as the read. Idle and free slots cost one read each.
+#ifndef FOLD_CHUNK
+#define FOLD_CHUNK 256
+#endif
+int flowmon_fold(struct bpf_raw_tracepoint_args *ctx) {
+    u32 first = (u32)ctx->args[0];
+#pragma clang loop unroll(disable)
+    for (u32 n = 0; n < FOLD_CHUNK; n++) {
+        u32 i = first + n;
+        if (i >= SOCK_MAX)
+            break;
+        struct sock_slot *slot = socks.lookup(&i);
+        if (slot)
+            fold_socket(&slot->st);
+    }
+    return 0;
+}
+#endif

@@ -1,9 +1,11 @@
 """FlowTracer: loads the kernel side and turns its maps into cumulative per-flow counters.
 
-poll() (call it about once a second) returns every flow seen since start. The kernel adds every event
-(bytes, opens, closes, ...) straight into the flow's entry, so a poll reads only the flow map: its cost
-grows with distinct flows, not with open connections. Counters are kept in user space too, so a flow
-that the kernel's LRU map evicts keeps its totals, and they never go backwards.
+poll() (call it about once a second) returns every flow seen since start. The kernel keeps a live
+socket's bytes and open in the socket's own slot and moves them into the flow's entry at close; a poll
+first runs the kernel's fold program, which moves what live sockets have pending (in the kernel: no
+per-socket work in Python), then reads only the flow map, so user-space work grows with distinct flows,
+not with open connections. Counters are kept in user space too, so a flow that the kernel's LRU map
+evicts keeps its totals, and they never go backwards.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from flowmon_agent import existing, kernel_maps, kernel_paths
+from flowmon_agent import bpf_loader, existing, kernel_maps, kernel_paths
 from flowmon_agent.flows import FlowCounters, FlowKey, FlowSnapshot, IPAddress
 from flowmon_agent.kernel_maps import (
     ROLE_CLIENT,
@@ -34,6 +36,7 @@ from flowmon_agent.kernel_maps import (
 
 T = TypeVar("T")
 CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT = 0, 1, 2, 3
+FOLD_CHUNK = 256  # socket slots per run of flowmon_fold (the verifier's limit on one loop's branches)
 DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384, "NAT_MAX": 16384}
 
 
@@ -90,10 +93,21 @@ class FlowTracer:
         connection_key_ttl_s: float = 300.0,
     ) -> None:
         cflags = {**DEFAULT_SIZES, **(sizes or {}), "RTT_INTERVAL_MS": int(rtt_interval_ms)}
+        sock_slots = int(cflags["SOCK_MAX"])
+        if sock_slots < 8 or sock_slots & (sock_slots - 1):
+            raise ValueError(f"SOCK_MAX must be a power of two >= 8, not {sock_slots}")
+        cflags["FOLD_CHUNK"] = FOLD_CHUNK
         self._path, self._bpf = kernel_paths.load(force_compat=force_compat, raw=raw, sizes=cflags)
         self.kernel_path = self._path.name
         self.raw_tracepoints = bool(self._path.cflags.get("FLOWMON_RAW"))
         b = self._bpf
+        # default path: live sockets' pending counters are folded into `flows` before each read
+        self._fold_fd = (
+            None
+            if self.kernel_path == "compat"
+            else bpf_loader.load_raw_tracepoint_program(b, "flowmon_fold")
+        )
+        self._fold_starts = range(0, sock_slots, FOLD_CHUNK)
         self._flows, self._stats = b[b"flows"], b[b"stats"]
         self._cfg, self._local_ips, self._ports = b[b"cfg"], b[b"local_ips"], b[b"ignored_ports"]
         self._pending, self._adopt, self._nat = b[b"rst_pending"], b[b"adopt"], b[b"nat_peers"]
@@ -230,6 +244,7 @@ class FlowTracer:
     def poll(self) -> FlowSnapshot:
         if self._closed:
             raise RuntimeError("FlowTracer is closed")
+        self._fold()
         created = self._stat(ST_FLOWS_CREATED)  # before the map read: evictions are never overestimated
         flows = _items(self._flows)
         for k, v in flows:
@@ -263,6 +278,13 @@ class FlowTracer:
             "adopt_table_full": self._adopt_dropped,
         }
         return FlowSnapshot(out, dropped, self.kernel_path, time.monotonic())
+
+    def _fold(self) -> None:
+        """Move live sockets' pending bytes and opens into their flows (kernel work: one read per slot)."""
+        if self._fold_fd is None:
+            return
+        for first in self._fold_starts:
+            bpf_loader.run_raw_tracepoint_program(self._fold_fd, (first,))
 
     def _forget_idle_connections(self, out: dict[FlowKey, FlowCounters]) -> None:
         """Per-connection keys (NAT peers) are dropped, here and in the kernel, once closed and unchanged
