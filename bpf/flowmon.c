@@ -94,9 +94,9 @@ BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, FLOW_MAX);
 // Template for new flow entries (too large for the 512-byte BPF stack).
 BPF_PERCPU_ARRAY(flow_zero, struct flow_val, 1);
 
-// Per-socket state while the socket lives. Two cache lines: the first is read by every event and
-// written only on state changes and srtt samples; the second holds the counters the socket's own
-// send/recv add to (default path), so the hot path never writes a line another CPU reads.
+// Per-socket state while the socket lives: what routes its events to its flow (and a connecting
+// client's SYN retransmits, whose NAT per-connection key is not final yet). Its first cache line is read
+// by every event and written only on state changes and srtt samples.
 struct sock_state {
     u64 sk;            // the socket (0: slot free, FM_SK_CLAIMED: being written)
     struct flow_key key;
@@ -106,10 +106,7 @@ struct sock_state {
     u8 established;
     u8 per_conn;       // the server is a NAT peer: key.client_port is filled in
     u8 probe;          // distance of this slot from the socket's home slot
-    // --- second cache line
-    u64 tx_word;       // default path: generation << 48 | bytes sent, not yet in the flow
-    u64 rx_word;       //               generation << 48 | bytes received, not yet in the flow
-    u64 open_word;     //               generation << 48 | FM_OPEN_PENDING | FM_HAS_LATENCY | latency_us
+    // --- second cache line: rarely touched
     u64 start_ns;      // client: when SYN_SENT was entered (connect latency)
     u32 retrans;       // SYN retransmits while connecting (moved to the flow at ESTABLISHED or close)
     u32 seq_hw;        // compat: highest snd_nxt seen
@@ -117,10 +114,7 @@ struct sock_state {
     u8 rst_received;   // an RST arrived while connecting: refused
     u8 seq_init;       // compat: seq_hw is valid
     u8 peer_local;     // compat: the peer socket is traced here; its snd_nxt advance is our rx
-    u8 pad[11];
-#if FLOWMON_COMPAT
-    struct flow_key peer_key;  // compat, peer_local: the peer's flow, credited with what we send
-#endif
+    u8 pad[35];
 };
 
 // The socket table: an array indexed by a hash of the socket pointer, each socket in its home slot or
@@ -135,12 +129,24 @@ struct sock_state {
 #define FM_OPEN_PENDING (1ULL << 47)
 #define FM_HAS_LATENCY (1ULL << 46)
 #define FM_LATENCY_MAX (FM_HAS_LATENCY - 1)
+//
+// A slot is 256 bytes, page-aligned (a memory-mappable array): the counters a socket's own send/recv add
+// to (default path) sit in the second 128-byte half, so the hot path never writes a cache line that other
+// CPUs read, nor its neighbour, which x86 prefetches in pairs (measured: a 64-byte split still cost
+// ~60 ns per receive on keep-alive connections; see docs/kernel.md).
 struct sock_slot {
     struct sock_state st;
     u32 displaced;     // sockets whose home is this slot but that live in a later one
     u32 pad;
+    // --- second half: written by the socket's own events
+    u64 tx_word;       // default path: generation << 48 | bytes sent, not yet in the flow
+    u64 rx_word;       //               generation << 48 | bytes received, not yet in the flow
+    u64 open_word;     //               generation << 48 | FM_OPEN_PENDING | FM_HAS_LATENCY | latency_us
+    u8 pad2[40];
+    struct flow_key peer_key;  // compat, peer_local: the peer's flow, credited with what we send
+    u8 pad3[24];
 };
-// Memory-mappable arrays are page-aligned: with 128-byte slots each cache line holds one slot's half.
+_Static_assert(sizeof(struct sock_state) == 120 && sizeof(struct sock_slot) == 256, "sock_slot layout");
 #define FM_BPF_F_MMAPABLE 1024
 BPF_F_TABLE("array", u32, struct sock_slot, socks, SOCK_MAX, FM_BPF_F_MMAPABLE);
 
@@ -341,6 +347,11 @@ static __always_inline u32 sock_home(u64 sk) {
     return (u32)((sk * 0x9E3779B97F4A7C15ULL) >> 32) & (SOCK_MAX - 1);  // SOCK_MAX: a power of two
 }
 
+// The slot a state lives in (the state is the slot's first member).
+static __always_inline struct sock_slot *slot_of(struct sock_state *st) {
+    return (struct sock_slot *)st;
+}
+
 static __always_inline struct sock_state *sock_find(u64 sk) {
     u32 i = sock_home(sk);
     struct sock_slot *home = socks.lookup(&i);
@@ -378,8 +389,8 @@ static __always_inline struct sock_state *sock_insert(u64 sk, struct sock_state 
             if (home)
                 __sync_fetch_and_add(&home->displaced, 1);
         }
-        u64 gen = (slot->st.tx_word + FM_GEN_ONE) & FM_GEN_MASK;  // a new generation for the slot
-        init->tx_word = init->rx_word = init->open_word = gen;
+        u64 gen = (slot->tx_word + FM_GEN_ONE) & FM_GEN_MASK;  // a new generation for the slot
+        slot->tx_word = slot->rx_word = slot->open_word = gen;
         init->sk = FM_SK_CLAIMED;
         init->probe = p;
         slot->st = *init;
@@ -415,9 +426,10 @@ static __always_inline void take_pending(struct sock_state *st, u64 *tx, u64 *rx
 #if FLOWMON_COMPAT
     *tx = *rx = *open = 0;  // the compat path adds to the flow as events happen
 #else
-    *tx = __sync_fetch_and_and(&st->tx_word, FM_GEN_MASK);
-    *rx = __sync_fetch_and_and(&st->rx_word, FM_GEN_MASK);
-    *open = __sync_fetch_and_and(&st->open_word, FM_GEN_MASK);
+    struct sock_slot *slot = slot_of(st);
+    *tx = __sync_fetch_and_and(&slot->tx_word, FM_GEN_MASK);
+    *rx = __sync_fetch_and_and(&slot->rx_word, FM_GEN_MASK);
+    *open = __sync_fetch_and_and(&slot->open_word, FM_GEN_MASK);
 #endif
 }
 
@@ -450,7 +462,7 @@ static __always_inline void count_open(struct sock_state *st, u64 now) {
         return;
     }
 #else
-    __sync_fetch_and_or(&st->open_word, open);
+    __sync_fetch_and_or(&slot_of(st)->open_word, open);
     if (!st->retrans)
         return;
     open = 0;
@@ -514,9 +526,9 @@ static __always_inline void link_peer(struct sock_state *srv) {
     struct sock_state *cli = sock_find(client_sk);
     if (!cli || !cli->established)
         return;
-    cli->peer_key = srv->key;
+    slot_of(cli)->peer_key = srv->key;
     cli->peer_local = 1;
-    srv->peer_key = cli->key;
+    slot_of(srv)->peer_key = cli->key;
     srv->peer_local = 1;
 }
 #endif
@@ -636,7 +648,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
 static __always_inline void count_bytes(u64 sk, int tx, int ret) {
     struct sock_state *st = sock_find(sk);
     if (st)
-        __sync_fetch_and_add(tx ? &st->tx_word : &st->rx_word, (u64)ret);
+        __sync_fetch_and_add(tx ? &slot_of(st)->tx_word : &slot_of(st)->rx_word, (u64)ret);
 }
 
 #if FLOWMON_RAW
@@ -737,7 +749,7 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
     if (adv > 0) {
         st->seq_hw = nxt;
         if (st->peer_local) {
-            struct flow_val *pv = flow_get(&st->peer_key);  // our tx is the peer's rx: same direction
+            struct flow_val *pv = flow_get(&slot_of(st)->peer_key);  // our tx is the peer's rx: same direction
             if (pv)
                 __sync_fetch_and_add(dir_bytes(pv, st->key.reporter, 1), adv);
         }
@@ -887,19 +899,20 @@ static __always_inline u64 own_part(u64 *word, u64 taken, u64 gen) {
     return 0;
 }
 
-static __always_inline void fold_socket(struct sock_state *st) {
+static __always_inline void fold_socket(struct sock_slot *slot) {
+    struct sock_state *st = &slot->st;
     u64 sk = st->sk;
     if (sk <= FM_SK_CLAIMED || !st->established)
         return;
-    u64 gen = st->tx_word & FM_GEN_MASK;
-    if (((st->tx_word | st->rx_word | st->open_word) & ~FM_GEN_MASK) == 0)
+    u64 gen = slot->tx_word & FM_GEN_MASK;
+    if (((slot->tx_word | slot->rx_word | slot->open_word) & ~FM_GEN_MASK) == 0)
         return;  // nothing pending: an idle socket is only read
     struct flow_key key = st->key;
-    if (st->sk != sk || (st->tx_word & FM_GEN_MASK) != gen)
+    if (st->sk != sk || (slot->tx_word & FM_GEN_MASK) != gen)
         return;  // closed or replaced while the key was read: its close took the counters
-    u64 tx = own_part(&st->tx_word, __sync_fetch_and_and(&st->tx_word, FM_GEN_MASK), gen);
-    u64 rx = own_part(&st->rx_word, __sync_fetch_and_and(&st->rx_word, FM_GEN_MASK), gen);
-    u64 open = own_part(&st->open_word, __sync_fetch_and_and(&st->open_word, FM_GEN_MASK), gen);
+    u64 tx = own_part(&slot->tx_word, __sync_fetch_and_and(&slot->tx_word, FM_GEN_MASK), gen);
+    u64 rx = own_part(&slot->rx_word, __sync_fetch_and_and(&slot->rx_word, FM_GEN_MASK), gen);
+    u64 open = own_part(&slot->open_word, __sync_fetch_and_and(&slot->open_word, FM_GEN_MASK), gen);
     if (((tx | rx | open) & ~FM_GEN_MASK) == 0)
         return;
     struct flow_val *v = flow_get(&key);
@@ -922,7 +935,7 @@ int flowmon_fold(struct bpf_raw_tracepoint_args *ctx) {
             break;
         struct sock_slot *slot = socks.lookup(&i);
         if (slot)
-            fold_socket(&slot->st);
+            fold_socket(slot);
     }
     return 0;
 }
