@@ -531,13 +531,17 @@ def test_overflow_counted_and_tracer_keeps_running(lab, require_root) -> None:
         clients = [connect(lab, a, V4, b, port) for _ in range(50)]
         accepted = [srv.accept()[0] for _ in range(50)]
         snap = small.poll()
-        assert snap.dropped["socket_table_full"] == 50 - 32
+        # 32 slots; a socket whose 8 slots (home and the next 7) are taken is refused even if a slot
+        # elsewhere is free, so the table may hold a few fewer: every refused socket is counted
+        dropped = snap.dropped["socket_table_full"]
+        stored = 50 - dropped
+        assert 28 <= stored <= 32
         for sock in clients + accepted:
             sock.close()
         srv.close()
         k = key(a, b, V4, port, Reporter.CLIENT)
-        snap = wait_for(small, lambda s: k in s.flows and s.flows[k].closed == 32)
-        assert (counters(snap, k).opened, counters(snap, k).active) == (32, 0)
+        snap = wait_for(small, lambda s: k in s.flows and s.flows[k].closed == stored)
+        assert (counters(snap, k).opened, counters(snap, k).active) == (stored, 0)
         # 40 more flows (refused connects, one port each) than the 16-entry flow map holds
         refused = [next_port() for _ in range(40)]
         for p in refused:
@@ -548,7 +552,7 @@ def test_overflow_counted_and_tracer_keeps_running(lab, require_root) -> None:
         assert snap.dropped["flow_table_evicted"] >= 41 - 16
         for p in refused:
             assert counters(snap, key(a, b, V4, p, Reporter.CLIENT)).failed_refused == 1
-        assert counters(snap, k).closed == 32  # evicted long ago, totals kept
+        assert counters(snap, k).closed == stored  # evicted long ago, totals kept
         # still running and exact
         p = next_port()
         request_response(lab, a, b, V4, [(p, 777, 888)])
@@ -556,6 +560,54 @@ def test_overflow_counted_and_tracer_keeps_running(lab, require_root) -> None:
         snap = wait_for(small, lambda s: k2 in s.flows and s.flows[k2].closed == 1)
         assert (counters(snap, k2).sent_bytes, counters(snap, k2).received_bytes) == (777, 888)
         assert key(a, b, V4, p, Reporter.SERVER) not in snap.flows  # b is not in the local-IP filter
+
+
+def test_displaced_sockets_in_a_small_table_are_exact_open_and_closed(lab, require_root) -> None:
+    """Client sockets in a 16-slot table, until some live away from their home slot: every event finds
+    its socket; bytes of open connections reach the flows through the fold, the rest at close. A socket
+    whose 8 slots are all taken is not measured and is counted."""
+    a, b = lab.pod("a"), lab.pod("b")
+    with FlowTracer(sizes={"SOCK_MAX": 16}, adopt_existing=False) as small:
+        small.set_local_ip_filter([a.ipv4])  # only our client sockets
+        table = small._bpf[b"socks"]
+        ports: list[int] = []
+        pairs: list[tuple[socket.socket, socket.socket]] = []
+        servers: list[socket.socket] = []
+        # no displacement after 16 sockets in 16 slots would be a 1e-6 chance
+        while len(ports) < 10 or (len(ports) < 16 and not sum(s.displaced for s in table.values())):
+            port = next_port()
+            servers.append(listen(lab, b, V4, port))
+            cli = connect(lab, a, V4, b, port)
+            pairs.append((cli, servers[-1].accept()[0]))
+            ports.append(port)
+        assert sum(slot.displaced for slot in table.values()) > 0
+        for i, (cli, conn) in enumerate(pairs):
+            send_exact(cli, 1000 + i)
+            recv_exact(conn, 1000 + i)
+        snap = small.poll()
+        dropped = snap.dropped["socket_table_full"]
+        measured = [i for i, p in enumerate(ports) if key(a, b, V4, p, Reporter.CLIENT) in snap.flows]
+        assert len(measured) == len(ports) - dropped >= 10
+        for i in measured:
+            c = counters(snap, key(a, b, V4, ports[i], Reporter.CLIENT))
+            assert (c.sent_bytes, c.received_bytes, c.opened, c.active) == (1000 + i, 0, 1, 1), ports[i]
+        for i, (cli, conn) in enumerate(pairs):
+            send_exact(conn, 2000 + i)
+            recv_exact(cli, 2000 + i)
+            cli.close()
+            conn.close()
+        for srv in servers:
+            srv.close()
+        keys = [key(a, b, V4, ports[i], Reporter.CLIENT) for i in measured]
+        snap = wait_for(small, lambda s: all(s.flows[k].closed == 1 for k in keys))
+        for i in measured:
+            c = counters(snap, key(a, b, V4, ports[i], Reporter.CLIENT))
+            assert (c.sent_bytes, c.received_bytes, c.closed) == (1000 + i, 2000 + i, 1), ports[i]
+
+
+def test_socket_table_size_must_be_a_power_of_two() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        FlowTracer(sizes={"SOCK_MAX": 1000})
 
 
 def test_ignored_ports_are_not_traced(lab, require_root) -> None:
