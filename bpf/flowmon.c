@@ -2,17 +2,20 @@
 //
 // Only tracepoint arguments are read (a stable ABI), never kernel struct layouts, so this compiles
 // against any kernel headers. Per-socket state lives in `socks` (found by the socket pointer) while the
-// socket lives; when it closes it is folded into `flows`, keyed by the flow without the ephemeral port.
-// Nothing is sent to user space per event: user space reads the maps once a second.
+// socket lives; counters land in `flows`, keyed by the flow without the ephemeral port. Nothing is sent
+// to user space per event.
 //
-// Counters go straight into the flow entry as they happen (bytes, opens, closes, retransmits, resets,
-// samples), so user space reads only `flows`: its work grows with distinct flows, not with connections.
+// Closes, failures, retransmits, resets and samples go into the flow entry as they happen. A live
+// socket's bytes and open wait in its own slot (default path) and reach the flow at close or when user
+// space runs flowmon_fold, just before it reads `flows` once a second: user space reads only `flows`,
+// so its work grows with distinct flows, not with connections.
 //
 // Integer cflags (set by agent/flowmon_agent/kernel_paths.py, never user strings):
 //   FLOWMON_COMPAT   1: bytes from tcp:tcp_probe (kernels without sock:sock_{send,recv}_length)
 //   FLOWMON_RAW      1: sock_{send,recv}_length as raw tracepoints (cheaper, args are plain values)
 //   FLOWMON_RAW_RESET 1: tcp_send_reset as a raw tracepoint (see on_send_reset)
-//   SOCK_MAX, FLOW_MAX, RST_MAX, ADOPT_MAX: map sizes;  RTT_INTERVAL_MS: srtt sampling period
+//   SOCK_MAX (a power of two), FLOW_MAX, RST_MAX, ADOPT_MAX: map sizes;  RTT_INTERVAL_MS: srtt sampling
+//   period;  FOLD_CHUNK: socket slots per run of flowmon_fold
 
 #ifndef FLOWMON_COMPAT
 #define FLOWMON_COMPAT 0
@@ -119,9 +122,9 @@ struct sock_state {
 
 // The socket table: an array indexed by a hash of the socket pointer, each socket in its home slot or
 // one of the next SOCK_PROBES - 1. An array lookup is inlined by the verifier (no key hashing, no bucket
-// lock, no free list), which halves the per-connection cost of a hash map under connection churn (see
-// docs/kernel.md). Not LRU: evicting a live socket would silently lose its counters; a socket that finds
-// no free slot is counted (ST_SOCK_FULL) and not traced.
+// lock, no free list): measured under connection churn, 2,500 -> 2,000 ns of BPF time per request against
+// the preallocated hash map it replaced (docs/BENCHMARKS.md). Not LRU: evicting a live socket would
+// silently lose its counters; a socket whose slots are all taken is counted (ST_SOCK_FULL), not traced.
 #define FM_SK_CLAIMED 1ULL
 #define SOCK_PROBES 8
 #define FM_GEN_ONE (1ULL << 48)
@@ -149,7 +152,6 @@ struct sock_slot {
 _Static_assert(sizeof(struct sock_state) == 120 && sizeof(struct sock_slot) == 256, "sock_slot layout");
 #define FM_BPF_F_MMAPABLE 1024
 BPF_F_TABLE("array", u32, struct sock_slot, socks, SOCK_MAX, FM_BPF_F_MMAPABLE);
-
 
 // Sockets that closed abruptly (from ESTABLISHED, CLOSE_WAIT or FIN_WAIT1): tcp_disconnect (SO_LINGER 0,
 // abort, unread data) moves to CLOSE first and only then sends its RST, possibly after migrating to
@@ -418,9 +420,9 @@ static __always_inline u64 *dir_bytes(struct flow_val *v, u8 reporter, int tx) {
     return (reporter == FM_ROLE_CLIENT) == tx ? &v->c2s_bytes : &v->s2c_bytes;
 }
 
-// Default path: bytes and opens wait in the socket's second cache line and reach the flow at close, or
-// when user space runs flowmon_fold before it reads `flows`: one flow update per short connection instead
-// of one per event. Each word carries the slot's generation, so a fold racing a close and the slot's reuse
+// Default path: bytes and opens wait in the second half of the socket's slot and reach the flow at close,
+// or when user space runs flowmon_fold before it reads `flows`: one flow update per short connection
+// instead of one per event. Each word carries the slot's generation, so a fold racing a close and the slot's reuse
 // can tell whose counters it took.
 static __always_inline void take_pending(struct sock_state *st, u64 *tx, u64 *rx, u64 *open) {
 #if FLOWMON_COMPAT
@@ -644,7 +646,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
 
 #if !FLOWMON_COMPAT
 // Bytes the application wrote and read: exact, including sendfile/splice-to-socket (sock_sendmsg), added
-// to the socket's pending counters (its own cache line) until close or the next fold.
+// to the socket's pending counters (its slot's second half) until close or the next fold.
 static __always_inline void count_bytes(u64 sk, int tx, int ret) {
     struct sock_state *st = sock_find(sk);
     if (st)
