@@ -210,6 +210,38 @@ async def test_static_inventory_age_is_the_time_since_the_last_good_load(tmp_pat
         await agent.stop()
 
 
+@pytest.mark.bpf
+@pytest.mark.asyncio
+async def test_rtt_hook_follows_whether_any_monitor_exports_rtt(tmp_path, require_root):
+    """tcp:tcp_probe, the costliest hook (every received segment), is attached only while a monitor of
+    the running policy exports RTT; a policy change switches it within a poll."""
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump_all(SHOP_PODS))
+    policy_file = tmp_path / "policy.json"
+    no_rtt = compile_policy([monitor("shop", "web", metrics=["sent_bytes", "received_bytes"])])
+    with_rtt = compile_policy([monitor("shop", "web", metrics=["sent_bytes"]), monitor("shop", "db")])
+    assert (no_rtt.wants_rtt, with_rtt.wants_rtt) == (False, True)
+    policy_file.write_text(dump_policy_json(no_rtt))
+    settings = AgentSettings(
+        listen_port=0,
+        node_name="node-a",
+        policy_file=policy_file,
+        inventory_file=inventory,
+        poll_interval_seconds=0.1,
+    )
+    agent = Agent(settings)
+    await agent.start()
+    try:
+        await _until(lambda: agent.tracer is not None and agent.polls >= 1)
+        await _until(lambda: agent.tracer.rtt_sampling is False)
+        body = dump_policy_json(with_rtt)
+        async with aiohttp.ClientSession() as http, http.put(agent.url + "/v1/policy", data=body) as resp:
+            assert resp.status == 200
+        await _until(lambda: agent.tracer.rtt_sampling is True)
+    finally:
+        await agent.stop()
+
+
 @pytest.mark.parametrize(
     ("env", "fields", "expected"),
     [

@@ -89,6 +89,11 @@ class AgentPolicy(StrictModel):
     def monitor(self, namespace: str, name: str) -> MonitorPolicy | None:
         return next((m for m in self.monitors if m.namespace == namespace and m.name == name), None)
 
+    @property
+    def wants_rtt(self) -> bool:
+        """Whether any monitor exports RTT: without one, the kernel's costliest hook can be detached."""
+        return any(Metric.RTT in m.metrics for m in self.monitors)
+
 
 def canonical_json(policy: AgentPolicy) -> str:
     return json.dumps(policy.dump(), sort_keys=True, separators=(",", ":"))

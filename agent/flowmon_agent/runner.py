@@ -191,6 +191,7 @@ class Agent:
         self.tracer: Tracer | None = None
         self._local_ips: object = ()  # last filter given to the tracer (sentinel: never set)
         self._nat_peers: object = ()
+        self._rtt_sampling: bool | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -319,6 +320,10 @@ class Agent:
             if peers != self._nat_peers:
                 set_nat_peers(peers)
                 self._nat_peers = peers
+        set_rtt_sampling = getattr(self.tracer, "set_rtt_sampling", None)
+        if set_rtt_sampling is not None and policy.wants_rtt != self._rtt_sampling:
+            set_rtt_sampling(policy.wants_rtt)  # tcp_probe (every received segment) only when exported
+            self._rtt_sampling = policy.wants_rtt
 
 
 @contextlib.contextmanager

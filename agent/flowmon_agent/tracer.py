@@ -229,6 +229,11 @@ class FlowTracer:
         self._rtt_wanted = bool(enabled)
         self._update_probe()
 
+    @property
+    def rtt_sampling(self) -> bool:
+        """Whether tcp:tcp_probe is attached (srtt samples are taken)."""
+        return self._probe_attached
+
     def _update_probe(self) -> None:
         needed = self._rtt_wanted or bool(self._adopt_until) or self.kernel_path == "compat"
         if needed == self._probe_attached:
