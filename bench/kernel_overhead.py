@@ -10,6 +10,11 @@ in a shuffled order, each right after a paired no-tracer measurement, so the sha
 swings hit both sides of a pair alike. Reported per mode: the median over rounds of (throughput / paired
 no-tracer throughput) and the tracer process's CPU in cores. The floor and flowmon modes load once and
 attach/detach on command; tcplife is started and stopped around each of its measurements.
+`flowmon` is the tracer with its once-a-second poll; `agent` is the whole `flowmon agent` process as a
+user runs it on a host (default monitor of every flow, RTT included, host metadata, aggregation every
+0.5 s, the exporter), started around each of its measurements and scraped after it: the report shows
+what it counted against what the workload did, so a mode that slowed nothing because it saw nothing
+cannot pass. The last lines hold this run's medians against the issue's targets.
 Also compares raw and classic tracepoints for sock_{send,recv}_length (floor and flowmon).
 """
 
@@ -28,17 +33,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flowmon_agent import topview
 from flowmon_agent.lab import Lab
+from flowmon_agent.prometheus_process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TCPLIFE = "/usr/sbin/tcplife-bpfcc"
-MODES = ("none", "floor", "floor-classic", "tcplife", "flowmon", "flowmon-classic", "flowmon-nortt")
-DEFAULT_MODES = MODES[:-1]
+MODES = ("none", "floor", "floor-classic", "tcplife", "flowmon", "flowmon-classic", "flowmon-nortt", "agent")
+DEFAULT_MODES = ("none", "floor", "floor-classic", "tcplife", "flowmon", "flowmon-classic", "agent")
 WORKLOADS = ("churn", "keepalive", "bulk")
+# What the agent mode's endpoint must have counted of each workload: a connection per request, the bytes sent.
+COUNTED = {"churn": "opened", "bulk": "sent_bytes"}
 PORT_HTTP, PORT_IPERF = 8080, 5201
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -111,11 +121,13 @@ def run_mode(mode: str) -> int:
 class Tracer:
     """A tracer mode in its own process; cores() is that process's CPU use."""
 
-    def __init__(self, mode: str, tmp: Path) -> None:
+    def __init__(self, mode: str, tmp: Path, pair: tuple[str, str] = ("", "")) -> None:
         self.mode = mode
         self.tmp = tmp
+        self.pair = pair  # agent mode: the (client, server) pod names its view shows for the workload
         self.proc: subprocess.Popen | None = None
-        if mode not in ("none", "tcplife"):
+        self.seen: topview.PairTotals | None = None  # agent mode: what its endpoint counted meanwhile
+        if mode not in ("none", "tcplife", "agent"):
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.kernel_overhead", "--run-mode", mode],
                 stdin=subprocess.PIPE,
@@ -144,7 +156,10 @@ class Tracer:
         return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
     def attach(self) -> None:
-        if self.mode == "tcplife":
+        if self.mode == "agent":
+            self.proc, self.url = start_agent(self.tmp / "agent.log")
+            self.seen = self._pair_totals()
+        elif self.mode == "tcplife":
             out = self.tmp / "tcplife.out"
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             with open(out, "w") as f:
@@ -157,26 +172,73 @@ class Tracer:
         elif self.proc is not None:
             self._say("on")
 
+    def _pair_totals(self) -> topview.PairTotals:
+        with urllib.request.urlopen(self.url, timeout=10) as r:
+            rows = topview.rows(topview.parse_exposition(r.read().decode()))
+        client, server = self.pair
+        totals = topview.PairTotals()
+        for row in rows:
+            if row.client == client and row.server.startswith(server + ":"):
+                totals.opened += row.opened
+                totals.sent_bytes += row.sent_bytes
+        return totals
+
     def detach(self) -> None:
-        if self.mode == "tcplife" and self.proc is not None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.mode == "agent" and self.proc is not None:
+            time.sleep(1.0)  # two of its polls: the last connections reach its endpoint
+            before, after = self.seen, self._pair_totals()  # one scrape per measurement
+            assert before is not None
+            self.seen = topview.PairTotals(
+                opened=after.opened - before.opened, sent_bytes=after.sent_bytes - before.sent_bytes
+            )
+            stop_process(self.proc, signal.SIGTERM)
+            self.proc = None
+        elif self.mode == "tcplife" and self.proc is not None:
+            stop_process(self.proc, signal.SIGINT)
             self.proc = None
             (self.tmp / "tcplife.out").unlink(missing_ok=True)
         elif self.proc is not None:
             self._say("off")
 
     def close(self) -> None:
-        if self.proc is not None and self.mode != "tcplife":
+        if self.mode in ("tcplife", "agent"):
+            self.detach()
+        elif self.proc is not None:
             assert self.proc.stdin is not None
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
-        elif self.mode == "tcplife":
-            self.detach()
+
+
+def stop_process(proc: subprocess.Popen, sig: int) -> None:
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def start_agent(log: Path) -> tuple[subprocess.Popen, str]:
+    """The real `flowmon agent` as a user runs it on a host: its default monitor of every flow (every
+    metric, RTT included), host metadata, aggregation and exporter; (process, its monitor's URL) once
+    it serves. Its output goes to `log`."""
+    port = free_port()
+    argv = [sys.executable, "-m", "flowmon_agent.cli", "agent", "--listen", f"127.0.0.1:{port}"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flowmon agent exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return proc, f"http://127.0.0.1:{port}/metrics/flowmon-system/host"
+        except OSError:
+            if time.monotonic() > deadline:
+                stop_process(proc, signal.SIGTERM)
+                raise RuntimeError("flowmon agent not ready within 120 s") from None
+            time.sleep(0.2)
 
 
 # --- workloads -----------------------------------------------------------------------------------------
@@ -198,21 +260,23 @@ http {{
 """
 
 
-def wrk(lab: Lab, url: str, seconds: float, close: bool) -> float:
+def wrk(lab: Lab, url: str, seconds: float, close: bool) -> tuple[float, int]:
+    """(requests per second, requests completed)."""
     argv = ["wrk", "-t1", "-c32", f"-d{round(seconds)}s", url]
     if close:
         argv[1:1] = ["-H", "Connection: close"]
     out = lab.run(lab.pod("client"), argv, timeout=seconds + 30).stdout
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not match:
+    rate, total = re.search(r"Requests/sec:\s+([\d.]+)", out), re.search(r"(\d+) requests in", out)
+    if not rate or not total:
         raise RuntimeError(f"wrk output not understood: {out}")
-    return float(match.group(1))
+    return float(rate.group(1)), int(total.group(1))
 
 
-def iperf(lab: Lab, ip: str, seconds: float) -> float:
+def iperf(lab: Lab, ip: str, seconds: float) -> tuple[float, int]:
+    """(Gbit/s received, payload bytes sent)."""
     argv = ["iperf3", "-c", ip, "-p", str(PORT_IPERF), "-t", str(round(seconds)), "-J"]
     out = json.loads(lab.run(lab.pod("client"), argv, timeout=seconds + 30).stdout)
-    return out["end"]["sum_received"]["bits_per_second"] / 1e9
+    return out["end"]["sum_received"]["bits_per_second"] / 1e9, int(out["end"]["sum_sent"]["bytes"])
 
 
 @dataclass
@@ -221,6 +285,7 @@ class Result:
     ratio: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (CPU s, wall s)
     cost: dict[str, list[float]] = field(default_factory=dict)
+    counted: dict[str, list[float]] = field(default_factory=dict)  # agent: what it counted / what was done
 
 
 def process_tree_cpu(pids: list[int]) -> float:
@@ -243,18 +308,18 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(lab: Lab, workload: str, seconds: float, servers: list[int]) -> tuple[float, float]:
-    """(throughput, workload CPU seconds per unit of throughput-second): the second is the cost of the
-    work itself (BPF programs run in the workload's syscalls and, mostly, its softirqs), which other
-    load on the machine disturbs much less than throughput."""
+def measure(lab: Lab, workload: str, seconds: float, servers: list[int]) -> tuple[float, float, int]:
+    """(throughput, workload CPU seconds per unit of throughput-second, requests or bytes done): the
+    second is the cost of the work itself (BPF programs run in the workload's syscalls and, mostly, its
+    softirqs), which other load on the machine disturbs much less than throughput."""
     server = lab.pod("server")
     cpu0 = process_tree_cpu(servers) + children_cpu()
     if workload == "bulk":
-        value = iperf(lab, str(server.ipv4), seconds)
+        value, done = iperf(lab, str(server.ipv4), seconds)
     else:
-        value = wrk(lab, f"http://{server.ipv4}:{PORT_HTTP}/", seconds, close=workload == "churn")
+        value, done = wrk(lab, f"http://{server.ipv4}:{PORT_HTTP}/", seconds, close=workload == "churn")
     cpu = process_tree_cpu(servers) + children_cpu() - cpu0
-    return value, cpu / (value * seconds)
+    return value, cpu / (value * seconds), done
 
 
 @contextlib.contextmanager
@@ -298,7 +363,7 @@ def profile(seconds: int, workloads: tuple[str, ...]) -> None:
         try:
             for w in workloads:
                 before = _program_stats(tracer._bpf)
-                value, _ = measure(lab, w, seconds, servers)
+                value, _, _ = measure(lab, w, seconds, servers)
                 after = _program_stats(tracer._bpf)
                 units = value * seconds
                 print(f"\n{w}: {value:,.1f} {'Gbit/s' if w == 'bulk' else 'req/s'}")
@@ -318,7 +383,8 @@ def run(rounds: int, seconds: int, modes: tuple[str, ...], workloads: tuple[str,
     rng = random.Random(seed)
     results = {w: Result() for w in workloads}
     with bench_lab() as (lab, tmp, servers):
-        tracers = {m: Tracer(m, tmp) for m in modes if m != "none"}
+        pair = tuple(f"host/{lab.pod(p).netns}" for p in ("client", "server"))  # as the bare agent names them
+        tracers = {m: Tracer(m, tmp, pair) for m in modes if m != "none"}
         try:
             for w in workloads:  # warm-up, not recorded
                 measure(lab, w, 1, servers)
@@ -330,12 +396,12 @@ def run(rounds: int, seconds: int, modes: tuple[str, ...], workloads: tuple[str,
                     res = results[w]
                     line = []
                     for mode in order:
-                        base, base_cost = measure(lab, w, seconds, servers)  # paired: right before
+                        base, base_cost, _ = measure(lab, w, seconds, servers)  # paired: right before
                         tracer = tracers[mode]
                         tracer.attach()
                         try:
                             cpu0, t0 = tracer.cpu_seconds(), time.monotonic()
-                            value, cost = measure(lab, w, seconds, servers)
+                            value, cost, done = measure(lab, w, seconds, servers)
                             used, wall = tracer.cpu_seconds() - cpu0, time.monotonic() - t0
                         finally:
                             tracer.detach()
@@ -344,6 +410,9 @@ def run(rounds: int, seconds: int, modes: tuple[str, ...], workloads: tuple[str,
                         res.ratio.setdefault(mode, []).append(value / base)
                         res.cpu.setdefault(mode, []).append((used, wall))
                         res.cost.setdefault(mode, []).append(cost / base_cost)
+                        if tracer.seen is not None and w in COUNTED:  # the agent saw the work it slowed
+                            seen = getattr(tracer.seen, COUNTED[w])
+                            res.counted.setdefault(mode, []).append(seen / done)
                         line.append(f"{mode}={value / base:.3f}")
                     print(f"round {r + 1}/{rounds} {w:9s} " + "  ".join(sorted(line)), flush=True)
             elapsed = time.monotonic() - started
@@ -382,6 +451,37 @@ def report(
             cpu = sum(c for c, _ in res.cpu[mode]) / sum(w for _, w in res.cpu[mode])
             ratio, cost = _median_iqr(res.ratio[mode]), _median_iqr(res.cost[mode])
             print(f"| {mode} | {tp:,.1f} | {ratio} | {cost} | {cpu:.3f} cores |")
+        for mode, seen in res.counted.items():
+            what = {"churn": "connections opened per request", "bulk": "bytes sent per byte iperf3 sent"}[w]
+            med = statistics.median(seen)
+            print(f"\n{mode} counted {what}: median {med:.4f} (min {min(seen):.4f}, max {max(seen):.4f})")
+    print("\n" + "\n".join(verdicts(results)))
+
+
+def verdicts(results: dict[str, Result]) -> list[str]:
+    """The issue's targets, against this run's medians: churn and bulk within 2 points of the floor,
+    keep-alive at least 0.95, the agent's CPU under churn at most 0.05 cores."""
+    lines = ["Targets (medians of this run):"]
+    for mode in ("flowmon", "agent"):
+        for w in ("churn", "bulk"):
+            res = results.get(w)
+            if res and mode in res.ratio and "floor" in res.ratio:
+                gap = 100 * (statistics.median(res.ratio["floor"]) - statistics.median(res.ratio[mode]))
+                verdict = _ok(gap <= 2)
+                lines.append(f"- {w}: {mode} {gap:+.1f} points below the floor (target <= 2): {verdict}")
+        res = results.get("keepalive")
+        if res and mode in res.ratio:
+            ka = statistics.median(res.ratio[mode])
+            lines.append(f"- keep-alive: {mode} {ka:.3f} of no tracer (target >= 0.95): {_ok(ka >= 0.95)}")
+        res = results.get("churn")
+        if res and mode in res.cpu:
+            cores = sum(c for c, _ in res.cpu[mode]) / sum(t for _, t in res.cpu[mode])
+            lines.append(f"- churn: {mode} process {cores:.3f} cores (target <= 0.05): {_ok(cores <= 0.05)}")
+    return lines
+
+
+def _ok(met: bool) -> str:
+    return "met" if met else "NOT met"
 
 
 def main(argv: list[str] | None = None) -> int:

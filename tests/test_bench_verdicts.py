@@ -1,0 +1,39 @@
+"""The kernel-overhead bench's verdict lines: each target is judged from the run's medians."""
+
+from __future__ import annotations
+
+from bench.kernel_overhead import Result, verdicts
+
+
+def result(ratios: dict[str, list[float]], cpu: dict[str, list[tuple[float, float]]] | None = None) -> Result:
+    return Result(ratio=ratios, cpu=cpu or {})
+
+
+def test_every_target_met_is_said_met() -> None:
+    results = {
+        "churn": result(
+            {"floor": [0.96, 0.97, 0.95], "flowmon": [0.95, 0.96, 0.94]}, {"flowmon": [(0.03, 3.0)]}
+        ),
+        "keepalive": result({"floor": [0.97], "flowmon": [0.951]}),
+        "bulk": result({"floor": [1.0], "flowmon": [0.99]}),
+    }
+    assert verdicts(results) == [
+        "Targets (medians of this run):",
+        "- churn: flowmon +1.0 points below the floor (target <= 2): met",
+        "- bulk: flowmon +1.0 points below the floor (target <= 2): met",
+        "- keep-alive: flowmon 0.951 of no tracer (target >= 0.95): met",
+        "- churn: flowmon process 0.010 cores (target <= 0.05): met",
+    ]
+
+
+def test_a_missed_target_is_said_not_met_and_absent_modes_are_not_judged() -> None:
+    results = {
+        "churn": result({"floor": [0.97], "agent": [0.94]}, {"agent": [(0.3, 3.0), (0.0, 3.0)]}),
+        "keepalive": result({"floor": [0.97], "agent": [0.94]}),
+    }
+    assert verdicts(results) == [
+        "Targets (medians of this run):",
+        "- churn: agent +3.0 points below the floor (target <= 2): NOT met",
+        "- keep-alive: agent 0.940 of no tracer (target >= 0.95): NOT met",
+        "- churn: agent process 0.050 cores (target <= 0.05): met",
+    ]
