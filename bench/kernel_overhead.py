@@ -260,22 +260,22 @@ http {{
 """
 
 
-def wrk(lab: Lab, url: str, seconds: float, close: bool) -> tuple[float, int]:
+def wrk(bench: Workbench, url: str, seconds: float, close: bool) -> tuple[float, int]:
     """(requests per second, requests completed)."""
     argv = ["wrk", "-t1", "-c32", f"-d{round(seconds)}s", url]
     if close:
         argv[1:1] = ["-H", "Connection: close"]
-    out = lab.run(lab.pod("client"), argv, timeout=seconds + 30).stdout
+    out = bench.client(argv, timeout=seconds + 30)
     rate, total = re.search(r"Requests/sec:\s+([\d.]+)", out), re.search(r"(\d+) requests in", out)
     if not rate or not total:
         raise RuntimeError(f"wrk output not understood: {out}")
     return float(rate.group(1)), int(total.group(1))
 
 
-def iperf(lab: Lab, ip: str, seconds: float) -> tuple[float, int]:
+def iperf(bench: Workbench, ip: str, seconds: float) -> tuple[float, int]:
     """(Gbit/s received, payload bytes sent)."""
     argv = ["iperf3", "-c", ip, "-p", str(PORT_IPERF), "-t", str(round(seconds)), "-J"]
-    out = json.loads(lab.run(lab.pod("client"), argv, timeout=seconds + 30).stdout)
+    out = json.loads(bench.client(argv, timeout=seconds + 30))
     return out["end"]["sum_received"]["bits_per_second"] / 1e9, int(out["end"]["sum_sent"]["bytes"])
 
 
@@ -308,23 +308,51 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(lab: Lab, workload: str, seconds: float, servers: list[int]) -> tuple[float, float, int]:
+def measure(bench: Workbench, workload: str, seconds: float) -> tuple[float, float, int]:
     """(throughput, workload CPU seconds per unit of throughput-second, requests or bytes done): the
     second is the cost of the work itself (BPF programs run in the workload's syscalls and, mostly, its
     softirqs), which other load on the machine disturbs much less than throughput."""
-    server = lab.pod("server")
-    cpu0 = process_tree_cpu(servers) + children_cpu()
+    server = bench.lab.pod("server")
+    cpu0 = process_tree_cpu(bench.servers) + children_cpu()
     if workload == "bulk":
-        value, done = iperf(lab, str(server.ipv4), seconds)
+        value, done = iperf(bench, str(server.ipv4), seconds)
     else:
-        value, done = wrk(lab, f"http://{server.ipv4}:{PORT_HTTP}/", seconds, close=workload == "churn")
-    cpu = process_tree_cpu(servers) + children_cpu() - cpu0
+        value, done = wrk(bench, f"http://{server.ipv4}:{PORT_HTTP}/", seconds, close=workload == "churn")
+    cpu = process_tree_cpu(bench.servers) + children_cpu() - cpu0
     return value, cpu / (value * seconds), done
 
 
+# Where the client (wrk, iperf3 -c) and the servers (nginx, iperf3 -s) run: anywhere, both on CPU 0, or
+# on CPU 0 and CPU 1. Per-socket state costs most when a connection's two ends are on different CPUs
+# (a socket's slot is written by the softirq on the sender's CPU and read by its process on the other).
+PLACEMENTS: dict[str, tuple[str | None, str | None]] = {
+    "free": (None, None),
+    "same": ("0", "0"),
+    "split": ("0", "1"),
+}
+
+
+def pinned(argv: list[str], cpus: str | None) -> list[str]:
+    return argv if cpus is None else ["taskset", "-c", cpus, *argv]
+
+
+@dataclass
+class Workbench:
+    """The two namespaces with nginx and iperf3 serving."""
+
+    lab: Lab
+    tmp: Path  # scratch directory
+    servers: list[int]  # server pids
+    client_cpus: str | None
+
+    def client(self, argv: list[str], timeout: float) -> str:
+        """Run a client command in the client pod; its standard output."""
+        return self.lab.run(self.lab.pod("client"), pinned(argv, self.client_cpus), timeout=timeout).stdout
+
+
 @contextlib.contextmanager
-def bench_lab() -> Iterator[tuple[Lab, Path, list[int]]]:
-    """The two namespaces with nginx and iperf3 serving: (lab, scratch directory, server pids)."""
+def bench_lab(placement: str = "free") -> Iterator[Workbench]:
+    client_cpus, server_cpus = PLACEMENTS[placement]
     with tempfile.TemporaryDirectory(prefix="fkb-") as tmpdir, Lab("fkb", ["client", "server"]) as lab:
         tmp = Path(tmpdir)
         client, server = lab.pod("client"), lab.pod("server")
@@ -333,10 +361,13 @@ def bench_lab() -> Iterator[tuple[Lab, Path, list[int]]]:
         lab.sysctl(server, "net.core.somaxconn", 4096)
         (tmp / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp, ip=server.ipv4, port=PORT_HTTP))
         servers = [
-            lab.popen(server, ["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)]).pid,
-            lab.popen(server, ["iperf3", "-s", "-B", str(server.ipv4), "-p", str(PORT_IPERF)]).pid,
+            lab.popen(server, pinned(argv, server_cpus)).pid
+            for argv in (
+                ["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)],
+                ["iperf3", "-s", "-B", str(server.ipv4), "-p", str(PORT_IPERF)],
+            )
         ]
-        yield lab, tmp, servers
+        yield Workbench(lab, tmp, servers, client_cpus)
 
 
 def _program_stats(bpf) -> dict[str, tuple[int, int]]:
@@ -349,21 +380,21 @@ def _program_stats(bpf) -> dict[str, tuple[int, int]]:
     return out
 
 
-def profile(seconds: int, workloads: tuple[str, ...]) -> None:
+def profile(seconds: int, workloads: tuple[str, ...], placement: str) -> None:
     """Kernel time per request (or per Gbit) of each flowmon BPF program: far less noisy than throughput
     ratios on a shared machine (the stats add ~40 ns to every run, the classic tracepoints' record
     building is not included)."""
     from flowmon_agent.tracer import FlowTracer
 
     enabled = Path("/proc/sys/kernel/bpf_stats_enabled")
-    with bench_lab() as (lab, _, servers), FlowTracer(adopt_existing=False) as tracer:
-        measure(lab, workloads[0], 1, servers)  # warm-up
+    with bench_lab(placement) as bench, FlowTracer(adopt_existing=False) as tracer:
+        measure(bench, workloads[0], 1)  # warm-up
         previous = enabled.read_text()
         enabled.write_text("1")
         try:
             for w in workloads:
                 before = _program_stats(tracer._bpf)
-                value, _, _ = measure(lab, w, seconds, servers)
+                value, _, _ = measure(bench, w, seconds)
                 after = _program_stats(tracer._bpf)
                 units = value * seconds
                 print(f"\n{w}: {value:,.1f} {'Gbit/s' if w == 'bulk' else 'req/s'}")
@@ -379,15 +410,18 @@ def profile(seconds: int, workloads: tuple[str, ...]) -> None:
             enabled.write_text(previous)
 
 
-def run(rounds: int, seconds: int, modes: tuple[str, ...], workloads: tuple[str, ...], seed: int) -> None:
+def run(
+    rounds: int, seconds: int, modes: tuple[str, ...], workloads: tuple[str, ...], seed: int, placement: str
+) -> None:
     rng = random.Random(seed)
     results = {w: Result() for w in workloads}
-    with bench_lab() as (lab, tmp, servers):
-        pair = tuple(f"host/{lab.pod(p).netns}" for p in ("client", "server"))  # as the bare agent names them
-        tracers = {m: Tracer(m, tmp, pair) for m in modes if m != "none"}
+    with bench_lab(placement) as bench:
+        # the pods as the bare agent names them
+        pair = tuple(f"host/{bench.lab.pod(p).netns}" for p in ("client", "server"))
+        tracers = {m: Tracer(m, bench.tmp, pair) for m in modes if m != "none"}
         try:
             for w in workloads:  # warm-up, not recorded
-                measure(lab, w, 1, servers)
+                measure(bench, w, 1)
             started = time.monotonic()
             for r in range(rounds):
                 for w in workloads:
@@ -396,12 +430,12 @@ def run(rounds: int, seconds: int, modes: tuple[str, ...], workloads: tuple[str,
                     res = results[w]
                     line = []
                     for mode in order:
-                        base, base_cost, _ = measure(lab, w, seconds, servers)  # paired: right before
+                        base, base_cost, _ = measure(bench, w, seconds)  # paired: right before
                         tracer = tracers[mode]
                         tracer.attach()
                         try:
                             cpu0, t0 = tracer.cpu_seconds(), time.monotonic()
-                            value, cost, done = measure(lab, w, seconds, servers)
+                            value, cost, done = measure(bench, w, seconds)
                             used, wall = tracer.cpu_seconds() - cpu0, time.monotonic() - t0
                         finally:
                             tracer.detach()
@@ -493,13 +527,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"any of {','.join(MODES)}")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--placement", choices=sorted(PLACEMENTS), default="free",
+        help="client and servers: anywhere (free), both on CPU 0 (same), CPU 0 and CPU 1 (split)",
+    )  # fmt: skip
     parser.add_argument("--run-mode", help=argparse.SUPPRESS)
     parser.add_argument("--bpf-stats", action="store_true", help="kernel ns per request of each program")
     args = parser.parse_args(argv)
     if args.run_mode:
         return run_mode(args.run_mode)
     if args.bpf_stats:
-        profile(args.seconds, tuple(args.workloads.split(",")))
+        profile(args.seconds, tuple(args.workloads.split(",")), args.placement)
         return 0
     modes = tuple(m for m in args.modes.split(",") if m)
     if "none" not in modes:
@@ -507,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in modes if m not in MODES] + [w for w in args.workloads.split(",") if w not in WORKLOADS]
     if bad:
         parser.error(f"unknown modes/workloads: {bad}")
-    run(args.rounds, args.seconds, modes, tuple(args.workloads.split(",")), args.seed)
+    run(args.rounds, args.seconds, modes, tuple(args.workloads.split(",")), args.seed, args.placement)
     return 0
 
 
