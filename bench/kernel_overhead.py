@@ -501,7 +501,7 @@ def verdicts(results: dict[str, Result]) -> list[str]:
             res = results.get(w)
             if res and mode in res.ratio and "floor" in res.ratio:
                 floor, ours = res.ratio["floor"], res.ratio[mode]
-                gap = 100 * (statistics.median(floor) - statistics.median(ours))
+                gap = round(100 * (statistics.median(floor) - statistics.median(ours)), 1)  # as printed
                 # both were measured in every round, minutes apart at most: the per-round difference
                 # cancels the machine's slow swings (told, not judged)
                 paired = 100 * statistics.median(f - o for f, o in zip(floor, ours, strict=True))
