@@ -28,6 +28,7 @@ import random
 import re
 import resource
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -367,7 +368,22 @@ def bench_lab(placement: str = "free") -> Iterator[Workbench]:
                 ["iperf3", "-s", "-B", str(server.ipv4), "-p", str(PORT_IPERF)],
             )
         ]
+        for port in (PORT_HTTP, PORT_IPERF):  # both listening before anything is measured
+            with lab.inside(client):
+                wait_listening(str(server.ipv4), port)
         yield Workbench(lab, tmp, servers, client_cpus)
+
+
+def wait_listening(ip: str, port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((ip, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _program_stats(bpf) -> dict[str, tuple[int, int]]:

@@ -109,6 +109,7 @@ def tracepoint_fields(category: str, event: str) -> set[str]:
 # arguments (Linux 5.10+). The bcc module has no binding for it; the syscall is small.
 _BPF_PROG_TEST_RUN = 10
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
+_BPF_SYSCALL = _SYS_BPF.get(platform.machine())  # looked up once: the fold runs it 256 times a poll
 
 
 class _TestRunAttr(ctypes.Structure):
@@ -146,10 +147,77 @@ def run_raw_tracepoint_program(prog_fd: int, args: Sequence[int]) -> int:
     """Run a loaded raw-tracepoint program with these u64 arguments; returns its return value."""
     ctx = (ctypes.c_uint64 * max(len(args), 1))(*args)
     attr = _TestRunAttr(prog_fd=prog_fd, ctx_size_in=ctypes.sizeof(ctx), ctx_in=ctypes.addressof(ctx))
-    nr = _SYS_BPF.get(platform.machine())
-    if nr is None:
+    if _BPF_SYSCALL is None:
         raise BPFUnavailableError(f"no bpf syscall number known for {platform.machine()}")
-    if _libc.syscall(nr, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+    if _libc.syscall(_BPF_SYSCALL, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
     return int(attr.retval)
+
+
+class MapReader:
+    """Every entry of a BPF hash map, read with BPF_MAP_LOOKUP_BATCH into buffers allocated once.
+
+    BCC's `items_lookup_batch()` allocates and zeroes room for max_entries on every call: 10.7 MB for the
+    flow map, twice a second, whose page faults and unmapping the machine's other CPUs (the workloads
+    the agent watches) felt. Here the buffers hold `chunk` entries and grow only when one hash bucket
+    holds more (ENOSPC). Kernels without batch operations (< 5.6) fall back to one lookup per entry."""
+
+    def __init__(self, table, chunk: int = 1024) -> None:
+        self.table = table
+        self._key_size, self._value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
+        self._batch = True
+        self._alloc(min(chunk, table.max_entries))
+
+    def _alloc(self, n: int) -> None:
+        self._chunk = n
+        self._keys = ctypes.create_string_buffer(self._key_size * n)
+        self._values = ctypes.create_string_buffer(self._value_size * n)
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        if self._batch:
+            try:
+                return self._batched()
+            except _BatchUnsupported:
+                self._batch = False
+        return [(bytes(k), bytes(v)) for k, v in self.table.items()]
+
+    def _batched(self) -> list[tuple[bytes, bytes]]:
+        import errno
+
+        from bcc import lib
+
+        out: list[tuple[bytes, bytes]] = []
+        token, next_token, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
+        first = True
+        ks, vs = self._key_size, self._value_size
+        while True:
+            count.value = self._chunk
+            res = lib.bpf_lookup_batch(
+                self.table.map_fd,
+                None if first else ctypes.byref(token),
+                ctypes.byref(next_token),
+                self._keys,
+                self._values,
+                ctypes.byref(count),
+            )
+            err = ctypes.get_errno() if res != 0 else 0
+            n = count.value
+            if n:
+                keys, values = self._keys.raw[: n * ks], self._values.raw[: n * vs]
+                out += [(keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs]) for i in range(n)]
+            if res == 0:
+                token.value, first = next_token.value, False
+                continue
+            if err == errno.ENOENT:  # the end of the map (this call's entries were still copied)
+                return out
+            if err == errno.ENOSPC and n == 0 and self._chunk < self.table.max_entries:
+                self._alloc(min(self._chunk * 2, self.table.max_entries))  # one bucket holds more
+                continue
+            if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) and first and not out:
+                raise _BatchUnsupported
+            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+
+
+class _BatchUnsupported(Exception):
+    pass

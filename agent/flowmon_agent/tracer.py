@@ -69,14 +69,6 @@ def _locked(method: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-def _items(table) -> list[tuple[bytes, bytes]]:
-    """All entries as raw bytes, with one batch syscall where the kernel supports it."""
-    try:
-        return [(bytes(k), bytes(v)) for k, v in table.items_lookup_batch()]
-    except Exception:  # batch ops missing (kernel < 5.6 for some map types): one lookup per entry
-        return [(bytes(k), bytes(v)) for k, v in table.items()]
-
-
 class FlowTracer:
     """Exact TCP flow accounting on this host. Use as a context manager, or call close()."""
 
@@ -111,6 +103,8 @@ class FlowTracer:
         self._flows, self._stats = b[b"flows"], b[b"stats"]
         self._cfg, self._local_ips, self._ports = b[b"cfg"], b[b"local_ips"], b[b"ignored_ports"]
         self._pending, self._adopt, self._nat = b[b"rst_pending"], b[b"adopt"], b[b"nat_peers"]
+        self._flows_reader = bpf_loader.MapReader(self._flows)
+        self._pending_reader = bpf_loader.MapReader(self._pending, chunk=256)
         self._conn_ttl_s = connection_key_ttl_s
         self._conn_seen: dict[FlowKey, tuple[float, FlowCounters]] = {}  # per-connection keys: last change
         self._forgotten = 0  # kernel entries user space deleted (not evictions)
@@ -201,7 +195,7 @@ class FlowTracer:
     def _drain_resets(self, known: Container[FlowKey]) -> None:
         """RSTs received from a peer that no traced socket claimed within the grace period."""
         now_ns = time.monotonic_ns()
-        for k, v in _items(self._pending):
+        for k, v in self._pending_reader.items():
             p = kernel_maps.decode_pending_reset(v)
             if now_ns - p.ts_ns < self._reset_grace_ns:
                 continue
@@ -251,7 +245,7 @@ class FlowTracer:
             raise RuntimeError("FlowTracer is closed")
         self._fold()
         created = self._stat(ST_FLOWS_CREATED)  # before the map read: evictions are never overestimated
-        flows = _items(self._flows)
+        flows = self._flows_reader.items()
         for k, v in flows:
             key, kf = kernel_maps.decode_flow_key(k), kernel_maps.decode_flow_value(v)
             inc = self._incarnations.get(key)
