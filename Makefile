@@ -19,7 +19,7 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# Every benchmark once, with the arguments recorded in docs/BENCHMARKS.md (about 15 minutes, needs root).
+# Every benchmark once, with the arguments recorded in docs/BENCHMARKS.md (about 25 minutes, needs root).
 bench: setup
 	$(PY) -m bench.metadata_memory --pods 20000 --budget-mb 100
 	$(PY) -m bench.aggregate_poll --flows 10000 --changing 1.0
