@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from bench.waiting import wait_ready
 from flowmon_agent.minicluster import (
     ClusterSpec,
     DeploymentSpec,
@@ -35,6 +36,7 @@ from flowmon_agent.minicluster import (
 )
 from flowmon_agent.policy import compile_policy
 from flowmon_agent.policy_store import dump_policy_json
+from flowmon_agent.prometheus_process import free_port
 from flowmon_agent.spec import FlowMonitor
 
 SERVER = """
@@ -72,14 +74,6 @@ def sent_bytes(conn: http.client.HTTPConnection) -> float:
     return 0.0
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -108,26 +102,13 @@ def run(connections: int, poll_interval: float, tmp: Path) -> dict:
             code += "asyncio.run(run_agent(AgentSettings()))"
             agent = subprocess.Popen([sys.executable, "-c", code], env=env)
             try:
+                wait_ready(port, agent)
                 return measure(cluster, port, connections, poll_interval)
             finally:
                 agent.terminate()
                 agent.wait(timeout=20)
     finally:
         cleanup(prefix)
-
-
-def wait_ready(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/readyz")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("agent not ready")
 
 
 def measure(cluster: MiniCluster, port: int, connections: int, poll_interval: float) -> dict:
@@ -137,7 +118,6 @@ def measure(cluster: MiniCluster, port: int, connections: int, poll_interval: fl
     client = cluster.spawn(
         web, ["python3", "-c", CLIENT, db.ip], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    wait_ready(port)
     scrape = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     rng = random.Random(7)
     expected, delays = sent_bytes(scrape), []

@@ -28,7 +28,6 @@ import random
 import re
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.waiting import wait_listening, wait_ready
 from flowmon_agent import topview
 from flowmon_agent.lab import Lab
 from flowmon_agent.prometheus_process import free_port
@@ -46,7 +46,7 @@ from flowmon_agent.prometheus_process import free_port
 ROOT = Path(__file__).resolve().parents[1]
 TCPLIFE = "/usr/sbin/tcplife-bpfcc"
 MODES = ("none", "floor", "floor-classic", "tcplife", "flowmon", "flowmon-classic", "flowmon-nortt", "agent")
-DEFAULT_MODES = ("none", "floor", "floor-classic", "tcplife", "flowmon", "flowmon-classic", "agent")
+DEFAULT_MODES = tuple(m for m in MODES if m != "flowmon-nortt")
 WORKLOADS = ("churn", "keepalive", "bulk")
 # What the agent mode's endpoint must have counted of each workload: a connection per request, the bytes sent.
 COUNTED = {"churn": "opened", "bulk": "sent_bytes"}
@@ -127,7 +127,8 @@ class Tracer:
         self.tmp = tmp
         self.pair = pair  # agent mode: the (client, server) pod names its view shows for the workload
         self.proc: subprocess.Popen | None = None
-        self.seen: topview.PairTotals | None = None  # agent mode: what its endpoint counted meanwhile
+        self._before = topview.PairTotals()  # agent mode: its endpoint's totals when it was attached
+        self.seen: topview.PairTotals | None = None  # agent mode: what it counted during the measurement
         if mode not in ("none", "tcplife", "agent"):
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.kernel_overhead", "--run-mode", mode],
@@ -159,7 +160,7 @@ class Tracer:
     def attach(self) -> None:
         if self.mode == "agent":
             self.proc, self.url = start_agent(self.tmp / "agent.log")
-            self.seen = self._pair_totals()
+            self._before = self._pair_totals()
         elif self.mode == "tcplife":
             out = self.tmp / "tcplife.out"
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -187,8 +188,7 @@ class Tracer:
     def detach(self) -> None:
         if self.mode == "agent" and self.proc is not None:
             time.sleep(1.0)  # two of its polls: the last connections reach its endpoint
-            before, after = self.seen, self._pair_totals()  # one scrape per measurement
-            assert before is not None
+            before, after = self._before, self._pair_totals()  # one scrape per measurement
             self.seen = topview.PairTotals(
                 opened=after.opened - before.opened, sent_bytes=after.sent_bytes - before.sent_bytes
             )
@@ -227,19 +227,12 @@ def start_agent(log: Path) -> tuple[subprocess.Popen, str]:
     argv = [sys.executable, "-m", "flowmon_agent.cli", "agent", "--listen", f"127.0.0.1:{port}"]
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"flowmon agent exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return proc, f"http://127.0.0.1:{port}/metrics/flowmon-system/host"
-        except OSError:
-            if time.monotonic() > deadline:
-                stop_process(proc, signal.SIGTERM)
-                raise RuntimeError("flowmon agent not ready within 120 s") from None
-            time.sleep(0.2)
+    try:
+        wait_ready(port, proc, timeout=120)
+    except (RuntimeError, TimeoutError) as exc:
+        stop_process(proc, signal.SIGTERM)
+        raise RuntimeError(f"{exc}:\n{log.read_text()}") from None
+    return proc, f"http://127.0.0.1:{port}/metrics/flowmon-system/host"
 
 
 # --- workloads -----------------------------------------------------------------------------------------
@@ -372,18 +365,6 @@ def bench_lab(placement: str = "free") -> Iterator[Workbench]:
             with lab.inside(client):
                 wait_listening(str(server.ipv4), port)
         yield Workbench(lab, tmp, servers, client_cpus)
-
-
-def wait_listening(ip: str, port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((ip, port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def _program_stats(bpf) -> dict[str, tuple[int, int]]:

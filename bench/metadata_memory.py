@@ -6,7 +6,7 @@ nodes, ReplicaSets and Services, with paging (limit/continue) and watches that s
 runs the real KubeWatcher until it is synced, resolves every pod IP once (filling the resolver's
 cache, as flows would), and reports RSS growth and the peak.
 
-    .venv/bin/python bench/metadata_memory.py [--pods 20000] [--budget-mb 100]
+    .venv/bin/python -m bench.metadata_memory [--pods 20000] [--budget-mb 100]
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import asyncio
 import gc
 import json
 import multiprocessing
-import socket
 import sys
 import time
 from ipaddress import IPv4Address
+
+from bench.waiting import wait_listening
+from flowmon_agent.prometheus_process import free_port  # yaml, its one heavy import, the watcher loads too
 
 NAMESPACES, NODES, PODS_PER_RS, SERVICES_PER_NS = 50, 100, 10, 20
 
@@ -187,12 +189,6 @@ def serve(port: int, pods: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, handle_signals=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pods", type=int, default=20_000)
@@ -203,15 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     server = multiprocessing.get_context("spawn").Process(target=serve, args=(port, args.pods), daemon=True)
     server.start()
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        wait_listening("127.0.0.1", port, timeout=20)
         # Everything the measured path imports is loaded before the baseline.
         from flowmon_agent.metadata import MetadataStore, Resolver
         from flowmon_agent.metadata.watcher import KubeWatcher

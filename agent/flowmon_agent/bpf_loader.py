@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -183,9 +184,7 @@ class MapReader:
         return [(bytes(k), bytes(v)) for k, v in self.table.items()]
 
     def _batched(self) -> list[tuple[bytes, bytes]]:
-        import errno
-
-        from bcc import lib
+        from bcc import lib  # imported here: this module must load on hosts without BCC
 
         out: list[tuple[bytes, bytes]] = []
         token, next_token, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
