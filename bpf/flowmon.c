@@ -14,8 +14,8 @@
 //   FLOWMON_COMPAT   1: bytes from tcp:tcp_probe (kernels without sock:sock_{send,recv}_length)
 //   FLOWMON_RAW      1: sock_{send,recv}_length as raw tracepoints (cheaper, args are plain values)
 //   FLOWMON_RAW_RESET 1: tcp_send_reset as a raw tracepoint (see on_send_reset)
-//   SOCK_MAX (a power of two), FLOW_MAX, RST_MAX, ADOPT_MAX: map sizes;  RTT_INTERVAL_MS: srtt sampling
-//   period;  FOLD_CHUNK: socket slots per run of flowmon_fold
+//   SOCK_MAX (a power of two), FLOW_MAX, RST_MAX, ADOPT_MAX: map sizes;  FOLD_CHUNK: socket slots per
+//   run of flowmon_fold
 
 #ifndef FLOWMON_COMPAT
 #define FLOWMON_COMPAT 0
@@ -40,9 +40,6 @@
 #endif
 #ifndef NAT_MAX
 #define NAT_MAX 16384
-#endif
-#ifndef RTT_INTERVAL_MS
-#define RTT_INTERVAL_MS 1000
 #endif
 
 #define FM_AF_INET 2
@@ -103,7 +100,7 @@ BPF_PERCPU_ARRAY(flow_zero, struct flow_val, 1);
 struct sock_state {
     u64 sk;            // the socket (0: slot free, FM_SK_CLAIMED: being written)
     struct flow_key key;
-    u64 last_rtt_ns;   // when the last periodic srtt sample was taken
+    u64 rtt_epoch;     // the sampling epoch (cfg[CFG_RTT_EPOCH]) of the last periodic srtt sample
     u32 srtt_us;       // latest smoothed RTT from tcp_probe
     u8 has_srtt;
     u8 established;
@@ -205,12 +202,16 @@ struct tuple_key {
 };
 BPF_HASH(adopt, struct tuple_key, u8, ADOPT_MAX);
 
-// Configuration written by user space. Index: 0 local-IP filter on, 1 ignored ports on, 2 adoption on.
+// Configuration written by user space. Index: 0 local-IP filter on, 1 ignored ports on, 2 adoption on,
+// 3 NAT peers set, 4 the srtt sampling epoch: user space advances it once per sampling interval, and a
+// socket takes one periodic srtt sample per epoch. Reading it is one load where a clock read
+// (bpf_ktime_get_ns) on every received segment cost ~25 ns (docs/BENCHMARKS.md).
 #define CFG_FILTER 0
 #define CFG_PORTS 1
 #define CFG_ADOPT 2
 #define CFG_NAT 3
-BPF_ARRAY(cfg, u64, 4);
+#define CFG_RTT_EPOCH 4
+BPF_ARRAY(cfg, u64, 5);
 struct ip_key {
     u8 addr[16];
     u16 family;
@@ -308,6 +309,12 @@ static __always_inline int is_traced(u16 family, const u8 *local, u16 server_por
             return 0;
     }
     return 1;
+}
+
+static __always_inline u64 rtt_epoch_now(void) {
+    u32 idx = CFG_RTT_EPOCH;
+    u64 *epoch = cfg.lookup(&idx);
+    return epoch ? *epoch : 0;
 }
 
 static __always_inline int is_nat_peer(u16 family, const u8 *server) {
@@ -574,13 +581,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         return 0;
     }
     if (newstate == FM_TCP_ESTABLISHED) {
-        u64 now = bpf_ktime_get_ns();
         if (oldstate == FM_TCP_SYN_SENT) {
             struct sock_state *st = sock_find(sk);
             if (!st)
                 return 0;
+            u64 now = bpf_ktime_get_ns();
             st->established = 1;
-            st->last_rtt_ns = now;
+            st->rtt_epoch = rtt_epoch_now();
             st->client_port = args->sport;
             if (st->per_conn)
                 st->key.client_port = args->sport;
@@ -598,12 +605,12 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             if (!is_traced(family, st.key.server, st.key.server_port))
                 return 0;
             st.established = 1;
-            st.last_rtt_ns = now;
+            st.rtt_epoch = rtt_epoch_now();
             st.client_port = args->dport;
             struct sock_state *srv = sock_insert(sk, &st);
             if (!srv)
                 return 0;
-            count_open(srv, now);
+            count_open(srv, 0);  // no connect latency on the server side
 #if FLOWMON_COMPAT
             link_peer(srv);  // only once stored: a full table links nothing
 #endif
@@ -722,7 +729,7 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
             return 0;
         fresh.established = 1;
         fresh.client_port = *role == FM_ROLE_CLIENT ? lport : rport;
-        fresh.last_rtt_ns = bpf_ktime_get_ns();
+        fresh.rtt_epoch = rtt_epoch_now();
         st = sock_insert(sk, &fresh);
         if (!st)
             return 0;
@@ -758,8 +765,8 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
     }
 #endif
     // srtt sampling, read-only on most segments (no cache-line writes shared with the send path): the
-    // first srtt is kept for the sample taken at close; then one sample per interval goes straight to
-    // the flow's histogram and refreshes the value kept for close.
+    // first srtt is kept for the sample taken at close; then one sample per sampling epoch goes straight
+    // to the flow's histogram and refreshes the value kept for close.
     u32 srtt = args->srtt;
     if (srtt == 0)
         return 0;
@@ -768,10 +775,10 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
         st->has_srtt = 1;
         return 0;  // the interval started at ESTABLISHED: no periodic sample due yet in most cases
     }
-    u64 now = bpf_ktime_get_ns();
-    if (now - st->last_rtt_ns < (u64)RTT_INTERVAL_MS * 1000000)
+    u64 epoch = rtt_epoch_now();
+    if (st->rtt_epoch == epoch)
         return 0;
-    st->last_rtt_ns = now;
+    st->rtt_epoch = epoch;
     st->srtt_us = srtt;
     struct flow_val *v = flow_get(&st->key);
     if (v)

@@ -6,12 +6,13 @@ ports (or pods) so it reads only its own flows. Tests that need root/BPF fail, n
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from ipaddress import ip_address
 
 import pytest
@@ -165,6 +166,24 @@ def wait_for(
         time.sleep(0.2)
         snap = tracer.poll()
     return snap
+
+
+@contextlib.contextmanager
+def polling(tracer: FlowTracer, every: float = 0.2) -> Iterator[None]:
+    """Poll in the background as the agent does: the polls advance the srtt sampling epochs."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(every):
+            tracer.poll()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
 
 
 def counters(snap: FlowSnapshot, k: FlowKey) -> FlowCounters:
@@ -497,7 +516,8 @@ def test_reset_from_iptables_reject_mid_stream(tracer, lab) -> None:
 # --- RTT and connect latency ----------------------------------------------------------------------------
 def upload_rtt(tracer: FlowTracer, lab: Lab, port: int, up: int) -> FlowCounters:
     e, f = lab.pod("e"), lab.pod("f")
-    request_response(lab, e, f, V4, [(port, up, 1)])
+    with polling(tracer):  # periodic samples come once per sampling epoch, which polls advance
+        request_response(lab, e, f, V4, [(port, up, 1)])
     k = key(e, f, V4, port, Reporter.CLIENT)
     return counters(wait_for(tracer, lambda s: k in s.flows and s.flows[k].closed == 1), k)
 
@@ -608,6 +628,11 @@ def test_displaced_sockets_in_a_small_table_are_exact_open_and_closed(lab, requi
 def test_socket_table_size_must_be_a_power_of_two() -> None:
     with pytest.raises(ValueError, match="power of two"):
         FlowTracer(sizes={"SOCK_MAX": 1000})
+
+
+def test_rtt_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="rtt_interval_ms"):
+        FlowTracer(rtt_interval_ms=0)
 
 
 def test_ignored_ports_are_not_traced(lab, require_root) -> None:

@@ -35,7 +35,7 @@ from flowmon_agent.kernel_maps import (
 )
 
 T = TypeVar("T")
-CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT = 0, 1, 2, 3
+CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT, CFG_RTT_EPOCH = 0, 1, 2, 3, 4
 FOLD_CHUNK = 256  # socket slots per run of flowmon_fold (the verifier's limit on one loop's branches)
 DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384, "NAT_MAX": 16384}
 
@@ -84,7 +84,9 @@ class FlowTracer:
         reset_grace_s: float = 0.5,
         connection_key_ttl_s: float = 300.0,
     ) -> None:
-        cflags = {**DEFAULT_SIZES, **(sizes or {}), "RTT_INTERVAL_MS": int(rtt_interval_ms)}
+        if rtt_interval_ms <= 0:
+            raise ValueError(f"rtt_interval_ms must be positive, not {rtt_interval_ms}")
+        cflags = {**DEFAULT_SIZES, **(sizes or {})}
         sock_slots = int(cflags["SOCK_MAX"])
         if sock_slots < 8 or sock_slots & (sock_slots - 1):
             raise ValueError(f"SOCK_MAX must be a power of two >= 8, not {sock_slots}")
@@ -118,6 +120,10 @@ class FlowTracer:
         self._closed = False
         self._lock = threading.RLock()  # poll() may run in a worker thread while the loop reconfigures
         self._rtt_wanted = True
+        # srtt sampling clock: a socket takes one periodic sample per epoch, advanced here (on poll) so the
+        # kernel compares an integer instead of reading the clock on every received segment
+        self._rtt_interval_s = rtt_interval_ms / 1000
+        self._rtt_epoch, self._rtt_epoch_at = 0, time.monotonic()
         self._probe_attached = True
         if adopt_existing:
             try:
@@ -243,6 +249,7 @@ class FlowTracer:
     def poll(self) -> FlowSnapshot:
         if self._closed:
             raise RuntimeError("FlowTracer is closed")
+        self._advance_rtt_epoch()
         self._fold()
         created = self._stat(ST_FLOWS_CREATED)  # before the map read: evictions are never overestimated
         flows = self._flows_reader.items()
@@ -277,6 +284,12 @@ class FlowTracer:
             "adopt_table_full": self._adopt_dropped,
         }
         return FlowSnapshot(out, dropped, self.kernel_path, time.monotonic())
+
+    def _advance_rtt_epoch(self) -> None:
+        now = time.monotonic()
+        if now - self._rtt_epoch_at >= self._rtt_interval_s:
+            self._rtt_epoch, self._rtt_epoch_at = self._rtt_epoch + 1, now
+            self._set_cfg(CFG_RTT_EPOCH, self._rtt_epoch)
 
     def _fold(self) -> None:
         """Move live sockets' pending bytes and opens into their flows (kernel work: one read per slot)."""
