@@ -1,8 +1,12 @@
 // Benchmark floor: the same hooks as bpf/flowmon.c's default path, each only counting its events in a
 // per-CPU array. The difference between this and "no tracer" is the cost of being attached at all.
 // FLOOR_RAW 1: sock_{send,recv}_length as raw tracepoints (like flowmon's default), 0: classic.
+// FLOOR_PROBE 0: without tcp:tcp_probe (what flowmon attaches only while RTT is wanted).
 #ifndef FLOOR_RAW
 #define FLOOR_RAW 1
+#endif
+#ifndef FLOOR_PROBE
+#define FLOOR_PROBE 1
 #endif
 BPF_PERCPU_ARRAY(events, u64, 8);
 
@@ -21,7 +25,9 @@ RAW_TRACEPOINT_PROBE(sock_recv_length) { return bump(2); }
 TRACEPOINT_PROBE(sock, sock_send_length) { return bump(1); }
 TRACEPOINT_PROBE(sock, sock_recv_length) { return bump(2); }
 #endif
+#if FLOOR_PROBE
 TRACEPOINT_PROBE(tcp, tcp_probe) { return bump(3); }
+#endif
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) { return bump(4); }
 RAW_TRACEPOINT_PROBE(tcp_send_reset) { return bump(5); }
 TRACEPOINT_PROBE(tcp, tcp_receive_reset) { return bump(6); }
