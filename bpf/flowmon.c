@@ -711,11 +711,11 @@ BPF_PERCPU_ARRAY(rtt_quiet, struct quiet_entry, QUIET_SLOTS);
 
 TRACEPOINT_PROBE(tcp, tcp_probe) {
     u64 sk = (u64)args->skaddr;
+    u64 epoch = rtt_epoch_now();
 #if !FLOWMON_COMPAT
     u64 cookie = args->sock_cookie;
     u32 qi = (u32)((cookie * 0x9E3779B97F4A7C15ULL) >> 40) & (QUIET_SLOTS - 1);
     struct quiet_entry *quiet = rtt_quiet.lookup(&qi);
-    u64 epoch = rtt_epoch_now();
     if (quiet && quiet->cookie == cookie && quiet->epoch == epoch)
         return 0;
 #endif
@@ -752,7 +752,7 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
             return 0;
         fresh.established = 1;
         fresh.client_port = *role == FM_ROLE_CLIENT ? lport : rport;
-        fresh.rtt_epoch = rtt_epoch_now();
+        fresh.rtt_epoch = epoch;
         st = sock_insert(sk, &fresh);
         if (!st)
             return 0;
@@ -798,9 +798,7 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
         st->has_srtt = 1;
         return 0;  // the interval started at ESTABLISHED: no periodic sample due yet in most cases
     }
-#if FLOWMON_COMPAT
-    u64 epoch = rtt_epoch_now();
-#else
+#if !FLOWMON_COMPAT
     if (quiet) {  // the first srtt is kept: nothing more is due for this socket in this epoch
         quiet->cookie = cookie;
         quiet->epoch = epoch;
