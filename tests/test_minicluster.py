@@ -156,14 +156,15 @@ SERVER = textwrap.dedent(
 CLIENT = textwrap.dedent(
     """
     import socket, sys, time
-    target, count = sys.argv[1], int(sys.argv[2])
+    target, count, target_port, backends = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((target, 80), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    for backend in backends:  # every backend listening: the DNAT may pick any of them
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((backend, target_port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
     for _ in range(count):
         with socket.create_connection((target, 80), timeout=2) as s:
             print(s.recv(64).decode())
@@ -185,10 +186,11 @@ def test_built_cluster_routes_clusterip_to_every_backend_and_teardown_leaves_not
                 cluster.spawn(pod, [sys.executable, "-c", SERVER])
             client = cluster.pods_of("shop", "frontend")[0]
             svc = cluster.service("payments", "api")
-            out = cluster.exec(client, [sys.executable, "-c", CLIENT, svc.cluster_ip, "40"], timeout=40)
+            backends = {p.ip for p in svc.endpoints}
+            argv = [sys.executable, "-c", CLIENT, svc.cluster_ip, "40", "8080", *sorted(backends)]
+            out = cluster.exec(client, argv, timeout=40)
             answers = out.stdout.split()
             assert len(answers) == 40
-            backends = {p.ip for p in svc.endpoints}
             # Both backends answered, and only backends: the DNAT is kube-proxy's random spread.
             assert set(answers) == backends, answers
             # Connects to the ClusterIP worked, so conntrack un-DNATed the replies bridged between pods.
