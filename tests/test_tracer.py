@@ -625,6 +625,45 @@ def test_displaced_sockets_in_a_small_table_are_exact_open_and_closed(lab, requi
             assert (c.sent_bytes, c.received_bytes, c.closed) == (1000 + i, 2000 + i, 1), ports[i]
 
 
+@pytest.mark.parametrize("sock_max", [64, 65536])
+def test_fold_in_small_runs_moves_every_marked_socket_and_leaves_no_mark(lab, require_root, sock_max) -> None:
+    """Folds of 4 steps each (a group word, a word or a slot per step) stop and resume mid-group and
+    mid-word many times per CPU: every open connection's bytes still reach its flow at each poll, a
+    socket is marked again after a fold took its counters, and nothing stays marked after a poll."""
+    a, b = lab.pod("a"), lab.pod("b")
+    with FlowTracer(sizes={"SOCK_MAX": sock_max, "FOLD_STEPS": 4}, adopt_existing=False) as small:
+        small.set_local_ip_filter([a.ipv4])  # only our client sockets
+        ports = [next_port() for _ in range(24)]
+        servers = [listen(lab, b, V4, p) for p in ports]
+        pairs = [(connect(lab, a, V4, b, p), srv) for p, srv in zip(ports, servers, strict=True)]
+        pairs = [(cli, srv.accept()[0]) for cli, srv in pairs]
+        totals = {p: [0, 0] for p in ports}  # bytes each client sent, received
+        try:
+            for up, down in ((100, 7), (200, 0), (0, 9)):  # a second round re-marks; the third, rx only
+                for i, (cli, conn) in enumerate(pairs):
+                    sent, received = up and up + i, down and down + i
+                    send_exact(cli, sent)
+                    recv_exact(conn, sent)
+                    send_exact(conn, received)
+                    recv_exact(cli, received)
+                    totals[ports[i]][0] += sent
+                    totals[ports[i]][1] += received
+                snap = small.poll()  # one poll: the fold is synchronous
+                measured = [p for p in ports if key(a, b, V4, p, Reporter.CLIENT) in snap.flows]
+                assert len(measured) == len(ports) - snap.dropped["socket_table_full"] >= 16
+                for p in measured:
+                    c = counters(snap, key(a, b, V4, p, Reporter.CLIENT))
+                    assert [c.sent_bytes, c.received_bytes, c.opened, c.active] == [*totals[p], 1, 1], p
+            marks = small._bpf[b"fold_marks"]
+            assert not any(any(per_cpu) for per_cpu in marks.values())
+        finally:
+            for cli, conn in pairs:
+                cli.close()
+                conn.close()
+            for srv in servers:
+                srv.close()
+
+
 def test_socket_table_size_must_be_a_power_of_two() -> None:
     with pytest.raises(ValueError, match="power of two"):
         FlowTracer(sizes={"SOCK_MAX": 1000})

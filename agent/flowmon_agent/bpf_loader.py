@@ -106,11 +106,12 @@ def tracepoint_fields(category: str, event: str) -> set[str]:
     return names
 
 
-# BPF_PROG_TEST_RUN for a raw-tracepoint program: run it once, now, on this CPU with `args` as its
-# arguments (Linux 5.10+). The bcc module has no binding for it; the syscall is small.
+# BPF_PROG_TEST_RUN for a raw-tracepoint program: run it once, now, on this CPU or a given one, with
+# `args` as its arguments (Linux 5.10+). The bcc module has no binding for it; the syscall is small.
 _BPF_PROG_TEST_RUN = 10
+_BPF_F_TEST_RUN_ON_CPU = 1
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
-_BPF_SYSCALL = _SYS_BPF.get(platform.machine())  # looked up once: the fold runs it 256 times a poll
+_BPF_SYSCALL = _SYS_BPF.get(platform.machine())  # looked up once: the fold runs it on every poll
 
 
 class _TestRunAttr(ctypes.Structure):
@@ -144,16 +145,33 @@ def load_raw_tracepoint_program(bpf, name: str) -> int:
     return int(bpf.load_func(name.encode(), BPF.RAW_TRACEPOINT).fd)
 
 
-def run_raw_tracepoint_program(prog_fd: int, args: Sequence[int]) -> int:
-    """Run a loaded raw-tracepoint program with these u64 arguments; returns its return value."""
+def run_raw_tracepoint_program(prog_fd: int, args: Sequence[int], cpu: int | None = None) -> int:
+    """Run a loaded raw-tracepoint program with these u64 arguments, on `cpu` if given (the kernel
+    interrupts that CPU to run it there); returns its return value."""
     ctx = (ctypes.c_uint64 * max(len(args), 1))(*args)
     attr = _TestRunAttr(prog_fd=prog_fd, ctx_size_in=ctypes.sizeof(ctx), ctx_in=ctypes.addressof(ctx))
+    if cpu is not None:
+        attr.flags, attr.cpu = _BPF_F_TEST_RUN_ON_CPU, cpu
     if _BPF_SYSCALL is None:
         raise BPFUnavailableError(f"no bpf syscall number known for {platform.machine()}")
     if _libc.syscall(_BPF_SYSCALL, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
     return int(attr.retval)
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """Pure: a kernel CPU list ("0-3,8,10-11") as numbers."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def online_cpus(path: Path = Path("/sys/devices/system/cpu/online")) -> list[int]:
+    return parse_cpu_list(path.read_text())
 
 
 class MapReader:

@@ -2,10 +2,10 @@
 
 poll() (call it about once a second) returns every flow seen since start. The kernel keeps a live
 socket's bytes and open in the socket's own slot and moves them into the flow's entry at close; a poll
-first runs the kernel's fold program, which moves what live sockets have pending (in the kernel: no
-per-socket work in Python), then reads only the flow map, so user-space work grows with distinct flows,
-not with open connections. Counters are kept in user space too, so a flow that the kernel's LRU map
-evicts keeps its totals, and they never go backwards.
+first runs the kernel's fold program, which moves what live sockets have had pending since the last
+fold (in the kernel: no per-socket work in Python), then reads only the flow map, so user-space work
+grows with distinct flows, not with open connections. Counters are kept in user space too, so a flow
+that the kernel's LRU map evicts keeps its totals, and they never go backwards.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from flowmon_agent.kernel_maps import (
 
 T = TypeVar("T")
 CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT, CFG_RTT_EPOCH = 0, 1, 2, 3, 4
-FOLD_CHUNK = 256  # socket slots per run of flowmon_fold (the verifier's limit on one loop's branches)
+FOLD_STEPS = 64  # steps per run of flowmon_fold: the verifier walks ~360k instructions (limit 1M)
 DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384, "NAT_MAX": 16384}
 
 
@@ -86,11 +86,12 @@ class FlowTracer:
     ) -> None:
         if rtt_interval_ms <= 0:
             raise ValueError(f"rtt_interval_ms must be positive, not {rtt_interval_ms}")
-        cflags = {**DEFAULT_SIZES, **(sizes or {})}
-        sock_slots = int(cflags["SOCK_MAX"])
+        cflags = {**DEFAULT_SIZES, "FOLD_STEPS": FOLD_STEPS, **(sizes or {})}
+        sock_slots, fold_steps = int(cflags["SOCK_MAX"]), int(cflags["FOLD_STEPS"])
         if sock_slots < 8 or sock_slots & (sock_slots - 1):
             raise ValueError(f"SOCK_MAX must be a power of two >= 8, not {sock_slots}")
-        cflags["FOLD_CHUNK"] = FOLD_CHUNK
+        if fold_steps < 4:
+            raise ValueError(f"FOLD_STEPS must be at least 4, not {fold_steps}")
         self._path, self._bpf = kernel_paths.load(force_compat=force_compat, raw=raw, sizes=cflags)
         self.kernel_path = self._path.name
         self.raw_tracepoints = bool(self._path.cflags.get("FLOWMON_RAW"))
@@ -101,7 +102,10 @@ class FlowTracer:
             if self.kernel_path == "compat"
             else bpf_loader.load_raw_tracepoint_program(b, "flowmon_fold")
         )
-        self._fold_starts = range(0, sock_slots, FOLD_CHUNK)
+        # the fold's mark groups (each covers 4,096 slots), and a bound on its runs per CPU: every run
+        # but the last visits at least FOLD_STEPS - 2 slots, words or groups
+        self._mark_groups = -(-sock_slots // 4096)
+        self._fold_runs_max = 2 + (sock_slots + sock_slots // 64 + self._mark_groups) // (fold_steps - 2)
         self._flows, self._stats = b[b"flows"], b[b"stats"]
         self._cfg, self._local_ips, self._ports = b[b"cfg"], b[b"local_ips"], b[b"ignored_ports"]
         self._pending, self._adopt, self._nat = b[b"rst_pending"], b[b"adopt"], b[b"nat_peers"]
@@ -292,11 +296,16 @@ class FlowTracer:
             self._set_cfg(CFG_RTT_EPOCH, self._rtt_epoch)
 
     def _fold(self) -> None:
-        """Move live sockets' pending bytes and opens into their flows (kernel work: one read per slot)."""
+        """Move live sockets' pending bytes and opens into their flows: on each CPU, the kernel visits
+        the slots marked there since the last fold (usually one run per CPU)."""
         if self._fold_fd is None:
             return
-        for first in self._fold_starts:
-            bpf_loader.run_raw_tracepoint_program(self._fold_fd, (first,))
+        for cpu in bpf_loader.online_cpus():  # read each time: a CPU brought online marks too
+            group = 0
+            for _ in range(self._fold_runs_max):
+                group = bpf_loader.run_raw_tracepoint_program(self._fold_fd, (group,), cpu=cpu)
+                if group >= self._mark_groups:
+                    break
 
     def _forget_idle_connections(self, out: dict[FlowKey, FlowCounters]) -> None:
         """Per-connection keys (NAT peers) are dropped, here and in the kernel, once closed and unchanged
