@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -94,3 +95,20 @@ def test_host_metadata_follows_namespaces_that_appear_and_go(require_root) -> No
         assert host.refresh()  # ... and went
         assert {p.name for p in store.pods()} >= {"box", a.netns}
         assert c.netns not in {p.name for p in store.pods()}
+
+
+def test_namespace_inodes_see_one_only_a_process_holds(require_root) -> None:
+    before = hostnets.namespace_inodes()
+    held = subprocess.Popen(["unshare", "--net", "sleep", "30"])
+    try:
+        link = f"/proc/{held.pid}/ns/net"
+        deadline = time.monotonic() + 10
+        while os.stat(link).st_ino in before and time.monotonic() < deadline:  # until unshare ran
+            time.sleep(0.01)
+        inode = os.stat(link).st_ino
+        assert inode not in before
+        assert inode in hostnets.namespace_inodes()
+    finally:
+        held.kill()
+        held.wait()
+    assert inode not in hostnets.namespace_inodes()
