@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from flowmon_agent.model_base import duration_seconds
-from flowmon_agent.policy import AgentPolicy, compile_policy, token_sha256
+from flowmon_agent.policy import AgentPolicy, compile_policy, policy_hash, token_sha256
 from flowmon_agent.selectors import LabelSelector, selector_matches
 from flowmon_agent.spec import FlowMonitor
 
@@ -58,6 +58,14 @@ def test_policy_hash_is_stable_and_order_independent() -> None:
     assert compile_policy([a, b]).hash == compile_policy([b, a]).hash
     changed = monitor("shop", "a", {"aggregation": {"maxSeries": 10}})
     assert compile_policy([changed, b]).hash != compile_policy([a, b]).hash
+
+
+def test_policy_hash_is_kept_once_computed_and_never_copied_onto_other_content() -> None:
+    policy = compile_policy([monitor("shop", "a")])
+    first = policy.hash
+    assert policy.hash is first and policy == compile_policy([monitor("shop", "a")])  # cache not compared
+    moved = policy.model_copy(update={"operator_namespace": "elsewhere"})
+    assert moved.hash == policy_hash(moved) != first
 
 
 def test_policy_round_trips_through_json() -> None:

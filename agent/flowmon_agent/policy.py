@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -82,9 +83,14 @@ class AgentPolicy(StrictModel):
             raise ValueError("agentNodes must be sorted and unique")
         return self
 
-    @property
-    def hash(self) -> str:
+    @cached_property
+    def hash(self) -> str:  # immutable model: hashed once (the agent compares it on every poll)
         return policy_hash(self)
+
+    def model_copy(self, *, update: Mapping | None = None, deep: bool = False) -> AgentPolicy:
+        copied = super().model_copy(update=update, deep=deep)
+        copied.__dict__.pop("hash", None)  # the cached hash belongs to the original's content
+        return copied
 
     def monitor(self, namespace: str, name: str) -> MonitorPolicy | None:
         return next((m for m in self.monitors if m.namespace == namespace and m.name == name), None)
