@@ -142,7 +142,8 @@ struct sock_slot {
     u64 tx_word;       // default path: generation << 48 | bytes sent, not yet in the flow
     u64 rx_word;       //               generation << 48 | bytes received, not yet in the flow
     u64 open_word;     //               generation << 48 | FM_OPEN_PENDING | FM_HAS_LATENCY | latency_us
-    u8 pad2[40];
+    u64 marked;        // default path: a fold mark for this slot is set and not yet taken
+    u8 pad2[32];
     struct flow_key peer_key;  // compat, peer_local: the peer's flow, credited with what we send
     u8 pad3[24];
 };
@@ -369,11 +370,14 @@ static __always_inline u32 slot_index(u64 sk, struct sock_state *st) {
 #if !FLOWMON_COMPAT
 // Fold marks, per CPU: bit i of word i / 64 says slot i got something pending since the last fold, and
 // bit w % 64 of group word MARK_WORDS + w / 64 says word w has a bit set. A slot is marked when one of its
-// pending words goes from nothing to something, so a socket costs at most three marks per fold period
-// (bytes sent, bytes received, open), and the fold visits the marked slots instead of reading every
-// slot: before, that was 4 MB of 65,536 slots read twice a second by the agent, 2 ms of CPU per poll,
-// and the workload's caches flushed. Per CPU, so that a mark never writes another CPU's cache line;
-// user space runs the fold on each CPU (BPF_F_TEST_RUN_ON_CPU), where it reads that CPU's copy.
+// pending words goes from nothing to something and the slot has no mark outstanding (`marked`, on the
+// words' cache line), so a socket costs one mark per fold period, and the fold visits the marked slots
+// instead of reading every slot: before, that was 4 MB of 65,536 slots read twice a second by the agent,
+// 2 ms of CPU per poll, and the workload's caches flushed. Per CPU, so that a mark never writes another
+// CPU's cache line; user space runs the fold on each CPU (BPF_F_TEST_RUN_ON_CPU), on that CPU's copy.
+// Ordering: an event adds to a word (an atomic that returns the old value: fully ordered) and then reads
+// `marked`; the fold clears `marked` (likewise) and then takes the words. So an event that still saw the
+// mark added before the take, and one whose add came after the take sees no mark and sets one.
 #define MARK_WORDS ((SOCK_MAX + 63) / 64)
 #define MARK_GROUPS ((MARK_WORDS + 63) / 64)
 BPF_PERCPU_ARRAY(fold_marks, u64, MARK_WORDS + MARK_GROUPS);
@@ -389,10 +393,12 @@ static __always_inline void mark_pending(u32 i) {
         __sync_fetch_and_or(group, 1ULL << (w & 63));
 }
 
-// A pending word went from nothing to something: the slot needs the next fold.
-static __always_inline void mark_if_first(u64 before, u32 i) {
-    if (!(before & ~FM_GEN_MASK))
-        mark_pending(i);
+// A pending word went from nothing to something (`before`: its old value): the slot needs a fold.
+static __always_inline void mark_if_first(struct sock_slot *slot, u64 before, u32 i) {
+    if ((before & ~FM_GEN_MASK) || slot->marked)
+        return;
+    slot->marked = 1;
+    mark_pending(i);
 }
 #endif
 
@@ -506,7 +512,8 @@ static __always_inline void count_open(struct sock_state *st, u64 now) {
         return;
     }
 #else
-    mark_if_first(__sync_fetch_and_or(&slot_of(st)->open_word, open), slot_index(st->sk, st));
+    struct sock_slot *slot = slot_of(st);
+    mark_if_first(slot, __sync_fetch_and_or(&slot->open_word, open), slot_index(st->sk, st));
     if (!st->retrans)
         return;
     open = 0;
@@ -693,8 +700,9 @@ static __always_inline void count_bytes(u64 sk, int tx, int ret) {
     struct sock_state *st = sock_find(sk);
     if (!st)
         return;
-    u64 *word = tx ? &slot_of(st)->tx_word : &slot_of(st)->rx_word;
-    mark_if_first(__sync_fetch_and_add(word, (u64)ret), slot_index(sk, st));
+    struct sock_slot *slot = slot_of(st);
+    u64 *word = tx ? &slot->tx_word : &slot->rx_word;
+    mark_if_first(slot, __sync_fetch_and_add(word, (u64)ret), slot_index(sk, st));
 }
 
 #if FLOWMON_RAW
@@ -966,15 +974,18 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
 #if !FLOWMON_COMPAT
 // Counters a fold took from a slot that a new socket took meanwhile belong to that socket: given back
 // (and the slot marked again, if they are all it has).
-static __always_inline u64 own_part(u64 *word, u64 taken, u64 gen, u32 i) {
+static __always_inline u64 own_part(u64 *word, u64 taken, u64 gen, int *gave) {
     if ((taken & FM_GEN_MASK) == gen)
         return taken;
-    if (taken & ~FM_GEN_MASK)
-        mark_if_first(__sync_fetch_and_add(word, taken & ~FM_GEN_MASK), i);
+    if (taken & ~FM_GEN_MASK) {
+        __sync_fetch_and_add(word, taken & ~FM_GEN_MASK);
+        *gave = 1;
+    }
     return 0;
 }
 
 static __always_inline void fold_socket(struct sock_slot *slot, u32 i) {
+    __sync_fetch_and_and(&slot->marked, 0);  // its mark is taken: what is added from now on marks again
     struct sock_state *st = &slot->st;
     u64 sk = st->sk;
     if (sk <= FM_SK_CLAIMED || !st->established)
@@ -985,9 +996,14 @@ static __always_inline void fold_socket(struct sock_slot *slot, u32 i) {
     struct flow_key key = st->key;
     if (st->sk != sk || (slot->tx_word & FM_GEN_MASK) != gen)
         return;  // closed or replaced while the key was read: its close took the counters
-    u64 tx = own_part(&slot->tx_word, __sync_fetch_and_and(&slot->tx_word, FM_GEN_MASK), gen, i);
-    u64 rx = own_part(&slot->rx_word, __sync_fetch_and_and(&slot->rx_word, FM_GEN_MASK), gen, i);
-    u64 open = own_part(&slot->open_word, __sync_fetch_and_and(&slot->open_word, FM_GEN_MASK), gen, i);
+    int gave = 0;
+    u64 tx = own_part(&slot->tx_word, __sync_fetch_and_and(&slot->tx_word, FM_GEN_MASK), gen, &gave);
+    u64 rx = own_part(&slot->rx_word, __sync_fetch_and_and(&slot->rx_word, FM_GEN_MASK), gen, &gave);
+    u64 open = own_part(&slot->open_word, __sync_fetch_and_and(&slot->open_word, FM_GEN_MASK), gen, &gave);
+    if (gave) {  // the new socket's counters wait for the next fold
+        slot->marked = 1;
+        mark_pending(i);
+    }
     if (((tx | rx | open) & ~FM_GEN_MASK) == 0)
         return;
     struct flow_val *v = flow_get(&key);
@@ -1013,7 +1029,7 @@ static __always_inline u32 lowest_bit(u64 v) {
 }
 
 #ifndef FOLD_STEPS
-#define FOLD_STEPS 64
+#define FOLD_STEPS 32
 #endif
 int flowmon_fold(struct bpf_raw_tracepoint_args *ctx) {
     u32 group = (u32)ctx->args[0];  // 0, or what the last run returned

@@ -36,7 +36,7 @@ from flowmon_agent.kernel_maps import (
 
 T = TypeVar("T")
 CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT, CFG_RTT_EPOCH = 0, 1, 2, 3, 4
-FOLD_STEPS = 64  # steps per run of flowmon_fold: the verifier walks ~360k instructions (limit 1M)
+FOLD_STEPS = 32  # steps per run of flowmon_fold: the verifier walks ~280k instructions (limit 1M)
 DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384, "NAT_MAX": 16384}
 
 
