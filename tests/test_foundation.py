@@ -87,10 +87,3 @@ def test_setup_is_idempotent_and_fast() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "installing" not in result.stderr and "creating" not in result.stderr, result.stderr
-
-
-def test_cpu_lists_parse_as_the_kernel_writes_them(tmp_path) -> None:
-    assert bpf_loader.parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
-    assert bpf_loader.parse_cpu_list("0\n") == [0]
-    (tmp_path / "online").write_text("0-1\n")
-    assert bpf_loader.online_cpus(tmp_path / "online") == [0, 1]

@@ -1,4 +1,5 @@
-"""MapReader: every entry of a BPF hash map, read in batches through buffers allocated once."""
+"""MapReader: every entry of a BPF hash map, read in batches through buffers allocated once; PercpuWords:
+which CPUs hold a non-zero value in a range of a per-CPU array."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import ctypes
 
 import pytest
 
-from flowmon_agent.bpf_loader import MapReader
+from flowmon_agent.bpf_loader import MapReader, PercpuWords
 
 MAPS = """
 struct big { u64 words[77]; };  /* as large as a flow value */
 BPF_HASH(small, u32, u64, 4096);
 BPF_TABLE("lru_hash", u32, struct big, large, 2048);
+BPF_PERCPU_ARRAY(words, u64, 24);
 """
 
 
@@ -66,3 +68,21 @@ def test_a_chunk_smaller_than_a_bucket_grows(maps) -> None:
     reader = MapReader(table, chunk=1)
     assert dict(reader.items()) == expected
     assert reader._chunk > 1  # 3,000 keys in 4,096 buckets: some bucket holds two
+
+
+@pytest.mark.bpf
+def test_percpu_words_name_the_cpus_with_a_value_in_the_range_only(maps) -> None:
+    table = maps[b"words"]
+    ncpus = table.total_cpu
+    reader = PercpuWords(table, first=16, count=4)
+    table.clear()
+    assert reader.cpus_with_any() == []
+    table[table.Key(3)] = table.Leaf(*([1] * ncpus))  # before the range: not seen
+    table[table.Key(20)] = table.Leaf(*([7] * ncpus))  # after it: not seen
+    assert reader.cpus_with_any() == []
+    last = ncpus - 1
+    table[table.Key(19)] = table.Leaf(*[1 << 63 if cpu == last else 0 for cpu in range(ncpus)])
+    assert reader.cpus_with_any() == [last]
+    table[table.Key(16)] = table.Leaf(*[1 if cpu == 0 else 0 for cpu in range(ncpus)])
+    assert reader.cpus_with_any() == sorted({0, last})
+    assert PercpuWords(table, first=0, count=24).cpus_with_any() == list(range(ncpus))

@@ -160,18 +160,33 @@ def run_raw_tracepoint_program(prog_fd: int, args: Sequence[int], cpu: int | Non
     return int(attr.retval)
 
 
-def parse_cpu_list(text: str) -> list[int]:
-    """Pure: a kernel CPU list ("0-3,8,10-11") as numbers."""
-    cpus: list[int] = []
-    for part in text.strip().split(","):
-        if part:
-            first, _, last = part.partition("-")
-            cpus.extend(range(int(first), int(last or first) + 1))
-    return cpus
+class PercpuWords:
+    """Keys first .. first + count - 1 of a per-CPU u64 array: which CPUs hold a non-zero value, read in
+    one BPF_MAP_LOOKUP_BATCH into buffers allocated once (None where the kernel has no batch lookups)."""
 
+    def __init__(self, table, first: int, count: int) -> None:
+        self.fd, self.ncpus, self.first, self.count = table.map_fd, table.total_cpu, first, count
+        self._keys = (ctypes.c_uint32 * count)()
+        self._values = (ctypes.c_uint64 * (count * self.ncpus))()  # per key, one value per possible CPU
 
-def online_cpus(path: Path = Path("/sys/devices/system/cpu/online")) -> list[int]:
-    return parse_cpu_list(path.read_text())
+    def cpus_with_any(self) -> list[int] | None:
+        from bcc import lib
+
+        # a batch starts after the key it is given: first - 1 (None: from key 0)
+        after = ctypes.c_uint32(self.first - 1) if self.first else None
+        next_key, n = ctypes.c_uint32(0), ctypes.c_uint32(self.count)
+        res = lib.bpf_lookup_batch(
+            self.fd,
+            ctypes.byref(after) if after is not None else None,
+            ctypes.byref(next_key),
+            self._keys,
+            self._values,
+            ctypes.byref(n),
+        )
+        if (res != 0 and ctypes.get_errno() != errno.ENOENT) or n.value != self.count:
+            return None
+        values, ncpus = self._values, self.ncpus
+        return [cpu for cpu in range(ncpus) if any(values[cpu::ncpus])]
 
 
 class MapReader:
