@@ -973,7 +973,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
 
 #if !FLOWMON_COMPAT
 // Counters a fold took from a slot that a new socket took meanwhile belong to that socket: given back
-// (and the slot marked again, if they are all it has).
+// (and the slot marked again).
 static __always_inline u64 own_part(u64 *word, u64 taken, u64 gen, int *gave) {
     if ((taken & FM_GEN_MASK) == gen)
         return taken;
@@ -1011,13 +1011,6 @@ static __always_inline void fold_socket(struct sock_slot *slot, u32 i) {
         credit_pending(v, key.reporter, tx, rx, open);
 }
 
-// Run by user space on each CPU (BPF_PROG_TEST_RUN with BPF_F_TEST_RUN_ON_CPU, never attached) before
-// each read of `flows`: moves the pending counters of the slots this CPU marked into their flows, so a
-// long-lived connection's bytes are as fresh as the read. Each step takes one group word, one word or
-// one slot, from group args[0] on. Returns MARK_GROUPS when done; otherwise it ran out of steps (the
-// verifier's limit on one loop), gave back what it took and did not visit, and returns the group to
-// run again from. On the socket's CPU nothing else runs meanwhile, except a program this one interrupted,
-// which finishes its mark after.
 // Index of the lowest set bit of v (v != 0), without a branch: the bits below it, counted (SWAR).
 // Branches here would multiply the paths the verifier walks through the fold's loop.
 static __always_inline u32 lowest_bit(u64 v) {
@@ -1028,6 +1021,13 @@ static __always_inline u32 lowest_bit(u64 v) {
     return (u32)((x * 0x0101010101010101ULL) >> 56);
 }
 
+// Run by user space on each CPU that has marks (BPF_PROG_TEST_RUN with BPF_F_TEST_RUN_ON_CPU, never
+// attached) before each read of `flows`: moves the pending counters of the slots this CPU marked into
+// their flows, so a long-lived connection's bytes are as fresh as the read. Each step takes one group
+// word, one bitmap word or visits one slot, from group args[0] on. Returns MARK_GROUPS when done;
+// otherwise it ran out of steps (the verifier walks every step), gave back what it took and did not
+// visit, and returns the group to run again from. It runs in an interrupt on that CPU: an event it
+// interrupted finishes its mark afterwards, which the ordering above allows for.
 #ifndef FOLD_STEPS
 #define FOLD_STEPS 32
 #endif

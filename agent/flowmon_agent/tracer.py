@@ -304,8 +304,9 @@ class FlowTracer:
 
     def _fold(self) -> None:
         """Move live sockets' pending bytes and opens into their flows: on each CPU that marked slots
-        since the last fold, the kernel visits them (usually in one run). A mark set after the check
-        waits for the next fold; an offline CPU keeps its marks until it is back."""
+        since the last fold, the kernel visits them (a run per ~30 marked slots, words or groups). A
+        mark set after the check waits for the next fold; an offline CPU keeps its marks until it is
+        back."""
         if self._fold_fd is None or self._marked_cpus is None:
             return
         cpus = self._marked_cpus.cpus_with_any()
