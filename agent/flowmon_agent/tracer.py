@@ -38,6 +38,7 @@ from flowmon_agent.kernel_maps import (
 T = TypeVar("T")
 CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT, CFG_RTT_EPOCH = 0, 1, 2, 3, 4
 FOLD_STEPS = 32  # steps per run of flowmon_fold: the verifier walks ~280k instructions (limit 1M)
+MARK_WORD_SLOTS = 64  # slots per word of the fold's bitmap, and words per group word (bpf/flowmon.c)
 DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384, "NAT_MAX": 16384}
 
 
@@ -103,15 +104,16 @@ class FlowTracer:
             if self.kernel_path == "compat"
             else bpf_loader.load_raw_tracepoint_program(b, "flowmon_fold")
         )
-        # the fold's mark groups (each covers 4,096 slots), and a bound on its runs per CPU: every run
-        # but the last visits at least FOLD_STEPS - 2 slots, words or groups
-        self._mark_groups = -(-sock_slots // 4096)
-        self._fold_runs_max = 2 + (sock_slots + sock_slots // 64 + self._mark_groups) // (fold_steps - 2)
+        # the fold's bitmap: its words, then its group words (MARK_WORDS, MARK_GROUPS in the C); a bound
+        # on the fold's runs per CPU: every run but the last takes FOLD_STEPS - 2 slots, words or groups
+        mark_words = -(-sock_slots // MARK_WORD_SLOTS)
+        self._mark_groups = -(-mark_words // MARK_WORD_SLOTS)
+        self._fold_runs_max = 2 + (sock_slots + mark_words + self._mark_groups) // (fold_steps - 2)
         # which CPUs have marks: the others are not interrupted (waking an idle CPU costs ~150 us)
         self._marked_cpus = (
             None
             if self._fold_fd is None
-            else bpf_loader.PercpuWords(b[b"fold_marks"], -(-sock_slots // 64), self._mark_groups)
+            else bpf_loader.PercpuWords(b[b"fold_marks"], mark_words, self._mark_groups)
         )
         self._flows, self._stats = b[b"flows"], b[b"stats"]
         self._cfg, self._local_ips, self._ports = b[b"cfg"], b[b"local_ips"], b[b"ignored_ports"]
@@ -307,7 +309,7 @@ class FlowTracer:
         since the last fold, the kernel visits them (a run per ~30 marked slots, words or groups). A
         mark set after the check waits for the next fold; an offline CPU keeps its marks until it is
         back."""
-        if self._fold_fd is None or self._marked_cpus is None:
+        if self._fold_fd is None or self._marked_cpus is None:  # compat path: no fold (and no marks)
             return
         cpus = self._marked_cpus.cpus_with_any()
         for cpu in range(self._marked_cpus.ncpus) if cpus is None else cpus:
