@@ -15,8 +15,9 @@ user runs it on a host (default monitor of every flow, RTT included, host metada
 0.5 s, the exporter), started around each of its measurements and scraped after it: the report shows
 what it counted against what the workload did, so a mode that slowed nothing because it saw nothing
 cannot pass. The last lines hold this run's medians against the issue's targets.
-Also compares raw and classic tracepoints for sock_{send,recv}_length (floor and flowmon), and without
-tcp:tcp_probe (`-nortt`: what sampling RTT costs, floor and flowmon).
+Also compares raw and classic tracepoints for sock_{send,recv}_length (floor and flowmon), without
+tcp:tcp_probe (`-nortt`: what sampling RTT costs, floor and flowmon), and flowmon with tcp_probe attached
+all the time (`flowmon-always`) instead of for its default sampling window (100 ms of every second).
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ MODES = (
     "flowmon",
     "flowmon-classic",
     "flowmon-nortt",
+    "flowmon-always",
     "agent",
 )
-DEFAULT_MODES = tuple(m for m in MODES if not m.endswith("nortt"))
+DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(("nortt", "always")))
 WORKLOADS = ("churn", "keepalive", "bulk")
 # What the agent mode's endpoint must have counted of each workload: a connection per request, the bytes sent.
 COUNTED = {"churn": "opened", "bulk": "sent_bytes"}
@@ -72,8 +74,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # floor and flowmon modes are persistent processes that load (compile) once and then attach or detach
 # their programs on command, in milliseconds; so each measurement can be paired with a "none" measurement
 # right before it. tcplife is BCC's own tool and is started and stopped around its measurement.
-def _toggles(bpf):
-    tps = list(bpf.tracepoint_fds)
+def _toggles(bpf, skip: frozenset[bytes] = frozenset()):
+    """(on, off) for every attached tracepoint but `skip` (the tracer's own clock attaches tcp_probe)."""
+    tps = [tp for tp in bpf.tracepoint_fds if tp not in skip]
     raws = list(bpf.raw_tracepoint_fds)
 
     def off() -> None:
@@ -99,6 +102,7 @@ def run_mode(mode: str) -> int:
     lock = threading.Lock()
     stop = threading.Event()
     tracer = None
+    rtt = not mode.endswith("nortt")
     if mode.startswith("floor"):
         from bcc import BPF
 
@@ -108,8 +112,8 @@ def run_mode(mode: str) -> int:
     else:
         from flowmon_agent.tracer import FlowTracer
 
-        tracer = FlowTracer(raw=not mode.endswith("classic"), adopt_existing=not mode.endswith("nortt"))
-        tracer.set_rtt_sampling(not mode.endswith("nortt"))  # nortt: tcp_probe detached
+        window_ms = 1000 if mode.endswith("always") else 100  # always: tcp_probe attached all the time
+        tracer = FlowTracer(raw=not mode.endswith("classic"), adopt_existing=rtt, rtt_window_ms=window_ms)
         bpf = tracer._bpf
 
         def poll_every_second() -> None:  # the agent's real user-space work
@@ -118,7 +122,19 @@ def run_mode(mode: str) -> int:
                     tracer.poll()
 
         threading.Thread(target=poll_every_second, daemon=True).start()
-    on, off = _toggles(bpf)
+    if tracer is None:
+        on, off = _toggles(bpf)
+    else:  # tcp_probe follows the tracer's sampling window; nortt: never attached
+        hooks_on, hooks_off = _toggles(bpf, skip=frozenset({b"tcp:tcp_probe"}))
+
+        def on() -> None:
+            hooks_on()
+            tracer.set_rtt_sampling(rtt)
+
+        def off() -> None:
+            hooks_off()
+            tracer.set_rtt_sampling(False)
+
     off()
     print("ready", flush=True)
     for line in sys.stdin:

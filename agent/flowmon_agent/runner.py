@@ -78,6 +78,13 @@ class AgentSettings(BaseSettings):
     token_review_audiences: list[str] = Field(default_factory=list)
     poll_interval_seconds: float = Field(default=0.5, gt=0, le=60)
     ignored_ports: list[int] = Field(default_factory=list, description="Server ports never traced.")
+    rtt_window_ms: int = Field(
+        default=100,
+        gt=0,
+        le=1000,
+        description="srtt is sampled while tcp:tcp_probe (every received segment) is attached: for this "
+        "long at the start of each 1 s sampling epoch; 1000: always (one sample for every connection).",
+    )
 
     @field_validator("node_name", mode="before")
     @classmethod

@@ -34,6 +34,7 @@ from flowmon_agent.kernel_maps import (
     clamp_monotonic,
     copy_counters,
 )
+from flowmon_agent.window_clock import WindowClock
 
 T = TypeVar("T")
 CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT, CFG_RTT_EPOCH = 0, 1, 2, 3, 4
@@ -81,13 +82,15 @@ class FlowTracer:
         raw: bool | None = None,
         sizes: Mapping[str, int] | None = None,
         rtt_interval_ms: int = 1000,
+        rtt_window_ms: int = 100,
         adopt_existing: bool = True,
         adopt_window_s: float = 300.0,
         reset_grace_s: float = 0.5,
         connection_key_ttl_s: float = 300.0,
     ) -> None:
-        if rtt_interval_ms <= 0:
-            raise ValueError(f"rtt_interval_ms must be positive, not {rtt_interval_ms}")
+        for name, value in (("rtt_interval_ms", rtt_interval_ms), ("rtt_window_ms", rtt_window_ms)):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, not {value}")
         cflags = {**DEFAULT_SIZES, "FOLD_STEPS": FOLD_STEPS, **(sizes or {})}
         sock_slots, fold_steps = int(cflags["SOCK_MAX"]), int(cflags["FOLD_STEPS"])
         if sock_slots < 8 or sock_slots & (sock_slots - 1):
@@ -133,17 +136,26 @@ class FlowTracer:
         self._closed = False
         self._lock = threading.RLock()  # poll() may run in a worker thread while the loop reconfigures
         self._rtt_wanted = True
-        # srtt sampling clock: a socket takes one periodic sample per epoch, advanced here (on poll) so the
-        # kernel compares an integer instead of reading the clock on every received segment
-        self._rtt_interval_s = rtt_interval_ms / 1000
-        self._rtt_epoch, self._rtt_epoch_at = 0, time.monotonic()
+        # srtt sampling: a socket takes one periodic sample per epoch; the epoch is a counter advanced from
+        # user space (the kernel compares integers instead of reading the clock on every received segment),
+        # and tcp_probe is attached only for a window at the start of each epoch (docs/kernel.md, "Samples")
+        self._rtt_epoch = 0
+        self._in_rtt_window = True
         self._probe_attached = True
+        self._rtt_clock = WindowClock(
+            rtt_interval_ms / 1000,
+            rtt_window_ms / 1000,
+            self._open_rtt_window,
+            self._close_rtt_window,
+            name="flowmon-rtt-window",
+        )
         if adopt_existing:
             try:
                 self.adopt(existing.discover(), window_s=adopt_window_s)
             except BaseException:
                 self.close()
                 raise
+        self._rtt_clock.start()
 
     # --- configuration (through maps only) -----------------------------------------------------------
     def _set_cfg(self, index: int, value: int) -> None:
@@ -244,11 +256,37 @@ class FlowTracer:
 
     @property
     def rtt_sampling(self) -> bool:
-        """Whether tcp:tcp_probe is attached (srtt samples are taken)."""
+        """Whether srtt samples are taken (tcp:tcp_probe attached, for a window of each epoch or always)."""
+        return self._rtt_wanted or self._probe_always_needed()
+
+    @property
+    def rtt_probe_attached(self) -> bool:
+        """Whether tcp:tcp_probe is attached right now."""
         return self._probe_attached
 
+    def _probe_always_needed(self) -> bool:
+        """Adoption starts measuring at a received segment; the compat path counts bytes there."""
+        return bool(self._adopt_until) or self.kernel_path == "compat"
+
+    @_locked
+    def _open_rtt_window(self) -> None:
+        if self._closed:
+            return
+        self._rtt_epoch += 1  # before the attach: each socket's first segment in the window is due a sample
+        self._set_cfg(CFG_RTT_EPOCH, self._rtt_epoch)
+        self._in_rtt_window = True
+        self._update_probe()
+
+    @_locked
+    def _close_rtt_window(self) -> None:
+        if self._closed:
+            return
+        self._in_rtt_window = False
+        self._update_probe()
+
     def _update_probe(self) -> None:
-        needed = self._rtt_wanted or bool(self._adopt_until) or self.kernel_path == "compat"
+        in_window = self._in_rtt_window or self._rtt_clock.always_open
+        needed = (self._rtt_wanted and in_window) or self._probe_always_needed()
         if needed == self._probe_attached:
             return
         tp = b"tcp:tcp_probe"
@@ -262,7 +300,6 @@ class FlowTracer:
     def poll(self) -> FlowSnapshot:
         if self._closed:
             raise RuntimeError("FlowTracer is closed")
-        self._advance_rtt_epoch()
         self._fold()
         created = self._stat(ST_FLOWS_CREATED)  # before the map read: evictions are never overestimated
         flows = self._flows_reader.items()
@@ -297,12 +334,6 @@ class FlowTracer:
             "adopt_table_full": self._adopt_dropped,
         }
         return FlowSnapshot(out, dropped, self.kernel_path, time.monotonic())
-
-    def _advance_rtt_epoch(self) -> None:
-        now = time.monotonic()
-        if now - self._rtt_epoch_at >= self._rtt_interval_s:
-            self._rtt_epoch, self._rtt_epoch_at = self._rtt_epoch + 1, now
-            self._set_cfg(CFG_RTT_EPOCH, self._rtt_epoch)
 
     def _fold(self) -> None:
         """Move live sockets' pending bytes and opens into their flows: on each CPU that marked slots
@@ -343,11 +374,12 @@ class FlowTracer:
                     pass  # already evicted
 
     # --- lifecycle -------------------------------------------------------------------------------------
-    @_locked
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._bpf.cleanup()
+        self._rtt_clock.stop()  # outside the lock: its callbacks take it
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._bpf.cleanup()
 
     def __enter__(self) -> FlowTracer:
         return self

@@ -72,6 +72,12 @@ def build(parser: argparse.ArgumentParser) -> Handler:
         help="read conntrack in this network namespace to undo Service NAT (default: the agent's own)",
     )  # fmt: skip
     parser.add_argument("--poll-interval", type=float, metavar="SECONDS", help="kernel map poll period")
+    parser.add_argument(
+        "--rtt-window",
+        type=int,
+        metavar="MS",
+        help="sample srtt for this long at the start of each second (default 100; 1000: always)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return run
 
@@ -102,6 +108,7 @@ def settings_overrides(args: argparse.Namespace) -> dict:
         ("tls_key_file", "tls_key_file"),
         ("admin_token_file", "admin_token_file"),
         ("poll_interval", "poll_interval_seconds"),
+        ("rtt_window", "rtt_window_ms"),
     ):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
@@ -266,7 +273,7 @@ def make_agent(args: argparse.Namespace):
     def tracer_factory():
         from flowmon_agent.tracer import FlowTracer
 
-        return FlowTracer(force_compat=args.compat)
+        return FlowTracer(force_compat=args.compat, rtt_window_ms=settings.rtt_window_ms)
 
     from flowmon_agent.conntrack import ConntrackNat
 
