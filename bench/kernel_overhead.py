@@ -409,14 +409,17 @@ def _program_stats(bpf) -> dict[str, tuple[int, int]]:
     return out
 
 
-def profile(seconds: int, workloads: tuple[str, ...], placement: str) -> None:
+def profile(seconds: int, workloads: tuple[str, ...], placement: str, rtt_window_ms: int = 100) -> None:
     """Kernel time per request (or per Gbit) of each flowmon BPF program: far less noisy than throughput
     ratios on a shared machine (the stats add ~40 ns to every run, the classic tracepoints' record
     building is not included)."""
     from flowmon_agent.tracer import FlowTracer
 
     enabled = Path("/proc/sys/kernel/bpf_stats_enabled")
-    with bench_lab(placement) as bench, FlowTracer(adopt_existing=False) as tracer:
+    with (
+        FlowTracer(adopt_existing=False, rtt_window_ms=rtt_window_ms) as tracer,
+        bench_lab(placement) as bench,
+    ):
         measure(bench, workloads[0], 1)  # warm-up
         previous = enabled.read_text()
         enabled.write_text("1")
@@ -568,11 +571,15 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--run-mode", help=argparse.SUPPRESS)
     parser.add_argument("--bpf-stats", action="store_true", help="kernel ns per request of each program")
+    parser.add_argument(
+        "--rtt-window", type=int, default=100, metavar="MS",
+        help="--bpf-stats: the tracer's srtt sampling window (1000: tcp_probe always attached)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.run_mode:
         return run_mode(args.run_mode)
     if args.bpf_stats:
-        profile(args.seconds, tuple(args.workloads.split(",")), args.placement)
+        profile(args.seconds, tuple(args.workloads.split(",")), args.placement, args.rtt_window)
         return 0
     modes = tuple(m for m in args.modes.split(",") if m)
     if "none" not in modes:
