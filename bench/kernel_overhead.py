@@ -17,7 +17,9 @@ what it counted against what the workload did, so a mode that slowed nothing bec
 cannot pass. The last lines hold this run's medians against the issue's targets.
 Also compares raw and classic tracepoints for sock_{send,recv}_length (floor and flowmon), without
 tcp:tcp_probe (`-nortt`: what sampling RTT costs, floor and flowmon), and flowmon with tcp_probe attached
-all the time (`flowmon-always`) instead of for its default sampling window (100 ms of every second).
+all the time (`flowmon-always`) instead of for its default sampling window (100 ms of every second), and
+the tracer started and stopped around each of its measurements like the agent (`flowmon-fresh`: what
+starting costs the measurement that follows, apart from the agent's steady work).
 """
 
 from __future__ import annotations
@@ -57,9 +59,10 @@ MODES = (
     "flowmon-classic",
     "flowmon-nortt",
     "flowmon-always",
+    "flowmon-fresh",
     "agent",
 )
-DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(("nortt", "always")))
+DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(("nortt", "always", "fresh")))
 WORKLOADS = ("churn", "keepalive", "bulk")
 # What the agent mode's endpoint must have counted of each workload: a connection per request, the bytes sent.
 COUNTED = {"churn": "opened", "bulk": "sent_bytes"}
@@ -160,15 +163,18 @@ class Tracer:
         self.proc: subprocess.Popen | None = None
         self._before = topview.PairTotals()  # agent mode: its endpoint's totals when it was attached
         self.seen: topview.PairTotals | None = None  # agent mode: what it counted during the measurement
-        if mode not in ("none", "tcplife", "agent"):
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.kernel_overhead", "--run-mode", mode],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                cwd=ROOT,
-                text=True,
-            )
-            self._expect("ready")
+        if mode not in ("none", "tcplife", "agent", "flowmon-fresh"):
+            self._spawn(mode)
+
+    def _spawn(self, mode: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.kernel_overhead", "--run-mode", mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+            text=True,
+        )
+        self._expect("ready")
 
     def _expect(self, word: str) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -192,6 +198,10 @@ class Tracer:
         if self.mode == "agent":
             self.proc, self.url = start_agent(self.tmp / "agent.log")
             self._before = self._pair_totals()
+            time.sleep(AGENT_SETTLE_S)
+        elif self.mode == "flowmon-fresh":  # the tracer started around its measurement, as the agent is
+            self._spawn("flowmon")
+            self._say("on")
             time.sleep(AGENT_SETTLE_S)
         elif self.mode == "tcplife":
             out = self.tmp / "tcplife.out"
@@ -232,11 +242,14 @@ class Tracer:
             (self.tmp / "tcplife.out").unlink(missing_ok=True)
         elif self.proc is not None:
             self._say("off")
+            if self.mode == "flowmon-fresh":
+                self.close()
+                self.proc = None
 
     def close(self) -> None:
         if self.mode in ("tcplife", "agent"):
             self.detach()
-        elif self.proc is not None:
+        elif self.proc is not None:  # flowmon-fresh: between measurements it has no process
             assert self.proc.stdin is not None
             self.proc.stdin.close()
             self.proc.wait(timeout=30)

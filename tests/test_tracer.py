@@ -718,6 +718,28 @@ def test_connection_opened_before_the_tracer_is_counted(lab, require_root) -> No
             assert (counters(snap, k).opened, counters(snap, k).closed, counters(snap, k).active) == (1, 1, 0)
 
 
+def test_adoption_ends_when_the_waiting_connections_closed(lab, require_root) -> None:
+    """A connection that closes before receiving a segment in ESTABLISHED is never adopted: once /proc no
+    longer lists it, its entry goes, and with it tcp_probe's always-on attachment."""
+    a, b, port = lab.pod("a"), lab.pod("b"), next_port()
+    with listen(lab, b, V4, port) as srv:
+        cli = connect(lab, a, V4, b, port)
+        conn, _ = srv.accept()
+    with FlowTracer(adopt_recheck_s=0.3) as t:
+        assert t.adopting and t.rtt_probe_attached
+        # both ends close without another received segment in ESTABLISHED but the server's FIN: the
+        # client end waits in `adopt`
+        cli.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        cli.close()
+        deadline = time.monotonic() + 10
+        while t.adopting and time.monotonic() < deadline:
+            t.poll()
+            time.sleep(0.1)
+        assert not t.adopting
+        assert attached_share(t, 1.5) <= 0.2  # back to the sampling window
+
+
 def test_nat_peers_are_reported_per_connection(lab, require_root) -> None:
     a, b = lab.pod("a"), lab.pod("b")
     port, refused = next_port(), next_port()

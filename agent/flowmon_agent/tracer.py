@@ -11,6 +11,7 @@ that the kernel's LRU map evicts keeps its totals, and they never go backwards.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import functools
@@ -63,6 +64,10 @@ class _Incarnations:
         return out
 
 
+def _adopt_key(c: existing.ExistingConnection) -> bytes:
+    return kernel_maps.encode_tuple(c.local, c.local_port, c.remote, c.remote_port)
+
+
 def _locked(method: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(method)
     def run(self: FlowTracer, *args: Any, **kwargs: Any) -> T:
@@ -85,6 +90,7 @@ class FlowTracer:
         rtt_window_ms: int = 100,
         adopt_existing: bool = True,
         adopt_window_s: float = 300.0,
+        adopt_recheck_s: float = 10.0,
         reset_grace_s: float = 0.5,
         connection_key_ttl_s: float = 300.0,
     ) -> None:
@@ -133,6 +139,7 @@ class FlowTracer:
         self._reported: dict[FlowKey, FlowCounters] = {}
         self._evicted = 0
         self._adopt_until = 0.0
+        self._adopt_recheck_s, self._adopt_checked_at = adopt_recheck_s, 0.0
         self._closed = False
         self._lock = threading.RLock()  # poll() may run in a worker thread while the loop reconfigures
         self._rtt_wanted = True
@@ -206,7 +213,7 @@ class FlowTracer:
         """Measure already-open connections from their next received segment on (for window_s)."""
         n = 0
         for c in conns:
-            raw = kernel_maps.encode_tuple(c.local, c.local_port, c.remote, c.remote_port)
+            raw = _adopt_key(c)
             role = ROLE_SERVER if c.role == "server" else ROLE_CLIENT
             try:
                 self._adopt[self._adopt.Key.from_buffer_copy(raw)] = ctypes.c_uint8(role)
@@ -215,9 +222,15 @@ class FlowTracer:
                 continue
             n += 1
         if n:
-            self._adopt_until = time.monotonic() + window_s
+            self._adopt_checked_at = time.monotonic()
+            self._adopt_until = self._adopt_checked_at + window_s
             self._set_cfg(CFG_ADOPT, 1)
         return n
+
+    @property
+    def adopting(self) -> bool:
+        """Whether pre-existing connections are still waiting for their first received segment."""
+        return bool(self._adopt_until)
 
     # --- reading ---------------------------------------------------------------------------------------
     def _stat(self, index: int) -> int:
@@ -240,8 +253,23 @@ class FlowTracer:
             else:
                 extra.resets_c2s += 1
 
+    def _forget_closed_adoptions(self) -> None:
+        """Connections that closed before a received segment adopted them would keep tcp_probe attached
+        for the whole adoption window: their entries go once /proc no longer lists them."""
+        alive = {_adopt_key(c) for c in existing.discover()}
+        for key in list(self._adopt.keys()):
+            if bytes(key) not in alive:
+                with contextlib.suppress(KeyError):  # adopted meanwhile
+                    del self._adopt[key]
+
     def _expire_adoption(self) -> None:
-        if self._adopt_until and (time.monotonic() > self._adopt_until or len(self._adopt) == 0):
+        if not self._adopt_until:
+            return
+        now = time.monotonic()
+        if now - self._adopt_checked_at >= self._adopt_recheck_s:
+            self._adopt_checked_at = now
+            self._forget_closed_adoptions()
+        if now > self._adopt_until or len(self._adopt) == 0:
             self._set_cfg(CFG_ADOPT, 0)
             self._adopt.clear()
             self._adopt_until = 0.0
