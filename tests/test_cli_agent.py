@@ -22,6 +22,7 @@ from flowmon_agent.lab import Lab
 from flowmon_agent.manifests import load_monitors
 from flowmon_agent.policy import compile_policy, token_sha256
 from flowmon_agent.prometheus_process import free_port
+from flowmon_agent.scheduling import thread_policies
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,7 +159,7 @@ def loopback_exchange(
 @contextlib.contextmanager
 def bare_agent(node: str = "box"):
     """`flowmon agent` with no monitor, inventory or policy (only --listen, --node): yields its default
-    monitor's URL once ready; stopped with SIGTERM, which must end it cleanly."""
+    monitor's URL and its pid once ready; stopped with SIGTERM, which must end it cleanly."""
     port = free_port()
     agent = subprocess.Popen(
         [sys.executable, "-m", "flowmon_agent.cli", "agent", "--listen", f"127.0.0.1:{port}", "--node", node],
@@ -177,7 +178,7 @@ def bare_agent(node: str = "box"):
             except OSError:
                 assert time.monotonic() < deadline, "agent not ready"
                 time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}/metrics/flowmon-system/host"
+        yield f"http://127.0.0.1:{port}/metrics/flowmon-system/host", agent.pid
     finally:
         agent.send_signal(signal.SIGTERM)
         out, _ = agent.communicate(timeout=30)
@@ -202,7 +203,11 @@ def row_when_opened(base: str, want: tuple[str, str], opened: int, timeout: floa
 
 @pytest.mark.bpf
 def test_bare_agent_monitors_every_flow_of_this_host_and_top_shows_it(require_root) -> None:
-    with bare_agent() as base:
+    with bare_agent() as (base, pid):
+        # every thread (poll workers, the srtt window's clock...) runs as SCHED_BATCH: none preempts an
+        # application when it wakes
+        policies = thread_policies(pid)
+        assert len(policies) >= 3 and set(policies.values()) == {os.SCHED_BATCH}, policies
         server_port = loopback_exchange(request=3333, response=77777, connections=4)
         row = row_when_opened(base, ("host/box", f"host/box:{server_port}"), 4)
         # Exact kernel-measured payload bytes, each connection counted once (client and server on this host).
@@ -223,7 +228,7 @@ def test_bare_agent_shows_flows_between_network_namespaces_and_to_unknown_addres
     """Containers on this host: each network namespace is named after itself, its connections to another
     one are counted once, a namespace that appears later is picked up, an address that names no
     namespace (link-local) is external."""
-    with Lab("fca", ["a", "b"]) as lab, bare_agent() as base:
+    with Lab("fca", ["a", "b"]) as lab, bare_agent() as (base, _):
         a, b = lab.pod("a"), lab.pod("b")
         port = loopback_exchange(
             1111, 2222, 3, str(b.ipv4), None, lambda: lab.inside(b), lambda: lab.inside(a)

@@ -78,6 +78,11 @@ class AgentSettings(BaseSettings):
     token_review_audiences: list[str] = Field(default_factory=list)
     poll_interval_seconds: float = Field(default=0.5, gt=0, le=60)
     ignored_ports: list[int] = Field(default_factory=list, description="Server ports never traced.")
+    batch_scheduling: bool = Field(
+        default=True,
+        description="Run the agent's threads as SCHED_BATCH: they never preempt the applications it "
+        "measures when they wake (flowmon agent only; not for an Agent embedded in another process).",
+    )
     rtt_window_ms: int = Field(
         default=100,
         gt=0,

@@ -24,6 +24,7 @@ from flowmon_agent.cli import Handler, subcommand
 from flowmon_agent.hostnets import HostMetadata, addresses_of
 from flowmon_agent.manifests import ManifestError, load_monitors
 from flowmon_agent.policy import AgentPolicy, compile_policy, token_sha256
+from flowmon_agent.scheduling import run_as_batch
 from flowmon_agent.spec import FlowMonitor, FlowMonitorSpec, ObjectMeta
 
 log = logging.getLogger("flowmon.agent")
@@ -298,6 +299,8 @@ async def serve(args: argparse.Namespace) -> int:
         agent, files, nat, host = make_agent(args)
     except ServerConfigError as exc:
         raise AgentStartError(str(exc)) from None
+    if agent.settings.batch_scheduling and (problem := run_as_batch()):  # before any thread starts
+        log.warning("%s; the agent's wake-ups may preempt applications", problem)
     stop = asyncio.Event()
     with stop_on_signals(stop):  # a child forked to read conntrack in another netns must not stop us
         print(
