@@ -228,11 +228,13 @@ async def test_rtt_hook_follows_whether_any_monitor_exports_rtt(tmp_path, requir
         policy_file=policy_file,
         inventory_file=inventory,
         poll_interval_seconds=0.1,
+        rtt_window_ms=1000,
     )
     agent = Agent(settings)
     await agent.start()
     try:
         await _until(lambda: agent.tracer is not None and agent.polls >= 1)
+        assert agent.tracer._rtt_clock.always_open  # the default tracer takes the settings' window
         await _until(lambda: agent.tracer.rtt_sampling is False)
         body = dump_policy_json(with_rtt)
         async with aiohttp.ClientSession() as http, http.put(agent.url + "/v1/policy", data=body) as resp:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -129,10 +130,11 @@ class Tracer(Protocol):
     def close(self) -> None: ...
 
 
-def default_tracer() -> Tracer:
+def default_tracer(settings: AgentSettings, *, force_compat: bool = False) -> Tracer:
+    """The real tracer, configured from the settings."""
     from flowmon_agent.tracer import FlowTracer  # imports BCC: only when the real kernel path is wanted
 
-    return FlowTracer()
+    return FlowTracer(force_compat=force_compat, rtt_window_ms=settings.rtt_window_ms)
 
 
 def stall_reason(
@@ -160,7 +162,7 @@ class Agent:
         self,
         settings: AgentSettings,
         *,
-        tracer_factory: Callable[[], Tracer] = default_tracer,
+        tracer_factory: Callable[[], Tracer] | None = None,
         store: MetadataStore | None = None,
         nat_backends: Callable[[FlowSnapshot], NatBackends] | None = None,
         token_reviewer: TokenReviewer | None = None,
@@ -196,7 +198,8 @@ class Agent:
             readiness=self.not_ready_reason,
             liveness=self.stall_reason,
         )
-        self._tracer_factory, self._nat_backends, self._clock = tracer_factory, nat_backends, clock
+        self._tracer_factory = tracer_factory or functools.partial(default_tracer, settings)
+        self._nat_backends, self._clock = nat_backends, clock
         self._policy_file = PolicyFile(settings.policy_file, self.policy) if settings.policy_file else None
         self._inventory_watch = FileWatch(settings.inventory_file) if settings.inventory_file else None
         self._metadata_at: float | None = None

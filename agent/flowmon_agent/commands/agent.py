@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -245,7 +246,7 @@ def make_agent(args: argparse.Namespace):
     from pydantic import ValidationError
 
     from flowmon_agent.metadata import MetadataStore
-    from flowmon_agent.runner import Agent, AgentSettings
+    from flowmon_agent.runner import Agent, AgentSettings, default_tracer
 
     try:
         settings = AgentSettings(**settings_overrides(args))
@@ -271,17 +272,12 @@ def make_agent(args: argparse.Namespace):
         )
         host.refresh()
 
-    def tracer_factory():
-        from flowmon_agent.tracer import FlowTracer
-
-        return FlowTracer(force_compat=args.compat, rtt_window_ms=settings.rtt_window_ms)
-
     from flowmon_agent.conntrack import ConntrackNat
 
     nat = ConntrackNat(args.conntrack_netns)
     agent = Agent(
         settings,
-        tracer_factory=tracer_factory,
+        tracer_factory=functools.partial(default_tracer, settings, force_compat=args.compat),
         store=store,
         nat_backends=lambda snapshot: nat.backends(snapshot.flows.keys()),
     )
