@@ -1,7 +1,8 @@
 """Kernel-side overhead: throughput with no tracer, a count-only BPF floor, BCC's tcplife, and flowmon.
 
     .venv/bin/python -m bench.kernel_overhead [--rounds 6] [--seconds 2]
-    .venv/bin/python -m bench.kernel_overhead --bpf-stats --seconds 3   # kernel ns per request
+    .venv/bin/python -m bench.kernel_overhead --bpf-stats --rounds 4 --seconds 3
+        # kernel ns per request of floor and flowmon, attached in turn
 
 Two network namespaces (client, server) on a bridge; workloads: wrk against nginx with
 `Connection: close` (churn: one connection per request), wrk keep-alive (tiny requests on open
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,58 +102,77 @@ def _toggles(bpf, skip: frozenset[bytes] = frozenset()):
     return on, off
 
 
-def run_mode(mode: str) -> int:
-    """Child process: load the mode's programs detached, then obey `on`/`off` lines until stdin closes."""
+@dataclass
+class LoadedMode:
+    """A floor or flowmon mode loaded in this process, detached; on/off attach and detach its hooks."""
+
+    bpf: object  # the bcc.BPF object
+    on: Callable[[], None]
+    off: Callable[[], None]
+    close: Callable[[], None]
+
+
+def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
+    """Compile and load a floor or flowmon mode, detached. flowmon polls once a second, as the agent does,
+    and samples srtt in its window (`-always`: tcp_probe attached all the time)."""
     import threading
 
     lock = threading.Lock()
     stop = threading.Event()
-    tracer = None
-    rtt = not mode.endswith("nortt")
     if mode.startswith("floor"):
         from bcc import BPF
 
         cflags = [f"-DFLOOR_RAW={0 if mode.endswith('classic') else 1}"]
         cflags.append(f"-DFLOOR_PROBE={0 if mode.endswith('nortt') else 1}")  # nortt: no tcp_probe
         bpf = BPF(src_file=str(ROOT / "bench" / "count_floor.c").encode(), cflags=cflags)
-    else:
-        from flowmon_agent.tracer import FlowTracer
-
-        window_ms = 1000 if mode.endswith("always") else 100  # always: tcp_probe attached all the time
-        tracer = FlowTracer(raw=not mode.endswith("classic"), adopt_existing=rtt, rtt_window_ms=window_ms)
-        bpf = tracer._bpf
-
-        def poll_every_second() -> None:  # the agent's real user-space work
-            while not stop.wait(1.0):
-                with lock:
-                    tracer.poll()
-
-        threading.Thread(target=poll_every_second, daemon=True).start()
-    if tracer is None:
         on, off = _toggles(bpf)
-    else:  # tcp_probe follows the tracer's sampling window; nortt: never attached
-        hooks_on, hooks_off = _toggles(bpf, skip=frozenset({b"tcp:tcp_probe"}))
+        loaded = LoadedMode(bpf, on, off, bpf.cleanup)
+        loaded.off()
+        return loaded
 
-        def on() -> None:
+    from flowmon_agent.tracer import FlowTracer
+
+    rtt = not mode.endswith("nortt")
+    window_ms = 1000 if mode.endswith("always") else rtt_window_ms
+    tracer = FlowTracer(raw=not mode.endswith("classic"), adopt_existing=rtt, rtt_window_ms=window_ms)
+
+    def poll_every_second() -> None:  # the agent's real user-space work
+        while not stop.wait(1.0):
+            with lock:
+                tracer.poll()
+
+    # tcp_probe follows the tracer's sampling window; nortt: never attached
+    hooks_on, hooks_off = _toggles(tracer._bpf, skip=frozenset({b"tcp:tcp_probe"}))
+
+    def on() -> None:
+        with lock:
             hooks_on()
             tracer.set_rtt_sampling(rtt)
 
-        def off() -> None:
+    def off() -> None:
+        with lock:
             hooks_off()
             tracer.set_rtt_sampling(False)
 
-    off()
+    def close() -> None:
+        stop.set()
+        with lock:
+            tracer.close()
+
+    loaded = LoadedMode(tracer._bpf, on, off, close)
+    loaded.off()
+    threading.Thread(target=poll_every_second, daemon=True).start()
+    return loaded
+
+
+def run_mode(mode: str) -> int:
+    """Child process: load the mode's programs detached, then obey `on`/`off` lines until stdin closes."""
+    loaded = load_mode(mode)
     print("ready", flush=True)
     for line in sys.stdin:
-        with lock:
-            (on if line.strip() == "on" else off)()
+        (loaded.on if line.strip() == "on" else loaded.off)()
         print("ok", flush=True)
-    stop.set()
-    with lock:
-        if tracer is not None:
-            tracer.close()
-        else:
-            bpf.cleanup()
+    loaded.close()
     return 0
 
 
@@ -425,37 +445,77 @@ def _program_stats(bpf) -> dict[str, tuple[int, int]]:
     return out
 
 
-def profile(seconds: int, workloads: tuple[str, ...], placement: str, rtt_window_ms: int = 100) -> None:
-    """Kernel time per request (or per Gbit) of each flowmon BPF program: far less noisy than throughput
-    ratios on a shared machine (the stats add ~40 ns to every run, the classic tracepoints' record
-    building is not included)."""
-    from flowmon_agent.tracer import FlowTracer
-
+def profile(
+    seconds: int,
+    workloads: tuple[str, ...],
+    placement: str,
+    modes: tuple[str, ...] = ("floor", "flowmon"),
+    rtt_window_ms: int = 100,
+    repeats: int = 4,
+) -> None:
+    """Kernel time per request (or per Gbit) of each mode's BPF programs, the modes loaded in this process
+    and attached in turn (ABBA order, `repeats` measurements each), and what each costs above the first
+    mode in points of the workload's own CPU per request. Unlike throughput, run time per request hardly
+    moves with the shared machine's load. The stats add ~40 ns to every run; the classic tracepoints'
+    record building is not included (the same hooks in floor and flowmon, tcp_probe only in flowmon's
+    sampling window)."""
     enabled = Path("/proc/sys/kernel/bpf_stats_enabled")
-    with (
-        FlowTracer(adopt_existing=False, rtt_window_ms=rtt_window_ms) as tracer,
-        bench_lab(placement) as bench,
-    ):
-        measure(bench, workloads[0], 1)  # warm-up
-        previous = enabled.read_text()
-        enabled.write_text("1")
-        try:
-            for w in workloads:
-                before = _program_stats(tracer._bpf)
-                value, _, _ = measure(bench, w, seconds)
-                after = _program_stats(tracer._bpf)
-                units = value * seconds
-                print(f"\n{w}: {value:,.1f} {'Gbit/s' if w == 'bulk' else 'req/s'}")
-                print("| program | runs per unit | ns per run | ns per unit |\n| --- | --- | --- | --- |")
-                total = 0
-                for name, (t1, c1) in sorted(after.items()):
-                    t, c = t1 - before[name][0], c1 - before[name][1]
-                    if c:
-                        total += t
-                        print(f"| {name} | {c / units:.2f} | {t / c:.0f} | {t / units:.0f} |")
-                print(f"| total | | | **{total / units:.0f}** |")
-        finally:
-            enabled.write_text(previous)
+    loaded = {m: load_mode(m, rtt_window_ms) for m in modes}
+    try:
+        with bench_lab(placement) as bench:
+            measure(bench, workloads[0], 1)  # warm-up
+            previous = enabled.read_text()
+            enabled.write_text("1")
+            try:
+                for w in workloads:
+                    _profile_workload(bench, w, seconds, loaded, repeats)
+            finally:
+                enabled.write_text(previous)
+    finally:
+        for mode in loaded.values():
+            mode.close()
+
+
+def _profile_workload(
+    bench: Workbench, workload: str, seconds: int, loaded: dict[str, LoadedMode], repeats: int
+) -> None:
+    modes = list(loaded)
+    runs: dict[str, dict[str, list[int]]] = {m: {} for m in modes}  # program -> [run_time_ns, run_cnt]
+    units = dict.fromkeys(modes, 0.0)
+    workload_cpu = dict.fromkeys(modes, 0.0)  # CPU seconds of the workload's processes
+    for r in range(repeats):
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            loaded[mode].on()
+            try:
+                before = _program_stats(loaded[mode].bpf)
+                value, cost, _ = measure(bench, workload, seconds)
+                after = _program_stats(loaded[mode].bpf)
+            finally:
+                loaded[mode].off()
+            units[mode] += value * seconds
+            workload_cpu[mode] += cost * value * seconds
+            for name, (t, c) in after.items():
+                total = runs[mode].setdefault(name, [0, 0])
+                total[0] += t - before[name][0]
+                total[1] += c - before[name][1]
+    unit = "Gbit" if workload == "bulk" else "request"
+    print(f"\n### {workload}: kernel ns per {unit}, {repeats} x {seconds} s per mode\n")
+    print("| mode | program | runs per unit | ns per run | ns per unit |\n| --- | --- | --- | --- | --- |")
+    per_unit = {}
+    for mode in modes:
+        total = 0
+        for name, (t, c) in sorted(runs[mode].items()):
+            if c:
+                total += t
+                print(f"| {mode} | {name} | {c / units[mode]:.2f} | {t / c:.0f} | {t / units[mode]:.0f} |")
+        per_unit[mode] = total / units[mode]
+        print(f"| {mode} | total | | | **{per_unit[mode]:.0f}** |")
+    # the workload's CPU per unit, over every measurement: what a point of throughput is worth
+    cpu_ns = 1e9 * sum(workload_cpu.values()) / sum(units.values())
+    print(f"\nThe workload's CPU: {cpu_ns:,.0f} ns per {unit}.")
+    for mode in modes[1:]:
+        extra = per_unit[mode] - per_unit[modes[0]]
+        print(f"- {mode}: {extra:+,.0f} ns per {unit} above {modes[0]} = {100 * extra / cpu_ns:+.2f} points")
 
 
 def run(
@@ -600,9 +660,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds (--bpf-stats: measurements per mode)")
     parser.add_argument("--seconds", type=int, default=2, help="length of one measurement")
-    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"any of {','.join(MODES)}")
+    parser.add_argument(
+        "--modes",
+        help=f"any of {','.join(MODES)} (default {','.join(DEFAULT_MODES)}; --bpf-stats: floor,flowmon)",
+    )
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
@@ -619,9 +682,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_mode:
         return run_mode(args.run_mode)
     if args.bpf_stats:
-        profile(args.seconds, tuple(args.workloads.split(",")), args.placement, args.rtt_window)
+        modes = tuple(m for m in (args.modes or "floor,flowmon").split(",") if m)
+        if bad := [
+            m for m in modes if m not in MODES or not m.startswith(("floor", "flowmon")) or "fresh" in m
+        ]:
+            parser.error(f"--bpf-stats profiles floor and flowmon modes only, not {bad}")
+        workloads = tuple(args.workloads.split(","))
+        profile(args.seconds, workloads, args.placement, modes, args.rtt_window, args.rounds)
         return 0
-    modes = tuple(m for m in args.modes.split(",") if m)
+    modes = tuple(m for m in (args.modes or ",".join(DEFAULT_MODES)).split(",") if m)
     if "none" not in modes:
         modes = ("none", *modes)
     bad = [m for m in modes if m not in MODES] + [w for w in args.workloads.split(",") if w not in WORKLOADS]
