@@ -305,7 +305,7 @@ def start_agent(log: Path) -> tuple[subprocess.Popen, str]:
 
 # --- workloads -----------------------------------------------------------------------------------------
 NGINX_CONF = """
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log crit;
@@ -322,9 +322,16 @@ http {{
 """
 
 
+# Churn runs a wrk thread and an nginx worker per CPU: with one of each, connection setup left the CPUs
+# ~22% idle (waiting on cross-CPU wake-ups), where a tracer's cost could hide and the host's wake-up
+# latency made rounds swing ±10%. Keep-alive saturates the CPUs with one thread already.
+CHURN_THREADS = os.cpu_count() or 1
+
+
 def wrk(bench: Workbench, url: str, seconds: float, close: bool) -> tuple[float, int]:
     """(requests per second, requests completed)."""
-    argv = ["wrk", "-t1", "-c32", f"-d{round(seconds)}s", url]
+    threads, conns = (CHURN_THREADS, 32 * CHURN_THREADS) if close else (1, 32)
+    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{round(seconds)}s", url]
     if close:
         argv[1:1] = ["-H", "Connection: close"]
     out = bench.client(argv, timeout=seconds + 30)
@@ -421,7 +428,8 @@ def bench_lab(placement: str = "free") -> Iterator[Workbench]:
         lab.sysctl(client, "net.ipv4.ip_local_port_range", "1024 65000")
         lab.sysctl(client, "net.ipv4.tcp_tw_reuse", 1)
         lab.sysctl(server, "net.core.somaxconn", 4096)
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp, ip=server.ipv4, port=PORT_HTTP))
+        conf = NGINX_CONF.format(dir=tmp, ip=server.ipv4, port=PORT_HTTP, workers=CHURN_THREADS)
+        (tmp / "nginx.conf").write_text(conf)
         servers = [
             lab.popen(server, pinned(argv, server_cpus)).pid
             for argv in (
