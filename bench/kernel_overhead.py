@@ -464,7 +464,7 @@ def profile(
     """Kernel time per request (or per Gbit) of each mode's BPF programs, the modes loaded in this process
     and attached in turn (ABBA order, `repeats` measurements each), and what each costs above the first
     mode in points of the workload's own CPU per request. Unlike throughput, run time per request hardly
-    moves with the shared machine's load. The stats add ~40 ns to every run; the classic tracepoints'
+    moves with the shared machine's load. The stats add 40-70 ns to every run; the classic tracepoints'
     record building is not included (the same hooks in floor and flowmon, tcp_probe only in flowmon's
     sampling window)."""
     enabled = Path("/proc/sys/kernel/bpf_stats_enabled")
