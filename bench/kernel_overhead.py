@@ -115,10 +115,6 @@ class LoadedMode:
 def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
     """Compile and load a floor or flowmon mode, detached. flowmon polls once a second, as the agent does,
     and samples srtt in its window (`-always`: tcp_probe attached all the time)."""
-    import threading
-
-    lock = threading.Lock()
-    stop = threading.Event()
     if mode.startswith("floor"):
         from bcc import BPF
 
@@ -130,8 +126,12 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
         loaded.off()
         return loaded
 
+    import threading
+
     from flowmon_agent.tracer import FlowTracer
 
+    lock = threading.Lock()  # the poll thread against on/off/close
+    stop = threading.Event()
     rtt = not mode.endswith("nortt")
     window_ms = 1000 if mode.endswith("always") else rtt_window_ms
     tracer = FlowTracer(raw=not mode.endswith("classic"), adopt_existing=rtt, rtt_window_ms=window_ms)
