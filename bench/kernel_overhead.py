@@ -12,13 +12,16 @@ last; a mode's baseline is the mean of the two no-tracer runs around it, so a sl
 machine's speed hits both sides alike. Reported per mode: the median over rounds of (throughput /
 baseline) and the tracer process's CPU in cores; against the floor, the gap with a 90% bootstrap
 interval over rounds (a verdict is firm only when the whole interval is on one side of the target).
-The floor and flowmon modes load once and attach/detach on command; tcplife is started and stopped
-around each of its measurements.
+The floor and flowmon modes load once and attach/detach on command (frozen with SIGSTOP while detached);
+tcplife is started and stopped around each of its measurements.
 `flowmon` is the tracer with its once-a-second poll; `agent` is the whole `flowmon agent` process as a
 user runs it on a host (default monitor of every flow, RTT included, host metadata, aggregation every
 0.5 s, the exporter), started around each of its measurements and scraped after it: the report shows
 what it counted against what the workload did, so a mode that slowed nothing because it saw nothing
-cannot pass. The last lines hold this run's medians against the issue's targets.
+cannot pass. `agent-steady` is the same `flowmon agent` loaded once, its hooks attached and detached on
+command like the floor's (bench/steady_agent.py): the agent as it runs for days, without its start in
+every measurement; it is scraped and checked the same way. The last lines hold this run's medians
+against the issue's targets.
 Also compares raw and classic tracepoints for sock_{send,recv}_length (floor and flowmon), without
 tcp:tcp_probe (`-nortt`: what sampling RTT costs, floor and flowmon), and flowmon with tcp_probe attached
 all the time (`flowmon-always`) instead of for its default sampling window (100 ms of every second), and
@@ -65,6 +68,7 @@ MODES = (
     "flowmon-always",
     "flowmon-fresh",
     "agent",
+    "agent-steady",
 )
 DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(("nortt", "always", "fresh")))
 WORKLOADS = ("churn", "keepalive", "bulk")
@@ -78,9 +82,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- the tracer side -------------------------------------------------------------------------------------
-# floor and flowmon modes are persistent processes that load (compile) once and then attach or detach
-# their programs on command, in milliseconds; so each measurement can sit between two "none"
-# measurements. tcplife is BCC's own tool and is started and stopped around its measurement.
+# floor, flowmon and agent-steady modes are persistent processes that load (compile) once and then
+# attach or detach their programs on command, in milliseconds; so each measurement can sit between two
+# "none" measurements. tcplife is BCC's own tool and is started and stopped around its measurement.
 def _toggles(bpf, skip: frozenset[bytes] = frozenset()):
     """(on, off) for every attached tracepoint but `skip` (the tracer's own clock attaches tcp_probe)."""
     tps = [tp for tp in bpf.tracepoint_fds if tp not in skip]
@@ -167,6 +171,10 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
 
 def run_mode(mode: str) -> int:
     """Child process: load the mode's programs detached, then obey `on`/`off` lines until stdin closes."""
+    if mode == "agent-steady":
+        from bench.steady_agent import run_steady_agent
+
+        return run_steady_agent(_toggles)
     loaded = load_mode(mode)
     print("ready", flush=True)
     for line in sys.stdin:
@@ -188,13 +196,21 @@ class Tracer:
         self.seen: topview.PairTotals | None = None  # agent mode: what it counted during the measurement
         if mode not in ("none", "tcplife", "agent", "flowmon-fresh"):
             self._spawn(mode)
+            self.proc.send_signal(signal.SIGSTOP)  # as while detached
+        self.persistent = self.proc is not None  # loaded once: switch_on/switch_off in milliseconds
 
     def _spawn(self, mode: str) -> None:
+        env = dict(os.environ)
+        if mode == "agent-steady":  # it serves where its counts can be read, like the agent mode's
+            port = free_port()
+            env.update(FLOWMON_AGENT_LISTEN_HOST="127.0.0.1", FLOWMON_AGENT_LISTEN_PORT=str(port))
+            self.url = f"http://127.0.0.1:{port}/metrics/flowmon-system/host"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.kernel_overhead", "--run-mode", mode],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=ROOT,
+            env=env,
             text=True,
         )
         self._expect("ready")
@@ -210,6 +226,19 @@ class Tracer:
         self.proc.stdin.write(word + "\n")
         self.proc.stdin.flush()
         self._expect("ok")
+
+    def switch_on(self) -> None:
+        """A persistent mode: thaw its process, attach its hooks."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self._say("on")
+
+    def switch_off(self) -> None:
+        """A persistent mode: detach its hooks and freeze its process, whose user-space work (polls of
+        idle maps) must not load the no-tracer runs."""
+        assert self.proc is not None
+        self._say("off")
+        self.proc.send_signal(signal.SIGSTOP)
 
     def cpu_seconds(self) -> float:
         if self.proc is None:
@@ -236,8 +265,10 @@ class Tracer:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("tcplife did not start")
                 time.sleep(0.05)
-        elif self.proc is not None:
-            self._say("on")
+        elif self.persistent:
+            self.switch_on()
+            if self.mode == "agent-steady":
+                self._before = self._pair_totals()
 
     def _pair_totals(self) -> topview.PairTotals:
         with urllib.request.urlopen(self.url, timeout=10) as r:
@@ -250,30 +281,37 @@ class Tracer:
                 totals.sent_bytes += row.sent_bytes
         return totals
 
+    def _count_seen(self) -> None:
+        time.sleep(1.0)  # two of its polls: the last connections reach its endpoint
+        before, after = self._before, self._pair_totals()  # one scrape per measurement
+        self.seen = topview.PairTotals(
+            opened=after.opened - before.opened, sent_bytes=after.sent_bytes - before.sent_bytes
+        )
+
     def detach(self) -> None:
         if self.mode == "agent" and self.proc is not None:
-            time.sleep(1.0)  # two of its polls: the last connections reach its endpoint
-            before, after = self._before, self._pair_totals()  # one scrape per measurement
-            self.seen = topview.PairTotals(
-                opened=after.opened - before.opened, sent_bytes=after.sent_bytes - before.sent_bytes
-            )
+            self._count_seen()
             stop_process(self.proc, signal.SIGTERM)
             self.proc = None
         elif self.mode == "tcplife" and self.proc is not None:
             stop_process(self.proc, signal.SIGINT)
             self.proc = None
             (self.tmp / "tcplife.out").unlink(missing_ok=True)
-        elif self.proc is not None:
+        elif self.mode == "flowmon-fresh" and self.proc is not None:
             self._say("off")
-            if self.mode == "flowmon-fresh":
-                self.close()
-                self.proc = None
+            self.close()
+            self.proc = None
+        elif self.persistent:
+            if self.mode == "agent-steady":
+                self._count_seen()
+            self.switch_off()
 
     def close(self) -> None:
         if self.mode in ("tcplife", "agent"):
             self.detach()
         elif self.proc is not None:  # flowmon-fresh: between measurements it has no process
             assert self.proc.stdin is not None
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
 
@@ -637,7 +675,7 @@ def verdicts(results: dict[str, Result]) -> list[str]:
     keep-alive at least 0.95, the agent's CPU under churn at most 0.05 cores. A gap's verdict is firm when
     its 90% interval lies wholly on one side of the target, "within noise" otherwise."""
     lines = ["Targets (medians of this run):"]
-    for mode in ("flowmon", "agent"):
+    for mode in ("flowmon", "agent", "agent-steady"):
         for w in ("churn", "bulk"):
             res = results.get(w)
             if res and mode in res.ratio and "floor" in res.ratio:

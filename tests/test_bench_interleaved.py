@@ -1,0 +1,43 @@
+"""The interleaved churn bench's pure parts: reading accepted connections, and each mode slice's ratio to
+the no-tracer slices around it."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.churn_interleaved import bracketed_ratios, passive_opens
+from bench.kernel_overhead import Result, verdicts
+
+SNMP = """Ip: Forwarding DefaultTTL InReceives
+Ip: 1 64 12345
+Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails EstabResets CurrEstab
+Tcp: 1 200 120000 -1 17 40321 0 2 5
+TcpExt: SyncookiesSent PassiveOpens
+TcpExt: 0 999
+"""
+
+
+def test_passive_opens_reads_the_tcp_line_not_tcpext() -> None:
+    assert passive_opens(SNMP) == 40321
+
+
+def test_each_mode_slice_is_divided_by_the_mean_of_its_neighbours() -> None:
+    # none 100, mode 90, none 80, mode 81, none 82: 90 / 90 and 81 / 81
+    assert bracketed_ratios([100.0, 90.0, 80.0, 81.0, 82.0]) == [1.0, 1.0]
+    # a drift from 100 to 120 across a mode slice of 99 is a 10% cost, not 1% or 17.5%
+    assert bracketed_ratios([100.0, 99.0, 120.0]) == [0.9]
+
+
+def test_slices_must_start_and_end_without_a_tracer() -> None:
+    with pytest.raises(ValueError, match="start and end"):
+        bracketed_ratios([100.0, 90.0])
+
+
+def test_the_steady_agent_is_judged_like_the_agent() -> None:
+    results = {
+        "churn": Result(ratio={"floor": [0.97], "agent-steady": [0.96]}, cpu={"agent-steady": [(0.03, 3.0)]})
+    }
+    assert verdicts(results)[1:] == [
+        "- churn: agent-steady +1.0 points below the floor (target <= 2): met (90% interval +1.0 to +1.0)",
+        "- churn: agent-steady process 0.010 cores (target <= 0.05): met",
+    ]
