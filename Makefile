@@ -19,13 +19,14 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# Every benchmark once, with the arguments recorded in docs/BENCHMARKS.md (about 25 minutes, needs root).
+# Every benchmark once, with the arguments recorded in docs/BENCHMARKS.md (about 45 minutes, needs root).
 bench: setup
 	$(PY) -m bench.metadata_memory --pods 20000 --budget-mb 100
 	$(PY) -m bench.aggregate_poll --flows 10000 --changing 1.0
 	$(PY) -m bench.scrape_time --series 10000 --scrapes 60
 	$(PY) -m bench.freshness --connections 220 --poll-interval 0.5
 	$(PY) -m bench.kernel_overhead --rounds 7 --seconds 2
+	$(PY) -m bench.churn_interleaved --chunks 12 --cycles 4
 
 clean-demo: setup
 	$(PY) -m flowmon_agent.cli demo --cleanup
