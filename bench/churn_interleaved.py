@@ -29,6 +29,7 @@ from pathlib import Path
 
 from bench.kernel_overhead import (
     CHURN_THREADS,
+    PERSISTENT_MODES,
     PORT_HTTP,
     Result,
     Tracer,
@@ -39,8 +40,6 @@ from bench.kernel_overhead import (
     report,
 )
 
-PERSISTENT = ("floor", "floor-classic", "floor-nortt", "flowmon", "flowmon-classic", "flowmon-nortt",
-              "flowmon-always", "agent-steady")  # fmt: skip
 SETTLE_S = 0.25  # after a switch: the hooks' first events and the thawed process's catch-up poll
 
 
@@ -153,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=4, help="cycles (every mode once) per wrk run")
     parser.add_argument("--slice", type=float, default=2.0, help="seconds per slice (whole: srtt epochs)")
     parser.add_argument(
-        "--modes", default="floor,flowmon,agent-steady", help=f"any of {','.join(PERSISTENT)}"
+        "--modes", default="floor,flowmon,agent-steady", help=f"any of {','.join(PERSISTENT_MODES)}"
     )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
-    if bad := [m for m in modes if m not in PERSISTENT]:
+    if bad := [m for m in modes if m not in PERSISTENT_MODES]:
         parser.error(f"modes switched inside a workload must be persistent ones, not {bad}")
     run(args.chunks, args.cycles, args.slice, modes, args.seed)
     return 0

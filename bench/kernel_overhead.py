@@ -71,6 +71,9 @@ MODES = (
     "agent-steady",
 )
 DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(("nortt", "always", "fresh")))
+# Started and stopped around each measurement; every other mode but none loads once and switches on command.
+STARTED_PER_MEASUREMENT = ("tcplife", "agent", "flowmon-fresh")
+PERSISTENT_MODES = tuple(m for m in MODES if m not in ("none", *STARTED_PER_MEASUREMENT))
 WORKLOADS = ("churn", "keepalive", "bulk")
 # What the agent mode's endpoint must have counted of each workload: a connection per request, the bytes sent.
 COUNTED = {"churn": "opened", "bulk": "sent_bytes"}
@@ -194,10 +197,10 @@ class Tracer:
         self.proc: subprocess.Popen | None = None
         self._before = topview.PairTotals()  # agent mode: its endpoint's totals when it was attached
         self.seen: topview.PairTotals | None = None  # agent mode: what it counted during the measurement
-        if mode not in ("none", "tcplife", "agent", "flowmon-fresh"):
+        self.persistent = mode in PERSISTENT_MODES  # loaded once: switch_on/switch_off in milliseconds
+        if self.persistent:
             self._spawn(mode)
             self.proc.send_signal(signal.SIGSTOP)  # as while detached
-        self.persistent = self.proc is not None  # loaded once: switch_on/switch_off in milliseconds
 
     def _spawn(self, mode: str) -> None:
         env = dict(os.environ)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.churn_interleaved import bracketed_ratios, passive_opens
-from bench.kernel_overhead import Result, verdicts
+from bench.churn_interleaved import bracketed_ratios, main, passive_opens
+from bench.kernel_overhead import PERSISTENT_MODES, Result, verdicts
 
 SNMP = """Ip: Forwarding DefaultTTL InReceives
 Ip: 1 64 12345
@@ -41,3 +41,12 @@ def test_the_steady_agent_is_judged_like_the_agent() -> None:
         "- churn: agent-steady +1.0 points below the floor (target <= 2): met (90% interval +1.0 to +1.0)",
         "- churn: agent-steady process 0.010 cores (target <= 0.05): met",
     ]
+
+
+def test_modes_started_per_measurement_cannot_be_interleaved(capsys) -> None:
+    # they cannot switch in milliseconds: refused before any namespace or process is made
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--modes", "floor,agent,tcplife"])
+    assert exit_info.value.code == 2
+    assert "not ['agent', 'tcplife']" in capsys.readouterr().err
+    assert "agent-steady" in PERSISTENT_MODES and "floor" in PERSISTENT_MODES
