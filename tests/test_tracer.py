@@ -557,7 +557,11 @@ def test_overflow_counted_and_tracer_keeps_running(lab, require_root) -> None:
         srv.close()
         k = key(a, b, V4, port, Reporter.CLIENT)
         snap = wait_for(small, lambda s: k in s.flows and s.flows[k].closed == stored)
-        assert (counters(snap, k).opened, counters(snap, k).active) == (stored, 0)
+        # closes and drops in the message: a CI run once saw (opened, active) == (32, 5), not reproduced
+        assert (counters(snap, k).opened, counters(snap, k).active) == (stored, 0), (
+            counters(snap, k).closed,
+            snap.dropped,
+        )
         # 40 more flows (refused connects, one port each) than the 16-entry flow map holds
         refused = [next_port() for _ in range(40)]
         for p in refused:
