@@ -206,13 +206,16 @@ BPF_HASH(adopt, struct tuple_key, u8, ADOPT_MAX);
 // Configuration written by user space. Index: 0 local-IP filter on, 1 ignored ports on, 2 adoption on,
 // 3 NAT peers set, 4 the srtt sampling epoch: user space advances it once per sampling interval, and a
 // socket takes one periodic srtt sample per epoch. Reading it is one load where a clock read
-// (bpf_ktime_get_ns) on every received segment cost ~25 ns (docs/BENCHMARKS.md).
+// (bpf_ktime_get_ns) on every received segment cost ~25 ns (docs/BENCHMARKS.md). 5 tracing: BCC attaches
+// the programs as it loads them, before user space has written the filters; until user space sets it,
+// no socket is taken in (maps start zeroed), so none that the filters would exclude fills a table.
 #define CFG_FILTER 0
 #define CFG_PORTS 1
 #define CFG_ADOPT 2
 #define CFG_NAT 3
 #define CFG_RTT_EPOCH 4
-BPF_ARRAY(cfg, u64, 5);
+#define CFG_TRACING 5
+BPF_ARRAY(cfg, u64, 6);
 struct ip_key {
     u8 addr[16];
     u16 family;
@@ -295,9 +298,14 @@ static __always_inline u16 copy_sockaddr(u8 *dst, u16 *port, const u8 *sa) {
     return FM_AF_INET6;
 }
 
+// Every socket enters the tables through here (connect, accept, adoption).
 static __always_inline int is_traced(u16 family, const u8 *local, u16 server_port) {
-    u32 idx = CFG_PORTS;
+    u32 idx = CFG_TRACING;
     u64 *on = cfg.lookup(&idx);
+    if (!on || !*on)
+        return 0;
+    idx = CFG_PORTS;
+    on = cfg.lookup(&idx);
     if (on && *on && ignored_ports.lookup(&server_port))
         return 0;
     idx = CFG_FILTER;

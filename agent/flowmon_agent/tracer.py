@@ -38,7 +38,7 @@ from flowmon_agent.kernel_maps import (
 from flowmon_agent.window_clock import WindowClock
 
 T = TypeVar("T")
-CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT, CFG_RTT_EPOCH = 0, 1, 2, 3, 4
+CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT, CFG_RTT_EPOCH, CFG_TRACING = 0, 1, 2, 3, 4, 5
 FOLD_STEPS = 32  # steps per run of flowmon_fold: the verifier walks ~280k instructions (limit 1M)
 MARK_WORD_SLOTS = 64  # slots per word of the fold's bitmap, and words per group word (bpf/flowmon.c)
 DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384, "NAT_MAX": 16384}
@@ -93,7 +93,12 @@ class FlowTracer:
         adopt_recheck_s: float = 10.0,
         reset_grace_s: float = 0.5,
         connection_key_ttl_s: float = 300.0,
+        local_ips: Iterable[IPAddress] | None = None,
+        ignored_ports: Iterable[int] = (),
     ) -> None:
+        """`local_ips` and `ignored_ports` apply from the first socket (the setters apply to new sockets
+        from the moment they are called): BCC attaches the programs as it loads them, and until the
+        tracer has been configured the kernel takes no socket in."""
         for name, value in (("rtt_interval_ms", rtt_interval_ms), ("rtt_window_ms", rtt_window_ms)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, not {value}")
@@ -156,12 +161,16 @@ class FlowTracer:
             self._close_rtt_window,
             name="flowmon-rtt-window",
         )
-        if adopt_existing:
-            try:
+        try:
+            if local_ips is not None:
+                self.set_local_ip_filter(local_ips)
+            self.set_ignored_ports(ignored_ports)
+            self._set_cfg(CFG_TRACING, 1)  # before discovery: a connection opened in between is not missed
+            if adopt_existing:
                 self.adopt(existing.discover(), window_s=adopt_window_s)
-            except BaseException:
-                self.close()
-                raise
+        except BaseException:
+            self.close()
+            raise
         self._rtt_clock.start()
 
     # --- configuration (through maps only) -----------------------------------------------------------
