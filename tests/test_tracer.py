@@ -718,11 +718,25 @@ def test_rtt_interval_and_window_must_be_positive() -> None:
         FlowTracer(rtt_window_ms=-5)
 
 
-def test_ignored_ports_are_not_traced(lab, require_root) -> None:
+def test_a_bad_port_given_to_the_constructor_is_refused_and_the_programs_unloaded(
+    require_root, monkeypatch
+) -> None:
+    closed = []
+    real_close = FlowTracer.close
+    monkeypatch.setattr(FlowTracer, "close", lambda self: closed.append(real_close(self)))
+    with pytest.raises(ValueError, match="ports must be 1-65535"):
+        FlowTracer(adopt_existing=False, ignored_ports=[70000])
+    assert len(closed) == 1
+
+
+@pytest.mark.parametrize("given", ["to the constructor", "afterwards"])
+def test_ignored_ports_are_not_traced(lab, require_root, given) -> None:
     a, b = lab.pod("a"), lab.pod("b")
     ignored, kept = next_port(), next_port()
-    with FlowTracer(adopt_existing=False, local_ips=[a.ipv4, b.ipv4]) as t:
-        t.set_ignored_ports([ignored])
+    at_start = [ignored] if given == "to the constructor" else []
+    with FlowTracer(adopt_existing=False, local_ips=[a.ipv4, b.ipv4], ignored_ports=at_start) as t:
+        if not at_start:
+            t.set_ignored_ports([ignored])
         request_response(lab, a, b, V4, [(ignored, 10, 10), (kept, 10, 10)])
         k = key(a, b, V4, kept, Reporter.CLIENT)
         snap = wait_for(t, lambda s: k in s.flows and s.flows[k].closed == 1)
