@@ -31,8 +31,8 @@ def run_steady_agent(toggles) -> int:
     hooks: list = []
     real_tracer = runner.default_tracer
 
-    def toggleable_tracer(settings, **kwargs):
-        tracer = real_tracer(settings, **kwargs)
+    def toggleable_tracer(settings, *args, **kwargs):
+        tracer = real_tracer(settings, *args, **kwargs)
         # tcp_probe follows the tracer's own srtt window, switched through set_rtt_sampling: the agent's
         # policy turns it on, but only while the hooks are attached
         hooks_on, hooks_off = toggles(tracer._bpf, skip=frozenset({b"tcp:tcp_probe"}))

@@ -244,6 +244,31 @@ async def test_rtt_hook_follows_whether_any_monitor_exports_rtt(tmp_path, requir
         await agent.stop()
 
 
+@pytest.mark.bpf
+@pytest.mark.asyncio
+async def test_own_port_and_ignored_ports_are_never_traced(require_root):
+    """The agent's own port (scrapes, policy pushes) and the configured ports reach the kernel with the
+    tracer, before its first socket: a health check on the agent's port is not a flow; other loopback
+    traffic is."""
+    settings = AgentSettings(
+        listen_port=0, node_name="node-a", ignored_ports=[2222], poll_interval_seconds=60
+    )
+    agent = Agent(settings)
+    await agent.start()
+    try:
+        own = agent.server.port
+        assert sorted(k.value for k in agent.tracer._ports) == sorted([2222, own])
+        async with aiohttp.ClientSession() as http, http.get(agent.url + "/healthz") as resp:
+            assert resp.status in (200, 503)
+        other = await asyncio.to_thread(loopback_exchange, 10, 20, 1)
+        ports = await _until(
+            lambda: (seen := {k.server_port for k in agent.tracer.poll().flows}) >= {other} and seen
+        )
+        assert own not in ports
+    finally:
+        await agent.stop()
+
+
 @pytest.mark.parametrize(
     ("env", "fields", "expected"),
     [

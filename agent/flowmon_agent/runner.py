@@ -126,15 +126,18 @@ class Tracer(Protocol):
 
     def poll(self) -> FlowSnapshot: ...
     def set_local_ip_filter(self, ips: Iterable[IPAddress] | None) -> None: ...
-    def set_ignored_ports(self, ports: Iterable[int]) -> None: ...
     def close(self) -> None: ...
 
 
-def default_tracer(settings: AgentSettings, *, force_compat: bool = False) -> Tracer:
-    """The real tracer, configured from the settings."""
+def default_tracer(
+    settings: AgentSettings, ignored_ports: Iterable[int], *, force_compat: bool = False
+) -> Tracer:
+    """The real tracer, configured from the settings; `ignored_ports` apply from its first socket."""
     from flowmon_agent.tracer import FlowTracer  # imports BCC: only when the real kernel path is wanted
 
-    return FlowTracer(force_compat=force_compat, rtt_window_ms=settings.rtt_window_ms)
+    return FlowTracer(
+        force_compat=force_compat, rtt_window_ms=settings.rtt_window_ms, ignored_ports=ignored_ports
+    )
 
 
 def stall_reason(
@@ -162,7 +165,7 @@ class Agent:
         self,
         settings: AgentSettings,
         *,
-        tracer_factory: Callable[[], Tracer] | None = None,
+        tracer_factory: Callable[[list[int]], Tracer] | None = None,
         store: MetadataStore | None = None,
         nat_backends: Callable[[FlowSnapshot], NatBackends] | None = None,
         token_reviewer: TokenReviewer | None = None,
@@ -245,8 +248,9 @@ class Agent:
             await asyncio.to_thread(self._policy_file.load)
         await self.server.start()  # health answers while BPF compiles (seconds)
         try:
-            self.tracer = await asyncio.to_thread(self._tracer_factory)
-            self.tracer.set_ignored_ports(sorted({*self.settings.ignored_ports, self.server.port or 0} - {0}))
+            # our own port too (scrapes and policy pushes), from the first socket on
+            ports = sorted({*self.settings.ignored_ports, self.server.port or 0} - {0})
+            self.tracer = await asyncio.to_thread(self._tracer_factory, ports)
         except BaseException:
             await self.server.stop()
             raise
