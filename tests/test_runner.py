@@ -266,7 +266,9 @@ async def test_own_port_and_ignored_ports_are_never_traced(require_root):
         )
         assert own not in ports
     finally:
-        await agent.stop()
+        # A stop landing as the poll loop is woken must still stop it (3.11's wait_for lost the cancel)
+        agent._wake.set()
+        await asyncio.wait_for(agent.stop(), timeout=10)
 
 
 @pytest.mark.parametrize(

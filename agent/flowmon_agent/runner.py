@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from flowmon_agent.aggregate import Aggregator, NatBackends, local_ip_filter
 from flowmon_agent.auth import IN_CLUSTER_SA as SA_DIR
 from flowmon_agent.auth import KubeTokenReviewer, TokenReviewer
+from flowmon_agent.event_wait import wait_event
 from flowmon_agent.exporter import AgentInstruments, AgentStatus, Exporter
 from flowmon_agent.filewatch import FileWatch
 from flowmon_agent.flows import FlowSnapshot, IPAddress
@@ -273,8 +274,7 @@ class Agent:
         assert self._wake is not None
         next_at = self._clock() + interval
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_at - self._clock()))
+            await wait_event(self._wake, next_at - self._clock())
             self._wake.clear()
             next_at = self._clock() + interval  # the period runs from poll start to poll start
             try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import logging
 import sys
@@ -22,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from flowmon_agent.cli import Handler, subcommand
+from flowmon_agent.event_wait import wait_event
 from flowmon_agent.hostnets import HostMetadata, addresses_of
 from flowmon_agent.manifests import ManifestError, load_monitors
 from flowmon_agent.policy import AgentPolicy, compile_policy, token_sha256
@@ -325,8 +325,7 @@ async def serve(args: argparse.Namespace) -> int:
         )
         try:
             while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                await wait_event(stop, 1.0)
                 if (
                     files is not None
                     and (policy := await asyncio.to_thread(files.changed_policy)) is not None
