@@ -534,6 +534,105 @@ static __always_inline void count_open(struct sock_state *st, u64 now) {
     st->retrans = 0;
 }
 
+#if !FLOWMON_COMPAT
+// Closes add to a per-CPU copy of their flow first, and user space moves the copies into `flows` before
+// each read (flowmon_flush_closes on each CPU that has some). A close used to add to the shared flow
+// entry itself, whose cache lines both CPUs of a churning pair updated in turn: ~600 ns per request
+// (docs/BENCHMARKS.md). Direct-mapped by a hash of the key: a close whose slot holds another flow moves
+// that one into `flows` first, so many flows closing on one CPU cost about what they did before.
+// An entry keeps its key after a flush (only the eviction above rewrites it, and only a close does that,
+// which never nests on one CPU): a flush that interrupts a close (it runs in an interrupt when asked
+// from another CPU) sees either the old flow's counters under its key or none. A close that interrupts
+// a flush (asked from this CPU: it runs with softirqs allowed) finds CC_FLUSHING set and adds to the
+// flow directly.
+#ifndef CLOSE_SLOTS
+#define CLOSE_SLOTS 64  // a power of two, at most 64 (one bit each in CC_DIRTY)
+#endif
+#define FLOW_WORDS (sizeof(struct flow_val) / 8)
+struct close_entry {
+    struct flow_key key;  // family 0: never used
+    struct flow_val v;    // what closes on this CPU added since the last flush (created_ns unused)
+};
+BPF_PERCPU_ARRAY(close_cache, struct close_entry, CLOSE_SLOTS);
+// 0 dirty: bit i says copy i got something since the last flush (user space reads it to pick the
+// CPUs); 1 flushing: flowmon_flush_closes is running on this CPU
+#define CC_DIRTY 0
+#define CC_FLUSHING 1
+BPF_PERCPU_ARRAY(close_flags, u64, 2);
+
+static __always_inline int flow_key_eq(const struct flow_key *a, const struct flow_key *b) {
+    const u64 *x = (const u64 *)a, *y = (const u64 *)b;  // 40 bytes, 8-aligned in every map value
+    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+}
+
+static __always_inline u32 close_slot(const struct flow_key *key) {
+    const u64 *x = (const u64 *)key;
+    u64 h = x[0];
+#pragma unroll
+    for (int i = 1; i < 5; i++)
+        h = h * 0x9E3779B97F4A7C15ULL + x[i];
+    return (u32)((h * 0x9E3779B97F4A7C15ULL) >> 32) & (CLOSE_SLOTS - 1);
+}
+
+// Moves an entry's counters into its flow, word by word (each taken atomically). 0: its flow could not
+// be stored (counted in ST_FLOW_FAILED); the counters stay for the next try.
+static __always_inline int close_entry_flush(struct close_entry *e) {
+    u64 *src = (u64 *)&e->v;
+    u64 any = 0;
+#pragma clang loop unroll(disable)
+    for (u32 i = 1; i < FLOW_WORDS; i++)
+        any |= src[i];
+    if (!any)
+        return 1;
+    struct flow_key key = e->key;
+    struct flow_val *v = flow_get(&key);
+    if (!v)
+        return 0;
+    u64 *dst = (u64 *)v;
+#pragma clang loop unroll(disable)
+    for (u32 i = 1; i < FLOW_WORDS; i++) {
+        if (!src[i])
+            continue;
+        u64 x = __sync_fetch_and_and(&src[i], 0);
+        if (x)
+            __sync_fetch_and_add(&dst[i], x);
+    }
+    return 1;
+}
+
+// Where a close adds: this CPU's copy of the flow, or the flow itself while a flush runs under us or
+// when the copy's slot could not be freed.
+// `copy`: the copy's index, or -1 for the flow itself.
+static __always_inline struct flow_val *close_target(struct flow_key *key, int *copy) {
+    *copy = -1;
+    u32 idx = CC_FLUSHING;
+    u64 *flushing = close_flags.lookup(&idx);
+    if (!flushing || *flushing)
+        return flow_get(key);
+    idx = close_slot(key);
+    struct close_entry *e = close_cache.lookup(&idx);
+    if (!e)
+        return flow_get(key);
+    if (!flow_key_eq(&e->key, key)) {
+        if (!close_entry_flush(e))
+            return flow_get(key);
+        e->key = *key;
+    }
+    *copy = idx;
+    return &e->v;
+}
+
+// After the close's counters are in (a flush that interrupted it before then took only what was in):
+// copy i has something for the next flush.
+static __always_inline void close_added(int copy) {
+    u32 idx = CC_DIRTY;
+    u64 *dirty = close_flags.lookup(&idx);
+    u64 bit = 1ULL << (copy & 63);
+    if (dirty && !(*dirty & bit))
+        __sync_fetch_and_or(dirty, bit);
+}
+#endif
+
 // A socket closes: what it still had pending, closed and its last srtt sample, or a failed connect.
 static __always_inline void count_close(struct sock_state *st, int oldstate) {
     int client = st->key.reporter == FM_ROLE_CLIENT;
@@ -542,7 +641,12 @@ static __always_inline void count_close(struct sock_state *st, int oldstate) {
         return;
     u64 tx, rx, open;
     take_pending(st, &tx, &rx, &open);
+#if FLOWMON_COMPAT
     struct flow_val *v = flow_get(&st->key);
+#else
+    int copy;
+    struct flow_val *v = close_target(&st->key, &copy);
+#endif
     if (!v)
         return;
     credit_pending(v, st->key.reporter, tx, rx, open);
@@ -558,6 +662,10 @@ static __always_inline void count_close(struct sock_state *st, int oldstate) {
     }
     if (st->retrans)
         __sync_fetch_and_add(&v->retrans_c2s, st->retrans);
+#if !FLOWMON_COMPAT
+    if (copy >= 0)
+        close_added(copy);
+#endif
 }
 
 #if FLOWMON_COMPAT
@@ -1080,5 +1188,37 @@ int flowmon_fold(struct bpf_raw_tracepoint_args *ctx) {
     if (m)
         __sync_fetch_and_or(m, groups);
     return group - 1;
+}
+
+// Run by user space on each CPU whose CC_DIRTY is set, after the fold and before each read of `flows`:
+// moves this CPU's copies of closed connections' counters into their flows, FLUSH_PER_RUN copies per
+// run (the verifier follows one path through every word of each). Returns 1 while copies still wait:
+// user space runs it again.
+#define FLUSH_PER_RUN 8
+int flowmon_flush_closes(struct bpf_raw_tracepoint_args *ctx) {
+    u32 idx = CC_FLUSHING;
+    u64 *flushing = close_flags.lookup(&idx);
+    idx = CC_DIRTY;
+    u64 *dirty = close_flags.lookup(&idx);
+    if (!flushing || !dirty)
+        return 0;
+    *flushing = 1;
+    asm volatile("" ::: "memory");
+    u64 bits = __sync_fetch_and_and(dirty, 0);  // a close that adds from now on sets its bit again
+    u64 failed = 0;
+#pragma clang loop unroll(disable)
+    for (u32 n = 0; n < FLUSH_PER_RUN && bits; n++) {
+        u64 bit = bits & -bits;
+        u32 i = lowest_bit(bits);
+        bits &= bits - 1;
+        struct close_entry *e = close_cache.lookup(&i);
+        if (e && !close_entry_flush(e))
+            failed |= bit;  // its flow could not be stored: try again at the next read
+    }
+    if (bits | failed)
+        __sync_fetch_and_or(dirty, bits | failed);
+    asm volatile("" ::: "memory");
+    *flushing = 0;
+    return bits != 0;
 }
 #endif

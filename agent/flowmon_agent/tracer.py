@@ -40,8 +40,26 @@ from flowmon_agent.window_clock import WindowClock
 T = TypeVar("T")
 CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT, CFG_RTT_EPOCH, CFG_TRACING = 0, 1, 2, 3, 4, 5
 FOLD_STEPS = 32  # steps per run of flowmon_fold: the verifier walks ~280k instructions (limit 1M)
+CLOSE_SLOTS, FLUSH_PER_RUN = 64, 8  # per-CPU copies of flows for closes; copies flushed per run (bpf/)
 MARK_WORD_SLOTS = 64  # slots per word of the fold's bitmap, and words per group word (bpf/flowmon.c)
 DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384, "NAT_MAX": 16384}
+
+
+def _cpus_to_visit(words: bpf_loader.PercpuWords) -> Iterable[int]:
+    """The CPUs whose words are set; all of them where the kernel cannot batch-read (no harm: a run
+    with nothing to do returns at once)."""
+    cpus = words.cpus_with_any()
+    return range(words.ncpus) if cpus is None else cpus
+
+
+@contextlib.contextmanager
+def _unless_offline():
+    """A run asked of an offline CPU fails with ENXIO: what it holds waits until the CPU is back."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
 
 
 @dataclass(slots=True)
@@ -108,6 +126,10 @@ class FlowTracer:
             raise ValueError(f"SOCK_MAX must be a power of two >= 8, not {sock_slots}")
         if fold_steps < 4:
             raise ValueError(f"FOLD_STEPS must be at least 4, not {fold_steps}")
+        close_slots = int(cflags.get("CLOSE_SLOTS", CLOSE_SLOTS))
+        if not 1 <= close_slots <= 64 or close_slots & (close_slots - 1):  # a bit each in one u64
+            raise ValueError(f"CLOSE_SLOTS must be a power of two up to 64, not {close_slots}")
+        self._flush_runs_max = 2 + close_slots // FLUSH_PER_RUN
         self._path, self._bpf = kernel_paths.load(force_compat=force_compat, raw=raw, sizes=cflags)
         self.kernel_path = self._path.name
         self.raw_tracepoints = bool(self._path.cflags.get("FLOWMON_RAW"))
@@ -128,6 +150,15 @@ class FlowTracer:
             None
             if self._fold_fd is None
             else bpf_loader.PercpuWords(b[b"fold_marks"], mark_words, self._mark_groups)
+        )
+        # default path: closes wait in per-CPU copies of their flows until flushed before each read
+        self._flush_fd = (
+            None
+            if self._fold_fd is None
+            else bpf_loader.load_raw_tracepoint_program(b, "flowmon_flush_closes")
+        )
+        self._closing_cpus = (
+            None if self._fold_fd is None else bpf_loader.PercpuWords(b[b"close_flags"], 0, 1)
         )
         self._flows, self._stats = b[b"flows"], b[b"stats"]
         self._cfg, self._local_ips, self._ports = b[b"cfg"], b[b"local_ips"], b[b"ignored_ports"]
@@ -374,22 +405,26 @@ class FlowTracer:
 
     def _fold(self) -> None:
         """Move live sockets' pending bytes and opens into their flows: on each CPU that marked slots
-        since the last fold, the kernel visits them (a run per ~30 marked slots, words or groups). A
-        mark set after the check waits for the next fold; an offline CPU keeps its marks until it is
-        back."""
+        since the last fold, the kernel visits them (a run per ~30 marked slots, words or groups). Then
+        closed connections' counters, which wait in per-CPU copies of their flows, on each CPU that has
+        some. A mark set after the check waits for the next fold; an offline CPU keeps its marks (and
+        copies) until it is back."""
         if self._fold_fd is None or self._marked_cpus is None:  # compat path: no fold (and no marks)
             return
-        cpus = self._marked_cpus.cpus_with_any()
-        for cpu in range(self._marked_cpus.ncpus) if cpus is None else cpus:
+        for cpu in _cpus_to_visit(self._marked_cpus):
             group = 0
-            try:
+            with _unless_offline():
                 for _ in range(self._fold_runs_max):
                     group = bpf_loader.run_raw_tracepoint_program(self._fold_fd, (group,), cpu=cpu)
                     if group >= self._mark_groups:
                         break
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:  # ENXIO: that CPU is offline
-                    raise
+        if self._flush_fd is None or self._closing_cpus is None:
+            return
+        for cpu in _cpus_to_visit(self._closing_cpus):
+            with _unless_offline():
+                for _ in range(self._flush_runs_max):  # a flow that cannot be stored waits for the next poll
+                    if not bpf_loader.run_raw_tracepoint_program(self._flush_fd, (), cpu=cpu):
+                        break
 
     def _forget_idle_connections(self, out: dict[FlowKey, FlowCounters]) -> None:
         """Per-connection keys (NAT peers) are dropped, here and in the kernel, once closed and unchanged
