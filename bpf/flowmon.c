@@ -5,17 +5,19 @@
 // socket lives; counters land in `flows`, keyed by the flow without the ephemeral port. Nothing is sent
 // to user space per event.
 //
-// Closes, failures, retransmits, resets and samples go into the flow entry as they happen. A live
-// socket's bytes and open wait in its own slot (default path) and reach the flow at close or when user
-// space runs flowmon_fold just before it reads `flows` (the fold visits only slots marked since the last
-// one): user space reads only `flows`, so its work grows with distinct flows, not with connections.
+// Failures, retransmits, resets and samples go into the flow entry as they happen. A live socket's
+// bytes and open wait in its own slot (default path) and reach the flow when user space runs
+// flowmon_fold just before it reads `flows` (the fold visits only slots marked since the last one), or
+// at close, which adds them with the close to this CPU's copy of the flow (close_cache), moved into
+// `flows` by flowmon_flush_closes before each read: user space reads only `flows`, so its work grows
+// with distinct flows, not with connections.
 //
 // Integer cflags (set by agent/flowmon_agent/kernel_paths.py, never user strings):
 //   FLOWMON_COMPAT   1: bytes from tcp:tcp_probe (kernels without sock:sock_{send,recv}_length)
 //   FLOWMON_RAW      1: sock_{send,recv}_length as raw tracepoints (cheaper, args are plain values)
 //   FLOWMON_RAW_RESET 1: tcp_send_reset as a raw tracepoint (see on_send_reset)
-//   SOCK_MAX (a power of two), FLOW_MAX, RST_MAX, ADOPT_MAX: map sizes;  FOLD_STEPS: steps per run
-//   of flowmon_fold
+//   SOCK_MAX (a power of two), FLOW_MAX, RST_MAX, ADOPT_MAX, CLOSE_SLOTS: map sizes;  FOLD_STEPS:
+//   steps per run of flowmon_fold
 
 #ifndef FLOWMON_COMPAT
 #define FLOWMON_COMPAT 0
@@ -600,9 +602,8 @@ static __always_inline int close_entry_flush(struct close_entry *e) {
     return 1;
 }
 
-// Where a close adds: this CPU's copy of the flow, or the flow itself while a flush runs under us or
-// when the copy's slot could not be freed.
-// `copy`: the copy's index, or -1 for the flow itself.
+// Where a close adds: this CPU's copy of the flow (`copy`: its index), or the flow itself (`copy` -1)
+// while a flush runs under us or when the copy's slot could not be freed.
 static __always_inline struct flow_val *close_target(struct flow_key *key, int *copy) {
     *copy = -1;
     u32 idx = CC_FLUSHING;

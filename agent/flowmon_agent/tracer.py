@@ -1,11 +1,12 @@
 """FlowTracer: loads the kernel side and turns its maps into cumulative per-flow counters.
 
 poll() (call it about once a second) returns every flow seen since start. The kernel keeps a live
-socket's bytes and open in the socket's own slot and moves them into the flow's entry at close; a poll
-first runs the kernel's fold program, which moves what live sockets have had pending since the last
-fold (in the kernel: no per-socket work in Python), then reads only the flow map, so user-space work
-grows with distinct flows, not with open connections. Counters are kept in user space too, so a flow
-that the kernel's LRU map evicts keeps its totals, and they never go backwards.
+socket's bytes and open in the socket's own slot and, at close, moves them into a per-CPU copy of the
+flow's entry; a poll first runs the kernel's fold program, which moves what live sockets have had pending
+since the last fold, and the flush of the copies (in the kernel: no per-socket work in Python), then
+reads only the flow map, so user-space work grows with distinct flows, not with open connections.
+Counters are kept in user space too, so a flow that the kernel's LRU map evicts keeps its totals, and
+they never go backwards.
 """
 
 from __future__ import annotations
