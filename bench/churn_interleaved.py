@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.churn_interleaved [--chunks 8] [--cycles 4] [--slice 2]
         [--modes floor,flowmon,agent-steady]
+    .venv/bin/python -m bench.churn_interleaved --pool RUN.log [RUN.log ...]
+        # the verdicts over the rounds of several saved runs (their standard output)
 
 kernel_overhead restarts wrk for every measurement, and every start adds noise of its own: there, 3 s
 measurements of churn vary by 6-10% (CV) on a noisy host, where 3 s slices of one continuous churn run vary
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -36,8 +39,10 @@ from bench.kernel_overhead import (
     Workbench,
     bench_lab,
     measure,
+    median_iqr,
     process_tree_cpu,
     report,
+    verdicts,
 )
 
 SETTLE_S = 0.25  # after a switch: the hooks' first events and the thawed process's catch-up poll
@@ -144,6 +149,38 @@ def run(chunks: int, cycles: int, slice_s: float, modes: tuple[str, ...], seed: 
     report({"churn": res}, ("none", *modes), chunks * cycles, slice_s, elapsed)
 
 
+def rounds_from_log(text: str) -> list[dict[str, float]]:
+    """Pure: the rounds of a saved run, out of its chunk lines (each lists its mode slices' ratios in
+    order, and a cycle gives every mode one slice)."""
+    rounds = []
+    for line in text.splitlines():
+        if not line.startswith("chunk "):
+            continue
+        slices = [(mode, float(ratio)) for mode, ratio in re.findall(r"(\S+)=([\d.]+)", line)]
+        k = len({mode for mode, _ in slices})
+        for i in range(0, len(slices), k):
+            cycle = dict(slices[i : i + k])
+            if len(cycle) != k:
+                raise ValueError(f"a cycle without every mode once: {line[:60]}...")
+            rounds.append(cycle)
+    return rounds
+
+
+def pooled_verdicts(runs: list[str]) -> list[str]:
+    """Pure: every mode's median ratio and, against the floor, the targets' verdicts over the rounds of
+    saved runs pooled; a mode is paired with the floor in the rounds that have both."""
+    rounds = [r for text in runs for r in rounds_from_log(text)]
+    lines = [f"Pooled: {len(rounds)} rounds from {len(runs)} runs."]
+    for mode in sorted({m for r in rounds for m in r}):
+        ratios = [r[mode] for r in rounds if mode in r]
+        lines.append(f"- {mode}: {len(ratios)} rounds, {median_iqr(ratios)} of no tracer")
+    for mode in sorted({m for r in rounds for m in r} - {"floor"}):
+        paired = [r for r in rounds if "floor" in r and mode in r]
+        res = Result(ratio={"floor": [r["floor"] for r in paired], mode: [r[mode] for r in paired]})
+        lines += verdicts({"churn": res})[1:]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         "--modes", default="floor,flowmon,agent-steady", help=f"any of {','.join(PERSISTENT_MODES)}"
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--pool", nargs="+", type=Path, metavar="LOG", help="saved runs' output: no run")
     args = parser.parse_args(argv)
+    if args.pool:
+        print("\n".join(pooled_verdicts([log.read_text() for log in args.pool])))
+        return 0
     modes = tuple(m for m in args.modes.split(",") if m)
     if bad := [m for m in modes if m not in PERSISTENT_MODES]:
         parser.error(f"modes switched inside a workload must be persistent ones, not {bad}")

@@ -620,7 +620,7 @@ def run(
     report(results, modes, rounds, seconds, elapsed)
 
 
-def _median_iqr(values: list[float]) -> str:
+def median_iqr(values: list[float]) -> str:
     med = statistics.median(values)
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [med] * 3
     return f"{med:.3f} ({q[0]:.3f}-{q[2]:.3f})"
@@ -647,7 +647,7 @@ def report(
                 continue
             # tracer process CPU over all its measurements together (1/CLK_TCK resolution per reading)
             cpu = sum(c for c, _ in res.cpu[mode]) / sum(w for _, w in res.cpu[mode])
-            ratio, cost = _median_iqr(res.ratio[mode]), _median_iqr(res.cost[mode])
+            ratio, cost = median_iqr(res.ratio[mode]), median_iqr(res.cost[mode])
             print(f"| {mode} | {tp:,.1f} | {ratio} | {cost} | {cpu:.3f} cores |")
         for mode, seen in res.counted.items():
             what = {"churn": "connections opened per request", "bulk": "bytes sent per byte iperf3 sent"}[w]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.churn_interleaved import bracketed_ratios, main, passive_opens
+from bench.churn_interleaved import bracketed_ratios, main, passive_opens, pooled_verdicts, rounds_from_log
 from bench.kernel_overhead import PERSISTENT_MODES, Result, verdicts
 
 SNMP = """Ip: Forwarding DefaultTTL InReceives
@@ -50,3 +50,40 @@ def test_modes_started_per_measurement_cannot_be_interleaved(capsys) -> None:
     assert exit_info.value.code == 2
     assert "not ['agent', 'tcplife']" in capsys.readouterr().err
     assert "agent-steady" in PERSISTENT_MODES and "floor" in PERSISTENT_MODES
+
+
+RUN_A = """flowmon agent: compiling and loading the BPF programs (a few seconds)...
+chunk 1/2 churn floor=0.980  flowmon=0.950  flowmon=0.990  floor=0.990
+chunk 2/2 churn flowmon=0.960  floor=0.970  floor=1.000  flowmon=0.970
+
+| floor | 0.985 |
+"""
+RUN_B = """chunk 1/1 churn agent-steady=0.940  floor=0.990  flowmon=0.980
+"""
+
+
+def test_a_saved_run_gives_its_rounds_in_order() -> None:
+    assert rounds_from_log(RUN_A) == [
+        {"floor": 0.98, "flowmon": 0.95},
+        {"flowmon": 0.99, "floor": 0.99},
+        {"flowmon": 0.96, "floor": 0.97},
+        {"floor": 1.0, "flowmon": 0.97},
+    ]
+
+
+def test_a_cycle_without_every_mode_once_is_refused() -> None:
+    with pytest.raises(ValueError, match="every mode once"):
+        rounds_from_log("chunk 1/1 churn floor=0.98  floor=0.97  flowmon=0.95  flowmon=0.96\n")
+
+
+def test_pooled_runs_pair_each_mode_with_the_floor_in_the_rounds_that_have_both() -> None:
+    lines = pooled_verdicts([RUN_A, RUN_B])
+    assert lines[:4] == [
+        "Pooled: 5 rounds from 2 runs.",
+        "- agent-steady: 1 rounds, 0.940 (0.940-0.940) of no tracer",
+        "- floor: 5 rounds, 0.990 (0.975-0.995) of no tracer",
+        "- flowmon: 5 rounds, 0.970 (0.955-0.985) of no tracer",
+    ]
+    # agent-steady only in RUN_B's round: 0.99 - 0.94; flowmon over all five: 0.99 - 0.97
+    assert lines[4].startswith("- churn: agent-steady +5.0 points below the floor (target <= 2): NOT met")
+    assert lines[5].startswith("- churn: flowmon +2.0 points below the floor (target <= 2): met")
