@@ -170,11 +170,12 @@ def pooled_verdicts(runs: list[str]) -> list[str]:
     """Pure: every mode's median ratio and, against the floor, the targets' verdicts over the rounds of
     saved runs pooled; a mode is paired with the floor in the rounds that have both."""
     rounds = [r for text in runs for r in rounds_from_log(text)]
+    modes = sorted({m for r in rounds for m in r})
     lines = [f"Pooled: {len(rounds)} rounds from {len(runs)} runs."]
-    for mode in sorted({m for r in rounds for m in r}):
+    for mode in modes:
         ratios = [r[mode] for r in rounds if mode in r]
         lines.append(f"- {mode}: {len(ratios)} rounds, {median_iqr(ratios)} of no tracer")
-    for mode in sorted({m for r in rounds for m in r} - {"floor"}):
+    for mode in (m for m in modes if m != "floor"):
         paired = [r for r in rounds if "floor" in r and mode in r]
         res = Result(ratio={"floor": [r["floor"] for r in paired], mode: [r[mode] for r in paired]})
         lines += verdicts({"churn": res})[1:]
