@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m flowmon_agent.cli demo
+	$(PY) -m flowmon_cli.main demo
 
 # pytest's exit code 5 means no test ran: a failure, said out loud.
 test: setup
@@ -29,4 +29,4 @@ bench: setup
 	$(PY) -m bench.churn_interleaved --chunks 12 --cycles 4
 
 clean-demo: setup
-	$(PY) -m flowmon_agent.cli demo --cleanup
+	$(PY) -m flowmon_cli.main demo --cleanup

@@ -15,11 +15,11 @@ import statistics
 import time
 from ipaddress import IPv4Address
 
-from flowmon_agent.aggregate import Aggregator
-from flowmon_agent.flows import FlowCounters, FlowKey, FlowSnapshot, Log2Histogram, Reporter
+from flowmon_agent.aggregation.aggregator import Aggregator
+from flowmon_agent.kernel.flows import FlowCounters, FlowKey, FlowSnapshot, Log2Histogram, Reporter
 from flowmon_agent.metadata import MetadataStore, Resolver
-from flowmon_agent.policy import AgentPolicy, MonitorPolicy
-from flowmon_agent.spec import DEFAULT_GROUP_BY, HistogramBuckets, Metric, Selection
+from flowmon_contract.policy import AgentPolicy, MonitorPolicy
+from flowmon_contract.spec import DEFAULT_GROUP_BY, HistogramBuckets, Metric, Selection
 
 PODS, NODES, NAMESPACES, WORKLOADS = 2000, 10, 20, 100
 BASE = IPv4Address("10.0.0.0")

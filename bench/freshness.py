@@ -26,7 +26,10 @@ from pathlib import Path
 import yaml
 
 from bench.waiting import wait_ready
-from flowmon_agent.minicluster import (
+from flowmon_agent.export.policy_store import dump_policy_json
+from flowmon_contract.policy import compile_policy
+from flowmon_contract.spec import FlowMonitor
+from flowmon_lab.minicluster import (
     ClusterSpec,
     DeploymentSpec,
     MiniCluster,
@@ -34,10 +37,7 @@ from flowmon_agent.minicluster import (
     cleanup,
     new_prefix,
 )
-from flowmon_agent.policy import compile_policy
-from flowmon_agent.policy_store import dump_policy_json
-from flowmon_agent.prometheus_process import free_port
-from flowmon_agent.spec import FlowMonitor
+from flowmon_lab.prometheus import free_port
 
 SERVER = """
 import socket

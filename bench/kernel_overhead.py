@@ -50,9 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.waiting import wait_listening, wait_ready
-from flowmon_agent import topview
-from flowmon_agent.lab import Lab
-from flowmon_agent.prometheus_process import free_port
+from flowmon_cli import topview
+from flowmon_lab.network import Lab
+from flowmon_lab.prometheus import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TCPLIFE = "/usr/sbin/tcplife-bpfcc"
@@ -135,7 +135,7 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
 
     import threading
 
-    from flowmon_agent.tracer import FlowTracer
+    from flowmon_agent.kernel.tracer import FlowTracer
 
     lock = threading.Lock()  # the poll thread against on/off/close
     stop = threading.Event()
@@ -333,7 +333,7 @@ def start_agent(log: Path) -> tuple[subprocess.Popen, str]:
     metric, RTT included), host metadata, aggregation and exporter; (process, its monitor's URL) once
     it serves. Its output goes to `log`."""
     port = free_port()
-    argv = [sys.executable, "-m", "flowmon_agent.cli", "agent", "--listen", f"127.0.0.1:{port}"]
+    argv = [sys.executable, "-m", "flowmon_cli.main", "agent", "--listen", f"127.0.0.1:{port}"]
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -21,7 +21,7 @@ import time
 from ipaddress import IPv4Address
 
 from bench.waiting import wait_listening
-from flowmon_agent.prometheus_process import free_port  # yaml, its one heavy import, the watcher loads too
+from flowmon_lab.prometheus import free_port  # yaml, its one heavy import, the watcher loads too
 
 NAMESPACES, NODES, PODS_PER_RS, SERVICES_PER_NS = 50, 100, 10, 20
 

@@ -20,13 +20,14 @@ import threading
 import time
 from pathlib import Path
 
-from flowmon_agent.exporter import AgentStatus, Exporter
-from flowmon_agent.policy import compile_policy, token_sha256
-from flowmon_agent.policy_store import PolicyStore
-from flowmon_agent.series import METRICS, AgentView, Family, HistogramValue, MonitorView
-from flowmon_agent.server import AgentServer, ServerConfig
-from flowmon_agent.spec import DEFAULT_GROUP_BY, FlowMonitor, Metric
-from flowmon_operator.certs import generate_ca, issue_serving_cert
+from flowmon_agent.aggregation.view import AgentView, Family, HistogramValue, MonitorView
+from flowmon_agent.export.collectors import AgentStatus, Exporter
+from flowmon_agent.export.policy_store import PolicyStore
+from flowmon_agent.export.server import AgentServer, ServerConfig
+from flowmon_contract.metrics import METRICS
+from flowmon_contract.policy import compile_policy, token_sha256
+from flowmon_contract.spec import DEFAULT_GROUP_BY, FlowMonitor, Metric
+from flowmon_operator.pki import generate_ca, issue_serving_cert
 
 TOKEN = "bench-token"
 LABELS = tuple(str(d) for d in DEFAULT_GROUP_BY)

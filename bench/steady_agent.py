@@ -2,7 +2,7 @@
 
 `flowmon agent` runs for days; a bench that starts it around each measurement also measures its start
 (a BPF compile: seconds of clang CPU, ~300 MB allocated and returned). This runs the same command, the
-same code path (`commands.agent.serve`: default monitor, host metadata, aggregation, conntrack, the
+same code path (`flowmon_agent.main.serve`: default monitor, host metadata, aggregation, conntrack, the
 exporter), with one change: its tracer's hooks follow `on`/`off` lines on stdin, like the floor and flowmon
 modes, so the agent can be measured in its steady state, seconds apart from no tracer at all. Its own
 polls keep running while it is off; the bench freezes the process (SIGSTOP) for that.
@@ -18,8 +18,8 @@ import sys
 import threading
 
 from flowmon_agent import runner
-from flowmon_agent.cli import build_parser
-from flowmon_agent.commands.agent import serve
+from flowmon_agent.main import serve
+from flowmon_cli.main import build_parser
 
 
 def run_steady_agent(toggles) -> int:

@@ -9,8 +9,11 @@ RUN sh /tmp/build/apt-install.sh /tmp/build/apt-packages.txt base agent
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contract/ contract/
 COPY agent/ agent/
 COPY operator/ operator/
+COPY cli/ cli/
+COPY lab/ lab/
 COPY scripts/link-debian-bcc.sh /tmp/build/
 RUN python3 -m venv /opt/flowmon \
     && /opt/flowmon/bin/pip install --no-cache-dir /src \

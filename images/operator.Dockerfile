@@ -7,8 +7,11 @@ RUN sh /tmp/build/apt-install.sh /tmp/build/apt-packages.txt base && rm -rf /tmp
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contract/ contract/
 COPY agent/ agent/
 COPY operator/ operator/
+COPY cli/ cli/
+COPY lab/ lab/
 RUN python3 -m venv /opt/flowmon \
     && /opt/flowmon/bin/pip install --no-cache-dir /src \
     && /opt/flowmon/bin/python -c "import flowmon_operator, kopf" \

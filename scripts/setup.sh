@@ -71,5 +71,5 @@ if [ ! -e "$STAMP" ]; then
   rm -f .venv/.deps-*
   touch "$STAMP"
 fi
-.venv/bin/python -c 'import bcc, operator, flowmon_agent, flowmon_operator' \
+.venv/bin/python -c 'import bcc, operator, flowmon_contract, flowmon_agent, flowmon_operator, flowmon_cli, flowmon_lab' \
   || { log "venv check failed: bcc or the flowmon packages do not import"; exit 1; }

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from flowmon_agent.series import METRICS, OVERFLOW_VALUE, AgentView, Family, HistogramValue, MonitorView
-from flowmon_agent.spec import Metric
+from flowmon_agent.aggregation.view import AgentView, Family, HistogramValue, MonitorView
+from flowmon_contract.metrics import METRICS, OVERFLOW_VALUE
+from flowmon_contract.spec import Metric
 
 FLOW = ("shop", "web", "shop", "db", "5432")
 FLOW_LABELS = ("client_namespace", "client_workload", "server_namespace", "server_workload", "server_port")

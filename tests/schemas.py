@@ -28,7 +28,7 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from flowmon_agent.crd_check import served_schema, to_json_schema
+from flowmon_cli.crd_check import served_schema, to_json_schema
 
 K8S_VERSION = "1.30"
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from flowmon_agent.aggregate import (
+from flowmon_agent.aggregation.aggregator import (
     Aggregator,
     Share,
     TraceSet,
@@ -16,12 +16,13 @@ from flowmon_agent.aggregate import (
     log2_to_buckets,
     resolve_flow,
 )
-from flowmon_agent.alerting_spec import IsolationAlerting
-from flowmon_agent.flows import FlowCounters, FlowKey, FlowSnapshot, Log2Histogram, Reporter
+from flowmon_agent.aggregation.view import AgentView, Family
+from flowmon_agent.kernel.flows import FlowCounters, FlowKey, FlowSnapshot, Log2Histogram, Reporter
 from flowmon_agent.metadata import MetadataStore, Resolver
-from flowmon_agent.policy import AgentPolicy, MonitorPolicy
-from flowmon_agent.series import OVERFLOW_VALUE, AgentView, Family
-from flowmon_agent.spec import HistogramBuckets, Metric, Selection
+from flowmon_contract.alerting import IsolationAlerting
+from flowmon_contract.metrics import OVERFLOW_VALUE
+from flowmon_contract.policy import AgentPolicy, MonitorPolicy
+from flowmon_contract.spec import HistogramBuckets, Metric, Selection
 from tests.k8s_objects import namespace, node, owner, pod, rs, service
 
 C, S = Reporter.CLIENT, Reporter.SERVER

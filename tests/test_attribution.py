@@ -14,16 +14,16 @@ from ipaddress import ip_address
 import pytest
 import yaml
 
-from flowmon_agent import minicluster as mc
-from flowmon_agent.aggregate import Aggregator, local_ip_filter
-from flowmon_agent.conntrack import ConntrackNat
-from flowmon_agent.flows import FlowSnapshot
+from flowmon_agent.aggregation.aggregator import Aggregator, local_ip_filter
+from flowmon_agent.aggregation.view import AgentView
+from flowmon_agent.kernel.flows import FlowSnapshot
+from flowmon_agent.kernel.tracer import FlowTracer
 from flowmon_agent.metadata import MetadataStore, Resolver, load_inventory
+from flowmon_agent.metadata.conntrack import ConntrackNat
 from flowmon_agent.metadata.watcher import KubeWatcher
-from flowmon_agent.policy import AgentPolicy, MonitorPolicy
-from flowmon_agent.series import AgentView
-from flowmon_agent.spec import HistogramBuckets, Selection
-from flowmon_agent.tracer import FlowTracer
+from flowmon_contract.policy import AgentPolicy, MonitorPolicy
+from flowmon_contract.spec import HistogramBuckets, Selection
+from flowmon_lab import minicluster as mc
 from tests.test_aggregate import summed
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flowmon_agent.auth import (
+from flowmon_agent.export.auth import (
     AGENT,
     Decision,
     KubeTokenReviewer,
@@ -22,8 +22,8 @@ from flowmon_agent.auth import (
     monitor_digests,
     parse_token_review,
 )
-from flowmon_agent.policy import compile_policy, token_sha256
-from flowmon_agent.spec import FlowMonitor
+from flowmon_contract.policy import compile_policy, token_sha256
+from flowmon_contract.spec import FlowMonitor
 
 ADMIN = [digest("root-token")]
 MONITORS = {"shop/web": [digest("shop-a"), digest("shop-b")], "ops/all": [digest("ops")]}

@@ -9,12 +9,13 @@ import re
 
 import pytest
 
-from flowmon_agent import aggregate
-from flowmon_agent.policy import AgentPolicy, policy_hash, token_sha256
+from flowmon_agent.aggregation import aggregator as aggregate
 from flowmon_agent.runner import AgentSettings
-from flowmon_agent.series import METRICS
-from flowmon_agent.spec import Dimension, FlowMonitor
-from flowmon_operator import builders, certs
+from flowmon_contract.metrics import METRICS
+from flowmon_contract.policy import AgentPolicy, policy_hash, token_sha256
+from flowmon_contract.spec import Dimension, FlowMonitor
+from flowmon_operator import builders
+from flowmon_operator import pki as certs
 from flowmon_operator.builders import (
     AGENT_CAPABILITIES,
     MANAGED_BY_LABEL,
@@ -246,8 +247,8 @@ def test_agent_environment():
 
 def test_agent_environment_matches_the_agent_settings():
     """Every FLOWMON_AGENT_* variable is a field of the agent's settings (extra="forbid" there)."""
-    from flowmon_agent.cli import build_parser
     from flowmon_agent.runner import AgentSettings
+    from flowmon_cli.main import build_parser
 
     container = daemonset()["spec"]["template"]["spec"]["containers"][0]
     assert build_parser().parse_args(container["args"]).command == "agent"  # after the image's `flowmon`
@@ -432,9 +433,9 @@ def test_predicted_series_bounds_what_an_agent_exports(spec):
     monitor's path never exceed the prediction, and reach it exactly once the cap overflows."""
     from ipaddress import ip_address
 
-    from flowmon_agent.aggregate import Aggregator
-    from flowmon_agent.exporter import render_monitor, text_exposition
-    from flowmon_agent.flows import (
+    from flowmon_agent.aggregation.aggregator import Aggregator
+    from flowmon_agent.export.collectors import render_monitor, text_exposition
+    from flowmon_agent.kernel.flows import (
         HISTOGRAM_SLOTS,
         FlowCounters,
         FlowKey,
@@ -443,7 +444,7 @@ def test_predicted_series_bounds_what_an_agent_exports(spec):
         Reporter,
     )
     from flowmon_agent.metadata import MetadataStore, Resolver
-    from flowmon_agent.policy import compile_policy
+    from flowmon_contract.policy import compile_policy
     from tests.k8s_objects import namespace, node, owner, pod, rs
 
     store = MetadataStore()

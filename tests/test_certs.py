@@ -9,7 +9,7 @@ import ssl
 import pytest
 from cryptography import x509
 
-from flowmon_operator import certs
+from flowmon_operator import pki as certs
 from flowmon_operator.settings import OperatorSettings
 
 NAMES = OperatorSettings().agent_dns_names

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from flowmon_agent import cli, topview
-from flowmon_agent.commands import agent as cmd
-from flowmon_agent.demo.trafficgen import receive
-from flowmon_agent.lab import Lab
-from flowmon_agent.manifests import load_monitors
-from flowmon_agent.policy import compile_policy, token_sha256
-from flowmon_agent.prometheus_process import free_port
+from flowmon_agent import main as cmd
 from flowmon_agent.scheduling import thread_policies
+from flowmon_cli import main as cli
+from flowmon_cli import topview
+from flowmon_contract.documents import load_monitors
+from flowmon_contract.policy import compile_policy, token_sha256
+from flowmon_lab.demo.trafficgen import receive
+from flowmon_lab.network import Lab
+from flowmon_lab.prometheus import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +100,7 @@ def test_invalid_monitor_files_stop_the_agent_before_bpf(tmp_path: Path) -> None
         [
             sys.executable,
             "-m",
-            "flowmon_agent.cli",
+            "flowmon_cli.main",
             "agent",
             "--monitor",
             str(bad),
@@ -162,7 +163,7 @@ def bare_agent(node: str = "box"):
     monitor's URL and its pid once ready; stopped with SIGTERM, which must end it cleanly."""
     port = free_port()
     agent = subprocess.Popen(
-        [sys.executable, "-m", "flowmon_agent.cli", "agent", "--listen", f"127.0.0.1:{port}", "--node", node],
+        [sys.executable, "-m", "flowmon_cli.main", "agent", "--listen", f"127.0.0.1:{port}", "--node", node],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -213,7 +214,7 @@ def test_bare_agent_monitors_every_flow_of_this_host_and_top_shows_it(require_ro
         # Exact kernel-measured payload bytes, each connection counted once (client and server on this host).
         assert (row.sent_bytes, row.received_bytes, row.opened) == (4 * 3333, 4 * 77777, 4)
         top = subprocess.run(
-            [sys.executable, "-m", "flowmon_agent.cli", "top", "--once", base],
+            [sys.executable, "-m", "flowmon_cli.main", "top", "--once", base],
             capture_output=True,
             text=True,
             timeout=30,
@@ -269,7 +270,7 @@ def test_top_reports_an_unreachable_agent() -> None:
         [
             sys.executable,
             "-m",
-            "flowmon_agent.cli",
+            "flowmon_cli.main",
             "top",
             "--once",
             f"http://127.0.0.1:{free_port()}/metrics/a/b",
@@ -285,7 +286,7 @@ def test_top_reports_an_unreachable_agent() -> None:
 def test_an_agent_named_after_a_node_the_inventory_lacks_is_warned(tmp_path: Path, capsys) -> None:
     import yaml
 
-    from flowmon_agent import minicluster as mc
+    from flowmon_lab import minicluster as mc
 
     spec = mc.ClusterSpec(
         namespaces=[mc.NamespaceSpec("a")],
@@ -318,7 +319,7 @@ flowmon_agent_info{version="0.1.0"} 1.0
 
 
 def test_an_agent_address_alone_stands_for_its_first_monitor() -> None:
-    from flowmon_agent.commands import top
+    from flowmon_cli.commands import top
 
     assert top.monitors_served(AGENT_METRICS) == ["flowmon-system/service-map", "a/b", "shop/web"]
     fetched = []

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flowmon_agent import cli, manifests
-from flowmon_agent.policy import AgentPolicy
+from flowmon_cli import main as cli
+from flowmon_contract import documents as manifests
+from flowmon_contract.policy import AgentPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -28,7 +29,7 @@ def flowmon(*args: str, settings: dict[str, str] | None = None) -> subprocess.Co
     given operator settings (FLOWMON_* variables) apply."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWMON_")} | (settings or {})
     return subprocess.run(
-        [sys.executable, "-m", "flowmon_agent.cli", *args], cwd=ROOT, capture_output=True, text=True, env=env
+        [sys.executable, "-m", "flowmon_cli.main", *args], cwd=ROOT, capture_output=True, text=True, env=env
     )
 
 

@@ -9,9 +9,9 @@ from ipaddress import ip_address
 
 import pytest
 
-from flowmon_agent import minicluster as mc
-from flowmon_agent.conntrack import ConntrackNat, reply_source
-from flowmon_agent.flows import FlowKey, Reporter
+from flowmon_agent.kernel.flows import FlowKey, Reporter
+from flowmon_agent.metadata.conntrack import ConntrackNat, reply_source
+from flowmon_lab import minicluster as mc
 from tests.test_minicluster import SERVER  # answers each connection with the address it accepted it on
 
 SPEC = mc.ClusterSpec(

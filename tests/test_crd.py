@@ -12,8 +12,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from flowmon_agent.crd_check import to_json_schema
-from flowmon_agent.spec import FlowMonitorSpec
+from flowmon_cli.crd_check import to_json_schema
+from flowmon_contract.spec import FlowMonitorSpec
 from flowmon_operator import crd as crd_module
 from flowmon_operator.crd import RULES, build_crd, crd_yaml, validate_spec
 from tests import schemas
@@ -360,7 +360,7 @@ def without_nulls(value):
     ("name", "accepted"), [("web", True), ("a" * 63, True), ("a.b", False), ("a" * 64, False), ("-a", False)]
 )
 def test_monitor_names_are_dns_labels(name, accepted):
-    from flowmon_agent.spec import ObjectMeta
+    from flowmon_contract.spec import ObjectMeta
 
     try:
         ObjectMeta(name=name)

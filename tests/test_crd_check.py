@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flowmon_agent import crd_check
-from flowmon_agent.manifests import load_files
+from flowmon_cli import crd_check
+from flowmon_contract.documents import load_files
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "crds" / crd_check.CRD_FILE
@@ -43,7 +43,7 @@ def test_examples_pass_the_committed_crd() -> None:
 
 def test_an_older_crd_refuses_what_it_does_not_know(older_crd: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "flowmon_agent.cli", "validate", "--crd", str(older_crd), "examples"],
+        [sys.executable, "-m", "flowmon_cli.main", "validate", "--crd", str(older_crd), "examples"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -59,7 +59,7 @@ def test_an_older_crd_refuses_what_it_does_not_know(older_crd: Path) -> None:
 
 
 def test_validate_uses_crds_of_the_checkout_by_default_and_no_crd_skips() -> None:
-    run = [sys.executable, "-m", "flowmon_agent.cli", "validate"]
+    run = [sys.executable, "-m", "flowmon_cli.main", "validate"]
     default = subprocess.run([*run, "examples/cost-by-zone.yaml"], cwd=ROOT, capture_output=True, text=True)
     assert default.returncode == 0
     assert default.stdout.strip().endswith(f"is valid (models and crds/{crd_check.CRD_FILE})")
@@ -73,7 +73,7 @@ def test_a_file_that_is_not_the_crd_is_refused(tmp_path: Path) -> None:
     other = tmp_path / "other.yaml"
     other.write_text("apiVersion: v1\nkind: ConfigMap\n")
     done = subprocess.run(
-        [sys.executable, "-m", "flowmon_agent.cli", "validate", "--crd", str(other), "examples"],
+        [sys.executable, "-m", "flowmon_cli.main", "validate", "--crd", str(other), "examples"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,6 +1,6 @@
 """`flowmon demo` end to end: real netns, BPF agents, Prometheus; and nothing of it left afterwards.
 
-The demo runs as the user runs it (`python -m flowmon_agent.cli demo`); while it runs, its Prometheus
+The demo runs as the user runs it (`python -m flowmon_cli.main demo`); while it runs, its Prometheus
 must answer every query the demo prints with the series the traffic mix produces.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from flowmon_agent import minicluster
-from flowmon_agent.demo import scenario, state
+from flowmon_lab import minicluster
+from flowmon_lab.demo import scenario, state
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.bpf, pytest.mark.netns, pytest.mark.slow]
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.bpf, pytest.mark.netns, pytest.mark.slow]
 def run_demo(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
     """`flowmon demo ARGS` to its end, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "flowmon_agent.cli", "demo", *args],
+        [sys.executable, "-m", "flowmon_cli.main", "demo", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -38,7 +38,7 @@ def run_demo(*args: str, timeout: float | None = None) -> subprocess.CompletedPr
 
 def start_demo(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "flowmon_agent.cli", "demo", *args],
+        [sys.executable, "-m", "flowmon_cli.main", "demo", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -79,10 +79,10 @@ def demo_processes() -> list[str]:
         except OSError:
             continue
         if (
-            "flowmon_agent.demo.trafficgen" in cmdline
+            "flowmon_lab.demo.trafficgen" in cmdline
             or f"--conntrack-netns {scenario.PREFIX}-sw" in cmdline
             or ("prometheus" in cmdline and "flowmon-demo-" in cmdline)
-            or ("flowmon_agent.cli demo" in cmdline and "--cleanup" not in cmdline)
+            or ("flowmon_cli.main demo" in cmdline and "--cleanup" not in cmdline)
         ):
             found.append(cmdline)
     return found
@@ -203,7 +203,7 @@ def test_demo_refuses_clearly_without_root() -> None:
         [
             sys.executable,
             "-c",
-            "import os; os.setuid(65534); from flowmon_agent import cli; cli.main(['demo'])",
+            "import os; os.setuid(65534); from flowmon_cli import main; main.main(['demo'])",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -219,7 +219,7 @@ def test_live_view_in_a_terminal(no_demo_running) -> None:
 
     main, child = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flowmon_agent.cli", "demo", "--duration", "14"],
+        [sys.executable, "-m", "flowmon_cli.main", "demo", "--duration", "14"],
         cwd=ROOT,
         stdin=child,
         stdout=child,

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flowmon_agent.commands.render import rendered_objects
-from flowmon_agent.demo import prometheus as prom
-from flowmon_agent.demo import scenario, state, trafficgen
-from flowmon_agent.manifests import load_monitors
-from flowmon_agent.minicluster import plan_cluster
-from flowmon_agent.prometheus_process import config, free_port, promtool_check
+from flowmon_cli.commands.render import rendered_objects
+from flowmon_contract.documents import load_monitors
+from flowmon_lab.demo import prometheus as prom
+from flowmon_lab.demo import scenario, state, trafficgen
+from flowmon_lab.minicluster import plan_cluster
+from flowmon_lab.prometheus import config, free_port, promtool_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def test_trafficgen_exchanges_counts_refusals_and_stops_in_time() -> None:
         [
             sys.executable,
             "-m",
-            "flowmon_agent.demo.trafficgen",
+            "flowmon_lab.demo.trafficgen",
             "call",
             f"127.0.0.1:{port}",
             "--rate",
@@ -153,7 +153,7 @@ def test_trafficgen_exchanges_counts_refusals_and_stops_in_time() -> None:
         [
             sys.executable,
             "-m",
-            "flowmon_agent.demo.trafficgen",
+            "flowmon_lab.demo.trafficgen",
             "call",
             f"127.0.0.1:{port}",
             "--burst",

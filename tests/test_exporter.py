@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
-from flowmon_agent.exporter import (
+from flowmon_agent.aggregation.view import AgentView, Family, HistogramValue, MonitorView
+from flowmon_agent.export.collectors import (
     AgentCollector,
     AgentStatus,
     Exporter,
@@ -23,8 +24,8 @@ from flowmon_agent.exporter import (
     render_monitor,
     text_exposition,
 )
-from flowmon_agent.series import METRICS, AgentView, Family, HistogramValue, MonitorView
-from flowmon_agent.spec import Metric
+from flowmon_contract.metrics import METRICS
+from flowmon_contract.spec import Metric
 from tests.export_samples import FLOW, FLOW_LABELS, OVERFLOW, agent_view
 
 GOLDEN = Path(__file__).parent / "golden" / "exporter.txt"

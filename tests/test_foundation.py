@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flowmon_agent import bpf_loader, cli
+from flowmon_agent.kernel import loader as bpf_loader
+from flowmon_cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

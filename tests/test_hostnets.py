@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from flowmon_agent import hostnets
-from flowmon_agent.lab import Lab
-from flowmon_agent.metadata import MetadataStore
+from flowmon_agent.metadata import MetadataStore, hostnets
+from flowmon_lab.network import Lab
 
 
 def test_parse_ip_addr_json() -> None:
@@ -78,7 +77,7 @@ def test_every_namespace_once_named_or_held_by_a_process(require_root) -> None:
 
 
 def test_host_metadata_follows_namespaces_that_appear_and_go(require_root) -> None:
-    from flowmon_agent.commands.agent import host_objects
+    from flowmon_agent.main import host_objects
 
     store = MetadataStore()
     host = hostnets.HostMetadata(store, lambda netns: host_objects("box", ["192.0.2.1"], netns))

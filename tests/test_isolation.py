@@ -11,10 +11,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from flowmon_agent.alerting_spec import IsolationAlerting
-from flowmon_agent.exporter import render_family, text_exposition
-from flowmon_agent.isolation import IsolationCounter, environment_of, violation
-from flowmon_agent.series import OVERFLOW_VALUE
+from flowmon_agent.aggregation.isolation import IsolationCounter, environment_of, violation
+from flowmon_agent.export.collectors import render_family, text_exposition
+from flowmon_contract.alerting import IsolationAlerting
+from flowmon_contract.metrics import OVERFLOW_VALUE
 
 ISOLATION = IsolationAlerting.model_validate(
     {
@@ -151,12 +151,12 @@ sock.close()
 @pytest.mark.bpf
 @pytest.mark.netns
 def test_staging_to_prod_is_counted_within_a_second(require_root) -> None:
-    from flowmon_agent import minicluster as mc
-    from flowmon_agent.aggregate import Aggregator, local_ip_filter
+    from flowmon_agent.aggregation.aggregator import Aggregator, local_ip_filter
+    from flowmon_agent.kernel.tracer import FlowTracer
     from flowmon_agent.metadata import MetadataStore, Resolver
-    from flowmon_agent.policy import compile_policy
-    from flowmon_agent.spec import FlowMonitor
-    from flowmon_agent.tracer import FlowTracer
+    from flowmon_contract.policy import compile_policy
+    from flowmon_contract.spec import FlowMonitor
+    from flowmon_lab import minicluster as mc
 
     spec = mc.ClusterSpec(
         namespaces=[
@@ -256,8 +256,8 @@ def test_real_prometheus_fires_isolation_alert_on_a_single_connection(tmp_path) 
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from flowmon_agent.prometheus_process import Prometheus, config
-    from flowmon_agent.spec import FlowMonitor
+    from flowmon_contract.spec import FlowMonitor
+    from flowmon_lab.prometheus import Prometheus, config
     from flowmon_operator.rules import monitor_relabeling, rule_groups
 
     monitor = FlowMonitor.model_validate(

@@ -8,10 +8,12 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from flowmon_agent import existing, kernel_maps, kernel_paths
-from flowmon_agent.flows import HISTOGRAM_SLOTS, FlowCounters, FlowKey, Log2Histogram, Reporter
-from flowmon_agent.kernel_maps import FLOW_KEY, FLOW_VAL
-from flowmon_agent.tracer import _Incarnations
+from flowmon_agent.kernel import adoption as existing
+from flowmon_agent.kernel import maps as kernel_maps
+from flowmon_agent.kernel import paths as kernel_paths
+from flowmon_agent.kernel.flows import HISTOGRAM_SLOTS, FlowCounters, FlowKey, Log2Histogram, Reporter
+from flowmon_agent.kernel.maps import FLOW_KEY, FLOW_VAL
+from flowmon_agent.kernel.tracer import _Incarnations
 
 V4A, V4B = IPv4Address("10.1.2.3"), IPv4Address("10.1.2.4")
 V6A, V6B = IPv6Address("fd00::1"), IPv6Address("fd00::2")

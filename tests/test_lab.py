@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from flowmon_agent import lab as labmod
-from flowmon_agent.lab import Lab, LabError, cleanup_prefix, lab_namespaces
+from flowmon_lab import network as labmod
+from flowmon_lab.network import Lab, LabError, cleanup_prefix, lab_namespaces
 
 pytestmark = pytest.mark.netns
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from flowmon_agent.metadata.watcher import RESOURCES
-from flowmon_agent.spec import FlowMonitor
+from flowmon_contract.spec import FlowMonitor
 from flowmon_operator.render import render_all
 from flowmon_operator.settings import OperatorSettings
 from tests import schemas
@@ -331,7 +331,7 @@ def test_operator_deployment():
     assert container["image"] == "flowmon/operator:0.1.0"
     # the image's entrypoint is `flowmon`: the args are a real command line, and the probe asks kopf's
     # liveness endpoint where --liveness serves it
-    from flowmon_agent.cli import build_parser
+    from flowmon_cli.main import build_parser
 
     args = build_parser().parse_args(container["args"])
     assert args.command == "operator" and args.all_namespaces and not args.namespace

@@ -7,7 +7,7 @@ import ctypes
 
 import pytest
 
-from flowmon_agent.bpf_loader import MapReader, PercpuWords
+from flowmon_agent.kernel.loader import MapReader, PercpuWords
 
 MAPS = """
 struct big { u64 words[77]; };  /* as large as a flow value */

@@ -17,7 +17,7 @@ from flowmon_agent.metadata import (
     parse_object,
 )
 from flowmon_agent.metadata.records import NodeRecord, PodRecord, ServiceRecord
-from flowmon_agent.spec import NamedNetwork
+from flowmon_contract.spec import NamedNetwork
 from tests.k8s_objects import job, namespace, node, owner, pod, rs, service
 
 CLUSTER = [
@@ -216,7 +216,7 @@ def test_inventory_rejects_garbage() -> None:
 
 def test_minicluster_inventory_resolves(tmp_path) -> None:
     """The lab's inventory (what standalone mode and the end-to-end test load) parses as expected."""
-    from flowmon_agent import minicluster as mc
+    from flowmon_lab import minicluster as mc
 
     spec = mc.ClusterSpec(
         namespaces=[mc.NamespaceSpec("shop", {"env": "prod"})],

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from flowmon_agent import minicluster as mc
+from flowmon_lab import minicluster as mc
 
 SPEC = mc.ClusterSpec(
     namespaces=[
@@ -232,7 +232,7 @@ def test_cleanup_after_a_crash_kills_processes_and_removes_netns(require_root) -
     script = textwrap.dedent(
         f"""
         import sys, time
-        from flowmon_agent import minicluster as mc
+        from flowmon_lab import minicluster as mc
         ns, dep = [mc.NamespaceSpec("a")], [mc.DeploymentSpec("a", "x", 2)]
         spec = mc.ClusterSpec(namespaces=ns, deployments=dep)
         c = mc.MiniCluster(spec, prefix={prefix!r}); c.build()

@@ -29,7 +29,7 @@ import yaml
 from kubernetes import config, dynamic
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
-from flowmon_agent.policy import AgentPolicy, token_sha256
+from flowmon_contract.policy import AgentPolicy, token_sha256
 from flowmon_operator import builders
 from flowmon_operator.handlers import FINALIZER, operator
 from flowmon_operator.settings import OperatorSettings

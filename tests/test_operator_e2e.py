@@ -1,6 +1,6 @@
 """The operator end to end: the real kopf event loop (flowmon_operator.handlers.operator) against the
 Kubernetes API emulator (tests/kubeapi), pushing policy over HTTPS to real agent servers
-(flowmon_agent.server) that listen on loopback addresses standing in for two nodes.
+(flowmon_agent.export.server) that listen on loopback addresses standing in for two nodes.
 
 There is no DaemonSet controller here: once the operator has created the DaemonSet and the agents'
 Secrets, the test plays the controller and the kubelet. It starts one agent server per "node" with the
@@ -27,12 +27,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flowmon_agent.exporter import Exporter
-from flowmon_agent.policy import AgentPolicy, token_sha256
-from flowmon_agent.policy_store import PolicyStore
-from flowmon_agent.prometheus_process import free_port
-from flowmon_agent.server import AgentServer, ServerConfig
-from flowmon_operator import builders, certs
+from flowmon_agent.export.collectors import Exporter
+from flowmon_agent.export.policy_store import PolicyStore
+from flowmon_agent.export.server import AgentServer, ServerConfig
+from flowmon_contract.policy import AgentPolicy, token_sha256
+from flowmon_lab.prometheus import free_port
+from flowmon_operator import builders
+from flowmon_operator import pki as certs
 from flowmon_operator.handlers import FINALIZER, operator
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi import KubeAPI
@@ -573,7 +574,7 @@ def test_flowmon_operator_command_runs_kopf_and_stops_on_sigint(kube_api: KubeAP
         "FLOWMON_AGENT_PORT": str(free_port()),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "flowmon_agent.cli", "operator", "-n", "team-a"],
+        [sys.executable, "-m", "flowmon_cli.main", "operator", "-n", "team-a"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -623,7 +624,7 @@ def test_flowmon_operator_without_credentials_says_so(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_SERVICE")}
     env["KUBECONFIG"] = str(tmp_path / "missing-kubeconfig")
     result = subprocess.run(
-        [sys.executable, "-m", "flowmon_agent.cli", "operator"],
+        [sys.executable, "-m", "flowmon_cli.main", "operator"],
         env=env,
         capture_output=True,
         text=True,

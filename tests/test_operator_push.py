@@ -1,4 +1,4 @@
-"""Policy push (flowmon_operator.push) to real agent servers (flowmon_agent.server) on loopback addresses."""
+"""Policy push (flowmon_operator.push) to real agent servers (flowmon_agent.export.server) on loopback."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from flowmon_agent.exporter import Exporter
-from flowmon_agent.policy import canonical_json, compile_policy
-from flowmon_agent.policy_store import PolicyStore
-from flowmon_agent.prometheus_process import free_port
-from flowmon_agent.server import AgentServer, ServerConfig
-from flowmon_agent.spec import FlowMonitor
-from flowmon_operator.certs import generate_ca, issue_serving_cert
+from flowmon_agent.export.collectors import Exporter
+from flowmon_agent.export.policy_store import PolicyStore
+from flowmon_agent.export.server import AgentServer, ServerConfig
+from flowmon_contract.policy import canonical_json, compile_policy
+from flowmon_contract.spec import FlowMonitor
+from flowmon_lab.prometheus import free_port
+from flowmon_operator.pki import generate_ca, issue_serving_cert
 from flowmon_operator.push import AgentPod, PushTarget, agent_nodes, agent_pods, sync_agents
 
 SERVICE_DNS = "flowmon-agent.flowmon-system.svc"

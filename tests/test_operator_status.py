@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from flowmon_agent.policy import compile_policy
-from flowmon_agent.spec import FlowMonitor
+from flowmon_contract.policy import compile_policy
+from flowmon_contract.spec import FlowMonitor
 from flowmon_operator.push import AgentReport
 from flowmon_operator.status import (
     Agents,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from flowmon_agent.model_base import duration_seconds
-from flowmon_agent.policy import AgentPolicy, compile_policy, policy_hash, token_sha256
-from flowmon_agent.selectors import LabelSelector, selector_matches
-from flowmon_agent.spec import FlowMonitor
+from flowmon_contract.model_base import duration_seconds
+from flowmon_contract.policy import AgentPolicy, compile_policy, policy_hash, token_sha256
+from flowmon_contract.selectors import LabelSelector, selector_matches
+from flowmon_contract.spec import FlowMonitor
 
 
 def monitor(namespace: str, name: str, spec: dict | None = None) -> FlowMonitor:

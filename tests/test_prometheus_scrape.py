@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from flowmon_agent.prometheus_process import Prometheus, config, https_scrape_job
+from flowmon_lab.prometheus import Prometheus, config, https_scrape_job
 from tests.test_server import ADMIN, OPS, SHOP, ServerRig
 
 
@@ -81,7 +81,7 @@ SENT, RECEIVED = 1_234_567, 76_543  # payload bytes client → server and back: 
 
 
 def _cluster_spec():
-    from flowmon_agent.minicluster import ClusterSpec, DeploymentSpec, NamespaceSpec
+    from flowmon_lab.minicluster import ClusterSpec, DeploymentSpec, NamespaceSpec
 
     return ClusterSpec(
         namespaces=[NamespaceSpec("shop")],
@@ -95,11 +95,11 @@ def _cluster_spec():
 async def test_prometheus_reads_kernel_measured_bytes_of_a_known_flow(tmp_path, require_root):
     import yaml
 
-    from flowmon_agent.minicluster import MiniCluster, cleanup, new_prefix
-    from flowmon_agent.policy import compile_policy, token_sha256
-    from flowmon_agent.policy_store import dump_policy_json
+    from flowmon_agent.export.policy_store import dump_policy_json
     from flowmon_agent.runner import Agent as FlowAgent
     from flowmon_agent.runner import AgentSettings
+    from flowmon_contract.policy import compile_policy, token_sha256
+    from flowmon_lab.minicluster import MiniCluster, cleanup, new_prefix
     from tests.test_server import monitor
     from tests.tls_samples import make_pki
 

@@ -14,8 +14,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from flowmon_agent.spec import FlowMonitor
-from flowmon_operator.rule_tests import RULE_FILE, Suite, suites
+from flowmon_contract.spec import FlowMonitor
 from flowmon_operator.rules import (
     ALERT_NAMES,
     MONITOR_LABEL,
@@ -23,6 +22,7 @@ from flowmon_operator.rules import (
     monitor_relabeling,
     prom_duration,
 )
+from tests.rule_tests import RULE_FILE, Suite, suites
 from tests.schemas import validate_prometheus_operator
 
 ISOLATION = {

@@ -17,11 +17,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from flowmon_agent.export.policy_store import dump_policy_json
 from flowmon_agent.metadata import MetadataStore
 from flowmon_agent.metadata.watcher import KubeWatcher
-from flowmon_agent.policy import compile_policy
-from flowmon_agent.policy_store import dump_policy_json
 from flowmon_agent.runner import Agent, AgentSettings, stall_reason
+from flowmon_contract.policy import compile_policy
 from tests.k8s_objects import namespace, node, pod
 from tests.test_cli_agent import loopback_exchange
 from tests.test_server import monitor
@@ -353,8 +353,8 @@ async def test_run_agent_survives_a_forked_childs_sigterm_and_stops_on_its_own(t
     That signal ends the child; only a SIGTERM to the agent's own pid stops the agent."""
     from pyroute2.process import ChildProcess
 
-    from flowmon_agent.prometheus_process import free_port
     from flowmon_agent.runner import run_agent
+    from flowmon_lab.prometheus import free_port
 
     policy_file = tmp_path / "policy.json"
     policy_file.write_text(dump_policy_json(compile_policy([monitor("shop", "web")])))

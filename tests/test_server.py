@@ -16,18 +16,18 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from flowmon_agent.auth import KubeTokenReviewer
-from flowmon_agent.exporter import AgentStatus, Exporter
-from flowmon_agent.policy import compile_policy, token_sha256
-from flowmon_agent.policy_store import PolicyFile, PolicyStore, dump_policy_json
-from flowmon_agent.server import (
+from flowmon_agent.export.auth import KubeTokenReviewer
+from flowmon_agent.export.collectors import AgentStatus, Exporter
+from flowmon_agent.export.policy_store import PolicyFile, PolicyStore, dump_policy_json
+from flowmon_agent.export.server import (
     AgentServer,
     ServerConfig,
     ServerConfigError,
     accepts_gzip,
     server_mode,
 )
-from flowmon_agent.spec import FlowMonitor
+from flowmon_contract.policy import compile_policy, token_sha256
+from flowmon_contract.spec import FlowMonitor
 from tests.export_samples import agent_view
 from tests.tls_samples import make_pki
 

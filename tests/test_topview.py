@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from flowmon_agent import topview as tv
+from flowmon_cli import topview as tv
 
 PAIR = (
     'client_namespace="shop",client_workload="web",'

@@ -16,10 +16,10 @@ from ipaddress import ip_address
 
 import pytest
 
-from flowmon_agent import existing
-from flowmon_agent.flows import FlowCounters, FlowKey, FlowSnapshot, Reporter
-from flowmon_agent.lab import Lab, Pod
-from flowmon_agent.tracer import FlowTracer
+from flowmon_agent.kernel import adoption as existing
+from flowmon_agent.kernel.flows import FlowCounters, FlowKey, FlowSnapshot, Reporter
+from flowmon_agent.kernel.tracer import FlowTracer
+from flowmon_lab.network import Lab, Pod
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from flowmon_agent.window_clock import WindowClock, next_start
+from flowmon_agent.kernel.window_clock import WindowClock, next_start
 
 
 def test_next_start_follows_the_period_and_skips_missed_ones() -> None:

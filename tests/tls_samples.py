@@ -6,7 +6,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowmon_operator.certs import generate_ca, issue_serving_cert
+from flowmon_operator.pki import generate_ca, issue_serving_cert
 
 
 @dataclass(frozen=True)

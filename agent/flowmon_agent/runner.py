@@ -24,20 +24,20 @@ from typing import Annotated, Protocol
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from flowmon_agent.aggregate import Aggregator, NatBackends, local_ip_filter
-from flowmon_agent.auth import IN_CLUSTER_SA as SA_DIR
-from flowmon_agent.auth import KubeTokenReviewer, TokenReviewer
+from flowmon_agent.aggregation.aggregator import Aggregator, NatBackends, local_ip_filter
+from flowmon_agent.aggregation.view import AgentView
 from flowmon_agent.event_wait import wait_event
-from flowmon_agent.exporter import AgentInstruments, AgentStatus, Exporter
+from flowmon_agent.export.auth import IN_CLUSTER_SA as SA_DIR
+from flowmon_agent.export.auth import KubeTokenReviewer, TokenReviewer
+from flowmon_agent.export.collectors import AgentInstruments, AgentStatus, Exporter
+from flowmon_agent.export.policy_store import PolicyFile, PolicyStore
+from flowmon_agent.export.server import AgentServer, ServerConfig
 from flowmon_agent.filewatch import FileWatch
-from flowmon_agent.flows import FlowSnapshot, IPAddress
+from flowmon_agent.kernel.flows import FlowSnapshot, IPAddress
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_agent.metadata.inventory import parse_inventory
 from flowmon_agent.metadata.watcher import KubeWatcher
-from flowmon_agent.policy import AgentPolicy
-from flowmon_agent.policy_store import PolicyFile, PolicyStore
-from flowmon_agent.series import AgentView
-from flowmon_agent.server import AgentServer, ServerConfig
+from flowmon_contract.policy import AgentPolicy
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class AgentSettings(BaseSettings):
 
 
 class Tracer(Protocol):
-    """What the runner needs from flowmon_agent.tracer.FlowTracer."""
+    """What the runner needs from flowmon_agent.kernel.tracer.FlowTracer."""
 
     def poll(self) -> FlowSnapshot: ...
     def set_local_ip_filter(self, ips: Iterable[IPAddress] | None) -> None: ...
@@ -134,7 +134,9 @@ def default_tracer(
     settings: AgentSettings, ignored_ports: Iterable[int], *, force_compat: bool = False
 ) -> Tracer:
     """The real tracer, configured from the settings; `ignored_ports` apply from its first socket."""
-    from flowmon_agent.tracer import FlowTracer  # imports BCC: only when the real kernel path is wanted
+    from flowmon_agent.kernel.tracer import (
+        FlowTracer,  # imports BCC: only when the real kernel path is wanted
+    )
 
     return FlowTracer(
         force_compat=force_compat, rtt_window_ms=settings.rtt_window_ms, ignored_ports=ignored_ports

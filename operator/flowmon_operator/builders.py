@@ -17,10 +17,10 @@ import json
 import math
 from collections.abc import Mapping
 
-from flowmon_agent.policy import AgentPolicy, canonical_json, policy_hash
-from flowmon_agent.series import METRICS, FamilyType
-from flowmon_agent.spec import API_GROUP, API_VERSION, KIND, Dimension, FlowMonitor
-from flowmon_operator.certs import KeyPair
+from flowmon_contract.metrics import METRICS, FamilyType
+from flowmon_contract.policy import AgentPolicy, canonical_json, policy_hash
+from flowmon_contract.spec import API_GROUP, API_VERSION, KIND, Dimension, FlowMonitor
+from flowmon_operator.pki import KeyPair
 from flowmon_operator.rules import monitor_relabeling
 from flowmon_operator.settings import OperatorSettings
 

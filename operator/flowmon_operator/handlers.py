@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from flowmon_agent.spec import API_GROUP, API_VERSION, PLURAL
+from flowmon_contract.spec import API_GROUP, API_VERSION, PLURAL
 from flowmon_operator import reconcile
 from flowmon_operator.kube import KubeClient, load_connection
 from flowmon_operator.reconcile import Runtime

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from flowmon_agent.policy import AgentPolicy, MonitorPolicy, canonical_json, compile_policy, token_sha256
-from flowmon_agent.spec import FlowMonitor
-from flowmon_operator import builders, certs, rules
-from flowmon_operator.certs import KeyPair
+from flowmon_contract.policy import AgentPolicy, MonitorPolicy, canonical_json, compile_policy, token_sha256
+from flowmon_contract.spec import FlowMonitor
+from flowmon_operator import builders, rules
+from flowmon_operator import pki as certs
 from flowmon_operator.kube import Conflict, KubeClient, NotFound
+from flowmon_operator.pki import KeyPair
 from flowmon_operator.push import AgentPod, AgentReport, PushTarget, agent_nodes, agent_pods, sync_agents
 from flowmon_operator.settings import OperatorSettings
 from flowmon_operator.status import (

@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterable
 
 import yaml
 
-from flowmon_agent.policy import compile_policy, token_sha256
-from flowmon_agent.spec import FlowMonitor
-from flowmon_operator import builders, certs, rules
-from flowmon_operator.certs import KeyPair
+from flowmon_contract.policy import compile_policy, token_sha256
+from flowmon_contract.spec import FlowMonitor
+from flowmon_operator import builders, rules
+from flowmon_operator import pki as certs
+from flowmon_operator.pki import KeyPair
 from flowmon_operator.settings import OperatorSettings
 
 

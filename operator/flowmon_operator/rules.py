@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flowmon_agent import isolation
-from flowmon_agent.alerting_spec import DAY_SECONDS, AlertingSpec
-from flowmon_agent.model_base import duration_seconds
-from flowmon_agent.series import METRICS
-from flowmon_agent.spec import API_GROUP, API_VERSION, KIND, Dimension, FlowMonitor, Metric
+from flowmon_contract import metrics
+from flowmon_contract.alerting import DAY_SECONDS, AlertingSpec
+from flowmon_contract.metrics import METRICS
+from flowmon_contract.model_base import duration_seconds
+from flowmon_contract.spec import API_GROUP, API_VERSION, KIND, Dimension, FlowMonitor, Metric
 
 MONITOR_LABEL = "flowmon_monitor"
 PAIR_LABELS: tuple[str, ...] = tuple(
@@ -27,9 +27,9 @@ PAIR_LABELS: tuple[str, ...] = tuple(
         Dimension.SERVER_WORKLOAD,
     )
 )
-ISOLATION_LABELS = isolation.LABEL_NAMES
-VIOLATIONS = f"{isolation.VIOLATIONS.name}_total"
-VIOLATION_BYTES = f"{isolation.VIOLATION_BYTES.name}_total"
+ISOLATION_LABELS = metrics.ISOLATION_LABEL_NAMES
+VIOLATIONS = f"{metrics.VIOLATIONS.name}_total"
+VIOLATION_BYTES = f"{metrics.VIOLATION_BYTES.name}_total"
 
 ALERT_NAMES = (
     "FlowmonTrafficAnomaly",

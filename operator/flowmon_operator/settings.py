@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flowmon_agent.policy import DEFAULT_OPERATOR_NAMESPACE
+from flowmon_contract.policy import DEFAULT_OPERATOR_NAMESPACE
 
 
 class Resources(BaseModel):

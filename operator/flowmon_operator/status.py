@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from flowmon_agent.policy import AgentPolicy
+from flowmon_contract.policy import AgentPolicy
 from flowmon_operator.crd import FlowMonitorStatus, agent_counts
 from flowmon_operator.push import AgentReport
 

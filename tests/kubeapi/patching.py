@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from flowmon_agent.selectors import LabelSelector, selector_matches
+from flowmon_contract.selectors import LabelSelector, selector_matches
 
 
 class PatchError(ValueError):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from flowmon_agent.metadata.records import EMPTY_LABELS, IPAddress, Labels, ServiceRecord
 from flowmon_agent.metadata.store import MetadataStore
-from flowmon_agent.spec import NamedNetwork
+from flowmon_contract.spec import NamedNetwork
 
 KIND_NODE = "node"
 KIND_EXTERNAL = "external"

@@ -1,0 +1,196 @@
+"""Who may read what: bearer tokens scoped per monitor path, an admin token, optional TokenReview.
+
+Tokens are never stored, only their SHA-256; every comparison is `hmac.compare_digest` over digests and
+runs over the whole candidate list (no early exit), so timing does not tell how close a guess was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+
+from flowmon_contract.policy import AgentPolicy
+
+log = logging.getLogger(__name__)
+
+SA_PREFIX = "system:serviceaccount:"
+
+
+class Decision(Enum):
+    ALLOW = 200
+    UNAUTHENTICATED = 401  # no token, or one nobody knows
+    FORBIDDEN = 403  # a known token that may not read this path
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a request wants: a monitor's path (key ns/name), or the agent's own (/metrics, /v1/policy)."""
+
+    monitor: str | None = None
+
+    @property
+    def admin_only(self) -> bool:
+        return self.monitor is None
+
+
+AGENT = Target()
+
+
+def digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def matches_any(candidate: bytes, allowed: Iterable[bytes]) -> bool:
+    found = False
+    for item in allowed:
+        found |= hmac.compare_digest(candidate, item)  # no short-circuit: constant over the list
+    return found
+
+
+def bearer_token(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def monitor_digests(policy: AgentPolicy | None) -> dict[str, list[bytes]]:
+    if policy is None:
+        return {}
+    return {m.key: [bytes.fromhex(h) for h in m.token_sha256] for m in policy.monitors}
+
+
+def decide_static(
+    token: str | None, target: Target, *, admin: Iterable[bytes], monitors: dict[str, list[bytes]]
+) -> Decision | None:
+    """Pure: the decision from the admin token and the policy's per-monitor token hashes.
+
+    None means "no static token matched": the caller may still ask TokenReview, else it is a 401.
+    """
+    if token is None:
+        return Decision.UNAUTHENTICATED
+    presented = digest(token)
+    if matches_any(presented, admin):
+        return Decision.ALLOW
+    if target.monitor is not None and matches_any(presented, monitors.get(target.monitor, ())):
+        return Decision.ALLOW
+    others = [d for key, ds in monitors.items() if key != target.monitor for d in ds]
+    if matches_any(presented, others):
+        return Decision.FORBIDDEN
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewedUser:
+    username: str
+
+
+def decide_reviewed(
+    user: ReviewedUser | None, target: Target, *, admin_users: Iterable[str], readers: Iterable[str] = ()
+) -> Decision:
+    """Pure: a TokenReview result → decision. Admin users read everything and push policy; readers (a
+    cluster Prometheus) read every monitor's path; a ServiceAccount reads the monitors of its own
+    namespace (the tenancy boundary), nothing else."""
+    if user is None:
+        return Decision.UNAUTHENTICATED
+    if user.username in set(admin_users):
+        return Decision.ALLOW
+    if target.monitor is not None and user.username in set(readers):
+        return Decision.ALLOW
+    if target.monitor is not None and user.username.startswith(SA_PREFIX):
+        sa_namespace = user.username[len(SA_PREFIX) :].split(":", 1)[0]
+        if target.monitor.split("/", 1)[0] == sa_namespace:
+            return Decision.ALLOW
+    return Decision.FORBIDDEN
+
+
+class ReviewUnavailable(RuntimeError):
+    """The API server could not be asked (network, permissions): no verdict about the token."""
+
+
+class TokenReviewer(Protocol):
+    async def review(self, token: str) -> ReviewedUser | None: ...
+
+
+IN_CLUSTER_SA = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class KubeTokenReviewer:
+    """Asks the API server (`POST /apis/authentication.k8s.io/v1/tokenreviews`) with the agent's own
+    ServiceAccount token. Answers are cached for `ttl` seconds by token digest, so that a scrape every
+    few seconds costs one review per minute, not one per scrape."""
+
+    def __init__(
+        self,
+        api_url: str,
+        *,
+        sa_token_file: Path = IN_CLUSTER_SA / "token",
+        ca_file: Path | None = IN_CLUSTER_SA / "ca.crt",
+        audiences: Iterable[str] = (),
+        ttl: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self._sa_token_file, self._ca_file = sa_token_file, ca_file
+        self._audiences = list(audiences)
+        self._ttl, self._clock = ttl, clock
+        self._cache: dict[bytes, tuple[float, ReviewedUser | None]] = {}
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.api_url.startswith("https"):
+            return False
+        return ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
+
+    async def review(self, token: str) -> ReviewedUser | None:
+        key, now = digest(token), self._clock()
+        cached = self._cache.get(key)
+        if cached and now - cached[0] < self._ttl:
+            return cached[1]
+        try:
+            user = await self._ask(token)
+        except ReviewUnavailable as exc:  # not an answer about the token: do not cache it
+            log.warning("TokenReview unavailable: %s", exc)
+            return None
+        if len(self._cache) > 10_000:  # bounded: unknown tokens must not grow memory forever
+            self._cache.clear()
+        self._cache[key] = (now, user)
+        return user
+
+    async def _ask(self, token: str) -> ReviewedUser | None:
+        spec: dict = {"token": token}
+        if self._audiences:
+            spec["audiences"] = self._audiences
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
+        headers = {"Authorization": f"Bearer {self._sa_token_file.read_text().strip()}"}
+        url = f"{self.api_url}/apis/authentication.k8s.io/v1/tokenreviews"
+        timeout = aiohttp.ClientTimeout(total=5)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.post(url, json=body, headers=headers, ssl=self._ssl()) as resp,
+            ):
+                if resp.status not in (200, 201):
+                    raise ReviewUnavailable(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                answer = await resp.json()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ReviewUnavailable(str(exc)) from exc
+        return parse_token_review(answer)
+
+
+def parse_token_review(answer: dict) -> ReviewedUser | None:
+    status = answer.get("status") or {}
+    if not status.get("authenticated"):
+        return None
+    username = (status.get("user") or {}).get("username")
+    return ReviewedUser(username) if username else None

@@ -1,0 +1,139 @@
+"""Find TCP connections that were open before the agent started, in every network namespace.
+
+The tracer hands them to the kernel (map `adopt`), which starts measuring each one at its first received
+segment. /proc/net/tcp* is read per namespace: through a process living in it (/proc/PID/net/tcp) or,
+for named namespaces without a process, from a thread that enters it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+
+from flowmon_agent import netns
+from flowmon_agent.kernel.flows import IPAddress, Reporter
+
+TCP_ESTABLISHED, TCP_LISTEN = 0x01, 0x0A
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingConnection:
+    local: IPAddress
+    local_port: int
+    remote: IPAddress
+    remote_port: int
+    role: Reporter
+
+
+def _addr(hex_addr: str) -> IPAddress:
+    raw = bytes.fromhex(hex_addr)
+    # /proc prints each 32-bit word in host (little-endian) order
+    swapped = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(swapped) == 4:
+        return IPv4Address(swapped)
+    ip6 = IPv6Address(swapped)
+    return ip6.ipv4_mapped or ip6
+
+
+def _endpoint(field: str) -> tuple[IPAddress, int]:
+    addr, port = field.split(":")
+    return _addr(addr), int(port, 16)
+
+
+def parse_proc_tcp(text: str) -> tuple[list[tuple[IPAddress, int, IPAddress, int]], set[int]]:
+    """(established connections as (local, lport, remote, rport), listening ports) of one table."""
+    established: list[tuple[IPAddress, int, IPAddress, int]] = []
+    listening: set[int] = set()
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        state = int(fields[3], 16)
+        local, lport = _endpoint(fields[1])
+        if state == TCP_LISTEN:
+            listening.add(lport)
+        elif state == TCP_ESTABLISHED:
+            remote, rport = _endpoint(fields[2])
+            established.append((local, lport, remote, rport))
+    return established, listening
+
+
+EPHEMERAL_PORTS = (32768, 60999)  # Linux's default net.ipv4.ip_local_port_range
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return EPHEMERAL_PORTS
+
+
+def classify(tables: Iterable[str], ephemeral: tuple[int, int] = EPHEMERAL_PORTS) -> list[ExistingConnection]:
+    """One namespace's tcp and tcp6 tables. The server end is the one whose local port has a listener;
+    without one (the listener closed), the end whose port is outside the ephemeral range while the
+    peer's is inside it."""
+    established: list[tuple[IPAddress, int, IPAddress, int]] = []
+    listening: set[int] = set()
+    for text in tables:
+        est, lis = parse_proc_tcp(text)
+        established += est
+        listening |= lis
+    low, high = ephemeral
+
+    def role(lport: int, rport: int) -> Reporter:
+        if lport in listening or (not low <= lport <= high and low <= rport <= high):
+            return Reporter.SERVER
+        return Reporter.CLIENT
+
+    return [ExistingConnection(lo, lp, re, rp, role(lp, rp)) for lo, lp, re, rp in established]
+
+
+def _namespaces() -> dict[int, tuple[str, Path]]:
+    """Unique netns inode -> ("pid", /proc/PID/net) or ("named", /run/netns/NAME)."""
+    found: dict[int, tuple[str, Path]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ino = os.stat(entry / "ns" / "net").st_ino
+        except OSError:
+            continue
+        found.setdefault(ino, ("pid", entry / "net"))
+    if netns.NETNS_RUN_DIR.is_dir():
+        for entry in netns.NETNS_RUN_DIR.iterdir():
+            try:
+                ino = os.stat(entry).st_ino
+            except OSError:
+                continue
+            found.setdefault(ino, ("named", entry))
+    return found
+
+
+def _read_tables(kind: str, path: Path) -> list[str]:
+    def read(base: Path) -> list[str]:
+        out = []
+        for name in ("tcp", "tcp6"):
+            with contextlib.suppress(OSError):
+                out.append((base / name).read_text())
+        return out
+
+    if kind == "pid":
+        return read(path)
+    with netns.entered(path):
+        return read(Path("/proc/thread-self/net"))
+
+
+def discover() -> Iterator[ExistingConnection]:
+    """Every established TCP connection on this host, across network namespaces."""
+    ephemeral = ephemeral_ports()
+    for kind, path in _namespaces().values():
+        try:
+            tables = _read_tables(kind, path)
+        except OSError:
+            continue  # the namespace went away meanwhile
+        yield from classify(tables, ephemeral)
