@@ -29,14 +29,8 @@ from bench.waiting import wait_ready
 from flowmon_agent.export.policy_store import dump_policy_json
 from flowmon_contract.policy import compile_policy
 from flowmon_contract.spec import FlowMonitor
-from flowmon_lab.minicluster import (
-    ClusterSpec,
-    DeploymentSpec,
-    MiniCluster,
-    NamespaceSpec,
-    cleanup,
-    new_prefix,
-)
+from flowmon_lab.cluster_plan import ClusterSpec, DeploymentSpec, NamespaceSpec
+from flowmon_lab.minicluster import MiniCluster, cleanup, new_prefix
 from flowmon_lab.prometheus import free_port
 
 SERVER = """

@@ -23,17 +23,21 @@ from flowmon_agent.metadata.conntrack import ConntrackNat
 from flowmon_agent.metadata.watcher import KubeWatcher
 from flowmon_contract.policy import AgentPolicy, MonitorPolicy
 from flowmon_contract.spec import HistogramBuckets, Selection
+from flowmon_lab import cluster_plan
 from flowmon_lab import minicluster as mc
 from tests.test_aggregate import summed
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
 NODES = ("node-a", "node-b")
-SPEC = mc.ClusterSpec(
-    namespaces=[mc.NamespaceSpec("shop", {"env": "prod"}), mc.NamespaceSpec("pay", {"env": "prod"})],
-    nodes=[mc.NodeSpec("node-a", "zone-a"), mc.NodeSpec("node-b", "zone-b")],
-    deployments=[mc.DeploymentSpec("shop", "web", 2), mc.DeploymentSpec("pay", "api", 2)],
-    services=[mc.ServiceSpec("pay", "api", {"app": "api"}, 80, 8080)],
+SPEC = cluster_plan.ClusterSpec(
+    namespaces=[
+        cluster_plan.NamespaceSpec("shop", {"env": "prod"}),
+        cluster_plan.NamespaceSpec("pay", {"env": "prod"}),
+    ],
+    nodes=[cluster_plan.NodeSpec("node-a", "zone-a"), cluster_plan.NodeSpec("node-b", "zone-b")],
+    deployments=[cluster_plan.DeploymentSpec("shop", "web", 2), cluster_plan.DeploymentSpec("pay", "api", 2)],
+    services=[cluster_plan.ServiceSpec("pay", "api", {"app": "api"}, 80, 8080)],
 )
 HEADER, ANSWER = 8, 16  # request header (bytes to receive, bytes to send back); the backend's address
 

@@ -286,15 +286,17 @@ def test_top_reports_an_unreachable_agent() -> None:
 def test_an_agent_named_after_a_node_the_inventory_lacks_is_warned(tmp_path: Path, capsys) -> None:
     import yaml
 
-    from flowmon_lab import minicluster as mc
+    from flowmon_lab import cluster_objects, cluster_plan
 
-    spec = mc.ClusterSpec(
-        namespaces=[mc.NamespaceSpec("a")],
-        deployments=[mc.DeploymentSpec("a", "x", 2)],
-        nodes=[mc.NodeSpec("node-a"), mc.NodeSpec("node-b")],
+    spec = cluster_plan.ClusterSpec(
+        namespaces=[cluster_plan.NamespaceSpec("a")],
+        deployments=[cluster_plan.DeploymentSpec("a", "x", 2)],
+        nodes=[cluster_plan.NodeSpec("node-a"), cluster_plan.NodeSpec("node-b")],
     )
     inventory = tmp_path / "inventory.yaml"
-    inventory.write_text(yaml.safe_dump_all(mc.inventory_objects(mc.plan_cluster(spec, "p"))))
+    inventory.write_text(
+        yaml.safe_dump_all(cluster_objects.inventory_objects(cluster_plan.plan_cluster(spec, "p")))
+    )
     cmd.warn_foreign_node(inventory, "node-b")
     assert capsys.readouterr().err == ""
     cmd.warn_foreign_node(inventory, "laptop")

@@ -11,13 +11,14 @@ import pytest
 
 from flowmon_agent.kernel.flows import FlowKey, Reporter
 from flowmon_agent.metadata.conntrack import ConntrackNat, reply_source
+from flowmon_lab import cluster_plan
 from flowmon_lab import minicluster as mc
 from tests.test_minicluster import SERVER  # answers each connection with the address it accepted it on
 
-SPEC = mc.ClusterSpec(
-    namespaces=[mc.NamespaceSpec("shop"), mc.NamespaceSpec("pay")],
-    deployments=[mc.DeploymentSpec("shop", "web", 1), mc.DeploymentSpec("pay", "api", 2)],
-    services=[mc.ServiceSpec("pay", "api", {"app": "api"}, 80, 8080)],
+SPEC = cluster_plan.ClusterSpec(
+    namespaces=[cluster_plan.NamespaceSpec("shop"), cluster_plan.NamespaceSpec("pay")],
+    deployments=[cluster_plan.DeploymentSpec("shop", "web", 1), cluster_plan.DeploymentSpec("pay", "api", 2)],
+    services=[cluster_plan.ServiceSpec("pay", "api", {"app": "api"}, 80, 8080)],
 )
 
 # Prints "local_port backend_ip" per connection (the backends listen already: see the fixture).

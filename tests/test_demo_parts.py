@@ -14,9 +14,9 @@ import yaml
 
 from flowmon_cli.commands.render import rendered_objects
 from flowmon_contract.documents import load_monitors
+from flowmon_lab.cluster_plan import plan_cluster
 from flowmon_lab.demo import prometheus as prom
 from flowmon_lab.demo import scenario, state, trafficgen
-from flowmon_lab.minicluster import plan_cluster
 from flowmon_lab.prometheus import config, free_port, promtool_check
 
 ROOT = Path(__file__).resolve().parents[1]

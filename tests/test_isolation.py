@@ -156,17 +156,18 @@ def test_staging_to_prod_is_counted_within_a_second(require_root) -> None:
     from flowmon_agent.metadata import MetadataStore, Resolver
     from flowmon_contract.policy import compile_policy
     from flowmon_contract.spec import FlowMonitor
+    from flowmon_lab import cluster_plan
     from flowmon_lab import minicluster as mc
 
-    spec = mc.ClusterSpec(
+    spec = cluster_plan.ClusterSpec(
         namespaces=[
-            mc.NamespaceSpec("staging", {"env": "staging"}),
-            mc.NamespaceSpec("prod", {"env": "prod"}),
+            cluster_plan.NamespaceSpec("staging", {"env": "staging"}),
+            cluster_plan.NamespaceSpec("prod", {"env": "prod"}),
         ],
         deployments=[
-            mc.DeploymentSpec("staging", "loadgen", replicas=1),
-            mc.DeploymentSpec("prod", "web", replicas=1),
-            mc.DeploymentSpec("prod", "db", replicas=1),
+            cluster_plan.DeploymentSpec("staging", "loadgen", replicas=1),
+            cluster_plan.DeploymentSpec("prod", "web", replicas=1),
+            cluster_plan.DeploymentSpec("prod", "db", replicas=1),
         ],
     )
     monitor = FlowMonitor.model_validate(

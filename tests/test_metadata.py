@@ -216,17 +216,17 @@ def test_inventory_rejects_garbage() -> None:
 
 def test_minicluster_inventory_resolves(tmp_path) -> None:
     """The lab's inventory (what standalone mode and the end-to-end test load) parses as expected."""
-    from flowmon_lab import minicluster as mc
+    from flowmon_lab import cluster_objects, cluster_plan
 
-    spec = mc.ClusterSpec(
-        namespaces=[mc.NamespaceSpec("shop", {"env": "prod"})],
-        nodes=[mc.NodeSpec("node-a", "zone-a"), mc.NodeSpec("node-b", "zone-b")],
-        deployments=[mc.DeploymentSpec("shop", "api", 2)],
-        services=[mc.ServiceSpec("shop", "api", {"app": "api"}, 80, 8080)],
+    spec = cluster_plan.ClusterSpec(
+        namespaces=[cluster_plan.NamespaceSpec("shop", {"env": "prod"})],
+        nodes=[cluster_plan.NodeSpec("node-a", "zone-a"), cluster_plan.NodeSpec("node-b", "zone-b")],
+        deployments=[cluster_plan.DeploymentSpec("shop", "api", 2)],
+        services=[cluster_plan.ServiceSpec("shop", "api", {"app": "api"}, 80, 8080)],
     )
-    plan = mc.plan_cluster(spec, "fmdt")
+    plan = cluster_plan.plan_cluster(spec, "fmdt")
     path = tmp_path / "inv.yaml"
-    path.write_text(yaml.safe_dump_all(mc.inventory_objects(plan)))
+    path.write_text(yaml.safe_dump_all(cluster_objects.inventory_objects(plan)))
     resolver = Resolver(load_inventory(path))
     for p in plan.pods:
         ep = resolver.endpoint(ip_address(p.ip))

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
+from flowmon_lab import cluster_objects, cluster_plan
 from flowmon_lab import minicluster as mc
 
-SPEC = mc.ClusterSpec(
+SPEC = cluster_plan.ClusterSpec(
     namespaces=[
-        mc.NamespaceSpec("shop", {"env": "prod"}),
-        mc.NamespaceSpec("payments", {"env": "prod"}),
+        cluster_plan.NamespaceSpec("shop", {"env": "prod"}),
+        cluster_plan.NamespaceSpec("payments", {"env": "prod"}),
     ],
     deployments=[
-        mc.DeploymentSpec("shop", "frontend", replicas=1),
-        mc.DeploymentSpec("payments", "api", replicas=2),
+        cluster_plan.DeploymentSpec("shop", "frontend", replicas=1),
+        cluster_plan.DeploymentSpec("payments", "api", replicas=2),
     ],
-    services=[mc.ServiceSpec("payments", "api", {"app": "api"}, port=80, target_port=8080)],
-    nodes=[mc.NodeSpec("node-a", "zone-a"), mc.NodeSpec("node-b", "zone-b")],
+    services=[cluster_plan.ServiceSpec("payments", "api", {"app": "api"}, port=80, target_port=8080)],
+    nodes=[cluster_plan.NodeSpec("node-a", "zone-a"), cluster_plan.NodeSpec("node-b", "zone-b")],
     pod_cidr="10.244.0.0/24",
     service_cidr="10.96.0.0/24",
 )
@@ -31,7 +34,7 @@ SPEC = mc.ClusterSpec(
 
 
 def test_plan_assigns_addresses_names_nodes_and_endpoints() -> None:
-    plan = mc.plan_cluster(SPEC, "fmt1")
+    plan = cluster_plan.plan_cluster(SPEC, "fmt1")
     assert plan.gateway == "10.244.0.254" and plan.node_netns == "fmt1-sw"
     assert [p.ip for p in plan.pods] == ["10.244.0.1", "10.244.0.2", "10.244.0.3"]
     assert [p.node for p in plan.pods] == ["node-a", "node-b", "node-a"]
@@ -47,33 +50,35 @@ def test_plan_assigns_addresses_names_nodes_and_endpoints() -> None:
     assert svc.cluster_ip == "10.96.0.10"
     assert [p.ip for p in svc.endpoints] == ["10.244.0.2", "10.244.0.3"]
     # Deterministic: same spec and prefix, same plan.
-    assert mc.plan_cluster(SPEC, "fmt1") == plan
+    assert cluster_plan.plan_cluster(SPEC, "fmt1") == plan
 
 
 def test_default_addresses_depend_on_the_prefix() -> None:
-    spec = mc.ClusterSpec(namespaces=[mc.NamespaceSpec("a")], deployments=[mc.DeploymentSpec("a", "x", 1)])
-    one, two = mc.plan_cluster(spec, "fmone"), mc.plan_cluster(spec, "fmtwo")
+    spec = cluster_plan.ClusterSpec(
+        namespaces=[cluster_plan.NamespaceSpec("a")], deployments=[cluster_plan.DeploymentSpec("a", "x", 1)]
+    )
+    one, two = cluster_plan.plan_cluster(spec, "fmone"), cluster_plan.plan_cluster(spec, "fmtwo")
     assert (one.pod_cidr, one.service_cidr) != (two.pod_cidr, two.service_cidr)
-    assert mc.ipaddress.ip_address(one.pods[0].ip) in mc.ipaddress.ip_network(one.pod_cidr)
-    assert mc.ipaddress.ip_address(one.pods[0].ip6) in mc.ipaddress.ip_network(one.pod_cidr6)
+    assert ipaddress.ip_address(one.pods[0].ip) in ipaddress.ip_network(one.pod_cidr)
+    assert ipaddress.ip_address(one.pods[0].ip6) in ipaddress.ip_network(one.pod_cidr6)
 
 
 def test_plan_rejects_undeclared_namespaces_small_cidrs_and_too_many_pods() -> None:
-    bad = mc.ClusterSpec(namespaces=[], deployments=[mc.DeploymentSpec("nope", "x")])
+    bad = cluster_plan.ClusterSpec(namespaces=[], deployments=[cluster_plan.DeploymentSpec("nope", "x")])
     with pytest.raises(ValueError, match="namespace 'nope' is not declared"):
-        mc.plan_cluster(bad, "p")
-    tiny = mc.ClusterSpec(
-        namespaces=[mc.NamespaceSpec("a")],
-        deployments=[mc.DeploymentSpec("a", "x", 3)],
+        cluster_plan.plan_cluster(bad, "p")
+    tiny = cluster_plan.ClusterSpec(
+        namespaces=[cluster_plan.NamespaceSpec("a")],
+        deployments=[cluster_plan.DeploymentSpec("a", "x", 3)],
         pod_cidr="10.0.0.0/25",
     )
     with pytest.raises(ValueError, match="must be a /24 or larger"):
-        mc.plan_cluster(tiny, "p")
-    crowded = mc.ClusterSpec(
-        namespaces=[mc.NamespaceSpec("a")], deployments=[mc.DeploymentSpec("a", "x", 201)]
+        cluster_plan.plan_cluster(tiny, "p")
+    crowded = cluster_plan.ClusterSpec(
+        namespaces=[cluster_plan.NamespaceSpec("a")], deployments=[cluster_plan.DeploymentSpec("a", "x", 201)]
     )
     with pytest.raises(ValueError, match="at most 200 pods"):
-        mc.plan_cluster(crowded, "p")
+        cluster_plan.plan_cluster(crowded, "p")
 
 
 @pytest.mark.parametrize(
@@ -81,14 +86,14 @@ def test_plan_rejects_undeclared_namespaces_small_cidrs_and_too_many_pods() -> N
     [(1, []), (2, ["0.50000000000"]), (3, ["0.33333333333", "0.50000000000"])],
 )
 def test_kube_proxy_rules_spread_evenly(endpoints: int, probabilities: list[str]) -> None:
-    spec = mc.ClusterSpec(
-        namespaces=[mc.NamespaceSpec("a")],
-        deployments=[mc.DeploymentSpec("a", "web", endpoints)],
-        services=[mc.ServiceSpec("a", "web", {"app": "web"}, 80, 8080)],
+    spec = cluster_plan.ClusterSpec(
+        namespaces=[cluster_plan.NamespaceSpec("a")],
+        deployments=[cluster_plan.DeploymentSpec("a", "web", endpoints)],
+        services=[cluster_plan.ServiceSpec("a", "web", {"app": "web"}, 80, 8080)],
         pod_cidr="10.244.0.0/24",
         service_cidr="10.96.0.0/24",
     )
-    rules = mc.kube_proxy_rules(mc.plan_cluster(spec, "p").services)
+    rules = cluster_objects.kube_proxy_rules(cluster_plan.plan_cluster(spec, "p").services)
     lines = rules.splitlines()
     assert lines[0] == "*nat" and lines[-1] == "COMMIT"
     jump = [line for line in lines if line.startswith("-A KUBE-SERVICES ")]
@@ -106,8 +111,8 @@ def test_kube_proxy_rules_spread_evenly(endpoints: int, probabilities: list[str]
 
 
 def test_inventory_is_ordinary_kubernetes_objects_with_owner_chain() -> None:
-    plan = mc.plan_cluster(SPEC, "fmt1")
-    objects = mc.inventory_objects(plan)
+    plan = cluster_plan.plan_cluster(SPEC, "fmt1")
+    objects = cluster_objects.inventory_objects(plan)
     by_kind: dict[str, list[dict]] = {}
     for obj in objects:
         by_kind.setdefault(obj["kind"], []).append(obj)
@@ -122,7 +127,7 @@ def test_inventory_is_ordinary_kubernetes_objects_with_owner_chain() -> None:
     ]
     shop = next(o for o in by_kind["Namespace"] if o["metadata"]["name"] == "shop")
     assert shop["metadata"]["labels"] == {"kubernetes.io/metadata.name": "shop", "env": "prod"}
-    assert {n["metadata"]["labels"][mc.ZONE_LABEL] for n in by_kind["Node"]} == {"zone-a", "zone-b"}
+    assert {n["metadata"]["labels"][cluster_plan.ZONE_LABEL] for n in by_kind["Node"]} == {"zone-a", "zone-b"}
     uids = {(o["kind"], o["metadata"]["name"]): o["metadata"]["uid"] for o in objects}
     pod = next(p for p in by_kind["Pod"] if p["metadata"]["namespace"] == "payments")
     assert pod["status"]["podIP"] == "10.244.0.2" and pod["spec"]["nodeName"] == "node-b"
@@ -209,16 +214,19 @@ def test_built_cluster_routes_clusterip_to_every_backend_and_teardown_leaves_not
             assert len(spawned) == 2
         assert _leftovers(prefix) == []
         time.sleep(0.2)
-        assert all(not mc.Path(f"/proc/{pid}").exists() for pid in spawned)
+        assert all(not Path(f"/proc/{pid}").exists() for pid in spawned)
     finally:
         mc.cleanup(prefix)
 
 
 def test_failed_build_removes_what_was_created(require_root) -> None:
     # The node and the first pod get built; `ip netns add` refuses the second pod's name (a slash).
-    spec = mc.ClusterSpec(
-        namespaces=[mc.NamespaceSpec("a")],
-        deployments=[mc.DeploymentSpec("a", "ok", 1), mc.DeploymentSpec("a", "bad/name", 1)],
+    spec = cluster_plan.ClusterSpec(
+        namespaces=[cluster_plan.NamespaceSpec("a")],
+        deployments=[
+            cluster_plan.DeploymentSpec("a", "ok", 1),
+            cluster_plan.DeploymentSpec("a", "bad/name", 1),
+        ],
     )
     cluster = mc.MiniCluster(spec)
     with pytest.raises(mc.MiniClusterError, match="netns add"):
@@ -232,9 +240,9 @@ def test_cleanup_after_a_crash_kills_processes_and_removes_netns(require_root) -
     script = textwrap.dedent(
         f"""
         import sys, time
-        from flowmon_lab import minicluster as mc
-        ns, dep = [mc.NamespaceSpec("a")], [mc.DeploymentSpec("a", "x", 2)]
-        spec = mc.ClusterSpec(namespaces=ns, deployments=dep)
+        from flowmon_lab import cluster_plan, minicluster as mc
+        ns, dep = [cluster_plan.NamespaceSpec("a")], [cluster_plan.DeploymentSpec("a", "x", 2)]
+        spec = cluster_plan.ClusterSpec(namespaces=ns, deployments=dep)
         c = mc.MiniCluster(spec, prefix={prefix!r}); c.build()
         # setsid: a grandchild that would survive its parent (no parent-death signal), like a daemon.
         import subprocess
@@ -257,7 +265,7 @@ def test_cleanup_after_a_crash_kills_processes_and_removes_netns(require_root) -
         assert sleepers, "the sleeper should still be running inside the pod"
         assert sorted(mc.cleanup(prefix)) == sorted(names)
         assert mc.list_netns(prefix) == []
-        assert all(not mc.Path(f"/proc/{pid}").exists() for pid in sleepers)
+        assert all(not Path(f"/proc/{pid}").exists() for pid in sleepers)
     finally:
         proc.kill()
         mc.cleanup(prefix)

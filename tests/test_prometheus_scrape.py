@@ -81,7 +81,7 @@ SENT, RECEIVED = 1_234_567, 76_543  # payload bytes client → server and back: 
 
 
 def _cluster_spec():
-    from flowmon_lab.minicluster import ClusterSpec, DeploymentSpec, NamespaceSpec
+    from flowmon_lab.cluster_plan import ClusterSpec, DeploymentSpec, NamespaceSpec
 
     return ClusterSpec(
         namespaces=[NamespaceSpec("shop")],

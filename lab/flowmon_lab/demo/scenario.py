@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from flowmon_lab.minicluster import ClusterSpec, DeploymentSpec, NamespaceSpec, NodeSpec, ServiceSpec
+from flowmon_lab.cluster_plan import ClusterSpec, DeploymentSpec, NamespaceSpec, NodeSpec, ServiceSpec
 
 PREFIX = "fmdemo"  # fixed, so that `flowmon demo --cleanup` finds what a killed demo left
 HTTP_PORT = 8080
