@@ -46,13 +46,17 @@ if [ ! -e "$MODDIR/build/Makefile" ]; then
   ln -sfn "$COMMON_HDR" "$MODDIR/source"
 fi
 
-# 3. tracefs (tracepoint discovery and attachment)
+# 3. kubectl: the tests build every kustomization with `kubectl kustomize`, the real kustomize. It is part of
+#    this machine kind's image (not in Debian 12); stop with a clear message rather than skip those tests.
+command -v kubectl >/dev/null || { log "kubectl not found: install it (https://kubernetes.io/docs/tasks/tools/)"; exit 1; }
+
+# 4. tracefs (tracepoint discovery and attachment)
 if [ ! -d /sys/kernel/tracing/events ]; then
   need_root
   mount -t tracefs nodev /sys/kernel/tracing
 fi
 
-# 4. The venv, on Debian's python3, which imports Debian's bcc through a .pth file pointing at a folder
+# 5. The venv, on Debian's python3, which imports Debian's bcc through a .pth file pointing at a folder
 #    holding only the bcc package (not all of dist-packages). Never the unrelated PyPI package "bcc".
 PY=/usr/bin/python3
 if [ ! -x .venv/bin/python ]; then
