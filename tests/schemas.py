@@ -1,6 +1,7 @@
 """Schema validation for tests: would a Kubernetes API server (with these CRDs installed) accept an object?
 
-- Built-in kinds: the `kubernetes-validate` package's strict schemas for Kubernetes K8S_VERSION.
+- Built-in kinds: the `kubernetes-validate` package's strict schemas of the oldest and the newest
+  Kubernetes minor flowmon supports (SUPPORTED_VERSIONS): an object must pass both.
 - Custom resources (ServiceMonitor, PrometheusRule from ../shared/schemas, FlowMonitor from crds/): the
   CRD's openAPIV3Schema, applied the way the API server does: structural defaults first, then the schema
   (unknown fields rejected, as kubectl's default strict field validation does), list-type uniqueness, and
@@ -30,7 +31,9 @@ import yaml
 
 from flowmon_cli.crd_check import served_schema, to_json_schema
 
-K8S_VERSION = "1.30"
+# The supported Kubernetes range (docs/operator.md): every object validates against both ends.
+SUPPORTED_VERSIONS = ("1.30", "1.37")
+K8S_VERSION = SUPPORTED_VERSIONS[0]
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SCHEMAS = REPO.parent / "shared" / "schemas"
 FLOWMON_CRD = REPO / "crds" / "flowmonitors.flowmon.io.yaml"
@@ -42,12 +45,15 @@ class SchemaError(AssertionError):
 
 
 # --- built-in kinds ---------------------------------------------------------------------------------------
-def validate_k8s(obj: dict, version: str = K8S_VERSION) -> None:
-    try:
-        kubernetes_validate.validate(obj, version, strict=True)
-    except kubernetes_validate.ValidationError as exc:
-        path = "/".join(str(p) for p in exc.absolute_path)
-        raise SchemaError(f"{obj['kind']}/{obj['metadata'].get('name')}: {path}: {exc.message}") from None
+def validate_k8s(obj: dict, versions: tuple[str, ...] = SUPPORTED_VERSIONS) -> None:
+    for version in versions:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = "/".join(str(p) for p in exc.absolute_path)
+            raise SchemaError(
+                f"Kubernetes {version}: {obj['kind']}/{obj['metadata'].get('name')}: {path}: {exc.message}"
+            ) from None
     _check_metadata(obj)
 
 

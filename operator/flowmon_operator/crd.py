@@ -7,7 +7,9 @@ cross-field validators restated as CEL `x-kubernetes-validations` (the table RUL
 strict field validation), the structural equivalent of pydantic's extra="forbid".
 
 Regenerate the committed file with: python -m flowmon_operator.crd > crds/flowmonitors.flowmon.io.yaml
-Needs Kubernetes >= 1.31 (the CEL `isCIDR`/`cidr` library).
+Works on Kubernetes >= 1.30: the rules use only CEL libraries that 1.30 accepts in a CRD (the IP/CIDR
+library needs 1.31, so a network's syntax is a regular expression here and its host bits are checked by
+the operator, which reports them in the monitor's status).
 """
 
 from __future__ import annotations
@@ -140,6 +142,15 @@ def _duration_between(bounds: tuple[int, int], text: str) -> dict:
     return {"rule": rule, "message": f"must be a duration between {text}"}
 
 
+# IPv4 in dotted quads with /0-32, or an IPv6-looking address with /0-128. Exact IPv6 syntax and host bits
+# are the operator's check (pydantic's NamedNetwork), reported as Ready=False naming the field.
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+CIDR_SYNTAX = (
+    rf"^({_OCTET}\.){{3}}{_OCTET}/(3[0-2]|[12]?[0-9])$"
+    r"|^[0-9a-fA-F]{0,4}(:[0-9a-fA-F]{0,4}){2,7}/(12[0-8]|1[01][0-9]|[1-9]?[0-9])$"
+)
+
+
 def _cel_string(text: str) -> str:
     """A CEL string literal."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -161,8 +172,8 @@ RULES: dict[tuple[str, str | None], list[dict]] = {
     ],
     ("NamedNetwork", "cidr"): [
         {
-            "rule": "isCIDR(self) && cidr(self) == cidr(self).masked()",
-            "message": "must be a network in prefix notation without host bits, e.g. 203.0.113.0/24",
+            "rule": f"self.matches({_cel_string(CIDR_SYNTAX)})",
+            "message": "must be a network in prefix notation, e.g. 203.0.113.0/24 or 2001:db8::/32",
         }
     ],
     ("HistogramBuckets", "rtt"): [{"rule": "self.isSorted()", "message": "buckets must be ascending"}],
