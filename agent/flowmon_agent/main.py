@@ -227,11 +227,15 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from flowmon_agent.kernel.preflight import BPFUnavailableError, report
+
     try:
         return asyncio.run(serve(args))
     except AgentStartError as exc:
         print(f"flowmon agent: {exc}", file=sys.stderr)
         return 1
+    except BPFUnavailableError as exc:  # one line naming the cause, its own exit code
+        return report(exc)
 
 
 class AgentStartError(RuntimeError):
@@ -285,7 +289,6 @@ def make_agent(args: argparse.Namespace):
 
 async def serve(args: argparse.Namespace) -> int:
     from flowmon_agent.export.server import ServerConfigError
-    from flowmon_agent.kernel.loader import BPFUnavailableError
     from flowmon_agent.runner import stop_on_signals
 
     try:
@@ -303,8 +306,6 @@ async def serve(args: argparse.Namespace) -> int:
         )
         try:
             await agent.start()
-        except BPFUnavailableError as exc:
-            raise AgentStartError(str(exc)) from None
         except OSError as exc:  # e.g. the port is taken
             raise AgentStartError(
                 f"cannot serve on {agent.settings.listen_host}:{agent.settings.listen_port}: {exc}"

@@ -9,12 +9,10 @@ import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from flowmon_agent.kernel.preflight import BPFUnavailableError, Cause, raw_tracepoint_attaches
+
 BPF_DIR = Path(os.environ.get("FLOWMON_BPF_DIR", Path(__file__).resolve().parents[3] / "bpf"))
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
-
-
-class BPFUnavailableError(RuntimeError):
-    """BPF programs cannot be loaded on this host; the message names the cause."""
 
 
 def tracefs_root() -> Path:
@@ -22,7 +20,9 @@ def tracefs_root() -> Path:
         if (root / "events").is_dir():
             return root
     raise BPFUnavailableError(
-        "tracefs is not mounted: run `mount -t tracefs nodev /sys/kernel/tracing` (make setup does this)"
+        "tracefs is not mounted at /sys/kernel/tracing or /sys/kernel/debug/tracing: run `mount -t tracefs "
+        "nodev /sys/kernel/tracing` on the host (make setup does this), and mount it into the container",
+        Cause.TRACEPOINT,
     )
 
 
@@ -37,16 +37,20 @@ def check_host() -> None:
     """Raise BPFUnavailableError naming the first missing prerequisite."""
     if os.geteuid() != 0:
         raise BPFUnavailableError(
-            f"loading BPF needs root (or CAP_BPF+CAP_PERFMON+CAP_SYS_RESOURCE); running as uid {os.geteuid()}"
+            f"loading BPF needs uid 0 with CAP_BPF and CAP_PERFMON; running as uid {os.geteuid()}",
+            Cause.CAPABILITY,
         )
     if not Path("/sys/kernel/btf/vmlinux").exists():
-        raise BPFUnavailableError(f"kernel {platform.release()} has no BTF (/sys/kernel/btf/vmlinux missing)")
+        raise BPFUnavailableError(
+            f"kernel {platform.release()} has no BTF (/sys/kernel/btf/vmlinux missing)", Cause.KERNEL
+        )
     if kernel_headers() is None:
         build = Path("/lib/modules") / platform.release() / "build"
         raise BPFUnavailableError(
             f"no kernel headers for kernel {platform.release()}: not at {build}, not in $BCC_KERNEL_SOURCE, "
             "no /sys/kernel/kheaders.tar.xz (install the kernel's headers; make setup links Debian's "
-            "linux-headers-amd64 when the host has none)"
+            "linux-headers-amd64 when the host has none)",
+            Cause.HEADERS,
         )
     tracefs_root()
 
@@ -83,12 +87,9 @@ def load_program(source_name: str, cflags: Mapping[str, int] | None = None):  # 
 
 
 def raw_tracepoints_supported() -> bool:
-    """Raw tracepoints (BPF_RAW_TRACEPOINT_OPEN, Linux 4.17+): cheaper, but args are the raw TP_PROTO."""
-    try:
-        from bcc import BPF
-    except ImportError:  # pragma: no cover - depends on the host
-        return False
-    return bool(BPF.support_raw_tracepoint())
+    """Raw tracepoints (BPF_RAW_TRACEPOINT_OPEN, Linux 4.17+): cheaper, but args are the raw TP_PROTO.
+    Found by attaching one, not by BCC's look into /proc/kallsyms (all zeros without CAP_SYSLOG)."""
+    return raw_tracepoint_attaches("tcp_send_reset")
 
 
 def tracepoint_fields(category: str, event: str) -> set[str]:

@@ -12,7 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from flowmon_agent.kernel import loader as bpf_loader
+from flowmon_agent.kernel import preflight
 from flowmon_agent.kernel.loader import BPFUnavailableError
+from flowmon_agent.kernel.preflight import Cause
 
 Tracepoint = tuple[str, str]
 
@@ -82,6 +84,7 @@ def load(
 ) -> tuple[KernelPath, object]:
     """Load the best path that works: (path, bcc.BPF). Raises KernelPathError naming every cause."""
     bpf_loader.check_host()
+    preflight.check_privileges()
     paths, reasons = candidate_paths(force_compat=force_compat, raw=raw)
     for path in paths:
         try:
@@ -89,5 +92,6 @@ def load(
         except BPFUnavailableError as exc:
             reasons.append(f"{path.name}: {exc}")
     raise KernelPathError(
-        f"no flowmon kernel path can run on kernel {platform.release()}: " + "; ".join(reasons)
+        f"no flowmon kernel path can run on kernel {platform.release()}: " + "; ".join(reasons),
+        Cause.BPF_LOAD if paths else Cause.TRACEPOINT,
     )
