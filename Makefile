@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean-demo
+.PHONY: setup demo test lint bench clean-demo images
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,11 @@ demo: setup
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The agent and operator images (podman; debian:12-slim made by debootstrap when missing). Skips an image
+# whose inputs did not change.
+images: setup
+	@bash scripts/images.sh
 
 lint: setup
 	$(PY) -m ruff check .
