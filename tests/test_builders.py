@@ -184,12 +184,9 @@ def test_least_privilege():
     security = container["securityContext"]
     assert security["privileged"] is False and security["allowPrivilegeEscalation"] is False
     assert security["readOnlyRootFilesystem"] is True
-    assert security["capabilities"] == {
-        "drop": ["ALL"],
-        "add": ["BPF", "PERFMON", "SYS_RESOURCE", "NET_ADMIN"],
-    }
-    assert "SYS_ADMIN" not in AGENT_CAPABILITIES
-    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN"]}
+    assert not {"SYS_ADMIN", "SYSLOG", "SYS_RESOURCE", "SYS_PTRACE"} & set(AGENT_CAPABILITIES)
+    assert security["seccompProfile"] == {"type": "Localhost", "localhostProfile": "flowmon/agent.json"}
     assert pod["hostNetwork"] is True and pod["hostPID"] is True and not pod.get("hostIPC")
     assert daemonset(OperatorSettings(agent_host_pid=False))["spec"]["template"]["spec"]["hostPID"] is False
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
@@ -197,13 +194,34 @@ def test_least_privilege():
     host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     assert host == {
         "tracefs": "/sys/kernel/tracing",
-        "btf": "/sys/kernel/btf",
         "modules": "/lib/modules",
         "usr-src": "/usr/src",
+        "seccomp": "/var/lib/kubelet/seccomp",  # the init container's only writable host path
     }
-    assert all(mounts[name]["readOnly"] for name in host)
+    assert all(mounts[name]["readOnly"] for name in host if name != "seccomp")
+    assert "seccomp" not in mounts
     assert all(m.get("readOnly") for m in container["volumeMounts"] if m["name"] != "tmp")
     assert not any("subPath" in m for m in container["volumeMounts"])  # ConfigMap updates reach the file
+
+
+def test_an_init_container_installs_the_localhost_seccomp_profile():
+    pod = daemonset()["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["image"] == pod["containers"][0]["image"]  # the profile travels in the agent image
+    assert init["command"] == ["/usr/local/bin/flowmon-install-seccomp-profile", "/host/seccomp"]
+    assert init["volumeMounts"] == [{"name": "seccomp", "mountPath": "/host/seccomp"}]
+    security = init["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"]} and security["readOnlyRootFilesystem"] is True
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "seccomp"]
+    assert volume["hostPath"]["type"] == "DirectoryOrCreate"
+
+
+@pytest.mark.parametrize("profile", ["RuntimeDefault", "Unconfined"])
+def test_other_seccomp_choices_need_no_init_container(profile):
+    pod = daemonset(OperatorSettings(agent_seccomp=profile))["spec"]["template"]["spec"]
+    assert pod["containers"][0]["securityContext"]["seccompProfile"] == {"type": profile}
+    assert "initContainers" not in pod and "seccomp" not in {v["name"] for v in pod["volumes"]}
 
 
 def test_runs_everywhere_and_rolls_safely():
@@ -248,10 +266,9 @@ def test_agent_environment():
 def test_agent_environment_matches_the_agent_settings():
     """Every FLOWMON_AGENT_* variable is a field of the agent's settings (extra="forbid" there)."""
     from flowmon_agent.runner import AgentSettings
-    from flowmon_cli.main import build_parser
 
     container = daemonset()["spec"]["template"]["spec"]["containers"][0]
-    assert build_parser().parse_args(container["args"]).command == "agent"  # after the image's `flowmon`
+    assert "args" not in container and "command" not in container  # the image runs python -m flowmon_agent
     for item in container["env"]:
         if item["name"].startswith("FLOWMON_AGENT_"):
             assert item["name"].removeprefix("FLOWMON_AGENT_").lower() in AgentSettings.model_fields

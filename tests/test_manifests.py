@@ -7,9 +7,9 @@ KUBECONFIG set, a real API server accepts everything in a server-side dry run.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -359,12 +359,14 @@ def test_operator_deployment():
     assert env["FLOWMON_OPERATOR_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert set(env) <= {f"FLOWMON_{name.upper()}" for name in OperatorSettings.model_fields}
     assert container["image"] == "flowmon/operator:0.1.0"
-    # the image's entrypoint is `flowmon`: the args are a real command line, and the probe asks kopf's
-    # liveness endpoint where --liveness serves it
-    from flowmon_cli.main import build_parser
+    # the image's entrypoint is `python -m flowmon_operator`: the args are its command line, and the probe
+    # asks kopf's liveness endpoint where --liveness serves it
+    from flowmon_operator.main import add_arguments
 
-    args = build_parser().parse_args(container["args"])
-    assert args.command == "operator" and args.all_namespaces and not args.namespace
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(container["args"])
+    assert args.all_namespaces and not args.namespace
     url = re.fullmatch(r"http://0\.0\.0\.0:(\d+)(/\S*)", args.liveness)
     probe = container["livenessProbe"]["httpGet"]
     (port,) = [p for p in container["ports"] if p["name"] == probe["port"]]
@@ -397,167 +399,6 @@ def test_real_cluster_or_schemas_accept_everything():
             dry_run="All",
             force_conflicts=True,
         )
-
-
-# --- images ---------------------------------------------------------------------------------------------
-DOCKERFILES = sorted((REPO / "images").glob("*.Dockerfile"))
-APT_INSTALL = REPO / "images" / "apt-install.sh"
-PACKAGES = REPO / "scripts" / "apt-packages.txt"
-
-
-def apt_sections(*sections: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["sh", str(APT_INSTALL), "--print", str(PACKAGES), *sections],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-
-
-def all_packages() -> list[str]:
-    lines = [line.strip() for line in PACKAGES.read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
-
-
-def test_package_sections_cover_the_whole_list():
-    """setup.sh installs every line; the sections split the same lines, each package exactly once."""
-    sections = re.findall(r"^## section: (\S+)", PACKAGES.read_text(), re.MULTILINE)
-    assert sections == ["base", "agent", "test"]
-    listed = apt_sections(*sections).stdout.split()
-    assert sorted(listed) == sorted(all_packages()) and len(set(listed)) == len(listed)
-    assert "python3-bpfcc" in apt_sections("agent").stdout.split()
-    assert apt_sections("nope").returncode == 3
-
-
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_dockerfile_references_exist(dockerfile):
-    text = dockerfile.read_text()
-    assert text.startswith("#") and "FROM debian:12" in text  # the Debian the setup script targets
-    for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE):
-        *sources, _dest = line.split()
-        for source in sources:
-            assert (REPO / source).exists(), f"{dockerfile.name}: COPY {source} does not exist"
-    for sections in re.findall(r"apt-install\.sh \S+ (.+)$", text, re.MULTILINE):
-        result = apt_sections(*sections.split(" &&")[0].split())
-        assert result.returncode == 0 and result.stdout.split(), (sections, result.stderr)
-
-
-def test_images_agree_with_the_manifests():
-    agent = (REPO / "images" / "agent.Dockerfile").read_text()
-    operator = (REPO / "images" / "operator.Dockerfile").read_text()
-    assert "apt-packages.txt base agent" in agent and "apt-packages.txt base" in operator
-    assert "USER 65532:65532" in operator  # matches the Deployment's runAsUser
-    runs_as = find("Deployment", "flowmon-operator")["spec"]["template"]["spec"]["securityContext"][
-        "runAsUser"
-    ]
-    assert runs_as == 65532
-    assert 'ENTRYPOINT ["/usr/local/bin/flowmon-agent-entrypoint", "flowmon"]' in agent
-    assert os.access(REPO / "images" / "agent-entrypoint.sh", os.X_OK)
-
-
-# --- the agent entrypoint's kernel-header discovery -----------------------------------------------------
-ENTRYPOINT = REPO / "images" / "agent-entrypoint.sh"
-KREL = "6.1.0-99-amd64"
-
-
-def header_tree(path: Path, marker: str = "Makefile") -> Path:
-    (path / Path(marker).parent).mkdir(parents=True, exist_ok=True)
-    (path / marker).write_text("")
-    return path
-
-
-def layout_build_dir(root: Path) -> str:
-    return str(header_tree(root / "lib/modules" / KREL / "build"))
-
-
-def layout_build_symlink(root: Path) -> str:
-    target = header_tree(root / "usr/src" / f"linux-headers-{KREL}", "include/linux/kconfig.h")
-    (root / "lib/modules" / KREL).mkdir(parents=True)
-    (root / "lib/modules" / KREL / "build").symlink_to(os.path.relpath(target, root / "lib/modules" / KREL))
-    return str(root / "lib/modules" / KREL / "build")
-
-
-def layout_usr_src_only(root: Path) -> str:
-    return str(header_tree(root / "usr/src" / f"linux-headers-{KREL}"))
-
-
-def layout_rhel(root: Path) -> str:
-    return str(header_tree(root / "usr/src/kernels" / KREL))
-
-
-def layout_explicit(root: Path) -> str:
-    layout_build_dir(root)
-    return str(header_tree(root / "custom-headers"))
-
-
-def layout_kheaders(root: Path) -> str:
-    (root / "sys/kernel").mkdir(parents=True)
-    (root / "sys/kernel/kheaders.tar.xz").write_bytes(b"")
-    return ""
-
-
-def run_entrypoint(root: Path, explicit: bool = False) -> subprocess.CompletedProcess:
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "FLOWMON_HOST_ROOT": str(root),
-        "FLOWMON_KERNEL_RELEASE": KREL,
-        "NODE_NAME": "node-a",
-    }
-    if explicit:
-        env["FLOWMON_KERNEL_HEADERS"] = str(root / "custom-headers")
-    return subprocess.run(
-        ["sh", str(ENTRYPOINT), "sh", "-c", 'echo "ran with ${BCC_KERNEL_SOURCE:-kheaders}"'],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-
-
-@pytest.mark.parametrize(
-    "layout",
-    [
-        layout_build_dir,
-        layout_build_symlink,
-        layout_usr_src_only,
-        layout_rhel,
-        layout_explicit,
-        layout_kheaders,
-    ],
-    ids=lambda f: f.__name__.removeprefix("layout_"),
-)
-def test_entrypoint_finds_host_headers(tmp_path, layout):
-    expected = layout(tmp_path) or "kheaders"
-    result = run_entrypoint(tmp_path, explicit=layout is layout_explicit)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"ran with {expected}"
-
-
-def test_entrypoint_without_headers_stops_with_a_clear_error(tmp_path):
-    result = run_entrypoint(tmp_path)
-    assert result.returncode == 78 and result.stdout == ""
-    assert f"no kernel headers for kernel {KREL} on node node-a" in result.stderr
-    assert f"apt install linux-headers-{KREL}" in result.stderr and "modprobe kheaders" in result.stderr
-
-
-def test_entrypoint_names_a_dangling_build_link(tmp_path):
-    """The host has headers, but /usr/src is not mounted into the container: say so."""
-    (tmp_path / "lib/modules" / KREL).mkdir(parents=True)
-    (tmp_path / "lib/modules" / KREL / "build").symlink_to(f"/nonexistent/usr/src/linux-headers-{KREL}")
-    result = run_entrypoint(tmp_path)
-    assert result.returncode == 78
-    assert "links to /nonexistent/usr/src" in result.stderr and "is /usr/src mounted?" in result.stderr
-
-
-def test_the_daemonset_mounts_where_the_entrypoint_looks():
-    from flowmon_operator.builders import build_agent_daemonset
-
-    pod = build_agent_daemonset(SETTINGS, "0" * 64)["spec"]["template"]["spec"]
-    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    text = ENTRYPOINT.read_text()
-    for path in ("/lib/modules", "/usr/src", "/sys/kernel"):
-        assert f"$ROOT{path}" in text
-        assert any(m == path or m.startswith(path + "/") for m in mounts), path
 
 
 def test_docs_explain_install_and_kind():

@@ -1,5 +1,5 @@
 """Write the agent's Localhost seccomp profile: the runtime's default profile, evaluated for the agent's
-capabilities on x86_64, plus bpf() and perf_event_open().
+capabilities on x86_64, plus bpf() and perf_event_open(), minus what containerd's default also denies.
 
 Podman's and CRI-O's default profile (containers-common) and containerd's before 1.6.9 allow these two
 only to CAP_SYS_ADMIN, which the agent does not get; containerd >= 1.6.9 and Docker >= 23 allow them to
@@ -19,6 +19,12 @@ from pathlib import Path
 CAPABILITIES = frozenset({"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"})
 ARCH = "amd64"
 ADDED = ("bpf", "perf_event_open")  # the kernel still checks CAP_BPF / CAP_PERFMON on every call
+# Allowed by containers-common's default, denied by containerd's without CAP_SYS_ADMIN/CAP_SYS_BOOT, and
+# never called by the agent in a cluster (it reads conntrack in its own, the host's, network namespace).
+REMOVED = frozenset(
+    {"mount", "umount", "umount2", "unshare", "setns", "pivot_root", "reboot", "ptrace", "keyctl", "add_key",
+     "request_key"}
+)  # fmt: skip
 OCI_KEYS = ("names", "action", "args", "errnoRet")
 
 
@@ -39,7 +45,7 @@ def agent_profile(default: dict) -> dict:
     for rule in default["syscalls"]:
         if not applies(rule):
             continue
-        names = [n for n in rule["names"] if n not in ADDED]
+        names = [n for n in rule["names"] if n not in ADDED and n not in REMOVED]
         if names:
             rules.append({k: v for k, v in {**rule, "names": names}.items() if k in OCI_KEYS and v})
     rules.append({"names": list(ADDED), "action": "SCMP_ACT_ALLOW"})

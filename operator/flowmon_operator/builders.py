@@ -107,24 +107,29 @@ def _b64(text: str) -> str:
 
 
 # --- the agent DaemonSet ---------------------------------------------------------------------------------
-# Capabilities the agent needs, and nothing else (kernel >= 5.8 splits them out of CAP_SYS_ADMIN):
+# Capabilities the agent needs, and nothing else — measured by running the image under runc with each
+# one taken away (docs/operator.md, "Least privilege"); Linux >= 5.11 (CAP_BPF/CAP_PERFMON from 5.8, BPF
+# memory charged to the cgroup rather than RLIMIT_MEMLOCK from 5.11):
 AGENT_CAPABILITIES = (
     "BPF",  # bpf(): load the tracepoint programs, create and read the flow maps
     "PERFMON",  # perf_event_open() to attach to tracepoints; tracing programs' kernel memory reads
-    "SYS_RESOURCE",  # raise RLIMIT_MEMLOCK for BPF maps on kernels before 5.11 (no memcg accounting)
     "NET_ADMIN",  # conntrack netlink dumps of the host netns: undo Service NAT (ClusterIP -> backend)
 )
 # Not granted: SYS_ADMIN (tracepoints need only BPF+PERFMON; tracefs files are root-owned and the agent
-# runs as uid 0, so plain DAC reads them), SYS_MODULE (no `modprobe kheaders`: the entrypoint uses the
-# host's headers or stops with a clear error), SYS_PTRACE (IPs, not PIDs, attribute flows to pods).
+# runs as uid 0, so plain DAC reads them), SYSLOG (raw tracepoints are found by attaching one, not in
+# /proc/kallsyms), SYS_RESOURCE (no RLIMIT_MEMLOCK for BPF maps since 5.11), SYS_MODULE (no `modprobe
+# kheaders`: the image carries a generic header tree), SYS_PTRACE (IPs, not PIDs, attribute flows).
 
 HOST_MOUNTS = (
-    # (volume name, host path, mount path): all read-only.
+    # (volume name, host path, mount path): all read-only. BTF is not needed (the programs read only
+    # tracepoint arguments; measured: they load with /sys/kernel/btf hidden).
     ("tracefs", "/sys/kernel/tracing", "/sys/kernel/tracing"),  # tracepoint ids for attachment
-    ("btf", "/sys/kernel/btf", "/sys/kernel/btf"),  # kernel type information (BCC, bpf_loader checks it)
-    ("modules", "/lib/modules", "/lib/modules"),  # /lib/modules/$(uname -r)/build: headers BCC compiles with
+    ("modules", "/lib/modules", "/lib/modules"),  # the node's own headers, used when complete
     ("usr-src", "/usr/src", "/usr/src"),  # where distributions put the headers `build` links to
 )
+# Kubelet reads Localhost seccomp profiles relative to its seccomp directory.
+SECCOMP_PROFILE = "flowmon/agent.json"
+SECCOMP_MOUNT = "/host/seccomp"  # where the init container sees the node's kubelet_seccomp_dir
 # /sys/fs/bpf is not mounted: the agent pins nothing, its maps live and die with the process.
 
 
@@ -186,6 +191,40 @@ def _agent_volumes(settings: OperatorSettings) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
+def _agent_seccomp(settings: OperatorSettings) -> dict:
+    """Most runtimes' default profiles (CRI-O's, podman's, containerd's before 1.6.9) allow bpf() and
+    perf_event_open() only to CAP_SYS_ADMIN; the Localhost profile is that default plus those two."""
+    if settings.agent_seccomp == "Localhost":
+        return {"type": "Localhost", "localhostProfile": SECCOMP_PROFILE}
+    return {"type": settings.agent_seccomp}
+
+
+def _seccomp_installer(settings: OperatorSettings) -> dict:
+    """The init container that puts the agent's seccomp profile (carried in the agent image) where kubelet
+    looks for it, before kubelet creates the agent container with it. No capabilities: uid 0 owns the
+    directory; it writes nothing else."""
+    return {
+        "name": "seccomp-profile",
+        "image": settings.agent_image,
+        "imagePullPolicy": settings.agent_image_pull_policy,
+        "command": ["/usr/local/bin/flowmon-install-seccomp-profile", SECCOMP_MOUNT],
+        "volumeMounts": [{"name": "seccomp", "mountPath": SECCOMP_MOUNT}],
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"cpu": "100m", "memory": "64Mi"},
+        },
+        "securityContext": {
+            "privileged": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
 def build_agent_daemonset(settings: OperatorSettings, policy_hash: str) -> dict:
     """The one agent DaemonSet shared by every FlowMonitor. `policy_hash` is recorded on the DaemonSet
     only, never on the pod template: policy changes are pushed to running agents, not rolled out."""
@@ -194,7 +233,7 @@ def build_agent_daemonset(settings: OperatorSettings, policy_hash: str) -> dict:
         "name": "agent",
         "image": settings.agent_image,
         "imagePullPolicy": settings.agent_image_pull_policy,
-        "args": ["agent"],
+        # no args: the image's entrypoint runs `python -m flowmon_agent`, configured by the variables below
         "env": _agent_env(settings),
         "ports": [{"name": PORT_NAME, "containerPort": settings.agent_port, "protocol": "TCP"}],
         "resources": settings.resources.model_dump(),
@@ -207,16 +246,15 @@ def build_agent_daemonset(settings: OperatorSettings, policy_hash: str) -> dict:
             "privileged": False,
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
-            # uid 0 with every capability dropped but the four above: Kubernetes grants no ambient
+            # uid 0 with every capability dropped but the three above: Kubernetes grants no ambient
             # capabilities, so a non-root process could not use them.
             "runAsUser": 0,
             "runAsNonRoot": False,
             "capabilities": {"drop": ["ALL"], "add": list(AGENT_CAPABILITIES)},
-            # The runtime's default profile allows bpf()/perf_event_open() for CAP_BPF/CAP_PERFMON
-            # (containerd >= 1.6, Docker >= 20.10.10); older runtimes need Unconfined.
-            "seccompProfile": {"type": "RuntimeDefault"},
+            "seccompProfile": _agent_seccomp(settings),
         },
-        "terminationMessagePolicy": "FallbackToLogsOnError",  # header discovery errors show in `describe`
+        # The agent writes its one-line start failure there; FallbackToLogs covers a crash before it.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_spec = {
         "serviceAccountName": settings.agent_service_account,
@@ -234,6 +272,14 @@ def build_agent_daemonset(settings: OperatorSettings, policy_hash: str) -> dict:
         "containers": [container],
         "volumes": volumes,
     }
+    if settings.agent_seccomp == "Localhost":
+        pod_spec["initContainers"] = [_seccomp_installer(settings)]
+        volumes.append(
+            {
+                "name": "seccomp",
+                "hostPath": {"path": settings.kubelet_seccomp_dir, "type": "DirectoryOrCreate"},
+            }
+        )
     if settings.priority_class_name:
         pod_spec["priorityClassName"] = settings.priority_class_name
     labels = managed_labels(settings.agent_labels)

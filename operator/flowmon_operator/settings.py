@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +55,12 @@ class OperatorSettings(BaseSettings):
     node_selector: dict[str, str] = Field(default_factory=lambda: {"kubernetes.io/os": "linux"})
     priority_class_name: str | None = None  # e.g. system-node-critical, where quotas allow it
     agent_host_pid: bool = True  # adopt connections opened before the agent started (builders explains)
+    # The agent's seccomp profile (docs/operator.md, "Least privilege"): Localhost (default; an init
+    # container installs flowmon/agent.json, the runtime default plus bpf and perf_event_open, into
+    # kubelet_seccomp_dir), RuntimeDefault (containerd >= 1.6.9 or Docker >= 23 only: their default allows
+    # bpf/perf_event_open to CAP_BPF/CAP_PERFMON; CRI-O's does not), or Unconfined.
+    agent_seccomp: Literal["Localhost", "RuntimeDefault", "Unconfined"] = "Localhost"
+    kubelet_seccomp_dir: str = "/var/lib/kubelet/seccomp"  # kubelet's --root-dir + /seccomp
     max_unavailable: str = "10%"  # DaemonSets round percentages up: at least one node at a time
     timer_interval_seconds: float = Field(default=30.0, gt=0)
     push_timeout_seconds: float = Field(default=5.0, gt=0)

@@ -40,10 +40,7 @@ def check_host() -> None:
             f"loading BPF needs uid 0 with CAP_BPF and CAP_PERFMON; running as uid {os.geteuid()}",
             Cause.CAPABILITY,
         )
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        raise BPFUnavailableError(
-            f"kernel {platform.release()} has no BTF (/sys/kernel/btf/vmlinux missing)", Cause.KERNEL
-        )
+    # No BTF check: the programs read only tracepoint arguments (measured: they load without BTF).
     if kernel_headers() is None:
         build = Path("/lib/modules") / platform.release() / "build"
         raise BPFUnavailableError(

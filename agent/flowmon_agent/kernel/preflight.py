@@ -45,7 +45,9 @@ class BPFUnavailableError(RuntimeError):
 # Capability numbers (linux/capability.h)
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYSLOG, CAP_PERFMON, CAP_BPF = 12, 21, 34, 38, 39
 CAP_NAMES = {CAP_NET_ADMIN: "NET_ADMIN", CAP_SYS_ADMIN: "SYS_ADMIN", CAP_PERFMON: "PERFMON", CAP_BPF: "BPF"}
-MIN_KERNEL = (5, 8)  # CAP_BPF and CAP_PERFMON exist from 5.8; before, all of this needs CAP_SYS_ADMIN
+# CAP_BPF and CAP_PERFMON exist from 5.8 (before, all of this needs CAP_SYS_ADMIN); from 5.11 BPF memory is
+# charged to the cgroup, not to RLIMIT_MEMLOCK (before, the maps need CAP_SYS_RESOURCE to raise it).
+MIN_KERNEL = (5, 11)
 
 _SYSCALLS = {  # (bpf, perf_event_open)
     "x86_64": (321, 298),
@@ -157,8 +159,9 @@ def check_privileges(
     admin = CAP_SYS_ADMIN in caps
     if version < MIN_KERNEL and not admin:
         raise BPFUnavailableError(
-            f"kernel {release or platform.release()} is older than {MIN_KERNEL[0]}.{MIN_KERNEL[1]}: "
-            "it has no CAP_BPF/CAP_PERFMON, so loading BPF needs CAP_SYS_ADMIN, which the agent is not given",
+            f"kernel {release or platform.release()} is older than {MIN_KERNEL[0]}.{MIN_KERNEL[1]}: its BPF "
+            "maps count against RLIMIT_MEMLOCK (CAP_SYS_RESOURCE) and before 5.8 loading BPF needs "
+            "CAP_SYS_ADMIN; the agent is given neither",
             Cause.KERNEL,
         )
     if not admin:
