@@ -6,7 +6,10 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.kubeapi.fixtures"]  # the `kube_api` fixture: a Kubernetes API emulator
+pytest_plugins = [
+    "tests.kubeapi.fixtures",  # the `kube_api` fixture: a Kubernetes API emulator
+    "tests.kubelet.fixtures",  # the `images` fixture: flowmon/agent and flowmon/operator, built once
+]
 
 
 @pytest.fixture(scope="session")

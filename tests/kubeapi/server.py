@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -71,8 +72,15 @@ class KubeAPI:
     the same store and rules as HTTP requests and feeds the same watches.
     """
 
-    def __init__(self, store: Store | None = None, token: str = "flowmon-kubeapi-token", host="127.0.0.1"):
+    def __init__(
+        self,
+        store: Store | None = None,
+        token: str = "flowmon-kubeapi-token",
+        host="127.0.0.1",
+        ssl_context: ssl.SSLContext | None = None,  # HTTPS, as clients in pods expect (tests/kubelet)
+    ):
         self.store = store or Store()
+        self.ssl_context = ssl_context
         self.token = token
         self.host = host
         self.port = 0
@@ -85,7 +93,7 @@ class KubeAPI:
     # ---- lifecycle ---------------------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -115,7 +123,9 @@ class KubeAPI:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, shutdown_timeout=0.5, handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(
+            self._runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl_context
+        )
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

@@ -1,0 +1,207 @@
+"""The agent image, run exactly as the DaemonSet the operator renders says, under runc (tests/kubelet).
+
+Not a hand-copied spec: the DaemonSet, its ConfigMap and Secrets come from flowmon_operator.render. The
+agent watches an API server (the emulator, over HTTPS, with the pod's service account token) that knows two
+pods, network namespaces on this host that exchange known traffic; a scrape over HTTPS with the monitor's
+token must read exact byte and connection counts. Twice: with this host's kernel headers (Debian's split
+layout) mounted, and on a node without any (empty /lib/modules and /usr/src).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flowmon_cli import topview
+from flowmon_contract.spec import FlowMonitor
+from flowmon_lab.network import Lab
+from flowmon_lab.prometheus import free_port
+from flowmon_operator.builders import metrics_path
+from flowmon_operator.render import render_all
+from flowmon_operator.settings import OperatorSettings
+from tests.kubeapi.server import KubeAPI
+from tests.kubelet.pod import Node, Pod
+from tests.test_cli_agent import loopback_exchange
+from tests.tls_samples import make_pki
+
+pytestmark = [pytest.mark.bpf, pytest.mark.netns, pytest.mark.slow]
+
+NODE = "kubelet-node"
+TOKEN = "kubelet-test-scrape-token"
+READY_TIMEOUT_S = 60  # the DaemonSet's startup probe allows 36 x 5 s; here the agent is ready in seconds
+KREL = os.uname().release
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[tuple[KubeAPI, str]]:
+    """The API emulator over HTTPS on 127.0.0.1 (what in-cluster clients expect), and its CA."""
+    (tmp_path / "api-pki").mkdir()
+    pki = make_pki(tmp_path / "api-pki", name="kubernetes")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.cert_file, pki.key_file)
+    api = KubeAPI(ssl_context=context).start()
+    try:
+        yield api, pki.ca_file.read_text()
+    finally:
+        api.stop()
+
+
+def pods_on_the_node(api: KubeAPI, lab: Lab) -> None:
+    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "flowmon-system"}})
+    api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})
+    for pod in lab.pods:
+        api.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": pod.name, "namespace": "shop", "labels": {"app": pod.name}},
+                "spec": {"nodeName": NODE, "containers": [{"name": "main", "image": "example"}]},
+                "status": {
+                    "phase": "Running",
+                    "podIP": str(pod.ipv4),
+                    "podIPs": [{"ip": str(pod.ipv4)}, {"ip": str(pod.ipv6)}],
+                },
+            }
+        )
+
+
+def rendered(settings: OperatorSettings) -> tuple[FlowMonitor, list[dict], dict]:
+    monitor = FlowMonitor.model_validate({"metadata": {"name": "web", "namespace": "shop", "uid": "u1"}})
+    objects = render_all([monitor], settings, token_for=lambda _m: TOKEN)
+    (daemonset,) = [o for o in objects if o["kind"] == "DaemonSet"]
+    return monitor, objects, daemonset
+
+
+class _PinnedName(http.client.HTTPSConnection):
+    """HTTPS to an address, verifying the certificate for a DNS name (ServiceMonitor tlsConfig.serverName)."""
+
+    def __init__(self, host: str, port: int, server_name: str, context: ssl.SSLContext) -> None:
+        super().__init__(host, port, context=context, timeout=5)
+        self.server_name = server_name
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.server_name)  # type: ignore[attr-defined]
+
+
+def scrape(
+    settings: OperatorSettings, objects: list[dict], monitor: FlowMonitor, token: str
+) -> tuple[int, str]:
+    """What Prometheus does with the ServiceMonitor: the monitor's path, its token, its Secret's CA."""
+    import base64
+
+    (secret,) = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["namespace"] == "shop"]
+    ca = base64.b64decode(secret["data"]["ca.crt"]).decode()
+    conn = _PinnedName(
+        "127.0.0.1", settings.agent_port, settings.agent_service_dns, ssl.create_default_context(cadata=ca)
+    )
+    try:
+        conn.request("GET", metrics_path(monitor), headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def node_for(tmp_path: Path, api: KubeAPI, api_ca: str, headers: str) -> Node:
+    host_paths = {}
+    if headers == "none":  # a node without kernel headers (GKE COS, Bottlerocket, Talos, ...)
+        for path in ("/lib/modules", "/usr/src"):
+            empty = tmp_path / "empty-node" / path.strip("/")
+            empty.mkdir(parents=True)
+            host_paths[path] = empty
+    return Node(NODE, "127.0.0.1", tmp_path / "kubelet", api.host, api.port, api_ca, host_paths)
+
+
+@pytest.mark.parametrize("headers", ["debian-split", "none"])
+def test_the_rendered_daemonset_runs_and_counts(tmp_path, require_root, images, api, headers):
+    kube, api_ca = api
+    settings = OperatorSettings(agent_port=free_port(), agent_image=images["agent"])
+    monitor, objects, daemonset = rendered(settings)
+    node = node_for(tmp_path, kube, api_ca, headers)
+    sa_token = kube.service_account_token(settings.operator_namespace, settings.agent_service_account)
+    with Lab("fkl", ["client", "server"]) as lab:
+        pods_on_the_node(kube, lab)
+        pod = Pod(
+            node,
+            "flowmon-agent-k1",
+            settings.operator_namespace,
+            daemonset["spec"]["template"],
+            objects,
+            sa_token,
+        )
+        try:
+            pod.run_init_containers()
+            assert (node.seccomp_dir / "flowmon" / "agent.json").is_file()  # what the init container did
+            started = pod.start("agent")
+            pod.wait_ready("agent", READY_TIMEOUT_S)
+            ready_s = time.monotonic() - started
+            logs = pod.logs("agent")
+            if headers == "none":
+                assert "the image's generic headers" in logs, logs
+            else:
+                assert (
+                    f"the node's headers at /lib/modules/{KREL}/build and /lib/modules/{KREL}/source" in logs
+                ), logs
+            client, server = lab.pod("client"), lab.pod("server")
+            port = loopback_exchange(
+                1111, 2222, 3, str(server.ipv4), None, lambda: lab.inside(server), lambda: lab.inside(client)
+            )
+            want = ("shop/client", f"shop/server:{port}")
+            deadline, rows = time.monotonic() + 30, {}
+            while time.monotonic() < deadline:
+                status, text = scrape(settings, objects, monitor, TOKEN)
+                assert status == 200, text
+                rows = {(r.client, r.server): r for r in topview.rows(topview.parse_exposition(text))}
+                if want in rows and rows[want].opened >= 3:
+                    break
+                time.sleep(0.5)
+            assert want in rows, (sorted(rows), pod.logs("agent"))
+            row = rows[want]
+            assert (row.sent_bytes, row.received_bytes, row.opened) == (3 * 1111, 3 * 2222, 3)
+            assert scrape(settings, objects, monitor, "not-the-token")[0] in (401, 403)
+            assert pod.probe("agent", "livenessProbe") == 200 and pod.probe("agent", "readinessProbe") == 200
+            assert pod.state("agent")[0]
+            print(f"\nkubelet stand-in ({headers}): container start to ready {ready_s:.2f} s")
+        finally:
+            pod.remove()
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "says"),
+    [
+        ("runtime-default-seccomp", 11, "the seccomp profile denies bpf() and perf_event_open()"),
+        ("no-perfmon", 10, "missing capability CAP_PERFMON"),
+    ],
+)
+def test_a_failed_start_names_its_cause(tmp_path, require_root, images, api, change, code, says):
+    """The runtime's default seccomp profile here (podman's, like CRI-O's) denies bpf(); a capability
+    taken away: one line in the log and in the termination message, and the cause's exit code."""
+    kube, api_ca = api
+    seccomp = "RuntimeDefault" if change == "runtime-default-seccomp" else "Localhost"
+    settings = OperatorSettings(agent_port=free_port(), agent_image=images["agent"], agent_seccomp=seccomp)
+    _monitor, objects, daemonset = rendered(settings)
+    template = daemonset["spec"]["template"]
+    if change == "no-perfmon":
+        caps = template["spec"]["containers"][0]["securityContext"]["capabilities"]
+        caps["add"] = [c for c in caps["add"] if c != "PERFMON"]
+    node = node_for(tmp_path, kube, api_ca, "debian-split")
+    sa_token = kube.service_account_token(settings.operator_namespace, settings.agent_service_account)
+    pod = Pod(node, "flowmon-agent-k2", settings.operator_namespace, template, objects, sa_token)
+    try:
+        pod.run_init_containers()
+        pod.start("agent")
+        assert pod.wait_exit("agent", READY_TIMEOUT_S) == code, pod.logs("agent")
+        message = pod.termination_log("agent").read_text().strip()
+        assert message.startswith("flowmon agent: ") and says in message and "\n" not in message
+        assert message in pod.logs("agent")
+    finally:
+        pod.remove()
