@@ -406,7 +406,7 @@ def test_docs_explain_install_and_kind():
     for phrase in (
         "kubectl apply -k manifests/",
         "kind create cluster",
-        "kind load docker-image",
+        "kind load image-archive",
         "KUBECONFIG",
     ):
         assert phrase in docs

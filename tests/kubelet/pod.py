@@ -182,7 +182,8 @@ class Pod:
         return ["--security-opt", f"seccomp={path}"]
 
     def run_args(self, container: Mapping, image_id: str, *, detach: bool) -> list[str]:
-        security = container.get("securityContext", {})
+        # the pod's securityContext is the default of each container's (runAsUser, seccompProfile, ...)
+        security = {**self.spec.get("securityContext", {}), **container.get("securityContext", {})}
         assert not security.get("privileged"), "the stand-in runs no privileged containers"
         args = [*PODMAN, "run", "--name", f"{self.name}-{container['name']}", "--pull", "never", *ulimits()]
         args += ["-d"] if detach else []
@@ -195,7 +196,8 @@ class Pod:
             f"--cap-add={c}" for c in caps.get("add", [])
         ]
         if "runAsUser" in security:
-            args += ["--user", str(security["runAsUser"])]
+            user = str(security["runAsUser"])
+            args += ["--user", f"{user}:{security['runAsGroup']}" if "runAsGroup" in security else user]
         if security.get("readOnlyRootFilesystem"):
             args += ["--read-only", "--read-only-tmpfs=false"]  # kubelet adds no tmpfs of its own
         if security.get("allowPrivilegeEscalation") is False:
