@@ -32,6 +32,7 @@ bench: setup
 	$(PY) -m bench.freshness --connections 220 --poll-interval 0.5
 	$(PY) -m bench.kernel_overhead --rounds 7 --seconds 2
 	$(PY) -m bench.churn_interleaved --chunks 12 --cycles 4
+	$(PY) -m bench.images --starts 10
 
 clean-demo: setup
 	$(PY) -m flowmon_cli.main demo --cleanup
