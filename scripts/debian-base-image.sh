@@ -51,5 +51,5 @@ rm -rf "$ROOT"/usr/share/{man,info,groff,lintian,linda}/* "$ROOT"/var/lib/apt/li
 find "$ROOT/usr/share/locale" -mindepth 1 -maxdepth 1 -not -name locale.alias -exec rm -rf {} +
 
 tar --numeric-owner --xattrs -C "$ROOT" -c . \
-  | podman import --change 'CMD ["bash"]' --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' - "$IMAGE" >/dev/null
+  | podman import -q --change 'CMD ["bash"]' --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' - "$IMAGE" >/dev/null
 log "made $IMAGE ($(podman image inspect --format '{{.Size}}' "$IMAGE") bytes)"
