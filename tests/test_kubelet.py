@@ -27,7 +27,7 @@ from flowmon_operator.builders import metrics_path
 from flowmon_operator.render import render_all
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi.server import KubeAPI
-from tests.kubelet.pod import Node, Pod
+from tests.kubelet.pod import Node, Pod, PodNetwork
 from tests.test_cli_agent import loopback_exchange
 from tests.tls_samples import make_pki
 
@@ -205,3 +205,73 @@ def test_a_failed_start_names_its_cause(tmp_path, require_root, images, api, cha
         assert message in pod.logs("agent")
     finally:
         pod.remove()
+
+
+def test_the_operator_image_runs_as_its_deployment_and_reconciles(tmp_path, require_root, images):
+    """The operator Deployment of manifests/ (kustomize-built): non-root, read-only root, no capabilities,
+    RuntimeDefault seccomp, in a pod network namespace of its own. Against the API emulator (HTTPS, in
+    another pod's namespace) it reconciles a FlowMonitor: the agent DaemonSet appears, and the monitor's
+    status says no agent is ready yet (there is no DaemonSet controller here)."""
+    import yaml
+
+    from flowmon_operator.pki import generate_ca, issue_serving_cert
+    from tests.schemas import FLOWMON_CRD, SHARED_SCHEMAS
+    from tests.test_manifests import find
+
+    deployment = find("Deployment", "flowmon-operator")
+    template = deployment["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert container["image"] == images["operator"]
+    with Lab("fko", ["api", "operator"]) as lab:
+        api_pod, operator_pod = lab.pod("api"), lab.pod("operator")
+        ca = generate_ca("kubelet-test-api-ca")
+        cert = issue_serving_cert(ca, ["kubernetes"], [str(api_pod.ipv4)])
+        (tmp_path / "api.crt").write_text(cert.cert_pem)
+        (tmp_path / "api.key").write_text(cert.key_pem)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tmp_path / "api.crt", tmp_path / "api.key")
+        with lab.inside(api_pod):  # the server's thread, and so its socket, live in the api pod's namespace
+            kube = KubeAPI(host=str(api_pod.ipv4), ssl_context=context).start()
+        try:
+            kube.create(yaml.safe_load(FLOWMON_CRD.read_text()))
+            for kind in ("servicemonitors", "prometheusrules"):
+                kube.create(
+                    yaml.safe_load((SHARED_SCHEMAS / f"monitoring.coreos.com_{kind}.yaml").read_text())
+                )
+            for namespace in ("flowmon-system", "shop"):
+                kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+            node = Node(NODE, "127.0.0.1", tmp_path / "kubelet", str(api_pod.ipv4), kube.port, ca.cert_pem)
+            network = PodNetwork(operator_pod.netns, str(operator_pod.ipv4), probe_from=api_pod.netns)
+            token = kube.service_account_token("flowmon-system", "flowmon-operator")
+            pod = Pod(node, "flowmon-operator-k3", "flowmon-system", template, [], token, network)
+            try:
+                pod.start("operator")
+                kube.create(
+                    {
+                        "apiVersion": "flowmon.io/v1alpha1",
+                        "kind": "FlowMonitor",
+                        "metadata": {"name": "web", "namespace": "shop"},
+                    }
+                )
+                deadline = time.monotonic() + 60
+                reason = None
+                while time.monotonic() < deadline:
+                    monitor = kube.get("flowmon.io/v1alpha1", "FlowMonitor", "web", "shop")
+                    ready = [
+                        c for c in monitor.get("status", {}).get("conditions", []) if c["type"] == "Ready"
+                    ]
+                    reason = ready[0]["reason"] if ready else None
+                    if reason == "NoAgentsReady":
+                        break
+                    assert pod.state("operator")[0], pod.logs("operator")
+                    time.sleep(0.5)
+                assert reason == "NoAgentsReady", pod.logs("operator")
+                daemonset = kube.get("apps/v1", "DaemonSet", "flowmon-agent", "flowmon-system")
+                agent = daemonset["spec"]["template"]["spec"]["containers"][0]
+                assert agent["image"] == images["agent"]
+                assert agent["securityContext"]["seccompProfile"]["type"] == "Localhost"
+                pod.wait_ready("operator", 30)  # kopf's liveness endpoint, probed as kubelet would
+            finally:
+                pod.remove()
+        finally:
+            kube.stop()

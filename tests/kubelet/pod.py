@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flowmon_agent import netns
+
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 TERMINATION_LOG = "/dev/termination-log"
@@ -73,8 +75,19 @@ def expand(value: str, env: Mapping[str, str]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class PodNetwork:
+    """A pod's own network namespace (a lab pod, /run/netns/NAME) and its IP. Probes are sent from
+    `probe_from`, another namespace on the same switch: this host has no route to the lab's addresses."""
+
+    netns: str
+    ip: str
+    probe_from: str
+
+
 class Pod:
-    """One pod of a DaemonSet's template on `node`: `objects` holds the Secrets and ConfigMaps it mounts."""
+    """One pod of a template on `node`: `objects` holds the Secrets and ConfigMaps it mounts; `network`
+    is its namespace unless the template asks for hostNetwork."""
 
     def __init__(
         self,
@@ -84,8 +97,9 @@ class Pod:
         template: Mapping,
         objects: Sequence[Mapping],
         sa_token: str,
+        network: PodNetwork | None = None,
     ) -> None:
-        self.node, self.name, self.namespace = node, name, namespace
+        self.node, self.name, self.namespace, self.network = node, name, namespace, network
         self.spec = template["spec"]
         self.labels = template.get("metadata", {}).get("labels", {})
         self.objects = objects
@@ -143,11 +157,18 @@ class Pod:
             0o644,
         )
 
+    @property
+    def ip(self) -> str:
+        if self.spec.get("hostNetwork"):
+            return self.node.ip
+        assert self.network is not None, "a pod without hostNetwork needs a PodNetwork"
+        return self.network.ip
+
     # --- env ------------------------------------------------------------------------------------------------
     def field(self, path: str) -> str:
         values = {
             "spec.nodeName": self.node.name,
-            "status.podIP": self.node.ip if self.spec.get("hostNetwork") else "",
+            "status.podIP": self.ip,
             "status.hostIP": self.node.ip,
             "metadata.name": self.name,
             "metadata.namespace": self.namespace,
@@ -189,6 +210,9 @@ class Pod:
         args += ["-d"] if detach else []
         if self.spec.get("hostNetwork"):
             args += ["--network", "host"]
+        else:
+            assert self.network is not None, "a pod without hostNetwork needs a PodNetwork"
+            args += ["--network", f"ns:/run/netns/{self.network.netns}"]
         if self.spec.get("hostPID"):
             args += ["--pid", "host"]
         caps = security.get("capabilities", {})
@@ -279,14 +303,15 @@ class Pod:
         port = get["port"]
         if isinstance(port, str):
             (port,) = [p["containerPort"] for p in container.get("ports", []) if p["name"] == port]
-        host = self.node.ip if self.spec.get("hostNetwork") else get.get("host", "")
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # kubelet does not verify
-        url = f"{get.get('scheme', 'HTTP').lower()}://{host}:{port}{get['path']}"
+        url = f"{get.get('scheme', 'HTTP').lower()}://{get.get('host', self.ip)}:{port}{get['path']}"
+        where = contextlib.nullcontext()
+        if not self.spec.get("hostNetwork") and self.network is not None:
+            where = netns.entered(f"/run/netns/{self.network.probe_from}")
+        timeout = container[kind].get("timeoutSeconds", 1)
         try:
-            with urllib.request.urlopen(
-                url, timeout=container[kind].get("timeoutSeconds", 1), context=context
-            ) as r:
+            with where, urllib.request.urlopen(url, timeout=timeout, context=context) as r:
                 return r.status
         except urllib.error.HTTPError as exc:
             return exc.code
@@ -294,9 +319,12 @@ class Pod:
             return None
 
     def wait_ready(self, name: str, timeout: float) -> None:
-        """Until the startup probe and then the readiness probe succeed (200..399), or the container ends."""
+        """Until the startup probe and then the readiness probe succeed (200..399), or the container ends;
+        a container with neither is waited for through its liveness probe."""
         deadline = time.monotonic() + timeout
-        for kind in ("startupProbe", "readinessProbe"):
+        container = self.container(name)
+        kinds = [k for k in ("startupProbe", "readinessProbe") if k in container] or ["livenessProbe"]
+        for kind in kinds:
             while not (200 <= (self.probe(name, kind) or 0) < 400):
                 running, code = self.state(name)
                 assert running, f"{name} exited with {code}:\n{self.logs(name)}"
