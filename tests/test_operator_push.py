@@ -16,7 +16,7 @@ from flowmon_contract.policy import canonical_json, compile_policy
 from flowmon_contract.spec import FlowMonitor
 from flowmon_lab.prometheus import free_port
 from flowmon_operator.pki import generate_ca, issue_serving_cert
-from flowmon_operator.push import AgentPod, PushTarget, agent_nodes, agent_pods, sync_agents
+from flowmon_operator.push import AgentPod, PushTarget, agent_nodes, agent_pods, start_failure, sync_agents
 
 SERVICE_DNS = "flowmon-agent.flowmon-system.svc"
 ADMIN = "admin-token-for-push-tests"
@@ -159,3 +159,44 @@ def test_agent_nodes_are_the_nodes_of_ready_agents():
         pod("e", "10.0.0.5", "True"),  # not scheduled yet
     ]
     assert agent_nodes(agent_pods(pods)) == ["n1", "n2"]
+
+
+SECCOMP_LINE = "flowmon agent: the seccomp profile denies bpf() (EPERM with the capabilities present): use …"
+
+
+@pytest.mark.parametrize(
+    ("statuses", "expected"),
+    [
+        # crash-looping: the last run's termination message, the agent's one line, and its exit code
+        (
+            {"containerStatuses": [{"name": "agent", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+              "lastState": {"terminated": {"exitCode": 11, "message": SECCOMP_LINE + "\n"}}}]},
+            f"a on n1: agent exited 11: {SECCOMP_LINE}",
+        ),
+        # FallbackToLogsOnError: the log's tail; its last line is the one that says why
+        (
+            {"containerStatuses": [{"name": "agent", "state": {"terminated": {"exitCode": 13,
+              "message": "noise\nflowmon-agent: no kernel header tree for kernel 6.1 on node n1: …"}}}]},
+            "a on n1: agent exited 13: flowmon-agent: no kernel header tree for kernel 6.1 on node n1: …",
+        ),
+        # kubelet could not create it: the Localhost profile is not there
+        (
+            {"initContainerStatuses": [{"name": "seccomp-profile", "state": {"terminated": {"exitCode": 0}}}],
+             "containerStatuses": [{"name": "agent", "state": {"waiting": {"reason": "CreateContainerError",
+              "message": "cannot load seccomp profile"}}}]},
+            "a on n1: agent CreateContainerError: cannot load seccomp profile",
+        ),
+        ({"containerStatuses": [{"name": "agent", "state": {"waiting": {"reason": "ContainerCreating"}}}]},
+         None),
+        ({"containerStatuses": [{"name": "agent", "state": {"running": {}}}]}, None),
+    ],
+)  # fmt: skip
+def test_start_failure_names_why_an_agent_does_not_run(statuses, expected):
+    body = {
+        "metadata": {"name": "a"},
+        "spec": {"nodeName": "n1"},
+        "status": {"podIP": "10.0.0.1", **statuses},
+    }
+    assert start_failure(body) == expected
+    (agent,) = agent_pods([body])
+    assert agent.start_failure == expected and not agent.ready

@@ -172,3 +172,32 @@ def test_status_must_fit_the_crd_status_model():
         running_status(
             {}, generation=1, agents=Agents(1, 1, 1), policy_hash="not-a-hash", predicted_series=1, now=T0
         )
+
+
+def test_agents_that_cannot_start_say_why_in_the_monitor_status():
+    """The agents' own one-line causes (push.start_failure) reach Ready and Degraded: `kubectl get fm`
+    shows that the runtime's seccomp profile denies bpf() without looking at any pod."""
+    why = "flowmon-agent-x on n2: agent exited 11: flowmon agent: the seccomp profile denies bpf() …"
+    none_ready = running_status(
+        {},
+        generation=1,
+        agents=Agents(1, 0, 0),
+        policy_hash=H1,
+        predicted_series=7,
+        now=T0,
+        start_failures=[why],
+    )
+    conditions = {c["type"]: c for c in none_ready["conditions"]}
+    assert conditions["Ready"]["reason"] == "NoAgentsReady" and why in conditions["Ready"]["message"]
+    some_ready = running_status(
+        {},
+        generation=1,
+        agents=Agents(2, 1, 1),
+        policy_hash=H1,
+        predicted_series=7,
+        now=T0,
+        start_failures=[why],
+    )
+    degraded = {c["type"]: c for c in some_ready["conditions"]}["Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "AgentsNotReady")
+    assert degraded["message"] == f"1 of 2 agents are ready: {why}"

@@ -22,6 +22,7 @@ class AgentPod:
     ip: str | None
     ready: bool
     node: str | None = None  # spec.nodeName
+    start_failure: str | None = None  # why its agent does not run (start_failure), for the monitors' status
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,36 @@ def agent_pods(pods: Iterable[Mapping]) -> list[AgentPod]:
             continue
         ip = pod.get("status", {}).get("podIP")
         node = pod.get("spec", {}).get("nodeName")
-        agents.append(AgentPod(meta["name"], ip, ready=bool(ip) and _pod_ready(pod), node=node))
+        ready = bool(ip) and _pod_ready(pod)
+        failure = None if ready else start_failure(pod)
+        agents.append(AgentPod(meta["name"], ip, ready=ready, node=node, start_failure=failure))
     return sorted(agents, key=lambda a: a.name)
+
+
+# Waiting reasons that mean "it will not start by itself" (not ContainerCreating or PodInitializing).
+_STUCK = {"CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+          "ErrImagePull", "ImagePullBackOff", "InvalidImageName"}  # fmt: skip
+
+
+def start_failure(pod: Mapping) -> str | None:
+    """Pure: why a pod's containers do not run, in one line — the agent's own termination message (its
+    one-line cause, and the exit code that names it, docs/operator.md) or the kubelet's waiting reason —
+    or None while nothing failed."""
+    status = pod.get("status") or {}
+    where = f"{pod.get('metadata', {}).get('name')} on {pod.get('spec', {}).get('nodeName') or '?'}"
+    for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        state, previous = container.get("state") or {}, container.get("lastState") or {}
+        terminated = state.get("terminated") or previous.get("terminated")
+        waiting = state.get("waiting") or {}
+        name = container.get("name")
+        if terminated and terminated.get("exitCode", 0) != 0:
+            lines = (terminated.get("message") or terminated.get("reason") or "").strip().splitlines()
+            line = lines[-1] if lines else ""  # FallbackToLogsOnError: the log's last line says why
+            return f"{where}: {name} exited {terminated['exitCode']}: {line}"
+        if waiting.get("reason") in _STUCK:
+            detail = f": {waiting['message']}" if waiting.get("message") else ""
+            return f"{where}: {name} {waiting['reason']}{detail}"
+    return None
 
 
 def agent_nodes(agents: Iterable[AgentPod]) -> list[str]:

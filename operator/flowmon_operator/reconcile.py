@@ -407,6 +407,7 @@ async def _write_statuses(
                 predicted_series=builders.predicted_series(valid[key]),
                 now=now,
                 notes=rt.notes.get(key, ()),
+                start_failures=tuple(p.start_failure for p in fleet.pods if p.start_failure),
             )
         else:
             continue

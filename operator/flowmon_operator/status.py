@@ -108,13 +108,20 @@ def running_status(
     predicted_series: int,
     now: str,
     notes: Sequence[str] = (),
+    start_failures: Sequence[str] = (),
 ) -> dict:
     """Status of a valid monitor whose policy has been compiled and pushed; `notes` are children that
-    could not be created (e.g. the Prometheus Operator CRDs are missing)."""
+    could not be created (e.g. the Prometheus Operator CRDs are missing), `start_failures` why agents do
+    not start (push.start_failure: the agent's one-line cause from its termination message)."""
+    why = "; ".join(start_failures)[:1500]  # a condition's message stays readable in `kubectl get -o wide`
     short = policy_hash[:12]
     counts = f"{agents.in_sync} of {agents.ready} ready agents ({agents.desired} desired) run policy {short}"
     if agents.ready == 0:
-        ready = (False, "NoAgentsReady", f"no agent is ready yet ({agents.desired} desired)")
+        ready = (
+            False,
+            "NoAgentsReady",
+            f"no agent is ready yet ({agents.desired} desired)" + (f": {why}" if why else ""),
+        )
     elif agents.in_sync == 0:
         ready = (False, "PolicyNotApplied", counts)
     else:
@@ -132,7 +139,8 @@ def running_status(
     elif agents.in_sync < agents.ready:
         degraded = (True, "AgentsOutOfSync", counts)
     elif agents.ready < agents.desired:
-        degraded = (True, "AgentsNotReady", f"{agents.ready} of {agents.desired} agents are ready")
+        not_ready = f"{agents.ready} of {agents.desired} agents are ready" + (f": {why}" if why else "")
+        degraded = (True, "AgentsNotReady", not_ready)
     else:
         degraded = (False, "AsExpected", counts)
     conditions = list(previous.get("conditions") or [])
