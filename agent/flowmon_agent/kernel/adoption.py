@@ -93,24 +93,34 @@ def classify(tables: Iterable[str], ephemeral: tuple[int, int] = EPHEMERAL_PORTS
     return [ExistingConnection(lo, lp, re, rp, role(lp, rp)) for lo, lp, re, rp in established]
 
 
-def _namespaces() -> dict[int, tuple[str, Path]]:
-    """Unique netns inode -> ("pid", /proc/PID/net) or ("named", /run/netns/NAME)."""
-    found: dict[int, tuple[str, Path]] = {}
+def _netns_key(entry: Path) -> tuple[str, int]:
+    """A process's network namespace, as an inode: of /proc/PID/ns/net, or — where that needs ptrace
+    access the agent lacks in a pod (no CAP_SYS_PTRACE: only processes whose capabilities are a subset of
+    its own pass) — of /proc/PID/net/tcp, which procfs keeps once per namespace and anyone may stat."""
+    try:
+        return "ns", os.stat(entry / "ns" / "net").st_ino
+    except PermissionError:
+        return "tcp", os.stat(entry / "net" / "tcp").st_ino
+
+
+def _namespaces() -> dict[tuple[str, int], tuple[str, Path]]:
+    """Unique netns -> ("pid", /proc/PID/net) or ("named", /run/netns/NAME)."""
+    found: dict[tuple[str, int], tuple[str, Path]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            ino = os.stat(entry / "ns" / "net").st_ino
+            key = _netns_key(entry)
         except OSError:
             continue
-        found.setdefault(ino, ("pid", entry / "net"))
+        found.setdefault(key, ("pid", entry / "net"))
     if netns.NETNS_RUN_DIR.is_dir():
         for entry in netns.NETNS_RUN_DIR.iterdir():
             try:
                 ino = os.stat(entry).st_ino
             except OSError:
                 continue
-            found.setdefault(ino, ("named", entry))
+            found.setdefault(("ns", ino), ("named", entry))
     return found
 
 
@@ -129,11 +139,15 @@ def _read_tables(kind: str, path: Path) -> list[str]:
 
 
 def discover() -> Iterator[ExistingConnection]:
-    """Every established TCP connection on this host, across network namespaces."""
-    ephemeral = ephemeral_ports()
+    """Every established TCP connection on this host, across network namespaces, each once (a namespace
+    known by both kinds of key is read twice)."""
+    ephemeral, seen = ephemeral_ports(), set()
     for kind, path in _namespaces().values():
         try:
             tables = _read_tables(kind, path)
         except OSError:
             continue  # the namespace went away meanwhile
-        yield from classify(tables, ephemeral)
+        for connection in classify(tables, ephemeral):
+            if connection not in seen:
+                seen.add(connection)
+                yield connection
