@@ -1,69 +1,36 @@
-"""The operator's I/O edge to the Kubernetes API: a small async client on aiohttp (kopf is not a client).
+"""The operator's I/O edge to the Kubernetes API: kind-by-name calls on flowmon_kube's client (kopf is not
+a client).
 
 Credentials come from the in-cluster service account, else from the kubeconfig ($KUBECONFIG read at call
-time), both loaded by the `kubernetes` package so that every kubeconfig flavour works. Children are
-written with server-side apply (one field manager, forced): idempotent, creates when absent, and leaves
-fields other managers own alone.
+time): `load_connection`, shared with kopf's login. Children are written with server-side apply (one field
+manager, forced): idempotent, creates when absent, and leaves fields other managers own alone.
+
+Hand-written on purpose: the table of ten kinds and their paths (`Ref`, `KINDS`). The library's typed
+APIs would need one method name per kind and verb (CustomObjectsApi only covers custom resources), and
+its DynamicClient finds paths by discovery: requests at start, a cache file on a read-only root file
+system, and a missing CRD reported by discovery instead of as the 404 the reconciler expects.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import aiohttp
+from flowmon_kube import (
+    Conflict,
+    Connection,
+    KubeError,
+    NotFound,
+    api_client,
+    call,
+    load_connection,
+    read_json,
+)
+
+__all__ = ["KINDS", "Conflict", "Connection", "KubeClient", "KubeError", "NotFound", "Ref", "load_connection"]
 
 FIELD_MANAGER = "flowmon-operator"
-SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-
-
-@dataclass(frozen=True)
-class Connection:
-    """Where the API is and how to authenticate (the subset kopf's ConnectionInfo also carries)."""
-
-    server: str
-    token: str | None = None
-    token_file: Path | None = None  # in-cluster tokens rotate: re-read per request
-    ca_path: str | None = None
-    cert_path: str | None = None
-    key_path: str | None = None
-    insecure: bool = False
-
-    def bearer(self) -> str | None:
-        if self.token_file is not None and self.token_file.exists():
-            return self.token_file.read_text().strip()
-        return self.token
-
-
-def load_connection() -> Connection:
-    """In-cluster service account, else the kubeconfig named by $KUBECONFIG (or ~/.kube/config)."""
-    import kubernetes.client
-    import kubernetes.config
-
-    config = kubernetes.client.Configuration()
-    token_file = None
-    try:
-        kubernetes.config.load_incluster_config(client_configuration=config)
-        token_file = SERVICE_ACCOUNT_TOKEN
-    except kubernetes.config.ConfigException:
-        path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
-        kubernetes.config.load_kube_config(config_file=path, client_configuration=config)
-    header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix("authorization")
-    token = header.split(" ", 1)[-1] if header else None
-    return Connection(
-        server=config.host,
-        token=token,
-        token_file=token_file,
-        ca_path=config.ssl_ca_cert,
-        cert_path=config.cert_file,
-        key_path=config.key_file,
-        insecure=not config.verify_ssl,
-    )
 
 
 @dataclass(frozen=True)
@@ -98,40 +65,14 @@ KINDS: dict[str, Ref] = {
 }
 
 
-class KubeError(Exception):
-    """A non-2xx answer, with the API's Status reason and message."""
-
-    def __init__(self, status: int, reason: str, message: str):
-        super().__init__(f"{status} {reason}: {message}")
-        self.status, self.reason, self.message = status, reason, message
-
-
-class NotFound(KubeError):
-    pass
-
-
-class Conflict(KubeError):
-    pass
-
-
-def _ssl_context(conn: Connection) -> ssl.SSLContext | bool:
-    if not conn.server.startswith("https"):
-        return False
-    if conn.insecure:
-        return False
-    context = ssl.create_default_context(cafile=conn.ca_path)
-    if conn.cert_path and conn.key_path:
-        context.load_cert_chain(conn.cert_path, conn.key_path)
-    return context
-
-
 class KubeClient:
-    """Async; one aiohttp session. Use as `async with KubeClient(conn) as kube:` or call close()."""
+    """Async; one session (the library's ApiClient). Use as `async with KubeClient(conn) as kube:` or call
+    close()."""
 
     def __init__(self, conn: Connection, *, timeout: float = 15.0):
         self.conn = conn
-        self._ssl = _ssl_context(conn)
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        self._timeout = timeout
+        self._api = api_client(conn)
 
     async def __aenter__(self) -> KubeClient:
         return self
@@ -140,7 +81,7 @@ class KubeClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._api.close()
 
     async def request(
         self,
@@ -151,20 +92,10 @@ class KubeClient:
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict:
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        if token := self.conn.bearer():
-            headers["Authorization"] = f"Bearer {token}"
-        data = None if body is None else json.dumps(body)
-        url = self.conn.server.rstrip("/") + path
-        async with self._session.request(
-            method, url, data=data, params=params, headers=headers, ssl=self._ssl
-        ) as response:
-            text = await response.text()
-            document = json.loads(text) if text.strip().startswith("{") else {}
-            if response.status >= 400:
-                error = {404: NotFound, 409: Conflict}.get(response.status, KubeError)
-                raise error(response.status, document.get("reason", ""), document.get("message", text))
-            return document
+        response = await call(
+            self._api, method, path, query=params, body=body, content_type=content_type, timeout=self._timeout
+        )
+        return await read_json(response)
 
     async def get(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
         try:
