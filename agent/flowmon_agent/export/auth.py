@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,8 +17,10 @@ from pathlib import Path
 from typing import Protocol
 
 import aiohttp
+from kubernetes_asyncio.client import AuthenticationV1Api
 
 from flowmon_contract.policy import AgentPolicy
+from flowmon_kube import SERVICE_ACCOUNT, Connection, KubeError, api_client, read_json
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +124,14 @@ class TokenReviewer(Protocol):
     async def review(self, token: str) -> ReviewedUser | None: ...
 
 
-IN_CLUSTER_SA = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+IN_CLUSTER_SA = SERVICE_ACCOUNT
 
 
 class KubeTokenReviewer:
-    """Asks the API server (`POST /apis/authentication.k8s.io/v1/tokenreviews`) with the agent's own
-    ServiceAccount token. Answers are cached for `ttl` seconds by token digest, so that a scrape every
-    few seconds costs one review per minute, not one per scrape."""
+    """Asks the API server (`POST /apis/authentication.k8s.io/v1/tokenreviews`, the library's typed call)
+    with the agent's own ServiceAccount token. Answers are cached for `ttl` seconds by token digest, so that
+    a scrape every few seconds costs one review per minute, not one per scrape. The reviewed token is in
+    the request body only: never in a log or an exception."""
 
     def __init__(
         self,
@@ -142,15 +144,12 @@ class KubeTokenReviewer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.api_url = api_url.rstrip("/")
-        self._sa_token_file, self._ca_file = sa_token_file, ca_file
+        self._connection = Connection(
+            server=self.api_url, token_file=sa_token_file, ca_path=str(ca_file) if ca_file else None
+        )
         self._audiences = list(audiences)
         self._ttl, self._clock = ttl, clock
         self._cache: dict[bytes, tuple[float, ReviewedUser | None]] = {}
-
-    def _ssl(self) -> ssl.SSLContext | bool:
-        if not self.api_url.startswith("https"):
-            return False
-        return ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
 
     async def review(self, token: str) -> ReviewedUser | None:
         key, now = digest(token), self._clock()
@@ -172,18 +171,14 @@ class KubeTokenReviewer:
         if self._audiences:
             spec["audiences"] = self._audiences
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
-        headers = {"Authorization": f"Bearer {self._sa_token_file.read_text().strip()}"}
-        url = f"{self.api_url}/apis/authentication.k8s.io/v1/tokenreviews"
-        timeout = aiohttp.ClientTimeout(total=5)
         try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(url, json=body, headers=headers, ssl=self._ssl()) as resp,
-            ):
-                if resp.status not in (200, 201):
-                    raise ReviewUnavailable(f"HTTP {resp.status}: {(await resp.text())[:200]}")
-                answer = await resp.json()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # One session per review (a review per token per TTL): no session outlives the caller's loop.
+            async with api_client(self._connection) as client:
+                reviews = AuthenticationV1Api(client)
+                answer = await read_json(
+                    await reviews.create_token_review(body, _preload_content=False, _request_timeout=5)
+                )
+        except (KubeError, aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ReviewUnavailable(str(exc)) from exc
         return parse_token_review(answer)
 

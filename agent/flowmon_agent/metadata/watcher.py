@@ -1,4 +1,5 @@
-"""Keeps a MetadataStore in step with the Kubernetes API: list, then watch, per resource, over plain HTTP(S).
+"""Keeps a MetadataStore in step with the Kubernetes API: list, then watch, per resource, on flowmon_kube's
+client (kubernetes_asyncio: its session and TLS, its `watch.Watch` for the event stream).
 
 - Lists in pages (`limit`/`continue`) and parses each page into slim records at once: 20,000 full pod
   objects are never held in memory together.
@@ -12,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import ssl
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from kubernetes_asyncio.client import ApiClient, ApiException
+from kubernetes_asyncio.watch import Watch
 
 from flowmon_agent.metadata.records import parse_object
 from flowmon_agent.metadata.store import MetadataStore
+from flowmon_kube import Connection, Gone, api_client, call, error, in_cluster, raise_for_status, read_json
 
 log = logging.getLogger(__name__)
-
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,16 +49,10 @@ RESOURCES = (
 )
 
 
-class Gone(Exception):
-    """The resourceVersion (or continue token) is too old: relist."""
-
-
-class ApiUnavailable(Exception):
-    pass
-
-
-def _status_code(obj: Any) -> int:
-    return int(obj.get("code") or 0) if isinstance(obj, dict) else 0
+def _query(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The library's Watch passes the keyword arguments of its typed list methods (resource_version=...);
+    our resources are paths (the RBAC test reads them), so they become the API's query names here."""
+    return {re.sub(r"_(\w)", lambda m: m[1].upper(), k): v for k, v in arguments.items() if k[0] != "_"}
 
 
 class KubeWatcher:
@@ -78,9 +72,12 @@ class KubeWatcher:
     ) -> None:
         self.store = store
         self.base_url = base_url.rstrip("/")
-        self._token = token
-        self._token_file = Path(token_file) if token_file else None  # re-read: projected tokens rotate
-        self._ca_file = str(ca_file) if ca_file else None
+        self._connection = Connection(
+            server=self.base_url,
+            token=token,
+            token_file=Path(token_file) if token_file else None,  # re-read: projected tokens rotate
+            ca_path=str(ca_file) if ca_file else None,
+        )
         self.page_size = page_size
         self.watch_timeout_seconds = watch_timeout_seconds
         self.retry_seconds = retry_seconds
@@ -99,15 +96,8 @@ class KubeWatcher:
     @classmethod
     def in_cluster(cls, store: MetadataStore, **kwargs: Any) -> KubeWatcher:
         """Configured from the pod's service account, as every in-cluster client is."""
-        host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]
-        host = f"[{host}]" if ":" in host else host
-        return cls(
-            store,
-            f"https://{host}:{port}",
-            token_file=SERVICE_ACCOUNT / "token",
-            ca_file=SERVICE_ACCOUNT / "ca.crt",
-            **kwargs,
-        )
+        conn = in_cluster()
+        return cls(store, conn.server, token_file=conn.token_file, ca_file=conn.ca_path, **kwargs)
 
     # --- freshness ------------------------------------------------------------------------------
 
@@ -135,30 +125,11 @@ class KubeWatcher:
 
     # --- HTTP -----------------------------------------------------------------------------------
 
-    def _headers(self) -> dict[str, str]:
-        token = self._token
-        if self._token_file is not None:
-            token = self._token_file.read_text().strip()
-        return {"Accept": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    def _timeout(self) -> tuple[float, float]:
+        """(connect, read): a watch that stays silent past its own timeout is a dead connection."""
+        return (10.0, self.watch_timeout_seconds + 30.0)
 
-    def _session(self) -> aiohttp.ClientSession:
-        context = ssl.create_default_context(cafile=self._ca_file) if self._ca_file else None
-        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=self.watch_timeout_seconds + 30)
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=context) if context else None,
-            timeout=timeout,
-            read_bufsize=1 << 24,  # one watch line is one whole object
-        )
-
-    async def _get_json(self, session: aiohttp.ClientSession, path: str, params: dict) -> dict:
-        async with session.get(self.base_url + path, params=params, headers=self._headers()) as resp:
-            if resp.status == 410:
-                raise Gone(path)
-            if resp.status != 200:
-                raise ApiUnavailable(f"GET {path}: HTTP {resp.status}")
-            return await resp.json()
-
-    async def list_resource(self, session: aiohttp.ClientSession, resource: Resource) -> str:
+    async def list_resource(self, client: ApiClient, resource: Resource) -> str:
         """List page by page into the store (as one replace); returns the version to watch from.
 
         That is the first page's resourceVersion: the API serves every page from that snapshot, and a
@@ -169,7 +140,9 @@ class KubeWatcher:
         params: dict[str, Any] = {"limit": str(self.page_size)}
         version: str | None = None
         while True:
-            page = await self._get_json(session, resource.path, params)
+            page = await read_json(
+                await call(client, "GET", resource.path, query=params, timeout=self._timeout())
+            )
             for item in page.get("items") or []:
                 record = parse_object(item, resource.kind)
                 if record is not None:
@@ -190,67 +163,63 @@ class KubeWatcher:
             self._synced.set()
         return version or ""
 
-    async def watch_resource(self, session: aiohttp.ClientSession, resource: Resource, version: str) -> str:
-        """Apply watch events until the server ends the stream; returns the last resourceVersion."""
-        params = {
-            "watch": "true",
-            "resourceVersion": version,
-            "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(self.watch_timeout_seconds),
-        }
-        url = self.base_url + resource.path
-        async with session.get(url, params=params, headers=self._headers()) as resp:
-            if resp.status == 410:
-                raise Gone(resource.path)
-            if resp.status != 200:
-                raise ApiUnavailable(f"watch {resource.path}: HTTP {resp.status}")
-            self._connected.add(resource.kind)
+    async def watch_resource(self, client: ApiClient, resource: Resource, version: str) -> str:
+        """Apply watch events until the server ends the stream; returns the last resourceVersion (bookmarks
+        included)."""
+
+        async def open_stream(**arguments: Any) -> aiohttp.ClientResponse:
+            response = await call(
+                client, "GET", resource.path, query=_query(arguments), timeout=self._timeout()
+            )
+            await raise_for_status(response)
+            self._connected.add(resource.kind)  # connected from the answer on, before any event
             log.debug("%s: watching from resourceVersion %s", resource.kind, version)
-            try:
-                while line := await resp.content.readline():
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    kind, obj = event.get("type"), event.get("object") or {}
-                    if kind == "ERROR":
-                        if _status_code(obj) == 410:
-                            raise Gone(resource.path)
-                        raise ApiUnavailable(f"watch {resource.path}: {obj.get('message')}")
-                    if kind != "BOOKMARK":
-                        self.store.apply(kind, obj, resource.kind)
-                    log.debug(
-                        "%s: %s %s", resource.kind, kind, (obj.get("metadata") or {}).get("resourceVersion")
-                    )
-                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-            finally:
+            return response
+
+        watch = Watch()
+        events = watch.stream(
+            open_stream,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.watch_timeout_seconds,
+        )
+        try:
+            async with watch:
+                async for event in events:
+                    if event["type"] != "BOOKMARK":
+                        self.store.apply(event["type"], event["raw_object"], resource.kind)
+        except ApiException as exc:  # an ERROR event: 410 when the version is too old
+            raise error(exc.status, {"reason": exc.reason}) from None
+        finally:
+            if resource.kind in self._connected:  # last heard from the API now (not after a failed connect)
                 self._connected.discard(resource.kind)
                 self._contact(resource.kind)
-        return version
+        return str(watch.resource_version or version)
 
-    async def _follow(self, session: aiohttp.ClientSession, resource: Resource) -> None:
+    async def _follow(self, client: ApiClient, resource: Resource) -> None:
         version: str | None = None
         delay = self.retry_seconds[0]
         while True:
             try:
                 if version is None:
-                    version = await self.list_resource(session, resource)
+                    version = await self.list_resource(client, resource)
                 started = self._clock()
-                version = await self.watch_resource(session, resource, version)
+                version = await self.watch_resource(client, resource, version)
                 if self._clock() - started < 1.0:  # a server ending watches at once: do not spin
                     await asyncio.sleep(self.retry_seconds[0])
                 delay = self.retry_seconds[0]
             except Gone:
                 log.info("%s: resourceVersion too old, relisting", resource.kind)
                 version = None
-            except (TimeoutError, aiohttp.ClientError, ApiUnavailable, OSError, ValueError) as exc:
+            except Exception as exc:  # whatever one stream did: keep the last metadata, back off, retry
                 log.warning("%s: %s; retrying in %.1fs with the last metadata", resource.kind, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_seconds[1])
 
     async def run(self) -> None:
         """Follow every resource until cancelled."""
-        async with self._session() as session:
-            await asyncio.gather(*(self._follow(session, r) for r in self.resources))
+        async with api_client(self._connection) as client:
+            await asyncio.gather(*(self._follow(client, r) for r in self.resources))
 
     # --- as a background thread ------------------------------------------------------------------
 
