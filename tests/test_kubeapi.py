@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 
@@ -309,6 +310,32 @@ def test_send_initial_events_ends_the_initial_state_with_a_bookmark(kube_api):
     bookmark = events[1]["object"]["metadata"]
     assert bookmark["annotations"] == {"k8s.io/initial-events-end": "true"}
     assert int(bookmark["resourceVersion"]) >= int(events[0]["object"]["metadata"]["resourceVersion"])
+
+
+def test_bookmarks_go_to_watches_that_allow_them_and_streams_end_normally(kube_api):
+    """Bookmarks carry the current resourceVersion, also when the watched kind did not change; a stream
+    ended as by its timeout closes without an ERROR event."""
+    results: dict[str, list[dict]] = {}
+
+    def read(name: str, query: str) -> None:
+        results[name] = watch(kube_api, f"{PODS}?resourceVersion={kube_api.store.rv}{query}", 10, 30)
+
+    threads = [
+        threading.Thread(target=read, args=("bookmarks", "&allowWatchBookmarks=True")),
+        threading.Thread(target=read, args=("plain", "")),
+    ]
+    for thread in threads:
+        thread.start()
+    kube_api.wait_for(lambda: len(kube_api.store.watchers) == 2)
+    kube_api.create({**POD, "kind": "ConfigMap", "metadata": {**POD["metadata"], "name": "c"}})
+    assert kube_api.send_bookmarks() == 1
+    assert kube_api.end_watches() == 2
+    for thread in threads:
+        thread.join(10)
+    assert [(e["type"], e["object"]["metadata"]["resourceVersion"]) for e in results["bookmarks"]] == [
+        ("BOOKMARK", str(kube_api.store.rv))
+    ]
+    assert results["plain"] == []
 
 
 def test_the_official_kubernetes_client_works_against_it(kube_api, tmp_path):

@@ -134,6 +134,26 @@ def test_resume_without_relist_and_410_on_open_watch(watched) -> None:
     wait_until(lambda: workload_of(resolver, "10.244.0.71") == ("later", "pod"))
 
 
+def test_a_watch_resumes_from_its_last_bookmark(watched) -> None:
+    """Writes to kinds the agent does not watch move the resourceVersion on; a bookmark tells the watches,
+    so that after the history is compacted and the streams end (as at their timeout) every watch resumes
+    from the bookmark's version instead of answering 410 and relisting."""
+    kube_api, watcher, resolver = watched
+    wait_until(lambda: watcher.age_seconds() == 0)
+    for i in range(3):
+        kube_api.create(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"c{i}", "namespace": "shop"}}
+        )
+    bookmarked = kube_api.compact()
+    assert kube_api.send_bookmarks() == len(watcher.resources)
+    kube_api.end_watches()
+    kube_api.create(pod("shop", "after", "10.244.0.80", "n1"))
+    wait_until(lambda: workload_of(resolver, "10.244.0.80") == ("after", "pod"))
+    resumed = [p for _, p in kube_api.requests if "watch=" in p and f"resourceVersion={bookmarked}" in p]
+    assert len(resumed) >= len(watcher.resources)
+    assert watcher.relists == 0
+
+
 def test_https_with_a_ca_and_a_rotating_service_account_token(tmp_path) -> None:
     """In-cluster style: TLS verified against the cluster CA, the token re-read from its file (projected
     tokens rotate) on every request."""

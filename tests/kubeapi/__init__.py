@@ -25,7 +25,9 @@ has both) talks the Kubernetes API:
   or the current state as ADDED without a version; selectors turn modifications into ADDED/DELETED as
   objects enter or leave the selection; sendInitialEvents ends the initial state with a BOOKMARK;
   timeoutSeconds. A version older than the history (after `kube_api.compact()`) answers an ERROR event
-  with code 410; `kube_api.expire_watches()` also ends open streams that way.
+  with code 410; `kube_api.expire_watches()` also ends open streams that way. With allowWatchBookmarks,
+  `kube_api.send_bookmarks()` sends a BOOKMARK at the current resourceVersion (a real server does so
+  about once a minute); `kube_api.end_watches()` ends open streams normally, as their timeout would.
 - patch: merge, strategic-merge (served as merge: lists are replaced), JSON patch (a failed `test`
   answers 422), and server-side apply (creates when absent, else merges; no field-manager pruning).
 - status subresource: writes to the main endpoint keep status, writes to /status change only status;

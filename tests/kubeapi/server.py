@@ -18,7 +18,7 @@ from aiohttp import web
 from .authn import DISCOVERY as TOKENREVIEW_DISCOVERY
 from .authn import TOKENREVIEW_PATH, Tokens
 from .resources import CRD_TYPE, ResourceType, crd_body
-from .store import CLOSE_DROP, CLOSE_EXPIRED, ApiError, Store, Watcher
+from .store import BOOKMARK, CLOSE_DROP, CLOSE_END, CLOSE_EXPIRED, ApiError, Store, Watcher
 
 SERVER_VERSION = {
     "major": "1",
@@ -31,7 +31,7 @@ SERVER_VERSION = {
     "compiler": "gc",
     "platform": "linux/amd64",
 }
-TRUE = ("true", "1")
+TRUE = ("true", "1", "t")  # lower-cased; as Go's strconv.ParseBool (clients send True, true, 1)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -227,6 +227,14 @@ class KubeAPI:
         self.store.compact()
         return self.store.close_watches(CLOSE_EXPIRED)
 
+    def send_bookmarks(self) -> int:
+        """A BOOKMARK at the current resourceVersion to every open watch that allows them."""
+        return self.store.send_bookmarks()
+
+    def end_watches(self) -> int:
+        """End every open watch stream normally, as when its timeoutSeconds is over; returns how many."""
+        return self.store.close_watches(CLOSE_END)
+
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
         return wait_for(predicate, timeout, interval)
 
@@ -378,6 +386,7 @@ class KubeAPI:
         watcher = Watcher(
             route.rtype, route.namespace, q.get("labelSelector"), q.get("fieldSelector"), loop, queue, self
         )
+        watcher.bookmarks = q.get("allowWatchBookmarks", "").lower() in TRUE
         send_initial = q.get("sendInitialEvents", "").lower() in TRUE
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         try:
@@ -409,7 +418,11 @@ class KubeAPI:
                     if request.transport is not None:
                         request.transport.abort()
                     break
-                if item == CLOSE_EXPIRED:
+                if item == CLOSE_END:
+                    break
+                if isinstance(item, tuple) and item[0] == BOOKMARK:
+                    item = self._bookmark(route.rtype, item[1])
+                elif item == CLOSE_EXPIRED:
                     error = ApiError(410, "Expired", "too old resource version (watch expired)")
                     await response.write(
                         json.dumps({"type": "ERROR", "object": error.status()}).encode() + b"\n"

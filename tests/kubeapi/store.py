@@ -72,6 +72,8 @@ class Event:
 
 CLOSE_EXPIRED = "expired"  # sentinel: the stream ends with an ERROR 410 event
 CLOSE_DROP = "drop"  # sentinel: the connection is cut (server going away)
+CLOSE_END = "end"  # sentinel: the stream ends normally, as when its timeoutSeconds is over
+BOOKMARK = "bookmark"  # sentinel (BOOKMARK, rv): a BOOKMARK event at the resourceVersion it was sent at
 
 
 @dataclass(eq=False)
@@ -83,6 +85,7 @@ class Watcher:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     owner: object = None  # the server that serves this watch (for dropping its streams on stop)
+    bookmarks: bool = False  # the client sent allowWatchBookmarks=true
 
     def translate(self, event: Event) -> dict | None:
         """The event as this watcher sees it: selectors turn modifications into ADDED/DELETED."""
@@ -237,8 +240,18 @@ class Store:
             self.compacted_rv = self.rv
             return self.rv
 
+    def send_bookmarks(self) -> int:
+        """A BOOKMARK at the current resourceVersion to every open watch that allows them (a real API
+        server sends them about once a minute); returns how many."""
+        with self.lock:
+            chosen = [w for w in self.watchers if w.bookmarks]
+            for watcher in chosen:  # the version now: later writes reach the stream after the bookmark
+                watcher.push((BOOKMARK, self.rv))
+            return len(chosen)
+
     def close_watches(self, how: str = CLOSE_EXPIRED, owner: object = None) -> int:
-        """End open watch streams (all, or those of one server): with an ERROR 410 event, or by a cut."""
+        """End open watch streams (all, or those of one server): with an ERROR 410 event, normally (as at
+        their timeout), or by a cut."""
         with self.lock:
             chosen = [w for w in self.watchers if owner is None or w.owner is owner]
             for watcher in chosen:
