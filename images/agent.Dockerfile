@@ -3,7 +3,7 @@
 # Build from the repository root (`make images` does this with podman):
 #   docker build -f images/agent.Dockerfile -t flowmon/agent:0.1.0 .
 # Behind a TLS-intercepting proxy, give pip its CA bundle: --secret id=pip-ca,src=/path/to/ca.crt
-# The final stage holds only what the agent runs: no pip, compiler, docs, CLI, lab or Kubernetes client.
+# The final stage holds only what the agent runs: no pip, compiler, docs, CLI or lab.
 
 # --- the venv's third-party packages (pip lives and dies in this stage) ---
 FROM debian:12-slim AS venv
@@ -42,9 +42,11 @@ COPY images/agent-entrypoint.sh /usr/local/bin/flowmon-agent-entrypoint
 # flowmon's own packages last: a source change rebuilds only these layers. Compiled here, because the
 # root filesystem is read-only at run time.
 COPY contract/flowmon_contract /opt/flowmon/lib/python3.11/site-packages/flowmon_contract
+COPY kube/flowmon_kube /opt/flowmon/lib/python3.11/site-packages/flowmon_kube
 COPY agent/flowmon_agent /opt/flowmon/lib/python3.11/site-packages/flowmon_agent
 COPY bpf/ /opt/flowmon/bpf/
 RUN /opt/flowmon/bin/python -m compileall -q /opt/flowmon/lib/python3.11/site-packages/flowmon_contract \
+       /opt/flowmon/lib/python3.11/site-packages/flowmon_kube \
        /opt/flowmon/lib/python3.11/site-packages/flowmon_agent \
     && /opt/flowmon/bin/python -c "import bcc, flowmon_agent.main"
 ENV FLOWMON_BPF_DIR=/opt/flowmon/bpf \

@@ -20,8 +20,10 @@ COPY scripts/apt-packages.txt images/apt-install.sh /tmp/build/
 RUN sh /tmp/build/apt-install.sh /tmp/build/apt-packages.txt operator && rm -rf /tmp/build
 COPY --from=venv /opt/flowmon /opt/flowmon
 COPY contract/flowmon_contract /opt/flowmon/lib/python3.11/site-packages/flowmon_contract
+COPY kube/flowmon_kube /opt/flowmon/lib/python3.11/site-packages/flowmon_kube
 COPY operator/flowmon_operator /opt/flowmon/lib/python3.11/site-packages/flowmon_operator
 RUN /opt/flowmon/bin/python -m compileall -q /opt/flowmon/lib/python3.11/site-packages/flowmon_contract \
+       /opt/flowmon/lib/python3.11/site-packages/flowmon_kube \
        /opt/flowmon/lib/python3.11/site-packages/flowmon_operator \
     && /opt/flowmon/bin/python -c "import flowmon_operator.main, kopf"
 ENV PATH=/opt/flowmon/bin:$PATH \

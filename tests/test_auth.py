@@ -135,14 +135,18 @@ class Clock:
         return self.now
 
 
-def test_kube_token_reviewer_asks_the_api_server(kube_api, tmp_path: Path):
-    """The real HTTP call: the agent's own ServiceAccount token authenticates the TokenReview; answers
-    are cached per token for the TTL; a registered ServiceAccount token comes back as its user."""
+def test_kube_token_reviewer_asks_the_api_server(kube_api_https, tmp_path: Path):
+    """The real HTTPS call (verified against the cluster CA): the agent's own ServiceAccount token
+    authenticates the TokenReview; answers are cached per token for the TTL; a registered ServiceAccount
+    token comes back as its user."""
+    kube_api = kube_api_https
     agent_token = tmp_path / "token"
     agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent") + "\n")
     prometheus = kube_api.service_account_token("monitoring", "prometheus")
     clock = Clock()
-    reviewer = KubeTokenReviewer(kube_api.url, sa_token_file=agent_token, ca_file=None, ttl=60, clock=clock)
+    reviewer = KubeTokenReviewer(
+        kube_api.url, sa_token_file=agent_token, ca_file=kube_api.pki.ca_file, ttl=60, clock=clock
+    )
 
     async def reviews() -> list:
         return [await reviewer.review(t) for t in (prometheus, "forged-token", prometheus)]
@@ -156,6 +160,11 @@ def test_kube_token_reviewer_asks_the_api_server(kube_api, tmp_path: Path):
     assert asyncio.run(reviewer.review(prometheus)) is not None  # still cached
     clock.now = 61
     assert asyncio.run(reviewer.review(prometheus)) is None  # the TTL is over: asked again
+    # A server the CA did not sign gets no token: no verdict, nothing asked.
+    untrusting = KubeTokenReviewer(kube_api.url, sa_token_file=agent_token, ca_file=None)
+    posts = len(kube_api.requests)
+    assert asyncio.run(untrusting.review(prometheus)) is None
+    assert len(kube_api.requests) == posts
 
 
 def test_kube_token_reviewer_audiences_and_an_unauthorized_agent(kube_api, tmp_path: Path):

@@ -67,14 +67,15 @@ def final_stage(dockerfile: Path) -> str:
 
 
 def test_each_image_holds_only_its_packages():
-    """The agent image: contract + agent (+ bpf/); the operator image: contract + operator. Never the CLI,
-    the lab or pip in the final stage (pip is uninstalled in the venv stage)."""
+    """The agent image: contract + kube + agent (+ bpf/); the operator image: contract + kube + operator.
+    Never the CLI, the lab or pip in the final stage (pip is uninstalled in the venv stage)."""
     agent, operator = final_stage(IMAGES / "agent.Dockerfile"), final_stage(IMAGES / "operator.Dockerfile")
-    copied = {name: set(re.findall(r"^COPY (?:contract|agent|operator|cli|lab)/(\w+)", stage, re.MULTILINE))
+    pattern = r"^COPY (?:contract|kube|agent|operator|cli|lab)/(\w+)"
+    copied = {name: set(re.findall(pattern, stage, re.MULTILINE))
               for name, stage in (("agent", agent), ("operator", operator))}  # fmt: skip
     assert copied == {
-        "agent": {"flowmon_contract", "flowmon_agent"},
-        "operator": {"flowmon_contract", "flowmon_operator"},
+        "agent": {"flowmon_contract", "flowmon_kube", "flowmon_agent"},
+        "operator": {"flowmon_contract", "flowmon_kube", "flowmon_operator"},
     }
     for dockerfile in DOCKERFILES:
         assert "pip uninstall -q -y pip setuptools" in dockerfile.read_text()
@@ -122,8 +123,8 @@ def requirements(image: str) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("image", "packages"),
     [
-        ("agent", ("flowmon_contract", "flowmon_agent")),
-        ("operator", ("flowmon_contract", "flowmon_operator")),
+        ("agent", ("flowmon_contract", "flowmon_kube", "flowmon_agent")),
+        ("operator", ("flowmon_contract", "flowmon_kube", "flowmon_operator")),
     ],
 )
 def test_image_requirements_are_the_packages_imports_with_pyproject_bounds(image, packages):

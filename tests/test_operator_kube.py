@@ -1,10 +1,13 @@
-"""The operator's API client (flowmon_operator.kube) against the Kubernetes API emulator."""
+"""The operator's API client (flowmon_operator.kube, on flowmon_kube) against the Kubernetes API emulator,
+over HTTPS verified against the emulator's CA, as against a real API server."""
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 import yaml
 
+from flowmon_kube import Connection, in_cluster
 from flowmon_operator.kube import Conflict, KubeClient, KubeError, Ref, load_connection
 from tests.schemas import FLOWMON_CRD
 
@@ -17,6 +20,11 @@ CM = {
 
 
 @pytest.fixture
+def kube_api(kube_api_https):
+    return kube_api_https
+
+
+@pytest.fixture
 def connection(kube_api, tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig(tmp_path / "kubeconfig")))
     return load_connection()
@@ -25,6 +33,39 @@ def connection(kube_api, tmp_path, monkeypatch):
 def test_connection_comes_from_the_kubeconfig_named_at_call_time(kube_api, connection):
     assert connection.server == kube_api.url
     assert connection.bearer() == kube_api.token
+    assert connection.ca_path == str(kube_api.pki.ca_file) and not connection.insecure
+    assert kube_api.token not in repr(connection)
+
+
+@pytest.mark.asyncio
+async def test_the_kubeconfig_loads_inside_a_running_loop_too(kube_api, connection):
+    """kopf's startup handler calls load_connection() in its loop; the library's loader is a coroutine."""
+    assert load_connection() == connection
+
+
+@pytest.mark.asyncio
+async def test_in_cluster_service_account_with_a_rotating_token(kube_api, tmp_path, monkeypatch):
+    """A pod's credentials: host and port from the environment, the CA and the token from the service
+    account folder; the token file is read again on every request (projected tokens rotate)."""
+    first, second = (kube_api.service_account_token("flowmon-system", f"operator-{i}") for i in (1, 2))
+    (tmp_path / "token").write_text(first)
+    (tmp_path / "ca.crt").write_text(kube_api.pki.ca_file.read_text())
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(kube_api.port))
+    conn = in_cluster(tmp_path)
+    assert conn.server == kube_api.url and conn.token_file == tmp_path / "token"
+    async with KubeClient(conn) as kube:
+        assert await kube.get("Namespace", "default") is not None
+        kube_api.tokens.revoke(first)
+        (tmp_path / "token").write_text(second)
+        assert await kube.get("Namespace", "default") is not None
+
+
+@pytest.mark.asyncio
+async def test_a_server_the_ca_did_not_sign_is_refused(kube_api):
+    async with KubeClient(Connection(server=kube_api.url, token=kube_api.token)) as kube:
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await kube.get("Namespace", "default")
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,8 @@ def workload_of(resolver: Resolver, ip: str) -> tuple[str, str]:
 
 
 @pytest.fixture
-def watched(kube_api):
+def watched(kube_api_https):
+    kube_api = kube_api_https  # HTTPS, verified against the cluster CA
     for obj in [
         namespace("shop", env="prod"),
         node("n1", "192.0.2.1", "zone-a"),
@@ -60,6 +61,7 @@ def watched(kube_api):
         store,
         kube_api.url,
         token=kube_api.token,
+        ca_file=kube_api.pki.ca_file,
         page_size=3,
         retry_seconds=(0.05, 0.2),
         watch_timeout_seconds=30,
@@ -154,76 +156,43 @@ def test_a_watch_resumes_from_its_last_bookmark(watched) -> None:
     assert watcher.relists == 0
 
 
-def test_https_with_a_ca_and_a_rotating_service_account_token(tmp_path) -> None:
+def test_https_with_a_ca_and_a_rotating_service_account_token(kube_api_https, tmp_path) -> None:
     """In-cluster style: TLS verified against the cluster CA, the token re-read from its file (projected
     tokens rotate) on every request."""
-    import asyncio
-    import ssl
-    import threading
+    from flowmon_agent.metadata.watcher import RESOURCES
 
-    from aiohttp import web
-
-    from flowmon_agent.metadata.watcher import Resource
-    from tests.tls_samples import make_pki
-
-    pki = make_pki(tmp_path)
+    kube_api = kube_api_https
+    pods = [r for r in RESOURCES if r.kind == "Pod"]
+    first, second = (kube_api.service_account_token("flowmon-system", f"agent-{i}") for i in (1, 2))
     token_file = tmp_path / "token"
-    token_file.write_text("first\n")
-    accepted = {"Bearer first"}
-    pods = [pod("shop", "a", "10.244.0.2"), pod("shop", "b", "10.244.0.3")]
-    seen_tokens: list[str] = []
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        seen_tokens.append(request.headers.get("Authorization", ""))
-        if request.headers.get("Authorization") not in accepted:
-            return web.json_response({"kind": "Status", "code": 401}, status=401)
-        if request.query.get("watch"):  # ends at once: the watcher comes back with its current token
-            return web.Response(text="")
-        return web.json_response({"kind": "PodList", "metadata": {"resourceVersion": "7"}, "items": pods})
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki.cert_file, pki.key_file)
-    loop = asyncio.new_event_loop()
-    app = web.Application()
-    app.router.add_get("/api/v1/pods", handle)
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-    loop.run_until_complete(site.start())
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
+    token_file.write_text(first + "\n")
+    kube_api.create(namespace("shop"))
+    for name, ip in (("a", "10.244.0.2"), ("b", "10.244.0.3")):
+        kube_api.create(pod("shop", name, ip))
     store = MetadataStore()
     watcher = KubeWatcher(
         store,
-        f"https://localhost:{port}",
+        kube_api.url,
         token_file=token_file,
-        ca_file=pki.ca_file,
-        resources=[Resource("Pod", "/api/v1/pods")],
+        ca_file=kube_api.pki.ca_file,
+        resources=pods,
         retry_seconds=(0.05, 0.1),
     ).start()
     try:
         assert watcher.wait_synced(10)
         assert {p.name for p in store.pods()} == {"a", "b"}
-        # The token rotates: the old one is refused from now on, the watcher picks up the new file.
-        token_file.write_text("second\n")
-        accepted.clear()
-        accepted.add("Bearer second")
-        count = len(seen_tokens)
-        wait_until(lambda: "Bearer second" in seen_tokens[count:])
+        # The token rotates: the old one is refused from now on; the watch ends (as at its timeout) and
+        # comes back with the new one.
+        kube_api.tokens.revoke(first)
+        token_file.write_text(second + "\n")
+        kube_api.end_watches()
+        kube_api.create(pod("shop", "c", "10.244.0.4"))
+        wait_until(lambda: "c" in {p.name for p in store.pods()})
         # A server whose certificate the CA did not sign is refused.
-        other = KubeWatcher(
-            MetadataStore(),
-            f"https://localhost:{port}",
-            token="x",
-            resources=[Resource("Pod", "/api/v1/pods")],
-        )
+        other = KubeWatcher(MetadataStore(), kube_api.url, token=kube_api.token, resources=pods)
         other.start()
         time.sleep(0.5)
         assert not other.synced
         other.stop()
     finally:
         watcher.stop()
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)

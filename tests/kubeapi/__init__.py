@@ -49,7 +49,8 @@ has both) talks the Kubernetes API:
   nothing was written), `kube_api.wait_for(predicate, timeout)`.
 
 Not emulated: schema validation and defaulting from a CRD's openAPIV3Schema, admission, RBAC, field
-managers, controllers (no pods appear for a Deployment or DaemonSet: tests create them), TLS.
+managers, controllers (no pods appear for a Deployment or DaemonSet: tests create them). TLS is optional:
+`KubeAPI(tls_dir=...)` (fixture `kube_api_https`) serves HTTPS with a throwaway CA (`kube_api.pki`).
 """
 
 from .resources import ResourceType, crd_body

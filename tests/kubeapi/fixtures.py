@@ -17,3 +17,13 @@ def kube_api() -> Iterator[KubeAPI]:
         yield api
     finally:
         api.stop()
+
+
+@pytest.fixture
+def kube_api_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPI]:
+    """The same on HTTPS (`kube_api_https.pki.ca_file` is its CA), as a real API server is."""
+    api = KubeAPI(tls_dir=tmp_path_factory.mktemp("kubeapi-tls")).start()
+    try:
+        yield api
+    finally:
+        api.stop()

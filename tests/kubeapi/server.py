@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from tests.tls_samples import make_pki
+
 from .authn import DISCOVERY as TOKENREVIEW_DISCOVERY
 from .authn import TOKENREVIEW_PATH, Tokens
 from .resources import CRD_TYPE, ResourceType, crd_body
@@ -78,11 +80,17 @@ class KubeAPI:
         token: str = "flowmon-kubeapi-token",
         host="127.0.0.1",
         ssl_context: ssl.SSLContext | None = None,  # HTTPS, as clients in pods expect (tests/kubelet)
+        tls_dir: Path | None = None,  # or HTTPS with a throwaway CA made there (`self.pki`)
     ):
         self.store = store or Store()
         self.ssl_context = ssl_context
         self.token = token
         self.host = host
+        # HTTPS, as every real API server: a throwaway CA and a serving certificate for 127.0.0.1 there.
+        self.pki = make_pki(tls_dir, "kubeapi") if tls_dir is not None else None
+        if self.pki is not None:
+            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ssl_context.load_cert_chain(self.pki.cert_file, self.pki.key_file)
         self.port = 0
         self.requests: list[tuple[str, str]] = []  # (method, path_qs): what clients asked, for assertions
         self.tokens = Tokens()  # TokenReview: tokens tests registered (see authn)
@@ -149,12 +157,15 @@ class KubeAPI:
         self.stop()
 
     def kubeconfig(self, path: Path | str, namespace: str = "default") -> Path:
-        """Write a kubeconfig for this server (token auth, plain HTTP on loopback) and return its path."""
+        """Write a kubeconfig for this server (token auth; its CA when on HTTPS) and return its path."""
         path = Path(path)
+        cluster = {"server": self.url}
+        if self.pki is not None:
+            cluster["certificate-authority"] = str(self.pki.ca_file)
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "kubeapi", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "kubeapi", "cluster": cluster}],
             "users": [{"name": "kubeapi", "user": {"token": self.token}}],
             "contexts": [
                 {
