@@ -22,11 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio.client import ApiClient
 
 from flowmon_agent.metadata.records import parse_object
 from flowmon_agent.metadata.store import MetadataStore
-from flowmon_kube import Connection, Gone, api_client, call, error, in_cluster, raise_for_status, read_json
+from flowmon_kube import (
+    Connection,
+    Gone,
+    KubeError,
+    api_client,
+    call,
+    error,
+    in_cluster,
+    raise_for_status,
+    read_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +218,7 @@ class KubeWatcher:
             except Gone:
                 log.info("%s: resourceVersion too old, relisting", resource.kind)
                 version = None
-            except Exception as exc:  # whatever one stream did: keep the last metadata, back off, retry
+            except (TimeoutError, aiohttp.ClientError, KubeError, OSError, ValueError) as exc:
                 log.warning("%s: %s; retrying in %.1fs with the last metadata", resource.kind, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_seconds[1])
