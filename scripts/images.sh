@@ -16,8 +16,8 @@ LABEL=io.flowmon.context
 # What each image is built from (its Dockerfile's COPY sources): a change in any rebuilds it.
 COMMON=(pyproject.toml README.md scripts/apt-packages.txt images/apt-install.sh)
 declare -A INPUTS=(
-  [agent]="images/agent.Dockerfile images/agent-entrypoint.sh images/agent-requirements.txt images/kernel-headers.txt images/make-header-tree.sh images/seccomp scripts/link-debian-bcc.sh contract agent bpf"
-  [operator]="images/operator.Dockerfile images/operator-requirements.txt contract operator"
+  [agent]="images/agent.Dockerfile images/agent-entrypoint.sh images/agent-requirements.txt images/kernel-headers.txt images/make-header-tree.sh images/seccomp scripts/link-debian-bcc.sh contract kube agent bpf"
+  [operator]="images/operator.Dockerfile images/operator-requirements.txt contract kube operator"
 )
 
 context_hash() {  # the files' paths and contents, without caches
