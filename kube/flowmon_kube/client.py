@@ -1,26 +1,24 @@
-"""A kubernetes_asyncio ApiClient for a Connection, and the API's answers as JSON dicts or errors.
+"""HTTP to the Kubernetes API on plain aiohttp, and the API's answers as JSON dicts or errors.
 
-Requests go through the library (`ApiClient.call_api`, the typed APIs, `watch.Watch`) with
-`_preload_content=False`: the caller gets the raw response and reads it here as a plain dict. The
-library would otherwise build typed model trees (costly for thousands of pods) and log whole response
-bodies at DEBUG level.
+Hand-written on purpose (the house prefers a library): `kubernetes_asyncio` did this part before and cost
+the agent, on every node, +38 MB RSS at import (87 MB vs 49 MB after `import flowmon_agent.runner`: it
+loads every typed model) and +50 MB of image; the agent needs none of its typed models, only
+authenticated JSON requests and watch streams, which are a few lines on the aiohttp it already uses.
+What is written here: the request (path, query, JSON body), TLS verified against the cluster's CA, the
+bearer token read again from its file on every request (projected tokens rotate), and errors mapped from
+the API's Status. No request or response body and no token is ever logged.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-from kubernetes_asyncio.client import ApiClient, Configuration
 
 from flowmon_kube.connection import Connection
-
-# kubernetes_asyncio's REST layer logs every preloaded response body at DEBUG: Secrets and TokenReviews
-# must never reach a log, whatever level an operator's --debug sets.
-logging.getLogger("kubernetes_asyncio.client.rest").setLevel(logging.INFO)
 
 
 class KubeError(Exception):
@@ -53,28 +51,80 @@ def error(status: int, document: object, text: str = "") -> KubeError:
     return ERRORS.get(status, KubeError)(status, found.get("reason", ""), message)
 
 
-def configuration(conn: Connection) -> Configuration:
-    """The library's configuration for a connection. TLS is verified unless the kubeconfig itself said
-    insecure-skip-tls-verify. A token file is re-read on every request (the library's own in-cluster
-    loader re-reads it once a minute; rotated tokens should be used as soon as they are written)."""
-    config = Configuration(host=conn.server.rstrip("/"))
-    config.ssl_ca_cert, config.cert_file, config.key_file = conn.ca_path, conn.cert_path, conn.key_path
-    config.verify_ssl = not conn.insecure
-    if token := conn.bearer():
-        config.api_key["BearerToken"] = f"Bearer {token}"
-        if conn.token_file is not None:
+def tls_context(conn: Connection) -> ssl.SSLContext | bool:
+    """Verified against the connection's CA (the system's when it names none); a client certificate when
+    the kubeconfig has one; no verification only when the kubeconfig said insecure-skip-tls-verify."""
+    if not conn.server.startswith("https:"):
+        return False
+    if conn.insecure:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(cafile=conn.ca_path)
+    if conn.cert_path and conn.key_path:
+        context.load_cert_chain(conn.cert_path, conn.key_path)
+    return context
 
-            def reread(config: Configuration) -> None:
-                if token := conn.bearer():
-                    config.api_key["BearerToken"] = f"Bearer {token}"
 
-            config.refresh_api_key_hook = reread
-    return config
+def timeout_of(timeout: float | tuple[float, float] | None) -> aiohttp.ClientTimeout:
+    """A total in seconds, or (connect, read between bytes) for streams; None: no limit."""
+    if isinstance(timeout, tuple):
+        return aiohttp.ClientTimeout(total=None, connect=timeout[0], sock_read=timeout[1])
+    return aiohttp.ClientTimeout(total=timeout)
+
+
+class ApiClient:
+    """One aiohttp session to one API server. The session is opened on the first request, so that the
+    client can be built outside a running loop; close it, or use `async with`."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self._server = conn.server.rstrip("/")
+        self._tls = tls_context(conn)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ApiClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def headers(self, content_type: str) -> dict[str, str]:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        if token := self.conn.bearer():  # read again each time: a rotated token is used at once
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float | tuple[float, float] | None = None,
+    ) -> aiohttp.ClientResponse:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._tls))
+        return await self._session.request(
+            method,
+            self._server + path,
+            params=dict(query or {}),
+            data=None if body is None else json.dumps(body),  # JSON is YAML too (server-side apply)
+            headers=self.headers(content_type),
+            timeout=timeout_of(timeout),
+        )
 
 
 def api_client(conn: Connection) -> ApiClient:
-    """One aiohttp session (call within a running loop; close it, or use `async with`)."""
-    return ApiClient(configuration(conn))
+    """One session (close it, or use `async with`)."""
+    return ApiClient(conn)
 
 
 async def call(
@@ -87,19 +137,12 @@ async def call(
     content_type: str = "application/json",
     timeout: float | tuple[float, float] | None = None,
 ) -> aiohttp.ClientResponse:
-    """One request to a path through the library (auth, TLS, session); the raw response, unread.
+    """One request to a path (auth, TLS, session); the raw response, unread.
 
-    `timeout` is the library's: a total in seconds, or (connect, read between bytes) for streams.
+    `timeout`: a total in seconds, or (connect, read between bytes) for streams.
     """
-    return await client.call_api(
-        path,
-        method,
-        query_params=list((query or {}).items()),
-        header_params={"Accept": "application/json", "Content-Type": content_type},
-        body=body,
-        auth_settings=["BearerToken"],
-        _preload_content=False,
-        _request_timeout=timeout,
+    return await client.request(
+        method, path, query=query, body=body, content_type=content_type, timeout=timeout
     )
 
 

@@ -1,22 +1,24 @@
-"""Where the Kubernetes API is and how to authenticate: the pod's service account, else a kubeconfig.
-
-Both are read by kubernetes_asyncio's own loaders, so that every kubeconfig flavour (client certificates,
-tokens, exec plugins, OIDC) works; the result is a plain `Connection`, which kopf's login and the
+"""Where the Kubernetes API is and how to authenticate: a plain `Connection`, which kopf's login and the
 clients of this package share.
+
+In a pod it is the service account (`in_cluster`: the API's address from KUBERNETES_SERVICE_HOST/PORT, the
+token and CA files), read here without any library. A kubeconfig (every flavour: client certificates,
+tokens, exec plugins, OIDC) is read by the operator with kubernetes_asyncio's loader
+(flowmon_operator.kubeconfig): only the operator and the CLI need one, and the agent image must not carry
+that library.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubernetes_asyncio.client import Configuration
-from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
-
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class NotInCluster(Exception):
+    """No service account here: not in a pod, or one without an API token."""
 
 
 @dataclass(frozen=True)
@@ -38,39 +40,14 @@ class Connection:
 
 
 def in_cluster(service_account: Path = SERVICE_ACCOUNT) -> Connection:
-    """The pod's service account; ConfigException outside a pod."""
-    config = Configuration()
-    load_incluster_config(
-        client_configuration=config,
-        token_filename=str(service_account / "token"),
-        cert_filename=str(service_account / "ca.crt"),
-    )
-    return Connection(server=config.host, token_file=service_account / "token", ca_path=config.ssl_ca_cert)
-
-
-def load_connection() -> Connection:
-    """In-cluster service account, else the kubeconfig named by $KUBECONFIG (or ~/.kube/config)."""
-    try:
-        return in_cluster()
-    except ConfigException:
-        pass
-    path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
-    config = Configuration()
-    # The library's kubeconfig loader is a coroutine (exec plugins and OIDC refreshes are async I/O). It
-    # runs on a loop of its own in a worker thread, so that plain callers and callers inside a running
-    # loop (kopf's startup handler) both get a Connection.
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(
-            lambda: asyncio.run(
-                load_kube_config(config_file=path, client_configuration=config, persist_config=False)
-            )
-        ).result()
-    scheme, _, token = (config.api_key.get("BearerToken") or "").partition(" ")
-    return Connection(
-        server=config.host,
-        token=token if scheme == "Bearer" and token else None,
-        ca_path=config.ssl_ca_cert,
-        cert_path=config.cert_file,
-        key_path=config.key_file,
-        insecure=not config.verify_ssl,
-    )
+    """The pod's service account; NotInCluster outside a pod."""
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        raise NotInCluster("KUBERNETES_SERVICE_HOST/PORT are not set")
+    token, ca = service_account / "token", service_account / "ca.crt"
+    if not token.is_file() or not token.read_text().strip():
+        raise NotInCluster(f"no service account token in {token}")
+    if not ca.is_file():
+        raise NotInCluster(f"no cluster CA in {ca}")
+    host = f"[{host}]" if ":" in host else host  # an IPv6 service address
+    return Connection(server=f"https://{host}:{port}", token_file=token, ca_path=str(ca))

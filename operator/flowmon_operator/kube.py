@@ -2,11 +2,12 @@
 a client).
 
 Credentials come from the in-cluster service account, else from the kubeconfig ($KUBECONFIG read at call
-time): `load_connection`, shared with kopf's login. Children are written with server-side apply (one field
-manager, forced): idempotent, creates when absent, and leaves fields other managers own alone.
+time): `load_connection` (flowmon_operator.kubeconfig), shared with kopf's login. Children are written
+with server-side apply (one field manager, forced): idempotent, creates when absent, and leaves fields
+other managers own alone.
 
-Hand-written on purpose: the table of ten kinds and their paths (`Ref`, `KINDS`). The library's typed
-APIs would need one method name per kind and verb (CustomObjectsApi only covers custom resources), and
+Hand-written on purpose: the table of ten kinds and their paths (`Ref`, `KINDS`). kubernetes_asyncio's
+typed APIs would need one method name per kind and verb (CustomObjectsApi only covers custom resources), and
 its DynamicClient finds paths by discovery: requests at start, a cache file on a read-only root file
 system, and a missing CRD reported by discovery instead of as the 404 the reconciler expects.
 """
@@ -24,9 +25,9 @@ from flowmon_kube import (
     NotFound,
     api_client,
     call,
-    load_connection,
     read_json,
 )
+from flowmon_operator.kubeconfig import load_connection
 
 __all__ = ["KINDS", "Conflict", "Connection", "KubeClient", "KubeError", "NotFound", "Ref", "load_connection"]
 
@@ -66,7 +67,7 @@ KINDS: dict[str, Ref] = {
 
 
 class KubeClient:
-    """Async; one session (the library's ApiClient). Use as `async with KubeClient(conn) as kube:` or call
+    """Async; one session (flowmon_kube's ApiClient). Use as `async with KubeClient(conn) as kube:` or call
     close()."""
 
     def __init__(self, conn: Connection, *, timeout: float = 15.0):

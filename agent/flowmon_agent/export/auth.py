@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Protocol
 
 import aiohttp
-from kubernetes_asyncio.client import AuthenticationV1Api
 
 from flowmon_contract.policy import AgentPolicy
-from flowmon_kube import SERVICE_ACCOUNT, Connection, KubeError, api_client, read_json
+from flowmon_kube import SERVICE_ACCOUNT, Connection, KubeError, api_client, call, read_json
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +124,11 @@ class TokenReviewer(Protocol):
 
 
 IN_CLUSTER_SA = SERVICE_ACCOUNT
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 
 class KubeTokenReviewer:
-    """Asks the API server (`POST /apis/authentication.k8s.io/v1/tokenreviews`, the library's typed call)
+    """Asks the API server (`POST /apis/authentication.k8s.io/v1/tokenreviews`, on flowmon_kube's client)
     with the agent's own ServiceAccount token. Answers are cached for `ttl` seconds by token digest, so that
     a scrape every few seconds costs one review per minute, not one per scrape. The reviewed token is in
     the request body only: never in a log or an exception."""
@@ -174,10 +174,7 @@ class KubeTokenReviewer:
         try:
             # One session per review (a review per token per TTL): no session outlives the caller's loop.
             async with api_client(self._connection) as client:
-                reviews = AuthenticationV1Api(client)
-                answer = await read_json(
-                    await reviews.create_token_review(body, _preload_content=False, _request_timeout=5)
-                )
+                answer = await read_json(await call(client, "POST", TOKEN_REVIEWS, body=body, timeout=5))
         except (KubeError, aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ReviewUnavailable(str(exc)) from exc
         return parse_token_review(answer)
