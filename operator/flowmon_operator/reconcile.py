@@ -23,6 +23,7 @@ from flowmon_contract.spec import FlowMonitor
 from flowmon_operator import builders, rules
 from flowmon_operator import pki as certs
 from flowmon_operator.kube import Conflict, KubeClient, NotFound
+from flowmon_operator.labels import monitor_selector
 from flowmon_operator.pki import KeyPair
 from flowmon_operator.push import AgentPod, AgentReport, PushTarget, agent_nodes, agent_pods, sync_agents
 from flowmon_operator.settings import OperatorSettings
@@ -180,7 +181,7 @@ async def apply_children(rt: Runtime, monitor: FlowMonitor, pki: Pki) -> list[st
         )
     except NotFound:
         notes.append("the ServiceMonitor CRD (monitoring.coreos.com/v1) is not installed")
-    rule = rules.build_prometheus_rule(monitor, s)
+    rule = rules.build_prometheus_rule(monitor)
     try:
         if rule is not None:
             await rt.kube.apply(rule)
@@ -195,7 +196,7 @@ async def apply_children(rt: Runtime, monitor: FlowMonitor, pki: Pki) -> list[st
 async def delete_children(rt: Runtime, namespace: str, name: str) -> int:
     """Everything labelled as this monitor's, in its namespace (owner references are only a backup)."""
     deleted = 0
-    selector = builders.monitor_selector(namespace, name)
+    selector = monitor_selector(namespace, name)
     for kind in CHILD_KINDS:
         try:
             children = await rt.kube.list(kind, namespace, selector)
