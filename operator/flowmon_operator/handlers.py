@@ -21,8 +21,7 @@ import kopf
 
 from flowmon_contract.spec import API_GROUP, API_VERSION, PLURAL
 from flowmon_operator import reconcile
-from flowmon_operator.kube import KubeClient, load_connection
-from flowmon_operator.push import AgentChannel
+from flowmon_operator.kube import load_connection
 from flowmon_operator.reconcile import Runtime
 from flowmon_operator.rounds import RoundScheduler
 from flowmon_operator.settings import OperatorSettings
@@ -56,14 +55,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Reconnect watches regularly: a connection that silently died (no RST) would otherwise hang forever.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    # Agents' connections outlive a period (reused by the next round) but not the agent server's 75 s.
-    keepalive = min(60.0, max(15.0, 2 * config.timer_interval_seconds))
-    runtime = Runtime(
-        config,
-        KubeClient(load_connection()),
-        AgentChannel(keepalive_seconds=keepalive),
-        tuple(memo.namespaces),
-    )
+    runtime = Runtime.connect(config, memo.namespaces)
 
     async def cluster_round(requested: frozenset[str], full: bool) -> reconcile.RoundReport:
         return await reconcile.run_round(runtime, requested, full=full)
@@ -83,8 +75,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
             await task
     runtime: Runtime | None = memo.get("runtime")
     if runtime is not None:
-        await runtime.agents.close()
-        await runtime.kube.close()
+        await runtime.close()
 
 
 async def _round_for(body: kopf.Body, memo: kopf.Memo) -> reconcile.RoundReport:

@@ -22,7 +22,7 @@ from flowmon_contract.spec import FlowMonitor
 from flowmon_operator import builders, rules
 from flowmon_operator.desired import DesiredState, KeyMaterial, MonitorObjects, desired_objects
 from flowmon_operator.keys import Identity, WaitingForCertificate, ensure_identity, load_scrape_token
-from flowmon_operator.kube import KubeClient, KubeError, NotFound
+from flowmon_operator.kube import KubeClient, KubeError, NotFound, load_connection
 from flowmon_operator.labels import monitor_selector
 from flowmon_operator.push import AgentChannel, AgentPod, AgentReport, PushTarget, agent_nodes, agent_pods
 from flowmon_operator.settings import OperatorSettings
@@ -55,6 +55,22 @@ class Runtime:
     tokens: dict[str, str] = field(default_factory=dict)  # monitor key → scrape token
     policies: dict[str, AgentPolicy] = field(default_factory=dict)  # recent policies by hash
     notes: dict[str, list[str]] = field(default_factory=dict)  # monitor key → children that cannot exist
+
+    @classmethod
+    def connect(cls, settings: OperatorSettings, namespaces: Collection[str] = ()) -> Runtime:
+        """The API client from the environment (in-cluster, else $KUBECONFIG) and a fresh agents' channel,
+        whose connections outlive a period (reused by the next round) but not the agent server's 75 s."""
+        keepalive = min(60.0, max(15.0, 2 * settings.timer_interval_seconds))
+        return cls(
+            settings,
+            KubeClient(load_connection()),
+            AgentChannel(keepalive_seconds=keepalive),
+            tuple(namespaces),
+        )
+
+    async def close(self) -> None:
+        await self.agents.close()
+        await self.kube.close()
 
 
 @dataclass(frozen=True)
