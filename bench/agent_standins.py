@@ -41,6 +41,17 @@ def agent_ips(first: str, count: int) -> list[str]:
     return ips
 
 
+def agent_pod(index: int, ip: str, namespace: str, labels: dict[str, str]) -> dict:
+    """A Ready agent Pod for the API (there is no DaemonSet controller or kubelet to make one)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"flowmon-agent-{index}", "namespace": namespace, "labels": labels},
+        "spec": {"nodeName": f"node-{index}", "containers": [{"name": "agent", "image": "agent"}]},
+        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
 @dataclass
 class AgentState:
     policy_hash: str | None = None

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from bench.agent_standins import StandinAgents, agent_ips
+from bench.agent_standins import StandinAgents, agent_ips, agent_pod
 from flowmon_contract.policy import AgentPolicy
 from flowmon_lab.prometheus import free_port
 from flowmon_operator import builders, pki
@@ -164,15 +164,7 @@ async def cluster(
     ):
         kube_api.create(secret)
     for i, ip in enumerate(AGENTS):
-        kube_api.create(
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": f"flowmon-agent-{i}", "namespace": NS, "labels": settings.agent_labels},
-                "spec": {"nodeName": f"node-{i}", "containers": [{"name": "agent", "image": "agent"}]},
-                "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
-            }
-        )
+        kube_api.create(agent_pod(i, ip, NS, settings.agent_labels))
     for namespace, name in MONITORS:
         body = {"apiVersion": FM, "kind": "FlowMonitor", "metadata": {"name": name, "namespace": namespace}}
         kube_api.create(body)

@@ -10,6 +10,7 @@ stops the other monitors.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Collection, Mapping
@@ -39,6 +40,7 @@ from flowmon_operator.status import (
 log = logging.getLogger(__name__)
 FLOWMONITOR = "FlowMonitor"
 CHILD_KINDS = ("ServiceMonitor", "PrometheusRule", "Secret")
+APPLY_CONCURRENCY = 8  # monitors whose children are applied at once (the API server works in parallel)
 
 __all__ = ["RoundReport", "Runtime", "WaitingForCertificate", "delete_children", "run_round"]
 
@@ -271,7 +273,6 @@ async def run_round(rt: Runtime, requested: Collection[str] = (), *, full: bool 
         carried=_carried(running, [*problems, *errors]),
     )
     assert state is not None  # something valid or carried exists
-    applied = await _apply_monitors(rt, state, [k for k in to_apply if k in valid], errors)
     for obj in state.shared:
         await rt.kube.apply(obj)
     policy = state.policy
@@ -281,6 +282,8 @@ async def run_round(rt: Runtime, requested: Collection[str] = (), *, full: bool 
     for known in (running, policy):
         remember(rt.policies, known)
     fleet = await push_to_agents(rt, policy, identity, agents, force=changed)
+    # Children after the push: the agents need none of them, and at start there are many to apply.
+    applied = await _apply_monitors(rt, state, [k for k in to_apply if k in valid], errors)
     errors |= await _write_statuses(rt, live, problems, valid, policy, fleet, applied)
     return RoundReport(policy, fleet, problems, errors)
 
@@ -288,18 +291,24 @@ async def run_round(rt: Runtime, requested: Collection[str] = (), *, full: bool 
 async def _apply_monitors(
     rt: Runtime, state: DesiredState, keys: list[str], errors: dict[str, str]
 ) -> set[str]:
-    """Apply these monitors' children, each on its own: a refusal goes into `errors` and the monitor's
-    Degraded condition, and the others carry on. Returns the monitors whose children are applied."""
-    applied = set()
-    for key in keys:
-        try:
-            rt.notes[key] = await apply_children(rt, state.monitors[key])
-            applied.add(key)
-        except KubeError as exc:
-            errors[key] = f"applying its children: {_short(exc)}"
-            rt.notes[key] = [errors[key]]
-            log.warning("FlowMonitor %s: %s", key, errors[key])
-    return applied
+    """Apply these monitors' children, a few monitors at a time (a full round applies them all), each on
+    its own: a refusal goes into `errors` and the monitor's Degraded condition, and the others carry on.
+    Returns the monitors whose children are applied."""
+    gate = asyncio.Semaphore(APPLY_CONCURRENCY)
+
+    async def apply(key: str) -> str | None:
+        async with gate:
+            try:
+                rt.notes[key] = await apply_children(rt, state.monitors[key])
+            except KubeError as exc:
+                rt.notes[key] = [f"applying its children: {_short(exc)}"]
+                log.warning("FlowMonitor %s: %s", key, rt.notes[key][0])
+                return rt.notes[key][0]
+            return None
+
+    outcomes = await asyncio.gather(*(apply(key) for key in keys))
+    errors.update({key: error for key, error in zip(keys, outcomes, strict=True) if error is not None})
+    return {key for key, error in zip(keys, outcomes, strict=True) if error is None}
 
 
 async def _patch_status(rt: Runtime, body: Mapping, new: dict) -> str | None:
