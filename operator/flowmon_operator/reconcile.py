@@ -272,7 +272,8 @@ async def run_round(rt: Runtime, requested: Collection[str] = (), *, full: bool 
         agent_nodes=agent_nodes(agents.pods),
         carried=_carried(running, [*problems, *errors]),
     )
-    assert state is not None  # something valid or carried exists
+    if state is None:  # every valid monitor's token was unreadable and nothing runs yet: nothing to do
+        return RoundReport(None, None, problems, errors)
     for obj in state.shared:
         await rt.kube.apply(obj)
     policy = state.policy
