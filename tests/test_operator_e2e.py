@@ -345,6 +345,21 @@ def test_update_pushes_the_new_policy_to_running_agents(cluster: Cluster):
     assert before not in json.dumps(daemonset["spec"]) and after.hash not in json.dumps(daemonset["spec"])
 
 
+def test_monitors_share_one_round_per_period(cluster: Cluster):
+    """Three monitors, one cluster round per timer period (each round applies the DaemonSet once and asks
+    each agent once): not one round per monitor."""
+    monitors = (("web", "team-a"), ("api", "team-a"), ("db", "team-b"))
+    for name, namespace in monitors:
+        cluster.create_monitor(name, namespace)
+    cluster.bring_up_agents()
+    cluster.wait(lambda: all(cluster.ready_with(name, namespace=ns) for name, ns in monitors))
+    asked, started = len(cluster.api.requests), time.monotonic()
+    time.sleep(4 * TIMER)
+    elapsed = time.monotonic() - started
+    rounds = [p for m, p in cluster.api.requests[asked:] if m == "PATCH" and "/daemonsets/" in p]
+    assert 1 <= len(rounds) <= elapsed / TIMER + 1, (len(rounds), elapsed)
+
+
 def test_an_agent_that_stops_being_ready_leaves_the_policys_agent_nodes(cluster: Cluster):
     """Its node's clients are then reported by the servers' agents: the others must learn it."""
     cluster.create_monitor("web")

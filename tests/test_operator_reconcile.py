@@ -7,7 +7,8 @@ from pydantic import ValidationError
 
 from flowmon_contract.policy import compile_policy
 from flowmon_contract.spec import FlowMonitor
-from flowmon_operator.reconcile import merge_policy, monitor_key, parse_monitor
+from flowmon_operator.desired import merge_policy
+from flowmon_operator.reconcile import monitor_key, parse_monitor
 
 
 def monitor(namespace: str, name: str, **spec) -> FlowMonitor:

@@ -129,6 +129,7 @@ def test_rule_is_valid_and_renders_the_alerts_the_spec_supports(
     meta = rule["metadata"]
     assert meta["namespace"] == "shop"
     assert meta["labels"]["app.kubernetes.io/managed-by"] == "flowmon-operator"
+    assert meta["labels"]["app.kubernetes.io/part-of"] == "flowmon"  # like every other child
     assert meta["labels"]["flowmon.io/monitor-namespace"] == "shop"
     assert meta["labels"]["flowmon.io/monitor-name"] == "web"
     for key, value in mon.spec.scrape.service_monitor_labels.items():
@@ -199,9 +200,11 @@ def test_prom_duration(seconds: int, text: str) -> None:
     assert prom_duration(seconds) == text
 
 
-def test_a_monitor_without_uid_cannot_own_its_rule() -> None:
-    with pytest.raises(ValueError, match="uid"):
-        build_prometheus_rule(monitor({}, uid=None))
+def test_an_offline_monitor_without_uid_gets_a_rule_without_owner() -> None:
+    """`flowmon render` reads files: no uid, so no owner reference (never a made-up one)."""
+    rule = build_prometheus_rule(monitor({}, uid=None))
+    assert rule is not None and "ownerReferences" not in rule["metadata"]
+    assert rule["spec"]["groups"] == build_prometheus_rule(monitor({}))["spec"]["groups"]
 
 
 def test_relabeling_marks_series_with_the_monitor() -> None:

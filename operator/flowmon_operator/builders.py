@@ -19,16 +19,12 @@ from collections.abc import Mapping
 
 from flowmon_contract.metrics import METRICS, FamilyType
 from flowmon_contract.policy import AgentPolicy, canonical_json, policy_hash
-from flowmon_contract.spec import API_GROUP, API_VERSION, KIND, Dimension, FlowMonitor
+from flowmon_contract.spec import Dimension, FlowMonitor
+from flowmon_operator.labels import managed_labels, monitor_labels, owned_by
 from flowmon_operator.pki import KeyPair
 from flowmon_operator.rules import monitor_relabeling
 from flowmon_operator.settings import OperatorSettings
 
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-MANAGED_BY = "flowmon-operator"
-OWNER_LABELS = {MANAGED_BY_LABEL: MANAGED_BY, "app.kubernetes.io/part-of": "flowmon"}
-MONITOR_NAMESPACE_LABEL = "flowmon.io/monitor-namespace"
-MONITOR_NAME_LABEL = "flowmon.io/monitor-name"
 POLICY_HASH_ANNOTATION = "flowmon.io/policy-hash"
 
 POLICY_FILE = "policy.json"
@@ -42,50 +38,7 @@ SCRAPE_TOKEN_KEY = "token"
 CA_KEY = "ca.crt"
 
 
-# --- labels, names, owner references -----------------------------------------------------------------------
-def managed_labels(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Labels of every object the operator creates; `extra` never overrides the ownership labels."""
-    return {**(extra or {}), **OWNER_LABELS}
-
-
-def monitor_labels(monitor: FlowMonitor, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Labels of the objects that belong to one monitor (found by these for cleanup)."""
-    return managed_labels(extra) | {
-        MONITOR_NAMESPACE_LABEL: monitor.metadata.namespace,
-        MONITOR_NAME_LABEL: monitor.metadata.name,
-    }
-
-
-def monitor_selector(namespace: str, name: str) -> str:
-    """The label selector (list/delete) for one monitor's objects, in any namespace."""
-    return (
-        f"{MANAGED_BY_LABEL}={MANAGED_BY},{MONITOR_NAMESPACE_LABEL}={namespace},{MONITOR_NAME_LABEL}={name}"
-    )
-
-
-MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
-
-
-def owned_by(monitor: FlowMonitor) -> dict:
-    """metadata.ownerReferences for a child in the monitor's namespace. Offline renders (`flowmon render`)
-    have no uid: they get none, never a made-up uid (the garbage collector would delete the child)."""
-    return {"ownerReferences": [owner_reference(monitor)]} if monitor.metadata.uid else {}
-
-
-def owner_reference(monitor: FlowMonitor) -> dict:
-    """The FlowMonitor as controller owner: garbage collection removes its same-namespace children."""
-    if not monitor.metadata.uid:
-        raise ValueError(f"FlowMonitor {monitor.key} has no metadata.uid: it must come from the API server")
-    return {
-        "apiVersion": f"{API_GROUP}/{API_VERSION}",
-        "kind": KIND,
-        "name": monitor.metadata.name,
-        "uid": monitor.metadata.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
+# --- names ---------------------------------------------------------------------------------------------
 def scrape_secret_name(settings: OperatorSettings, monitor: FlowMonitor) -> str:
     return f"{settings.scrape_secret_prefix}{monitor.metadata.name}"
 

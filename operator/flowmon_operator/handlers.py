@@ -1,12 +1,17 @@
-"""The kopf handlers: thin functions that call flowmon_operator.reconcile, wired into a registry.
+"""The kopf handlers: thin functions that ask flowmon_operator.rounds for a cluster round, wired into a
+registry.
 
-`make_registry(settings)` registers them (the timer's interval comes from the settings);
-`run(...)` runs the real kopf operator with that registry; `flowmon operator` calls it.
-Everything a handler needs (settings, the API client, the round lock) travels in kopf's memo.
+`make_registry(settings)` registers them; `operator(...)` runs the real kopf operator with that registry;
+`flowmon operator` calls it. At startup one RoundScheduler task starts (with the API client and the one
+HTTPS channel to the agents, kept in kopf's memo): create, update, resume and delete only ask it for a
+round and read that round's report for their monitor; it also runs the periodic full round, so there is
+no timer per monitor.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -16,8 +21,9 @@ import kopf
 
 from flowmon_contract.spec import API_GROUP, API_VERSION, PLURAL
 from flowmon_operator import reconcile
-from flowmon_operator.kube import KubeClient, load_connection
+from flowmon_operator.kube import load_connection
 from flowmon_operator.reconcile import Runtime
+from flowmon_operator.rounds import RoundScheduler
 from flowmon_operator.settings import OperatorSettings
 
 FINALIZER = f"{API_GROUP}/finalizer"
@@ -46,46 +52,56 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         prefix=API_GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING  # Kubernetes events only for problems
-    # A deleted monitor keeps its finalizer until its timer has exited; check soon, not after 60 s.
-    settings.background.cancellation_polling = min(5.0, config.timer_interval_seconds)
     # Reconnect watches regularly: a connection that silently died (no RST) would otherwise hang forever.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    memo.runtime = Runtime(config, KubeClient(load_connection()), tuple(memo.namespaces))
+    runtime = Runtime.connect(config, memo.namespaces)
+
+    async def cluster_round(requested: frozenset[str], full: bool) -> reconcile.RoundReport:
+        return await reconcile.run_round(runtime, requested, full=full)
+
+    memo.runtime = runtime
+    memo.rounds = RoundScheduler(
+        cluster_round, debounce=config.round_debounce_seconds, period=config.timer_interval_seconds
+    )
+    memo.round_task = asyncio.create_task(memo.rounds.run(), name="flowmon-rounds")
 
 
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    task: asyncio.Task | None = memo.get("round_task")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     runtime: Runtime | None = memo.get("runtime")
     if runtime is not None:
-        await runtime.kube.close()
+        await runtime.close()
 
 
-async def _sync(memo: kopf.Memo, **kwargs: Any) -> reconcile.Outcome:
-    """One round; waiting for cert-manager is temporary: retried after one timer period."""
+async def _round_for(body: kopf.Body, memo: kopf.Memo) -> reconcile.RoundReport:
+    """Wait for the round that covers this monitor; waiting for cert-manager is temporary."""
     try:
-        return await reconcile.sync(memo.runtime, **kwargs)
+        return await memo.rounds.request(reconcile.monitor_key(body))
     except reconcile.WaitingForCertificate as exc:
-        raise kopf.TemporaryError(str(exc), delay=memo.runtime.settings.timer_interval_seconds) from None
+        raise kopf.TemporaryError(str(exc), delay=memo.config.timer_interval_seconds) from None
 
 
 async def reconcile_monitor(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """create, update and resume: one idempotent round. An invalid spec gets Ready=False (written by the
-    round) and a permanent error: retrying cannot fix it, the next spec change will."""
-    outcome = await _sync(memo, trigger=body)
-    problem = outcome.problems.get(reconcile.monitor_key(body))
-    if problem is not None:
-        raise kopf.PermanentError(f"invalid spec: {problem}")
-
-
-async def resync_monitor(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """The timer: restores children edited or deleted by hand, retries agents that missed a push."""
-    await _sync(memo, trigger=body)
+    """create, update and resume. An invalid spec gets Ready=False (written by the round) and a permanent
+    error: retrying cannot fix it, the next spec change will. What the API refused for this monitor is
+    in its status and retried after one period."""
+    report = await _round_for(body, memo)
+    key = reconcile.monitor_key(body)
+    if key in report.problems:
+        raise kopf.PermanentError(f"invalid spec: {report.problems[key]}")
+    if key in report.errors:
+        raise kopf.TemporaryError(report.errors[key], delay=memo.config.timer_interval_seconds)
 
 
 async def delete_monitor(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Drop the monitor from the policy (the last one takes the shared objects along), then its children."""
+    """A round without the monitor (the last one takes the shared objects along), then its children."""
     meta = body["metadata"]
-    await _sync(memo, deleting=reconcile.monitor_key(body))
+    await _round_for(body, memo)
     await reconcile.delete_children(memo.runtime, meta["namespace"], meta["name"])
 
 
@@ -98,14 +114,6 @@ def make_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
     for cause in (kopf.on.create, kopf.on.update, kopf.on.resume):
         cause(*RESOURCE, registry=registry, backoff=backoff)(reconcile_monitor)
     kopf.on.delete(*RESOURCE, registry=registry, backoff=backoff)(delete_monitor)
-    # A failed round (e.g. the API is away) is retried after one timer period, not kopf's default minute.
-    kopf.timer(
-        *RESOURCE,
-        registry=registry,
-        interval=config.timer_interval_seconds,
-        initial_delay=backoff,
-        backoff=backoff,
-    )(resync_monitor)
     return registry
 
 

@@ -2,6 +2,8 @@
 
 Concurrent over all agent pods, each call bounded by a timeout. The agents' serving certificate carries
 the Service's DNS name, not pod IPs: connections go to the pod IP and verify that name (SNI + hostname).
+The operator keeps one `AgentChannel` for its life: connections stay open between rounds (keep-alive),
+so a steady round costs one request per agent and no TLS handshake.
 """
 
 from __future__ import annotations
@@ -172,18 +174,46 @@ async def _converge(
     return AgentReport(agent.name, ready=True, policy_hash=running, error=error)
 
 
-async def sync_agents(
-    agents: Iterable[AgentPod],
-    target: PushTarget,
-    policy_json: str,
-    policy_hash: str,
-    *,
-    force: bool = False,
-) -> list[AgentReport]:
-    """Bring every ready agent to the policy: ask its hash, PUT when it differs (always PUT with force,
-    i.e. right after the policy changed). Agents that miss a round are caught up by the next one."""
-    context = client_context(target.ca_pem)
-    async with aiohttp.ClientSession() as session:
+class AgentChannel:
+    """One HTTP session to every agent, for the operator's life (or one `async with` block)."""
+
+    def __init__(self, *, keepalive_seconds: float = 60.0):
+        # Idle connections live across rounds; the agent's server keeps them 75 s (aiohttp's default), so
+        # the client lets go first. No connection limit: one open connection per agent is the point.
+        self.keepalive_seconds = keepalive_seconds
+        self._session: aiohttp.ClientSession | None = None
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    async def __aenter__(self) -> AgentChannel:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    def _context(self, ca_pem: str) -> ssl.SSLContext:
+        """The same context object per CA: aiohttp pools connections by it, so a new one would reconnect."""
+        if ca_pem not in self._contexts:
+            self._contexts = {ca_pem: client_context(ca_pem)}  # a new CA: the old trust goes
+        return self._contexts[ca_pem]
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=self.keepalive_seconds)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    async def sync(
+        self,
+        agents: Iterable[AgentPod],
+        target: PushTarget,
+        policy_json: str,
+        policy_hash: str,
+        *,
+        force: bool = False,
+    ) -> list[AgentReport]:
+        """Bring every ready agent to the policy: ask its hash, PUT when it differs (always PUT with force,
+        i.e. right after the policy changed). Agents that miss a round are caught up by the next one."""
+        session, context = self._open(), self._context(target.ca_pem)
         return list(
             await asyncio.gather(
                 *(
@@ -192,3 +222,21 @@ async def sync_agents(
                 )
             )
         )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def sync_agents(
+    agents: Iterable[AgentPod],
+    target: PushTarget,
+    policy_json: str,
+    policy_hash: str,
+    *,
+    force: bool = False,
+) -> list[AgentReport]:
+    """One round on a channel of its own (tests, one-off pushes); the operator keeps its channel open."""
+    async with AgentChannel() as channel:
+        return await channel.sync(agents, target, policy_json, policy_hash, force=force)

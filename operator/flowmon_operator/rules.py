@@ -15,7 +15,8 @@ from flowmon_contract import metrics
 from flowmon_contract.alerting import DAY_SECONDS, AlertingSpec
 from flowmon_contract.metrics import METRICS
 from flowmon_contract.model_base import duration_seconds
-from flowmon_contract.spec import API_GROUP, API_VERSION, KIND, Dimension, FlowMonitor, Metric
+from flowmon_contract.spec import Dimension, FlowMonitor, Metric
+from flowmon_operator.labels import monitor_labels, owned_by
 
 MONITOR_LABEL = "flowmon_monitor"
 PAIR_LABELS: tuple[str, ...] = tuple(
@@ -48,7 +49,6 @@ SAME_HOUR_SECONDS = 3600  # each previous day contributes its mean over the hour
 NEW_PAIR_HOLD = "1h"  # a new dependency alerts for 1-2 h, then the pair counts as known
 SPREAD_FLOOR_RATIO = 0.2  # spread is at least 20% of the baseline: identical days must not make the spread 0
 SEGMENT_BYTES = 1448  # a full Ethernet MSS: sent segments are estimated from bytes
-MANAGED_BY = {"app.kubernetes.io/managed-by": "flowmon-operator"}
 SEVERITY = {
     "FlowmonTrafficAnomaly": "warning",
     "FlowmonNewDependency": "info",
@@ -422,42 +422,21 @@ def rule_groups(monitor: FlowMonitor) -> list[dict]:
     return [g for g in groups if g["rules"]]
 
 
-def build_prometheus_rule(monitor: FlowMonitor, settings: object | None = None) -> dict | None:
-    """Pure: the monitor's PrometheusRule, owned by it; None when alerting renders no rule.
-
-    `settings` (OperatorSettings) is accepted for symmetry with the other builders; nothing here
-    depends on it.
-    """
-    del settings
+def build_prometheus_rule(monitor: FlowMonitor) -> dict | None:
+    """Pure: the monitor's PrometheusRule, owned by it (offline renders: no owner); None when alerting
+    renders no rule. Labelled like the monitor's other children, plus its ServiceMonitor's labels (a
+    Prometheus selects rules and ServiceMonitors alike)."""
     groups = rule_groups(monitor)
     if not groups:
         return None
-    meta = monitor.metadata
-    if not meta.uid:
-        raise ValueError(f"FlowMonitor {monitor.key} has no metadata.uid: cannot own its PrometheusRule")
-    labels = {
-        **monitor.spec.scrape.service_monitor_labels,
-        **MANAGED_BY,
-        "flowmon.io/monitor-namespace": meta.namespace,
-        "flowmon.io/monitor-name": meta.name,
-    }
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
         "metadata": {
             "name": rule_name(monitor),
-            "namespace": meta.namespace,
-            "labels": labels,
-            "ownerReferences": [
-                {
-                    "apiVersion": f"{API_GROUP}/{API_VERSION}",
-                    "kind": KIND,
-                    "name": meta.name,
-                    "uid": meta.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "namespace": monitor.metadata.namespace,
+            "labels": monitor_labels(monitor, monitor.spec.scrape.service_monitor_labels),
+            **owned_by(monitor),
         },
         "spec": {"groups": groups},
     }

@@ -62,7 +62,11 @@ class OperatorSettings(BaseSettings):
     agent_seccomp: Literal["Localhost", "RuntimeDefault", "Unconfined"] = "Localhost"
     kubelet_seccomp_dir: str = "/var/lib/kubelet/seccomp"  # kubelet's --root-dir + /seccomp
     max_unavailable: str = "10%"  # DaemonSets round percentages up: at least one node at a time
+    # The period of the full cluster round (drift, agents that missed a push). One round for the cluster,
+    # not per monitor: each agent is asked once per period.
     timer_interval_seconds: float = Field(default=30.0, gt=0)
+    # Events within this window share one round (e.g. every monitor resumed at start).
+    round_debounce_seconds: float = Field(default=0.3, ge=0)
     push_timeout_seconds: float = Field(default=5.0, gt=0)
     # TokenReview: ServiceAccounts ("namespace/name", e.g. a cluster Prometheus) that read every monitor with
     # their own token. Non-empty turns TokenReview on in the agents, which then need `tokenreviews: create`

@@ -44,6 +44,8 @@ has both) talks the Kubernetes API:
   `kube_api.service_account_token(namespace, name)` (or `kube_api.tokens.register(token, username)`) are
   reviewed as authenticated `system:serviceaccount:<ns>:<name>` when the requested audiences match;
   anything else as not authenticated. Registered tokens also authenticate requests to the emulator.
+- `kube_api.deny(method, path_prefix, message)`: refuse such requests with 403, as an admission webhook
+  (a policy engine) would.
 - For assertions: `kube_api.find(...)` (None when absent), `kube_api.list(...)`, `kube_api.requests`
   (every (method, path?query) served), `kube_api.store.rv` (the current resourceVersion: unchanged means
   nothing was written), `kube_api.wait_for(predicate, timeout)`.

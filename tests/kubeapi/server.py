@@ -94,6 +94,7 @@ class KubeAPI:
         self.port = 0
         self.requests: list[tuple[str, str]] = []  # (method, path_qs): what clients asked, for assertions
         self.tokens = Tokens()  # TokenReview: tokens tests registered (see authn)
+        self.denials: list[tuple[str, str, str]] = []  # (method, path prefix, message): see deny()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -249,11 +250,18 @@ class KubeAPI:
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
         return wait_for(predicate, timeout, interval)
 
+    def deny(self, method: str, path_prefix: str, message: str) -> None:
+        """Refuse requests like an admission webhook would: 403 for `method` on paths under the prefix."""
+        self.denials.append((method, path_prefix, message))
+
     # ---- HTTP --------------------------------------------------------------------------------------------
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path_qs))
         if self.token and not self._authenticated(request.headers.get("Authorization", "")):
             return _error(ApiError(401, "Unauthorized", "Unauthorized"))
+        for method, prefix, message in self.denials:
+            if request.method == method and request.path.startswith(prefix):
+                return _error(ApiError(403, "Forbidden", f"admission webhook denied the request: {message}"))
         try:
             return await self._dispatch(request)
         except ApiError as exc:

@@ -1,0 +1,58 @@
+"""How the operator marks what it owns: labels, label selectors and owner references.
+
+Every object the operator creates carries OWNER_LABELS; a monitor's objects also carry the monitor's
+namespace and name, by which the operator finds and deletes them (owner references cannot cross
+namespaces, so in the monitor's own namespace they are only a backup). Pure; imports only the contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flowmon_contract.spec import API_GROUP, API_VERSION, KIND, FlowMonitor
+
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "flowmon-operator"
+PART_OF_LABEL = "app.kubernetes.io/part-of"
+OWNER_LABELS = {MANAGED_BY_LABEL: MANAGED_BY, PART_OF_LABEL: "flowmon"}
+MONITOR_NAMESPACE_LABEL = "flowmon.io/monitor-namespace"
+MONITOR_NAME_LABEL = "flowmon.io/monitor-name"
+MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+
+
+def managed_labels(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Labels of every object the operator creates; `extra` never overrides the ownership labels."""
+    return {**(extra or {}), **OWNER_LABELS}
+
+
+def monitor_labels(monitor: FlowMonitor, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Labels of the objects that belong to one monitor (found by these for cleanup)."""
+    return managed_labels(extra) | {
+        MONITOR_NAMESPACE_LABEL: monitor.metadata.namespace,
+        MONITOR_NAME_LABEL: monitor.metadata.name,
+    }
+
+
+def monitor_selector(namespace: str, name: str) -> str:
+    """The label selector (list/delete) for one monitor's objects, in any namespace."""
+    return f"{MANAGED_SELECTOR},{MONITOR_NAMESPACE_LABEL}={namespace},{MONITOR_NAME_LABEL}={name}"
+
+
+def owner_reference(monitor: FlowMonitor) -> dict:
+    """The FlowMonitor as controller owner: garbage collection removes its same-namespace children."""
+    if not monitor.metadata.uid:
+        raise ValueError(f"FlowMonitor {monitor.key} has no metadata.uid: it must come from the API server")
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": monitor.metadata.name,
+        "uid": monitor.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def owned_by(monitor: FlowMonitor) -> dict:
+    """metadata.ownerReferences for a child in the monitor's namespace. Offline renders (`flowmon render`)
+    have no uid: they get none, never a made-up uid (the garbage collector would delete the child)."""
+    return {"ownerReferences": [owner_reference(monitor)]} if monitor.metadata.uid else {}
