@@ -23,6 +23,7 @@ from flowmon_agent.export.server import (
     AgentServer,
     ServerConfig,
     ServerConfigError,
+    ServerLimits,
     accepts_gzip,
     server_mode,
 )
@@ -65,6 +66,7 @@ class ServerRig:
             tls_key_file=self.pki.key_file,
             admin_token_file=token_file,
             reload_interval=0.1,
+            limits=ServerLimits(max_connections_per_source=64),  # every test client is 127.0.0.1
         )
         self.server = AgentServer(
             ServerConfig(**(defaults | config)),
@@ -102,11 +104,12 @@ async def agent(tmp_path):
 @pytest.mark.parametrize(
     ("config", "tls", "auth", "warns"),
     [
-        (ServerConfig(host="127.0.0.1"), False, False, False),
-        (ServerConfig(host="::1"), False, False, False),
+        (ServerConfig(host="127.0.0.1"), False, True, False),  # no token given: still auth, never off
+        (ServerConfig(host="127.0.0.1", no_auth=True), False, False, False),
+        (ServerConfig(host="::1", no_auth=True), False, False, False),
         (ServerConfig(host="localhost", admin_token_file=Path("t")), False, True, False),
         (ServerConfig(host="0.0.0.0", tls_cert_file=Path("c"), tls_key_file=Path("k")), True, True, False),
-        (ServerConfig(host="0.0.0.0", insecure=True), False, False, True),
+        (ServerConfig(host="0.0.0.0", insecure=True), False, True, True),
         (ServerConfig(host="10.1.2.3", insecure=True, admin_token_file=Path("t")), False, True, True),
     ],
 )
@@ -123,6 +126,8 @@ def test_server_mode(config, tls, auth, warns):
         (ServerConfig(host="192.0.2.1", admin_token_file=Path("t")), "pass --insecure"),
         (ServerConfig(tls_cert_file=Path("c")), "both a TLS certificate and key"),
         (ServerConfig(tls_cert_file=Path("c"), tls_key_file=Path("k"), insecure=True), "drop it"),
+        (ServerConfig(host="0.0.0.0", insecure=True, no_auth=True), "--no-auth .* loopback address only"),
+        (ServerConfig(tls_cert_file=Path("c"), tls_key_file=Path("k"), no_auth=True), "not HTTPS"),
     ],
 )
 def test_unsafe_listen_settings_are_refused(config, message):
@@ -436,8 +441,8 @@ async def test_concurrent_scrapes_agree(agent):
 
 
 @pytest.mark.asyncio
-async def test_plain_http_on_loopback_needs_no_token(tmp_path):
-    a = ServerRig(tmp_path, tls_cert_file=None, tls_key_file=None, admin_token_file=None)
+async def test_plain_http_on_loopback_with_no_auth_needs_no_token(tmp_path):
+    a = ServerRig(tmp_path, tls_cert_file=None, tls_key_file=None, admin_token_file=None, no_auth=True)
     await a.server.start()
     a.session = aiohttp.ClientSession()
     try:
