@@ -23,69 +23,14 @@ from flowmon_agent.export.server import (
     AgentServer,
     ServerConfig,
     ServerConfigError,
-    ServerLimits,
     accepts_gzip,
     server_mode,
 )
-from flowmon_contract.policy import compile_policy, token_sha256
-from flowmon_contract.spec import FlowMonitor
+from flowmon_contract.policy import compile_policy
 from tests.export_samples import agent_view
-from tests.tls_samples import make_pki
+from tests.server_rig import ADMIN, OPS, SHOP, ServerRig, make_policy, monitor
 
-ADMIN, SHOP, OPS = "admin-token-0123", "shop-token-4567", "ops-token-89ab"
 DURATION_LINE = b"flowmon_agent_scrape_collector_duration_seconds{"
-
-
-def monitor(namespace: str, name: str, **spec) -> FlowMonitor:
-    return FlowMonitor.model_validate({"metadata": {"namespace": namespace, "name": name}, "spec": spec})
-
-
-def make_policy(*extra: FlowMonitor):
-    monitors = [monitor("shop", "web"), monitor("ops", "all"), *extra]
-    hashes = {"shop/web": [token_sha256(SHOP)], "ops/all": [token_sha256(OPS)]}
-    return compile_policy(monitors, token_hashes=hashes)
-
-
-class ServerRig:
-    """A server with its collaborators, as the runner wires them."""
-
-    def __init__(self, tmp: Path, **config) -> None:
-        self.pki = make_pki(tmp)
-        token_file = tmp / "admin-token"
-        token_file.write_text(ADMIN + "\n")
-        self.ready_reason: str | None = "BPF programs not attached yet"
-        self.stall: str | None = None
-        self.exporter = Exporter()
-        self.exporter.swap(AgentStatus(view=agent_view()))
-        self.store = PolicyStore()
-        self.store.apply(make_policy(), source="test")
-        defaults = dict(
-            host="127.0.0.1",
-            port=0,
-            tls_cert_file=self.pki.cert_file,
-            tls_key_file=self.pki.key_file,
-            admin_token_file=token_file,
-            reload_interval=0.1,
-            limits=ServerLimits(max_connections_per_source=64),  # every test client is 127.0.0.1
-        )
-        self.server = AgentServer(
-            ServerConfig(**(defaults | config)),
-            exporter=self.exporter,
-            policy=self.store,
-            readiness=lambda: self.ready_reason,
-            liveness=lambda: self.stall,
-        )
-        self.session: aiohttp.ClientSession | None = None
-
-    async def request(
-        self, method: str, path: str, token: str | None = None, **kw
-    ) -> tuple[int, bytes, dict]:
-        headers = {"Accept-Encoding": "identity"} | kw.pop("headers", {})  # aiohttp asks for gzip by default
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        ctx = self.pki.client_context() if self.server.mode.tls else False
-        async with self.session.request(method, self.server.url + path, headers=headers, ssl=ctx, **kw) as r:
-            return r.status, await r.read(), dict(r.headers)
 
 
 @pytest_asyncio.fixture

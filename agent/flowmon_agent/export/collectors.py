@@ -276,7 +276,11 @@ def render_http(stats: HttpStats, open_connections: int) -> list[Metric]:
         "flowmon_agent_http_bodies_refused", "Request bodies refused: too large (413) or compressed (415)."
     )
     bodies.add_metric([], stats.bodies_refused)
-    return [connections, refused, timeouts, handshakes, bodies]
+    malformed = CounterMetricFamily(
+        "flowmon_agent_http_malformed_requests", "Requests that did not parse as HTTP (answered 400)."
+    )
+    malformed.add_metric([], stats.malformed_requests)
+    return [connections, refused, timeouts, handshakes, bodies, malformed]
 
 
 class HttpCollector:

@@ -37,6 +37,7 @@ class HttpStats:
     handshake_failures: int = 0
     handler_timeouts: int = 0  # requests answered 503 after the handler's time limit
     bodies_refused: int = 0  # request bodies too large (413) or compressed (415)
+    malformed_requests: int = 0  # requests that do not parse as HTTP (400)
 
 
 class ConnectionGate:
@@ -51,9 +52,10 @@ class ConnectionGate:
         handler_factory: Callable[[], asyncio.Protocol],
         limits: ListenerLimits,
         tls_context: Callable[[], ssl.SSLContext | None],
+        stats: HttpStats,
     ) -> None:
         self._handler_factory, self.limits, self._tls_context = handler_factory, limits, tls_context
-        self.stats = HttpStats()
+        self.stats = stats
         self.per_source: Counter[str] = Counter()
         self._handshakes: set[asyncio.Task] = set()
 

@@ -31,7 +31,8 @@ from flowmon_agent.export.auth import (
     monitor_digests,
 )
 from flowmon_agent.export.collectors import CONTENT_TYPE, Exporter, HttpCollector
-from flowmon_agent.export.listener import ConnectionGate, ListenerLimits, request_started
+from flowmon_agent.export.http_log import ClientErrorLog
+from flowmon_agent.export.listener import ConnectionGate, HttpStats, ListenerLimits, request_started
 from flowmon_agent.export.policy_store import PolicyError, PolicyStore, parse_policy_json
 from flowmon_agent.export.tls import ServingContext
 from flowmon_agent.export.tokens import TokenFileError, bearer_token, read_token_file
@@ -159,6 +160,7 @@ class AgentServer:
         self._tls: ServingContext | None = None
         self._runner: web.AppRunner | None = None
         self._gate: ConnectionGate | None = None
+        self.stats = HttpStats()
         self._listening: asyncio.Server | None = None
         self._collector: HttpCollector | None = None
         self._watch_task: asyncio.Task | None = None
@@ -183,6 +185,10 @@ class AgentServer:
         for warning in self.mode.warnings:
             log.warning(warning)
         limits = self.config.limits
+        # Watched from before the first read: a change made meanwhile is a change, never missed.
+        cert, key, token = self.config.tls_cert_file, self.config.tls_key_file, self.config.admin_token_file
+        tls_watch = FileWatch(cert, key) if cert and key else None
+        token_watch = FileWatch(token) if token else None
         if self.config.admin_token_file is not None:
             try:
                 self._admin = read_admin_tokens(self.config.admin_token_file)
@@ -208,6 +214,7 @@ class AgentServer:
             app,
             access_log=None,
             handle_signals=False,
+            logger=ClientErrorLog(logging.getLogger("aiohttp.server"), self._count_malformed),
             keepalive_timeout=limits.idle_timeout,
             max_line_size=limits.max_request_line_bytes,
             max_field_size=limits.max_header_bytes,
@@ -218,14 +225,16 @@ class AgentServer:
         await self._runner.setup()
         assert self._runner.server is not None
         self._gate = ConnectionGate(
-            self._runner.server, limits, lambda: self._tls.context if self._tls else None
+            self._runner.server, limits, lambda: self._tls.context if self._tls else None, self.stats
         )
-        self._collector = HttpCollector(self._gate.stats, lambda: self._gate.open if self._gate else 0)
+        self._collector = HttpCollector(self.stats, lambda: self._gate.open if self._gate else 0)
         self._instruments.registry.register(self._collector)
         loop = asyncio.get_running_loop()
         self._listening = await loop.create_server(self._gate, self.config.host, self.config.port)
         self.port = self._listening.sockets[0].getsockname()[1]
-        self._watch_task = asyncio.create_task(self._watch_files(), name="flowmon-server-files")
+        self._watch_task = asyncio.create_task(
+            self._watch_files(tls_watch, token_watch), name="flowmon-server-files"
+        )
         log.info("serving %s (auth %s)", self.url, "on" if self.mode.auth else "OFF")
 
     async def stop(self) -> None:
@@ -245,18 +254,19 @@ class AgentServer:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _watch_files(self) -> None:
+    async def _watch_files(self, tls_watch: FileWatch | None, token_watch: FileWatch | None) -> None:
         """Certificates and tokens rotate without a restart: reload what changed, keep the last good on
         any error. Nothing ends this loop but stop()."""
-        cert, key, token = self.config.tls_cert_file, self.config.tls_key_file, self.config.admin_token_file
-        tls_watch = FileWatch(cert, key) if cert and key else None
-        token_watch = FileWatch(token) if token else None
+        cert, token = self.config.tls_cert_file, self.config.admin_token_file
         while True:
             await asyncio.sleep(self.config.reload_interval)
-            if tls_watch and self._tls and tls_watch.changed():
+            if tls_watch and self._tls and tls_watch.changed():  # small files: stat, at most a hash
                 await self._reload("tls", f"TLS certificate {cert}", self._tls.reload)
-            if token_watch and token and token_watch.changed():
+            if token_watch and token_watch.changed():
                 await self._reload("admin_token", f"admin token file {token}", self._reload_admin)
+
+    def _count_malformed(self) -> None:
+        self.stats.malformed_requests += 1
 
     def _reload_admin(self) -> None:
         assert self.config.admin_token_file is not None
@@ -280,21 +290,24 @@ class AgentServer:
     ) -> web.StreamResponse:
         """Time limit and body rules for every request; the connection's header timer stops meanwhile."""
         finished = request_started(request.transport)
-        stats = self._gate.stats if self._gate else None
+        stats = self.stats
+        limits = self.config.limits
         try:
             if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
-                if stats:
-                    stats.bodies_refused += 1
-                return web.Response(status=415, text="compressed request bodies are not accepted\n")
-            async with asyncio.timeout(self.config.limits.handler_timeout):
+                stats.bodies_refused += 1
+                return _closing(415, "compressed request bodies are not accepted")
+            if (request.content_length or 0) > limits.max_policy_bytes:
+                stats.bodies_refused += 1
+                return _closing(413, f"request bodies are limited to {limits.max_policy_bytes} bytes")
+            async with asyncio.timeout(limits.handler_timeout):
                 return await handler(request)
         except TimeoutError:
-            if stats:
-                stats.handler_timeouts += 1
-            return web.Response(status=503, text="request took too long\n", headers={"Connection": "close"})
+            stats.handler_timeouts += 1
+            if not request.content.at_eof():  # still waiting for the client's body
+                return _closing(408, "the request body did not arrive in time")
+            return _closing(503, "request took too long")
         except web.HTTPRequestEntityTooLarge:
-            if stats:
-                stats.bodies_refused += 1
+            stats.bodies_refused += 1
             raise
         finally:
             finished()
@@ -394,6 +407,11 @@ def _describe(exc: BaseException) -> str:
     """An error for a log line, by type and message: never a repr (a UnicodeDecodeError's repr quotes the
     bytes it failed on, which may be a token)."""
     return f"{type(exc).__name__}: {exc}"
+
+
+def _closing(status: int, text: str) -> web.Response:
+    """An error after which the connection closes: what is left of the request is never read."""
+    return web.Response(status=status, text=text + "\n", headers={"Connection": "close"})
 
 
 def _json(status: int, document: dict | Iterable) -> web.Response:
