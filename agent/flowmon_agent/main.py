@@ -278,8 +278,6 @@ def make_agent(args: argparse.Namespace):
         settings = AgentSettings(**settings_overrides(args))
     except (ValueError, ValidationError) as exc:
         raise AgentStartError(str(exc)) from None
-    if problem := credentials_problem(settings, args.token_file):
-        raise AgentStartError(problem)
     tokens = read_tokens(args.token_file) if args.token_file else []
     files = MonitorFiles(args.monitor, tokens) if args.monitor else None
     try:
@@ -291,6 +289,8 @@ def make_agent(args: argparse.Namespace):
             policy = None  # the runner loads and watches the policy file
     except ManifestError as exc:
         raise AgentStartError("invalid monitor files:\n" + str(exc)) from None
+    if problem := credentials_problem(settings, args.token_file):  # after the files' own errors
+        raise AgentStartError(problem)
     if settings.inventory_file is not None:
         warn_foreign_node(settings.inventory_file, *settings.node_name)
     store, host = MetadataStore(), None
