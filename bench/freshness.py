@@ -91,6 +91,7 @@ def run(connections: int, poll_interval: float, tmp: Path) -> dict:
                 "FLOWMON_AGENT_POLICY_FILE": str(tmp / "policy.json"),
                 "FLOWMON_AGENT_INVENTORY_FILE": str(tmp / "inventory.yaml"),
                 "FLOWMON_AGENT_POLL_INTERVAL_SECONDS": str(poll_interval),
+                "FLOWMON_AGENT_NO_AUTH": "true",  # this process scrapes without a token, on loopback
             }
             code = "import asyncio; from flowmon_agent.runner import AgentSettings, run_agent; "
             code += "asyncio.run(run_agent(AgentSettings()))"

@@ -207,6 +207,7 @@ class Tracer:
         if mode == "agent-steady":  # it serves where its counts can be read, like the agent mode's
             port = free_port()
             env.update(FLOWMON_AGENT_LISTEN_HOST="127.0.0.1", FLOWMON_AGENT_LISTEN_PORT=str(port))
+            env.update(FLOWMON_AGENT_NO_AUTH="true")
             self.url = f"http://127.0.0.1:{port}/metrics/flowmon-system/host"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.kernel_overhead", "--run-mode", mode],
@@ -333,7 +334,7 @@ def start_agent(log: Path) -> tuple[subprocess.Popen, str]:
     metric, RTT included), host metadata, aggregation and exporter; (process, its monitor's URL) once
     it serves. Its output goes to `log`."""
     port = free_port()
-    argv = [sys.executable, "-m", "flowmon_cli.main", "agent", "--listen", f"127.0.0.1:{port}"]
+    argv = [sys.executable, "-m", "flowmon_cli.main", "agent", "--listen", f"127.0.0.1:{port}", "--no-auth"]
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -75,5 +75,5 @@ def run_steady_agent(toggles) -> int:
     runner.default_tracer = toggleable_tracer  # make_agent imports it when it builds the agent
     threading.Thread(target=obey, daemon=True).start()
     # where it listens: FLOWMON_AGENT_LISTEN_HOST/PORT, from the bench
-    args = build_parser().parse_args(["agent", "--log-level", "WARNING"])
+    args = build_parser().parse_args(["agent", "--log-level", "WARNING", "--no-auth"])
     return asyncio.run(serve(args))

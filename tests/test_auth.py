@@ -14,7 +14,6 @@ from flowmon_agent.export.auth import (
     KubeTokenReviewer,
     ReviewedUser,
     Target,
-    bearer_token,
     decide_reviewed,
     decide_static,
     digest,
@@ -79,22 +78,6 @@ def test_readers_read_every_monitor_and_nothing_else(target, expected):
     readers = [PROMETHEUS.username]
     assert decide_reviewed(PROMETHEUS, target, admin_users=(), readers=readers) is expected
     assert decide_reviewed(PROMETHEUS, SHOP, admin_users=(), readers=()) is Decision.FORBIDDEN
-
-
-@pytest.mark.parametrize(
-    ("header", "token"),
-    [
-        ("Bearer abc", "abc"),
-        ("bearer  abc ", "abc"),
-        ("Basic abc", None),
-        ("Bearer", None),
-        ("Bearer ", None),
-        ("", None),
-        (None, None),
-    ],
-)
-def test_bearer_token(header, token):
-    assert bearer_token(header) == token
 
 
 @pytest.mark.parametrize(

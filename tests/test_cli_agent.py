@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -159,11 +160,12 @@ def loopback_exchange(
 
 @contextlib.contextmanager
 def bare_agent(node: str = "box"):
-    """`flowmon agent` with no monitor, inventory or policy (only --listen, --node): yields its default
-    monitor's URL and its pid once ready; stopped with SIGTERM, which must end it cleanly."""
+    """`flowmon agent` with no monitor, inventory or policy (only --listen, --node, --no-auth): yields its
+    default monitor's URL and its pid once ready; stopped with SIGTERM, which must end it cleanly."""
     port = free_port()
+    argv = ["agent", "--listen", f"127.0.0.1:{port}", "--node", node, "--no-auth"]
     agent = subprocess.Popen(
-        [sys.executable, "-m", "flowmon_cli.main", "agent", "--listen", f"127.0.0.1:{port}", "--node", node],
+        [sys.executable, "-m", "flowmon_cli.main", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -364,3 +366,45 @@ def test_monitor_files_recompile_on_change_and_keep_the_policy_on_a_bad_edit(tmp
     _os.utime(path, ns=(2, 2))
     assert files.changed_policy() is None
     assert "keeping the running policy" in caplog.text and "m.yaml: apiVersion" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([], "no token to authenticate scrapes: give --token-file"),  # auth is never off by omission
+        (["--no-auth", "--listen", "0.0.0.0:0", "--insecure"], "--no-auth .* loopback address only"),
+    ],
+)
+def test_auth_cannot_be_left_out(flags: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "flowmon_cli.main", "agent", "--listen", "127.0.0.1:0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert re.search(message, done.stderr), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unusable_token_file_stops_the_agent_without_quoting_it(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_bytes(b"fine-token\n\xffsecret-bytes\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowmon_cli.main",
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            tokens,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"--token-file {tokens}: line 2 is not ASCII text" in done.stderr
+    assert "secret" not in done.stderr and "fine-token" not in done.stderr

@@ -58,7 +58,7 @@ async def test_runner_lifecycle_metadata_and_live_policy(tmp_path, require_root,
     policy_file.write_text(dump_policy_json(first))
     store = MetadataStore()
     settings = AgentSettings(
-        listen_port=0, node_name="node-a", policy_file=policy_file, poll_interval_seconds=5
+        listen_port=0, node_name="node-a", policy_file=policy_file, poll_interval_seconds=5, no_auth=True
     )
     agent = Agent(settings, store=store, watcher=KubeWatcher(store, kube_api.url, token=kube_api.token))
     assert agent.not_ready_reason() == "BPF programs not attached yet"
@@ -128,7 +128,7 @@ async def test_the_api_going_away_keeps_attribution_and_the_metadata_age_grows(
     policy_file.write_text(dump_policy_json(compile_policy([pairs])))
     store = MetadataStore()
     settings = AgentSettings(
-        listen_port=0, node_name="node-a", policy_file=policy_file, poll_interval_seconds=0.2
+        listen_port=0, node_name="node-a", policy_file=policy_file, poll_interval_seconds=0.2, no_auth=True
     )
     agent = Agent(settings, store=store, watcher=KubeWatcher(store, kube_api.url, token=kube_api.token))
     await agent.start()
@@ -180,6 +180,7 @@ async def test_static_inventory_age_is_the_time_since_the_last_good_load(tmp_pat
         policy_file=policy_file,
         inventory_file=inventory,
         poll_interval_seconds=0.1,
+        no_auth=True,
     )
     agent = Agent(settings, clock=clock)
     await agent.start()
@@ -198,7 +199,11 @@ async def test_static_inventory_age_is_the_time_since_the_last_good_load(tmp_pat
             assert await age_after_a_poll() == 30.0
             inventory.write_text("kind: [unclosed\n")  # a broken edit: the old metadata stays
             await age_after_a_poll()
+            inventory.write_text("")  # a truncated write: refused too, not an empty cluster
+            await age_after_a_poll()
             clock.now = 1050.0
+            text = await _scrape(http, agent.url + "/metrics")
+            assert _sample(text, 'flowmon_agent_reload_rejected_total{file="inventory"} ') == 2.0
             assert await age_after_a_poll() == 50.0
             assert agent.store.namespace_labels("shop") is not None
             inventory.write_text(
@@ -229,6 +234,7 @@ async def test_rtt_hook_follows_whether_any_monitor_exports_rtt(tmp_path, requir
         inventory_file=inventory,
         poll_interval_seconds=0.1,
         rtt_window_ms=1000,
+        no_auth=True,
     )
     agent = Agent(settings)
     await agent.start()

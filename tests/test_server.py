@@ -26,64 +26,11 @@ from flowmon_agent.export.server import (
     accepts_gzip,
     server_mode,
 )
-from flowmon_contract.policy import compile_policy, token_sha256
-from flowmon_contract.spec import FlowMonitor
+from flowmon_contract.policy import compile_policy
 from tests.export_samples import agent_view
-from tests.tls_samples import make_pki
+from tests.server_rig import ADMIN, OPS, SHOP, ServerRig, make_policy, monitor
 
-ADMIN, SHOP, OPS = "admin-token-0123", "shop-token-4567", "ops-token-89ab"
 DURATION_LINE = b"flowmon_agent_scrape_collector_duration_seconds{"
-
-
-def monitor(namespace: str, name: str, **spec) -> FlowMonitor:
-    return FlowMonitor.model_validate({"metadata": {"namespace": namespace, "name": name}, "spec": spec})
-
-
-def make_policy(*extra: FlowMonitor):
-    monitors = [monitor("shop", "web"), monitor("ops", "all"), *extra]
-    hashes = {"shop/web": [token_sha256(SHOP)], "ops/all": [token_sha256(OPS)]}
-    return compile_policy(monitors, token_hashes=hashes)
-
-
-class ServerRig:
-    """A server with its collaborators, as the runner wires them."""
-
-    def __init__(self, tmp: Path, **config) -> None:
-        self.pki = make_pki(tmp)
-        token_file = tmp / "admin-token"
-        token_file.write_text(ADMIN + "\n")
-        self.ready_reason: str | None = "BPF programs not attached yet"
-        self.stall: str | None = None
-        self.exporter = Exporter()
-        self.exporter.swap(AgentStatus(view=agent_view()))
-        self.store = PolicyStore()
-        self.store.apply(make_policy(), source="test")
-        defaults = dict(
-            host="127.0.0.1",
-            port=0,
-            tls_cert_file=self.pki.cert_file,
-            tls_key_file=self.pki.key_file,
-            admin_token_file=token_file,
-            reload_interval=0.1,
-        )
-        self.server = AgentServer(
-            ServerConfig(**(defaults | config)),
-            exporter=self.exporter,
-            policy=self.store,
-            readiness=lambda: self.ready_reason,
-            liveness=lambda: self.stall,
-        )
-        self.session: aiohttp.ClientSession | None = None
-
-    async def request(
-        self, method: str, path: str, token: str | None = None, **kw
-    ) -> tuple[int, bytes, dict]:
-        headers = {"Accept-Encoding": "identity"} | kw.pop("headers", {})  # aiohttp asks for gzip by default
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        ctx = self.pki.client_context() if self.server.mode.tls else False
-        async with self.session.request(method, self.server.url + path, headers=headers, ssl=ctx, **kw) as r:
-            return r.status, await r.read(), dict(r.headers)
 
 
 @pytest_asyncio.fixture
@@ -102,11 +49,12 @@ async def agent(tmp_path):
 @pytest.mark.parametrize(
     ("config", "tls", "auth", "warns"),
     [
-        (ServerConfig(host="127.0.0.1"), False, False, False),
-        (ServerConfig(host="::1"), False, False, False),
+        (ServerConfig(host="127.0.0.1"), False, True, False),  # no token given: still auth, never off
+        (ServerConfig(host="127.0.0.1", no_auth=True), False, False, False),
+        (ServerConfig(host="::1", no_auth=True), False, False, False),
         (ServerConfig(host="localhost", admin_token_file=Path("t")), False, True, False),
         (ServerConfig(host="0.0.0.0", tls_cert_file=Path("c"), tls_key_file=Path("k")), True, True, False),
-        (ServerConfig(host="0.0.0.0", insecure=True), False, False, True),
+        (ServerConfig(host="0.0.0.0", insecure=True), False, True, True),
         (ServerConfig(host="10.1.2.3", insecure=True, admin_token_file=Path("t")), False, True, True),
     ],
 )
@@ -123,6 +71,8 @@ def test_server_mode(config, tls, auth, warns):
         (ServerConfig(host="192.0.2.1", admin_token_file=Path("t")), "pass --insecure"),
         (ServerConfig(tls_cert_file=Path("c")), "both a TLS certificate and key"),
         (ServerConfig(tls_cert_file=Path("c"), tls_key_file=Path("k"), insecure=True), "drop it"),
+        (ServerConfig(host="0.0.0.0", insecure=True, no_auth=True), "--no-auth .* loopback address only"),
+        (ServerConfig(tls_cert_file=Path("c"), tls_key_file=Path("k"), no_auth=True), "not HTTPS"),
     ],
 )
 def test_unsafe_listen_settings_are_refused(config, message):
@@ -436,8 +386,8 @@ async def test_concurrent_scrapes_agree(agent):
 
 
 @pytest.mark.asyncio
-async def test_plain_http_on_loopback_needs_no_token(tmp_path):
-    a = ServerRig(tmp_path, tls_cert_file=None, tls_key_file=None, admin_token_file=None)
+async def test_plain_http_on_loopback_with_no_auth_needs_no_token(tmp_path):
+    a = ServerRig(tmp_path, tls_cert_file=None, tls_key_file=None, admin_token_file=None, no_auth=True)
     await a.server.start()
     a.session = aiohttp.ClientSession()
     try:

@@ -68,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--insecure", action="store_true", help="allow plain HTTP on a non-loopback address")
     parser.add_argument(
+        "--no-auth", action="store_true",
+        help="serve every path without a token (plain HTTP on a loopback address only); without it the "
+        "agent needs --token-file, --admin-token-file, a policy file or TokenReview",
+    )  # fmt: skip
+    parser.add_argument(
         "--conntrack-netns", metavar="NAME",
         help="read conntrack in this network namespace to undo Service NAT (default: the agent's own)",
     )  # fmt: skip
@@ -113,6 +118,8 @@ def settings_overrides(args: argparse.Namespace) -> dict:
             overrides[field] = getattr(args, flag)
     if args.insecure:
         overrides["insecure"] = True
+    if args.no_auth:
+        overrides["no_auth"] = True
     return overrides
 
 
@@ -169,7 +176,25 @@ def inventory_node_names(objects) -> set[str]:
 
 
 def read_tokens(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    from flowmon_agent.export.tokens import TokenFileError, read_token_file
+
+    try:
+        return read_token_file(path)
+    except (OSError, TokenFileError) as exc:
+        raise AgentStartError(f"--token-file {path}: {exc}") from None
+
+
+def credentials_problem(settings, token_file: Path | None) -> str | None:
+    """Pure: why this agent would serve with auth on but no way for anyone to authenticate, or None.
+    Auth is never turned off by leaving tokens out: that takes an explicit --no-auth."""
+    if settings.no_auth or token_file or settings.admin_token_file or settings.token_review:
+        return None
+    if settings.policy_file is not None:  # the operator's policy carries each monitor's token digests
+        return None
+    return (
+        "no token to authenticate scrapes: give --token-file (scrape tokens, one per line) and/or "
+        "--admin-token-file, or pass --no-auth to serve without auth on a loopback address"
+    )
 
 
 def local_addresses() -> list[str]:
@@ -179,10 +204,10 @@ def local_addresses() -> list[str]:
 def warn_foreign_node(inventory: Path, *nodes: str) -> None:
     """An agent owns the pods of its nodes: a node the inventory does not know gets no pods (each
     connection is reported by the agent of the client's node)."""
-    from flowmon_agent.metadata.inventory import InventoryError, parse_inventory
+    from flowmon_agent.metadata.inventory import InventoryError, read_inventory
 
     try:
-        known = inventory_node_names(parse_inventory(inventory.read_text()))
+        known = inventory_node_names(read_inventory(inventory))
     except (OSError, InventoryError) as exc:
         raise AgentStartError(f"cannot read the inventory {inventory}: {exc}") from None
     for node in nodes:
@@ -264,6 +289,8 @@ def make_agent(args: argparse.Namespace):
             policy = None  # the runner loads and watches the policy file
     except ManifestError as exc:
         raise AgentStartError("invalid monitor files:\n" + str(exc)) from None
+    if problem := credentials_problem(settings, args.token_file):  # after the files' own errors
+        raise AgentStartError(problem)
     if settings.inventory_file is not None:
         warn_foreign_node(settings.inventory_file, *settings.node_name)
     store, host = MetadataStore(), None
@@ -306,6 +333,8 @@ async def serve(args: argparse.Namespace) -> int:
         )
         try:
             await agent.start()
+        except ServerConfigError as exc:  # e.g. an unusable admin token file
+            raise AgentStartError(str(exc)) from None
         except OSError as exc:  # e.g. the port is taken
             raise AgentStartError(
                 f"cannot serve on {agent.settings.listen_host}:{agent.settings.listen_port}: {exc}"

@@ -31,11 +31,11 @@ from flowmon_agent.export.auth import IN_CLUSTER_SA as SA_DIR
 from flowmon_agent.export.auth import KubeTokenReviewer, TokenReviewer
 from flowmon_agent.export.collectors import AgentInstruments, AgentStatus, Exporter
 from flowmon_agent.export.policy_store import PolicyFile, PolicyStore
-from flowmon_agent.export.server import AgentServer, ServerConfig
+from flowmon_agent.export.server import AgentServer, ServerConfig, ServerLimits
 from flowmon_agent.filewatch import FileWatch
 from flowmon_agent.kernel.flows import FlowSnapshot, IPAddress
 from flowmon_agent.metadata import MetadataStore, Resolver
-from flowmon_agent.metadata.inventory import parse_inventory
+from flowmon_agent.metadata.inventory import read_inventory
 from flowmon_agent.metadata.watcher import KubeWatcher
 from flowmon_contract.policy import AgentPolicy
 
@@ -64,6 +64,8 @@ class AgentSettings(BaseSettings):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     insecure: bool = False
+    no_auth: bool = Field(default=False, description="Serve without auth: plain HTTP on loopback only.")
+    server_limits: ServerLimits = Field(default_factory=ServerLimits, description="Connections, timeouts.")
     inventory_file: Path | None = Field(default=None, description="Static inventory (standalone mode).")
     kube_metadata: bool | None = Field(
         default=None,
@@ -116,6 +118,8 @@ class AgentSettings(BaseSettings):
             tls_key_file=self.tls_key_file,
             admin_token_file=self.admin_token_file,
             insecure=self.insecure,
+            no_auth=self.no_auth,
+            limits=self.server_limits,
             token_reviewer=token_reviewer,
             token_review_admin_users=tuple(self.token_review_admin_users),
             token_review_readers=tuple(self.token_review_readers),
@@ -157,8 +161,9 @@ def stall_reason(
 
 
 def reload_inventory(path: Path, store: MetadataStore) -> None:
-    """Replace every kind the inventory describes (a relist), so that removed objects disappear."""
-    store.replace_all(parse_inventory(path.read_text()))
+    """Replace every kind the inventory describes (a relist), so that removed objects disappear; an
+    unreadable, invalid or truncated-looking file raises (OSError, InventoryError) and changes nothing."""
+    store.replace_all(read_inventory(path))
 
 
 class Agent:
@@ -303,7 +308,8 @@ class Agent:
             try:
                 self._load_inventory()
             except (OSError, ValueError) as exc:
-                log.error("inventory reload failed, keeping the old one: %s", exc)
+                self.instruments.reload_rejected.labels("inventory").inc()
+                log.error("inventory reload refused, keeping the last good one: %s", exc)
         policy = self.policy.policy
         snapshot = self.tracer.poll()
         now = self._clock()

@@ -1,7 +1,9 @@
 """The agent policy: every FlowMonitor compiled into one document, the contract between operator and agent.
 
 The operator compiles it (stored in a ConfigMap, pushed over HTTPS); the agent validates it at the
-boundary and applies it. It is identified by a content hash that agents report back.
+boundary (strictly: `AgentPolicy.model_validate_json(data, strict=True)`, no type coercion) and applies it.
+It is identified by a content hash that agents report back. Every list has a bound, so that the work of
+validating a pushed body is bounded too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from flowmon_contract.spec import (
 )
 
 DEFAULT_OPERATOR_NAMESPACE = "flowmon-system"
+MAX_MONITORS = 10_000
+MAX_AGENT_NODES = 15_000  # Kubernetes supports 5,000 nodes per cluster
+MAX_TOKENS_PER_MONITOR = 64  # a few during a rotation
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 NodeName = Annotated[str, Field(min_length=1, max_length=253)]
 
@@ -38,7 +43,8 @@ class MonitorPolicy(StrictModel):
     tenant_namespace: NamespaceName | None = Field(
         default=None,
         description="Flows must have one end in this namespace; None for cluster-wide monitors "
-        "(those in the operator's namespace).",
+        "(those in the operator's namespace). Always the monitor's own namespace otherwise: AgentPolicy "
+        "refuses any other value, so that a pushed field can never widen a tenant's scope.",
     )
     selection: Selection
     metrics: list[Metric]
@@ -48,7 +54,9 @@ class MonitorPolicy(StrictModel):
     histogram_buckets: HistogramBuckets
     isolation: IsolationAlerting = Field(default_factory=IsolationAlerting)
     token_sha256: list[Sha256Hex] = Field(
-        default_factory=list, description="SHA-256 of each bearer token that may read this monitor's path."
+        default_factory=list,
+        max_length=MAX_TOKENS_PER_MONITOR,
+        description="SHA-256 of each bearer token that may read this monitor's path.",
     )
 
     @property
@@ -65,9 +73,10 @@ class AgentPolicy(StrictModel):
 
     schema_version: Literal[1] = 1
     operator_namespace: NamespaceName = DEFAULT_OPERATOR_NAMESPACE
-    monitors: list[MonitorPolicy] = Field(default_factory=list)
+    monitors: list[MonitorPolicy] = Field(default_factory=list, max_length=MAX_MONITORS)
     agent_nodes: list[NodeName] | None = Field(
         default=None,
+        max_length=MAX_AGENT_NODES,
         description="Nodes whose agent is ready (count-once: a client there is reported by its agent); "
         "None: every known node (standalone mode, older operators).",
     )
@@ -81,6 +90,15 @@ class AgentPolicy(StrictModel):
             raise ValueError("monitors must be sorted by namespace/name")
         if self.agent_nodes is not None and self.agent_nodes != sorted(set(self.agent_nodes)):
             raise ValueError("agentNodes must be sorted and unique")
+        for index, monitor in enumerate(self.monitors):
+            expected = tenant_of(monitor.namespace, self.operator_namespace)
+            if monitor.tenant_namespace != expected:
+                raise ValueError(
+                    f"monitors.{index}.tenantNamespace must be "
+                    + (f"{expected!r}, the monitor's own namespace" if expected else "absent")
+                    + f" (the monitor lives in {monitor.namespace!r}; operator namespace "
+                    f"{self.operator_namespace!r})"
+                )
         return self
 
     @cached_property
@@ -114,16 +132,21 @@ def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def tenant_of(monitor_namespace: str, operator_namespace: str) -> str | None:
+    """Pure: the tenancy boundary of a monitor, from where it lives: none (cluster-wide) in the
+    operator's namespace, else its own namespace."""
+    return None if monitor_namespace == operator_namespace else monitor_namespace
+
+
 def compile_monitor(
     monitor: FlowMonitor, *, operator_namespace: str, token_hashes: Iterable[str] = ()
 ) -> MonitorPolicy:
     """Pure: one FlowMonitor → its policy. Tenancy is decided here, once, by where the monitor lives."""
     spec = monitor.spec
-    cluster_wide = monitor.metadata.namespace == operator_namespace
     return MonitorPolicy(
         namespace=monitor.metadata.namespace,
         name=monitor.metadata.name,
-        tenant_namespace=None if cluster_wide else monitor.metadata.namespace,
+        tenant_namespace=tenant_of(monitor.metadata.namespace, operator_namespace),
         selection=spec.selection,
         metrics=spec.metrics,
         group_by=spec.aggregation.group_by,

@@ -57,14 +57,6 @@ def matches_any(candidate: bytes, allowed: Iterable[bytes]) -> bool:
     return found
 
 
-def bearer_token(header: str | None) -> str | None:
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
 def monitor_digests(policy: AgentPolicy | None) -> dict[str, list[bytes]]:
     if policy is None:
         return {}

@@ -26,6 +26,7 @@ from prometheus_client.utils import floatToGoString
 
 from flowmon_agent import __version__
 from flowmon_agent.aggregation.view import AgentView, Family, MonitorView
+from flowmon_agent.export.listener import HttpStats
 from flowmon_contract.metrics import FamilyType
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,48 @@ class InstrumentedCollector:
         yield duration
 
 
+def render_http(stats: HttpStats, open_connections: int) -> list[Metric]:
+    """Pure: the HTTP server's load shedding, from its counters (flowmon_agent_http_*)."""
+    connections = GaugeMetricFamily("flowmon_agent_http_connections", "HTTP connections open now.")
+    connections.add_metric([], open_connections)
+    refused = CounterMetricFamily(
+        "flowmon_agent_http_connections_refused",
+        "Connections reset right after accept: the total cap (capacity) or the source's cap (source).",
+        labels=["reason"],
+    )
+    refused.add_metric(["capacity"], stats.refused_capacity)
+    refused.add_metric(["source"], stats.refused_source)
+    timeouts = CounterMetricFamily(
+        "flowmon_agent_http_timeouts",
+        "Connections closed or requests ended by a time limit: TLS handshake or request head too slow "
+        "(header), handler too slow (handler).",
+        labels=["phase"],
+    )
+    timeouts.add_metric(["header"], stats.header_timeouts)
+    timeouts.add_metric(["handler"], stats.handler_timeouts)
+    handshakes = CounterMetricFamily(
+        "flowmon_agent_http_tls_handshake_failures", "TLS handshakes that failed or timed out."
+    )
+    handshakes.add_metric([], stats.handshake_failures)
+    bodies = CounterMetricFamily(
+        "flowmon_agent_http_bodies_refused", "Request bodies refused: too large (413) or compressed (415)."
+    )
+    bodies.add_metric([], stats.bodies_refused)
+    malformed = CounterMetricFamily(
+        "flowmon_agent_http_malformed_requests", "Requests that did not parse as HTTP (answered 400)."
+    )
+    malformed.add_metric([], stats.malformed_requests)
+    return [connections, refused, timeouts, handshakes, bodies, malformed]
+
+
+class HttpCollector:
+    def __init__(self, stats: HttpStats, open_connections: Callable[[], int]) -> None:
+        self._stats, self._open = stats, open_connections
+
+    def collect(self) -> list[Metric]:
+        return render_http(self._stats, self._open())
+
+
 class AgentInstruments:
     """Direct instrumentation of the agent process itself, in a registry of its own (one per agent, so
     that tests can run several agents in one process)."""
@@ -273,6 +316,16 @@ class AgentInstruments:
         )
         for source in ("file", "api"):
             self.policy_rejected.labels(source)
+        self.reload_rejected = Counter(
+            "flowmon_agent_reload_rejected",
+            "Changed files refused, keeping the last good content: a TLS pair that does not load (tls), "
+            "an admin token file (admin_token) or inventory (inventory) that does not parse or looks "
+            "truncated.",
+            ["file"],
+            registry=self.registry,
+        )
+        for kind in ("tls", "admin_token", "inventory"):
+            self.reload_rejected.labels(kind)
         ProcessCollector(registry=self.registry)
 
 

@@ -2,7 +2,8 @@
 
 Sources: the policy file at start and whenever it changes (the mounted ConfigMap in a cluster), and
 `PUT /v1/policy` from the operator. An invalid policy from either source is refused with its field errors
-and the last good policy keeps running.
+and the last good policy keeps running. Validation is strict (no coercion: "500" and true are not
+integers) and what it reports is bounded: the first MAX_REPORTED_ERRORS errors, then a count.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from flowmon_contract.policy import AgentPolicy
 
 log = logging.getLogger(__name__)
 
+MAX_REPORTED_ERRORS = 20
+
 
 @dataclass(frozen=True, slots=True)
 class FieldError:
@@ -33,44 +36,60 @@ class FieldError:
 
 
 class PolicyError(ValueError):
-    """A policy document that cannot run; `errors` name the fields."""
+    """A policy document that cannot run; `errors` name the fields (at most MAX_REPORTED_ERRORS of
+    them), `more` counts those left out."""
 
-    def __init__(self, errors: list[FieldError]) -> None:
-        super().__init__("; ".join(f"{e.loc or '(document)'}: {e.msg}" for e in errors))
-        self.errors = errors
+    def __init__(self, errors: list[FieldError], more: int = 0) -> None:
+        self.errors = errors[:MAX_REPORTED_ERRORS]
+        self.more = more + len(errors) - len(self.errors)
+        text = "; ".join(f"{e.loc or '(document)'}: {e.msg}" for e in self.errors)
+        super().__init__(text + (f"; and {self.more} more" if self.more else ""))
+
+    def dump(self) -> list[dict[str, str]]:
+        dumped = [e.dump() for e in self.errors]
+        if self.more:
+            dumped.append({"loc": "", "msg": f"and {self.more} more"})
+        return dumped
 
 
-def _field_errors(exc: ValidationError) -> list[FieldError]:
-    return [FieldError(".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()]
+def _policy_error(exc: ValidationError) -> PolicyError:
+    total = exc.error_count()
+    details = exc.errors(include_url=False, include_context=False, include_input=False)
+    first = [FieldError(".".join(str(p) for p in e["loc"]), e["msg"]) for e in details[:MAX_REPORTED_ERRORS]]
+    return PolicyError(first, more=total - len(first))
 
 
 def parse_policy_json(data: bytes | str) -> AgentPolicy:
     """Pure: JSON text → AgentPolicy, or PolicyError with field paths (camelCase, as on the wire)."""
     try:
-        return AgentPolicy.model_validate_json(data)
+        return AgentPolicy.model_validate_json(data, strict=True)
     except ValidationError as exc:
-        raise PolicyError(_field_errors(exc)) from None
+        raise _policy_error(exc) from None
 
 
 def parse_policy_text(text: str, *, yaml_format: bool) -> AgentPolicy:
+    """JSON, or YAML held to the same strict JSON rules (a YAML date or a quoted number is refused)."""
     if not yaml_format:
         return parse_policy_json(text)
     try:
         document = yaml.safe_load(text)
+        as_json = json.dumps(document)
     except yaml.YAMLError as exc:
         raise PolicyError([FieldError("", f"not YAML: {exc}")]) from None
-    try:
-        return AgentPolicy.model_validate(document)
-    except ValidationError as exc:
-        raise PolicyError(_field_errors(exc)) from None
+    except (TypeError, ValueError) as exc:  # e.g. a timestamp: YAML types JSON does not have
+        raise PolicyError([FieldError("", f"not a JSON-compatible document: {exc}")]) from None
+    return parse_policy_json(as_json)
 
 
 def load_policy_file(path: Path) -> AgentPolicy:
     """A policy file is JSON, or YAML when it ends in .yaml/.yml."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError([FieldError("", f"cannot read {path}: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        reason = f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}"
+        raise PolicyError([FieldError("", reason)]) from None
     return parse_policy_text(text, yaml_format=path.suffix in (".yaml", ".yml"))
 
 
@@ -113,15 +132,6 @@ class PolicyStore:
         for listener in self._listeners:
             listener(policy)
         return policy.hash
-
-    def apply_json(self, data: bytes, *, source: str) -> str:
-        """Validate then apply; PolicyError leaves the running policy untouched."""
-        try:
-            policy = parse_policy_json(data)
-        except PolicyError:
-            self.rejected(source)
-            raise
-        return self.apply(policy, source=source)
 
 
 class PolicyFile:
