@@ -37,9 +37,9 @@ RETRANSMITS, RESETS = name(Metric.RETRANSMITS), name(Metric.RESETS)
 RTT = name(Metric.RTT, "_bucket")
 
 
-def flows(metric: str, fn: str = "rate", window: str = WINDOW) -> str:
+def flows(metric: str, fn: str = "rate", window: str = WINDOW, matchers: str = "") -> str:
     """`fn(metric[window])` of the selected monitor's pairs with either end in $namespace."""
-    monitor = 'flowmon_monitor="$monitor"'
+    monitor = 'flowmon_monitor="$monitor"' + (f",{matchers}" if matchers else "")
     client = f'{metric}{{{monitor},client_namespace=~"$namespace"}}'
     server = f'{metric}{{{monitor},server_namespace=~"$namespace"}}'
     if fn == "":
@@ -271,7 +271,10 @@ def health() -> dict:
 
 def cost() -> dict:
     zones = "client_zone, server_zone"
-    both = " + ".join(by(f"{zones}, client_namespace, server_namespace", flows(m)) for m in (SENT, RECEIVED))
+    zoned = 'client_zone!="",server_zone!=""'  # both ends in a known zone (not a node or external peer)
+    both = " + ".join(
+        by(f"{zones}, client_namespace, server_namespace", flows(m, matchers=zoned)) for m in (SENT, RECEIVED)
+    )
     total_range = " + ".join(by(zones, flows(m, "increase", "$__range")) for m in (SENT, RECEIVED))
     outside = 'flowmon_monitor="$monitor",client_namespace=~"$namespace",server_namespace=""'
     external = " + ".join(

@@ -91,6 +91,15 @@ def test_map_of_the_demo_agents_has_every_pair_and_marks_the_violation(running_d
     if VIOLATION in groups:
         assert "ISOLATION VIOLATION" in svg_text(groups[VIOLATION])
         assert dot.VIOLATION_COLOR in ET.tostring(groups[VIOLATION], encoding="unicode")
+    # The cost monitor groups by zone: namespaces inside their zones, cross-zone edges dashed.
+    zoned = tmp_path / "zones.dot"
+    flowmon_map(
+        *demo.monitor_urls("flowmon-system/cost-by-zone"), "--by-zone", "--ca", str(demo.ca),
+        "--token", str(demo.token), "--interval", "3", "-o", str(zoned),
+    )  # fmt: skip
+    text = zoned.read_text()
+    assert '"cluster_zone:zone-a"' in text and '"cluster_zone:zone-b"' in text
+    assert "cross-zone" in text and f'color="{dot.CROSS_ZONE_COLOR}"' in text
 
 
 @pytest.mark.slow

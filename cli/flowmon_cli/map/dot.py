@@ -2,9 +2,9 @@
 
 Namespaces are clusters (inside zone clusters with --by-zone); ends outside the cluster are grey
 ellipses. Edges carry bytes/s both ways, connections/s and the Services they went through; the line
-grows with the bytes. Marks: red and bold for isolation violations, orange for failed connects and
-resets, dashed for cross-zone, dotted for external peers. Every node and edge has an SVG id and a
-tooltip with the health columns of `flowmon top`.
+grows with the bytes (relative to the map's heaviest edge). Marks: red and bold for isolation
+violations, orange for failed connects and resets, dashed for cross-zone, dotted for external peers.
+Every node and edge has an SVG id and a tooltip with the health columns of `flowmon top`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from flowmon_cli.map.model import Edge, Node, ServiceMap, health_row
 VIOLATION_COLOR = "#c0142b"
 TROUBLE_COLOR = "#d9730d"
 CROSS_ZONE_COLOR = "#6f42c1"
-PLAIN_COLOR = "#4a5568"
+PLAIN_COLOR = "#4a5568c0"  # a little transparent: crossings stay legible
 FONT = "Helvetica"
 
 
@@ -67,8 +67,9 @@ def edge_tooltip(edge: Edge, per_second: bool) -> str:
     )
 
 
-def _edge_style(edge: Edge) -> dict[str, str | float]:
-    width = 1.0 + min(4.0, math.log10(1.0 + edge.bytes) / 1.5)
+def _edge_style(edge: Edge, heaviest: float) -> dict[str, str | float]:
+    # Relative to the map's heaviest edge: a busy map is not a wall of thick lines.
+    width = 0.8 + 3.7 * math.sqrt(edge.bytes / heaviest) if heaviest else 0.8
     color = PLAIN_COLOR
     style = "solid"
     if edge.cross_zone:
@@ -129,12 +130,13 @@ def render(service_map: ServiceMap, title: str = "flowmon service map") -> str:
             lines += _cluster(f"zone:{zone}", f"zone {zone}" if zone else "no zone", body, "  ", "dashed")
     else:
         lines += _namespaces(nodes, "  ", "")
+    heaviest = max((e.bytes for e in service_map.edges), default=0.0)
     for edge in service_map.edges:
         attrs = _attrs(
             label=edge_label(edge, service_map.per_second),
             id=f"edge:{edge.client}->{edge.server}",
             tooltip=edge_tooltip(edge, service_map.per_second),
-            **_edge_style(edge),
+            **_edge_style(edge, heaviest),
         )
         lines.append(f"  {quote(edge.client)} -> {quote(edge.server)} {attrs};")
     lines.append("}")
