@@ -111,7 +111,11 @@ def datasource_variable() -> dict:
     return {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus"}
 
 
-def query_variable(var: str, query: str, *, current: str = "", multi: bool = False) -> dict:
+def query_variable(
+    var: str, query: str, *, current: str = "", multi: bool = False, all_value: str | None = ".*"
+) -> dict:
+    """A variable from `label_values(...)`; a multi one starts at All (`all_value`, or when None
+    every value the query offers)."""
     result = {
         "name": var,
         "label": var.capitalize(),
@@ -125,7 +129,7 @@ def query_variable(var: str, query: str, *, current: str = "", multi: bool = Fal
         "includeAll": multi,
     }
     if multi:
-        result |= {"allValue": ".*", "current": {"text": "All", "value": "$__all"}}
+        result |= {"allValue": all_value, "current": {"text": "All", "value": "$__all"}}
     elif current:
         result["current"] = {"text": current, "value": current}
     return result
@@ -447,7 +451,8 @@ def agents() -> dict:
     ]
     variables = [
         datasource_variable(),
-        query_variable("job", "label_values(flowmon_agent_info, job)", multi=True),
+        # only the jobs that scrape the agents' own /metrics (not .*: every monitor's job has `up` too)
+        query_variable("job", "label_values(flowmon_agent_info, job)", multi=True, all_value=None),
         query_variable("monitor", "label_values(flowmon_agent_series, monitor)", multi=True),
     ]
     return dashboard(

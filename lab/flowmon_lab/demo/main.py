@@ -2,9 +2,10 @@
 
 Builds the mini-cluster of `demo.scenario` from network namespaces, starts one agent per node (the real
 `flowmon agent` with the FlowMonitors of examples/, over TLS with a token), a real Prometheus scraping
-them and evaluating the rendered alert rules, drives the traffic mix inside the pods, and shows the live
-view (`flowmon top`). Ctrl-C or the end of --duration removes every namespace, rule and process it
-created; `flowmon demo --cleanup` does the same after a crash (see demo.state).
+them and evaluating the rendered alert rules, drives the traffic mix inside the pods, serves the live
+service map (`flowmon map --serve`, its address printed) and shows the live view (`flowmon top`).
+Ctrl-C or the end of --duration removes every namespace, rule and process it created; `flowmon demo
+--cleanup` does the same after a crash (see demo.state).
 """
 
 from __future__ import annotations
