@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -116,8 +117,11 @@ def test_kustomization_makes_configmaps_for_the_grafana_sidecar() -> None:
 
 def api(prometheus_url: str, path: str, **params) -> dict:
     query = urllib.parse.urlencode(params, doseq=True)
-    with urllib.request.urlopen(f"{prometheus_url}/api/v1/{path}?{query}", timeout=10) as r:
-        answer = json.load(r)
+    try:
+        with urllib.request.urlopen(f"{prometheus_url}/api/v1/{path}?{query}", timeout=10) as r:
+            answer = json.load(r)
+    except urllib.error.HTTPError as exc:  # Prometheus says why in the body
+        raise AssertionError(f"{params}: {exc.read().decode()}") from None
     assert answer["status"] == "success", answer
     return answer["data"]
 
@@ -146,7 +150,8 @@ def resolve_variables(prometheus_url: str, board: dict) -> dict[str, str]:
         if var["multi"]:  # All: the variable's allValue, or every value its query offers (Grafana's regex)
             offered = variable_values(prometheus_url, var["definition"], values)
             assert offered, var["name"]
-            values[var["name"]] = var["allValue"] or "(" + "|".join(re.escape(v) for v in offered) + ")"
+            alternatives = "|".join(re.escape(v).replace("\\", "\\\\") for v in offered)  # in a PromQL string
+            values[var["name"]] = var["allValue"] or f"({alternatives})"
             continue
         offered = variable_values(prometheus_url, var["definition"], values)
         assert var["current"]["value"] in offered, (var["name"], offered)
