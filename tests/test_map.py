@@ -3,6 +3,7 @@ PromQL source's queries, the live page's answer; and a 200-workload map drawn wi
 
 from __future__ import annotations
 
+import re
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -174,3 +175,29 @@ def test_output_format_follows_the_file_name() -> None:
     assert [graphviz.format_for(Path(p)) for p in ("m.svg", "m.PNG", "m.dot")] == ["svg", "png", "dot"]
     with pytest.raises(ValueError, match="svg"):
         graphviz.format_for(Path("m.pdf"))
+
+
+@pytest.mark.asyncio
+async def test_live_page_serves_only_its_own_assets_and_reports_a_failed_reading() -> None:
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from flowmon_cli.sources import AgentSource, Endpoints
+    from flowmon_lab.prometheus import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/metrics/a/b"  # nothing listens there
+    live = server.LiveMap(AgentSource(Endpoints([dead])), server.PageOptions(interval=0.2))
+    async with TestClient(TestServer(server.application(live))) as client:
+        page = await (await client.get("/")).text()
+        references = re.findall(r'(?:src|href)="([^"]*)"', page)
+        assert references and all(r.startswith("/") or r.startswith("data:") for r in references), references
+        for asset in ("/map.js", "/map.css"):
+            response = await client.get(asset)
+            assert response.status == 200 and "http://" not in await response.text()
+        for _ in range(50):  # the first reading fails within a refresh or two
+            answer = await (await client.get("/api/map")).json()
+            if answer["generation"]:
+                break
+            await asyncio.sleep(0.1)
+        assert "Connection refused" in answer["error"] and "svg" not in answer
