@@ -9,6 +9,7 @@ import pytest
 pytest_plugins = [
     "tests.kubeapi.fixtures",  # the `kube_api` fixture: a Kubernetes API emulator
     "tests.kubelet.fixtures",  # the `images` fixture: flowmon/agent and flowmon/operator, built once
+    "tests.demo_session",  # `running_demo`: one demo shared by the map and dashboard tests
 ]
 
 

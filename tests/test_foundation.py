@@ -32,11 +32,11 @@ def test_stdlib_operator_is_not_shadowed_from_repo_root() -> None:
 def test_cli_lists_all_subcommands() -> None:
     parser = cli.build_parser()
     (subparsers,) = [a for a in parser._actions if a.dest == "command"]
-    assert set(subparsers.choices) == {"agent", "operator", "demo", "top", "render", "validate"}
+    assert set(subparsers.choices) == {"agent", "operator", "demo", "top", "render", "validate", "map"}
     out = subprocess.run(
         [str(Path(sys.executable).parent / "flowmon"), "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "{agent,operator,demo,top,render,validate}" in out.replace(" ", "")
+    assert "{agent,operator,demo,top,render,validate,map}" in out.replace(" ", "")
 
 
 def test_smoke_bpf_program_loads_and_counts_a_connection(require_root) -> None:

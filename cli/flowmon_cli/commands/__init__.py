@@ -4,6 +4,6 @@ Each module imports its heavy dependencies (BCC, rich, aiohttp) inside the handl
 `flowmon validate` in a CI job starts in a fraction of a second.
 """
 
-from flowmon_cli.commands import agent, demo, operator, render, top, validate
+from flowmon_cli.commands import agent, demo, map, operator, render, top, validate
 
-__all__ = ["agent", "demo", "operator", "render", "top", "validate"]
+__all__ = ["agent", "demo", "map", "operator", "render", "top", "validate"]

@@ -2,9 +2,10 @@
 
 Builds the mini-cluster of `demo.scenario` from network namespaces, starts one agent per node (the real
 `flowmon agent` with the FlowMonitors of examples/, over TLS with a token), a real Prometheus scraping
-them and evaluating the rendered alert rules, drives the traffic mix inside the pods, and shows the live
-view (`flowmon top`). Ctrl-C or the end of --duration removes every namespace, rule and process it
-created; `flowmon demo --cleanup` does the same after a crash (see demo.state).
+them and evaluating the rendered alert rules, drives the traffic mix inside the pods, serves the live
+service map (`flowmon map --serve`, its address printed) and shows the live view (`flowmon top`).
+Ctrl-C or the end of --duration removes every namespace, rule and process it created; `flowmon demo
+--cleanup` does the same after a crash (see demo.state).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from flowmon_lab.minicluster import set_parent_death_signal
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 DEFAULT_DURATION = 120.0
 FIRST_AGENT_PORT = 9401
+MAP_PORT = 9480
 RULE_INTERVAL = "10s"  # the rendered rules evaluate every minute; a short demo wants answers sooner
 
 
@@ -96,6 +98,8 @@ class Demo:
         self.cluster = None
         self.agents: list[tuple[str, int, subprocess.Popen]] = []
         self.prometheus = None
+        self.map_page: subprocess.Popen | None = None
+        self.map_url = ""
         self.token = ""
         self.tls: ssl.SSLContext | None = None
 
@@ -249,6 +253,33 @@ class Demo:
             f"the server in {pod.namespace}/{pod.name} did not listen on {port} in {timeout:.0f}s"
         )
 
+    def start_map_page(self, ca: Path, token: Path) -> None:
+        """`flowmon map --serve`: the live service map of both agents, in a browser."""
+        from flowmon_lab.prometheus import free_port
+
+        port = free_port(MAP_PORT)
+        endpoints = self.endpoints()
+        argv = [
+            sys.executable, "-m", "flowmon_cli.main", "map", *endpoints.urls,
+            "--violations", *endpoints.violations, "--ca", str(ca), "--token", str(token),
+            "--serve", f"127.0.0.1:{port}", "--interval", "3", "--title", "flowmon demo — service map",
+        ]  # fmt: skip
+        with (self.workdir / "map-page.log").open("w") as log:
+            self.map_page = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=set_parent_death_signal,
+            )  # fmt: skip
+        self.state.add_process(self.map_page.pid, "map page")
+        self.map_url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.map_page.poll() is None:
+            with suppress(OSError), urllib.request.urlopen(self.map_url, timeout=1) as r:
+                if r.status == 200:
+                    return
+            time.sleep(0.2)
+        log = (self.workdir / "map-page.log").read_text()[-2000:]
+        raise DemoError(f"the live map page did not start:\n{log}")
+
     # ---- views ----
 
     def endpoints(self):
@@ -273,6 +304,7 @@ class Demo:
 
         print()
         print(f"Prometheus: {self.prometheus.url}")
+        print(f"Live map: {self.map_url}")
         for node, port, _ in self.agents:
             print(
                 f"Agent {node}: https://127.0.0.1:{port}/metrics/<namespace>/<name> "
@@ -347,6 +379,7 @@ class Demo:
         self.start_agents(inventory, ca, cert, key, token)
         self.start_prometheus(ca, token)
         self.start_traffic()
+        self.start_map_page(ca, token)
         self.print_intro()
         end = time.monotonic() + self.args.duration
         if self.args.no_ui:
@@ -371,10 +404,11 @@ class Demo:
         say("cleaning up: workloads, namespaces, iptables rules, agents, Prometheus...")
         if self.cluster is not None:
             self.cluster.teardown()
-        for _, _, proc in self.agents:
+        processes = [proc for _, _, proc in self.agents] + ([self.map_page] if self.map_page else [])
+        for proc in processes:
             if proc.poll() is None:
                 proc.terminate()
-        for _, _, proc in self.agents:
+        for proc in processes:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
