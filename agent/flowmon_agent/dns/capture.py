@@ -110,7 +110,7 @@ class DnsCapture:
         try:
             self._cgroup_fd = os.open(cgroup or cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
             self._attach()
-            self._bpf["dns_events"].open_ring_buffer(self._on_record)
+            self._bpf[b"dns_events"].open_ring_buffer(self._on_record)
         except BaseException:
             self.close()
             raise
@@ -151,7 +151,7 @@ class DnsCapture:
         return self._read - before
 
     def stats(self) -> CaptureStats:
-        table = self._bpf["dns_counts"]
+        table = self._bpf[b"dns_counts"]
         totals = [sum(table[table.Key(i)]) for i in range(len(_COUNT_NAMES))]
         return CaptureStats(*totals, read=self._read)
 
