@@ -83,6 +83,29 @@ def decode_event(raw: bytes) -> Packet | None:
     )
 
 
+def attach_cgroup_skb(bpf, cgroup_fd: int) -> list[int]:
+    """Load dns_ingress and dns_egress as cgroup-skb programs and link them to the cgroup; the link fds
+    (closing one detaches its program)."""
+    from bcc import BPF, lib
+
+    link_create = lib.bpf_link_create  # libbpf's, reached through libbcc's dependencies
+    link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    link_create.restype = ctypes.c_int
+    links: list[int] = []
+    for name, attach_type in ((b"dns_ingress", _ATTACH_INGRESS), (b"dns_egress", _ATTACH_EGRESS)):
+        prog = bpf.load_func(name, BPF.CGROUP_SKB)
+        fd = link_create(prog.fd, cgroup_fd, attach_type, None)
+        if fd < 0:
+            for link in links:
+                os.close(link)
+            raise BPFUnavailableError(
+                f"cannot attach {name.decode()} to the cgroup v2 root: {os.strerror(-fd)} "
+                "(cgroup BPF links need Linux 5.7+)"
+            )
+        links.append(fd)
+    return links
+
+
 class DnsCapture:
     """`with DnsCapture(tracker) as cap: cap.poll()`; `close()` detaches and frees the programs."""
 
@@ -109,27 +132,11 @@ class DnsCapture:
         self._cgroup_fd = -1
         try:
             self._cgroup_fd = os.open(cgroup or cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
-            self._attach()
+            self._links = attach_cgroup_skb(self._bpf, self._cgroup_fd)
             self._bpf[b"dns_events"].open_ring_buffer(self._on_record)
         except BaseException:
             self.close()
             raise
-
-    def _attach(self) -> None:
-        from bcc import BPF, lib
-
-        link_create = lib.bpf_link_create  # libbpf's, reached through libbcc's dependencies
-        link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-        link_create.restype = ctypes.c_int
-        for name, attach_type in ((b"dns_ingress", _ATTACH_INGRESS), (b"dns_egress", _ATTACH_EGRESS)):
-            prog = self._bpf.load_func(name, BPF.CGROUP_SKB)
-            fd = link_create(prog.fd, self._cgroup_fd, attach_type, None)
-            if fd < 0:
-                raise BPFUnavailableError(
-                    f"cannot attach {name.decode()} to the cgroup v2 root: {os.strerror(-fd)} "
-                    "(cgroup BPF links need Linux 5.7+)"
-                )
-            self._links.append(fd)
 
     def _on_record(self, _ctx, data, size) -> int:
         packet = decode_event(ctypes.string_at(data, size))
@@ -140,13 +147,13 @@ class DnsCapture:
         return -1 if self._left <= 0 else 0  # < 0 stops this consume after this record
 
     def poll(self, timeout_ms: int = 0) -> int:
-        """Feed the tracker at most `batch_max` records (waiting up to timeout_ms for the first), then
+        """Feed the tracker at most `batch_max` records (waiting up to timeout_ms for a wake-up), then
         expire the tracker's overdue queries; how many records were read."""
         before, self._left = self._read, self.batch_max
         if timeout_ms > 0:
-            self._bpf.ring_buffer_poll(timeout_ms)
-        else:
-            self._bpf.ring_buffer_consume()
+            self._bpf.ring_buffer_poll(timeout_ms)  # returns at a wake-up (every DNS_WAKE_EVERY records)
+        if self._left > 0:
+            self._bpf.ring_buffer_consume()  # and what was written without waking anyone
         self.tracker.expire()
         return self._read - before
 
