@@ -39,15 +39,15 @@ MODES = ("floor", "copy", "kparse")
 FLOOD = r"""
 import socket, sys, time, struct
 server, seconds = sys.argv[1], float(sys.argv[2])
-name = b"\x03web\x03lab\x04test\x00"
+question = b"\x03web\x03lab\x04test\x00\x00\x01\x00\x01"
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.settimeout(0.5)
 sent = answered = 0
 end = time.monotonic() + seconds
 while time.monotonic() < end:
     for i in range(32):
-        sock.sendto(struct.pack("!HHHHHH", (sent + i) & 0xFFFF, 0x0100, 1, 0, 0, 0) + name + b"\x00\x01\x00\x01",
-                    (server, 53))
+        header = struct.pack("!HHHHHH", (sent + i) & 0xFFFF, 0x0100, 1, 0, 0, 0)
+        sock.sendto(header + question, (server, 53))
     sent += 32
     for _ in range(32):
         try:
