@@ -1,0 +1,180 @@
+"""Load `bpf/dns.c`, attach it to the cgroup v2 root, and feed its packets to a `DnsTracker`.
+
+The two programs (ingress, egress) are attached with BPF links, not BPF_PROG_ATTACH: a link goes away
+with its file descriptor, so an agent that dies, even by SIGKILL, leaves nothing attached behind (a
+prog-attach stays on the cgroup until someone detaches it). Needs Linux 5.8+ (links on cgroups, ring
+buffer). `poll()` reads at most `batch_max` records: a flood costs a bounded amount per poll, and what the
+kernel could not hand over while the ring was full is counted there, not lost silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import ipaddress
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowmon_agent.dns.tracker import DnsTracker, Packet
+from flowmon_agent.kernel.loader import BPFUnavailableError, load_program
+
+SOURCE = "dns.c"
+# struct dns_event up to its payload: ts, saddr, daddr, sport, dport, payload_len, captured, family, egress
+EVENT_HEADER = struct.Struct("=Q16s16sHHHHBB6x")
+MAX_CAPTURE_BYTES = 4096
+_ATTACH_INGRESS, _ATTACH_EGRESS = 0, 1  # enum bpf_attach_type: BPF_CGROUP_INET_INGRESS, _EGRESS
+_COUNT_NAMES = ("seen", "handed", "ring_full", "not_walked")  # enum dns_count in bpf/dns.c
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureStats:
+    seen: int  # datagrams to or from the DNS port
+    handed: int  # records the kernel wrote to the ring
+    ring_full: int  # records lost because the ring was full
+    not_walked: int  # IPv6 packets with extension headers, not inspected
+    read: int  # records this process read from the ring
+
+
+def cgroup2_mounts(mounts_text: str) -> list[Path]:
+    """Mount points of cgroup2 file systems in /proc/self/mounts text, in mount order."""
+    out = []
+    for line in mounts_text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "cgroup2":
+            out.append(Path(fields[1].replace("\\040", " ")))
+    return out
+
+
+def cgroup2_root() -> Path:
+    """The cgroup v2 root: /sys/fs/cgroup on a pure cgroup2 node, /sys/fs/cgroup/unified on hybrid ones."""
+    mounts = cgroup2_mounts(Path("/proc/self/mounts").read_text())
+    if not mounts:
+        raise BPFUnavailableError("no cgroup v2 file system is mounted (DNS capture attaches to its root)")
+    return min(mounts, key=lambda p: len(p.parts))  # the shallowest: a container may see nested ones
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_text(family: int, raw: bytes) -> str:
+    if family == 4:
+        return socket.inet_ntoa(raw[:4])
+    return str(ipaddress.IPv6Address(raw))  # the form flows key peers by
+
+
+def decode_event(raw: bytes) -> Packet | None:
+    """A ring record as a Packet (None when it is shorter than its header says: never trusted either)."""
+    if len(raw) < EVENT_HEADER.size:
+        return None
+    ts_ns, saddr, daddr, sport, dport, payload_len, captured, family, egress = EVENT_HEADER.unpack_from(raw)
+    if family not in (4, 6):
+        return None
+    payload = raw[EVENT_HEADER.size : EVENT_HEADER.size + min(captured, MAX_CAPTURE_BYTES)]
+    return Packet(
+        src=_address_text(family, saddr),
+        sport=sport,
+        dst=_address_text(family, daddr),
+        dport=dport,
+        egress=bool(egress),
+        timestamp=ts_ns / 1e9,
+        payload=payload,
+        complete=len(payload) >= payload_len,
+    )
+
+
+def attach_cgroup_skb(bpf, cgroup_fd: int) -> list[int]:
+    """Load dns_ingress and dns_egress as cgroup-skb programs and link them to the cgroup; the link fds
+    (closing one detaches its program)."""
+    from bcc import BPF, lib
+
+    link_create = lib.bpf_link_create  # libbpf's, reached through libbcc's dependencies
+    link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    link_create.restype = ctypes.c_int
+    links: list[int] = []
+    for name, attach_type in ((b"dns_ingress", _ATTACH_INGRESS), (b"dns_egress", _ATTACH_EGRESS)):
+        prog = bpf.load_func(name, BPF.CGROUP_SKB)
+        fd = link_create(prog.fd, cgroup_fd, attach_type, None)
+        if fd < 0:
+            for link in links:
+                os.close(link)
+            raise BPFUnavailableError(
+                f"cannot attach {name.decode()} to the cgroup v2 root: {os.strerror(-fd)} "
+                "(cgroup BPF links need Linux 5.7+)"
+            )
+        links.append(fd)
+    return links
+
+
+class DnsCapture:
+    """`with DnsCapture(tracker) as cap: cap.poll()`; `close()` detaches and frees the programs."""
+
+    def __init__(
+        self,
+        tracker: DnsTracker,
+        *,
+        cgroup: Path | None = None,
+        port: int = 53,
+        capture_bytes: int = 512,
+        ring_pages: int = 64,
+        batch_max: int = 2048,
+    ) -> None:
+        if not 1 <= port <= 65535 or not 12 <= capture_bytes <= MAX_CAPTURE_BYTES or batch_max < 1:
+            raise ValueError("port 1-65535, capture_bytes 12-4096 and batch_max >= 1")
+        if ring_pages < 1 or ring_pages & (ring_pages - 1):
+            raise ValueError(f"ring_pages must be a power of two, got {ring_pages}")
+        self.tracker, self.batch_max = tracker, batch_max
+        self._read = self._left = 0
+        self._links: list[int] = []
+        self._bpf = load_program(
+            SOURCE, {"DNS_PORT": port, "DNS_CAPTURE_BYTES": capture_bytes, "DNS_RING_PAGES": ring_pages}
+        )
+        self._cgroup_fd = -1
+        try:
+            self._cgroup_fd = os.open(cgroup or cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
+            self._links = attach_cgroup_skb(self._bpf, self._cgroup_fd)
+            self._bpf[b"dns_events"].open_ring_buffer(self._on_record)
+        except BaseException:
+            self.close()
+            raise
+
+    def _on_record(self, _ctx, data, size) -> int:
+        packet = decode_event(ctypes.string_at(data, size))
+        if packet is not None:
+            self.tracker.observe(packet)
+        self._read += 1
+        self._left -= 1
+        return -1 if self._left <= 0 else 0  # < 0 stops this consume after this record
+
+    def poll(self, timeout_ms: int = 0) -> int:
+        """Feed the tracker at most `batch_max` records (waiting up to timeout_ms for a wake-up), then
+        expire the tracker's overdue queries; how many records were read."""
+        before, self._left = self._read, self.batch_max
+        if timeout_ms > 0:
+            self._bpf.ring_buffer_poll(timeout_ms)  # returns at a wake-up (every DNS_WAKE_EVERY records)
+        if self._left > 0:
+            self._bpf.ring_buffer_consume()  # and what was written without waking anyone
+        self.tracker.expire()
+        return self._read - before
+
+    def stats(self) -> CaptureStats:
+        table = self._bpf[b"dns_counts"]
+        totals = [sum(table[table.Key(i)]) for i in range(len(_COUNT_NAMES))]
+        return CaptureStats(*totals, read=self._read)
+
+    def close(self) -> None:
+        for fd in self._links:
+            os.close(fd)  # closing the link detaches the program
+        self._links = []
+        if self._cgroup_fd >= 0:
+            os.close(self._cgroup_fd)
+            self._cgroup_fd = -1
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self) -> DnsCapture:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -1,0 +1,247 @@
+"""DNS transactions from packets: queries matched to answers, latency, timeouts, counters, names.
+
+Each packet was seen at a socket of this node, leaving it (`egress`) or arriving at it. A query leaving
+or an answer arriving is the client's view; a query arriving or an answer leaving is the server's. When
+both ends live on the node, the same transaction is seen from both, so every count carries its
+`vantage`: the one who exports picks the client's view and the server's only for clients no agent sees
+(the count-once rule of TCP flows).
+
+A query waits in a bounded table keyed by (vantage, client ip, client port, server ip, server port, id);
+its answer completes it (rcode, latency from the kernel's timestamps); a query still waiting after
+`timeout_s` by the injectable clock counts as rcode `timeout`. Counters are cumulative (Prometheus
+counters) and capped in series: past the cap, new (client, server) pairs fold into `overflow`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from flowmon_agent.dns.codes import TIMEOUT, qtype_name, rcode_name
+from flowmon_agent.dns.names import DEFAULT_MAX_ENTRIES, NameTable, NameTableStats
+from flowmon_agent.dns.parse import Malformed, Message, parse_message
+
+OVERFLOW = "overflow"  # client and server of the series that did not fit under the cap
+OPCODE_QUERY = 0
+DEFAULT_TIMEOUT_S = 5.0  # glibc's resolver gives up on a server after 5 s (resolv.conf `timeout`)
+DEFAULT_MAX_PENDING = 16_384
+DEFAULT_MAX_SERIES = 4_096
+# seconds: a local cache answers in well under a millisecond, a remote resolver in tens of milliseconds
+DEFAULT_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Vantage(StrEnum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """One UDP datagram to or from the DNS port, as the kernel saw it at a socket of this node."""
+
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    egress: bool  # leaving the socket that sent it; False: arriving at the socket that receives it
+    timestamp: float  # seconds of CLOCK_MONOTONIC (the kernel's bpf_ktime_get_ns)
+    payload: bytes
+    complete: bool = True  # False: the kernel copied only the first part of the payload
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKey:
+    vantage: Vantage
+    client: str
+    server: str
+    rcode: str  # NOERROR, NXDOMAIN, ..., other, or timeout
+    qtype: str  # A, AAAA, SRV, ..., other
+
+
+@dataclass(frozen=True, slots=True)
+class PairKey:
+    vantage: Vantage
+    client: str
+    server: str
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedKey:
+    source: str
+    destination: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyHistogram:
+    bounds: tuple[float, ...]
+    cumulative: tuple[int, ...]  # observations <= each bound (the Prometheus `le` buckets, +Inf = count)
+    count: int
+    sum: float
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerStats:
+    pending: int
+    pending_full: int  # queries not tracked because the pending table was full
+    retransmitted: int  # a query seen again while its first copy waited (latency runs from the first)
+    unmatched_responses: int  # answers to no waiting query (late after a timeout, or never asked)
+    other_opcodes: int  # NOTIFY, UPDATE, ...: not requests
+    series_overflow: int  # observations folded into the `overflow` series
+    names: NameTableStats
+
+
+@dataclass(slots=True)
+class _Pending:
+    timestamp: float
+    qtype: str
+
+
+@dataclass(slots=True)
+class _Histogram:
+    buckets: list[int]
+    count: int = 0
+    sum: float = 0.0
+
+
+@dataclass(slots=True)
+class _Counters:
+    pending_full: int = 0
+    retransmitted: int = 0
+    unmatched_responses: int = 0
+    other_opcodes: int = 0
+    series_overflow: int = 0
+    requests: dict[RequestKey, int] = field(default_factory=dict)
+    malformed: dict[MalformedKey, int] = field(default_factory=dict)
+    latency: dict[PairKey, _Histogram] = field(default_factory=dict)
+
+
+class DnsTracker:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_series: int = DEFAULT_MAX_SERIES,
+        max_names: int = DEFAULT_MAX_ENTRIES,
+        latency_buckets: Sequence[float] = DEFAULT_LATENCY_BUCKETS,
+    ) -> None:
+        if timeout_s <= 0 or max_pending < 1 or max_series < 1:
+            raise ValueError("timeout_s, max_pending and max_series must be positive")
+        self._clock, self._timeout_s = clock, timeout_s
+        self._max_pending, self._max_series = max_pending, max_series
+        self._bounds = tuple(sorted(latency_buckets))
+        self._pending: OrderedDict[tuple, _Pending] = OrderedDict()  # oldest first: timeouts pop the front
+        self._c = _Counters()
+        self.names = NameTable(clock=clock, max_entries=max_names)
+
+    # --- input ----------------------------------------------------------------------------------------
+    def observe(self, packet: Packet) -> None:
+        msg = parse_message(packet.payload, complete=packet.complete)
+        if isinstance(msg, Malformed):
+            key = MalformedKey(packet.src, packet.dst, msg.reason.value)
+            self._bump(self._c.malformed, key, MalformedKey(OVERFLOW, OVERFLOW, msg.reason.value))
+            return
+        if msg.opcode != OPCODE_QUERY:
+            self._c.other_opcodes += 1
+            return
+        if msg.is_response:
+            self._answer(packet, msg)
+        else:
+            self._query(packet, msg)
+
+    def expire(self) -> int:
+        """Count queries past their deadline as `timeout` and drop expired names; how many timed out."""
+        deadline = self._clock() - self._timeout_s
+        timed_out = 0
+        while self._pending:
+            key, first = next(iter(self._pending.items()))
+            if first.timestamp > deadline:
+                break
+            self._pending.popitem(last=False)
+            vantage, client, _, server, _, _ = key
+            self._count(vantage, client, server, TIMEOUT, first.qtype)
+            timed_out += 1
+        self.names.expire()
+        return timed_out
+
+    def _query(self, packet: Packet, msg: Message) -> None:
+        vantage = Vantage.CLIENT if packet.egress else Vantage.SERVER
+        key = (vantage, packet.src, packet.sport, packet.dst, packet.dport, msg.id)
+        if key in self._pending:
+            self._c.retransmitted += 1
+        elif len(self._pending) >= self._max_pending:
+            self._c.pending_full += 1
+        else:
+            self._pending[key] = _Pending(packet.timestamp, qtype_name(msg.qtype))
+
+    def _answer(self, packet: Packet, msg: Message) -> None:
+        vantage = Vantage.SERVER if packet.egress else Vantage.CLIENT
+        key = (vantage, packet.dst, packet.dport, packet.src, packet.sport, msg.id)
+        query = self._pending.pop(key, None)
+        if query is None:
+            self._c.unmatched_responses += 1
+            return
+        client, server = packet.dst, packet.src
+        pair = self._count(vantage, client, server, rcode_name(msg.rcode), query.qtype)
+        self._observe_latency(pair, max(packet.timestamp - query.timestamp, 0.0))
+        if vantage is Vantage.CLIENT and msg.qname:  # a pod received it: what that pod now calls the address
+            for record in msg.answers:
+                self.names.learn(client, record.address, msg.qname, record.ttl)
+
+    # --- counters -------------------------------------------------------------------------------------
+    def _count(self, vantage: Vantage, client: str, server: str, rcode: str, qtype: str) -> PairKey:
+        key = RequestKey(vantage, client, server, rcode, qtype)
+        folded = self._bump(self._c.requests, key, RequestKey(vantage, OVERFLOW, OVERFLOW, rcode, qtype))
+        return PairKey(vantage, folded.client, folded.server)
+
+    def _bump(self, table: dict, key, overflow_key):
+        if key not in table and len(table) >= self._max_series:
+            key = overflow_key
+            self._c.series_overflow += 1
+        table[key] = table.get(key, 0) + 1
+        return key
+
+    def _observe_latency(self, pair: PairKey, seconds: float) -> None:
+        hist = self._c.latency.get(pair)
+        if hist is None:
+            hist = self._c.latency[pair] = _Histogram([0] * len(self._bounds))
+        index = bisect.bisect_left(self._bounds, seconds)  # the first bound >= seconds
+        if index < len(self._bounds):  # else only +Inf holds it
+            hist.buckets[index] += 1
+        hist.count += 1
+        hist.sum += seconds
+
+    # --- output ---------------------------------------------------------------------------------------
+    def requests(self) -> dict[RequestKey, int]:
+        return dict(self._c.requests)
+
+    def malformed(self) -> dict[MalformedKey, int]:
+        return dict(self._c.malformed)
+
+    def latency(self) -> dict[PairKey, LatencyHistogram]:
+        out = {}
+        for pair, hist in self._c.latency.items():
+            running, cumulative = 0, []
+            for n in hist.buckets:
+                running += n
+                cumulative.append(running)
+            out[pair] = LatencyHistogram(self._bounds, tuple(cumulative), hist.count, hist.sum)
+        return out
+
+    def stats(self) -> TrackerStats:
+        c = self._c
+        return TrackerStats(
+            pending=len(self._pending),
+            pending_full=c.pending_full,
+            retransmitted=c.retransmitted,
+            unmatched_responses=c.unmatched_responses,
+            other_opcodes=c.other_opcodes,
+            series_overflow=c.series_overflow,
+            names=self.names.stats(),
+        )

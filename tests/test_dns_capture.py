@@ -1,0 +1,295 @@
+"""DNS capture on the real kernel: a client pod querying a real resolver (dnsmasq) in another pod.
+
+The resolver `dns` answers the zone lab.test itself (A/AAAA records, NXDOMAIN for unknown names, a big
+TXT record), forwards everything else to `up` and validates it with DNSSEC: `up` answers fail.test
+without signatures (so `dns` answers SERVFAIL, as a validating resolver does) and refuses the rest
+(passed on as REFUSED). Counts are taken from the client pod's vantage and compared as differences, so
+the tests share one lab, resolver and capture.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from flowmon_agent.dns.capture import DnsCapture, cgroup2_mounts, cgroup2_root, decode_event
+from flowmon_agent.dns.tracker import DnsTracker, PairKey, Vantage
+from flowmon_lab.network import Lab, Pod
+from flowmon_lab.resolver import ResolverConfig, start_resolver
+from tests.dns_samples import MALFORMED
+
+pytestmark = [pytest.mark.bpf, pytest.mark.netns]
+
+ROOT = Path(__file__).resolve().parents[1]
+WEB_V4, WEB_V6 = "10.99.0.7", "fd00:99::7"
+TTL_S = 30
+BIG_TXT = ["x" * 250] * 4  # an answer of ~1 KB: the token bucket below passes about one per 80 ms
+
+
+class OffsetClock:
+    """CLOCK_MONOTONIC (the kernel's timestamps) plus an offset the tests move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+@dataclass
+class DnsLab:
+    lab: Lab
+    client: Pod
+    resolver: Pod
+    tracker: DnsTracker
+    capture: DnsCapture
+    clock: OffsetClock
+
+    def pump_until(self, done: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.capture.poll(timeout_ms=50)
+            if done():
+                return
+        raise AssertionError(f"not reached within {timeout_s} s; capture {self.capture.stats()}")
+
+    def ask(self, name: str, qtype: str, family: int = socket.AF_INET) -> dns.message.Message:
+        query = dns.message.make_query(name, qtype, use_edns=0, payload=4096)
+        with self.lab.inside(self.client):
+            return dns.query.udp(query, self.resolver.ip(family), timeout=5)
+
+    def client_counts(self, vantage: Vantage = Vantage.CLIENT) -> dict[tuple[str, str, str], int]:
+        """(client address, rcode, qtype) -> count, for the client pod's queries to the resolver."""
+        mine = {self.client.ip(f): self.resolver.ip(f) for f in (socket.AF_INET, socket.AF_INET6)}
+        return {
+            (k.client, k.rcode, k.qtype): n
+            for k, n in self.tracker.requests().items()
+            if k.vantage is vantage and mine.get(k.client) == k.server
+        }
+
+
+def grown(before: dict, after: dict) -> dict:
+    return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+
+
+@pytest.fixture(scope="module")
+def dns_lab(require_root) -> Iterator[DnsLab]:
+    with Lab("fdn", ["cl", "dns", "up"]) as lab:
+        client, resolver, upstream = lab.pod("cl"), lab.pod("dns"), lab.pod("up")
+        start_resolver(lab, upstream, ResolverConfig(hosts={"x.fail.test": ["10.99.0.9"]}))
+        config = ResolverConfig(
+            local_zone="lab.test",
+            hosts={"web.lab.test": [WEB_V4, WEB_V6]},
+            txt={"big.lab.test": BIG_TXT},
+            ttl_s=TTL_S,
+            upstream=str(upstream.ipv4),
+            dnssec=True,
+        )
+        start_resolver(lab, resolver, config)
+        clock = OffsetClock()
+        tracker = DnsTracker(clock=clock, timeout_s=30.0)  # real queries never take that long
+        with DnsCapture(tracker) as capture:
+            yield DnsLab(lab, client, resolver, tracker, capture, clock)
+
+
+def test_counts_per_rcode_and_qtype_equal_the_queries_made(dns_lab: DnsLab) -> None:
+    v4, v6 = dns_lab.client.ip(socket.AF_INET), dns_lab.client.ip(socket.AF_INET6)
+    before, before_server = dns_lab.client_counts(), dns_lab.client_counts(Vantage.SERVER)
+    made = [
+        ("web.lab.test", "A", socket.AF_INET, "NOERROR"),
+        ("web.lab.test", "AAAA", socket.AF_INET, "NOERROR"),
+        ("web.lab.test", "AAAA", socket.AF_INET6, "NOERROR"),
+        ("nope.lab.test", "A", socket.AF_INET, "NXDOMAIN"),
+        ("nope.lab.test", "SRV", socket.AF_INET6, "NXDOMAIN"),
+        ("x.fail.test", "A", socket.AF_INET, "SERVFAIL"),
+        ("elsewhere.example", "A", socket.AF_INET, "REFUSED"),
+        ("7.0.99.10.in-addr.arpa", "PTR", socket.AF_INET, "NOERROR"),  # its host record, reversed
+    ]
+    for name, qtype, family, rcode in made:
+        assert dns.rcode.to_text(dns_lab.ask(name, qtype, family).rcode()) == rcode, name
+    expected = {
+        (v4, "NOERROR", "A"): 1,
+        (v4, "NOERROR", "AAAA"): 1,
+        (v6, "NOERROR", "AAAA"): 1,
+        (v4, "NXDOMAIN", "A"): 1,
+        (v6, "NXDOMAIN", "SRV"): 1,
+        (v4, "SERVFAIL", "A"): 1,
+        (v4, "REFUSED", "A"): 1,
+        (v4, "NOERROR", "PTR"): 1,
+    }
+    dns_lab.pump_until(lambda: grown(before, dns_lab.client_counts()) == expected)
+    # the resolver's socket saw the same transactions (both ends are on this node)
+    dns_lab.pump_until(lambda: grown(before_server, dns_lab.client_counts(Vantage.SERVER)) == expected)
+    assert dns_lab.capture.stats().ring_full == 0
+
+
+def burst_latency_sum(dns_lab: DnsLab, count: int) -> float:
+    """Send `count` TXT queries for the big record at once; the sum of their latencies (the tracker's)."""
+    pair = PairKey(Vantage.CLIENT, dns_lab.client.ip(socket.AF_INET), dns_lab.resolver.ip(socket.AF_INET))
+    before = dns_lab.tracker.latency().get(pair)
+    sums_before = (before.count, before.sum) if before else (0, 0.0)
+    with dns_lab.lab.socket(dns_lab.client, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
+        for ident in range(count):
+            query = dns.message.make_query("big.lab.test", "TXT", use_edns=0, payload=4096, id=ident + 1)
+            sock.sendto(query.to_wire(), (dns_lab.resolver.ip(socket.AF_INET), 53))
+        for _ in range(count):
+            sock.recv(4096)
+    dns_lab.pump_until(lambda: dns_lab.tracker.latency()[pair].count == sums_before[0] + count)
+    return dns_lab.tracker.latency()[pair].sum - sums_before[1]
+
+
+def test_latency_is_plausible_and_rises_behind_a_token_bucket(dns_lab: DnsLab) -> None:
+    burst = 8
+    plain_sum = burst_latency_sum(dns_lab, burst)
+    assert 0 < plain_sum / burst < 0.25  # a local resolver: well under a quarter second
+    # ~1 KB answers through 100 kbit/s: after the 1600-byte burst, one answer per ~85 ms at best
+    dns_lab.lab.tc(dns_lab.resolver, "qdisc", "add", "dev", "eth0", "root", "tbf",
+                   "rate", "100kbit", "burst", "1600", "latency", "5s")  # fmt: skip
+    try:
+        shaped_sum = burst_latency_sum(dns_lab, burst)
+    finally:
+        dns_lab.lab.tc(dns_lab.resolver, "qdisc", "del", "dev", "eth0", "root")
+    # the bucket cannot deliver more than 2 answers in the first 0.1 s: at least 6 waited longer, the
+    # last about 0.5 s; so the mean rises well past the unshaped one
+    assert shaped_sum / burst > 0.15 and shaped_sum > 3 * plain_sum
+    assert shaped_sum / burst < 5.0
+
+
+def test_a_dropped_query_counts_as_timeout(dns_lab: DnsLab) -> None:
+    v4 = dns_lab.client.ip(socket.AF_INET)
+    before = dns_lab.client_counts()
+    dns_lab.lab.iptables(dns_lab.resolver, "-I", "INPUT", "-p", "udp", "--dport", "53", "-j", "DROP")
+    try:
+        with dns_lab.lab.socket(dns_lab.client, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            query = dns.message.make_query("web.lab.test", "AAAA", use_edns=False)
+            sock.sendto(query.to_wire(), (dns_lab.resolver.ip(socket.AF_INET), 53))  # hook ran in sendto
+            dns_lab.capture.poll()
+    finally:
+        dns_lab.lab.iptables(dns_lab.resolver, "-D", "INPUT", "-p", "udp", "--dport", "53", "-j", "DROP")
+    assert grown(before, dns_lab.client_counts()) == {}
+    dns_lab.clock.offset += 31.0  # past the tracker's 30 s deadline
+    dns_lab.capture.poll()
+    assert grown(before, dns_lab.client_counts()) == {(v4, "timeout", "AAAA"): 1}
+
+
+def test_malformed_packets_are_counted_and_nothing_breaks(dns_lab: DnsLab) -> None:
+    client, server = dns_lab.client.ip(socket.AF_INET), dns_lab.resolver.ip(socket.AF_INET)
+
+    def mine() -> dict[str, int]:
+        return {
+            k.reason: n
+            for k, n in dns_lab.tracker.malformed().items()
+            if (k.source, k.destination) == (client, server)
+        }
+
+    before = mine()
+    with dns_lab.lab.socket(dns_lab.client, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, payload, _ in MALFORMED:
+            sock.sendto(payload, (server, 53))
+    expected: dict[str, int] = {}
+    for _, _, reason in MALFORMED:  # each seen leaving the client and arriving at the resolver
+        expected[reason] = expected.get(reason, 0) + 2
+    dns_lab.pump_until(lambda: grown(before, mine()) == expected)
+    # 300 random datagrams without reading: 600 records of 450-570 bytes overflow the 256 KiB ring; the
+    # rest are counted as lost, not silently dropped, and the capture and the resolver go on
+    rng = random.Random(24)
+    with dns_lab.lab.socket(dns_lab.client, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _ in range(300):
+            sock.sendto(rng.randbytes(rng.randrange(400, 700)), (server, 53))
+    while dns_lab.capture.poll():
+        pass
+    stats = dns_lab.capture.stats()
+    assert stats.ring_full > 0 and stats.seen == stats.handed + stats.ring_full and stats.read == stats.handed
+    counts = dns_lab.client_counts()
+    assert dns.rcode.to_text(dns_lab.ask("web.lab.test", "A").rcode()) == "NOERROR"
+    dns_lab.pump_until(lambda: grown(counts, dns_lab.client_counts()) == {(client, "NOERROR", "A"): 1})
+
+
+def test_answers_name_addresses_until_the_ttl(dns_lab: DnsLab) -> None:
+    v4, v6 = dns_lab.client.ip(socket.AF_INET), dns_lab.client.ip(socket.AF_INET6)
+    names = dns_lab.tracker.names
+    dns_lab.clock.offset += TTL_S + 1  # whatever earlier tests learned has expired
+    dns_lab.capture.poll()
+    assert names.name_of(WEB_V4, v4) is None and names.name_of(WEB_V6, v6) is None
+    dns_lab.ask("web.lab.test", "A")
+    dns_lab.ask("web.lab.test", "AAAA", socket.AF_INET6)
+    dns_lab.pump_until(lambda: names.name_of(WEB_V6, v6) == "web.lab.test")
+    assert names.name_of(WEB_V4, v4) == "web.lab.test"
+    assert names.name_of(WEB_V4) == "web.lab.test"  # no other client on the node disagrees
+    dns_lab.clock.offset += TTL_S - 5
+    assert names.name_of(WEB_V4, v4) == "web.lab.test"
+    dns_lab.clock.offset += 6  # the record's TTL has run out
+    assert names.name_of(WEB_V4, v4) is None and names.name_of(WEB_V6, v6) is None
+    dns_lab.capture.poll()
+    assert names.name_of(WEB_V4) is None
+
+
+# --- attachment --------------------------------------------------------------------------------------
+_libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
+
+
+def attached_programs(cgroup: Path, attach_type: int) -> int:
+    """How many programs are attached directly to this cgroup for this attach type (BPF_PROG_QUERY)."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ids, count, flags = (ctypes.c_uint32 * 256)(), ctypes.c_uint32(256), ctypes.c_uint32(0)
+        res = _libbpf.bpf_prog_query(fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count))
+        assert res == 0, os.strerror(ctypes.get_errno())
+        return count.value
+    finally:
+        os.close(fd)
+
+
+def test_close_detaches_and_a_killed_agent_leaves_nothing_attached(dns_lab: DnsLab) -> None:
+    root = cgroup2_root()
+    attached = (attached_programs(root, 0), attached_programs(root, 1))  # ingress, egress (ours included)
+    script = (
+        "from flowmon_agent.dns.capture import DnsCapture\n"
+        "from flowmon_agent.dns.tracker import DnsTracker\n"
+        "cap = DnsCapture(DnsTracker())\nprint('attached', flush=True)\nimport time; time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "attached"
+        assert (attached_programs(root, 0), attached_programs(root, 1)) == (attached[0] + 1, attached[1] + 1)
+    finally:
+        proc.kill()  # SIGKILL: no close(), no cleanup code runs
+        proc.wait(timeout=10)
+    assert (attached_programs(root, 0), attached_programs(root, 1)) == attached
+    with DnsCapture(DnsTracker()) as extra:
+        assert attached_programs(root, 1) == attached[1] + 1
+        extra.close()
+        assert attached_programs(root, 1) == attached[1]
+
+
+# --- pure helpers --------------------------------------------------------------------------------------
+def test_cgroup2_mounts_find_hybrid_and_pure_layouts() -> None:
+    hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
+    pure = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n"
+    assert cgroup2_mounts(hybrid) == [Path("/sys/fs/cgroup/unified")]
+    assert cgroup2_mounts(pure) == [Path("/sys/fs/cgroup")]
+    assert cgroup2_mounts("proc /proc proc rw 0 0\n") == []
+
+
+def test_ring_records_are_not_trusted() -> None:
+    assert decode_event(b"\x00" * 10) is None  # shorter than the header
+    header = bytes(8) + bytes(32) + (53).to_bytes(2, "little") * 2 + (3).to_bytes(2, "little") * 2
+    assert decode_event(header + bytes([7, 1]) + bytes(6) + b"abc") is None  # not IPv4 or IPv6
+    packet = decode_event(header + bytes([4, 1]) + bytes(6) + b"abc")
+    assert packet is not None and packet.payload == b"abc" and packet.complete and packet.src == "0.0.0.0"
+    cut = decode_event(header + bytes([6, 0]) + bytes(6) + b"ab")  # says 3 captured, holds 2
+    assert cut is not None and cut.payload == b"ab" and not cut.complete and cut.dst == "::"
