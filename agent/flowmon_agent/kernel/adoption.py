@@ -1,21 +1,25 @@
-"""Find TCP connections that were open before the agent started, in every network namespace.
+"""Adopt TCP connections that were open before the agent started, in every network namespace.
 
-The tracer hands them to the kernel (map `adopt`), which starts measuring each one at its first received
-segment. /proc/net/tcp* is read per namespace: through a process living in it (/proc/PID/net/tcp) or,
-for named namespaces without a process, from a thread that enters it.
+`discover()` finds them; `Adoptions` hands them to the kernel (map `adopt`), which starts measuring each
+one at its first received segment, and ends the adoption window. /proc/net/tcp* is read per namespace:
+through a process living in it (/proc/PID/net/tcp) or, for named namespaces without a process, from a
+thread that enters it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from flowmon_agent import netns
 from flowmon_agent.kernel.flows import IPAddress, Reporter
+from flowmon_agent.kernel.maps import ROLE_CLIENT, ROLE_SERVER, encode_tuple
 
 TCP_ESTABLISHED, TCP_LISTEN = 0x01, 0x0A
 
@@ -151,3 +155,69 @@ def discover() -> Iterator[ExistingConnection]:
             if connection not in seen:
                 seen.add(connection)
                 yield connection
+
+
+def adopt_key(c: ExistingConnection) -> bytes:
+    return encode_tuple(c.local, c.local_port, c.remote, c.remote_port)
+
+
+class Adoptions:
+    """The kernel's `adopt` map over one adoption window: connections wait there until their first
+    received segment adopts them; the window ends when it expires or nothing waits any more."""
+
+    def __init__(
+        self,
+        table,
+        set_adopting: Callable[[bool], None],
+        *,
+        recheck_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._table, self._set_adopting, self._clock = table, set_adopting, clock
+        self._recheck_s, self._checked_at, self._until = recheck_s, 0.0, 0.0
+        self.dropped = 0  # connections the full map could not take: they stay unmeasured
+
+    @property
+    def adopting(self) -> bool:
+        """Whether pre-existing connections are still waiting for their first received segment."""
+        return bool(self._until)
+
+    def adopt(self, conns: Iterable[ExistingConnection], *, window_s: float = 300.0) -> int:
+        n = 0
+        for c in conns:
+            role = ROLE_SERVER if c.role == Reporter.SERVER else ROLE_CLIENT
+            try:
+                self._table[self._table.Key.from_buffer_copy(adopt_key(c))] = ctypes.c_uint8(role)
+            except Exception:  # map full: this one stays unmeasured
+                self.dropped += 1
+                continue
+            n += 1
+        if n:
+            self._checked_at = self._clock()
+            self._until = self._checked_at + window_s
+            self._set_adopting(True)
+        return n
+
+    def expire(self) -> bool:
+        """Run each poll; True when the window just ended."""
+        if not self._until:
+            return False
+        now = self._clock()
+        if now - self._checked_at >= self._recheck_s:
+            self._checked_at = now
+            self._forget_closed()
+        if now <= self._until and len(self._table) > 0:
+            return False
+        self._set_adopting(False)
+        self._table.clear()
+        self._until = 0.0
+        return True
+
+    def _forget_closed(self) -> None:
+        """Connections that closed before a received segment adopted them would keep tcp_probe attached
+        for the whole adoption window: their entries go once /proc no longer lists them."""
+        alive = {adopt_key(c) for c in discover()}
+        for key in list(self._table.keys()):
+            if bytes(key) not in alive:
+                with contextlib.suppress(KeyError):  # adopted meanwhile
+                    del self._table[key]
