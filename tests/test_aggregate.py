@@ -220,9 +220,7 @@ def test_metrics_allow_list_and_extra_labels(resolver: Resolver) -> None:
     mon = monitor(metrics=["connect_failures", "resets", "connections_active"])
     # To an external server: this agent reports everything, resets received included.
     flows = {
-        key(WEB1, EXT, 443): counters(
-            failed_refused=2, failed_timeout=1, resets_s2c=4, opened=3, closed=1
-        )
+        key(WEB1, EXT, 443): counters(failed_refused=2, failed_timeout=1, resets_s2c=4, opened=3, closed=1)
     }
     view = run(resolver, policy(mon), flows)
     names = [f.info.name for f in view.monitors[mon.key].families]

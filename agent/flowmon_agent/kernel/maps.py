@@ -33,8 +33,8 @@ MARK_WORD_SLOTS = 64  # slots per word of the fold's bitmap, and words per group
 FLOW_KEY = struct.Struct("<16s16sHHBxH")  # struct flow_key
 FLOW_VAL = struct.Struct(f"<Q{WIDTH}Q")  # struct flow_val: created_ns, then the counters' vector
 RST_PENDING = struct.Struct("<40sQB7x")  # struct rst_pending_val
-TUPLE_KEY = struct.Struct("<16s16sHHHH")  # struct tuple_key
-IP_KEY = struct.Struct("<16sHH")  # struct ip_key
+TUPLE_KEY = struct.Struct("<16s16sHHH2x")  # struct tuple_key
+IP_KEY = struct.Struct("<16sH2x")  # struct ip_key
 
 
 def decode_addr(family: int, raw: bytes) -> IPAddress:
@@ -107,9 +107,9 @@ def reset_owner(receiver: FlowKey, to_client: bool, known: Container[FlowKey]) -
 def encode_tuple(local: IPAddress, local_port: int, remote: IPAddress, remote_port: int) -> bytes:
     family, l_raw = encode_addr(local)
     _, r_raw = encode_addr(remote)
-    return TUPLE_KEY.pack(l_raw, r_raw, family, local_port, remote_port, 0)
+    return TUPLE_KEY.pack(l_raw, r_raw, family, local_port, remote_port)
 
 
 def encode_ip_key(ip: IPAddress) -> bytes:
     family, raw = encode_addr(ip)
-    return IP_KEY.pack(raw, family, 0)
+    return IP_KEY.pack(raw, family)
