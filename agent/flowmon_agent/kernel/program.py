@@ -62,30 +62,31 @@ class KernelProgram:
 
     def __init__(self, *, force_compat: bool = False, raw: bool | None = None, sizes: Sizes) -> None:
         self.sizes = sizes
-        self.path, self._bpf = kernel_paths.load(force_compat=force_compat, raw=raw, sizes=sizes.cflags)
+        # the bcc.BPF object: benches attach and detach its hooks themselves (under FlowTracer.lock)
+        self.path, self.bpf = kernel_paths.load(force_compat=force_compat, raw=raw, sizes=sizes.cflags)
         self.kernel_path = self.path.name
         self.raw_tracepoints = bool(self.path.cflags.get("FLOWMON_RAW"))
         compat = self.kernel_path == "compat"
         # default path: live sockets' pending counters are folded into `flows`, and closes wait in
         # per-CPU copies of their flows, until user space runs these two before each read
-        self.fold_fd = None if compat else bpf_loader.load_raw_tracepoint_program(self._bpf, "flowmon_fold")
+        self.fold_fd = None if compat else bpf_loader.load_raw_tracepoint_program(self.bpf, "flowmon_fold")
         self.flush_fd = (
-            None if compat else bpf_loader.load_raw_tracepoint_program(self._bpf, "flowmon_flush_closes")
+            None if compat else bpf_loader.load_raw_tracepoint_program(self.bpf, "flowmon_flush_closes")
         )
         self.probe_attached = True  # BCC attached tcp_probe with the others
 
     def table(self, name: str):  # -> bcc.table.TableBase
         """A map of the program by its name in bpf/flowmon.c (`flows`, `cfg`, `socks`, ...)."""
-        return self._bpf[name.encode()]
+        return self.bpf[name.encode()]
 
     def attach_probe(self, attached: bool) -> None:
         if attached == self.probe_attached:
             return
         if attached:
-            self._bpf.attach_tracepoint(tp=TCP_PROBE, fn_name=b"tracepoint__tcp__tcp_probe")
+            self.bpf.attach_tracepoint(tp=TCP_PROBE, fn_name=b"tracepoint__tcp__tcp_probe")
         else:
-            self._bpf.detach_tracepoint(TCP_PROBE)
+            self.bpf.detach_tracepoint(TCP_PROBE)
         self.probe_attached = attached
 
     def close(self) -> None:
-        self._bpf.cleanup()
+        self.bpf.cleanup()

@@ -53,7 +53,9 @@ class FlowTracer:
         self.program = KernelProgram(force_compat=force_compat, raw=raw, sizes=Sizes.of(sizes))
         self.kernel_path = self.program.kernel_path
         self.raw_tracepoints = self.program.raw_tracepoints
-        self._lock = threading.RLock()  # poll() may run in a worker thread while the loop reconfigures
+        # held by poll(), configure() and the sampling windows: poll() may run in a worker thread while the
+        # loop reconfigures; benches hold it to attach and detach hooks of `program` themselves
+        self.lock = threading.RLock()
         self._closed = False
         try:
             self._maps = ConfigMaps(self.program)
@@ -66,7 +68,7 @@ class FlowTracer:
                 self.program,
                 lambda epoch: self._maps.set_flag(CFG_RTT_EPOCH, epoch),
                 self._probe_always_needed,
-                self._lock,
+                self.lock,
                 interval_ms=rtt_interval_ms,
                 window_ms=rtt_window_ms,
                 window_clock=rtt_window_clock,
@@ -93,14 +95,14 @@ class FlowTracer:
 
     def configure(self, config: KernelConfig) -> None:
         """Apply what changed (to sockets created from now on); cheap when nothing did."""
-        with self._lock:
+        with self.lock:
             self._maps.apply(config)
             if config.rtt != self.rtt_sampler.wanted:
                 self.rtt_sampler.set_wanted(config.rtt)
 
     def adopt(self, conns: Iterable[existing.ExistingConnection], *, window_s: float = 300.0) -> int:
         """Measure already-open connections from their next received segment on (for window_s)."""
-        with self._lock:
+        with self.lock:
             return self._adoptions.adopt(conns, window_s=window_s)
 
     @property
@@ -124,7 +126,7 @@ class FlowTracer:
 
     # --- reading ---------------------------------------------------------------------------------------
     def poll(self) -> FlowSnapshot:
-        with self._lock:
+        with self.lock:
             if self._closed:
                 raise RuntimeError("FlowTracer is closed")
             flows, dropped = self._reader.read()
@@ -136,7 +138,7 @@ class FlowTracer:
     # --- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:
         self.rtt_sampler.stop()  # outside the lock: its callbacks take it
-        with self._lock:
+        with self.lock:
             if not self._closed:
                 self._closed = True
                 self.program.close()
