@@ -868,7 +868,11 @@ def test_adoption_ends_when_the_waiting_connections_closed(lab) -> None:
     with listen(lab, b, V4, port) as srv:
         cli = connect(lab, a, V4, b, port)
         conn, _ = srv.accept()
-    with FlowTracer(adopt_recheck_s=0.3, rtt_window_clock=False) as t:
+    mine = [c for c in existing.discover() if port in (c.local_port, c.remote_port)]
+    assert len(mine) == 2
+    # only this test's connection: idle ones elsewhere on the host would keep the window open
+    with FlowTracer(adopt_existing=False, adopt_recheck_s=0.3, rtt_window_clock=False) as t:
+        assert t.adopt(mine) == 2
         t.rtt_sampler.close_window()
         assert t.adopting and t.rtt_probe_attached  # outside the sampling window: for the adoption
         # both ends close without another received segment in ESTABLISHED but the server's FIN: the

@@ -107,28 +107,24 @@ def _netns_key(entry: Path) -> tuple[str, int]:
         return "tcp", os.stat(entry / "net" / "tcp").st_ino
 
 
-def _namespaces() -> dict[tuple[str, int], tuple[str, Path]]:
-    """Unique netns -> ("pid", /proc/PID/net) or ("named", /run/netns/NAME)."""
-    found: dict[tuple[str, int], tuple[str, Path]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            key = _netns_key(entry)
-        except OSError:
-            continue
-        found.setdefault(key, ("pid", entry / "net"))
+def _namespaces() -> dict[tuple[str, int], list[tuple[str, Path]]]:
+    """Each network namespace -> the ways to read it: ("named", /run/netns/NAME) first (it stays while
+    named), then ("pid", /proc/PID/net) for each process living in it (any of them may exit meanwhile)."""
+    found: dict[tuple[str, int], list[tuple[str, Path]]] = {}
     if netns.NETNS_RUN_DIR.is_dir():
         for entry in netns.NETNS_RUN_DIR.iterdir():
-            try:
-                ino = os.stat(entry).st_ino
-            except OSError:
-                continue
-            found.setdefault(("ns", ino), ("named", entry))
+            with contextlib.suppress(OSError):
+                found.setdefault(("ns", os.stat(entry).st_ino), []).append(("named", entry))
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                found.setdefault(_netns_key(entry), []).append(("pid", entry / "net"))
     return found
 
 
 def _read_tables(kind: str, path: Path) -> list[str]:
+    """The namespace's tcp and tcp6 tables; empty when it cannot be read this way (gone meanwhile)."""
+
     def read(base: Path) -> list[str]:
         out = []
         for name in ("tcp", "tcp6"):
@@ -138,19 +134,20 @@ def _read_tables(kind: str, path: Path) -> list[str]:
 
     if kind == "pid":
         return read(path)
-    with netns.entered(path):
-        return read(Path("/proc/thread-self/net"))
+    try:
+        with netns.entered(path):
+            return read(Path("/proc/thread-self/net"))
+    except OSError:
+        return []
 
 
 def discover() -> Iterator[ExistingConnection]:
     """Every established TCP connection on this host, across network namespaces, each once (a namespace
     known by both kinds of key is read twice)."""
     ephemeral, seen = ephemeral_ports(), set()
-    for kind, path in _namespaces().values():
-        try:
-            tables = _read_tables(kind, path)
-        except OSError:
-            continue  # the namespace went away meanwhile
+    for ways in _namespaces().values():
+        # the first way that reads: a process that exited between the listing and the read gives nothing
+        tables = next((t for kind, path in ways if (t := _read_tables(kind, path))), [])
         for connection in classify(tables, ephemeral):
             if connection not in seen:
                 seen.add(connection)
