@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         client, server = BASE + rnd.randrange(1, PODS + 1), BASE + rnd.randrange(1, PODS + 1)
         rtt_slots = [0] * 10 + [3] + [0] * 21
         flows[FlowKey(client, server, 8080, Reporter.CLIENT)] = FlowCounters.of(
-            sent_bytes=1, opened=1, rtt_slots=rtt_slots, rtt_sum_us=3000
+            sent_bytes=1,
+            opened=1,
+            closed=1,
+            rtt_slots=rtt_slots,
+            rtt_sum_us=3000,  # none open: as before
         )
     changing = list(flows)[: int(len(flows) * args.changing)]
     aggregator = Aggregator("n0")
