@@ -28,6 +28,7 @@ lint: setup
 bench: setup
 	$(PY) -m bench.metadata_memory --pods 20000 --budget-mb 100
 	$(PY) -m bench.aggregate_poll --flows 10000 --changing 1.0
+	$(PY) -m bench.tracer_poll --flows 5000 --changing 0.1
 	$(PY) -m bench.scrape_time --series 10000 --scrapes 60
 	$(PY) -m bench.freshness --connections 220 --poll-interval 0.5
 	$(PY) -m bench.kernel_overhead --rounds 7 --seconds 2

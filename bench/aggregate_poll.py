@@ -16,7 +16,8 @@ import time
 from ipaddress import IPv4Address
 
 from flowmon_agent.aggregation.aggregator import Aggregator
-from flowmon_agent.kernel.flows import FlowCounters, FlowKey, FlowSnapshot, Log2Histogram, Reporter
+from flowmon_agent.kernel.counters import RTT_SLOTS, SENT, FlowCounters
+from flowmon_agent.kernel.flows import FlowKey, FlowSnapshot, Reporter
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_contract.policy import AgentPolicy, MonitorPolicy
 from flowmon_contract.spec import DEFAULT_GROUP_BY, HistogramBuckets, Metric, Selection
@@ -77,17 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     flows: dict[FlowKey, FlowCounters] = {}
     while len(flows) < args.flows:
         client, server = BASE + rnd.randrange(1, PODS + 1), BASE + rnd.randrange(1, PODS + 1)
-        rtt = Log2Histogram(slots=[0] * 10 + [3] + [0] * 21, sum_us=3000)
-        flows[FlowKey(client, server, 8080, Reporter.CLIENT)] = FlowCounters(sent_bytes=1, opened=1, rtt=rtt)
-    changing = list(flows.values())[: int(len(flows) * args.changing)]
+        rtt_slots = [0] * 10 + [3] + [0] * 21
+        flows[FlowKey(client, server, 8080, Reporter.CLIENT)] = FlowCounters.of(
+            sent_bytes=1,
+            opened=1,
+            closed=1,
+            rtt_slots=rtt_slots,
+            rtt_sum_us=3000,  # none open: as before
+        )
+    changing = list(flows)[: int(len(flows) * args.changing)]
     aggregator = Aggregator("n0")
     timings = []
     for poll in range(args.polls + 1):
-        for counters in changing:
-            counters.sent_bytes += 100
-            counters.rtt.slots[10] += 1
+        for key in changing:  # a new vector each poll, as the tracer's snapshot gives
+            vector = list(flows[key])
+            vector[SENT] += 100
+            vector[RTT_SLOTS.start + 10] += 1
+            flows[key] = FlowCounters(vector)
+        snapshot = FlowSnapshot(dict(flows), {}, "default", poll)
         started = time.process_time()
-        view = aggregator.build_view(FlowSnapshot(flows, {}, "default", poll), policy, resolver, float(poll))
+        view = aggregator.build_view(snapshot, policy, resolver, float(poll))
         if poll:  # the first poll resolves everything once
             timings.append((time.process_time() - started) * 1000)
     result = {

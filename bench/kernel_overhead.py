@@ -46,7 +46,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.waiting import wait_listening, wait_ready
@@ -149,24 +149,24 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
                 tracer.poll()
 
     # tcp_probe follows the tracer's sampling window; nortt: never attached
-    hooks_on, hooks_off = _toggles(tracer._bpf, skip=frozenset({b"tcp:tcp_probe"}))
+    hooks_on, hooks_off = _toggles(tracer.program.bpf, skip=frozenset({b"tcp:tcp_probe"}))
 
     def on() -> None:
         with lock:
             hooks_on()
-            tracer.set_rtt_sampling(rtt)
+            tracer.configure(replace(tracer.config, rtt=rtt))
 
     def off() -> None:
         with lock:
             hooks_off()
-            tracer.set_rtt_sampling(False)
+            tracer.configure(replace(tracer.config, rtt=False))
 
     def close() -> None:
         stop.set()
         with lock:
             tracer.close()
 
-    loaded = LoadedMode(tracer._bpf, on, off, close)
+    loaded = LoadedMode(tracer.program.bpf, on, off, close)
     loaded.off()
     threading.Thread(target=poll_every_second, daemon=True).start()
     return loaded

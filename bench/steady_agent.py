@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import replace
 
 from flowmon_agent import runner
 from flowmon_agent.main import serve
@@ -33,31 +34,32 @@ def run_steady_agent(toggles) -> int:
 
     def toggleable_tracer(settings, *args, **kwargs):
         tracer = real_tracer(settings, *args, **kwargs)
-        # tcp_probe follows the tracer's own srtt window, switched through set_rtt_sampling: the agent's
-        # policy turns it on, but only while the hooks are attached
-        hooks_on, hooks_off = toggles(tracer._bpf, skip=frozenset({b"tcp:tcp_probe"}))
+        # tcp_probe follows the tracer's own srtt window, switched through the configuration's `rtt`: the
+        # agent's policy turns it on, but only while the hooks are attached
+        hooks_on, hooks_off = toggles(tracer.program.bpf, skip=frozenset({b"tcp:tcp_probe"}))
 
         wanted = [True]  # what the agent's policy asks for; applied only while attached
         attached = [False]
-        set_rtt_sampling = tracer.set_rtt_sampling
+        configure = tracer.configure
 
-        def agent_sets_rtt(enabled: bool) -> None:
-            wanted[0] = enabled
-            set_rtt_sampling(enabled and attached[0])
+        def agent_configures(config) -> None:
+            with tracer.lock:
+                wanted[0] = config.rtt
+                configure(replace(config, rtt=config.rtt and attached[0]))
 
-        tracer.set_rtt_sampling = agent_sets_rtt
+        tracer.configure = agent_configures
 
         def on() -> None:
-            with tracer._lock:
+            with tracer.lock:
                 attached[0] = True
                 hooks_on()
-                set_rtt_sampling(wanted[0])
+                configure(replace(tracer.config, rtt=wanted[0]))
 
         def off() -> None:
-            with tracer._lock:
+            with tracer.lock:
                 attached[0] = False
                 hooks_off()
-                set_rtt_sampling(False)
+                configure(replace(tracer.config, rtt=False))
 
         off()
         hooks[:] = [on, off]

@@ -12,7 +12,7 @@
 // `flows` by flowmon_flush_closes before each read: user space reads only `flows`, so its work grows
 // with distinct flows, not with connections.
 //
-// Integer cflags (set by agent/flowmon_agent/kernel_paths.py, never user strings):
+// Integer cflags (set by agent/flowmon_agent/kernel/paths.py and program.py, never user strings):
 //   FLOWMON_COMPAT   1: bytes from tcp:tcp_probe (kernels without sock:sock_{send,recv}_length)
 //   FLOWMON_RAW      1: sock_{send,recv}_length as raw tracepoints (cheaper, args are plain values)
 //   FLOWMON_RAW_RESET 1: tcp_send_reset as a raw tracepoint (see on_send_reset)

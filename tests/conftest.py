@@ -1,4 +1,10 @@
-"""Shared fixtures. Tests that need root or BPF fail (never skip) when the host lacks them."""
+"""Shared fixtures, and the one marker for tests that need the host: `@pytest.mark.root`.
+
+A test (or a module, through `pytestmark = pytest.mark.root`) that loads BPF programs or builds network
+namespaces carries the marker; without root it FAILS at setup, before any fixture builds anything (never
+skips). `-m "not root"` selects the tests that need nothing of the host; such tests run freely, the
+others under `flock /work/netns.lock`.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,17 @@ pytest_plugins = [
     "tests.demo_session",  # `running_demo`: one demo shared by the map and dashboard tests
 ]
 
+ROOT_NEEDED = "this test needs root (BPF, network namespaces): run `make test` as root"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") is not None and os.geteuid() != 0:
+        pytest.fail(ROOT_NEEDED)
+
 
 @pytest.fixture(scope="session")
 def require_root() -> None:
+    """For tests not marked yet: the marker is the scheme (it fails before module fixtures run)."""
     if os.geteuid() != 0:
-        pytest.fail("this test needs root (BPF, network namespaces): run `make test` as root")
+        pytest.fail(ROOT_NEEDED)

@@ -36,7 +36,7 @@ def test_namespaces_are_found_and_read_once_without_ptrace_access(require_root, 
             monkeypatch.setattr(os, "stat", no_ptrace)
             keys = adoption._namespaces()
             pid_key = ("tcp", real_stat(f"/proc/{sleeper.pid}/net/tcp").st_ino)
-            assert keys[pid_key] == ("pid", Path(f"/proc/{sleeper.pid}/net"))
+            assert ("pid", Path(f"/proc/{sleeper.pid}/net")) in keys[pid_key]  # one of the ways to read it
             found = [c for c in adoption.discover() if c.local in (a.ipv4, b.ipv4)]
             # b's namespace is known twice (its process, and /run/netns): its end is still reported once
             assert sorted((str(c.local), c.role.name) for c in found) == [

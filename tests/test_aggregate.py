@@ -7,17 +7,13 @@ from ipaddress import ip_address
 
 import pytest
 
-from flowmon_agent.aggregation.aggregator import (
-    Aggregator,
-    Share,
-    TraceSet,
-    flow_share,
-    local_ip_filter,
-    log2_to_buckets,
-    resolve_flow,
-)
+from flowmon_agent.aggregation.aggregator import Aggregator
+from flowmon_agent.aggregation.count_once import Share, flow_share, resolve_flow
+from flowmon_agent.aggregation.series import log2_to_buckets
+from flowmon_agent.aggregation.tracing_scope import TraceSet, kernel_config, local_ip_filter
 from flowmon_agent.aggregation.view import AgentView, Family
-from flowmon_agent.kernel.flows import FlowCounters, FlowKey, FlowSnapshot, Log2Histogram, Reporter
+from flowmon_agent.kernel.counters import FlowCounters
+from flowmon_agent.kernel.flows import FlowKey, FlowSnapshot, KernelConfig, Reporter
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_contract.alerting import IsolationAlerting
 from flowmon_contract.metrics import OVERFLOW_VALUE
@@ -100,7 +96,7 @@ def key(client: str, server: str, port: int = 8080, reporter: Reporter = C, clie
 
 
 def counters(sent: int = 0, received: int = 0, opened: int = 0, **kw) -> FlowCounters:
-    return FlowCounters(sent_bytes=sent, received_bytes=received, opened=opened, **kw)
+    return FlowCounters.of(sent_bytes=sent, received_bytes=received, opened=opened, **kw)
 
 
 def snap(flows: dict[FlowKey, FlowCounters], t: float = 0.0) -> FlowSnapshot:
@@ -224,9 +220,7 @@ def test_metrics_allow_list_and_extra_labels(resolver: Resolver) -> None:
     mon = monitor(metrics=["connect_failures", "resets", "connections_active"])
     # To an external server: this agent reports everything, resets received included.
     flows = {
-        key(WEB1, EXT, 443): counters(
-            failed_refused=2, failed_timeout=1, resets_s2c=4, opened=3, closed=1, active=2
-        )
+        key(WEB1, EXT, 443): counters(failed_refused=2, failed_timeout=1, resets_s2c=4, opened=3, closed=1)
     }
     view = run(resolver, policy(mon), flows)
     names = [f.info.name for f in view.monitors[mon.key].families]
@@ -288,7 +282,7 @@ def test_ttl_expires_idle_series_and_a_return_starts_afresh(resolver: Resolver) 
 def test_open_connections_keep_a_series_alive(resolver: Resolver) -> None:
     pol = policy(monitor(ttl=10))
     agg = Aggregator("n1", ["n1"])
-    flows = {key(WEB1, API1): counters(10, opened=1, active=1)}
+    flows = {key(WEB1, API1): counters(10, opened=1)}
     for t in (0.0, 50.0, 100.0):
         view = agg.build_view(snap(flows), pol, resolver, t)
     assert sent(view) == {("web", "api"): 10}
@@ -514,8 +508,15 @@ def test_log2_histogram_mapping(slot_counts: list[int], bounds: list[float], exp
 
 def test_histogram_families_use_the_monitors_buckets(resolver: Resolver) -> None:
     mon = monitor(metrics=["rtt", "connect_duration"])
-    rtt = Log2Histogram(slots=slots(s10=2), sum_us=1500)
-    flows = {key(WEB1, API1): FlowCounters(opened=1, rtt=rtt, connect_latency=Log2Histogram(slots(s5=1), 20))}
+    flows = {
+        key(WEB1, API1): counters(
+            opened=1,
+            rtt_slots=slots(s10=2),
+            rtt_sum_us=1500,
+            connect_latency_slots=slots(s5=1),
+            connect_latency_sum_us=20,
+        )
+    }
     view = run(resolver, policy(mon), flows)
     fam = family(view, "flowmon_tcp_rtt_seconds")
     assert fam.bucket_bounds == tuple(HistogramBuckets().rtt)
@@ -550,6 +551,21 @@ def test_histogram_families_use_the_monitors_buckets(resolver: Resolver) -> None
 def test_local_ip_filter(resolver: Resolver, monitors, node_name, expected) -> None:
     got = local_ip_filter(policy(*monitors), resolver.store, node_name)
     assert got == (None if expected is None else {ip_address(ip) for ip in expected})
+
+
+def test_kernel_config_carries_the_filter_service_ips_ports_and_whether_rtt_is_wanted(resolver) -> None:
+    only_pay = monitor(namespaces={"include": ["pay"]}, metrics=["sent_bytes"])
+    got = kernel_config(policy(only_pay), resolver.store, "n1", ignored_ports=[9400])
+    assert got == KernelConfig(
+        local_ips={ip_address(API1)}, nat_peers={ip_address(SVC)}, ignored_ports={9400}, rtt=False
+    )
+    everything = kernel_config(policy(monitor()), resolver.store, ["n1", "n2"])
+    assert (everything.local_ips, everything.rtt, everything.ignored_ports) == (None, True, frozenset())
+
+
+def test_kernel_config_refuses_ports_out_of_range() -> None:
+    with pytest.raises(ValueError, match="ports must be 1-65535"):
+        KernelConfig(ignored_ports=[70000])
 
 
 # --- environment isolation, counted in the poll ------------------------------------------------------

@@ -14,7 +14,8 @@ from ipaddress import ip_address
 import pytest
 import yaml
 
-from flowmon_agent.aggregation.aggregator import Aggregator, local_ip_filter
+from flowmon_agent.aggregation.aggregator import Aggregator
+from flowmon_agent.aggregation.tracing_scope import kernel_config, local_ip_filter
 from flowmon_agent.aggregation.view import AgentView
 from flowmon_agent.kernel.flows import FlowSnapshot
 from flowmon_agent.kernel.tracer import FlowTracer
@@ -27,7 +28,7 @@ from flowmon_lab import cluster_plan
 from flowmon_lab import minicluster as mc
 from tests.test_aggregate import summed
 
-pytestmark = [pytest.mark.bpf, pytest.mark.netns]
+pytestmark = pytest.mark.root
 
 NODES = ("node-a", "node-b")
 SPEC = cluster_plan.ClusterSpec(
@@ -126,7 +127,7 @@ def api_store(kube_api, objects: list[dict]) -> tuple[MetadataStore, KubeWatcher
 
 
 @pytest.fixture(scope="module")
-def cluster(require_root) -> Iterator[mc.MiniCluster]:
+def cluster() -> Iterator[mc.MiniCluster]:
     with mc.MiniCluster(SPEC, prefix=mc.new_prefix("fmat")) as built:
         servers = [
             built.spawn(p, [sys.executable, "-c", SERVER], stdout=-1, text=True)
@@ -138,7 +139,7 @@ def cluster(require_root) -> Iterator[mc.MiniCluster]:
 
 
 @pytest.fixture(scope="module")
-def tracer(require_root) -> Iterator[FlowTracer]:
+def tracer() -> Iterator[FlowTracer]:
     with FlowTracer() as t:
         yield t
 
@@ -184,7 +185,8 @@ def test_pod_to_pod_bytes_exact_and_counted_once_by_two_agents(cluster, tracer, 
     store = metadata.store
     wanted = set().union(*(local_ip_filter(POLICY, store, n) for n in NODES))
     assert wanted == {ip_address(a) for p in cluster.pods for a in (p.ip, p.ip6)}
-    tracer.set_local_ip_filter(wanted)
+    tracer.configure(kernel_config(POLICY, store, NODES))  # what both agents would trace here
+    assert tracer.config.local_ips == wanted
     web, api = cluster.pods_of("shop", "web"), cluster.pods_of("pay", "api")
     # Distinct sizes per (client, server) pair; this run's own sizes, on top of what earlier runs sent.
     before = agents_views(tracer.poll(), metadata)
@@ -232,8 +234,8 @@ def test_pod_to_pod_bytes_exact_and_counted_once_by_two_agents(cluster, tracer, 
 def test_service_traffic_attributed_to_backend_pods_with_the_service_label(cluster, tracer, metadata) -> None:
     store = metadata.store
     svc = cluster.service("pay", "api")
-    tracer.set_local_ip_filter(set().union(*(local_ip_filter(POLICY, store, n) for n in NODES)))
-    tracer.set_nat_peers(store.service_ips())
+    tracer.configure(kernel_config(POLICY, store, NODES))
+    assert ip_address(svc.cluster_ip) in tracer.config.nat_peers
     web, api = cluster.pods_of("shop", "web"), cluster.pods_of("pay", "api")
     with ConntrackNat(cluster.node_netns) as nat:
         first = tracer.poll()

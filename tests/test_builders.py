@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from flowmon_agent.aggregation import aggregator as aggregate
+from flowmon_agent.aggregation import series
 from flowmon_agent.runner import AgentSettings
 from flowmon_contract.metrics import METRICS
 from flowmon_contract.policy import AgentPolicy, policy_hash, token_sha256
@@ -413,7 +413,7 @@ def test_predicted_series(spec, cardinality, expected):
 
 
 def test_extra_label_values_match_the_aggregation():
-    for metric, values in aggregate._EXTRA.items():
+    for metric, values in series.EXTRA_LABEL_COUNTERS.items():
         assert builders.EXTRA_LABEL_VALUES[METRICS[metric].extra_label] == len(values)
     assert {m.extra_label for m in METRICS.values() if m.extra_label} == set(builders.EXTRA_LABEL_VALUES)
 
@@ -441,14 +441,8 @@ def test_predicted_series_bounds_what_an_agent_exports(spec):
 
     from flowmon_agent.aggregation.aggregator import Aggregator
     from flowmon_agent.export.collectors import render_monitor, text_exposition
-    from flowmon_agent.kernel.flows import (
-        HISTOGRAM_SLOTS,
-        FlowCounters,
-        FlowKey,
-        FlowSnapshot,
-        Log2Histogram,
-        Reporter,
-    )
+    from flowmon_agent.kernel.counters import WIDTH, FlowCounters
+    from flowmon_agent.kernel.flows import FlowKey, FlowSnapshot, Reporter
     from flowmon_agent.metadata import MetadataStore, Resolver
     from flowmon_contract.policy import compile_policy
     from tests.k8s_objects import namespace, node, owner, pod, rs
@@ -467,10 +461,7 @@ def test_predicted_series_bounds_what_an_agent_exports(spec):
     policy = compile_policy([mon])
 
     def busy() -> FlowCounters:  # every counter and histogram non-zero: every family has every row
-        hist = Log2Histogram(slots=[1] * HISTOGRAM_SLOTS, sum_us=HISTOGRAM_SLOTS * 1000)
-        return FlowCounters(
-            1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, hist, Log2Histogram(list(hist.slots), hist.sum_us)
-        )
+        return FlowCounters([1] * WIDTH)  # opened == closed: no connection open now
 
     flows = {
         FlowKey(ip_address("10.0.0.1"), ip_address("10.0.0.2"), port, Reporter.CLIENT): busy()

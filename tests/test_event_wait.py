@@ -20,18 +20,19 @@ async def test_set_event_returns_true_and_deadline_returns_false():
 async def test_cancel_arriving_as_the_event_is_set_still_cancels():
     """The race that hung Agent.stop(): the event completes and the task is cancelled in one loop
     iteration. asyncio.wait_for on Python 3.11 returns normally there; the loop below would run on."""
-    event = asyncio.Event()
+    event, started = asyncio.Event(), asyncio.Event()
     rounds = 0
 
     async def loop_until_cancelled():
         nonlocal rounds
+        started.set()
         while rounds < 100:
-            await wait_event(event, 0.05)
+            await wait_event(event, 60.0)  # a deadline no stall of the host reaches: only the race counts
             event.clear()
             rounds += 1
 
     task = asyncio.create_task(loop_until_cancelled())
-    await asyncio.sleep(0.01)  # the task now waits on the event
+    await started.wait()  # the task now waits on the event (it runs on up to its first wait)
     event.set()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -151,7 +151,8 @@ sock.close()
 @pytest.mark.bpf
 @pytest.mark.netns
 def test_staging_to_prod_is_counted_within_a_second(require_root) -> None:
-    from flowmon_agent.aggregation.aggregator import Aggregator, local_ip_filter
+    from flowmon_agent.aggregation.aggregator import Aggregator
+    from flowmon_agent.aggregation.tracing_scope import kernel_config
     from flowmon_agent.kernel.tracer import FlowTracer
     from flowmon_agent.metadata import MetadataStore, Resolver
     from flowmon_contract.policy import compile_policy
@@ -189,7 +190,7 @@ def test_staging_to_prod_is_counted_within_a_second(require_root) -> None:
                 store.apply("ADDED", obj)
             resolver = Resolver(store)
             node = cluster.pods[0].node
-            tracer.set_local_ip_filter(local_ip_filter(policy, store, node))
+            tracer.configure(kernel_config(policy, store, node))
             aggregator = Aggregator(node)
             seen_pairs: set[tuple[str, str]] = set()
             totals: dict[tuple[str, ...], list[float]] = {}

@@ -1,5 +1,5 @@
-"""Pure parts of the kernel agent on synthetic input: map decoding, counter arithmetic, path choice,
-/proc/net/tcp parsing. No BPF needed."""
+"""Pure parts of the kernel agent on synthetic input: map decoding, the counter vector, incarnations of a
+flow's entries, path choice, /proc/net/tcp parsing. No BPF needed."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 from flowmon_agent.kernel import adoption as existing
 from flowmon_agent.kernel import maps as kernel_maps
 from flowmon_agent.kernel import paths as kernel_paths
-from flowmon_agent.kernel.flows import HISTOGRAM_SLOTS, FlowCounters, FlowKey, Log2Histogram, Reporter
+from flowmon_agent.kernel.counters import COUNTERS, HISTOGRAM_SLOTS, WIDTH, FlowCounters, Log2Histogram
+from flowmon_agent.kernel.flow_reader import Incarnations
+from flowmon_agent.kernel.flows import FlowKey, Reporter
 from flowmon_agent.kernel.maps import FLOW_KEY, FLOW_VAL
-from flowmon_agent.kernel.tracer import _Incarnations
 
 V4A, V4B = IPv4Address("10.1.2.3"), IPv4Address("10.1.2.4")
 V6A, V6B = IPv6Address("fd00::1"), IPv6Address("fd00::2")
@@ -48,13 +49,24 @@ def test_flow_value_decodes_every_field() -> None:
     rtt = [0] * HISTOGRAM_SLOTS
     lat[5], rtt[10], rtt[31] = 2, 3, 1
     raw = FLOW_VAL.pack(123, 1000, 2000, 5, 4, 1, 2, 3, 0, 1, 0, 50, 9000, *lat, *rtt)
-    kf = kernel_maps.decode_flow_value(raw)
-    c = kf.counters
-    assert kf.created_ns == 123
+    created_ns, c = kernel_maps.decode_flow_value(raw)
+    assert created_ns == 123
+    assert c == FLOW_VAL.unpack(raw)[1:]  # the vector is the struct's words, in its order
     assert (c.sent_bytes, c.received_bytes, c.opened, c.closed, c.active) == (1000, 2000, 5, 4, 1)
     assert (c.failed_refused, c.failed_timeout, c.retransmits_c2s, c.retransmits_s2c) == (1, 2, 3, 0)
     assert (c.resets_c2s, c.resets_s2c) == (1, 0)
-    assert c.connect_latency == Log2Histogram(lat, 50) and c.rtt == Log2Histogram(rtt, 9000)
+    assert c.connect_latency == Log2Histogram(tuple(lat), 50) and c.rtt == Log2Histogram(tuple(rtt), 9000)
+
+
+def test_counters_by_name_fill_their_words_of_the_vector() -> None:
+    c = FlowCounters.of(opened=3, closed=1, rtt_slots=[1] * HISTOGRAM_SLOTS, resets_s2c=2)
+    assert len(c) == WIDTH == sum(counter.width for counter in COUNTERS)
+    assert (c.opened, c.closed, c.active, c.resets_s2c, c.rtt.count) == (3, 1, 2, 2, HISTOGRAM_SLOTS)
+    assert sum(c) == 3 + 1 + 2 + HISTOGRAM_SLOTS
+    assert c.named()["rtt_slots"] == (1,) * HISTOGRAM_SLOTS
+    assert FlowCounters.of(opened=1, closed=3).active == 0  # opens lost with an evicted entry
+    with pytest.raises(ValueError, match="slots"):
+        FlowCounters.of(rtt_slots=[1, 2])
 
 
 @pytest.mark.parametrize(
@@ -64,21 +76,36 @@ def test_log2_slot_matches_the_kernel(value: int, slot: int) -> None:
     assert kernel_maps.log2_slot(value) == slot
 
 
-def test_clamp_keeps_counters_monotonic_but_active_is_a_gauge() -> None:
-    prev = FlowCounters(sent_bytes=100, opened=3, closed=1, active=2)
-    prev.rtt.slots[3] = 2
-    cur = FlowCounters(sent_bytes=90, opened=3, closed=2, active=1)  # a socket closed between map reads
-    out = kernel_maps.clamp_monotonic(prev, cur)
-    assert (out.sent_bytes, out.opened, out.closed, out.active) == (100, 3, 2, 1)
-    assert out.rtt.slots[3] == 2
-
-
 def test_evicted_flow_keeps_its_totals_when_recreated() -> None:
-    inc = _Incarnations(1, FlowCounters(sent_bytes=10, closed=1, opened=1))
-    inc.observe(1, FlowCounters(sent_bytes=15, closed=2, opened=2))  # same entry, grew
-    inc.observe(7, FlowCounters(sent_bytes=4, closed=1, opened=1))  # evicted, re-created from zero
-    total = inc.total()
-    assert (total.sent_bytes, total.closed, total.opened) == (19, 3, 3)
+    inc = Incarnations(1, FlowCounters.of(sent_bytes=10, closed=1, opened=1))
+    inc.observe(1, FlowCounters.of(sent_bytes=15, closed=2, opened=2))  # same entry, grew
+    inc.observe(7, FlowCounters.of(sent_bytes=4, closed=1, opened=1))  # evicted, re-created from zero
+    assert (inc.total.sent_bytes, inc.total.closed, inc.total.opened) == (19, 3, 3)
+
+
+def test_totals_never_decrease_across_evictions_and_re_creations() -> None:
+    """Entries that grow, get evicted (a new created_ns) and start again from zero, many times: every
+    word of the total only grows, and ends as the sum of what each entry had last."""
+    entries = [
+        [
+            FlowCounters.of(sent_bytes=s, opened=o, closed=o, rtt_slots=[o] * HISTOGRAM_SLOTS)
+            for s, o in ((1, 0), (50, 1), (80, 2))
+        ]
+        for _ in range(5)
+    ]
+    inc, previous = None, None
+    for created_ns, entry in enumerate(entries, start=1):
+        for counters in entry:
+            if inc is None:
+                inc = Incarnations(created_ns, counters)
+            else:
+                inc.observe(created_ns, counters)
+            if previous is not None:
+                assert all(now >= before for now, before in zip(inc.total, previous, strict=True))
+            previous = inc.total
+    assert inc is not None and inc.total == FlowCounters.of(
+        sent_bytes=5 * 80, opened=10, closed=10, rtt_slots=[10] * HISTOGRAM_SLOTS
+    )
 
 
 # --- kernel path choice -----------------------------------------------------------------------------------

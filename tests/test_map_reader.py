@@ -15,10 +15,11 @@ BPF_HASH(small, u32, u64, 4096);
 BPF_TABLE("lru_hash", u32, struct big, large, 2048);
 BPF_PERCPU_ARRAY(words, u64, 24);
 """
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
-def maps(require_root):
+def maps():
     from bcc import BPF
 
     bpf = BPF(text=MAPS.encode())
@@ -33,7 +34,6 @@ def fill(table, n: int, value) -> dict[bytes, bytes]:
     return {bytes(k): bytes(v) for k, v in table.items()}
 
 
-@pytest.mark.bpf
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000, 4096])
 def test_every_entry_once_across_chunk_boundaries(maps, n: int) -> None:
     table = maps[b"small"]
@@ -45,7 +45,6 @@ def test_every_entry_once_across_chunk_boundaries(maps, n: int) -> None:
         assert dict(got) == expected
 
 
-@pytest.mark.bpf
 def test_large_values_are_copied_whole(maps) -> None:
     table = maps[b"large"]
 
@@ -60,17 +59,15 @@ def test_large_values_are_copied_whole(maps) -> None:
     assert all(len(v) == 77 * 8 for _, v in got)
 
 
-@pytest.mark.bpf
 def test_a_chunk_smaller_than_a_bucket_grows(maps) -> None:
     """A hash bucket with more entries than the buffer holds answers ENOSPC: the buffer doubles."""
     table = maps[b"small"]
     expected = fill(table, 3000, lambda i: ctypes.c_uint64(i))
     reader = MapReader(table, chunk=1)
     assert dict(reader.items()) == expected
-    assert reader._chunk > 1  # 3,000 keys in 4,096 buckets: some bucket holds two
+    assert reader.chunk > 1  # 3,000 keys in 4,096 buckets: some bucket holds two
 
 
-@pytest.mark.bpf
 def test_percpu_words_name_the_cpus_with_a_value_in_the_range_only(maps) -> None:
     table = maps[b"words"]
     ncpus = table.total_cpu

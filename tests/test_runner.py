@@ -1,5 +1,6 @@
-"""The agent runner with the real tracer: readiness, metadata from the Kubernetes API emulator, policy
-file reload and API pushes that wake the poll loop, the self metrics that describe them."""
+"""The agent runner: its logic with a fake tracer (configuration from policy and metadata, snapshots into
+views), and with the real one (root): readiness, metadata from the Kubernetes API emulator, policy file
+reload and API pushes that wake the poll loop, the self metrics that describe them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import signal
 import socket
 import time
+from dataclasses import replace
 from ipaddress import ip_address
 
 import aiohttp
@@ -18,11 +20,14 @@ import yaml
 from pydantic import ValidationError
 
 from flowmon_agent.export.policy_store import dump_policy_json
+from flowmon_agent.kernel.counters import FlowCounters
+from flowmon_agent.kernel.flows import FlowKey, KernelConfig, Reporter
 from flowmon_agent.metadata import MetadataStore
 from flowmon_agent.metadata.watcher import KubeWatcher
 from flowmon_agent.runner import Agent, AgentSettings, stall_reason
 from flowmon_contract.policy import compile_policy
-from tests.k8s_objects import namespace, node, pod
+from tests.fake_tracer import FakeTracer
+from tests.k8s_objects import namespace, node, pod, service
 from tests.test_cli_agent import loopback_exchange
 from tests.test_server import monitor
 
@@ -48,9 +53,9 @@ def _sample(text: str, prefix: str) -> float | None:
     )
 
 
-@pytest.mark.bpf
+@pytest.mark.root
 @pytest.mark.asyncio
-async def test_runner_lifecycle_metadata_and_live_policy(tmp_path, require_root, kube_api):
+async def test_runner_lifecycle_metadata_and_live_policy(tmp_path, kube_api):
     kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
     first = compile_policy([monitor("shop", "web")])
     second = compile_policy([monitor("shop", "web"), monitor("shop", "db")])
@@ -114,11 +119,9 @@ def _pair_sent(agent: Agent) -> float | None:
     return sent.samples.get(tuple(PAIR.values()))
 
 
-@pytest.mark.bpf
+@pytest.mark.root
 @pytest.mark.asyncio
-async def test_the_api_going_away_keeps_attribution_and_the_metadata_age_grows(
-    tmp_path, require_root, kube_api
-):
+async def test_the_api_going_away_keeps_attribution_and_the_metadata_age_grows(tmp_path, kube_api):
     """Metadata from the emulator; the API stops mid-run: flows are still named with the last metadata,
     and flowmon_agent_metadata_age_seconds on /metrics grows until the API is back."""
     for obj in SHOP_PODS:
@@ -164,9 +167,9 @@ class Clock:
         return self.now
 
 
-@pytest.mark.bpf
+@pytest.mark.root
 @pytest.mark.asyncio
-async def test_static_inventory_age_is_the_time_since_the_last_good_load(tmp_path, require_root):
+async def test_static_inventory_age_is_the_time_since_the_last_good_load(tmp_path):
     """A static inventory's age: since the file was last (re)loaded successfully; a broken edit keeps
     the old metadata and its age growing, a good edit resets it."""
     inventory = tmp_path / "inventory.yaml"
@@ -215,9 +218,9 @@ async def test_static_inventory_age_is_the_time_since_the_last_good_load(tmp_pat
         await agent.stop()
 
 
-@pytest.mark.bpf
+@pytest.mark.root
 @pytest.mark.asyncio
-async def test_rtt_hook_follows_whether_any_monitor_exports_rtt(tmp_path, require_root):
+async def test_rtt_hook_follows_whether_any_monitor_exports_rtt(tmp_path):
     """tcp:tcp_probe, the costliest hook (every received segment), is attached only while a monitor of
     the running policy exports RTT; a policy change switches it within a poll."""
     inventory = tmp_path / "inventory.yaml"
@@ -240,7 +243,7 @@ async def test_rtt_hook_follows_whether_any_monitor_exports_rtt(tmp_path, requir
     await agent.start()
     try:
         await _until(lambda: agent.tracer is not None and agent.polls >= 1)
-        assert agent.tracer._rtt_clock.always_open  # the default tracer takes the settings' window
+        assert agent.tracer.rtt_sampler.always_open  # the default tracer takes the settings' window
         await _until(lambda: agent.tracer.rtt_sampling is False)
         body = dump_policy_json(with_rtt)
         async with aiohttp.ClientSession() as http, http.put(agent.url + "/v1/policy", data=body) as resp:
@@ -250,9 +253,9 @@ async def test_rtt_hook_follows_whether_any_monitor_exports_rtt(tmp_path, requir
         await agent.stop()
 
 
-@pytest.mark.bpf
+@pytest.mark.root
 @pytest.mark.asyncio
-async def test_own_port_and_ignored_ports_are_never_traced(require_root):
+async def test_own_port_and_ignored_ports_are_never_traced():
     """The agent's own port (scrapes, policy pushes) and the configured ports reach the kernel with the
     tracer, before its first socket: a health check on the agent's port is not a flow; other loopback
     traffic is."""
@@ -263,7 +266,8 @@ async def test_own_port_and_ignored_ports_are_never_traced(require_root):
     await agent.start()
     try:
         own = agent.server.port
-        assert sorted(k.value for k in agent.tracer._ports) == sorted([2222, own])
+        in_kernel = agent.tracer.program.table("ignored_ports")
+        assert sorted(k.value for k in in_kernel) == sorted([2222, own])
         async with aiohttp.ClientSession() as http, http.get(agent.url + "/healthz") as resp:
             assert resp.status in (200, 503)
         other = await asyncio.to_thread(loopback_exchange, 10, 20, 1)
@@ -273,8 +277,106 @@ async def test_own_port_and_ignored_ports_are_never_traced(require_root):
         assert own not in ports
     finally:
         # A stop landing as the poll loop is woken must still stop it (3.11's wait_for lost the cancel)
-        agent._wake.set()
+        agent.poll_soon()
         await asyncio.wait_for(agent.stop(), timeout=10)
+
+
+# --- the runner's logic with a fake tracer (no root) ----------------------------------------------------
+
+SERVICE_IP = "10.96.0.5"
+
+
+def fake_agent(tmp_path, policy, **settings) -> tuple[Agent, list[FakeTracer]]:
+    """An agent whose tracer factory makes FakeTracers; metadata: SHOP_PODS and a Service."""
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(dump_policy_json(policy))
+    store = MetadataStore()
+    for obj in (*SHOP_PODS, pod("other", "x-1", "127.0.0.31", "node-b"), service("shop", "db", [SERVICE_IP])):
+        store.apply("ADDED", obj)
+    made: list[FakeTracer] = []
+
+    def factory(config: KernelConfig) -> FakeTracer:
+        made.append(FakeTracer(config))
+        return made[-1]
+
+    fields = {
+        "listen_port": 0,
+        "node_name": "node-a",
+        "policy_file": policy_file,
+        "poll_interval_seconds": 60,
+    }
+    agent = Agent(AgentSettings(**{**fields, **settings}), tracer_factory=factory, store=store)
+    return agent, made
+
+
+@pytest.mark.asyncio
+async def test_the_tracer_is_configured_from_the_policy_metadata_and_settings(tmp_path):
+    """From its first socket the tracer ignores the agent's own port and the configured ones; each poll
+    configures it with what the running policy needs traced on this node: the local pods it selects, the
+    Service IPs (NAT peers), and srtt only while a monitor exports RTT."""
+    pairs = monitor("shop", "pairs", aggregation={"groupBy": ["client_pod", "server_pod"]})
+    with_rtt = compile_policy([pairs])
+    agent, made = fake_agent(tmp_path, with_rtt, ignored_ports=[2222])
+    await agent.start()
+    try:
+        (tracer,) = made
+        own = agent.server.port
+        assert tracer.configs[0] == KernelConfig(ignored_ports={2222, own})
+        expected = KernelConfig(
+            local_ips={ip_address("127.0.0.21"), ip_address("127.0.0.22")},  # shop's pods on node-a
+            nat_peers={ip_address(SERVICE_IP)},
+            ignored_ports={2222, own},
+            rtt=True,
+        )
+        assert tracer.configs[1:] == [expected]
+        without_rtt = compile_policy([monitor("shop", "pairs", metrics=["sent_bytes"])])
+        polls = agent.polls
+        agent.policy.apply(without_rtt, source="api")  # wakes the loop: a poll follows at once
+        await _until(lambda: agent.polls > polls)
+        assert tracer.configs[1:] == [expected, replace(expected, rtt=False)]
+        agent.poll_once()  # nothing changed: the tracer is not reconfigured
+        assert len(tracer.configs) == 3
+    finally:
+        await agent.stop()
+    assert tracer.closed and agent.tracer is None
+
+
+@pytest.mark.asyncio
+async def test_each_poll_turns_the_tracers_snapshot_into_the_exported_view(tmp_path):
+    pairs = monitor("shop", "pairs", aggregation={"groupBy": ["client_pod", "server_pod"]})
+    agent, made = fake_agent(tmp_path, compile_policy([pairs]))
+    await agent.start()
+    try:
+        (tracer,) = made
+        web_to_db = FlowKey(ip_address("127.0.0.21"), ip_address("127.0.0.22"), 5432, Reporter.CLIENT)
+        tracer.flows[web_to_db] = FlowCounters.of(sent_bytes=300, received_bytes=40, opened=2, closed=1)
+        tracer.dropped["socket_table_full"] = 3
+        view = agent.poll_once()
+        assert view is not None and _pair_sent(agent) == 300.0
+        families = {f.info.name: f for f in view.monitors["shop/pairs"].families}
+        assert families["flowmon_tcp_connections_active"].samples == {tuple(PAIR.values()): 1.0}
+        status = agent.exporter.holder.status
+        assert (status.kernel_path, status.dropped["socket_table_full"]) == ("fake", 3)
+        tracer.flows[web_to_db] = FlowCounters.of(sent_bytes=500, received_bytes=40, opened=2, closed=2)
+        agent.poll_once()
+        assert _pair_sent(agent) == 500.0
+    finally:
+        await agent.stop()
+
+
+@pytest.mark.asyncio
+async def test_without_a_policy_the_view_is_empty_and_the_tracer_keeps_its_first_configuration(tmp_path):
+    made: list[FakeTracer] = []
+    settings = AgentSettings(listen_port=0, node_name="node-a", poll_interval_seconds=60)
+    agent = Agent(settings, tracer_factory=lambda config: made.append(FakeTracer(config)) or made[-1])
+    await agent.start()
+    try:
+        assert agent.not_ready_reason() == "no policy loaded yet"
+        view = agent.poll_once()
+        assert view is not None and (view.policy_hash, view.monitors) == ("", {})
+        assert len(made[0].configs) == 1 and made[0].polls == 2  # start() polled once already
+    finally:
+        await agent.stop()
 
 
 @pytest.mark.parametrize(
@@ -352,9 +454,9 @@ def test_stall_reason(last, now, interval, stalled):
         assert "no successful poll for" in reason and "map gone" in reason
 
 
-@pytest.mark.bpf
+@pytest.mark.root
 @pytest.mark.asyncio
-async def test_run_agent_survives_a_forked_childs_sigterm_and_stops_on_its_own(tmp_path, require_root):
+async def test_run_agent_survives_a_forked_childs_sigterm_and_stops_on_its_own(tmp_path):
     """pyroute2 opens a netns socket from a child forked in a worker thread and SIGTERMs it afterwards.
     That signal ends the child; only a SIGTERM to the agent's own pid stops the agent."""
     from pyroute2.process import ChildProcess

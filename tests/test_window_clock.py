@@ -1,10 +1,9 @@
-"""The clock that opens the srtt sampling window at the start of every epoch."""
+"""The clock that opens the srtt sampling window at the start of every epoch: its schedule on a fake time
+(exact, no wall-clock luck), and its thread stopping for good."""
 
 from __future__ import annotations
 
-import itertools
 import threading
-import time
 
 import pytest
 
@@ -16,41 +15,64 @@ def test_next_start_follows_the_period_and_skips_missed_ones() -> None:
     assert next_start(10.0, 1.0, now=13.7) == 13.7  # stalled for three periods: start now, no burst
 
 
-def run_clock(period: float, window: float, seconds: float, on_open=None) -> list[tuple[str, float]]:
+class FakeTime:
+    """A clock and a wait: each wait moves the time on (plus `lag`, a callback's or a scheduler's delay)
+    and says stop once `until` is passed."""
+
+    def __init__(self, until: float, lag: float = 0.0) -> None:
+        self.now, self.until, self.lag = 100.0, 100.0 + until, lag
+
+    def clock(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> bool:
+        self.now += seconds + self.lag
+        return self.now <= self.until
+
+
+def run_clock(period: float, window: float, seconds: float, *, lag: float = 0.0, on_open=None):
+    time = FakeTime(seconds, lag)
     events: list[tuple[str, float]] = []
-    lock = threading.Lock()
-
-    def record(what: str):
-        def call() -> None:
-            with lock:
-                events.append((what, time.monotonic()))
-
-        return call
-
-    clock = WindowClock(period, window, on_open or record("open"), record("close"))
-    clock.start()
-    time.sleep(seconds)
-    clock.stop()
-    after = len(events)
-    time.sleep(2 * period)
-    assert len(events) == after  # nothing runs once stop() returned
+    clock = WindowClock(
+        period,
+        window,
+        on_open or (lambda: events.append(("open", round(time.now - 100.0, 6)))),
+        lambda: events.append(("close", round(time.now - 100.0, 6))),
+        clock=time.clock,
+        wait=time.wait,
+    )
+    clock.run()
     return events
 
 
 def test_windows_open_every_period_and_close_a_window_later() -> None:
-    events = run_clock(0.1, 0.02, 1.0)
-    kinds = [k for k, _ in events]
-    assert kinds[:2] == ["open", "close"] and 8 <= kinds.count("open") <= 11
-    assert all(a != b for a, b in itertools.pairwise(kinds))  # open, close, open, close...
-    opens = [t for k, t in events if k == "open"]
-    closes = [t for k, t in events if k == "close"]
-    assert all(0.015 <= c - o < 0.08 for o, c in zip(opens, closes, strict=False))
-    assert all(0.08 < b - a < 0.2 for a, b in itertools.pairwise(opens))
+    events = run_clock(1.0, 0.1, 3.5)
+    assert events == [
+        ("open", 0.0),
+        ("close", 0.1),
+        ("open", 1.0),
+        ("close", 1.1),
+        ("open", 2.0),
+        ("close", 2.1),
+        ("open", 3.0),
+        ("close", 3.1),
+    ]
+
+
+def test_a_late_wake_shortens_nothing_and_shifts_no_period() -> None:
+    """Each wait returns 5 ms late: windows still open on the period's grid (late by the lag only)."""
+    opens = [t for kind, t in run_clock(1.0, 0.1, 3.5, lag=0.005) if kind == "open"]
+    assert opens == [0.005, 1.005, 2.005, 3.005]
+
+
+def test_a_stall_longer_than_a_period_skips_the_missed_windows() -> None:
+    opens = [t for kind, t in run_clock(1.0, 0.1, 10.0, lag=2.5) if kind == "open"]
+    assert opens == [2.5, 7.5]  # open 2.5, close 5.0: periods 1-4 missed, the next starts then; no burst
 
 
 def test_a_window_as_long_as_the_period_never_closes() -> None:
-    events = run_clock(0.05, 0.05, 0.5)
-    assert {k for k, _ in events} == {"open"} and len(events) >= 5
+    events = run_clock(0.5, 0.5, 2.2)
+    assert events == [("open", 0.0), ("open", 0.5), ("open", 1.0), ("open", 1.5), ("open", 2.0)]
 
 
 def test_a_failing_callback_does_not_stop_the_clock() -> None:
@@ -60,8 +82,19 @@ def test_a_failing_callback_does_not_stop_the_clock() -> None:
         calls.append(1)
         raise RuntimeError("attach failed")
 
-    run_clock(0.05, 0.01, 0.4, on_open=boom)
-    assert len(calls) >= 4
+    assert [kind for kind, _ in run_clock(1.0, 0.1, 2.5, on_open=boom)] == ["close"] * 3
+    assert len(calls) == 3
+
+
+def test_stop_ends_the_thread_and_no_callback_runs_after_it() -> None:
+    opened, closed = threading.Event(), []
+    clock = WindowClock(0.05, 0.01, opened.set, lambda: closed.append(1))
+    clock.start()
+    assert opened.wait(10)
+    clock.stop()
+    after = len(closed)
+    assert not any(t.name == "window-clock" and t.is_alive() for t in threading.enumerate())
+    assert len(closed) == after
 
 
 @pytest.mark.parametrize("period, window", [(0, 0.1), (1, 0), (1, -1)])

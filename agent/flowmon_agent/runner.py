@@ -19,12 +19,14 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from flowmon_agent.aggregation.aggregator import Aggregator, NatBackends, local_ip_filter
+from flowmon_agent.aggregation.aggregator import Aggregator
+from flowmon_agent.aggregation.count_once import NatBackends
+from flowmon_agent.aggregation.tracing_scope import kernel_config
 from flowmon_agent.aggregation.view import AgentView
 from flowmon_agent.event_wait import wait_event
 from flowmon_agent.export.auth import IN_CLUSTER_SA as SA_DIR
@@ -33,7 +35,7 @@ from flowmon_agent.export.collectors import AgentInstruments, AgentStatus, Expor
 from flowmon_agent.export.policy_store import PolicyFile, PolicyStore
 from flowmon_agent.export.server import AgentServer, ServerConfig, ServerLimits
 from flowmon_agent.filewatch import FileWatch
-from flowmon_agent.kernel.flows import FlowSnapshot, IPAddress
+from flowmon_agent.kernel.flows import FlowSnapshot, KernelConfig, Tracer
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_agent.metadata.inventory import read_inventory
 from flowmon_agent.metadata.watcher import KubeWatcher
@@ -126,25 +128,11 @@ class AgentSettings(BaseSettings):
         )
 
 
-class Tracer(Protocol):
-    """What the runner needs from flowmon_agent.kernel.tracer.FlowTracer."""
+def default_tracer(settings: AgentSettings, config: KernelConfig, *, force_compat: bool = False) -> Tracer:
+    """The real tracer; `config` (the ignored ports: no policy yet) applies from its first socket."""
+    from flowmon_agent.kernel.tracer import FlowTracer  # imports BCC: only when the kernel is wanted
 
-    def poll(self) -> FlowSnapshot: ...
-    def set_local_ip_filter(self, ips: Iterable[IPAddress] | None) -> None: ...
-    def close(self) -> None: ...
-
-
-def default_tracer(
-    settings: AgentSettings, ignored_ports: Iterable[int], *, force_compat: bool = False
-) -> Tracer:
-    """The real tracer, configured from the settings; `ignored_ports` apply from its first socket."""
-    from flowmon_agent.kernel.tracer import (
-        FlowTracer,  # imports BCC: only when the real kernel path is wanted
-    )
-
-    return FlowTracer(
-        force_compat=force_compat, rtt_window_ms=settings.rtt_window_ms, ignored_ports=ignored_ports
-    )
+    return FlowTracer(config, force_compat=force_compat, rtt_window_ms=settings.rtt_window_ms)
 
 
 def stall_reason(
@@ -173,7 +161,7 @@ class Agent:
         self,
         settings: AgentSettings,
         *,
-        tracer_factory: Callable[[list[int]], Tracer] | None = None,
+        tracer_factory: Callable[[KernelConfig], Tracer] | None = None,
         store: MetadataStore | None = None,
         nat_backends: Callable[[FlowSnapshot], NatBackends] | None = None,
         token_reviewer: TokenReviewer | None = None,
@@ -215,9 +203,7 @@ class Agent:
         self._inventory_watch = FileWatch(settings.inventory_file) if settings.inventory_file else None
         self._metadata_at: float | None = None
         self.tracer: Tracer | None = None
-        self._local_ips: object = ()  # last filter given to the tracer (sentinel: never set)
-        self._nat_peers: object = ()
-        self._rtt_sampling: bool | None = None
+        self.ignored_ports: frozenset[int] = frozenset()  # settled at start: the server's port is known then
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -247,7 +233,7 @@ class Agent:
 
     async def start(self) -> None:
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
-        self.policy.subscribe(lambda _policy: self._loop.call_soon_threadsafe(self._wake.set))  # type: ignore[union-attr]
+        self.policy.subscribe(lambda _policy: self.poll_soon())
         if self.settings.inventory_file:
             await asyncio.to_thread(self._load_inventory)
         if self.watcher is not None:
@@ -257,8 +243,9 @@ class Agent:
         await self.server.start()  # health answers while BPF compiles (seconds)
         try:
             # our own port too (scrapes and policy pushes), from the first socket on
-            ports = sorted({*self.settings.ignored_ports, self.server.port or 0} - {0})
-            self.tracer = await asyncio.to_thread(self._tracer_factory, ports)
+            self.ignored_ports = frozenset({*self.settings.ignored_ports, self.server.port or 0} - {0})
+            initial = KernelConfig(ignored_ports=self.ignored_ports)
+            self.tracer = await asyncio.to_thread(self._tracer_factory, initial)
         except BaseException:
             await self.server.stop()
             raise
@@ -275,6 +262,11 @@ class Agent:
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.close)
             self.tracer = None
+
+    def poll_soon(self) -> None:
+        """Wake the poll loop now (a policy change); from any thread."""
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     async def _run(self) -> None:
         interval = self.settings.poll_interval_seconds
@@ -329,28 +321,10 @@ class Agent:
     def _view(self, snapshot: FlowSnapshot, policy: AgentPolicy | None, now: float) -> AgentView:
         if policy is None:
             return AgentView(policy_hash="", monitors={})
-        self._apply_kernel_filters(policy)
+        assert self.tracer is not None
+        self.tracer.configure(kernel_config(policy, self.store, self.settings.node_name, self.ignored_ports))
         backends = self._nat_backends(snapshot) if self._nat_backends else None
         return self.aggregator.build_view(snapshot, policy, self.resolver, now, backends)
-
-    def _apply_kernel_filters(self, policy: AgentPolicy) -> None:
-        """Only what changed reaches the kernel maps (pods come and go; policies change)."""
-        assert self.tracer is not None
-        ips = local_ip_filter(policy, self.store, self.settings.node_name)
-        wanted = None if ips is None else frozenset(ips)
-        if wanted != self._local_ips:
-            self.tracer.set_local_ip_filter(wanted)
-            self._local_ips = wanted
-        set_nat_peers = getattr(self.tracer, "set_nat_peers", None)
-        if set_nat_peers is not None:
-            peers = frozenset(self.store.service_ips())
-            if peers != self._nat_peers:
-                set_nat_peers(peers)
-                self._nat_peers = peers
-        set_rtt_sampling = getattr(self.tracer, "set_rtt_sampling", None)
-        if set_rtt_sampling is not None and policy.wants_rtt != self._rtt_sampling:
-            set_rtt_sampling(policy.wants_rtt)  # tcp_probe (every received segment) only when exported
-            self._rtt_sampling = policy.wants_rtt
 
 
 @contextlib.contextmanager

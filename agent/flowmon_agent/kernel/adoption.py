@@ -1,21 +1,25 @@
-"""Find TCP connections that were open before the agent started, in every network namespace.
+"""Adopt TCP connections that were open before the agent started, in every network namespace.
 
-The tracer hands them to the kernel (map `adopt`), which starts measuring each one at its first received
-segment. /proc/net/tcp* is read per namespace: through a process living in it (/proc/PID/net/tcp) or,
-for named namespaces without a process, from a thread that enters it.
+`discover()` finds them; `Adoptions` hands them to the kernel (map `adopt`), which starts measuring each
+one at its first received segment, and ends the adoption window. /proc/net/tcp* is read per namespace:
+through a process living in it (/proc/PID/net/tcp) or, for named namespaces without a process, from a
+thread that enters it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from flowmon_agent import netns
 from flowmon_agent.kernel.flows import IPAddress, Reporter
+from flowmon_agent.kernel.maps import ROLE_CLIENT, ROLE_SERVER, encode_tuple
 
 TCP_ESTABLISHED, TCP_LISTEN = 0x01, 0x0A
 
@@ -103,28 +107,24 @@ def _netns_key(entry: Path) -> tuple[str, int]:
         return "tcp", os.stat(entry / "net" / "tcp").st_ino
 
 
-def _namespaces() -> dict[tuple[str, int], tuple[str, Path]]:
-    """Unique netns -> ("pid", /proc/PID/net) or ("named", /run/netns/NAME)."""
-    found: dict[tuple[str, int], tuple[str, Path]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            key = _netns_key(entry)
-        except OSError:
-            continue
-        found.setdefault(key, ("pid", entry / "net"))
+def _namespaces() -> dict[tuple[str, int], list[tuple[str, Path]]]:
+    """Each network namespace -> the ways to read it: ("named", /run/netns/NAME) first (it stays while
+    named), then ("pid", /proc/PID/net) for each process living in it (any of them may exit meanwhile)."""
+    found: dict[tuple[str, int], list[tuple[str, Path]]] = {}
     if netns.NETNS_RUN_DIR.is_dir():
         for entry in netns.NETNS_RUN_DIR.iterdir():
-            try:
-                ino = os.stat(entry).st_ino
-            except OSError:
-                continue
-            found.setdefault(("ns", ino), ("named", entry))
+            with contextlib.suppress(OSError):
+                found.setdefault(("ns", os.stat(entry).st_ino), []).append(("named", entry))
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                found.setdefault(_netns_key(entry), []).append(("pid", entry / "net"))
     return found
 
 
 def _read_tables(kind: str, path: Path) -> list[str]:
+    """The namespace's tcp and tcp6 tables; empty when it cannot be read this way (gone meanwhile)."""
+
     def read(base: Path) -> list[str]:
         out = []
         for name in ("tcp", "tcp6"):
@@ -134,20 +134,87 @@ def _read_tables(kind: str, path: Path) -> list[str]:
 
     if kind == "pid":
         return read(path)
-    with netns.entered(path):
-        return read(Path("/proc/thread-self/net"))
+    try:
+        with netns.entered(path):
+            return read(Path("/proc/thread-self/net"))
+    except OSError:
+        return []
 
 
 def discover() -> Iterator[ExistingConnection]:
     """Every established TCP connection on this host, across network namespaces, each once (a namespace
     known by both kinds of key is read twice)."""
     ephemeral, seen = ephemeral_ports(), set()
-    for kind, path in _namespaces().values():
-        try:
-            tables = _read_tables(kind, path)
-        except OSError:
-            continue  # the namespace went away meanwhile
+    for ways in _namespaces().values():
+        # the first way that reads: a process that exited between the listing and the read gives nothing
+        tables = next((t for kind, path in ways if (t := _read_tables(kind, path))), [])
         for connection in classify(tables, ephemeral):
             if connection not in seen:
                 seen.add(connection)
                 yield connection
+
+
+def adopt_key(c: ExistingConnection) -> bytes:
+    return encode_tuple(c.local, c.local_port, c.remote, c.remote_port)
+
+
+class Adoptions:
+    """The kernel's `adopt` map over one adoption window: connections wait there until their first
+    received segment adopts them; the window ends when it expires or nothing waits any more."""
+
+    def __init__(
+        self,
+        table,
+        set_adopting: Callable[[bool], None],
+        *,
+        recheck_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._table, self._set_adopting, self._clock = table, set_adopting, clock
+        self._recheck_s, self._checked_at, self._until = recheck_s, 0.0, 0.0
+        self.dropped = 0  # connections the full map could not take: they stay unmeasured
+
+    @property
+    def adopting(self) -> bool:
+        """Whether pre-existing connections are still waiting for their first received segment."""
+        return bool(self._until)
+
+    def adopt(self, conns: Iterable[ExistingConnection], *, window_s: float = 300.0) -> int:
+        n = 0
+        for c in conns:
+            role = ROLE_SERVER if c.role == Reporter.SERVER else ROLE_CLIENT
+            try:
+                self._table[self._table.Key.from_buffer_copy(adopt_key(c))] = ctypes.c_uint8(role)
+            except Exception:  # map full: this one stays unmeasured
+                self.dropped += 1
+                continue
+            n += 1
+        if n:
+            self._checked_at = self._clock()
+            self._until = self._checked_at + window_s
+            self._set_adopting(True)
+        return n
+
+    def expire(self) -> bool:
+        """Run each poll; True when the window just ended."""
+        if not self._until:
+            return False
+        now = self._clock()
+        if now - self._checked_at >= self._recheck_s:
+            self._checked_at = now
+            self._forget_closed()
+        if now <= self._until and len(self._table) > 0:
+            return False
+        self._set_adopting(False)
+        self._table.clear()
+        self._until = 0.0
+        return True
+
+    def _forget_closed(self) -> None:
+        """Connections that closed before a received segment adopted them would keep tcp_probe attached
+        for the whole adoption window: their entries go once /proc no longer lists them."""
+        alive = {adopt_key(c) for c in discover()}
+        for key in list(self._table.keys()):
+            if bytes(key) not in alive:
+                with contextlib.suppress(KeyError):  # adopted meanwhile
+                    del self._table[key]

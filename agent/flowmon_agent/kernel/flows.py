@@ -1,16 +1,18 @@
-"""The kernel tracer's output: IP-level flows with cumulative counters (the contract with aggregation)."""
+"""The kernel hop's interface with the rest of the agent: what a tracer is configured with (`KernelConfig`),
+what one poll returns (`FlowSnapshot`: IP-level flows with cumulative counters), and the `Tracer` protocol
+the runner drives (`FlowTracer`, or a fake in tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address
+from typing import Protocol
+
+from flowmon_agent.kernel.counters import FlowCounters
 
 IPAddress = IPv4Address | IPv6Address
-
-# Kernel histograms are log2 slots of microseconds: slot k holds values v with 2**(k-1) <= v < 2**k
-# (slot 0 holds v == 0). User space turns them into Prometheus buckets with le = 2**k microseconds.
-HISTOGRAM_SLOTS = 32
 
 
 class Reporter(StrEnum):
@@ -28,54 +30,54 @@ class FlowKey:
     server_ip: IPAddress
     server_port: int
     reporter: Reporter
-    # Non-zero only for connections to a Service IP (see FlowTracer.set_nat_peers): those stay per
+    # Non-zero only for connections to a NAT peer (KernelConfig.nat_peers, Service IPs): those stay per
     # connection so that user space can undo the NAT through conntrack before aggregating.
     client_port: int = 0
 
 
 @dataclass(slots=True)
-class Log2Histogram:
-    """Cumulative log2 histogram of microsecond values."""
-
-    slots: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_SLOTS)
-    sum_us: int = 0
-
-    @property
-    def count(self) -> int:
-        return sum(self.slots)
-
-    def add(self, other: Log2Histogram) -> None:
-        self.slots = [a + b for a, b in zip(self.slots, other.slots, strict=True)]
-        self.sum_us += other.sum_us
-
-
-@dataclass(slots=True)
-class FlowCounters:
-    """Cumulative counters of one flow since the agent started; never decrease (except `active`).
-
-    Directions are always client→server ("c2s") and server→client ("s2c"), whichever end reported.
-    """
-
-    sent_bytes: int = 0  # client → server payload bytes
-    received_bytes: int = 0  # server → client payload bytes
-    opened: int = 0  # connections that reached ESTABLISHED
-    closed: int = 0  # established connections that closed
-    active: int = 0  # opened - closed (a gauge)
-    failed_refused: int = 0  # SYN answered by RST
-    failed_timeout: int = 0  # SYN never answered
-    retransmits_c2s: int = 0
-    retransmits_s2c: int = 0
-    resets_c2s: int = 0  # RST sent by the client
-    resets_s2c: int = 0  # RST sent by the server
-    connect_latency: Log2Histogram = field(default_factory=Log2Histogram)
-    rtt: Log2Histogram = field(default_factory=Log2Histogram)
-
-
-@dataclass(slots=True)
 class FlowSnapshot:
-    """What one poll returns: every flow seen since start, and the kernel's drop counters."""
+    """What one poll returns: every flow seen since start, and the kernel's drop counters.
+
+    A key's counters never decrease from one snapshot to the next, except a per-connection key
+    (client_port set) that the tracer forgot once closed and idle, and that a new connection on the same
+    port brought back: it starts from zero (aggregation takes a decrease as a restart)."""
 
     flows: dict[FlowKey, FlowCounters]
     dropped: dict[str, int]  # reason -> cumulative count of entries the kernel could not store
     kernel_path: str  # "default" or "compat"
     monotonic_time: float
+
+
+def _ips(ips: Iterable[IPAddress] | None) -> frozenset[IPAddress] | None:
+    return None if ips is None else frozenset(ips)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """What the kernel traces. Applies to sockets created from then on (existing ones keep their verdict)."""
+
+    local_ips: frozenset[IPAddress] | None = None  # sockets whose local address is one of these; None: all
+    nat_peers: frozenset[IPAddress] = field(default_factory=frozenset)  # Service IPs: keys per connection
+    ignored_ports: frozenset[int] = field(default_factory=frozenset)  # server ports never traced
+    rtt: bool = True  # srtt samples (tcp:tcp_probe, the costliest hook): only when a monitor exports RTT
+
+    def __post_init__(self) -> None:  # iterables in, frozensets kept: configs compare by value
+        object.__setattr__(self, "local_ips", _ips(self.local_ips))
+        object.__setattr__(self, "nat_peers", frozenset(self.nat_peers))
+        ports = frozenset(int(p) for p in self.ignored_ports)
+        if any(not 0 < p < 65536 for p in ports):
+            raise ValueError(f"ports must be 1-65535: {sorted(ports)}")
+        object.__setattr__(self, "ignored_ports", ports)
+
+
+class Tracer(Protocol):
+    """What the runner needs from a tracer (flowmon_agent.kernel.tracer.FlowTracer)."""
+
+    def poll(self) -> FlowSnapshot: ...
+
+    def configure(self, config: KernelConfig) -> None:
+        """Apply what changed since the last configuration (a call per poll is cheap)."""
+        ...
+
+    def close(self) -> None: ...

@@ -202,7 +202,7 @@ class MapReader:
         self._alloc(min(chunk, table.max_entries))
 
     def _alloc(self, n: int) -> None:
-        self._chunk = n
+        self.chunk = n  # entries the buffers hold
         self._keys = ctypes.create_string_buffer(self._key_size * n)
         self._values = ctypes.create_string_buffer(self._value_size * n)
 
@@ -222,7 +222,7 @@ class MapReader:
         first = True
         ks, vs = self._key_size, self._value_size
         while True:
-            count.value = self._chunk
+            count.value = self.chunk
             res = lib.bpf_lookup_batch(
                 self.table.map_fd,
                 None if first else ctypes.byref(token),
@@ -241,8 +241,8 @@ class MapReader:
                 continue
             if err == errno.ENOENT:  # the end of the map (this call's entries were still copied)
                 return out
-            if err == errno.ENOSPC and n == 0 and self._chunk < self.table.max_entries:
-                self._alloc(min(self._chunk * 2, self.table.max_entries))  # one bucket holds more
+            if err == errno.ENOSPC and n == 0 and self.chunk < self.table.max_entries:
+                self._alloc(min(self.chunk * 2, self.table.max_entries))  # one bucket holds more
                 continue
             if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) and first and not out:
                 raise _BatchUnsupported

@@ -1,6 +1,8 @@
-"""Byte layouts of bpf/flowmon.c's map entries, and pure decoders from them into flows.py types.
+"""What Python mirrors of bpf/flowmon.c: its constants, the byte layouts of its map entries, and pure
+decoders from them into flows.py types (the counters' layout is counters.py's).
 
-Kept free of BCC so that decoding is tested on synthetic bytes. Each format mirrors a C struct.
+Kept free of BCC so that decoding is tested on synthetic bytes. tests/test_kernel_layout.py parses the C
+source and checks every constant and layout here against it.
 """
 
 from __future__ import annotations
@@ -10,26 +12,29 @@ from collections.abc import Container
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from flowmon_agent.kernel.flows import (
-    HISTOGRAM_SLOTS,
-    FlowCounters,
-    FlowKey,
-    IPAddress,
-    Log2Histogram,
-    Reporter,
-)
+from flowmon_agent.kernel.counters import HISTOGRAM_SLOTS, WIDTH, FlowCounters
+from flowmon_agent.kernel.flows import FlowKey, IPAddress, Reporter
 
-AF_INET, AF_INET6 = 2, 10
-ROLE_CLIENT, ROLE_SERVER = 0, 1
+AF_INET, AF_INET6 = 2, 10  # FM_AF_INET, FM_AF_INET6
+ROLE_CLIENT, ROLE_SERVER = 0, 1  # FM_ROLE_CLIENT, FM_ROLE_SERVER
+
+# Indexes of the `cfg` array, written by user space
+CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT, CFG_RTT_EPOCH, CFG_TRACING = range(6)
+# Indexes of the per-CPU `stats` array, summed by user space
+ST_SOCK_FULL, ST_FLOW_FAILED, ST_RST_FULL, ST_FLOWS_CREATED, ST_ADOPTED = range(5)
+
+# Map sizes (integer cflags; these are the C defaults)
+DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384, "NAT_MAX": 16384}
+FOLD_STEPS = 32  # steps per run of flowmon_fold: the verifier walks ~280k instructions (limit 1M)
+CLOSE_SLOTS = 64  # per-CPU copies of flows for closes
+FLUSH_PER_RUN = 8  # copies flushed per run of flowmon_flush_closes
+MARK_WORD_SLOTS = 64  # slots per word of the fold's bitmap, and words per group word
 
 FLOW_KEY = struct.Struct("<16s16sHHBxH")  # struct flow_key
-FLOW_VAL = struct.Struct(f"<13Q{HISTOGRAM_SLOTS}Q{HISTOGRAM_SLOTS}Q")  # struct flow_val
+FLOW_VAL = struct.Struct(f"<Q{WIDTH}Q")  # struct flow_val: created_ns, then the counters' vector
 RST_PENDING = struct.Struct("<40sQB7x")  # struct rst_pending_val
-TUPLE_KEY = struct.Struct("<16s16sHHHH")  # struct tuple_key
-IP_KEY = struct.Struct("<16sHH")  # struct ip_key
-
-# struct stats indexes
-ST_SOCK_FULL, ST_FLOW_FAILED, ST_RST_FULL, ST_FLOWS_CREATED, ST_ADOPTED = range(5)
+TUPLE_KEY = struct.Struct("<16s16sHHH2x")  # struct tuple_key
+IP_KEY = struct.Struct("<16sH2x")  # struct ip_key
 
 
 def decode_addr(family: int, raw: bytes) -> IPAddress:
@@ -67,49 +72,10 @@ def encode_flow_key(key: FlowKey) -> bytes:
     return FLOW_KEY.pack(client, server, family, key.server_port, role, key.client_port)
 
 
-@dataclass(frozen=True, slots=True)
-class KernelFlow:
-    created_ns: int  # identifies one incarnation of an LRU entry
-    counters: FlowCounters
-
-
-def decode_flow_value(raw: bytes) -> KernelFlow:
-    v = FLOW_VAL.unpack(raw[: FLOW_VAL.size])
-    (
-        created,
-        c2s,
-        s2c,
-        opened,
-        closed,
-        refused,
-        timeout,
-        rt_c2s,
-        rt_s2c,
-        rst_c2s,
-        rst_s2c,
-        lat_sum,
-        rtt_sum,
-    ) = v[:13]
-    lat_slots = list(v[13 : 13 + HISTOGRAM_SLOTS])
-    rtt_slots = list(v[13 + HISTOGRAM_SLOTS :])
-    return KernelFlow(
-        created_ns=created,
-        counters=FlowCounters(
-            sent_bytes=c2s,
-            received_bytes=s2c,
-            opened=opened,
-            closed=closed,
-            active=opened - closed,
-            failed_refused=refused,
-            failed_timeout=timeout,
-            retransmits_c2s=rt_c2s,
-            retransmits_s2c=rt_s2c,
-            resets_c2s=rst_c2s,
-            resets_s2c=rst_s2c,
-            connect_latency=Log2Histogram(lat_slots, lat_sum),
-            rtt=Log2Histogram(rtt_slots, rtt_sum),
-        ),
-    )
+def decode_flow_value(raw: bytes) -> tuple[int, FlowCounters]:
+    """(created_ns, counters): created_ns tells one incarnation of an LRU entry from the next."""
+    words = FLOW_VAL.unpack(raw[: FLOW_VAL.size])
+    return words[0], FlowCounters(words[1:])
 
 
 def log2_slot(value: int) -> int:
@@ -141,61 +107,9 @@ def reset_owner(receiver: FlowKey, to_client: bool, known: Container[FlowKey]) -
 def encode_tuple(local: IPAddress, local_port: int, remote: IPAddress, remote_port: int) -> bytes:
     family, l_raw = encode_addr(local)
     _, r_raw = encode_addr(remote)
-    return TUPLE_KEY.pack(l_raw, r_raw, family, local_port, remote_port, 0)
+    return TUPLE_KEY.pack(l_raw, r_raw, family, local_port, remote_port)
 
 
 def encode_ip_key(ip: IPAddress) -> bytes:
     family, raw = encode_addr(ip)
-    return IP_KEY.pack(raw, family, 0)
-
-
-# --- counter arithmetic (pure) ---------------------------------------------------------------------------
-_SCALARS = (
-    "sent_bytes",
-    "received_bytes",
-    "opened",
-    "closed",
-    "active",
-    "failed_refused",
-    "failed_timeout",
-    "retransmits_c2s",
-    "retransmits_s2c",
-    "resets_c2s",
-    "resets_s2c",
-)
-
-
-def copy_counters(c: FlowCounters) -> FlowCounters:
-    out = FlowCounters(**{name: getattr(c, name) for name in _SCALARS})
-    out.connect_latency = Log2Histogram(list(c.connect_latency.slots), c.connect_latency.sum_us)
-    out.rtt = Log2Histogram(list(c.rtt.slots), c.rtt.sum_us)
-    return out
-
-
-def add_counters(total: FlowCounters, other: FlowCounters) -> None:
-    """total += other, in place."""
-    for name in _SCALARS:
-        setattr(total, name, getattr(total, name) + getattr(other, name))
-    total.connect_latency.add(other.connect_latency)
-    total.rtt.add(other.rtt)
-
-
-def clamp_monotonic(previous: FlowCounters | None, current: FlowCounters) -> FlowCounters:
-    """Counters never go back (a socket closing between two map reads can hide it for one poll);
-    `active` is a gauge and is taken as is."""
-    if previous is None:
-        return current
-    out = copy_counters(current)
-    for name in _SCALARS:
-        if name != "active":
-            setattr(out, name, max(getattr(previous, name), getattr(current, name)))
-    for attr in ("connect_latency", "rtt"):
-        p, c = getattr(previous, attr), getattr(current, attr)
-        setattr(
-            out,
-            attr,
-            Log2Histogram(
-                [max(a, b) for a, b in zip(p.slots, c.slots, strict=True)], max(p.sum_us, c.sum_us)
-            ),
-        )
-    return out
+    return IP_KEY.pack(raw, family)

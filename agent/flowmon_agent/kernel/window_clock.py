@@ -25,7 +25,10 @@ def next_start(start: float, period_s: float, now: float) -> float:
 class WindowClock:
     """Calls `on_open()` at the start of every period and `on_close()` `window_s` later; a window as
     long as the period never closes (only `on_open()`, once a period). A callback that raises is logged
-    and the clock goes on."""
+    and the clock goes on.
+
+    `clock` tells the time and `wait(seconds)` sleeps (False: stop); by default the monotonic clock and
+    a wait that stop() interrupts. Tests give both from a fake time and call run() themselves."""
 
     def __init__(
         self,
@@ -36,6 +39,7 @@ class WindowClock:
         *,
         name: str = "window-clock",
         clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[float], bool] | None = None,
     ) -> None:
         if period_s <= 0 or window_s <= 0:
             raise ValueError(f"period and window must be positive, not {period_s} and {window_s}")
@@ -43,7 +47,8 @@ class WindowClock:
         self.always_open = window_s >= period_s
         self._on_open, self._on_close, self._clock = on_open, on_close, clock
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._wait = wait or (lambda seconds: not self._stop.wait(seconds))
+        self._thread = threading.Thread(target=self.run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -56,7 +61,7 @@ class WindowClock:
 
     def _sleep_until(self, at: float) -> bool:
         """False when stopped meanwhile."""
-        return not self._stop.wait(max(0.0, at - self._clock()))
+        return not self._stop.is_set() and self._wait(max(0.0, at - self._clock()))
 
     def _call(self, callback: Callable[[], None]) -> None:
         try:
@@ -64,7 +69,8 @@ class WindowClock:
         except Exception:
             log.exception("%s: callback failed", self._thread.name)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The clock's loop, until a wait says stop (start() runs it in its thread)."""
         start = self._clock()
         while self._sleep_until(start):
             self._call(self._on_open)
