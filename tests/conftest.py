@@ -27,8 +27,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.fail(ROOT_NEEDED)
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a fixture needing root (one that asks for `require_root`) carries the marker too,
+    so `-m "not root"` and the failing setup hook see every test that needs the host."""
+    for item in items:
+        if "require_root" in getattr(item, "fixturenames", ()) and item.get_closest_marker("root") is None:
+            item.add_marker(pytest.mark.root)
+
+
 @pytest.fixture(scope="session")
 def require_root() -> None:
-    """For tests not marked yet: the marker is the scheme (it fails before module fixtures run)."""
+    """For fixtures that build BPF or netns state: tests using them are marked `root` at collection."""
     if os.geteuid() != 0:
         pytest.fail(ROOT_NEEDED)

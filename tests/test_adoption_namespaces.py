@@ -12,10 +12,11 @@ import pytest
 from flowmon_agent.kernel import adoption
 from flowmon_lab.network import Lab
 
-pytestmark = pytest.mark.netns
+pytestmark = pytest.mark.root
 
 
-def test_namespaces_are_found_and_read_once_without_ptrace_access(require_root, monkeypatch):
+@pytest.mark.root
+def test_namespaces_are_found_and_read_once_without_ptrace_access(monkeypatch):
     real_stat = os.stat
 
     def no_ptrace(path, *args, **kwargs):

@@ -204,8 +204,8 @@ def row_when_opened(base: str, want: tuple[str, str], opened: int, timeout: floa
     return rows[want]
 
 
-@pytest.mark.bpf
-def test_bare_agent_monitors_every_flow_of_this_host_and_top_shows_it(require_root) -> None:
+@pytest.mark.root
+def test_bare_agent_monitors_every_flow_of_this_host_and_top_shows_it() -> None:
     with bare_agent() as (base, pid):
         # every thread (poll workers, the srtt window's clock...) runs as SCHED_BATCH: none preempts an
         # application when it wakes
@@ -226,8 +226,8 @@ def test_bare_agent_monitors_every_flow_of_this_host_and_top_shows_it(require_ro
         assert "13.0 KiB" in line and "303.8 KiB" in line  # 13332 B and 311108 B
 
 
-@pytest.mark.bpf
-def test_bare_agent_shows_flows_between_network_namespaces_and_to_unknown_addresses(require_root) -> None:
+@pytest.mark.root
+def test_bare_agent_shows_flows_between_network_namespaces_and_to_unknown_addresses() -> None:
     """Containers on this host: each network namespace is named after itself, its connections to another
     one are counted once, a namespace that appears later is picked up, an address that names no
     namespace (link-local) is external."""

@@ -159,8 +159,7 @@ def resolve_variables(prometheus_url: str, board: dict) -> dict[str, str]:
     return values
 
 
-@pytest.mark.bpf
-@pytest.mark.netns
+@pytest.mark.root
 @pytest.mark.slow
 def test_every_panel_query_returns_data_from_the_demo(running_demo) -> None:
     url = running_demo.prometheus.url

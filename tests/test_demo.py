@@ -22,7 +22,7 @@ from flowmon_lab import minicluster
 from flowmon_lab.demo import scenario, state
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.bpf, pytest.mark.netns, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.root, pytest.mark.slow]
 
 
 def run_demo(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:

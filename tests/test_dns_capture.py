@@ -31,7 +31,7 @@ from flowmon_lab.network import Lab, Pod
 from flowmon_lab.resolver import ResolverConfig, start_resolver
 from tests.dns_samples import MALFORMED
 
-pytestmark = [pytest.mark.bpf, pytest.mark.netns]
+pytestmark = [pytest.mark.root, pytest.mark.root]
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB_V4, WEB_V6 = "10.99.0.7", "fd00:99::7"

@@ -39,7 +39,8 @@ def test_cli_lists_all_subcommands() -> None:
     assert "{agent,operator,demo,top,render,validate,map}" in out.replace(" ", "")
 
 
-def test_smoke_bpf_program_loads_and_counts_a_connection(require_root) -> None:
+@pytest.mark.root
+def test_smoke_bpf_program_loads_and_counts_a_connection() -> None:
     prog = bpf_loader.load_program("smoke.c")
     try:
         before = sum(v.value for v in prog["events_seen"].values())
@@ -70,7 +71,8 @@ def test_loader_names_missing_headers(monkeypatch, tmp_path) -> None:
     assert bpf_loader.kernel_headers() == tmp_path
 
 
-def test_loader_names_a_missing_source(require_root) -> None:
+@pytest.mark.root
+def test_loader_names_a_missing_source() -> None:
     with pytest.raises(bpf_loader.BPFUnavailableError, match="not found"):
         bpf_loader.load_program("does-not-exist.c")
 

@@ -50,7 +50,8 @@ def test_pod_name(text, expected) -> None:
     assert hostnets.pod_name(text) == expected
 
 
-def test_every_namespace_once_named_or_held_by_a_process(require_root) -> None:
+@pytest.mark.root
+def test_every_namespace_once_named_or_held_by_a_process() -> None:
     """Named namespaces by name; a namespace only a process holds by `<command>-<pid>`; the caller's own
     and duplicates (a process inside a named one) left out; each with its own addresses."""
     with Lab("fhn", ["a", "b"]) as lab:
@@ -76,7 +77,8 @@ def test_every_namespace_once_named_or_held_by_a_process(require_root) -> None:
             hidden.wait()
 
 
-def test_host_metadata_follows_namespaces_that_appear_and_go(require_root) -> None:
+@pytest.mark.root
+def test_host_metadata_follows_namespaces_that_appear_and_go() -> None:
     from flowmon_agent.main import host_objects
 
     store = MetadataStore()
@@ -96,7 +98,8 @@ def test_host_metadata_follows_namespaces_that_appear_and_go(require_root) -> No
         assert c.netns not in {p.name for p in store.pods()}
 
 
-def test_namespace_inodes_see_one_only_a_process_holds(require_root) -> None:
+@pytest.mark.root
+def test_namespace_inodes_see_one_only_a_process_holds() -> None:
     before = hostnets.namespace_inodes()
     held = subprocess.Popen(["unshare", "--net", "sleep", "30"])
     try:

@@ -306,11 +306,12 @@ loader.load_program("flowmon.c", flags).cleanup()
 """
 
 
-@pytest.mark.bpf
+@pytest.mark.root
 @pytest.mark.parametrize(
     ("compat", "raw"), [(0, 1), (0, 0), (1, 0)], ids=["default-raw", "default", "compat"]
 )
-def test_flowmon_compiles_against_the_trimmed_tree_alone(tmp_path, require_root, compat, raw):
+@pytest.mark.root
+def test_flowmon_compiles_against_the_trimmed_tree_alone(tmp_path, compat, raw):
     """The tree the agent image carries, made the way its Dockerfile makes it, compiles and loads every
     kernel path of bpf/flowmon.c with nothing else (BCC_KERNEL_SOURCE names it). A file missing from
     images/kernel-headers.txt fails here with clang's "file not found"."""

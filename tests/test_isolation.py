@@ -148,9 +148,8 @@ sock.close()
 """
 
 
-@pytest.mark.bpf
-@pytest.mark.netns
-def test_staging_to_prod_is_counted_within_a_second(require_root) -> None:
+@pytest.mark.root
+def test_staging_to_prod_is_counted_within_a_second() -> None:
     from flowmon_agent.aggregation.aggregator import Aggregator
     from flowmon_agent.aggregation.tracing_scope import kernel_config
     from flowmon_agent.kernel.tracer import FlowTracer

@@ -31,7 +31,7 @@ from tests.kubelet.pod import Node, Pod, PodNetwork
 from tests.test_cli_agent import loopback_exchange
 from tests.tls_samples import make_pki
 
-pytestmark = [pytest.mark.bpf, pytest.mark.netns, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.root, pytest.mark.slow]
 
 NODE = "kubelet-node"
 TOKEN = "kubelet-test-scrape-token"
@@ -122,7 +122,8 @@ def node_for(tmp_path: Path, api: KubeAPI, api_ca: str, headers: str) -> Node:
 
 
 @pytest.mark.parametrize("headers", ["debian-split", "none"])
-def test_the_rendered_daemonset_runs_and_counts(tmp_path, require_root, images, api, headers):
+@pytest.mark.root
+def test_the_rendered_daemonset_runs_and_counts(tmp_path, images, api, headers):
     kube, api_ca = api
     settings = OperatorSettings(agent_port=free_port(), agent_image=images["agent"])
     monitor, objects, daemonset = rendered(settings)
@@ -182,7 +183,8 @@ def test_the_rendered_daemonset_runs_and_counts(tmp_path, require_root, images, 
         ("no-perfmon", 10, "missing capability CAP_PERFMON"),
     ],
 )
-def test_a_failed_start_names_its_cause(tmp_path, require_root, images, api, change, code, says):
+@pytest.mark.root
+def test_a_failed_start_names_its_cause(tmp_path, images, api, change, code, says):
     """The runtime's default seccomp profile here (podman's, like CRI-O's) denies bpf(); a capability
     taken away: one line in the log and in the termination message, and the cause's exit code."""
     kube, api_ca = api
@@ -207,7 +209,8 @@ def test_a_failed_start_names_its_cause(tmp_path, require_root, images, api, cha
         pod.remove()
 
 
-def test_the_operator_image_runs_as_its_deployment_and_reconciles(tmp_path, require_root, images):
+@pytest.mark.root
+def test_the_operator_image_runs_as_its_deployment_and_reconciles(tmp_path, images):
     """The operator Deployment of manifests/ (kustomize-built): non-root, read-only root, no capabilities,
     RuntimeDefault seccomp, in a pod network namespace of its own. Against the API emulator (HTTPS, in
     another pod's namespace) it reconciles a FlowMonitor: the agent DaemonSet appears, and the monitor's

@@ -9,10 +9,11 @@ import pytest
 from flowmon_lab import network as labmod
 from flowmon_lab.network import Lab, LabError, cleanup_prefix, lab_namespaces
 
-pytestmark = pytest.mark.netns
+pytestmark = pytest.mark.root
 
 
-def test_pods_talk_over_ipv4_and_ipv6_and_cleanup_removes_everything(require_root) -> None:
+@pytest.mark.root
+def test_pods_talk_over_ipv4_and_ipv6_and_cleanup_removes_everything() -> None:
     with Lab("fkl", ["x", "y"]) as lab:
         x, y = lab.pod("x"), lab.pod("y")
         assert lab_namespaces("fkl") == ["fkl-sw", "fkl-x", "fkl-y"]
@@ -32,7 +33,8 @@ def test_pods_talk_over_ipv4_and_ipv6_and_cleanup_removes_everything(require_roo
     assert lab_namespaces("fkl") == []
 
 
-def test_cleanup_on_failure_and_after_a_crash(require_root) -> None:
+@pytest.mark.root
+def test_cleanup_on_failure_and_after_a_crash() -> None:
     with pytest.raises(RuntimeError, match="boom"), Lab("fkl", 1) as lab:
         proc = lab.popen(lab.pods[0], ["sleep", "60"])
         raise RuntimeError("boom")
@@ -44,7 +46,8 @@ def test_cleanup_on_failure_and_after_a_crash(require_root) -> None:
     assert lab_namespaces("fkl") == []
 
 
-def test_prefixes_do_not_collide_and_errors_name_the_command(require_root) -> None:
+@pytest.mark.root
+def test_prefixes_do_not_collide_and_errors_name_the_command() -> None:
     with Lab("fkl", 1) as one, Lab("fkm", 1) as two:
         assert one.pods[0].netns != two.pods[0].netns
         assert one.subnet4 != two.subnet4

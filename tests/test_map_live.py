@@ -20,7 +20,7 @@ from tests.test_map import svg_groups, svg_text
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "tests" / "output"  # git-ignored: screenshots and maps of the last run
-pytestmark = [pytest.mark.bpf, pytest.mark.netns]
+pytestmark = [pytest.mark.root, pytest.mark.root]
 
 DEMO_PAIRS = {  # client → server workload of scenario.CALLS
     ("shop/frontend", "shop/cart"),
@@ -48,7 +48,8 @@ def graphviz_present() -> None:
         pytest.fail("Graphviz's dot is missing: run `make setup` (scripts/apt-packages.txt)")
 
 
-def test_map_totals_are_the_bytes_of_a_known_exchange_between_namespaces(require_root, tmp_path) -> None:
+@pytest.mark.root
+def test_map_totals_are_the_bytes_of_a_known_exchange_between_namespaces(tmp_path) -> None:
     graphviz_present()
     with Lab("fmm", ["a", "b"]) as lab, bare_agent() as (base, _):
         a, b = lab.pod("a"), lab.pod("b")

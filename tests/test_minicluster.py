@@ -181,7 +181,8 @@ def _leftovers(prefix: str) -> list[str]:
     return mc.list_netns(prefix)
 
 
-def test_built_cluster_routes_clusterip_to_every_backend_and_teardown_leaves_nothing(require_root) -> None:
+@pytest.mark.root
+def test_built_cluster_routes_clusterip_to_every_backend_and_teardown_leaves_nothing() -> None:
     cluster = mc.MiniCluster(SPEC)
     prefix = cluster.prefix
     try:
@@ -219,7 +220,8 @@ def test_built_cluster_routes_clusterip_to_every_backend_and_teardown_leaves_not
         mc.cleanup(prefix)
 
 
-def test_failed_build_removes_what_was_created(require_root) -> None:
+@pytest.mark.root
+def test_failed_build_removes_what_was_created() -> None:
     # The node and the first pod get built; `ip netns add` refuses the second pod's name (a slash).
     spec = cluster_plan.ClusterSpec(
         namespaces=[cluster_plan.NamespaceSpec("a")],
@@ -234,7 +236,8 @@ def test_failed_build_removes_what_was_created(require_root) -> None:
     assert _leftovers(cluster.prefix) == []
 
 
-def test_cleanup_after_a_crash_kills_processes_and_removes_netns(require_root) -> None:
+@pytest.mark.root
+def test_cleanup_after_a_crash_kills_processes_and_removes_netns() -> None:
     prefix = mc.new_prefix()
     # A separate process builds a cluster, starts a sleeper in a pod, then is SIGKILLed: no teardown ran.
     script = textwrap.dedent(

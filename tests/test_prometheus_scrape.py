@@ -90,9 +90,8 @@ def _cluster_spec():
 
 
 @pytest.mark.asyncio
-@pytest.mark.bpf
-@pytest.mark.netns
-async def test_prometheus_reads_kernel_measured_bytes_of_a_known_flow(tmp_path, require_root):
+@pytest.mark.root
+async def test_prometheus_reads_kernel_measured_bytes_of_a_known_flow(tmp_path):
     import yaml
 
     from flowmon_agent.export.policy_store import dump_policy_json
