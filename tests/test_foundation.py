@@ -77,6 +77,7 @@ def test_loader_names_a_missing_source() -> None:
         bpf_loader.load_program("does-not-exist.c")
 
 
+@pytest.mark.root
 def test_setup_is_idempotent_and_fast() -> None:
     result = subprocess.run(
         ["bash", "scripts/setup.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120

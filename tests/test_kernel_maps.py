@@ -137,6 +137,7 @@ def test_compat_can_be_forced_and_raw_turned_off() -> None:
     assert paths[0].cflags["FLOWMON_RAW"] == 0
 
 
+@pytest.mark.root
 def test_no_path_names_missing_tracepoints_and_kernel(monkeypatch) -> None:
     monkeypatch.setattr(kernel_paths.bpf_loader, "check_host", lambda: None)
     monkeypatch.setattr(kernel_paths.bpf_loader, "tracepoint_exists", exists_except("tcp:tcp_probe"))
