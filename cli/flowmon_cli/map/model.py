@@ -29,21 +29,11 @@ class Node:
 
 
 @dataclass(frozen=True)
-class Edge:
-    """One client → server pair of nodes; rates per second (or totals, see ServiceMap.per_second)."""
+class Edge(topview.Row):
+    """One client → server pair of nodes: `top`'s row (rates per second, or totals, see
+    ServiceMap.per_second; violations cumulative, so a single forbidden connection stays marked), and
+    what the map draws besides."""
 
-    client: str
-    server: str
-    sent_bytes: float
-    received_bytes: float
-    opened: float
-    failures: float
-    retransmits: float
-    resets: float
-    violations: float  # cumulative: a single forbidden connection stays marked
-    active: float
-    rtt_p50: float | None
-    rtt_p99: float | None
     services: tuple[str, ...] = ()
     ports: tuple[str, ...] = ()
     cross_zone: bool = False
