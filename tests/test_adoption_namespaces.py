@@ -35,7 +35,7 @@ def test_namespaces_are_found_and_read_once_without_ptrace_access(monkeypatch):
             client.connect(server.getsockname())
             accepted, _ = server.accept()
             monkeypatch.setattr(os, "stat", no_ptrace)
-            keys = adoption._namespaces()
+            keys = adoption.namespace_readers()
             pid_key = ("tcp", real_stat(f"/proc/{sleeper.pid}/net/tcp").st_ino)
             assert ("pid", Path(f"/proc/{sleeper.pid}/net")) in keys[pid_key]  # one of the ways to read it
             found = [c for c in adoption.discover() if c.local in (a.ipv4, b.ipv4)]

@@ -107,7 +107,7 @@ def _netns_key(entry: Path) -> tuple[str, int]:
         return "tcp", os.stat(entry / "net" / "tcp").st_ino
 
 
-def _namespaces() -> dict[tuple[str, int], list[tuple[str, Path]]]:
+def namespace_readers() -> dict[tuple[str, int], list[tuple[str, Path]]]:
     """Each network namespace -> the ways to read it: ("named", /run/netns/NAME) first (it stays while
     named), then ("pid", /proc/PID/net) for each process living in it (any of them may exit meanwhile)."""
     found: dict[tuple[str, int], list[tuple[str, Path]]] = {}
@@ -145,7 +145,7 @@ def discover() -> Iterator[ExistingConnection]:
     """Every established TCP connection on this host, across network namespaces, each once (a namespace
     known by both kinds of key is read twice)."""
     ephemeral, seen = ephemeral_ports(), set()
-    for ways in _namespaces().values():
+    for ways in namespace_readers().values():
         # the first way that reads: a process that exited between the listing and the read gives nothing
         tables = next((t for kind, path in ways if (t := _read_tables(kind, path))), [])
         for connection in classify(tables, ephemeral):
