@@ -122,30 +122,6 @@ class ApiClient:
         )
 
 
-def api_client(conn: Connection) -> ApiClient:
-    """One session (close it, or use `async with`)."""
-    return ApiClient(conn)
-
-
-async def call(
-    client: ApiClient,
-    method: str,
-    path: str,
-    *,
-    query: Mapping[str, Any] | None = None,
-    body: Any = None,
-    content_type: str = "application/json",
-    timeout: float | tuple[float, float] | None = None,
-) -> aiohttp.ClientResponse:
-    """One request to a path (auth, TLS, session); the raw response, unread.
-
-    `timeout`: a total in seconds, or (connect, read between bytes) for streams.
-    """
-    return await client.request(
-        method, path, query=query, body=body, content_type=content_type, timeout=timeout
-    )
-
-
 async def read_json(response: aiohttp.ClientResponse) -> dict:
     """The body of a response as a dict (released); the API's error for a non-2xx status."""
     async with response:

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowmon_kube import (
+    ApiClient,
     Conflict,
     Connection,
     KubeError,
     NotFound,
-    api_client,
-    call,
     read_json,
 )
 from flowmon_operator.kubeconfig import load_connection
@@ -73,7 +72,7 @@ class KubeClient:
     def __init__(self, conn: Connection, *, timeout: float = 15.0):
         self.conn = conn
         self._timeout = timeout
-        self._api = api_client(conn)
+        self._api = ApiClient(conn)
 
     async def __aenter__(self) -> KubeClient:
         return self
@@ -93,8 +92,8 @@ class KubeClient:
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict:
-        response = await call(
-            self._api, method, path, query=params, body=body, content_type=content_type, timeout=self._timeout
+        response = await self._api.request(
+            method, path, query=params, body=body, content_type=content_type, timeout=self._timeout
         )
         return await read_json(response)
 

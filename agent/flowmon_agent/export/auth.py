@@ -19,7 +19,7 @@ from typing import Protocol
 import aiohttp
 
 from flowmon_contract.policy import AgentPolicy
-from flowmon_kube import SERVICE_ACCOUNT, Connection, KubeError, api_client, call, read_json
+from flowmon_kube import SERVICE_ACCOUNT, ApiClient, Connection, KubeError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,8 @@ class KubeTokenReviewer:
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
         try:
             # One session per review (a review per token per TTL): no session outlives the caller's loop.
-            async with api_client(self._connection) as client:
-                answer = await read_json(await call(client, "POST", TOKEN_REVIEWS, body=body, timeout=5))
+            async with ApiClient(self._connection) as client:
+                answer = await read_json(await client.request("POST", TOKEN_REVIEWS, body=body, timeout=5))
         except (KubeError, aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ReviewUnavailable(str(exc)) from exc
         return parse_token_review(answer)

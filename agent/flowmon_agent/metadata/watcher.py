@@ -31,8 +31,6 @@ from flowmon_kube import (
     Connection,
     Gone,
     KubeError,
-    api_client,
-    call,
     error,
     in_cluster,
     raise_for_status,
@@ -144,7 +142,7 @@ class KubeWatcher:
         version: str | None = None
         while True:
             page = await read_json(
-                await call(client, "GET", resource.path, query=params, timeout=self._timeout())
+                await client.request("GET", resource.path, query=params, timeout=self._timeout())
             )
             for item in page.get("items") or []:
                 record = parse_object(item, resource.kind)
@@ -179,7 +177,7 @@ class KubeWatcher:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(self.watch_timeout_seconds),
         }
-        response = await call(client, "GET", resource.path, query=query, timeout=self._timeout())
+        response = await client.request("GET", resource.path, query=query, timeout=self._timeout())
         await raise_for_status(response)  # 410 Gone: relist
         self._connected.add(resource.kind)
         log.debug("%s: watching from resourceVersion %s", resource.kind, version)
@@ -222,7 +220,7 @@ class KubeWatcher:
 
     async def run(self) -> None:
         """Follow every resource until cancelled."""
-        async with api_client(self._connection) as client:
+        async with ApiClient(self._connection) as client:
             await asyncio.gather(*(self._follow(client, r) for r in self.resources))
 
     # --- as a background thread ------------------------------------------------------------------
