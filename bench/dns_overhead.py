@@ -28,9 +28,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flowmon_agent.dns.capture import attach_cgroup_skb, cgroup2_root, decode_event
+from flowmon_agent.dns.capture import attach_cgroup_skb, decode_event
 from flowmon_agent.dns.parse import parse_message
 from flowmon_agent.dns.tracker import DnsTracker, Packet
+from flowmon_agent.kernel.cgroup import cgroup2_root
 from flowmon_agent.kernel.loader import load_program
 from flowmon_lab.network import Lab
 from flowmon_lab.resolver import ResolverConfig, start_resolver

@@ -1223,3 +1223,45 @@ int flowmon_flush_closes(struct bpf_raw_tracepoint_args *ctx) {
     return bits != 0;
 }
 #endif
+
+// --- An srtt for every connection: BPF_PROG_TYPE_SOCK_OPS on the cgroup v2 root --------------------------
+// tcp_probe runs only in a sampling window, so a connection that lives between two windows had no srtt.
+// This program, linked to the cgroup v2 root by user space (agent/flowmon_agent/kernel/program.py), sees
+// every TCP socket of the node: at ESTABLISHED it asks for state callbacks, and at the change to CLOSE
+// it gives the socket's final smoothed RTT and min RTT to the socket's state, whose close (the
+// inet_sock_set_state tracepoint, which tcp_set_state fires right after this callback, on the same CPU)
+// adds the sample to the flow. It reads only the UAPI context `struct bpf_sock_ops` (stable, no kernel
+// struct layout) and always returns 1 (it decides nothing for the socket). Not loaded where no cgroup v2
+// is mounted: then close samples come from tcp_probe's windows only, as before.
+#define FM_SOCK_OPS_ACTIVE_ESTABLISHED_CB 4
+#define FM_SOCK_OPS_PASSIVE_ESTABLISHED_CB 5
+#define FM_SOCK_OPS_STATE_CB 10
+#define FM_SOCK_OPS_STATE_CB_FLAG 4
+// The socket pointer from the context is a typed pointer the verifier allows no arithmetic on; stored to
+// a map and read back it is the plain integer sock_find hashes (the same value inet_sock_set_state gives).
+BPF_PERCPU_ARRAY(sockops_sk, u64, 1);
+
+int flowmon_sockops(struct bpf_sock_ops *skops) {
+    u32 op = skops->op;
+    if (op == FM_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == FM_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | FM_SOCK_OPS_STATE_CB_FLAG);
+        return 1;
+    }
+    if (op != FM_SOCK_OPS_STATE_CB || skops->args[1] != FM_TCP_CLOSE)
+        return 1;
+    u32 zero = 0;
+    u64 *scratch = sockops_sk.lookup(&zero);
+    if (!scratch)
+        return 1;
+    *scratch = (u64)skops->sk;
+    u64 sk = *(volatile u64 *)scratch;
+    struct sock_state *st = sock_find(sk);
+    if (!st || !st->established)
+        return 1;
+    u32 srtt = skops->srtt_us >> 3;  // the kernel keeps srtt << 3
+    if (srtt) {
+        st->srtt_us = srtt;
+        st->has_srtt = 1;
+    }
+    return 1;
+}

@@ -25,8 +25,9 @@ import dns.query
 import dns.rcode
 import pytest
 
-from flowmon_agent.dns.capture import DnsCapture, cgroup2_mounts, cgroup2_root, decode_event
+from flowmon_agent.dns.capture import DnsCapture, decode_event
 from flowmon_agent.dns.tracker import DnsTracker, PairKey, Vantage
+from flowmon_agent.kernel.cgroup import cgroup2_mounts, cgroup2_root
 from flowmon_lab.network import Lab, Pod
 from flowmon_lab.resolver import ResolverConfig, start_resolver
 from tests.dns_samples import MALFORMED

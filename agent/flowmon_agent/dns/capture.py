@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowmon_agent.dns.tracker import DnsTracker, Packet
-from flowmon_agent.kernel.loader import BPFUnavailableError, load_program
+from flowmon_agent.kernel.cgroup import ATTACH_INET_EGRESS, ATTACH_INET_INGRESS, cgroup2_root, link
+from flowmon_agent.kernel.loader import load_program
 
 SOURCE = "dns.c"
 # struct dns_event up to its payload: ts, saddr, daddr, sport, dport, payload_len, captured, family, egress
 EVENT_HEADER = struct.Struct("=Q16s16sHHHHBB6x")
 MAX_CAPTURE_BYTES = 4096
-_ATTACH_INGRESS, _ATTACH_EGRESS = 0, 1  # enum bpf_attach_type: BPF_CGROUP_INET_INGRESS, _EGRESS
 _COUNT_NAMES = ("seen", "handed", "ring_full", "not_walked")  # enum dns_count in bpf/dns.c
 
 
@@ -36,24 +36,6 @@ class CaptureStats:
     ring_full: int  # records lost because the ring was full
     not_walked: int  # IPv6 packets with extension headers, not inspected
     read: int  # records this process read from the ring
-
-
-def cgroup2_mounts(mounts_text: str) -> list[Path]:
-    """Mount points of cgroup2 file systems in /proc/self/mounts text, in mount order."""
-    out = []
-    for line in mounts_text.splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[2] == "cgroup2":
-            out.append(Path(fields[1].replace("\\040", " ")))
-    return out
-
-
-def cgroup2_root() -> Path:
-    """The cgroup v2 root: /sys/fs/cgroup on a pure cgroup2 node, /sys/fs/cgroup/unified on hybrid ones."""
-    mounts = cgroup2_mounts(Path("/proc/self/mounts").read_text())
-    if not mounts:
-        raise BPFUnavailableError("no cgroup v2 file system is mounted (DNS capture attaches to its root)")
-    return min(mounts, key=lambda p: len(p.parts))  # the shallowest: a container may see nested ones
 
 
 @functools.lru_cache(maxsize=4096)
@@ -86,23 +68,16 @@ def decode_event(raw: bytes) -> Packet | None:
 def attach_cgroup_skb(bpf, cgroup_fd: int) -> list[int]:
     """Load dns_ingress and dns_egress as cgroup-skb programs and link them to the cgroup; the link fds
     (closing one detaches its program)."""
-    from bcc import BPF, lib
+    from bcc import BPF
 
-    link_create = lib.bpf_link_create  # libbpf's, reached through libbcc's dependencies
-    link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    link_create.restype = ctypes.c_int
     links: list[int] = []
-    for name, attach_type in ((b"dns_ingress", _ATTACH_INGRESS), (b"dns_egress", _ATTACH_EGRESS)):
-        prog = bpf.load_func(name, BPF.CGROUP_SKB)
-        fd = link_create(prog.fd, cgroup_fd, attach_type, None)
-        if fd < 0:
-            for link in links:
-                os.close(link)
-            raise BPFUnavailableError(
-                f"cannot attach {name.decode()} to the cgroup v2 root: {os.strerror(-fd)} "
-                "(cgroup BPF links need Linux 5.7+)"
-            )
-        links.append(fd)
+    try:
+        for name, attach_type in (("dns_ingress", ATTACH_INET_INGRESS), ("dns_egress", ATTACH_INET_EGRESS)):
+            links.append(link(bpf.load_func(name.encode(), BPF.CGROUP_SKB).fd, cgroup_fd, attach_type, name))
+    except BaseException:
+        for fd in links:
+            os.close(fd)
+        raise
     return links
 
 

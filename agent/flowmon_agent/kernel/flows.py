@@ -47,6 +47,9 @@ class FlowSnapshot:
     dropped: dict[str, int]  # reason -> cumulative count of entries the kernel could not store
     kernel_path: str  # "default" or "compat"
     monotonic_time: float
+    # where closing connections' srtt samples come from: "sock_ops" (every connection) or "window" (only
+    # those that received a segment while tcp_probe was attached: no cgroup v2 to link sock_ops to)
+    rtt_at_close: str = ""
 
 
 def _ips(ips: Iterable[IPAddress] | None) -> frozenset[IPAddress] | None:

@@ -1,19 +1,36 @@
-"""bpf/flowmon.c loaded on the best kernel path: its maps, its fold and flush programs, the tcp_probe hook.
+"""bpf/flowmon.c loaded on the best kernel path: its maps, its fold and flush programs, the tcp_probe hook,
+its sock_ops program.
 
 BCC attaches the tracepoint programs as it loads them; tcp:tcp_probe (every received segment, the
-costliest hook) is the one attached and detached at run time (rtt_sampler.py decides when).
+costliest hook) is the one attached and detached at run time (rtt_sampler.py decides when). The sock_ops
+program (every connection's srtt at close) is linked to the cgroup v2 root; where that cannot be done (no
+cgroup2 mounted, a kernel without cgroup links) the program runs without it, and close samples come only
+from tcp_probe's windows (`rtt_at_close` says which).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
 
+from flowmon_agent.kernel import cgroup
 from flowmon_agent.kernel import loader as bpf_loader
 from flowmon_agent.kernel import paths as kernel_paths
 from flowmon_agent.kernel.maps import CLOSE_SLOTS, DEFAULT_SIZES, FLUSH_PER_RUN, FOLD_STEPS, MARK_WORD_SLOTS
 
 TCP_PROBE = b"tcp:tcp_probe"
+SOCKOPS = "flowmon_sockops"
+log = logging.getLogger(__name__)
+
+
+class RttAtClose(StrEnum):
+    """Where a closing connection's srtt sample comes from."""
+
+    SOCK_OPS = "sock_ops"  # every established connection (the sock_ops program on the cgroup v2 root)
+    WINDOW = "window"  # only connections that received a segment while tcp_probe was attached
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +77,17 @@ class Sizes:
 class KernelProgram:
     """The loaded program. `fold_fd`/`flush_fd` are None on the compat path (no fold, no close copies)."""
 
-    def __init__(self, *, force_compat: bool = False, raw: bool | None = None, sizes: Sizes) -> None:
+    def __init__(
+        self,
+        *,
+        force_compat: bool = False,
+        raw: bool | None = None,
+        sizes: Sizes,
+        sockops: bool = True,
+        cgroup_root: Path | None = None,
+    ) -> None:
+        """`sockops=False`: no sock_ops program (close samples from the windows only); `cgroup_root`: where
+        to look for the cgroup v2 root (see cgroup.cgroup2_root)."""
         self.sizes = sizes
         # the bcc.BPF object: benches attach and detach its hooks themselves (under FlowTracer.lock)
         self.path, self.bpf = kernel_paths.load(force_compat=force_compat, raw=raw, sizes=sizes.cflags)
@@ -74,6 +101,27 @@ class KernelProgram:
             None if compat else bpf_loader.load_raw_tracepoint_program(self.bpf, "flowmon_flush_closes")
         )
         self.probe_attached = True  # BCC attached tcp_probe with the others
+        self._sockops: cgroup.CgroupLinks | None = None
+        self.rtt_at_close = RttAtClose.WINDOW
+        self.rtt_at_close_problem = "switched off" if not sockops else ""
+        if sockops:
+            self._link_sockops(cgroup_root)
+
+    def _link_sockops(self, cgroup_root: Path | None) -> None:
+        from bcc import BPF
+
+        try:
+            prog_fd = self.bpf.load_func(SOCKOPS.encode(), BPF.SOCK_OPS).fd
+            root = cgroup.cgroup2_root(under=cgroup_root)
+            self._sockops = cgroup.CgroupLinks([(prog_fd, cgroup.ATTACH_SOCK_OPS, SOCKOPS)], root)
+            self.rtt_at_close = RttAtClose.SOCK_OPS
+        except Exception as exc:  # BCC raises plain Exceptions; the tracer runs on without it
+            self.rtt_at_close_problem = str(exc)
+            log.warning(
+                "no srtt at close for every connection (%s): short connections get an RTT sample only "
+                "when tcp_probe's sampling window is open",
+                exc,
+            )
 
     def table(self, name: str):  # -> bcc.table.TableBase
         """A map of the program by its name in bpf/flowmon.c (`flows`, `cfg`, `socks`, ...)."""
@@ -89,4 +137,7 @@ class KernelProgram:
         self.probe_attached = attached
 
     def close(self) -> None:
+        if self._sockops is not None:
+            self._sockops.close()
+            self._sockops = None
         self.bpf.cleanup()

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from flowmon_agent.kernel import adoption as existing
 from flowmon_agent.kernel import paths as kernel_paths
@@ -43,15 +44,26 @@ class FlowTracer:
         adopt_recheck_s: float = 10.0,
         reset_grace_s: float = 0.5,
         connection_key_ttl_s: float = 300.0,
+        sockops: bool = True,
+        cgroup_root: Path | None = None,
     ) -> None:
         """`config` applies from the first socket: BCC attaches the programs as it loads them, and until the
         tracer has been configured the kernel takes no socket in. `rtt_window_clock=False`: the caller
-        opens and closes the srtt sampling windows (`rtt_sampler`)."""
+        opens and closes the srtt sampling windows (`rtt_sampler`). `sockops=False`: no sock_ops
+        program, close samples only from the windows (`rtt_at_close` says which applies); `cgroup_root`:
+        where the cgroup v2 root is looked for (cgroup.cgroup2_root's `under`)."""
         for name, value in (("rtt_interval_ms", rtt_interval_ms), ("rtt_window_ms", rtt_window_ms)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, not {value}")
-        self.program = KernelProgram(force_compat=force_compat, raw=raw, sizes=Sizes.of(sizes))
+        self.program = KernelProgram(
+            force_compat=force_compat,
+            raw=raw,
+            sizes=Sizes.of(sizes),
+            sockops=sockops,
+            cgroup_root=cgroup_root,
+        )
         self.kernel_path = self.program.kernel_path
+        self.rtt_at_close = self.program.rtt_at_close
         self.raw_tracepoints = self.program.raw_tracepoints
         # held by poll(), configure() and the sampling windows: poll() may run in a worker thread while the
         # loop reconfigures; benches hold it to attach and detach hooks of `program` themselves
@@ -133,7 +145,7 @@ class FlowTracer:
             if self._adoptions.expire():
                 self.rtt_sampler.update()
             dropped["adopt_table_full"] = self._adoptions.dropped
-            return FlowSnapshot(flows, dropped, self.kernel_path, time.monotonic())
+            return FlowSnapshot(flows, dropped, self.kernel_path, time.monotonic(), self.rtt_at_close)
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     deadline = time.monotonic() + args.seconds if args.seconds else float("inf")
     with tracer:
-        print(f"kernel path: {tracer.kernel_path}", flush=True)
+        print(f"kernel path: {tracer.kernel_path}, srtt at close: {tracer.rtt_at_close}", flush=True)
         try:
             while time.monotonic() < deadline:
                 time.sleep(1)
