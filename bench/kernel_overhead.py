@@ -24,7 +24,9 @@ every measurement; it is scraped and checked the same way. The last lines hold t
 against the issue's targets.
 Also compares raw and classic tracepoints for sock_{send,recv}_length (floor and flowmon), without
 tcp:tcp_probe (`-nortt`: what sampling RTT costs, floor and flowmon), and flowmon with tcp_probe attached
-all the time (`flowmon-always`) instead of for its default sampling window (100 ms of every second), and
+all the time (`flowmon-always`) instead of for its default sampling window (100 ms of every second),
+flowmon without its sock_ops program on the cgroup v2 root (`flowmon-nosockops`: srtt at close only for
+connections that received a segment in a window, what every connection's srtt costs), and
 the tracer started and stopped around each of its measurements like the agent (`flowmon-fresh`: what
 starting costs the measurement that follows, apart from the agent's steady work).
 """
@@ -66,11 +68,12 @@ MODES = (
     "flowmon-classic",
     "flowmon-nortt",
     "flowmon-always",
+    "flowmon-nosockops",
     "flowmon-fresh",
     "agent",
     "agent-steady",
 )
-DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(("nortt", "always", "fresh")))
+DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(("nortt", "always", "nosockops", "fresh")))
 # Started and stopped around each measurement; every other mode but none loads once and switches on command.
 STARTED_PER_MEASUREMENT = ("tcplife", "agent", "flowmon-fresh")
 PERSISTENT_MODES = tuple(m for m in MODES if m not in ("none", *STARTED_PER_MEASUREMENT))
@@ -88,12 +91,15 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # floor, flowmon and agent-steady modes are persistent processes that load (compile) once and then
 # attach or detach their programs on command, in milliseconds; so each measurement can sit between two
 # "none" measurements. tcplife is BCC's own tool and is started and stopped around its measurement.
-def _toggles(bpf, skip: frozenset[bytes] = frozenset()):
-    """(on, off) for every attached tracepoint but `skip` (the tracer's own clock attaches tcp_probe)."""
+def _toggles(bpf, skip: frozenset[bytes] = frozenset(), program=None):
+    """(on, off) for every attached tracepoint but `skip` (the tracer's own clock attaches tcp_probe), and
+    the sock_ops link of `program` (a KernelProgram) when given."""
     tps = [tp for tp in bpf.tracepoint_fds if tp not in skip]
     raws = list(bpf.raw_tracepoint_fds)
 
     def off() -> None:
+        if program is not None:
+            program.link_sockops(False)
         for tp in tps:
             bpf.detach_tracepoint(tp)
         for tp in raws:
@@ -105,6 +111,8 @@ def _toggles(bpf, skip: frozenset[bytes] = frozenset()):
             bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + cat + b"__" + event)
         for tp in raws:
             bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
+        if program is not None:
+            program.link_sockops(True)
 
     return on, off
 
@@ -141,7 +149,12 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
     stop = threading.Event()
     rtt = not mode.endswith("nortt")
     window_ms = 1000 if mode.endswith("always") else rtt_window_ms
-    tracer = FlowTracer(raw=not mode.endswith("classic"), adopt_existing=rtt, rtt_window_ms=window_ms)
+    tracer = FlowTracer(
+        raw=not mode.endswith("classic"),
+        adopt_existing=rtt,
+        rtt_window_ms=window_ms,
+        sockops=not mode.endswith("nosockops"),
+    )
 
     def poll_every_second() -> None:  # the agent's real user-space work
         while not stop.wait(1.0):
@@ -149,7 +162,9 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
                 tracer.poll()
 
     # tcp_probe follows the tracer's sampling window; nortt: never attached
-    hooks_on, hooks_off = _toggles(tracer.program.bpf, skip=frozenset({b"tcp:tcp_probe"}))
+    hooks_on, hooks_off = _toggles(
+        tracer.program.bpf, skip=frozenset({b"tcp:tcp_probe"}), program=tracer.program
+    )
 
     def on() -> None:
         with lock:

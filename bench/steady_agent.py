@@ -26,7 +26,7 @@ from flowmon_cli.main import build_parser
 def run_steady_agent(toggles) -> int:
     """Child process: `flowmon agent` as the bare command runs it; prints `ready` once its tracer is
     loaded and detached, then obeys `on`/`off` lines (answering `ok`) until stdin closes, then stops as
-    on SIGTERM. `toggles(bpf, skip)` gives (on, off) for the tracer's hooks."""
+    on SIGTERM. `toggles(bpf, skip, program)` gives (on, off) for the tracer's hooks."""
     logging.basicConfig(level=logging.WARNING)
     loaded = threading.Event()
     hooks: list = []
@@ -36,7 +36,9 @@ def run_steady_agent(toggles) -> int:
         tracer = real_tracer(settings, *args, **kwargs)
         # tcp_probe follows the tracer's own srtt window, switched through the configuration's `rtt`: the
         # agent's policy turns it on, but only while the hooks are attached
-        hooks_on, hooks_off = toggles(tracer.program.bpf, skip=frozenset({b"tcp:tcp_probe"}))
+        hooks_on, hooks_off = toggles(
+            tracer.program.bpf, skip=frozenset({b"tcp:tcp_probe"}), program=tracer.program
+        )
 
         wanted = [True]  # what the agent's policy asks for; applied only while attached
         attached = [False]

@@ -102,6 +102,8 @@ class KernelProgram:
         )
         self.probe_attached = True  # BCC attached tcp_probe with the others
         self._sockops: cgroup.CgroupLinks | None = None
+        self._sockops_fd: int | None = None
+        self._sockops_root: Path | None = None
         self.rtt_at_close = RttAtClose.WINDOW
         self.rtt_at_close_problem = "switched off" if not sockops else ""
         if sockops:
@@ -112,8 +114,9 @@ class KernelProgram:
 
         try:
             prog_fd = self.bpf.load_func(SOCKOPS.encode(), BPF.SOCK_OPS).fd
-            root = cgroup.cgroup2_root(under=cgroup_root)
-            self._sockops = cgroup.CgroupLinks([(prog_fd, cgroup.ATTACH_SOCK_OPS, SOCKOPS)], root)
+            self._sockops_root = cgroup.cgroup2_root(under=cgroup_root)
+            self._sockops_fd = prog_fd
+            self.link_sockops(True)
             self.rtt_at_close = RttAtClose.SOCK_OPS
         except Exception as exc:  # BCC raises plain Exceptions; the tracer runs on without it
             self.rtt_at_close_problem = str(exc)
@@ -136,8 +139,17 @@ class KernelProgram:
             self.bpf.detach_tracepoint(TCP_PROBE)
         self.probe_attached = attached
 
-    def close(self) -> None:
-        if self._sockops is not None:
+    def link_sockops(self, linked: bool) -> None:
+        """Link or unlink the sock_ops program (benches switch it with the tracepoints); a no-op where it
+        could not be linked at the start."""
+        if linked and self._sockops is None and self._sockops_fd is not None:
+            self._sockops = cgroup.CgroupLinks(
+                [(self._sockops_fd, cgroup.ATTACH_SOCK_OPS, SOCKOPS)], self._sockops_root
+            )
+        elif not linked and self._sockops is not None:
             self._sockops.close()
             self._sockops = None
+
+    def close(self) -> None:
+        self.link_sockops(False)
         self.bpf.cleanup()
