@@ -194,6 +194,7 @@ def test_least_privilege():
         "tracefs": "/sys/kernel/tracing",
         "modules": "/lib/modules",
         "usr-src": "/usr/src",
+        "cgroup": "/sys/fs/cgroup",  # the sock_ops program's cgroup v2 root
         "seccomp": "/var/lib/kubelet/seccomp",  # the init container's only writable host path
     }
     assert all(mounts[name]["readOnly"] for name in host if name != "seccomp")

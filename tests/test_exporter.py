@@ -51,7 +51,11 @@ def _registry(*collectors) -> CollectorRegistry:
 
 def _status(**kw) -> AgentStatus:
     return AgentStatus(
-        view=agent_view(**kw), kernel_path="default", dropped={"flows_full": 3}, metadata_age_seconds=2.5
+        view=agent_view(**kw),
+        kernel_path="default",
+        rtt_at_close="sock_ops",
+        dropped={"flows_full": 3},
+        metadata_age_seconds=2.5,
     )
 
 
@@ -120,7 +124,16 @@ def test_monitor_collector_renders_only_its_monitor_from_the_current_view():
 @pytest.mark.parametrize(
     ("sample_name", "labels", "value"),
     [
-        ("flowmon_agent_info", {"version": "0.1.0", "policy_hash": "ab" * 32, "kernel_path": "default"}, 1.0),
+        (
+            "flowmon_agent_info",
+            {
+                "version": "0.1.0",
+                "policy_hash": "ab" * 32,
+                "kernel_path": "default",
+                "rtt_at_close": "sock_ops",
+            },
+            1.0,
+        ),
         ("flowmon_agent_flows_dropped_total", {"reason": "flows_full"}, 3.0),
         ("flowmon_agent_series", {"monitor": "shop/web"}, 2.0),
         ("flowmon_agent_series", {"monitor": "ops/all"}, 1.0),

@@ -146,6 +146,7 @@ def test_the_rendered_daemonset_runs_and_counts(tmp_path, images, api, headers):
             pod.wait_ready("agent", READY_TIMEOUT_S)
             ready_s = time.monotonic() - started
             logs = pod.logs("agent")
+            assert "srtt at close: sock_ops" in logs, logs  # linked on the host's cgroup v2 root
             if headers == "none":
                 assert "the image's generic headers" in logs, logs
             else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -517,29 +519,18 @@ def test_reset_from_iptables_reject_mid_stream(tracer, lab) -> None:
 
 # --- RTT and connect latency ----------------------------------------------------------------------------
 def upload_rtt(tracer: FlowTracer, lab: Lab, port: int, up: int) -> FlowCounters:
+    """One upload from e to f; the module's tracer advances no epoch, so its one srtt sample is the
+    connection's last srtt, taken at close."""
     e, f = lab.pod("e"), lab.pod("f")
-    done = threading.Event()
-
-    def epochs() -> None:  # as the window clock would: a new sampling epoch every 0.2 s
-        while not done.wait(0.2):
-            tracer.rtt_sampler.open_window()
-
-    ticker = threading.Thread(target=epochs, daemon=True)
-    ticker.start()
-    try:
-        request_response(lab, e, f, V4, [(port, up, 1)])
-    finally:
-        done.set()
-        ticker.join()
+    request_response(lab, e, f, V4, [(port, up, 1)])
     k = key(e, f, V4, port, Reporter.CLIENT)
     return counters(wait_for(tracer, lambda s: k in s.flows and s.flows[k].closed == 1), k)
 
 
 def test_rtt_and_connect_latency_plausible_and_rtt_rises_on_slow_path(tracer, lab) -> None:
     fast = upload_rtt(tracer, lab, next_port(), 2 * MB)
-    assert fast.rtt.count >= 1 and fast.connect_latency.count == 1
-    fast_rtt_us = fast.rtt.sum_us / fast.rtt.count
-    assert 1 <= fast_rtt_us < 20_000, fast_rtt_us  # veth on one host: well under 20 ms
+    assert (fast.rtt.count, fast.connect_latency.count) == (1, 1)
+    assert 1 <= fast.rtt.sum_us < 20_000, fast.rtt.sum_us  # veth on one host: well under 20 ms
     assert 1 <= fast.connect_latency.sum_us < 200_000
     e = lab.pod("e")
     lab.tc(
@@ -549,9 +540,8 @@ def test_rtt_and_connect_latency_plausible_and_rtt_rises_on_slow_path(tracer, la
         slow = upload_rtt(tracer, lab, next_port(), 3 * MB)
     finally:
         lab.tc(e, "qdisc", "del", "dev", "eth0", "root")
-    slow_rtt_us = slow.rtt.sum_us / slow.rtt.count
-    assert slow.rtt.count >= 2  # a periodic sample during the ~3 s upload plus one at close
-    assert slow_rtt_us > max(20_000, 10 * fast_rtt_us), (slow_rtt_us, fast_rtt_us)
+    assert slow.rtt.count == 1
+    assert slow.rtt.sum_us > max(20_000, 10 * fast.rtt.sum_us), (slow.rtt.sum_us, fast.rtt.sum_us)
 
 
 # --- overflow, filters, pre-existing connections (own tracers: they change configuration) ---------------
@@ -962,15 +952,36 @@ def short_exchanges(lab: Lab, a: Pod, b: Pod, port: int, n: int) -> None:
         srv.close()
 
 
-def test_srtt_is_sampled_only_while_the_window_is_open(lab) -> None:
-    """The default: tcp_probe attached for a window at the start of each epoch (window_clock.py has the
-    schedule). Connections that live wholly outside a window take no srtt sample, those inside one take
-    exactly one (at close); bytes, opens and connect latency stay exact throughout."""
+@pytest.mark.parametrize("compat", [False, True], ids=["default", "compat"])
+def test_every_short_connection_gets_its_srtt_at_close(lab, compat) -> None:
+    """300 short request/response connections while tcp_probe's sampling window is closed (the default
+    path detaches it): the sock_ops program on the cgroup v2 root gives each of them, at both ends, its
+    srtt at close: exactly one sample per connection and end."""
+    a, b = lab.pod("a"), lab.pod("b")
+    n, port = 300, next_port()
+    keys = [key(a, b, V4, port, r) for r in Reporter]
+    with FlowTracer(traced(a, b), force_compat=compat, adopt_existing=False, rtt_window_clock=False) as t:
+        assert t.rtt_at_close == "sock_ops"
+        t.rtt_sampler.close_window()
+        assert t.rtt_probe_attached is compat  # compat counts bytes in tcp_probe: always attached
+        short_exchanges(lab, a, b, port, n)
+        snap = wait_for(t, lambda s: all(k in s.flows and s.flows[k].closed == n for k in keys))
+    for k in keys:
+        c = counters(snap, k)
+        assert (c.opened, c.closed, c.rtt.count) == (n, n, n), k
+        assert 1 <= c.rtt.sum_us / n < 20_000, k  # veth on one host: well under 20 ms
+
+
+def test_without_sock_ops_srtt_is_sampled_only_while_the_window_is_open(lab) -> None:
+    """Without the sock_ops program (no cgroup v2 on the node) close samples come from tcp_probe, attached
+    for a window at the start of each epoch (window_clock.py has the schedule): connections that live
+    wholly outside a window take no srtt sample, those inside one take exactly one (at close); bytes,
+    opens and connect latency stay exact throughout."""
     a, b = lab.pod("a"), lab.pod("b")
     n, port = 20, next_port()
     k = key(a, b, V4, port, Reporter.CLIENT)
-    with FlowTracer(traced(a), adopt_existing=False, rtt_window_clock=False) as t:
-        assert t.rtt_sampling
+    with FlowTracer(traced(a), adopt_existing=False, rtt_window_clock=False, sockops=False) as t:
+        assert t.rtt_sampling and t.rtt_at_close == "window"
         conns, samples = 0, 0
         for window_open in (False, True, False, True):
             (t.rtt_sampler.open_window if window_open else t.rtt_sampler.close_window)()
@@ -981,7 +992,26 @@ def test_srtt_is_sampled_only_while_the_window_is_open(lab) -> None:
             assert (c.opened, c.sent_bytes, c.received_bytes) == (conns, 100 * conns, 200 * conns)
             assert c.connect_latency.count == conns  # from state changes: every connection
             assert c.rtt.count == samples
+        assert t.poll().rtt_at_close == "window"
         assert 1 <= c.rtt.sum_us / c.rtt.count < 20_000
+
+
+def test_without_cgroup2_the_tracer_says_so_and_runs_on_its_windows() -> None:
+    """In a mount namespace whose cgroup v2 mounts are gone, the tracer starts, warns once and reports
+    that close samples come from the windows only."""
+    script = (
+        'for m in $(awk \'$3 == "cgroup2" {print $2}\' /proc/self/mounts | sort -r); do umount "$m"; done; '
+        f"exec {sys.executable} -m flowmon_agent.kernel.tracer --seconds 1"
+    )
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "kernel path: default, srtt at close: window" in out.stdout, out.stdout + out.stderr
+    assert "no cgroup v2 file system is mounted" in out.stderr, out.stderr
 
 
 def test_periodic_srtt_samples_one_per_epoch_on_a_long_connection(tracer, lab) -> None:

@@ -346,7 +346,7 @@ async def serve(args: argparse.Namespace) -> int:
         nodes = ", ".join(agent.settings.node_name)
         print(
             f"flowmon agent: node {nodes}, kernel path {agent.tracer.kernel_path}, "  # type: ignore[union-attr]
-            f"serving {paths}",
+            f"srtt at close: {getattr(agent.tracer, 'rtt_at_close', '-')}, serving {paths}",
             file=sys.stderr,
             flush=True,
         )

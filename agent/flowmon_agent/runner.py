@@ -89,6 +89,11 @@ class AgentSettings(BaseSettings):
         description="Run the agent's threads as SCHED_BATCH: they never preempt the applications it "
         "measures when they wake (flowmon agent only; not for an Agent embedded in another process).",
     )
+    cgroup_root: Path | None = Field(
+        default=None,
+        description="Where the node's cgroup v2 root is mounted (at or below): the sock_ops program that "
+        "gives every connection its srtt at close is linked there. Default: the shallowest cgroup2 mount.",
+    )
     rtt_window_ms: int = Field(
         default=100,
         gt=0,
@@ -132,7 +137,12 @@ def default_tracer(settings: AgentSettings, config: KernelConfig, *, force_compa
     """The real tracer; `config` (the ignored ports: no policy yet) applies from its first socket."""
     from flowmon_agent.kernel.tracer import FlowTracer  # imports BCC: only when the kernel is wanted
 
-    return FlowTracer(config, force_compat=force_compat, rtt_window_ms=settings.rtt_window_ms)
+    return FlowTracer(
+        config,
+        force_compat=force_compat,
+        rtt_window_ms=settings.rtt_window_ms,
+        cgroup_root=settings.cgroup_root,
+    )
 
 
 def stall_reason(
@@ -307,7 +317,9 @@ class Agent:
         now = self._clock()
         view = self._view(snapshot, policy, now)
         age = self._metadata_age(now)
-        self.exporter.swap(AgentStatus(view, snapshot.kernel_path, dict(snapshot.dropped), age))
+        self.exporter.swap(
+            AgentStatus(view, snapshot.kernel_path, snapshot.rtt_at_close, dict(snapshot.dropped), age)
+        )
         self.instruments.poll_duration.observe(time.perf_counter() - started)
         self.polls += 1
         self._last_poll_at = self._clock()

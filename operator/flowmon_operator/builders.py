@@ -66,19 +66,26 @@ def _b64(text: str) -> str:
 AGENT_CAPABILITIES = (
     "BPF",  # bpf(): load the tracepoint programs, create and read the flow maps
     "PERFMON",  # perf_event_open() to attach to tracepoints; tracing programs' kernel memory reads
-    "NET_ADMIN",  # conntrack netlink dumps of the host netns: undo Service NAT (ClusterIP -> backend)
+    # conntrack netlink dumps of the host netns: undo Service NAT (ClusterIP -> backend); loading and linking
+    # the sock_ops program on the cgroup v2 root (srtt at close)
+    "NET_ADMIN",
 )
 # Not granted: SYS_ADMIN (tracepoints need only BPF+PERFMON; tracefs files are root-owned and the agent
 # runs as uid 0, so plain DAC reads them), SYSLOG (raw tracepoints are found by attaching one, not in
 # /proc/kallsyms), SYS_RESOURCE (no RLIMIT_MEMLOCK for BPF maps since 5.11), SYS_MODULE (no `modprobe
 # kheaders`: the image carries a generic header tree), SYS_PTRACE (IPs, not PIDs, attribute flows).
 
+CGROUP_MOUNT = "/host/sys/fs/cgroup"
 HOST_MOUNTS = (
     # (volume name, host path, mount path): all read-only. BTF is not needed (the programs read only
     # tracepoint arguments; measured: they load with /sys/kernel/btf hidden).
     ("tracefs", "/sys/kernel/tracing", "/sys/kernel/tracing"),  # tracepoint ids for attachment
     ("modules", "/lib/modules", "/lib/modules"),  # the node's own headers, used when complete
     ("usr-src", "/usr/src", "/usr/src"),  # where distributions put the headers `build` links to
+    # The node's cgroup v2 root (a pure v2 node's /sys/fs/cgroup, or its unified/ on hybrid ones): the
+    # sock_ops program that gives every connection its srtt at close is linked there (CAP_NET_ADMIN). The
+    # container's own /sys/fs/cgroup is its cgroup namespace: linked there, it would see only itself.
+    ("cgroup", "/sys/fs/cgroup", CGROUP_MOUNT),
 )
 # Kubelet reads Localhost seccomp profiles relative to its seccomp directory.
 SECCOMP_PROFILE = "flowmon/agent.json"
@@ -120,6 +127,7 @@ def _agent_env(settings: OperatorSettings) -> list[dict]:
         {"name": "FLOWMON_AGENT_TLS_CERT_FILE", "value": f"{TLS_DIR}/tls.crt"},
         {"name": "FLOWMON_AGENT_TLS_KEY_FILE", "value": f"{TLS_DIR}/tls.key"},
         {"name": "FLOWMON_AGENT_ADMIN_TOKEN_FILE", "value": f"{ADMIN_DIR}/{ADMIN_TOKEN_KEY}"},
+        {"name": "FLOWMON_AGENT_CGROUP_ROOT", "value": CGROUP_MOUNT},
         *token_review,
     ]
 

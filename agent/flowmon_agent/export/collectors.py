@@ -45,6 +45,7 @@ class AgentStatus:
 
     view: AgentView
     kernel_path: str = ""
+    rtt_at_close: str = ""  # "sock_ops" (every connection's srtt at close) or "window" (no cgroup v2)
     dropped: Mapping[str, int] = field(default_factory=dict)  # reason -> cumulative kernel drops
     metadata_age_seconds: float | None = None  # None: no metadata source yet
 
@@ -109,7 +110,13 @@ def render_agent(status: AgentStatus, *, version: str = __version__) -> list[Met
     view = status.view
     info = InfoMetricFamily("flowmon_agent", "Agent build and running policy.")
     info.add_metric(
-        [], {"version": version, "policy_hash": view.policy_hash, "kernel_path": status.kernel_path}
+        [],
+        {
+            "version": version,
+            "policy_hash": view.policy_hash,
+            "kernel_path": status.kernel_path,
+            "rtt_at_close": status.rtt_at_close,
+        },
     )
     dropped = CounterMetricFamily(
         "flowmon_agent_flows_dropped",

@@ -5,7 +5,8 @@ A socket takes one periodic sample per epoch; the epoch is a counter advanced fr
 kernel compares integers instead of reading the clock on every received segment), and tcp_probe is
 attached only for a window at the start of each epoch (docs/kernel.md, "Samples"). It stays attached
 while pre-existing connections are being adopted and on the compat path, which count at a received
-segment.
+segment. Every connection's srtt at close comes from the sock_ops program (program.py), linked while RTT is
+wanted.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class RttSampler:
             self.update()
 
     def update(self) -> None:
-        """Attach or detach tcp_probe as the state now asks (the caller holds the lock)."""
+        """Attach or detach tcp_probe, link or unlink the sock_ops program (srtt at close), as the state
+        now asks (the caller holds the lock)."""
         in_window = self.in_window or self.always_open
         self._program.attach_probe((self.wanted and in_window) or self._needed_anyway())
+        self._program.link_sockops(self.wanted)
