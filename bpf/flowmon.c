@@ -89,6 +89,9 @@ struct flow_val {
     u64 rtt_sum_us;
     u64 latency_slots[FM_SLOTS];
     u64 rtt_slots[FM_SLOTS];
+    u64 syn_retrans;   // SYNs retransmitted while connecting (also in retrans_c2s)
+    u64 min_rtt_sum_us;
+    u64 min_rtt_slots[FM_SLOTS];  // each connection's min RTT at close (sock_ops only)
 };
 // LRU: a long-running agent sheds the least recently updated flows; user space keeps their totals and
 // counts evictions (flows_created minus entries present).
@@ -116,7 +119,9 @@ struct sock_state {
     u8 rst_received;   // an RST arrived while connecting: refused
     u8 seq_init;       // compat: seq_hw is valid
     u8 peer_local;     // compat: the peer socket is traced here; its snd_nxt advance is our rx
-    u8 pad[35];
+    u8 pad0[3];
+    u32 min_rtt_us;    // the connection's min RTT, given at close by the sock_ops program (0: none)
+    u8 pad[28];
 };
 
 // The socket table: an array indexed by a hash of the socket pointer, each socket in its home slot or
@@ -533,6 +538,7 @@ static __always_inline void count_open(struct sock_state *st, u64 now) {
         return;
     credit_pending(v, st->key.reporter, 0, 0, open);
     __sync_fetch_and_add(&v->retrans_c2s, st->retrans);  // only a client retransmits while connecting
+    __sync_fetch_and_add(&v->syn_retrans, st->retrans);
     st->retrans = 0;
 }
 
@@ -655,14 +661,18 @@ static __always_inline void count_close(struct sock_state *st, int oldstate) {
         __sync_fetch_and_add(&v->closed, 1);
         if (st->has_srtt)
             hist_add(v->rtt_slots, &v->rtt_sum_us, st->srtt_us);
+        if (st->min_rtt_us)
+            hist_add(v->min_rtt_slots, &v->min_rtt_sum_us, st->min_rtt_us);
     } else if (failed) {
         if (st->rst_received)
             __sync_fetch_and_add(&v->failed_refused, 1);
         else
             __sync_fetch_and_add(&v->failed_timeout, 1);
     }
-    if (st->retrans)
+    if (st->retrans) {
         __sync_fetch_and_add(&v->retrans_c2s, st->retrans);
+        __sync_fetch_and_add(&v->syn_retrans, st->retrans);
+    }
 #if !FLOWMON_COMPAT
     if (copy >= 0)
         close_added(copy);
@@ -1259,9 +1269,12 @@ int flowmon_sockops(struct bpf_sock_ops *skops) {
     if (!st || !st->established)
         return 1;
     u32 srtt = skops->srtt_us >> 3;  // the kernel keeps srtt << 3
-    if (srtt) {
-        st->srtt_us = srtt;
-        st->has_srtt = 1;
-    }
+    if (!srtt)
+        return 1;
+    st->srtt_us = srtt;
+    st->has_srtt = 1;
+    u32 min_rtt = skops->rtt_min;  // the kernel's windowed min (tcp_min_rtt_wlen, 5 min): ~0 before a sample
+    if (min_rtt != 0xFFFFFFFF)
+        st->min_rtt_us = min_rtt ? min_rtt : 1;
     return 1;
 }

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from flowmon_contract.alerting import DAY_SECONDS
 from flowmon_contract.metrics import METRICS
-from flowmon_contract.spec import Dimension, FlowMonitor, Metric
+from flowmon_contract.spec import DEFAULT_METRICS, Dimension, FlowMonitor, Metric
 from flowmon_operator.rules import (
     MONITOR_LABEL,
     PAIR_LABELS,
@@ -457,7 +457,7 @@ def suites(monitor: FlowMonitor) -> list[Suite]:
     out = []
     if needs_pairs and spec.alerting.baseline.enabled:
         out.append(baseline_suite(monitor))
-    if needs_pairs and set(Metric) <= set(spec.metrics):
+    if needs_pairs and set(DEFAULT_METRICS) <= set(spec.metrics):
         out.append(health_suite(monitor))
     if spec.alerting.isolation.active:
         out.append(isolation_suite(monitor))

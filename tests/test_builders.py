@@ -403,8 +403,10 @@ PREDICTIONS = [
         NS,
         6,
     ),
-    # the default spec: 8 single-sample metrics (3 of them with two extra-label values), two histograms
-    ({}, None, 2001 * (4 + 1 + 2 * 3) + 2001 * (10 + 3) + 2001 * (9 + 3)),
+    # the default spec: 9 single-sample metrics (3 of them with two extra-label values), two histograms
+    # (min_rtt is opt-in)
+    ({}, None, 2001 * (5 + 1 + 2 * 3) + 2001 * (10 + 3) + 2001 * (9 + 3)),
+    ({"metrics": ["min_rtt", "syn_retransmits"], "aggregation": {"maxSeries": 10}}, None, 11 * (9 + 3) + 11),
 ]
 
 

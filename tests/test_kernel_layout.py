@@ -128,7 +128,10 @@ def test_the_counter_table_is_struct_flow_val_after_created_ns() -> None:
     assert [(f.name, f.count) for f in counters] == [(c.c_name, c.width) for c in COUNTERS]
     assert all(f.ctype == "u64" for f in counters)
     assert [c.width > 1 for c in COUNTERS] == [c.kind is Kind.HISTOGRAM_SLOTS for c in COUNTERS]
-    assert sum(c.width for c in COUNTERS) == WIDTH == len(counters) - 2 + 2 * HISTOGRAM_SLOTS
+    histograms = sum(c.kind is Kind.HISTOGRAM_SLOTS for c in COUNTERS)
+    assert (
+        sum(c.width for c in COUNTERS) == WIDTH == len(counters) - histograms + histograms * HISTOGRAM_SLOTS
+    )
     assert maps.FLOW_VAL.size == 8 * (1 + WIDTH)
 
 

@@ -21,7 +21,7 @@ V6A, V6B = IPv6Address("fd00::1"), IPv6Address("fd00::2")
 
 
 def test_struct_sizes_match_the_c_structs() -> None:
-    assert (FLOW_KEY.size, FLOW_VAL.size) == (40, 616)
+    assert (FLOW_KEY.size, FLOW_VAL.size) == (40, 888)
     assert (kernel_maps.RST_PENDING.size, kernel_maps.TUPLE_KEY.size, kernel_maps.IP_KEY.size) == (56, 40, 20)
 
 
@@ -47,8 +47,9 @@ def test_ipv4_mapped_addresses_are_stored_as_ipv4() -> None:
 def test_flow_value_decodes_every_field() -> None:
     lat = [0] * HISTOGRAM_SLOTS
     rtt = [0] * HISTOGRAM_SLOTS
-    lat[5], rtt[10], rtt[31] = 2, 3, 1
-    raw = FLOW_VAL.pack(123, 1000, 2000, 5, 4, 1, 2, 3, 0, 1, 0, 50, 9000, *lat, *rtt)
+    min_rtt = [0] * HISTOGRAM_SLOTS
+    lat[5], rtt[10], rtt[31], min_rtt[9] = 2, 3, 1, 4
+    raw = FLOW_VAL.pack(123, 1000, 2000, 5, 4, 1, 2, 3, 0, 1, 0, 50, 9000, *lat, *rtt, 2, 1200, *min_rtt)
     created_ns, c = kernel_maps.decode_flow_value(raw)
     assert created_ns == 123
     assert c == FLOW_VAL.unpack(raw)[1:]  # the vector is the struct's words, in its order
@@ -56,6 +57,7 @@ def test_flow_value_decodes_every_field() -> None:
     assert (c.failed_refused, c.failed_timeout, c.retransmits_c2s, c.retransmits_s2c) == (1, 2, 3, 0)
     assert (c.resets_c2s, c.resets_s2c) == (1, 0)
     assert c.connect_latency == Log2Histogram(tuple(lat), 50) and c.rtt == Log2Histogram(tuple(rtt), 9000)
+    assert c.syn_retransmits == 2 and c.min_rtt == Log2Histogram(tuple(min_rtt), 1200)
 
 
 def test_counters_by_name_fill_their_words_of_the_vector() -> None:

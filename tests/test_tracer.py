@@ -8,6 +8,7 @@ by a clock, so sample counts are exact. Every test needs root (pytest.mark.root:
 from __future__ import annotations
 
 import itertools
+import re
 import socket
 import struct
 import subprocess
@@ -399,8 +400,29 @@ def test_timeout_connect(tracer, lab) -> None:
     snap = wait_for(tracer, lambda s: k in s.flows and s.flows[k].failed_timeout == 1)
     c = counters(snap, k)
     assert (c.failed_timeout, c.failed_refused, c.opened) == (1, 0, 0)
-    # the SYN retransmits, exactly as the pod's own counter saw them
+    # the SYN retransmits, exactly as the pod's own counter saw them: tcp_syn_retries 1 is one retransmit
     assert c.retransmits_c2s == lab.snmp(a)["RetransSegs"] - before >= 1
+    assert c.syn_retransmits == c.retransmits_c2s == 1
+
+
+@pytest.mark.parametrize("compat", [False, True], ids=["default", "compat"])
+def test_syn_retransmits_of_a_connect_that_succeeds(tracer, compat_tracer, lab, compat) -> None:
+    """The first SYN of each connect is dropped (every other SYN to the port), its retransmit a second
+    later gets through: each connection opens after exactly one SYN retransmit."""
+    t = compat_tracer if compat else tracer
+    a, b, port, n = lab.pod("a"), lab.pod("b"), next_port(), 2
+    rule = ["INPUT", "-p", "tcp", "--dport", str(port), "--syn"]
+    rule += ["-m", "statistic", "--mode", "nth", "--every", "2", "--packet", "0", "-j", "DROP"]
+    lab.iptables(b, "-A", *rule)
+    try:
+        request_response(lab, a, b, V4, [(port, 100, 100)])
+        request_response(lab, a, b, V4, [(port, 100, 100)])
+    finally:
+        lab.iptables(b, "-D", *rule)
+    k = key(a, b, V4, port, Reporter.CLIENT)
+    c = counters(wait_for(t, lambda s: k in s.flows and s.flows[k].closed == n), k)
+    assert (c.opened, c.failed_timeout, c.syn_retransmits, c.retransmits_c2s) == (n, 0, n, n)
+    assert c.connect_latency.count == n and c.connect_latency.sum_us >= n * 900_000  # the 1 s SYN timer
 
 
 # --- retransmits ----------------------------------------------------------------------------------------
@@ -525,6 +547,48 @@ def upload_rtt(tracer: FlowTracer, lab: Lab, port: int, up: int) -> FlowCounters
     request_response(lab, e, f, V4, [(port, up, 1)])
     k = key(e, f, V4, port, Reporter.CLIENT)
     return counters(wait_for(tracer, lambda s: k in s.flows and s.flows[k].closed == 1), k)
+
+
+def qdisc_backlog_bytes(lab: Lab, pod: Pod) -> int:
+    out = lab.run(pod, ["tc", "-s", "qdisc", "show", "dev", "eth0"]).stdout
+    match = re.search(r"backlog (\d+)b", out)
+    return int(match[1]) if match else 0
+
+
+def test_min_rtt_plausible_and_rising_behind_a_standing_queue(tracer, lab) -> None:
+    """Each connection's min RTT comes with its srtt at close (sock_ops). Behind a token bucket that a
+    bulk upload keeps full, every segment of a new connection waits in the queue, its SYN too: its min
+    RTT rises with the queue (no netem needed)."""
+    e, f = lab.pod("e"), lab.pod("f")
+    fast = upload_rtt(tracer, lab, next_port(), 100_000)
+    assert fast.min_rtt.count == 1 and 1 <= fast.min_rtt.sum_us <= fast.rtt.sum_us < 20_000
+    bulk_port, port, size = next_port(), next_port(), 4 * MB
+    lab.tc(
+        e, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "8mbit", "burst", "16kb", "latency", "400ms"
+    )
+    try:
+        with listen(lab, f, V4, bulk_port) as srv, connect(lab, e, V4, f, bulk_port, timeout=60) as bulk:
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(60)
+                threads = [
+                    threading.Thread(target=send_exact, args=(bulk, size), daemon=True),
+                    threading.Thread(target=recv_exact, args=(conn, size), daemon=True),
+                ]
+                for thread in threads:
+                    thread.start()
+                deadline = time.monotonic() + 20
+                while qdisc_backlog_bytes(lab, e) < 100_000 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert qdisc_backlog_bytes(lab, e) >= 50_000  # a standing queue of >= 50 ms at 8 Mbit/s
+                slow = upload_rtt(tracer, lab, port, 10_000)
+                for thread in threads:
+                    thread.join(60)
+    finally:
+        lab.tc(e, "qdisc", "del", "dev", "eth0", "root")
+    assert slow.min_rtt.count == 1
+    assert slow.min_rtt.sum_us <= slow.rtt.sum_us
+    assert slow.min_rtt.sum_us > max(20_000, 10 * fast.min_rtt.sum_us), (slow.min_rtt, fast.min_rtt)
 
 
 def test_rtt_and_connect_latency_plausible_and_rtt_rises_on_slow_path(tracer, lab) -> None:
@@ -968,8 +1032,9 @@ def test_every_short_connection_gets_its_srtt_at_close(lab, compat) -> None:
         snap = wait_for(t, lambda s: all(k in s.flows and s.flows[k].closed == n for k in keys))
     for k in keys:
         c = counters(snap, k)
-        assert (c.opened, c.closed, c.rtt.count) == (n, n, n), k
+        assert (c.opened, c.closed, c.rtt.count, c.min_rtt.count) == (n, n, n, n), k
         assert 1 <= c.rtt.sum_us / n < 20_000, k  # veth on one host: well under 20 ms
+        assert n <= c.min_rtt.sum_us <= c.rtt.sum_us, k  # each min RTT at most its srtt
 
 
 def test_without_sock_ops_srtt_is_sampled_only_while_the_window_is_open(lab) -> None:

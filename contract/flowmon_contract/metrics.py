@@ -59,11 +59,22 @@ METRICS: dict[Metric, MetricInfo] = {
     Metric.RTT: MetricInfo(
         "flowmon_tcp_rtt_seconds", FamilyType.HISTOGRAM, "Smoothed TCP round-trip time samples."
     ),
+    Metric.MIN_RTT: MetricInfo(
+        "flowmon_tcp_min_rtt_seconds",
+        FamilyType.HISTOGRAM,
+        "Each TCP connection's minimum round-trip time over its life (the kernel's 5-minute windowed min), "
+        "one sample per connection at close.",
+    ),
     Metric.RETRANSMITS: MetricInfo(
         "flowmon_tcp_retransmits",
         FamilyType.COUNTER,
         "Retransmitted TCP segments, by the direction of the retransmitted data.",
         extra_label="direction",
+    ),
+    Metric.SYN_RETRANSMITS: MetricInfo(
+        "flowmon_tcp_syn_retransmits",
+        FamilyType.COUNTER,
+        "SYNs the client retransmitted while connecting (also counted in flowmon_tcp_retransmits).",
     ),
     Metric.RESETS: MetricInfo(
         "flowmon_tcp_resets",

@@ -116,7 +116,7 @@ class AgentPolicy(StrictModel):
     @property
     def wants_rtt(self) -> bool:
         """Whether any monitor exports RTT: without one, the kernel's costliest hook can be detached."""
-        return any(Metric.RTT in m.metrics for m in self.monitors)
+        return any(Metric.RTT in m.metrics or Metric.MIN_RTT in m.metrics for m in self.monitors)
 
 
 def canonical_json(policy: AgentPolicy) -> str:

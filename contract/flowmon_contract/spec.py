@@ -33,8 +33,15 @@ class Metric(StrEnum):
     CONNECT_FAILURES = "connect_failures"
     CONNECT_DURATION = "connect_duration"
     RTT = "rtt"
+    MIN_RTT = "min_rtt"
     RETRANSMITS = "retransmits"
+    SYN_RETRANSMITS = "syn_retransmits"
     RESETS = "resets"
+
+
+# min_rtt is a histogram like rtt (len(buckets) + 3 samples per series): opt in, so that a default monitor's
+# series do not grow by a quarter.
+DEFAULT_METRICS = tuple(m for m in Metric if m is not Metric.MIN_RTT)
 
 
 class Dimension(StrEnum):
@@ -213,10 +220,11 @@ class FlowMonitorSpec(StrictModel):
 
     selection: Selection = Field(default_factory=Selection, description="Which flows the monitor sees.")
     metrics: list[Metric] = Field(
-        default_factory=lambda: list(Metric),
+        default_factory=lambda: list(DEFAULT_METRICS),
         min_length=1,
         max_length=len(Metric),
-        description="Metric families to export (allow-list); default all.",
+        description="Metric families to export (allow-list); default all but min_rtt (a second RTT "
+        "histogram per series: opt in).",
     )
     aggregation: Aggregation = Field(default_factory=Aggregation, description="Grouping and cardinality.")
     scrape: Scrape = Field(default_factory=Scrape, description="Prometheus scrape settings.")

@@ -464,7 +464,11 @@ def predicted_series(monitor: FlowMonitor, *, cardinality: Mapping[Dimension, in
         if product <= aggregation.max_series:
             label_sets = product
     buckets = aggregation.histogram_buckets
-    histogram_bounds = {"rtt": len(buckets.rtt), "connect_duration": len(buckets.connect_duration)}
+    histogram_bounds = {
+        "rtt": len(buckets.rtt),
+        "min_rtt": len(buckets.rtt),  # min RTT shares the RTT buckets
+        "connect_duration": len(buckets.connect_duration),
+    }
     total = 0
     for metric in monitor.spec.metrics:
         info = METRICS[metric]

@@ -19,6 +19,8 @@ from flowmon_agent.kernel.counters import (
     CONNECT_SLOTS,
     CONNECT_SUM,
     HISTOGRAM_SLOTS,
+    MIN_RTT_SLOTS,
+    MIN_RTT_SUM,
     OPENED,
     RECEIVED,
     REFUSED,
@@ -29,6 +31,7 @@ from flowmon_agent.kernel.counters import (
     RTT_SLOTS,
     RTT_SUM,
     SENT,
+    SYN_RETX,
     TIMEOUT,
     WIDTH,
 )
@@ -52,6 +55,13 @@ SINGLE_COUNTERS = {
     Metric.RECEIVED_BYTES: RECEIVED,
     Metric.CONNECTIONS_OPENED: OPENED,
     Metric.CONNECTIONS_CLOSED: CLOSED,
+    Metric.SYN_RETRANSMITS: SYN_RETX,
+}
+# Histogram metric → (its slots, its sum) in the vector; RTT and min RTT share the monitor's RTT buckets.
+HISTOGRAMS = {
+    Metric.RTT: (RTT_SLOTS, RTT_SUM),
+    Metric.MIN_RTT: (MIN_RTT_SLOTS, MIN_RTT_SUM),
+    Metric.CONNECT_DURATION: (CONNECT_SLOTS, CONNECT_SUM),
 }
 
 
@@ -128,7 +138,7 @@ class Series:
         try:
             return self.histograms[key]
         except KeyError:
-            slots, total = (RTT_SLOTS, RTT_SUM) if metric == Metric.RTT else (CONNECT_SLOTS, CONNECT_SUM)
+            slots, total = HISTOGRAMS[Metric(metric)]
             counts = self.totals[slots]
             value = self.histograms[key] = (
                 log2_to_buckets(counts, self.totals[total], bounds) if any(counts) else None
@@ -189,7 +199,7 @@ def monitor_families(
         names = (*group, info.extra_label) if info.extra_label else group
         if info.type == FamilyType.HISTOGRAM:
             buckets = monitor.histogram_buckets
-            bounds = tuple(buckets.rtt if metric == Metric.RTT else buckets.connect_duration)
+            bounds = tuple(buckets.connect_duration if metric == Metric.CONNECT_DURATION else buckets.rtt)
             rendered = ((labels, s.histogram(metric, bounds)) for labels, s in rows)
             histograms = {labels: value for labels, value in rendered if value is not None}
             families.append(Family(info, names, histograms=histograms, bucket_bounds=bounds))

@@ -63,6 +63,9 @@ COUNTERS = _table(
     ("rtt_sum_us", "rtt_sum_us", Kind.HISTOGRAM_SUM),
     ("connect_latency_slots", "latency_slots", Kind.HISTOGRAM_SLOTS),
     ("rtt_slots", "rtt_slots", Kind.HISTOGRAM_SLOTS),
+    ("syn_retransmits", "syn_retrans", Kind.COUNTER),  # SYNs retransmitted (also in retransmits_c2s)
+    ("min_rtt_sum_us", "min_rtt_sum_us", Kind.HISTOGRAM_SUM),
+    ("min_rtt_slots", "min_rtt_slots", Kind.HISTOGRAM_SLOTS),  # each connection's min RTT, at close
 )
 BY_NAME: Mapping[str, Counter] = {c.name: c for c in COUNTERS}
 WIDTH = sum(c.width for c in COUNTERS)
@@ -76,6 +79,8 @@ RETX_C2S, RETX_S2C = BY_NAME["retransmits_c2s"].index, BY_NAME["retransmits_s2c"
 RST_C2S, RST_S2C = BY_NAME["resets_c2s"].index, BY_NAME["resets_s2c"].index
 CONNECT_SUM, CONNECT_SLOTS = BY_NAME["connect_latency_sum_us"].index, BY_NAME["connect_latency_slots"].words
 RTT_SUM, RTT_SLOTS = BY_NAME["rtt_sum_us"].index, BY_NAME["rtt_slots"].words
+SYN_RETX = BY_NAME["syn_retransmits"].index
+MIN_RTT_SUM, MIN_RTT_SLOTS = BY_NAME["min_rtt_sum_us"].index, BY_NAME["min_rtt_slots"].words
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +98,8 @@ class Log2Histogram:
 class FlowCounters(tuple[int, ...]):
     """A flow's cumulative counters: the vector itself (COUNTERS order), with a name for each word.
 
-    Aggregation treats it as the plain tuple it is; `active`, `rtt` and `connect_latency` are derived.
+    Aggregation treats it as the plain tuple it is; `active`, `rtt`, `min_rtt` and `connect_latency` are
+    derived.
     """
 
     __slots__ = ()
@@ -122,6 +128,10 @@ class FlowCounters(tuple[int, ...]):
     @property
     def rtt(self) -> Log2Histogram:
         return Log2Histogram(self[RTT_SLOTS], self[RTT_SUM])
+
+    @property
+    def min_rtt(self) -> Log2Histogram:
+        return Log2Histogram(self[MIN_RTT_SLOTS], self[MIN_RTT_SUM])
 
     def named(self) -> dict[str, int | tuple[int, ...]]:
         return {c.name: self[c.words] if c.width > 1 else self[c.index] for c in COUNTERS}
