@@ -1247,9 +1247,6 @@ int flowmon_flush_closes(struct bpf_raw_tracepoint_args *ctx) {
 #define FM_SOCK_OPS_PASSIVE_ESTABLISHED_CB 5
 #define FM_SOCK_OPS_STATE_CB 10
 #define FM_SOCK_OPS_STATE_CB_FLAG 4
-// The socket pointer from the context is a typed pointer the verifier allows no arithmetic on; stored to
-// a map and read back it is the plain integer sock_find hashes (the same value inet_sock_set_state gives).
-BPF_PERCPU_ARRAY(sockops_sk, u64, 1);
 
 int flowmon_sockops(struct bpf_sock_ops *skops) {
     u32 op = skops->op;
@@ -1259,12 +1256,12 @@ int flowmon_sockops(struct bpf_sock_ops *skops) {
     }
     if (op != FM_SOCK_OPS_STATE_CB || skops->args[1] != FM_TCP_CLOSE)
         return 1;
-    u32 zero = 0;
-    u64 *scratch = sockops_sk.lookup(&zero);
-    if (!scratch)
-        return 1;
-    *scratch = (u64)skops->sk;
-    u64 sk = *(volatile u64 *)scratch;
+    // The context's socket pointer is a typed pointer the verifier allows no arithmetic on; copied out of
+    // the stack it is the plain integer sock_find hashes (the value inet_sock_set_state gives). Allowed
+    // with CAP_PERFMON; the stack, unlike a scratch map, is not shared with a softirq on this CPU.
+    volatile u64 ptr = (u64)skops->sk;
+    u64 sk = 0;
+    bpf_probe_read_kernel(&sk, sizeof(sk), (void *)&ptr);
     struct sock_state *st = sock_find(sk);
     if (!st || !st->established)
         return 1;
