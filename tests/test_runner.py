@@ -245,10 +245,12 @@ async def test_rtt_hook_follows_whether_any_monitor_exports_rtt(tmp_path):
         await _until(lambda: agent.tracer is not None and agent.polls >= 1)
         assert agent.tracer.rtt_sampler.always_open  # the default tracer takes the settings' window
         await _until(lambda: agent.tracer.rtt_sampling is False)
+        assert not agent.tracer.program.sockops_linked  # no RTT wanted: no srtt at close either
         body = dump_policy_json(with_rtt)
         async with aiohttp.ClientSession() as http, http.put(agent.url + "/v1/policy", data=body) as resp:
             assert resp.status == 200
         await _until(lambda: agent.tracer.rtt_sampling is True)
+        assert agent.tracer.program.sockops_linked
     finally:
         await agent.stop()
 

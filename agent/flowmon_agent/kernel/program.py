@@ -139,6 +139,11 @@ class KernelProgram:
             self.bpf.detach_tracepoint(TCP_PROBE)
         self.probe_attached = attached
 
+    @property
+    def sockops_linked(self) -> bool:
+        """Whether the sock_ops program is linked to the cgroup v2 root now."""
+        return self._sockops is not None
+
     def link_sockops(self, linked: bool) -> None:
         """Link or unlink the sock_ops program (benches switch it with the tracepoints); a no-op where it
         could not be linked at the start."""
