@@ -400,9 +400,9 @@ def test_timeout_connect(tracer, lab) -> None:
     snap = wait_for(tracer, lambda s: k in s.flows and s.flows[k].failed_timeout == 1)
     c = counters(snap, k)
     assert (c.failed_timeout, c.failed_refused, c.opened) == (1, 0, 0)
-    # the SYN retransmits, exactly as the pod's own counter saw them: tcp_syn_retries 1 is one retransmit
-    assert c.retransmits_c2s == lab.snmp(a)["RetransSegs"] - before >= 1
-    assert c.syn_retransmits == c.retransmits_c2s == 1
+    # the SYN retransmits, exactly as the pod's own counter saw them (the kernel's schedule for
+    # tcp_syn_retries 1 sends two on 6.18: it gives up by time, ~3 s, not by count)
+    assert c.syn_retransmits == c.retransmits_c2s == lab.snmp(a)["RetransSegs"] - before >= 1
 
 
 @pytest.mark.parametrize("compat", [False, True], ids=["default", "compat"])
