@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from flowmon_agent.export.auth import KubeTokenReviewer
+from flowmon_agent.export.review_budget import ReviewLimits
 from flowmon_agent.export.server import ServerLimits
 from flowmon_agent.metadata import MetadataStore
 from flowmon_agent.metadata.inventory import InventoryError, read_inventory
@@ -452,3 +454,109 @@ async def test_scrapes_are_served_while_the_default_thread_pool_is_busy(tmp_path
         finally:
             release.set()
             await asyncio.gather(*busy)
+
+
+# ---- TokenReview: bounded, rate-limited, and no token in any log line ----
+
+
+def reviewer_for(kube_api, tmp_path: Path, **limits) -> KubeTokenReviewer:
+    agent_token = tmp_path / "sa-token"
+    agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent"))
+    return KubeTokenReviewer(
+        kube_api.url, sa_token_file=agent_token, ca_file=None, limits=ReviewLimits(**limits)
+    )
+
+
+def token_reviews(kube_api) -> int:
+    return sum(1 for m, p in kube_api.requests if m == "POST" and p.endswith("/tokenreviews"))
+
+
+@pytest.mark.asyncio
+async def test_made_up_tokens_past_the_review_rate_get_429_and_cost_no_api_call(kube_api, tmp_path):
+    """One pod guessing tokens: reviews up to its burst, then 429 with Retry-After and no API call; the
+    cluster Prometheus, another address, still gets its review (and then its cached verdict)."""
+    reviewer = reviewer_for(kube_api, tmp_path, source_burst=5, source_rate=0.01)
+    prometheus = kube_api.service_account_token("monitoring", "prometheus")
+    rig = ServerRig(tmp_path, token_reviewer=reviewer, token_review_readers=(PROMETHEUS,))
+    async with rig:
+        statuses = []
+        for n in range(40):
+            status, _body, headers = await raw_request(rig, f"guess-{n:04d}-{'x' * 24}", source="127.0.0.66")
+            statuses.append((status, headers.get("retry-after")))
+        assert statuses[:5] == [(401, None)] * 5
+        assert {s for s, _ in statuses[5:]} == {429} and statuses[5][1] == "100"  # 1 token per 100 s
+        assert token_reviews(kube_api) == 5
+        for _ in range(3):
+            assert (await raw_request(rig, prometheus, source="127.0.0.9"))[0] == 200
+        assert token_reviews(kube_api) == 6
+        assert rig.sample("flowmon_agent_token_reviews_throttled_total", scope="source") == 35.0
+        assert rig.sample("flowmon_agent_token_review_cache_hits_total") == 2.0
+
+
+PROMETHEUS = "system:serviceaccount:monitoring:prometheus"
+
+
+async def raw_request(rig: ServerRig, token: str, source: str, path: str = "/metrics/shop/web"):
+    """One GET with `token` from a 127/8 `source`; (status, body, lower-cased headers)."""
+    reader, writer = await tls_stream(rig, source)
+    try:
+        head = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n"
+        writer.write(head.encode() + b"\r\n")
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), body, {k.lower(): v for k, v in headers.items()}
+
+
+def leaked(tokens: list[str], text: str, window: int = 8) -> list[str]:
+    """Every `window`-character piece of any token found in `text` (a prefix counts as a leak too)."""
+    return [
+        t[i : i + window] for t in tokens for i in range(len(t) - window + 1) if t[i : i + window] in text
+    ]
+
+
+@pytest.mark.asyncio
+async def test_no_token_bytes_in_any_log_line_with_token_review_on(kube_api, tmp_path, caplog):
+    """Known, unknown, throttled, malformed and oversized tokens, with the API server answering and then
+    gone, and refused admin token files: the log at DEBUG holds no piece of any token."""
+    caplog.set_level(logging.DEBUG)
+    reviewer = reviewer_for(kube_api, tmp_path, source_burst=3, source_rate=0.01)
+    prometheus = kube_api.service_account_token("monitoring", "prometheus")
+    secrets_sent = [prometheus, *(f"Zq{n}-made-up-Tk9v3LmW{n:03d}" for n in range(6))]
+    rig = ServerRig(tmp_path, token_reviewer=reviewer, token_review_readers=(PROMETHEUS,))
+    async with rig:
+        assert (await raw_request(rig, prometheus, "127.0.0.9"))[0] == 200
+        for token in secrets_sent[1:7]:  # three reviewed, three throttled
+            await raw_request(rig, token, "127.0.0.66")
+        await raw_request(rig, SHOP, "127.0.0.10")
+        await raw_request(rig, ADMIN, "127.0.0.10", path="/metrics")
+        for header in (
+            f"Authorization: Bearer {secrets_sent[1]}\xff\r\n".encode("latin-1"),
+            f"Authorization: Bearer {secrets_sent[2]}".encode() + b"y" * 20_000 + b"\r\n",
+            f"Authorization: Basic {secrets_sent[3]}\r\n".encode(),
+            f"Authorization: Bearer {secrets_sent[4]} {secrets_sent[5]}\r\n".encode(),
+        ):
+            await raw_exchange(rig, GOOD + header + b"\r\n")
+        kube_api.stop()  # the API server gone: reviews fail, and say so without the token
+        fresh = "Pm7-never-seen-Hx2Qw8Rt"
+        secrets_sent.append(fresh)
+        assert (await raw_request(rig, fresh, "127.0.0.11"))[0] == 401
+        assert rig.sample("flowmon_agent_token_reviews_total", result="unavailable") == 1.0
+        token_file = rig.server.config.admin_token_file
+        for content in (f"{fresh}\n\xfe".encode("latin-1"), f"{fresh} {ADMIN}\n".encode()):
+            rejected = rig.sample("flowmon_agent_reload_rejected_total", file="admin_token") or 0.0
+            token_file.write_bytes(content)
+            await until(
+                lambda r=rejected: rig.sample("flowmon_agent_reload_rejected_total", file="admin_token") > r
+            )
+    logged = "\n".join(
+        r.getMessage() + (logging.Formatter().formatException(r.exc_info) if r.exc_info else "")
+        for r in caplog.records
+    )
+    assert "TokenReview unavailable" in logged and "admin token file" in logged  # logged, and...
+    assert leaked(secrets_sent, logged) == []  # ...no token, nor any 8 characters of one
+    assert ADMIN not in logged and SHOP not in logged  # (words like "admin-token" are file names)

@@ -33,6 +33,7 @@ from flowmon_agent.export.auth import IN_CLUSTER_SA as SA_DIR
 from flowmon_agent.export.auth import KubeTokenReviewer, TokenReviewer
 from flowmon_agent.export.collectors import AgentInstruments, AgentStatus, Exporter
 from flowmon_agent.export.policy_store import PolicyFile, PolicyStore
+from flowmon_agent.export.review_budget import ReviewLimits
 from flowmon_agent.export.server import AgentServer, ServerConfig, ServerLimits
 from flowmon_agent.filewatch import FileWatch
 from flowmon_agent.kernel.flows import FlowSnapshot, KernelConfig, Tracer
@@ -83,6 +84,9 @@ class AgentSettings(BaseSettings):
         default_factory=list, description="Reviewed usernames that read every monitor (a cluster Prometheus)."
     )
     token_review_audiences: list[str] = Field(default_factory=list)
+    token_review_limits: ReviewLimits = Field(
+        default_factory=ReviewLimits, description="TokenReview verdict cache bounds and rate limits."
+    )
     poll_interval_seconds: float = Field(default=0.5, gt=0, le=60)
     ignored_ports: list[int] = Field(default_factory=list, description="Server ports never traced.")
     batch_scheduling: bool = Field(
@@ -192,7 +196,9 @@ class Agent:
         self.aggregator = Aggregator(settings.node_name, settings.agent_nodes)
         if token_reviewer is None and settings.token_review:
             token_reviewer = KubeTokenReviewer(
-                settings.kube_api_url or IN_CLUSTER_API, audiences=settings.token_review_audiences
+                settings.kube_api_url or IN_CLUSTER_API,
+                audiences=settings.token_review_audiences,
+                limits=settings.token_review_limits,
             )
         self.server = AgentServer(
             settings.server_config(token_reviewer),

@@ -35,6 +35,7 @@ from flowmon_agent.export.collectors import CONTENT_TYPE, Exporter, HttpCollecto
 from flowmon_agent.export.http_log import ClientErrorLog
 from flowmon_agent.export.listener import ConnectionGate, HttpStats, ListenerLimits, request_started
 from flowmon_agent.export.policy_store import PolicyError, PolicyStore, parse_policy_json
+from flowmon_agent.export.review_budget import ReviewThrottled
 from flowmon_agent.export.tls import ServingContext
 from flowmon_agent.export.tokens import TokenFileError, bearer_token, read_token_file
 from flowmon_agent.filewatch import FileWatch
@@ -233,6 +234,8 @@ class AgentServer:
         )
         self._collector = HttpCollector(self.stats, lambda: self._gate.open if self._gate else 0)
         self._instruments.registry.register(self._collector)
+        if self.config.token_reviewer is not None:
+            self._instruments.registry.register(self.config.token_reviewer)
         loop = asyncio.get_running_loop()
         self._listening = await loop.create_server(self._gate, self.config.host, self.config.port)
         self.port = self._listening.sockets[0].getsockname()[1]
@@ -255,6 +258,8 @@ class AgentServer:
         if self._collector:
             self._instruments.registry.unregister(self._collector)
             self._collector = None
+            if self.config.token_reviewer is not None:
+                self._instruments.registry.unregister(self.config.token_reviewer)
         for pool in (self._render_pool, self._policy_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -329,7 +334,14 @@ class AgentServer:
             token, target, admin=self._admin, monitors=monitor_digests(self._policy.policy)
         )
         if decision is None and token is not None and self.config.token_reviewer is not None:
-            user = await self.config.token_reviewer.review(token)
+            try:
+                user = await self.config.token_reviewer.review(token, request.remote or "")
+            except ReviewThrottled as exc:  # nothing was asked: the client may come back later
+                return web.Response(
+                    status=exc.status,
+                    text="too many token reviews, retry later\n",
+                    headers={"Retry-After": exc.retry_after_header},
+                )
             decision = decide_reviewed(
                 user,
                 target,
