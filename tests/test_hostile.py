@@ -541,11 +541,15 @@ async def test_no_token_bytes_in_any_log_line_with_token_review_on(kube_api, tmp
             f"Authorization: Bearer {secrets_sent[4]} {secrets_sent[5]}\r\n".encode(),
         ):
             await raw_exchange(rig, GOOD + header + b"\r\n")
+        echoed = "Ec4-quoted-by-the-API-Vb6Nm1"  # an API server (or proxy) that quotes the request
+        secrets_sent.append(echoed)
+        kube_api.deny("POST", "/apis/authentication.k8s.io/", f'spec.token: Invalid value: "{echoed}"')
+        assert (await raw_request(rig, echoed, "127.0.0.12"))[0] == 401
         kube_api.stop()  # the API server gone: reviews fail, and say so without the token
         fresh = "Pm7-never-seen-Hx2Qw8Rt"
         secrets_sent.append(fresh)
         assert (await raw_request(rig, fresh, "127.0.0.11"))[0] == 401
-        assert rig.sample("flowmon_agent_token_reviews_total", result="unavailable") == 1.0
+        assert rig.sample("flowmon_agent_token_reviews_total", result="unavailable") == 2.0
         token_file = rig.server.config.admin_token_file
         for content in (f"{fresh}\n\xfe".encode("latin-1"), f"{fresh} {ADMIN}\n".encode()):
             rejected = rig.sample("flowmon_agent_reload_rejected_total", file="admin_token") or 0.0
@@ -557,6 +561,8 @@ async def test_no_token_bytes_in_any_log_line_with_token_review_on(kube_api, tmp
         r.getMessage() + (logging.Formatter().formatException(r.exc_info) if r.exc_info else "")
         for r in caplog.records
     )
-    assert "TokenReview unavailable" in logged and "admin token file" in logged  # logged, and...
+    assert (
+        "TokenReview unavailable: HTTP 403 Forbidden" in logged and "admin token file" in logged
+    )  # logged...
     assert leaked(secrets_sent, logged) == []  # ...no token, nor any 8 characters of one
     assert ADMIN not in logged and SHOP not in logged  # (words like "admin-token" are file names)

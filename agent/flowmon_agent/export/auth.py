@@ -230,8 +230,10 @@ class KubeTokenReviewer:
             # One session per review (a review per token per TTL): no session outlives the caller's loop.
             async with ApiClient(self._connection) as client:
                 answer = await read_json(await client.request("POST", TOKEN_REVIEWS, body=body, timeout=5))
-        except (KubeError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ReviewUnavailable(str(exc)) from exc
+        except KubeError as exc:  # the Status message is dropped: a server may quote the request in it
+            raise ReviewUnavailable(f"HTTP {exc.status} {exc.reason}".rstrip()) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ReviewUnavailable(f"{type(exc).__name__}: {exc}") from None
         return parse_token_review(answer)
 
 

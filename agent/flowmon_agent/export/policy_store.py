@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from flowmon_agent.filewatch import FileWatch
+from flowmon_contract.documents import yaml_error_text
 from flowmon_contract.policy import AgentPolicy
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def parse_policy_text(text: str, *, yaml_format: bool) -> AgentPolicy:
         document = yaml.safe_load(text)
         as_json = json.dumps(document)
     except yaml.YAMLError as exc:
-        raise PolicyError([FieldError("", f"not YAML: {exc}")]) from None
+        raise PolicyError([FieldError("", f"not YAML: {yaml_error_text(exc)}")]) from None
     except (TypeError, ValueError) as exc:  # e.g. a timestamp: YAML types JSON does not have
         raise PolicyError([FieldError("", f"not a JSON-compatible document: {exc}")]) from None
     return parse_policy_json(as_json)
