@@ -6,6 +6,7 @@ Every wait is bounded; timeouts are configured small so that the tests take seco
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
 import gzip
@@ -16,6 +17,7 @@ import ssl
 import threading
 from pathlib import Path
 
+import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,6 +27,7 @@ from cryptography.x509.oid import NameOID
 from flowmon_agent.export.auth import KubeTokenReviewer
 from flowmon_agent.export.review_budget import ReviewLimits
 from flowmon_agent.export.server import ServerLimits
+from flowmon_agent.main import add_arguments, make_agent
 from flowmon_agent.metadata import MetadataStore
 from flowmon_agent.metadata.inventory import InventoryError, read_inventory
 from flowmon_agent.runner import reload_inventory
@@ -566,3 +569,36 @@ async def test_no_token_bytes_in_any_log_line_with_token_review_on(kube_api, tmp
     )  # logged...
     assert leaked(secrets_sent, logged) == []  # ...no token, nor any 8 characters of one
     assert ADMIN not in logged and SHOP not in logged  # (words like "admin-token" are file names)
+
+
+# ---- auth is never off by omission ----
+
+
+@pytest.mark.asyncio
+async def test_a_token_file_without_an_admin_token_keeps_auth_on_loopback(tmp_path):
+    """`flowmon agent --token-file F` on 127.0.0.1 and no admin token: the scrape token reads the monitor's
+    path; no token, or a wrong one, is a 401 (it used to serve everyone)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("scrape-token-1\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--listen", "127.0.0.1:0", "--node", "n1", "--token-file", str(tokens)])
+    agent, _files, nat, _host = make_agent(args)
+    await agent.server.start()  # the server alone: no kernel needed to ask it for a path
+    try:
+        url = agent.url + "/metrics/flowmon-system/host"
+        async with aiohttp.ClientSession() as http:
+
+            async def status(token: str | None, target: str = url) -> int:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                async with http.get(target, headers=headers) as response:
+                    return response.status
+
+            assert agent.server.mode.auth and agent.url.startswith("http://127.0.0.1:")
+            assert await status(None) == 401
+            assert await status("not-the-token") == 401
+            assert await status("scrape-token-1") == 200
+            assert await status("scrape-token-1", agent.url + "/metrics") == 403  # a scrape token, not admin
+    finally:
+        await agent.server.stop()
+        nat.close()
