@@ -33,6 +33,7 @@ from flowmon_agent.metadata.inventory import InventoryError, read_inventory
 from flowmon_agent.runner import reload_inventory
 from flowmon_operator.pki import issue_serving_cert
 from tests.server_rig import ADMIN, SHOP, ServerRig, make_policy
+from tests.test_runner import fake_agent
 
 WAIT = 10.0  # the bound on any single wait in this module
 
@@ -602,3 +603,38 @@ async def test_a_token_file_without_an_admin_token_keeps_auth_on_loopback(tmp_pa
     finally:
         await agent.server.stop()
         nat.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")  # a client that old, on purpose
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+async def test_tls_before_1_2_is_refused(tmp_path, version):
+    """A client that speaks only TLS 1.0 or 1.1 (which OpenSSL allows it at SECLEVEL=0) gets no handshake."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.minimum_version = client.maximum_version = version
+    client.set_ciphers("ALL:@SECLEVEL=0")  # the client would; the server must not
+    async with ServerRig(tmp_path) as rig:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.wait_for(asyncio.open_connection("127.0.0.1", rig.server.port, ssl=client), WAIT)
+        await until(lambda: rig.sample("flowmon_agent_http_tls_handshake_failures_total") == 1.0)
+
+
+@pytest.mark.asyncio
+async def test_a_truncated_inventory_is_refused_counted_and_the_last_good_one_serves(tmp_path):
+    """Through the agent's poll (a fake kernel): a truncated write is refused with a log line and
+    flowmon_agent_reload_rejected_total{file="inventory"}; the metadata it had stays."""
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(
+        "kind: Namespace\nmetadata: {name: shop}\n---\nkind: Namespace\nmetadata: {name: ops}\n"
+    )
+    agent, _made = fake_agent(tmp_path, make_policy(), inventory_file=inventory)
+    await agent.start()
+    try:
+        inventory.write_text("kind: Namespace\nmetadata: {name: shop}\n---\nkind: Namespace\nmetadata:\n")
+        agent.poll_once()
+        sample = agent.instruments.registry.get_sample_value
+        assert sample("flowmon_agent_reload_rejected_total", {"file": "inventory"}) == 1.0
+        assert agent.store.namespace_labels("ops") is not None  # the last good inventory
+    finally:
+        await agent.stop()
