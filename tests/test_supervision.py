@@ -13,6 +13,7 @@ from ipaddress import ip_address
 
 import pytest
 
+from flowmon_agent.export.policy_store import PolicyStore
 from flowmon_agent.kernel.flows import FlowKey, Reporter
 from flowmon_agent.main import MonitorFiles, follow_local_sources
 from flowmon_agent.metadata import MetadataStore
@@ -287,3 +288,21 @@ def test_conntrack_that_cannot_be_asked_backs_off_instead_of_failing_the_poll(ca
     assert restarts.counts() == {"conntrack": 2}  # the second wait is 2 s
     assert len(restart_lines(caplog)) == 2  # one line per restart, not one per key
     nat.close()
+
+
+def test_a_policy_listener_that_raises_stops_neither_the_policy_nor_the_other_listeners(caplog):
+    """A listener failing (e.g. waking a loop that has closed) must not turn a push into a 500 nor keep
+    the poll loop from hearing of the policy."""
+    store = PolicyStore()
+    heard: list[str] = []
+
+    def broken(_policy) -> None:
+        raise RuntimeError(f"Event loop is closed {SECRET}")
+
+    store.subscribe(broken)
+    store.subscribe(lambda policy: heard.append(policy.hash))
+    policy = compile_policy([monitor("shop", "web")])
+    assert store.apply(policy, source="api") == policy.hash
+    assert store.policy is policy and heard == [policy.hash]
+    (line,) = [r.getMessage() for r in caplog.records if "listener failed" in r.getMessage()]
+    assert "RuntimeError at test_supervision.py" in line and SECRET not in caplog.text

@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from flowmon_agent.filewatch import FileWatch
+from flowmon_agent.supervision import where
 from flowmon_contract.documents import yaml_error_text
 from flowmon_contract.policy import AgentPolicy
 
@@ -130,8 +131,13 @@ class PolicyStore:
             previous, self._policy = self._policy, policy
         if previous is None or previous.hash != policy.hash:
             log.info("policy %s from %s: %d monitors", policy.hash[:12], source, len(policy.monitors))
-        for listener in self._listeners:
-            listener(policy)
+        for (
+            listener
+        ) in self._listeners:  # the policy is in: a listener that fails stops neither it nor the rest
+            try:
+                listener(policy)
+            except Exception as exc:
+                log.error("policy %s: a listener failed with %s", policy.hash[:12], where(exc))
         return policy.hash
 
 
