@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import ssl
+import sys
 import threading
 from pathlib import Path
 
@@ -638,3 +639,29 @@ async def test_a_truncated_inventory_is_refused_counted_and_the_last_good_one_se
         assert agent.store.namespace_labels("ops") is not None  # the last good inventory
     finally:
         await agent.stop()
+
+
+@pytest.mark.asyncio
+async def test_pushed_policies_are_parsed_off_the_event_loop(tmp_path):
+    """Validation is CPU work in proportion to the body: it runs on the server's policy thread, never on
+    the thread of the event loop (which every other client shares). Seen by a profiler on every thread."""
+    parsed_on: list[str] = []
+
+    def profiler(frame, event, _arg):
+        if event == "call" and frame.f_code.co_name == "parse_policy_json":
+            parsed_on.append(threading.current_thread().name)
+
+    async with ServerRig(tmp_path) as rig:
+        threading.setprofile(profiler)  # threads started from now on (the policy pool's)
+        sys.setprofile(profiler)  # and this one, the event loop's
+        try:
+            status, body, _ = await rig.request(
+                "PUT", "/v1/policy", ADMIN, data=make_policy().model_dump_json()
+            )
+            bad = await rig.request("PUT", "/v1/policy", ADMIN, data=b'{"monitors": "x"}')
+        finally:
+            sys.setprofile(None)
+            threading.setprofile(None)
+        assert status == 200, body
+        assert bad[0] == 422
+    assert len(parsed_on) == 2 and all(name.startswith("flowmon-policy") for name in parsed_on), parsed_on
