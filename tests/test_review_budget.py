@@ -47,6 +47,7 @@ def test_each_source_has_a_bucket_and_all_share_one_and_the_table_of_sources_is_
     assert budget.throttled == {"source": 1, "total": 1}
     clock.now = 0.1  # one token back in the shared bucket; "a" left the table (two sources at most)
     budget.admit("a")  # a new full bucket for "a"
+    assert budget.sources_evicted == 2  # "a", then "b"
 
 
 def test_limits_must_be_positive():

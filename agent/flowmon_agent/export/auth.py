@@ -206,6 +206,11 @@ class KubeTokenReviewer:
         for scope, count in self._budget.throttled.items():
             throttled.add_metric([scope], count)
         yield throttled
+        yield CounterMetricFamily(
+            "flowmon_agent_token_review_sources_evicted",
+            "Client addresses whose rate-limit bucket left the table of max_sources (least recently used).",
+            value=self._budget.sources_evicted,
+        )
         entries = GaugeMetricFamily(
             "flowmon_agent_token_review_cache_entries", "Cached TokenReview verdicts.", labels=["verdict"]
         )

@@ -114,6 +114,7 @@ class ReviewBudget:
         self._total = self._bucket(limits.rate, limits.burst)
         self._sources: OrderedDict[str, TokenBucket] = OrderedDict()
         self.throttled = {"source": 0, "total": 0}
+        self.sources_evicted = 0  # client addresses whose bucket left the table (it comes back full)
 
     def _bucket(self, rate: float, burst: int) -> TokenBucket:
         return TokenBucket(rate, burst, burst, self._clock())
@@ -124,6 +125,7 @@ class ReviewBudget:
         self._sources[source] = bucket  # most recently used last
         while len(self._sources) > limits.max_sources:
             self._sources.popitem(last=False)
+            self.sources_evicted += 1
         for scope, wait in (("source", bucket.wait(now)), ("total", self._total.wait(now))):
             if wait > 0:
                 self.throttled[scope] += 1
