@@ -181,7 +181,8 @@ async def test_the_servers_file_reload_task_restarts_and_then_reloads(tmp_path, 
     """The admin token file becomes a symlink loop (its stat raises, not a reload error): the reload task
     restarts with a backoff instead of ending, and a later good file is picked up."""
     caplog.set_level(logging.INFO)
-    restarts = Restarts(backoff=Backoff(first=0.02, cap=0.1), random=lambda: 0.0)
+    sleeps = Sleeps()
+    restarts = Restarts(random=lambda: 0.0, sleep=sleeps)
     async with ServerRig(tmp_path, restarts=restarts) as rig:
         token_file = rig.server.config.admin_token_file
         token_file.unlink()
@@ -195,6 +196,7 @@ async def test_the_servers_file_reload_task_restarts_and_then_reloads(tmp_path, 
     lines = [line for line in restart_lines(caplog) if line.startswith("server-files")]
     assert len(lines) == restarts.counts()["server-files"]
     assert "OSError at filewatch.py" in lines[0]
+    assert sleeps.delays[:2] == [0.5, 1.0]  # Backoff's steps 1 s and 2 s, their fixed halves
 
 
 async def _until(condition) -> None:
