@@ -553,14 +553,23 @@ def test_local_ip_filter(resolver: Resolver, monitors, node_name, expected) -> N
     assert got == (None if expected is None else {ip_address(ip) for ip in expected})
 
 
-def test_kernel_config_carries_the_filter_service_ips_ports_and_whether_rtt_is_wanted(resolver) -> None:
+def test_kernel_config_carries_the_filter_service_ips_ports_and_whether_rtt_and_udp_are_wanted(
+    resolver,
+) -> None:
     only_pay = monitor(namespaces={"include": ["pay"]}, metrics=["sent_bytes"])
     got = kernel_config(policy(only_pay), resolver.store, "n1", ignored_ports=[9400])
     assert got == KernelConfig(
-        local_ips={ip_address(API1)}, nat_peers={ip_address(SVC)}, ignored_ports={9400}, rtt=False
+        local_ips={ip_address(API1)}, nat_peers={ip_address(SVC)}, ignored_ports={9400}, rtt=False, udp=False
     )
     everything = kernel_config(policy(monitor()), resolver.store, ["n1", "n2"])
-    assert (everything.local_ips, everything.rtt, everything.ignored_ports) == (None, True, frozenset())
+    assert (everything.local_ips, everything.rtt, everything.udp, everything.ignored_ports) == (
+        None,
+        True,
+        True,
+        frozenset(),
+    )
+    udp_only = kernel_config(policy(monitor(metrics=["udp_received_datagrams"])), resolver.store, "n1")
+    assert (udp_only.rtt, udp_only.udp) == (False, True)
 
 
 def test_kernel_config_refuses_ports_out_of_range() -> None:

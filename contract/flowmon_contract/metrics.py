@@ -71,6 +71,19 @@ METRICS: dict[Metric, MetricInfo] = {
         "TCP RST segments, by which end sent them.",
         extra_label="direction",
     ),
+    # UDP: the client is the end that sent the first datagram of the 5-tuple (idle 120 s: decided afresh).
+    Metric.UDP_SENT_BYTES: MetricInfo(
+        "flowmon_udp_sent_bytes", FamilyType.COUNTER, "UDP payload bytes sent from client to server."
+    ),
+    Metric.UDP_RECEIVED_BYTES: MetricInfo(
+        "flowmon_udp_received_bytes", FamilyType.COUNTER, "UDP payload bytes sent from server to client."
+    ),
+    Metric.UDP_SENT_DATAGRAMS: MetricInfo(
+        "flowmon_udp_sent_datagrams", FamilyType.COUNTER, "UDP datagrams sent from client to server."
+    ),
+    Metric.UDP_RECEIVED_DATAGRAMS: MetricInfo(
+        "flowmon_udp_received_datagrams", FamilyType.COUNTER, "UDP datagrams sent from server to client."
+    ),
 }
 
 

@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from flowmon_contract.alerting import IsolationAlerting
 from flowmon_contract.model_base import StrictModel, duration_seconds
 from flowmon_contract.spec import (
+    UDP_METRICS,
     Dimension,
     FlowMonitor,
     HistogramBuckets,
@@ -117,6 +118,11 @@ class AgentPolicy(StrictModel):
     def wants_rtt(self) -> bool:
         """Whether any monitor exports RTT: without one, the kernel's costliest hook can be detached."""
         return any(Metric.RTT in m.metrics for m in self.monitors)
+
+    @property
+    def wants_udp(self) -> bool:
+        """Whether any monitor exports a UDP metric: without one, bpf/udp.c stays detached."""
+        return any(not UDP_METRICS.isdisjoint(m.metrics) for m in self.monitors)
 
 
 def canonical_json(policy: AgentPolicy) -> str:

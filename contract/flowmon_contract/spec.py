@@ -23,7 +23,8 @@ NamespaceName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-
 
 
 class Metric(StrEnum):
-    """Metric families a monitor may export (the allow-list); names map to flowmon_tcp_* metrics."""
+    """Metric families a monitor may export (the allow-list); names map to flowmon_tcp_* metrics, the
+    udp_* ones to flowmon_udp_* metrics."""
 
     SENT_BYTES = "sent_bytes"
     RECEIVED_BYTES = "received_bytes"
@@ -35,6 +36,13 @@ class Metric(StrEnum):
     RTT = "rtt"
     RETRANSMITS = "retransmits"
     RESETS = "resets"
+    UDP_SENT_BYTES = "udp_sent_bytes"
+    UDP_RECEIVED_BYTES = "udp_received_bytes"
+    UDP_SENT_DATAGRAMS = "udp_sent_datagrams"
+    UDP_RECEIVED_DATAGRAMS = "udp_received_datagrams"
+
+
+UDP_METRICS = frozenset(m for m in Metric if m.startswith("udp_"))
 
 
 class Dimension(StrEnum):
