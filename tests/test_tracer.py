@@ -1036,3 +1036,36 @@ def test_dual_stack_server_reports_ipv4_clients_as_ipv4(tracer, lab) -> None:
     snap = wait_for(tracer, lambda s: all(k in s.flows and s.flows[k].closed == 1 for k in keys))
     for k in keys:
         assert counters(snap, k).sent_bytes == 321, k
+
+
+def test_udp_pairs_in_the_snapshot_while_the_config_asks_for_udp(tracer, lab) -> None:
+    """UDP flows come with the TCP ones (keys apart by protocol); `udp=False` detaches bpf/udp.c."""
+    from flowmon_agent.kernel.flows import Transport
+
+    a, b = lab.pod("a"), lab.pod("b")
+    port = next_port()
+
+    def exchange(payload: bytes) -> None:
+        with lab.socket(b, V4, socket.SOCK_DGRAM) as srv, lab.socket(a, V4, socket.SOCK_DGRAM) as cli:
+            srv.bind((b.ip(V4), port))
+            cli.sendto(payload, (b.ip(V4), port))
+            assert srv.recvfrom(100)[0] == payload
+
+    k = replace(key(a, b, V4, port, Reporter.CLIENT), protocol=Transport.UDP)
+    try:
+        tracer.configure(traced(a, b, udp=False))
+        assert not tracer.udp_attached
+        exchange(b"unseen")
+        assert k not in tracer.poll().flows
+        tracer.configure(traced(a, b))
+        assert tracer.udp_attached
+        exchange(b"seen:11 by")
+        snap = tracer.poll()
+        assert (snap.flows[k].udp_sent_bytes, snap.flows[k].udp_sent_datagrams, snap.flows[k].sent_bytes) == (
+            10,
+            1,
+            0,
+        )
+        assert snap.dropped["udp_tuple_table_full"] == 0
+    finally:
+        tracer.configure(traced(a, b))

@@ -87,7 +87,11 @@ class UdpFlows:
         self._evicted = 0
 
     def table(self, name: str):  # -> bcc.table.TableBase
-        return self._bpf[name.encode()]
+        return self.bpf[name.encode()]
+
+    @property
+    def bpf(self):  # -> bcc.BPF: benches profile its programs
+        return self._bpf
 
     @property
     def attached(self) -> bool:
