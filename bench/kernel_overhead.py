@@ -73,7 +73,7 @@ MODES = (
     "agent-steady",
     *UDP_MODES,
 )
-DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(("nortt", "always", "fresh")))
+DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(("nortt", "always", "fresh", "ports")))
 # Started and stopped around each measurement; every other mode but none loads once and switches on command.
 STARTED_PER_MEASUREMENT = ("tcplife", "agent", "flowmon-fresh")
 PERSISTENT_MODES = tuple(m for m in MODES if m not in ("none", *STARTED_PER_MEASUREMENT))

@@ -5,7 +5,9 @@ Workloads (iperf3 -u from the client pod to the server pod's iperf3 -s):
              the workload's CPU per unit (the bench's second ratio);
   udp-flood  64-byte datagrams as fast as the client can send them: datagrams per second received.
 Modes: `udp-floor`, bpf/udp.c in its count-only variant (UDP_MODE 0: the hook and the packet walk, then
-a per-CPU counter), and `udp`, the product alone (UdpFlows read once a second like the agent). `flowmon`
+a per-CPU counter), `udp`, the product alone (UdpFlows read once a second like the agent), and
+`udp-ports` (not run by default), the product deciding roles by ports alone, without the per-5-tuple map
+that remembers the first sender: what that memory costs. `flowmon`
 (FlowTracer) has UDP attached too: the TCP targets are checked with it on.
 """
 
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from flowmon_agent.kernel.flows import KernelConfig
 
 UDP_WORKLOADS = ("udp-rate", "udp-flood")
-UDP_MODES = ("udp-floor", "udp")
+UDP_MODES = ("udp-floor", "udp", "udp-ports")
 UDP_RATE, UDP_LEN, FLOOD_LEN = "400M", 1400, 64
 UNITS = {"udp-rate": "Gbit/s", "udp-flood": "datagrams/s"}
 
@@ -38,9 +40,10 @@ def iperf_udp(client: Callable[[list[str], float], str], ip: str, port: int, wor
 
 def load_udp_mode(mode: str, loaded_mode):  # -> kernel_overhead.LoadedMode
     """udp-floor or udp, loaded detached; udp is read once a second, as the agent's poll does."""
-    from flowmon_agent.kernel.udp_flows import MODE_COUNT_ONLY, MODE_PRODUCT, UdpFlows
+    from flowmon_agent.kernel.udp_flows import MODE_COUNT_ONLY, MODE_PORTS_ONLY, MODE_PRODUCT, UdpFlows
 
-    flows = UdpFlows(mode=MODE_COUNT_ONLY if mode == "udp-floor" else MODE_PRODUCT)
+    kernel_mode = {"udp-floor": MODE_COUNT_ONLY, "udp": MODE_PRODUCT, "udp-ports": MODE_PORTS_ONLY}[mode]
+    flows = UdpFlows(mode=kernel_mode)
     lock, stop = threading.Lock(), threading.Event()
 
     def poll_every_second() -> None:
@@ -62,7 +65,7 @@ def load_udp_mode(mode: str, loaded_mode):  # -> kernel_overhead.LoadedMode
 
     loaded = loaded_mode(flows.bpf, switch(True), switch(False), close)
     loaded.off()
-    if mode == "udp":
+    if mode != "udp-floor":
         threading.Thread(target=poll_every_second, daemon=True).start()
     return loaded
 
@@ -75,7 +78,7 @@ def udp_verdicts(results) -> list[str]:
         res = results.get(w)
         if not res:
             continue
-        for mode in ("udp-floor", "udp", "flowmon"):
+        for mode in ("udp-floor", "udp", "udp-ports", "flowmon"):
             if mode in res.ratio:
                 tp, cost = statistics.median(res.ratio[mode]), statistics.median(res.cost[mode])  # ratios
                 lines.append(

@@ -19,8 +19,9 @@
 // evictions from udp_stats[UST_FLOWS_CREATED]. Directions are client→server (c2s) and server→client.
 //
 // Integer cflags (set by udp_flows.py): UDP_TUPLE_MAX, UDP_FLOW_MAX, UDP_IDLE_S, and UDP_MODE: 1 the
-// product, 0 the count-only floor of this hook for bench/kernel_overhead.py (every line up to the
-// datagram's walk shared).
+// product; for bench/kernel_overhead.py, 0 the count-only floor of this hook (every line up to the
+// datagram's walk shared) and 2 the product with roles by ports alone (no tuple map: what remembering
+// the first sender costs).
 
 #include "skb_headers.h"
 
@@ -121,6 +122,9 @@ static __always_inline int flag(u32 index) {
 
 // This end's role for the tuple: remembered from its first datagram while the tuple is active.
 static __always_inline u64 local_role(struct udp_tuple *t, u8 egress, u64 now) {
+#if UDP_MODE == 2
+    return t->local_port > t->remote_port || (t->local_port == t->remote_port && egress);
+#endif
     struct udp_role *r = udp_tuples.lookup(t);
     if (r && now - r->last_ns < UDP_IDLE_NS) {
         if (now - r->last_ns > UDP_TOUCH_NS)

@@ -31,7 +31,8 @@ UDP_ROLE = struct.Struct("<QQ")  # struct udp_role: last_ns, local_is_client
 # enum udp_stat in bpf/udp.c
 UST_FLOWS_CREATED, UST_FLOW_FAILED, UST_TUPLE_FULL, UST_NOT_WALKED, UST_SEEN = range(5)
 DEFAULT_UDP_SIZES = {"UDP_TUPLE_MAX": 65536, "UDP_FLOW_MAX": 16384, "UDP_IDLE_S": 120}
-MODE_PRODUCT, MODE_COUNT_ONLY = 1, 0  # UDP_MODE: the product, or the hook's count-only floor (bench)
+# UDP_MODE: the product; for benches, the hook's count-only floor, and roles by ports (no tuple map)
+MODE_PRODUCT, MODE_COUNT_ONLY, MODE_PORTS_ONLY = 1, 0, 2
 
 
 def decode_udp_value(raw: bytes) -> tuple[int, FlowCounters]:
