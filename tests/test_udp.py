@@ -202,12 +202,12 @@ def test_exported_once_per_pair_through_the_agents_aggregation(udp, lab) -> None
     )
     pair = (("client_workload", "web"), ("server_port", str(port)), ("server_workload", "statsd"))
     assert exported(view, "flowmon-system/all") == {
-        ("flowmon_udp_sent_bytes_total", pair): 1300.0,  # counted once: the client's socket reports
+        ("flowmon_udp_sent_bytes_total", pair): 1500.0,  # counted once: the client's socket reports
         ("flowmon_udp_received_bytes_total", pair): 80.0,
         ("flowmon_udp_sent_datagrams_total", pair): 3.0,
         ("flowmon_udp_received_datagrams_total", pair): 4.0,
     }
-    assert exported(view, "pay/team")[("flowmon_udp_sent_bytes_total", pair[::2])] == 1300.0
+    assert exported(view, "pay/team")[("flowmon_udp_sent_bytes_total", pair[::2])] == 1500.0
     assert exported(view, "dev/other") == {}  # tenancy: neither end is in dev
     tcp = [f for f in view.monitors["flowmon-system/all"].families if f.info.name.startswith("flowmon_tcp_")]
     assert all(not f.samples and not f.histograms for f in tcp)  # a UDP-only pair has no TCP series
