@@ -402,8 +402,9 @@ PREDICTIONS = [
         NS,
         6,
     ),
-    # the default spec: 8 single-sample metrics (3 of them with two extra-label values), two histograms
-    ({}, None, 2001 * (4 + 1 + 2 * 3) + 2001 * (10 + 3) + 2001 * (9 + 3)),
+    # the default spec: 8 TCP single-sample metrics (3 of them with two extra-label values), two
+    # histograms, 4 UDP counters
+    ({}, None, 2001 * (4 + 1 + 2 * 3) + 2001 * (10 + 3) + 2001 * (9 + 3) + 2001 * 4),
 ]
 
 

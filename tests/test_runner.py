@@ -333,7 +333,7 @@ async def test_the_tracer_is_configured_from_the_policy_metadata_and_settings(tm
         polls = agent.polls
         agent.policy.apply(without_rtt, source="api")  # wakes the loop: a poll follows at once
         await _until(lambda: agent.polls > polls)
-        assert tracer.configs[1:] == [expected, replace(expected, rtt=False)]
+        assert tracer.configs[1:] == [expected, replace(expected, rtt=False, udp=False)]  # no RTT, no UDP
         agent.poll_once()  # nothing changed: the tracer is not reconfigured
         assert len(tracer.configs) == 3
     finally:
