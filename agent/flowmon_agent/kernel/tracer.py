@@ -10,6 +10,7 @@ while the config asks for UDP.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import threading
 import time
@@ -25,6 +26,8 @@ from flowmon_agent.kernel.maps import CFG_ADOPT, CFG_RTT_EPOCH
 from flowmon_agent.kernel.program import KernelProgram, Sizes
 from flowmon_agent.kernel.rtt_sampler import RttSampler
 from flowmon_agent.kernel.udp_flows import UdpFlows
+
+log = logging.getLogger(__name__)
 
 
 class FlowTracer:
@@ -51,7 +54,8 @@ class FlowTracer:
         """`config` applies from the first socket: BCC attaches the programs as it loads them, and until the
         tracer has been configured the kernel takes no socket in. `rtt_window_clock=False`: the caller
         opens and closes the srtt sampling windows (`rtt_sampler`). `udp=False`: bpf/udp.c is not even
-        loaded (a config's `udp` then changes nothing)."""
+        loaded (a config's `udp` then changes nothing). A node where it cannot load or attach (no cgroup v2)
+        keeps TCP: the reason is logged once and kept in `udp_unavailable`."""
         for name, value in (("rtt_interval_ms", rtt_interval_ms), ("rtt_window_ms", rtt_window_ms)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, not {value}")
@@ -63,8 +67,9 @@ class FlowTracer:
         self.lock = threading.RLock()
         self._closed = False
         self._udp: UdpFlows | None = None
+        self.udp_unavailable = ""
         try:
-            self._udp = UdpFlows(sizes=udp_sizes) if udp else None
+            self._udp = self._load_udp(udp_sizes) if udp else None
             self._maps = ConfigMaps(self.program)
             self._adoptions = existing.Adoptions(
                 self.program.table("adopt"),
@@ -94,6 +99,14 @@ class FlowTracer:
                 self._udp.close()
             raise
         self.rtt_sampler.start()
+
+    def _load_udp(self, sizes: Mapping[str, int] | None) -> UdpFlows | None:
+        try:
+            return UdpFlows(sizes=sizes)
+        except kernel_paths.BPFUnavailableError as exc:
+            self.udp_unavailable = str(exc)
+            log.warning("UDP is not counted on this node, TCP is: %s", exc)
+            return None
 
     # --- configuration (through maps only) -----------------------------------------------------------
     @property
