@@ -103,10 +103,22 @@ class FlowTracer:
     def _load_udp(self, sizes: Mapping[str, int] | None) -> UdpFlows | None:
         try:
             return UdpFlows(sizes=sizes)
-        except kernel_paths.BPFUnavailableError as exc:
-            self.udp_unavailable = str(exc)
-            log.warning("UDP is not counted on this node, TCP is: %s", exc)
+        except (kernel_paths.BPFUnavailableError, OSError) as exc:
+            self._without_udp(exc)
             return None
+
+    def _configure_udp(self, config: KernelConfig) -> None:
+        assert self._udp is not None
+        try:
+            self._udp.configure(config)
+        except kernel_paths.BPFUnavailableError as exc:  # the cgroup links could not be made
+            self._udp.close()
+            self._udp = None
+            self._without_udp(exc)
+
+    def _without_udp(self, exc: Exception) -> None:
+        self.udp_unavailable = str(exc)
+        log.warning("UDP is not counted on this node, TCP is: %s", exc)
 
     # --- configuration (through maps only) -----------------------------------------------------------
     @property
@@ -122,7 +134,7 @@ class FlowTracer:
             if config.rtt != self.rtt_sampler.wanted:
                 self.rtt_sampler.set_wanted(config.rtt)
             if self._udp is not None:
-                self._udp.configure(config)
+                self._configure_udp(config)
 
     def adopt(self, conns: Iterable[existing.ExistingConnection], *, window_s: float = 300.0) -> int:
         """Measure already-open connections from their next received segment on (for window_s)."""
