@@ -3,6 +3,7 @@ count-once, NAT re-keying, histogram mapping, the kernel filter)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import ip_address
 
 import pytest
@@ -13,7 +14,7 @@ from flowmon_agent.aggregation.series import log2_to_buckets
 from flowmon_agent.aggregation.tracing_scope import TraceSet, kernel_config, local_ip_filter
 from flowmon_agent.aggregation.view import AgentView, Family
 from flowmon_agent.kernel.counters import FlowCounters
-from flowmon_agent.kernel.flows import FlowKey, FlowSnapshot, KernelConfig, Reporter
+from flowmon_agent.kernel.flows import FlowKey, FlowSnapshot, KernelConfig, Reporter, Transport
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_contract.alerting import IsolationAlerting
 from flowmon_contract.metrics import OVERFLOW_VALUE
@@ -606,3 +607,23 @@ def test_forbidden_environment_pairs_are_counted_in_the_monitors_view(resolver: 
     assert family(view, "flowmon_isolation_violations").samples == {pair: 4.0}
     without = agg.build_view(snap(flows), policy(monitor()), resolver, 2.0)
     assert all(f.info.name != "flowmon_isolation_violations" for f in without.monitors[mon.key].families)
+
+
+def test_udp_and_tcp_pairs_show_only_their_own_protocols_families(resolver: Resolver) -> None:
+    """A UDP flow key carries the vector's UDP words; a pair that only talks UDP has no flowmon_tcp_*
+    series at 0, and the reverse; count-once drops the server's report of a UDP pair its client's agent
+    reports (both ends traced on n1)."""
+    udp = FlowCounters.of(
+        udp_sent_bytes=120, udp_received_bytes=40, udp_sent_datagrams=3, udp_received_datagrams=1
+    )
+    udp_key = replace(key(WEB1, API1, 8125), protocol=Transport.UDP)
+    flows = {
+        udp_key: udp,
+        replace(udp_key, reporter=S): udp,
+        key(TOOL, API1): counters(sent=10, opened=1),
+    }
+    view = run(resolver, policy(monitor()), flows, node="n1")
+    families = {f.info.name: f.samples for f in view.monitors["flowmon-system/m"].families}
+    assert families["flowmon_udp_sent_bytes"] == {("web", "api"): 120}
+    assert families["flowmon_udp_received_datagrams"] == {("web", "api"): 1}
+    assert families["flowmon_tcp_sent_bytes"] == {("tool", "api"): 10}
