@@ -125,11 +125,14 @@ def pair(r: dict, client: str, server: str) -> bool:
     )
 
 
+HEADLESS_SECONDS = 60
+
+
 def test_headless_demo_answers_its_queries_and_leaves_nothing(no_demo_running) -> None:
-    proc = start_demo("--no-ui", "--duration", "35")
+    proc = start_demo("--no-ui", "--duration", str(HEADLESS_SECONDS))
     try:
         url, lines = read_until_prometheus(proc)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + HEADLESS_SECONDS - 10  # the whole run but its summary: no fixed speed
         by_query = dict((what, expr) for what, expr in scenario.QUERIES)
         checks = {
             "bytes/s per workload pair (service map)": lambda rs: (
@@ -159,7 +162,7 @@ def test_headless_demo_answers_its_queries_and_leaves_nothing(no_demo_running) -
             url,
             'ALERTS{alertname="FlowmonIsolationViolation",alertstate="firing"}',
             lambda rs: any(pair(r, "shop-staging/frontend", "payments/api") for r in rs),
-            time.monotonic() + 25,
+            deadline,
         )
         # Every agent is scraped over TLS with the token, for every monitor.
         up = query(url, "up")
@@ -252,11 +255,9 @@ def test_ctrl_c_ends_the_demo_early_and_removes_everything(no_demo_running) -> N
     proc = start_demo("--no-ui", "--duration", "120")
     try:
         _, lines = read_until_prometheus(proc)
-        started = time.monotonic()
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=60)  # well before its --duration: it ended early
         lines.append(out)
-        assert time.monotonic() - started < 30
         assert proc.returncode == 0, "".join(lines)
         assert "nothing of the demo remains" in out
     finally:

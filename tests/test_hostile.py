@@ -35,19 +35,13 @@ from flowmon_agent.runner import reload_inventory
 from flowmon_operator.pki import issue_serving_cert
 from tests.server_rig import ADMIN, SHOP, ServerRig, make_policy
 from tests.test_runner import fake_agent
+from tests.waiting import until
 
 WAIT = 10.0  # the bound on any single wait in this module
 
 
 def limits(**fields) -> ServerLimits:
     return ServerLimits(**({"header_timeout": 0.5, "idle_timeout": 30.0} | fields))
-
-
-async def until(condition, timeout: float = WAIT) -> None:
-    """Wait for a condition the test caused (a reload, a close), checking every 20 ms, at most `timeout`."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
 
 
 async def tls_stream(rig: ServerRig, source: str = "127.0.0.1"):

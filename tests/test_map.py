@@ -14,6 +14,7 @@ from flowmon_cli import prometheus_source as ps
 from flowmon_cli import topview
 from flowmon_cli.map import dot, graphviz, model, server
 from flowmon_cli.sources import Sample
+from tests.waiting import until
 
 GOLDEN = Path(__file__).parent / "golden" / "map"
 SVG = "{http://www.w3.org/2000/svg}"
@@ -179,7 +180,6 @@ def test_output_format_follows_the_file_name() -> None:
 
 @pytest.mark.asyncio
 async def test_live_page_serves_only_its_own_assets_and_reports_a_failed_reading() -> None:
-    import asyncio
 
     from aiohttp.test_utils import TestClient, TestServer
 
@@ -195,9 +195,10 @@ async def test_live_page_serves_only_its_own_assets_and_reports_a_failed_reading
         for asset in ("/map.js", "/map.css"):
             response = await client.get(asset)
             assert response.status == 200 and "http://" not in await response.text()
-        for _ in range(50):  # the first reading fails within a refresh or two
+
+        async def reading() -> dict | None:  # the first reading fails within a refresh or two
             answer = await (await client.get("/api/map")).json()
-            if answer["generation"]:
-                break
-            await asyncio.sleep(0.1)
+            return answer if answer["generation"] else None
+
+        answer = await until(reading)
         assert "Connection refused" in answer["error"] and "svg" not in answer

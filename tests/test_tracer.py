@@ -24,6 +24,7 @@ from flowmon_agent.kernel.flows import FlowKey, FlowSnapshot, KernelConfig, Repo
 from flowmon_agent.kernel.program import KernelProgram
 from flowmon_agent.kernel.tracer import FlowTracer
 from flowmon_lab.network import Lab, Pod
+from tests.waiting import wait_for as wait_until
 
 pytestmark = pytest.mark.root
 
@@ -167,7 +168,7 @@ def key(client: Pod, server: Pod, family: int, port: int, reporter: Reporter) ->
 
 
 def wait_for(
-    tracer: FlowTracer, ready: Callable[[FlowSnapshot], bool], timeout: float = 10.0
+    tracer: FlowTracer, ready: Callable[[FlowSnapshot], bool], timeout: float = 30.0
 ) -> FlowSnapshot:
     """Poll until ready(snapshot) or timeout; the caller then asserts exact values on the snapshot."""
     deadline = time.monotonic() + timeout
@@ -455,10 +456,15 @@ def established_pair(lab: Lab, port: int) -> tuple[socket.socket, socket.socket]
         conn, _ = srv.accept()
     send_exact(cli, 10)
     recv_exact(conn, 10)
-    # let the server's delayed ACK go out now: arriving after the client was reset, it would draw a
-    # second (correctly counted) RST from the client's kernel
-    time.sleep(0.3)
+    # wait for the server's delayed ACK: arriving after the client was reset, it would draw a second
+    # (correctly counted) RST from the client's kernel
+    wait_until(lambda: unacked(cli) == 0, interval=0.01)
     return cli, conn
+
+
+def unacked(sock: socket.socket) -> int:
+    """Segments the peer has not acknowledged yet (struct tcp_info's tcpi_unacked, at offset 24)."""
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)[0]
 
 
 def linger0(sock: socket.socket) -> None:
