@@ -20,6 +20,7 @@ import pytest
 
 from flowmon_lab import minicluster
 from flowmon_lab.demo import scenario, state
+from tests.waiting import wait_for as wait_for_state
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.root, pytest.mark.root, pytest.mark.slow]
@@ -90,10 +91,7 @@ def demo_processes() -> list[str]:
 
 def assert_nothing_left(lines: list[str] = ()) -> None:
     assert minicluster.list_netns(scenario.PREFIX) == [], "".join(lines)
-    deadline = time.monotonic() + 10  # processes killed by the parent-death signal take a moment
-    while demo_processes() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert demo_processes() == []
+    wait_for_state(lambda: demo_processes() == [])  # killed by the parent-death signal: a moment
     assert not state.STATE_FILE.exists()
     assert not [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("flowmon-demo-*")]
     # The host's own tables were never touched: kube-proxy's chains exist only in the node netns.
