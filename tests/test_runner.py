@@ -66,7 +66,10 @@ async def test_runner_lifecycle_metadata_and_live_policy(tmp_path, kube_api):
     await agent.start()
     try:
         async with aiohttp.ClientSession() as http:
-            await until(lambda: agent.not_ready_reason() is None)
+            await until(lambda: agent.not_ready_reason() is None and agent.watcher.age_seconds() == 0)
+            polls = agent.polls
+            agent.poll_soon()  # a view taken with every watch connected
+            await until(lambda: agent.polls > polls)
             assert store.namespace_labels("shop") is not None
             assert (await http.get(agent.url + "/readyz")).status == 200
             text = await _scrape(http, agent.url + "/metrics")
