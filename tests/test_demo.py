@@ -20,6 +20,7 @@ import pytest
 
 from flowmon_lab import minicluster
 from flowmon_lab.demo import scenario, state
+from tests.waiting import wait_for as wait_for_state
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.root, pytest.mark.root, pytest.mark.slow]
@@ -90,10 +91,7 @@ def demo_processes() -> list[str]:
 
 def assert_nothing_left(lines: list[str] = ()) -> None:
     assert minicluster.list_netns(scenario.PREFIX) == [], "".join(lines)
-    deadline = time.monotonic() + 10  # processes killed by the parent-death signal take a moment
-    while demo_processes() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert demo_processes() == []
+    wait_for_state(lambda: demo_processes() == [])  # killed by the parent-death signal: a moment
     assert not state.STATE_FILE.exists()
     assert not [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("flowmon-demo-*")]
     # The host's own tables were never touched: kube-proxy's chains exist only in the node netns.
@@ -125,11 +123,14 @@ def pair(r: dict, client: str, server: str) -> bool:
     )
 
 
+HEADLESS_SECONDS = 60
+
+
 def test_headless_demo_answers_its_queries_and_leaves_nothing(no_demo_running) -> None:
-    proc = start_demo("--no-ui", "--duration", "35")
+    proc = start_demo("--no-ui", "--duration", str(HEADLESS_SECONDS))
     try:
         url, lines = read_until_prometheus(proc)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + HEADLESS_SECONDS - 10  # the whole run but its summary: no fixed speed
         by_query = dict((what, expr) for what, expr in scenario.QUERIES)
         checks = {
             "bytes/s per workload pair (service map)": lambda rs: (
@@ -159,7 +160,7 @@ def test_headless_demo_answers_its_queries_and_leaves_nothing(no_demo_running) -
             url,
             'ALERTS{alertname="FlowmonIsolationViolation",alertstate="firing"}',
             lambda rs: any(pair(r, "shop-staging/frontend", "payments/api") for r in rs),
-            time.monotonic() + 25,
+            deadline,
         )
         # Every agent is scraped over TLS with the token, for every monitor.
         up = query(url, "up")
@@ -252,11 +253,9 @@ def test_ctrl_c_ends_the_demo_early_and_removes_everything(no_demo_running) -> N
     proc = start_demo("--no-ui", "--duration", "120")
     try:
         _, lines = read_until_prometheus(proc)
-        started = time.monotonic()
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=60)  # well before its --duration: it ended early
         lines.append(out)
-        assert time.monotonic() - started < 30
         assert proc.returncode == 0, "".join(lines)
         assert "nothing of the demo remains" in out
     finally:

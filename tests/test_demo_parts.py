@@ -3,10 +3,10 @@ state file that `--cleanup` relies on, the traffic generator."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from flowmon_lab.cluster_plan import plan_cluster
 from flowmon_lab.demo import prometheus as prom
 from flowmon_lab.demo import scenario, state, trafficgen
 from flowmon_lab.prometheus import config, free_port, promtool_check
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,55 +125,37 @@ def test_release_kills_recorded_processes_but_never_a_reused_pid(tmp_path: Path)
 # --- traffic generator -----------------------------------------------------------------------------
 
 
+def call(port: int, *args: str) -> str:
+    """`trafficgen call` against the local server: its one line of results."""
+    argv = [sys.executable, "-m", "flowmon_lab.demo.trafficgen", "call", f"127.0.0.1:{port}", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.strip()
+
+
 def test_trafficgen_exchanges_counts_refusals_and_stops_in_time() -> None:
-    port = free_port()
-    server = threading.Thread(target=trafficgen.serve, args=(port, 4.0), daemon=True)
+    port, stop = free_port(), threading.Event()
+    server = threading.Thread(target=trafficgen.serve, args=(port, 300.0, stop), daemon=True)
     server.start()
-    time.sleep(0.3)
-    assert trafficgen.call_once(("127.0.0.1", port), 5000, 70000, 2.0) == "ok"
-    started = time.monotonic()
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flowmon_lab.demo.trafficgen",
-            "call",
-            f"127.0.0.1:{port}",
-            "--rate",
-            "50",
-            "--seconds",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    assert time.monotonic() - started < 5
-    assert out.stdout.startswith(f"127.0.0.1:{port}: {{'ok': ")
-    bursts = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flowmon_lab.demo.trafficgen",
-            "call",
-            f"127.0.0.1:{port}",
-            "--burst",
-            "4",
-            "--every",
-            "0.4",
-            "--count",
-            "10",
-            "--seconds",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    assert bursts.stdout.strip() == f"127.0.0.1:{port}: {{'ok': 10}}"  # 4 + 4 + 2: the count bounds it
-    server.join(timeout=6)
-    assert not server.is_alive()  # --seconds bounds the server too
+    try:
+        wait_for(lambda: trafficgen.call_once(("127.0.0.1", port), 5000, 70000, 2.0) == "ok")  # listening
+        paced = call(port, "--rate", "50", "--seconds", "1")
+        assert paced.startswith(f"127.0.0.1:{port}: {{'ok': ")
+        # --seconds bounds the run: at 50/s for 1 s no more than 50 calls, however slow the host.
+        assert 0 < sum(ast.literal_eval(paced.partition(": ")[2]).values()) <= 50
+        # 4 + 4 + 2: the count bounds it (--seconds is far away).
+        bursts = call(port, "--burst", "4", "--every", "0.4", "--count", "10", "--seconds", "60")
+        assert bursts == f"127.0.0.1:{port}: {{'ok': 10}}"
+    finally:
+        stop.set()
+        server.join(timeout=10)
+    assert not server.is_alive()
     assert trafficgen.call_once(("127.0.0.1", port), 10, 10, 1.0) == "refused"
+
+
+def test_trafficgen_server_stops_after_its_seconds() -> None:
+    server = threading.Thread(target=trafficgen.serve, args=(free_port(), 0.2), daemon=True)
+    server.start()
+    server.join(timeout=30)
+    assert not server.is_alive()
 
 
 @pytest.mark.parametrize("probability", [0.03, 0.5])

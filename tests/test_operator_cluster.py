@@ -34,8 +34,8 @@ from flowmon_operator import builders
 from flowmon_operator.handlers import FINALIZER, operator
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi import KubeAPI
-from tests.kubeapi.server import wait_for
 from tests.schemas import FLOWMON_CRD, SHARED_SCHEMAS
+from tests.waiting import wait_for
 
 FM = "flowmon.io/v1alpha1"
 MONITORING = "monitoring.coreos.com/v1"

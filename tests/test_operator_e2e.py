@@ -137,6 +137,22 @@ class Cluster:
     def wait(self, predicate, timeout: float = WAIT):
         return self.api.wait_for(predicate, timeout)
 
+    def wait_rounds(self, count: int) -> None:
+        """Wait until `count` more operator rounds have run to their end, so a check that nothing changed
+        follows rounds that had their chance to change it (not a fixed window a loaded host may not fill).
+        Every round starts by listing the FlowMonitors; the round after the `count`-th listing has begun,
+        so the `count`-th has ended."""
+        asked = len(self.api.requests)
+
+        def listings() -> int:
+            return sum(
+                1
+                for method, path in self.api.requests[asked:]
+                if method == "GET" and path.split("?")[0].endswith("/flowmonitors") and "watch=" not in path
+            )
+
+        self.wait(lambda: listings() > count, timeout=(count + 1) * TIMER + WAIT)
+
     # FlowMonitors
     def create_monitor(self, name: str, namespace: str = "team-a", spec: dict | None = None) -> dict:
         return self.api.create(
@@ -316,7 +332,7 @@ def test_create_builds_every_object_and_pushes_the_policy_to_every_agent(cluster
     assert FINALIZER in cluster.monitor("web")["metadata"]["finalizers"]
     # Steady state: timer rounds keep running and write nothing at all (no churn, no watch events).
     settled, asked = cluster.api.store.rv, len(cluster.api.requests)
-    time.sleep(3 * TIMER)
+    cluster.wait_rounds(2)
     rounds = [p for m, p in cluster.api.requests[asked:] if m == "PATCH" and "/daemonsets/" in p]
     assert len(rounds) >= 2 and cluster.api.store.rv == settled
     # Everything the operator wrote is what a real API server with these CRDs would accept.
@@ -432,7 +448,7 @@ def test_invalid_spec_gets_a_condition_naming_the_field_and_changes_nothing(
     assert "spec.metrics.0" in cluster.condition("web", "Ready")["message"]
     assert cluster.monitor("web")["status"]["observedGeneration"] == 2
     # Several timer rounds later, nothing that runs has changed.
-    time.sleep(3 * TIMER)
+    cluster.wait_rounds(3)
     assert versions() == before
     assert cluster.policy().hash == running
     assert {cluster.agents.hash(ip) for ip in NODES.values()} == {running}
@@ -527,12 +543,17 @@ def test_children_deleted_or_edited_by_hand_are_restored_and_foreign_fields_kept
     assert cluster.policy().monitor("team-a", "web").token_sha256 == [token_sha256(token)]
 
 
-def test_the_operator_survives_the_api_going_away(cluster: Cluster):
+def test_the_operator_survives_the_api_going_away(cluster: Cluster, caplog: pytest.LogCaptureFixture):
     cluster.create_monitor("web")
     cluster.bring_up_agents()
     cluster.wait(lambda: cluster.ready_with("web"))
+
+    def failed_rounds() -> int:
+        return sum("the periodic round failed" in r.getMessage() for r in caplog.records)
+
+    before = failed_rounds()
     cluster.api.stop()
-    time.sleep(3 * TIMER)  # timer rounds fail meanwhile
+    cluster.wait(lambda: failed_rounds() >= before + 2)  # timer rounds fail meanwhile
     cluster.api.start()
     # Watches resume: a new monitor is reconciled.
     cluster.create_monitor("db", namespace="team-b")
@@ -637,7 +658,7 @@ def test_missing_prometheus_operator_crds_degrade_but_the_policy_still_runs(clus
     assert {cluster.agents.hash(ip) for ip in NODES.values()} == {cluster.policy().hash}
     # Each monitor's round and the other's agree: the condition does not flap between rounds.
     settled = degraded()
-    time.sleep(3 * TIMER)
+    cluster.wait_rounds(3)
     assert degraded() == settled
 
 
@@ -669,7 +690,7 @@ def test_cert_manager_issues_the_serving_certificate_and_its_ca_is_trusted(cert_
     # Until cert-manager has issued the Secret, the monitor waits and says why; nothing runs yet.
     cluster.wait(lambda: cluster.condition("web", "Ready").get("reason") == "WaitingForCertificate")
     assert s.serving_cert_secret_name in cluster.condition("web", "Ready")["message"]
-    time.sleep(2 * TIMER)
+    cluster.wait_rounds(2)
     assert cluster.secret(s.serving_cert_secret_name) is None  # the operator does not issue it itself
     assert cluster.secret(s.ca_secret_name) is None
     assert not any(cluster.shared().values()) and cluster.children("web")["Secret"] is None

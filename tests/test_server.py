@@ -29,6 +29,7 @@ from flowmon_agent.export.server import (
 from flowmon_contract.policy import compile_policy
 from tests.export_samples import agent_view
 from tests.server_rig import ADMIN, OPS, SHOP, ServerRig, make_policy, monitor
+from tests.waiting import until
 
 DURATION_LINE = b"flowmon_agent_scrape_collector_duration_seconds{"
 
@@ -312,25 +313,35 @@ async def _served_cn(agent: ServerRig) -> str:
 async def test_tls_certificate_reload(agent):
     assert await _served_cn(agent) == "CN=agent-one"
     agent.pki.reissue("agent-two")
-    for _ in range(50):
-        if await _served_cn(agent) == "CN=agent-two":
-            break
-        await asyncio.sleep(0.1)
-    assert await _served_cn(agent) == "CN=agent-two"
+
+    async def serves(cn: str) -> bool:
+        return await _served_cn(agent) == cn
+
+    await until(lambda: serves("CN=agent-two"))
     assert agent.server.tls_reloads == 1
     agent.pki.cert_file.write_text("garbage")  # a broken rotation keeps the old certificate serving
-    await asyncio.sleep(0.5)
-    assert await _served_cn(agent) == "CN=agent-two"
+
+    async def refused() -> bool:
+        return await _admin_sample(agent, 'flowmon_agent_reload_rejected_total{file="tls"} ') == 1.0
+
+    await until(refused)
+    assert await serves("CN=agent-two")
+
+
+async def _admin_sample(agent: ServerRig, prefix: str) -> float | None:
+    _code, body, _ = await agent.request("GET", "/metrics", ADMIN)
+    line = next((x for x in body.decode().splitlines() if x.startswith(prefix)), None)
+    return None if line is None else float(line.rsplit(" ", 1)[1])
 
 
 @pytest.mark.asyncio
 async def test_admin_token_file_reload(agent):
     agent.server.config.admin_token_file.write_text("rotated-admin\n")
-    for _ in range(50):
-        if (await agent.request("GET", "/metrics", "rotated-admin"))[0] == 200:
-            break
-        await asyncio.sleep(0.1)
-    assert (await agent.request("GET", "/metrics", "rotated-admin"))[0] == 200
+
+    async def accepted() -> bool:
+        return (await agent.request("GET", "/metrics", "rotated-admin"))[0] == 200
+
+    await until(accepted)
     assert (await agent.request("GET", "/metrics", ADMIN))[0] == 401
 
 
@@ -341,13 +352,12 @@ async def test_concurrent_scrapes_agree(agent):
     def status(n: int) -> AgentStatus:
         return AgentStatus(view=agent_view(policy_hash=f"{n:064x}", sent_bytes=n, received_bytes=n))
 
-    stop = threading.Event()
+    stop, swaps = threading.Event(), [0]
 
     def swapper() -> None:  # a thread, like the poll loop
-        n = 0
         while not stop.is_set():
-            n += 1
-            agent.exporter.swap(status(n))
+            swaps[0] += 1
+            agent.exporter.swap(status(swaps[0]))
             time.sleep(0.0005)
 
     thread = threading.Thread(target=swapper)
@@ -357,7 +367,7 @@ async def test_concurrent_scrapes_agree(agent):
         for _ in range(4):  # waves of concurrent scrapes, apart in time so that they see different polls
             wave = (agent.request("GET", "/metrics/shop/web", SHOP) for _ in range(10))
             bodies += await asyncio.gather(*wave)
-            await asyncio.sleep(0.02)
+            await until(lambda n=swaps[0]: swaps[0] > n)  # the next wave sees another poll
     finally:
         stop.set()
         thread.join()

@@ -7,7 +7,6 @@ import contextlib
 import json
 import ssl
 import threading
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import yaml
 from aiohttp import web
 
 from tests.tls_samples import make_pki
+from tests.waiting import WAIT, wait_for
 
 from .authn import DISCOVERY as TOKENREVIEW_DISCOVERY
 from .authn import TOKENREVIEW_PATH, Tokens
@@ -247,7 +247,7 @@ class KubeAPI:
         """End every open watch stream normally, as when its timeoutSeconds is over; returns how many."""
         return self.store.close_watches(CLOSE_END)
 
-    def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = WAIT, interval: float = 0.05) -> Any:
         return wait_for(predicate, timeout, interval)
 
     def deny(self, method: str, path_prefix: str, message: str) -> None:
@@ -463,15 +463,3 @@ class KubeAPI:
             "type": "BOOKMARK",
             "object": {"kind": rtype.kind, "apiVersion": rtype.api_version, "metadata": metadata},
         }
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll until predicate() is truthy; return its value or raise AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
-        time.sleep(interval)

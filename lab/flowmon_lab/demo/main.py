@@ -447,6 +447,8 @@ def run(args: argparse.Namespace) -> int:
     except DemoError as exc:
         print(f"flowmon demo: {exc}", file=sys.stderr)
         return 1
+    # Python leaves SIGINT ignored when it starts so (a background job of a script): Ctrl-C stops it anyway
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     demo = None

@@ -21,7 +21,8 @@ MAX_RESPONSE = 4 * 1024 * 1024
 MAX_CONNECTIONS = 100_000  # per client run, whatever the rate and duration
 
 
-def serve(port: int, seconds: float) -> int:
+def serve(port: int, seconds: float, stop: threading.Event | None = None) -> int:
+    """Answer calls for `seconds`, or until `stop` is set (a caller running it in a thread)."""
     srv = socket.socket(socket.AF_INET6)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 and IPv6
@@ -29,7 +30,7 @@ def serve(port: int, seconds: float) -> int:
     srv.listen(256)
     deadline = time.monotonic() + seconds
     srv.settimeout(1.0)
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (stop and stop.is_set()):
         try:
             conn, _ = srv.accept()
         except TimeoutError:
