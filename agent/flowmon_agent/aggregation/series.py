@@ -36,7 +36,7 @@ from flowmon_agent.kernel.flows import IPAddress
 from flowmon_agent.metadata.resolver import KIND_EXTERNAL, Endpoint, name_network
 from flowmon_contract.metrics import METRICS, OVERFLOW_VALUE, FamilyType
 from flowmon_contract.policy import MonitorPolicy
-from flowmon_contract.spec import Dimension, Metric
+from flowmon_contract.spec import DNS_METRICS, Dimension, Metric
 
 Sparse = tuple[tuple[int, int], ...]  # (index, growth) of the non-zero entries of a counter vector
 
@@ -101,6 +101,10 @@ def flow_labels(flow: ResolvedFlow, monitor: MonitorPolicy) -> LabelValues:
             values.append(str(flow.server_port))
         elif dim == Dimension.SERVICE:
             values.append(flow.service)
+        elif dim == Dimension.SERVER_DNS_NAME:  # unknown external peers stay `external` (or their network)
+            external = flow.server.kind == KIND_EXTERNAL
+            unnamed = _endpoint_value(flow.server, flow.server_ip, "workload", monitor) if external else ""
+            values.append(flow.server_dns_name or unnamed)
         else:
             end, attr = str(dim).split("_", 1)
             ep, ip = (flow.client, flow.client_ip) if end == "client" else (flow.server, flow.server_ip)
@@ -184,7 +188,7 @@ def monitor_families(
 ) -> tuple[Family, ...]:
     families: list[Family] = []
     group = tuple(str(d) for d in monitor.group_by)
-    for metric in (Metric(m) for m in monitor.metrics):
+    for metric in (Metric(m) for m in monitor.metrics if m not in DNS_METRICS):  # dns_series renders DNS
         info = METRICS[metric]
         names = (*group, info.extra_label) if info.extra_label else group
         if info.type == FamilyType.HISTOGRAM:

@@ -41,16 +41,20 @@ class NameTable:
         self._clients_of: dict[str, set[str]] = {}  # address -> clients holding an entry for it
         self._deadlines: list[tuple[float, str, str]] = []  # (expires, client, address), a min-heap
         self._evicted = self._expired = 0
+        self.generation = 0  # grows whenever an entry appears, changes its name or goes (not on refresh)
 
     def learn(self, client: str, address: str, name: str, ttl_s: float) -> None:
         expires = self._clock() + min(max(ttl_s, 0.0), self._max_ttl_s)
         key = (client, address)
-        if key in self._entries:
+        known = self._entries.get(key)
+        if known is not None:
             self._entries.move_to_end(key)
         elif len(self._entries) >= self._max_entries:
             (old_client, old_address), _ = self._entries.popitem(last=False)
             self._forget_index(old_client, old_address)
             self._evicted += 1
+        if known is None or known[0] != name:  # a refresh of the same name changes no label
+            self.generation += 1
         self._entries[key] = (name, expires)
         self._clients_of.setdefault(address, set()).add(client)
         heapq.heappush(self._deadlines, (expires, client, address))
@@ -83,6 +87,7 @@ class NameTable:
                 self._forget_index(client, address)
                 gone += 1
         self._expired += gone
+        self.generation += 1 if gone else 0
         return gone
 
     def stats(self) -> NameTableStats:
