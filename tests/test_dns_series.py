@@ -258,8 +258,8 @@ def test_dns_families_join_the_monitor_view_and_tcp_only_monitors_get_none() -> 
 
 def test_label_value_counts_match_the_codes() -> None:
     """The operator's series prediction counts on these (it cannot import the agent)."""
-    assert DNS_RCODE_VALUES == len(RCODE_NAMES) + 2  # + other, timeout
-    assert DNS_QTYPE_VALUES == len(QTYPE_NAMES) + 1  # + other
+    assert len(RCODE_NAMES) + 2 == DNS_RCODE_VALUES  # + other, timeout
+    assert len(QTYPE_NAMES) + 1 == DNS_QTYPE_VALUES  # + other
 
 
 # --- server_dns_name on flows to external peers ----------------------------------------------------
