@@ -76,6 +76,18 @@ class NameTable:
         }
         return names.pop() if len(names) == 1 else None
 
+    def addresses(self, limit: int) -> list[str]:
+        """Up to `limit` addresses with a live name, the most recently learned first: what the kernel's
+        map of named peers would hold (docs/dns.md, "Names on folded flows")."""
+        now, out, seen = self._clock(), [], set()
+        for (_, address), (_, expires) in reversed(self._entries.items()):
+            if len(out) >= limit:
+                break
+            if expires > now and address not in seen:
+                seen.add(address)
+                out.append(address)
+        return out
+
     def expire(self) -> int:
         """Drop entries whose TTL has run out; how many went. Work is bounded by what expired."""
         now, gone = self._clock(), 0
