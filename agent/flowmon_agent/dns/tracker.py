@@ -162,6 +162,10 @@ class DnsTracker:
             key = MalformedKey(packet.src, packet.dst, msg.reason.value)
             self._bump(self._c.malformed, key, MalformedKey(OVERFLOW, OVERFLOW, msg.reason.value))
             return
+        self.observe_message(packet, msg)
+
+    def observe_message(self, packet: Packet, msg: Message) -> None:
+        """A message already parsed (or built from a record the kernel parsed); `packet.payload` unused."""
         if msg.opcode != OPCODE_QUERY:
             self._c.other_opcodes += 1
             return
