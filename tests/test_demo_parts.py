@@ -194,3 +194,36 @@ def test_loss_rule_is_an_iptables_statistic_drop(probability: float) -> None:
     rule = scenario.loss_rule(5432, probability)
     assert rule[:2] == ["-A", "INPUT"] and rule[-2:] == ["-j", "DROP"]
     assert ["-m", "statistic", "--mode", "random", "--probability", str(probability)] == rule[6:12]
+
+
+def test_trafficgen_resolves_names_like_a_client_without_cache() -> None:
+    """The demo's DNS client against a local responder (dnspython's answers, compressed like dnsmasq's)."""
+    import socket
+    import threading
+
+    import dns.message
+
+    from flowmon_lab.demo.trafficgen import resolve
+    from tests.dns_samples import answer
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+
+        def respond(count: int) -> None:
+            for _ in range(count):
+                data, peer = server.recvfrom(512)
+                asked = dns.message.from_wire(data)
+                name = asked.question[0].name.to_text(omit_final_dot=True)
+                found = name == "cart.shop.svc.cluster.local"
+                reply = answer(name, "A", asked.id, rcode="NOERROR" if found else "NXDOMAIN",
+                               addresses=("10.96.0.11",) if found else ())  # fmt: skip
+                server.sendto(reply, peer)
+
+        responder = threading.Thread(target=respond, args=(2,))
+        responder.start()
+        assert resolve("cart.shop.svc.cluster.local", "127.0.0.1", 5, port) == ("10.96.0.11", "NOERROR")
+        assert resolve("reviews.shop.svc.cluster.local", "127.0.0.1", 5, port) == (None, "NXDOMAIN")
+        responder.join(timeout=5)
+        # nobody answers: a timeout, no exception
+        assert resolve("cart.shop.svc.cluster.local", "127.0.0.1", 0.05, port) == (None, "dns-timeout")

@@ -94,13 +94,13 @@ def call_once(target: tuple[str, int], request: int, response: int, timeout: flo
 RCODES = {0: "NOERROR", 2: "SERVFAIL", 3: "NXDOMAIN", 5: "REFUSED"}
 
 
-def resolve(name: str, server: str, timeout: float) -> tuple[str | None, str]:
+def resolve(name: str, server: str, timeout: float, port: int = 53) -> tuple[str | None, str]:
     """(the first IPv4 address of an A answer or None, the answer code or `dns-timeout`)."""
     ident = random.randrange(1 << 16)
     question = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0\0\1\0\1"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
-        sock.sendto(struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + question, (server, 53))
+        sock.sendto(struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + question, (server, port))
         try:
             reply = sock.recv(512)
         except TimeoutError:
