@@ -116,6 +116,10 @@ def wait_for(url: str, expr: str, check, deadline: float) -> list[dict]:
     raise AssertionError(f"{expr}: {result}")
 
 
+def client(r: dict, workload: str) -> bool:
+    return f"{r['metric'].get('client_namespace')}/{r['metric'].get('client_workload')}" == workload
+
+
 def pair(r: dict, client: str, server: str) -> bool:
     m = r["metric"]
     return f"{m.get('client_namespace')}/{m.get('client_workload')}" == client and (
@@ -151,6 +155,17 @@ def test_headless_demo_answers_its_queries_and_leaves_nothing(no_demo_running) -
             "staging → prod connections (isolation)": lambda rs: any(
                 pair(r, "shop-staging/frontend", "payments/api") and float(r["value"][1]) >= 1 for r in rs
             ),
+            "DNS requests/s per client workload and answer code": lambda rs: (
+                any(client(r, "shop/catalog") and r["metric"]["rcode"] == "NXDOMAIN" for r in rs)
+                and any(client(r, "shop/frontend") and r["metric"]["rcode"] == "NOERROR" for r in rs)
+            ),
+            "DNS p99 latency per client workload": lambda rs: any(
+                client(r, "payments/settlement") and r["value"][1] != "NaN" for r in rs
+            ),
+            "bytes/s to external services, by DNS name (cost)": lambda rs: any(
+                r["metric"].get("server_dns_name") == scenario.PROVIDER_NAME and float(r["value"][1]) > 0
+                for r in rs
+            ),
         }
         assert set(checks) == set(by_query), "every printed query is checked"
         for what, check in checks.items():
@@ -180,12 +195,12 @@ def test_second_demo_refuses_and_cleanup_after_a_killed_demo(no_demo_running) ->
     proc = start_demo("--no-ui", "--duration", "120")
     try:
         _, lines = read_until_prometheus(proc)
-        assert len(minicluster.list_netns(scenario.PREFIX)) == 1 + 13
+        assert len(minicluster.list_netns(scenario.PREFIX)) == 1 + 15
         assert state.STATE_FILE.exists()
         # A second demo refuses instead of tearing down the running one.
         second = run_demo("--no-ui")
         assert second.returncode == 1 and "another demo is running" in second.stderr
-        assert len(minicluster.list_netns(scenario.PREFIX)) == 1 + 13
+        assert len(minicluster.list_netns(scenario.PREFIX)) == 1 + 15
         proc.kill()  # SIGKILL: no teardown runs
         proc.wait(timeout=10)
         assert minicluster.list_netns(scenario.PREFIX), "the netns outlive a killed demo"

@@ -30,7 +30,19 @@ def test_every_call_targets_a_service_with_backends_except_the_broken_one() -> N
     plan = plan_cluster(scenario.CLUSTER, scenario.PREFIX)
     services = {s.key: s for s in plan.services}
     serving = {(ns, dep): port for ns, dep, port in scenario.SERVERS}
+    cluster_ips = {(s.namespace, s.name): s.cluster_ip for s in plan.services if s.protocol == "tcp"}
+    hosts = scenario.resolver_hosts(cluster_ips, "192.0.2.1")
     for call in scenario.CALLS:
+        assert [p for p in plan.pods if (p.namespace, p.deployment) == call.client_ref], call
+        if call.name and call.service not in services:  # no Service: a name nobody answers, or outside
+            if call.what == "a name that does not exist":
+                assert call.name not in hosts and call.name.endswith("." + scenario.CLUSTER_DOMAIN)
+            else:
+                assert call.service_ref[0] in scenario.OUTSIDE and call.name in hosts
+                assert serving[call.service_ref] == call.port
+            continue
+        if call.name:
+            assert hosts[call.name] == [services[call.service].cluster_ip]
         svc = services[call.service]
         assert svc.endpoints, call
         backend = (svc.endpoints[0].namespace, svc.endpoints[0].deployment)
@@ -41,9 +53,11 @@ def test_every_call_targets_a_service_with_backends_except_the_broken_one() -> N
         assert [p for p in plan.pods if (p.namespace, p.deployment) == call.client_ref], call
     forbidden = [c for c in scenario.CALLS if c.what == "forbidden"]
     assert [c.client_ref[0] for c in forbidden] == ["shop-staging"]
-    envs = {ns.name: ns.labels["env"] for ns in scenario.CLUSTER.namespaces}
+    envs = {ns.name: ns.labels.get("env") for ns in scenario.CLUSTER.namespaces}
     assert envs[forbidden[0].client_ref[0]] == "staging" and envs[forbidden[0].service_ref[0]] == "prod"
-    assert len({p.node for p in plan.pods}) == 2 and len(plan.pods) == 13
+    assert len({p.node for p in plan.pods}) == 2 and len(plan.pods) == 15
+    (dns,) = [s for s in plan.services if s.key == "kube-system/kube-dns"]
+    assert dns.protocol == "udp" and dns.port == 53 and dns.endpoints
 
 
 def test_queries_are_valid_promql(tmp_path: Path) -> None:
@@ -163,3 +177,36 @@ def test_loss_rule_is_an_iptables_statistic_drop(probability: float) -> None:
     rule = scenario.loss_rule(5432, probability)
     assert rule[:2] == ["-A", "INPUT"] and rule[-2:] == ["-j", "DROP"]
     assert ["-m", "statistic", "--mode", "random", "--probability", str(probability)] == rule[6:12]
+
+
+def test_trafficgen_resolves_names_like_a_client_without_cache() -> None:
+    """The demo's DNS client against a local responder (dnspython's answers, compressed like dnsmasq's)."""
+    import socket
+    import threading
+
+    import dns.message
+
+    from flowmon_lab.demo.trafficgen import resolve
+    from tests.dns_samples import answer
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+
+        def respond(count: int) -> None:
+            for _ in range(count):
+                data, peer = server.recvfrom(512)
+                asked = dns.message.from_wire(data)
+                name = asked.question[0].name.to_text(omit_final_dot=True)
+                found = name == "cart.shop.svc.cluster.local"
+                reply = answer(name, "A", asked.id, rcode="NOERROR" if found else "NXDOMAIN",
+                               addresses=("10.96.0.11",) if found else ())  # fmt: skip
+                server.sendto(reply, peer)
+
+        responder = threading.Thread(target=respond, args=(2,))
+        responder.start()
+        assert resolve("cart.shop.svc.cluster.local", "127.0.0.1", 5, port) == ("10.96.0.11", "NOERROR")
+        assert resolve("reviews.shop.svc.cluster.local", "127.0.0.1", 5, port) == (None, "NXDOMAIN")
+        responder.join(timeout=5)
+        # nobody answers: a timeout, no exception
+        assert resolve("cart.shop.svc.cluster.local", "127.0.0.1", 0.05, port) == (None, "dns-timeout")

@@ -42,7 +42,7 @@ from flowmon_agent.kernel.flows import IPAddress
 from flowmon_agent.metadata.resolver import KIND_EXTERNAL, Endpoint, name_network
 from flowmon_contract.metrics import METRICS, OVERFLOW_VALUE, FamilyType
 from flowmon_contract.policy import MonitorPolicy
-from flowmon_contract.spec import UDP_METRICS, Dimension, Metric
+from flowmon_contract.spec import DNS_METRICS, UDP_METRICS, Dimension, Metric
 
 Sparse = tuple[tuple[int, int], ...]  # (index, growth) of the non-zero entries of a counter vector
 
@@ -111,6 +111,10 @@ def flow_labels(flow: ResolvedFlow, monitor: MonitorPolicy) -> LabelValues:
             values.append(str(flow.server_port))
         elif dim == Dimension.SERVICE:
             values.append(flow.service)
+        elif dim == Dimension.SERVER_DNS_NAME:  # unknown external peers stay `external` (or their network)
+            external = flow.server.kind == KIND_EXTERNAL
+            unnamed = _endpoint_value(flow.server, flow.server_ip, "workload", monitor) if external else ""
+            values.append(flow.server_dns_name or unnamed)
         else:
             end, attr = str(dim).split("_", 1)
             ep, ip = (flow.client, flow.client_ip) if end == "client" else (flow.server, flow.server_ip)
@@ -205,7 +209,7 @@ def monitor_families(
     families: list[Family] = []
     group = tuple(str(d) for d in monitor.group_by)
     tcp_rows, udp_rows = rows_by_protocol(all_rows)
-    for metric in (Metric(m) for m in monitor.metrics):
+    for metric in (Metric(m) for m in monitor.metrics if m not in DNS_METRICS):  # dns_series renders DNS
         rows = udp_rows if metric in UDP_METRICS else tcp_rows
         info = METRICS[metric]
         names = (*group, info.extra_label) if info.extra_label else group
