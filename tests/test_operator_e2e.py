@@ -34,7 +34,7 @@ from flowmon_contract.policy import AgentPolicy, token_sha256
 from flowmon_lab.prometheus import free_port
 from flowmon_operator import builders
 from flowmon_operator import pki as certs
-from flowmon_operator.handlers import FINALIZER, operator
+from flowmon_operator.handlers import operator
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi import KubeAPI
 from tests.kubeapi.resources import crd_body
@@ -312,8 +312,10 @@ def test_create_builds_every_object_and_pushes_the_policy_to_every_agent(cluster
         "Ready": ("True", "Reconciled"),
         "PolicyApplied": ("True", "AllAgentsInSync"),
         "Degraded": ("False", "AsExpected"),
+        "Scraped": ("False", "NotScraped"),  # no Prometheus here yet: the status says so, and why
     }
-    assert FINALIZER in cluster.monitor("web")["metadata"]["finalizers"]
+    assert "flowmon-web" in cluster.condition("web", "Scraped")["message"]
+    assert "finalizers" not in cluster.monitor("web")["metadata"]  # nothing waits for the operator
     # Steady state: timer rounds keep running and write nothing at all (no churn, no watch events).
     settled, asked = cluster.api.store.rv, len(cluster.api.requests)
     time.sleep(3 * TIMER)
@@ -322,6 +324,11 @@ def test_create_builds_every_object_and_pushes_the_policy_to_every_agent(cluster
     # Everything the operator wrote is what a real API server with these CRDs would accept.
     for obj in [*shared.values(), *children.values(), cluster.monitor("web")]:
         validate_any(obj)
+    # A scraper with the monitor's token reads its path on one agent: the agents tell the operator.
+    ca = decode(cluster.secret(s.ca_secret_name), "tls.crt")
+    assert cluster.agents.scrape(NODES["node-a"], "/metrics/team-a/web", token, ca) == 200
+    cluster.wait(lambda: cluster.condition("web", "Scraped").get("status") == "True")
+    assert cluster.condition("web", "Scraped")["reason"] == "Scraped"
 
 
 def test_update_pushes_the_new_policy_to_running_agents(cluster: Cluster):
@@ -464,18 +471,18 @@ def test_deleting_one_of_two_monitors_removes_its_children_and_the_last_removes_
         assert cluster.agents.scrape(ip, "/metrics/team-b/db", tokens["web"], ca) == 403
         assert cluster.agents.scrape(ip, "/metrics/team-a/web", tokens["web"], ca) == 200
 
+    # No finalizer: the monitor goes at once, garbage collection takes its children, a round the policy.
     cluster.api.delete(FM, "FlowMonitor", "db", "team-b")
-    cluster.wait(lambda: cluster.monitor("db", "team-b") is None)
+    assert cluster.monitor("db", "team-b") is None
     assert not any(cluster.children("db", "team-b").values())
+    cluster.wait(lambda: [m.key for m in cluster.policy().monitors] == ["team-a/web"])
     assert all(cluster.shared().values()) and all(cluster.children("web").values())
     only_web = cluster.policy()
-    assert [m.key for m in only_web.monitors] == ["team-a/web"]
     cluster.wait(lambda: {cluster.agents.hash(ip) for ip in NODES.values()} == {only_web.hash})
     cluster.wait(lambda: cluster.ready_with("web", only_web.hash))
 
     cluster.api.delete(FM, "FlowMonitor", "web", "team-a")
-    cluster.wait(lambda: cluster.monitor("web") is None)
-    assert not any(cluster.shared().values())
+    cluster.wait(lambda: not any(cluster.shared().values()))
     assert not any(cluster.children("web").values())
     # The DaemonSet's pods went with it (garbage collection of owned objects).
     assert cluster.api.list("v1", "Pod", NS) == []

@@ -80,7 +80,7 @@ async def test_runner_lifecycle_metadata_and_live_policy(tmp_path, kube_api):
 
             # A push wakes the loop: the view follows well before the 5 s poll interval.
             async with http.put(agent.url + "/v1/policy", data=dump_policy_json(second)) as resp:
-                assert resp.status == 200 and (await resp.json()) == {"policyHash": second.hash}
+                assert resp.status == 200 and (await resp.json())["policyHash"] == second.hash
             started = time.monotonic()
             await _until(lambda: agent.exporter.holder.status.view.policy_hash == second.hash, timeout=2)
             assert time.monotonic() - started < 2

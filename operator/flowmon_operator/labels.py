@@ -39,7 +39,13 @@ def monitor_selector(namespace: str, name: str) -> str:
 
 
 def owner_reference(monitor: FlowMonitor) -> dict:
-    """The FlowMonitor as controller owner: garbage collection removes its same-namespace children."""
+    """The FlowMonitor as controller owner: garbage collection removes its same-namespace children.
+
+    No `blockOwnerDeletion`: it only makes a foreground deletion of the monitor wait for its children,
+    which nothing here needs, and under the OwnerReferencesPermissionEnforcement admission plugin
+    (OpenShift, hardened clusters) setting it requires `update` on `flowmonitors/finalizers` — a grant
+    that would also let the operator block any FlowMonitor's deletion. Background garbage collection
+    removes the children either way."""
     if not monitor.metadata.uid:
         raise ValueError(f"FlowMonitor {monitor.key} has no metadata.uid: it must come from the API server")
     return {
@@ -48,7 +54,6 @@ def owner_reference(monitor: FlowMonitor) -> dict:
         "name": monitor.metadata.name,
         "uid": monitor.metadata.uid,
         "controller": True,
-        "blockOwnerDeletion": True,
     }
 
 
