@@ -716,3 +716,41 @@ def test_cert_manager_issues_the_serving_certificate_and_its_ca_is_trusted(cert_
     # The serving Secret is cert-manager's: the operator left it as issued and made no CA of its own.
     assert decode(cluster.secret(s.serving_cert_secret_name), "tls.crt") == serving.cert_pem
     assert cluster.secret(s.ca_secret_name) is None
+
+
+def test_a_network_with_host_bits_gets_ready_false_naming_the_network(cluster: Cluster):
+    """The CRD checks only a CIDR's shape (no CEL IP library before Kubernetes 1.31), so the API stores
+    10.0.0.1/8; the operator refuses it in the monitor's status, with the network it meant."""
+    spec = {"selection": {"networks": [{"name": "corp", "cidr": "10.0.0.1/8"}]}}
+    cluster.create_monitor("corp", spec=spec)
+    validate_any(cluster.monitor("corp"))  # what a real API server with this CRD accepts
+    cluster.wait(lambda: cluster.condition("corp", "Ready").get("reason") == "InvalidSpec")
+    ready = cluster.condition("corp", "Ready")
+    assert ready["status"] == "False"
+    assert ready["message"] == (
+        "spec.selection.networks.0.cidr: Value error, '10.0.0.1/8' has host bits set: the network is 10.0.0.0/8"
+    )
+    assert not any(cluster.children("corp").values())
+
+
+def test_one_monitors_refused_child_never_stops_the_others(cluster: Cluster):
+    """An admission webhook refuses every ServiceMonitor in team-b: that monitor says so in its status,
+    the other monitor's children and both policies are applied, round after round."""
+    refusal = "no ServiceMonitors in team-b"
+    cluster.api.deny("PATCH", "/apis/monitoring.coreos.com/v1/namespaces/team-b/servicemonitors", refusal)
+    cluster.create_monitor("db", namespace="team-b")
+    cluster.create_monitor("web")
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web"))
+    cluster.wait(lambda: cluster.condition("db", "Degraded", "team-b").get("reason") == "ChildrenNotApplied")
+    assert refusal in cluster.condition("db", "Degraded", "team-b")["message"]
+    assert all(cluster.children("web").values())
+    assert cluster.children("db", "team-b")["ServiceMonitor"] is None
+    policy = cluster.policy()
+    assert [m.key for m in policy.monitors] == ["team-a/web", "team-b/db"]
+    assert {cluster.agents.hash(ip) for ip in NODES.values()} == {policy.hash}
+    # The next rounds retry team-b and leave team-a as it is.
+    asked = len(cluster.api.requests)
+    refused = "/apis/monitoring.coreos.com/v1/namespaces/team-b/servicemonitors/flowmon-db"
+    cluster.wait(lambda: sum(p.startswith(refused) for _, p in cluster.api.requests[asked:]) >= 2)
+    assert cluster.ready_with("web") and all(cluster.children("web").values())
