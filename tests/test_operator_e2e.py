@@ -38,6 +38,7 @@ from flowmon_operator.handlers import operator
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi import KubeAPI
 from tests.kubeapi.resources import crd_body
+from tests.kubeapi.shipped import install_rbac, operator_token
 from tests.schemas import FLOWMON_CRD, SHARED_SCHEMAS, validate_any
 
 NS = "flowmon-system"
@@ -243,13 +244,21 @@ class Cluster:
 
 
 def running_cluster(
-    kube_api: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings_overrides
+    kube_api: KubeAPI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    overlays: tuple[str, ...] = ("",),
+    **settings_overrides,
 ) -> Iterator[Cluster]:
-    monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig(tmp_path / "kubeconfig")))
+    """The shipped RBAC installed, the operator running with its ServiceAccount's token: a verb missing
+    from manifests/ fails these tests."""
+    install_rbac(kube_api, overlays)
+    token = operator_token(kube_api)
+    monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig(tmp_path / "kubeconfig", token=token)))
     kube_api.create(yaml.safe_load(FLOWMON_CRD.read_text()))
     for kind in ("servicemonitors", "prometheusrules"):
         kube_api.create(yaml.safe_load((SHARED_SCHEMAS / f"monitoring.coreos.com_{kind}.yaml").read_text()))
-    for namespace in (NS, "team-a", "team-b"):
+    for namespace in ("team-a", "team-b"):
         kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     settings = OperatorSettings(
         timer_interval_seconds=TIMER, push_timeout_seconds=2.0, agent_port=free_port(), **settings_overrides
@@ -276,7 +285,9 @@ def cert_manager_cluster(
 ) -> Iterator[Cluster]:
     # A minimal Certificate CRD: the emulator serves the kind; cert-manager's schema is not in ../shared.
     kube_api.create(crd_body("cert-manager.io", "Certificate", "certificates"))
-    yield from running_cluster(kube_api, tmp_path, monkeypatch, cert_manager_issuer="ClusterIssuer/test-ca")
+    yield from running_cluster(
+        kube_api, tmp_path, monkeypatch, ("", "cert-manager"), cert_manager_issuer="ClusterIssuer/test-ca"
+    )
 
 
 def test_create_builds_every_object_and_pushes_the_policy_to_every_agent(cluster: Cluster):
@@ -592,12 +603,14 @@ def test_a_restarted_operator_resumes_with_the_same_pki_and_tokens(cluster: Clus
 
 def test_flowmon_operator_command_runs_kopf_and_stops_on_sigint(kube_api: KubeAPI, tmp_path: Path):
     """`flowmon operator -n team-a` as a process: serves its namespace only, stops cleanly on Ctrl-C."""
+    install_rbac(kube_api, ("",))
     kube_api.create(yaml.safe_load(FLOWMON_CRD.read_text()))
-    for namespace in (NS, "team-a", "team-b"):
+    for namespace in ("team-a", "team-b"):
         kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    kubeconfig = kube_api.kubeconfig(tmp_path / "kubeconfig", token=operator_token(kube_api))
     env = {
         **os.environ,
-        "KUBECONFIG": str(kube_api.kubeconfig(tmp_path / "kubeconfig")),
+        "KUBECONFIG": str(kubeconfig),
         "FLOWMON_TIMER_INTERVAL_SECONDS": str(TIMER),
         "FLOWMON_AGENT_PORT": str(free_port()),
     }
