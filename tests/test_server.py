@@ -242,7 +242,7 @@ async def test_valid_policy_push_applies_without_restart(agent):
     assert (await agent.request("GET", "/metrics/team/new", ADMIN))[0] == 404
     status, body, _ = await agent.request("PUT", "/v1/policy", ADMIN, data=dump_policy_json(new))
     assert status == 200 and json.loads(body) == {"policyHash": new.hash, "scrapedSecondsAgo": {}}
-    assert json.loads((await agent.request("GET", "/v1/policy", ADMIN))[1]) ["policyHash"] == new.hash
+    assert json.loads((await agent.request("GET", "/v1/policy", ADMIN))[1])["policyHash"] == new.hash
     assert (await agent.request("GET", "/metrics/team/new", ADMIN))[0] == 200
     assert (await agent.request("PUT", "/v1/policy", SHOP, data=dump_policy_json(new)))[0] == 403
 

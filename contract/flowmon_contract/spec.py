@@ -108,7 +108,7 @@ def _prefix_notation(value: object) -> object:
         raise ValueError(f"{value!r} is not a network in prefix notation like 203.0.113.0/24")
     try:
         ip_network(value)  # strict: no host bits
-    except ValueError as exc:  # the CRD checks only the shape (no CEL IP library before 1.31): say what is wrong
+    except ValueError as exc:  # the CRD checks only the shape (no CEL IP library before 1.31): say why
         try:
             network = ip_network(value, strict=False)
         except ValueError:
