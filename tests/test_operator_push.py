@@ -218,12 +218,12 @@ def test_start_failure_names_why_an_agent_does_not_run(statuses, expected):
             "ab",
             {"shop/web": 3.5, "x/y": 0},
         ),
-        ({"policyHash": "ab"}, "ab", {}),  # an agent of an earlier release
+        ({"policyHash": "ab"}, "ab", None),  # an agent of an earlier release: it does not say
         ({"policyHash": "ab", "scrapedSecondsAgo": {"a/b": -1, "c/d": "x", "e/f": 2}}, "ab", {"e/f": 2.0}),
-        ({"policyHash": None, "scrapedSecondsAgo": []}, "", {}),
-        ([], "", {}),
+        ({"policyHash": None, "scrapedSecondsAgo": []}, "", None),
+        ([], "", None),
     ],
 )
 def test_parse_answer(document, policy_hash, ages):
     answer = parse_answer(document)
-    assert (answer.policy_hash, dict(answer.scraped_seconds_ago)) == (policy_hash, ages)
+    assert (answer.policy_hash, answer.scraped_seconds_ago) == (policy_hash, ages)

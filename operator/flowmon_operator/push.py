@@ -37,8 +37,9 @@ class AgentReport:
     policy_hash: str | None = None
     pushed: bool = False
     error: str | None = None
-    # monitor key → seconds since a scraper last read its path on this agent (absent: never)
-    scraped_seconds_ago: Mapping[str, float] = field(default_factory=dict, hash=False)
+    # monitor key → seconds since a scraper last read its path on this agent (absent: never); None: the
+    # agent does not say (unknown, or a release before the Scraped condition)
+    scraped_seconds_ago: Mapping[str, float] | None = field(default=None, hash=False)
 
 
 def _pod_ready(pod: Mapping) -> bool:
@@ -122,17 +123,18 @@ class RefusedError(RuntimeError):
 @dataclass(frozen=True)
 class AgentAnswer:
     policy_hash: str
-    scraped_seconds_ago: Mapping[str, float]
+    scraped_seconds_ago: Mapping[str, float] | None
 
 
 def parse_answer(document: object) -> AgentAnswer:
     """Pure: the agent's JSON answer to GET/PUT /v1/policy (an agent too old to report scrapes: none)."""
     document = document if isinstance(document, dict) else {}
     ages = document.get("scrapedSecondsAgo")
-    ages = ages if isinstance(ages, dict) else {}
     return AgentAnswer(
         str(document.get("policyHash") or ""),
-        {str(k): float(v) for k, v in ages.items() if isinstance(v, int | float) and v >= 0},
+        {str(k): float(v) for k, v in ages.items() if isinstance(v, int | float) and v >= 0}
+        if isinstance(ages, dict)
+        else None,
     )
 
 

@@ -63,13 +63,13 @@ def count_agents(reports: Iterable[AgentReport], desired: int, runs: Callable[[s
 class Scrapes:
     """What the ready agents that answered say about one monitor's path."""
 
-    answered: int  # ready agents that answered the operator this round
+    answered: int  # ready agents that told the operator this round
     seconds_ago: float | None  # since the most recent scrape on any of them; None: never (since they started)
 
 
 def last_scraped(reports: Iterable[AgentReport], key: str) -> Scrapes:
-    answered = [r for r in reports if r.ready and r.policy_hash is not None]
-    ages = [r.scraped_seconds_ago[key] for r in answered if key in r.scraped_seconds_ago]
+    answered = [r.scraped_seconds_ago for r in reports if r.ready and r.scraped_seconds_ago is not None]
+    ages = [seen[key] for seen in answered if key in seen]
     return Scrapes(len(answered), min(ages) if ages else None)
 
 
