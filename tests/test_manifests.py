@@ -455,3 +455,27 @@ def test_docs_explain_install_and_kind():
         "KUBECONFIG",
     ):
         assert phrase in docs
+
+
+def test_the_documented_discovery_patch_binds_another_prometheus(tmp_path: Path):
+    """docs/operator.md's kustomization for a Prometheus with another ServiceAccount builds as written."""
+    docs = (REPO / "docs" / "operator.md").read_text()
+    block = docs.split("For another ServiceAccount", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    checkout = os.path.relpath(REPO, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(block.replace("../flowmon/", f"{checkout}/"))
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert built.returncode == 0, built.stderr
+    overlay = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    (binding,) = [
+        o
+        for o in overlay
+        if o["metadata"]["name"] == "flowmon-prometheus-discovery" and o["kind"] == "RoleBinding"
+    ]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kube-prometheus-stack-prometheus", "namespace": "monitoring"}
+    ]
+    assert granted("kube-prometheus-stack-prometheus", overlay) == granted(
+        "prometheus-k8s", kustomize_build(MANIFESTS / "prometheus-discovery")
+    )

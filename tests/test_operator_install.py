@@ -260,3 +260,16 @@ def test_upgrade_over_the_previous_release_keeps_monitors_and_their_status(insta
     # The newer RBAC replaced the older: the operator may no longer read Secrets outside its keys.
     role = cluster.api.get("rbac.authorization.k8s.io/v1", "ClusterRole", "flowmon-operator")
     assert all("get" not in r["verbs"] for r in role["rules"] if r["resources"] == ["secrets"])
+
+
+def test_the_docs_give_the_commands_these_tests_run():
+    docs = (REPO / "docs" / "operator.md").read_text()
+    for command in (
+        "kubectl apply -k manifests/",
+        "kubectl create namespace shop",
+        "kubectl apply -f examples/team-namespace.yaml",
+        "kubectl delete flowmonitors --all --all-namespaces",
+        "kubectl delete -k manifests/ --ignore-not-found",
+        "kubectl apply -k manifests/prometheus-discovery/",
+    ):
+        assert command in docs, command
