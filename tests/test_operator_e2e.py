@@ -37,6 +37,7 @@ from flowmon_operator import pki as certs
 from flowmon_operator.handlers import operator
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi import KubeAPI
+from tests.kubeapi.admission import OWNER_REFERENCES_PERMISSION_ENFORCEMENT
 from tests.kubeapi.resources import crd_body
 from tests.kubeapi.shipped import install_rbac, operator_token
 from tests.schemas import FLOWMON_CRD, SHARED_SCHEMAS, validate_any
@@ -253,6 +254,7 @@ def running_cluster(
     """The shipped RBAC installed, the operator running with its ServiceAccount's token: a verb missing
     from manifests/ fails these tests."""
     install_rbac(kube_api, overlays)
+    kube_api.admission_plugins.add(OWNER_REFERENCES_PERMISSION_ENFORCEMENT)  # a hardened API server
     token = operator_token(kube_api)
     monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig(tmp_path / "kubeconfig", token=token)))
     kube_api.create(yaml.safe_load(FLOWMON_CRD.read_text()))
