@@ -188,6 +188,36 @@ def test_uninstall_in_one_command_while_the_operator_runs_leaves_nothing(install
     assert install.flowmon_leftovers() == []
 
 
+def test_while_its_namespace_terminates_the_operator_writes_nothing_there(install: Install):
+    """Something holds flowmon-system in Terminating (another controller's finalizer on the operator's Role
+    and RoleBinding, which so keep granting): the operator's rounds see it and never try to re-create the
+    agents' objects or its keys there (the API would refuse: 403, the namespace is terminating)."""
+    cluster = install.cluster
+    reconciled(install)
+    rbac = [("rbac.authorization.k8s.io/v1", kind, "flowmon-operator") for kind in ("Role", "RoleBinding")]
+    for api_version, kind, name in rbac:
+        install.api.patch(api_version, kind, name, {"metadata": {"finalizers": ["example.com/hold"]}}, NS)
+    install.kubectl("delete", "namespace", NS, "--wait=false")
+    assert install.api.get("v1", "Namespace", NS)["metadata"].get("deletionTimestamp")
+    asked = len(install.api.requests)
+
+    def rounds() -> int:  # each lists the FlowMonitors first (kopf's own requests watch)
+        listed = [p for m, p in install.api.requests[asked:] if m == "GET" and "watch" not in p]
+        return sum(p.startswith("/apis/flowmon.io/v1alpha1/flowmonitors") for p in listed)
+
+    cluster.wait(lambda: rounds() >= 3, timeout=5 * TIMER + 10)
+    writes = [
+        (method, path)
+        for method, path in install.api.requests[asked:]
+        if method in ("POST", "PUT", "PATCH") and f"/namespaces/{NS}/" in path
+    ]
+    assert writes == []
+    assert not any(cluster.shared().values())  # gone with the namespace, and not brought back
+    for api_version, kind, name in rbac:
+        install.api.patch(api_version, kind, name, {"metadata": {"finalizers": None}}, NS)
+    cluster.wait(lambda: install.api.find("v1", "Namespace", NS) is None)
+
+
 def test_a_namespace_deleted_with_its_flowmonitors_goes_and_the_others_carry_on(install: Install):
     cluster = install.cluster
     reconciled(install)
@@ -209,11 +239,12 @@ def previous_release(objects: list[dict]) -> list[dict]:
     older = []
     for obj in yaml.safe_load_all(yaml.safe_dump_all(objects)):
         if obj["kind"] == "ClusterRole" and obj["metadata"]["name"] == "flowmon-operator":
+            obj["rules"] = [r for r in obj["rules"] if r["resources"] != ["namespaces"]]
             for rule in obj["rules"]:
                 if rule["resources"] == ["secrets"]:
                     rule["verbs"] = ["get", "list", "create", "patch", "delete"]
         if obj["kind"] == "Role" and obj["metadata"]["name"] == "flowmon-operator":
-            obj["rules"] = [r for r in obj["rules"] if r["resources"] not in (["secrets"], ["namespaces"])]
+            obj["rules"] = [r for r in obj["rules"] if r["resources"] != ["secrets"]]
         if obj["kind"] == "CustomResourceDefinition":
             (version,) = obj["spec"]["versions"]
             status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
