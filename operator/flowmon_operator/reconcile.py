@@ -271,7 +271,8 @@ async def run_round(rt: Runtime, requested: Collection[str] = (), *, full: bool 
     state = desired_objects(
         valid.values(), s, keys, agent_nodes=agent_nodes(agents.pods), carried=_carried(running, problems)
     )
-    assert state is not None  # a valid monitor, or a carried one, exists (checked above)
+    if state is None:  # not reached: a valid or a carried monitor exists (checked above)
+        return RoundReport(None, None, problems, errors)
     for obj in state.shared:
         await rt.kube.apply(obj)
     policy = state.policy
