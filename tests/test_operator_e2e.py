@@ -743,8 +743,7 @@ def test_a_network_with_host_bits_gets_ready_false_naming_the_network(cluster: C
     ready = cluster.condition("corp", "Ready")
     assert ready["status"] == "False"
     assert ready["message"] == (
-        "spec.selection.networks.0.cidr: Value error, "
-        "'10.0.0.1/8' has host bits set: the network is 10.0.0.0/8"
+        "spec.selection.networks.0.cidr: '10.0.0.1/8' has host bits set: the network is 10.0.0.0/8"
     )
     assert not any(cluster.children("corp").values())
 

@@ -100,7 +100,8 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for error in exc.errors():
         path = ".".join(str(p) for p in (*((prefix,) if prefix else ()), *error["loc"]))
-        lines.append(f"{path}: {error['msg']}" if path else error["msg"])
+        message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own checks
+        lines.append(f"{path}: {message}" if path else message)
     return "; ".join(lines)
 
 
