@@ -37,9 +37,8 @@ from flowmon_operator import pki as certs
 from flowmon_operator.handlers import operator
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi import KubeAPI
-from tests.kubeapi.admission import OWNER_REFERENCES_PERMISSION_ENFORCEMENT
 from tests.kubeapi.resources import crd_body
-from tests.kubeapi.shipped import install_rbac, operator_token
+from tests.kubeapi.shipped import operator_kubeconfig
 from tests.schemas import FLOWMON_CRD, SHARED_SCHEMAS, validate_any
 
 NS = "flowmon-system"
@@ -248,20 +247,16 @@ def running_cluster(
     kube_api: KubeAPI,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    overlays: tuple[str, ...] = ("",),
+    overlays: tuple[str, ...] = ("",),  # whose RBAC the operator gets: the base, or an overlay (manifests/)
     **settings_overrides,
 ) -> Iterator[Cluster]:
-    """The shipped RBAC installed, the operator running with its ServiceAccount's token: a verb missing
-    from manifests/ fails these tests."""
-    install_rbac(kube_api, overlays)
-    kube_api.admission_plugins.add(OWNER_REFERENCES_PERMISSION_ENFORCEMENT)  # a hardened API server
-    token = operator_token(kube_api)
-    monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig(tmp_path / "kubeconfig", token=token)))
     kube_api.create(yaml.safe_load(FLOWMON_CRD.read_text()))
     for kind in ("servicemonitors", "prometheusrules"):
         kube_api.create(yaml.safe_load((SHARED_SCHEMAS / f"monitoring.coreos.com_{kind}.yaml").read_text()))
-    for namespace in ("team-a", "team-b"):
+    for namespace in (NS, "team-a", "team-b"):
         kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    # the operator runs as its ServiceAccount, with the shipped RBAC
+    monkeypatch.setenv("KUBECONFIG", str(operator_kubeconfig(kube_api, tmp_path / "kubeconfig", overlays)))
     settings = OperatorSettings(
         timer_interval_seconds=TIMER, push_timeout_seconds=2.0, agent_port=free_port(), **settings_overrides
     )
@@ -288,7 +283,7 @@ def cert_manager_cluster(
     # A minimal Certificate CRD: the emulator serves the kind; cert-manager's schema is not in ../shared.
     kube_api.create(crd_body("cert-manager.io", "Certificate", "certificates"))
     yield from running_cluster(
-        kube_api, tmp_path, monkeypatch, ("", "cert-manager"), cert_manager_issuer="ClusterIssuer/test-ca"
+        kube_api, tmp_path, monkeypatch, ("cert-manager",), cert_manager_issuer="ClusterIssuer/test-ca"
     )
 
 
@@ -605,14 +600,12 @@ def test_a_restarted_operator_resumes_with_the_same_pki_and_tokens(cluster: Clus
 
 def test_flowmon_operator_command_runs_kopf_and_stops_on_sigint(kube_api: KubeAPI, tmp_path: Path):
     """`flowmon operator -n team-a` as a process: serves its namespace only, stops cleanly on Ctrl-C."""
-    install_rbac(kube_api, ("",))
     kube_api.create(yaml.safe_load(FLOWMON_CRD.read_text()))
-    for namespace in ("team-a", "team-b"):
+    for namespace in (NS, "team-a", "team-b"):
         kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-    kubeconfig = kube_api.kubeconfig(tmp_path / "kubeconfig", token=operator_token(kube_api))
     env = {
         **os.environ,
-        "KUBECONFIG": str(kubeconfig),
+        "KUBECONFIG": str(operator_kubeconfig(kube_api, tmp_path / "kubeconfig")),
         "FLOWMON_TIMER_INTERVAL_SECONDS": str(TIMER),
         "FLOWMON_AGENT_PORT": str(free_port()),
     }
