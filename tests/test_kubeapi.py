@@ -699,6 +699,17 @@ def test_a_deleted_namespace_terminates_refuses_new_content_and_goes_when_its_fi
     kube_api.patch("example.io/v1", "Gadget", "g", {"metadata": {"finalizers": None}}, "team")
     assert kube_api.find("v1", "Namespace", "team") is None
     assert call(kube_api, "POST", "/api/v1/namespaces/team/configmaps", {"metadata": {"name": "c"}})[0] == 404
+    # With the namespace controller paused (it is asynchronous on a real server), the content stays a while.
+    kube_api.pause_namespace_controller()
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late"}})
+    kube_api.create({**POD, "metadata": {"name": "p", "namespace": "late"}})
+    kube_api.delete("v1", "Namespace", "late")
+    assert kube_api.get("v1", "Namespace", "late")["status"]["phase"] == "Terminating"
+    assert call(kube_api, "DELETE", "/api/v1/namespaces/late/pods/p")[0] == 200
+    kube_api.create({**POD, "metadata": {"name": "q", "namespace": "default"}})  # other writes: no effect
+    assert kube_api.find("v1", "Namespace", "late") is not None
+    kube_api.finalize_namespaces()
+    assert kube_api.find("v1", "Namespace", "late") is None
 
 
 def test_a_deleted_crd_waits_for_its_objects_finalizers(kube_api):
@@ -879,3 +890,27 @@ def test_continue_tokens_expire_with_age_or_compaction_and_answer_410_with_a_fre
     kube_api.compact()
     assert call(kube_api, "GET", f"{PODS}?limit=2&continue={fresh}")[0] == 410
     assert call(kube_api, "GET", f"{PODS}?limit=2&continue=garbage")[0] == 400
+
+
+def test_kubectl_server_side_apply_of_the_shipped_manifests_is_idempotent(kube_api_https, tmp_path):
+    """The real client: `kubectl apply --server-side -k manifests/` (HTTPS: kubectl sends no token over
+    plain HTTP; --validate=false: the emulator serves no OpenAPI documents), twice."""
+    import subprocess
+
+    kubeconfig = kube_api_https.kubeconfig(tmp_path / "kubeconfig")
+
+    def kubectl(*args: str) -> str:
+        done = subprocess.run(
+            ["kubectl", "--kubeconfig", str(kubeconfig), *args], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    kubectl("apply", "--server-side", "--validate=false", "-k", "manifests/")
+    version = kube_api_https.store.rv
+    kubectl("apply", "--server-side", "--validate=false", "-k", "manifests/")
+    assert kube_api_https.store.rv == version  # nothing changed, nothing written
+    operator = kube_api_https.get("apps/v1", "Deployment", "flowmon-operator", "flowmon-system")
+    assert [(e["manager"], e["operation"]) for e in operator["metadata"]["managedFields"]] == [
+        ("kubectl", "Apply")
+    ]
