@@ -33,12 +33,14 @@ from flowmon_agent.export.auth import IN_CLUSTER_SA as SA_DIR
 from flowmon_agent.export.auth import KubeTokenReviewer, TokenReviewer
 from flowmon_agent.export.collectors import AgentInstruments, AgentStatus, Exporter
 from flowmon_agent.export.policy_store import PolicyFile, PolicyStore
+from flowmon_agent.export.review_budget import ReviewLimits
 from flowmon_agent.export.server import AgentServer, ServerConfig, ServerLimits
 from flowmon_agent.filewatch import FileWatch
 from flowmon_agent.kernel.flows import FlowSnapshot, KernelConfig, Tracer
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_agent.metadata.inventory import read_inventory
 from flowmon_agent.metadata.watcher import KubeWatcher
+from flowmon_agent.supervision import Restarts, where
 from flowmon_contract.policy import AgentPolicy
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,9 @@ class AgentSettings(BaseSettings):
         default_factory=list, description="Reviewed usernames that read every monitor (a cluster Prometheus)."
     )
     token_review_audiences: list[str] = Field(default_factory=list)
+    token_review_limits: ReviewLimits = Field(
+        default_factory=ReviewLimits, description="TokenReview verdict cache bounds and rate limits."
+    )
     poll_interval_seconds: float = Field(default=0.5, gt=0, le=60)
     ignored_ports: list[int] = Field(default_factory=list, description="Server ports never traced.")
     batch_scheduling: bool = Field(
@@ -166,10 +171,13 @@ class Agent:
         nat_backends: Callable[[FlowSnapshot], NatBackends] | None = None,
         token_reviewer: TokenReviewer | None = None,
         watcher: KubeWatcher | None = None,
+        restarts: Restarts | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.instruments = AgentInstruments()
+        self.restarts = restarts or Restarts()  # every long-lived task's restarts, counted here
+        self.instruments.registry.register(self.restarts)
         self.exporter = Exporter(instruments=self.instruments)
         self.policy = PolicyStore(
             on_rejected=lambda source: self.instruments.policy_rejected.labels(source).inc()
@@ -188,7 +196,9 @@ class Agent:
         self.aggregator = Aggregator(settings.node_name, settings.agent_nodes)
         if token_reviewer is None and settings.token_review:
             token_reviewer = KubeTokenReviewer(
-                settings.kube_api_url or IN_CLUSTER_API, audiences=settings.token_review_audiences
+                settings.kube_api_url or IN_CLUSTER_API,
+                audiences=settings.token_review_audiences,
+                limits=settings.token_review_limits,
             )
         self.server = AgentServer(
             settings.server_config(token_reviewer),
@@ -196,6 +206,7 @@ class Agent:
             policy=self.policy,
             readiness=self.not_ready_reason,
             liveness=self.stall_reason,
+            restarts=self.restarts,
         )
         self._tracer_factory = tracer_factory or functools.partial(default_tracer, settings)
         self._nat_backends, self._clock = nat_backends, clock
@@ -237,7 +248,7 @@ class Agent:
         if self.settings.inventory_file:
             await asyncio.to_thread(self._load_inventory)
         if self.watcher is not None:
-            self.watcher.start()
+            self.watcher.start(self.restarts)
         if self._policy_file:
             await asyncio.to_thread(self._policy_file.load)
         await self.server.start()  # health answers while BPF compiles (seconds)
@@ -250,7 +261,7 @@ class Agent:
             await self.server.stop()
             raise
         await asyncio.to_thread(self.poll_once)  # the first view before anyone is told we are ready
-        self._task = asyncio.create_task(self._run(), name="flowmon-poll")
+        self._task = asyncio.create_task(self.restarts.supervise("poll", self._run), name="flowmon-poll")
 
     async def stop(self) -> None:
         if self._task:
@@ -290,18 +301,31 @@ class Agent:
         reload_inventory(self.settings.inventory_file, self.store)
         self._metadata_at = self._clock()
 
+    def _reload_inventory_if_changed(self) -> None:
+        assert self._inventory_watch is not None
+        if self._inventory_watch.changed():
+            self._load_inventory()
+
+    def _reload_guarded(self, kind: str, reload: Callable[[], object]) -> None:
+        """A file reload inside the poll: whatever the file (or its stat: a symlink loop) does, it is
+        refused, counted and logged, the last good content stays, and the poll goes on."""
+        try:
+            reload()
+        except (OSError, ValueError) as exc:  # unreadable, does not parse, looks truncated: says which
+            self.instruments.reload_rejected.labels(kind).inc()
+            log.error("%s file reload refused, keeping the last good one: %s", kind, exc)
+        except Exception as exc:
+            self.instruments.reload_rejected.labels(kind).inc()
+            log.error("%s file reload refused, keeping the last good one: unexpected %s", kind, where(exc))
+
     def poll_once(self) -> AgentView | None:
         """Read the kernel, apply filters for the running policy, aggregate, swap the view in."""
         assert self.tracer is not None
         started = time.perf_counter()
         if self._policy_file:
-            self._policy_file.reload_if_changed()
-        if self._inventory_watch and self._inventory_watch.changed():
-            try:
-                self._load_inventory()
-            except (OSError, ValueError) as exc:
-                self.instruments.reload_rejected.labels("inventory").inc()
-                log.error("inventory reload refused, keeping the last good one: %s", exc)
+            self._reload_guarded("policy", self._policy_file.reload_if_changed)
+        if self._inventory_watch:
+            self._reload_guarded("inventory", self._reload_inventory_if_changed)
         policy = self.policy.policy
         snapshot = self.tracer.poll()
         now = self._clock()
