@@ -287,7 +287,6 @@ def test_service_monitor_belongs_to_its_monitor():
             "name": "web",
             "uid": "uid-1",
             "controller": True,
-            "blockOwnerDeletion": True,
         }
     ]
     # the user's labels are there, but cannot take over the ownership labels

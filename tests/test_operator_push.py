@@ -17,7 +17,15 @@ from flowmon_contract.policy import canonical_json, compile_policy
 from flowmon_contract.spec import FlowMonitor
 from flowmon_lab.prometheus import free_port
 from flowmon_operator.pki import generate_ca, issue_serving_cert
-from flowmon_operator.push import AgentPod, PushTarget, agent_nodes, agent_pods, start_failure, sync_agents
+from flowmon_operator.push import (
+    AgentPod,
+    PushTarget,
+    agent_nodes,
+    agent_pods,
+    parse_answer,
+    start_failure,
+    sync_agents,
+)
 from tests.waiting import WAIT, until
 
 SERVICE_DNS = "flowmon-agent.flowmon-system.svc"
@@ -231,3 +239,22 @@ def test_start_failure_names_why_an_agent_does_not_run(statuses, expected):
     assert start_failure(body) == expected
     (agent,) = agent_pods([body])
     assert agent.start_failure == expected and not agent.ready
+
+
+@pytest.mark.parametrize(
+    ("document", "policy_hash", "ages"),
+    [
+        (
+            {"policyHash": "ab", "scrapedSecondsAgo": {"shop/web": 3.5, "x/y": 0}},
+            "ab",
+            {"shop/web": 3.5, "x/y": 0},
+        ),
+        ({"policyHash": "ab"}, "ab", None),  # an agent of an earlier release: it does not say
+        ({"policyHash": "ab", "scrapedSecondsAgo": {"a/b": -1, "c/d": "x", "e/f": 2}}, "ab", {"e/f": 2.0}),
+        ({"policyHash": None, "scrapedSecondsAgo": []}, "", None),
+        ([], "", None),
+    ],
+)
+def test_parse_answer(document, policy_hash, ages):
+    answer = parse_answer(document)
+    assert (answer.policy_hash, answer.scraped_seconds_ago) == (policy_hash, ages)

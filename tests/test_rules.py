@@ -159,7 +159,6 @@ def test_rule_is_valid_and_renders_the_alerts_the_spec_supports(
         "name": "web",
         "uid": "3f1c-uid",
         "controller": True,
-        "blockOwnerDeletion": True,
     }
     window = "8m" if spec.get("scrape", {}).get("interval") == "2m" else "5m"
     for group in rule["spec"]["groups"]:

@@ -26,8 +26,10 @@ from flowmon_agent.export.server import (
     accepts_gzip,
     server_mode,
 )
-from flowmon_contract.policy import compile_policy
+from flowmon_contract.policy import compile_policy, token_sha256
 from tests.export_samples import agent_view
+from tests.kubeapi.shipped import agent_token as shipped_agent_token
+from tests.kubeapi.shipped import install_rbac
 from tests.server_rig import ADMIN, OPS, SHOP, ServerRig, make_policy, monitor
 from tests.waiting import until
 
@@ -134,7 +136,8 @@ async def test_token_review_admits_service_account_tokens(kube_api, tmp_path):
     """Tokens matching no digest are reviewed by the (emulated) API server: the configured reader reads
     every monitor, a ServiceAccount of a monitor's namespace reads that namespace's, unknown ones get 401."""
     agent_token = tmp_path / "sa-token"
-    agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent"))
+    install_rbac(kube_api)  # the shipped token-review overlay lets the agent ask
+    agent_token.write_text(shipped_agent_token(kube_api))
     reviewer = KubeTokenReviewer(kube_api.url, sa_token_file=agent_token, ca_file=None)
     prometheus = kube_api.service_account_token("monitoring", "prometheus")
     team = kube_api.service_account_token("shop", "scraper")
@@ -230,7 +233,7 @@ async def test_invalid_policy_push_is_refused_and_the_old_policy_keeps_serving(a
     assert errors[0]["loc"] == "monitors.0.maxSeries" and "greater than or equal to 1" in errors[0]["msg"]
     for bad in (b"{not json", b'{"monitors": "x"}', b'{"surprise": 1}'):
         assert (await agent.request("PUT", "/v1/policy", ADMIN, data=bad))[0] == 422
-    assert json.loads((await agent.request("GET", "/v1/policy", ADMIN))[1]) == {"policyHash": old_hash}
+    assert json.loads((await agent.request("GET", "/v1/policy", ADMIN))[1])["policyHash"] == old_hash
     assert (await agent.request("GET", "/metrics/shop/web", SHOP))[0] == 200
 
 
@@ -239,8 +242,8 @@ async def test_valid_policy_push_applies_without_restart(agent):
     new = make_policy(monitor("team", "new"))
     assert (await agent.request("GET", "/metrics/team/new", ADMIN))[0] == 404
     status, body, _ = await agent.request("PUT", "/v1/policy", ADMIN, data=dump_policy_json(new))
-    assert status == 200 and json.loads(body) == {"policyHash": new.hash}
-    assert json.loads((await agent.request("GET", "/v1/policy", ADMIN))[1]) == {"policyHash": new.hash}
+    assert status == 200 and json.loads(body) == {"policyHash": new.hash, "scrapedSecondsAgo": {}}
+    assert json.loads((await agent.request("GET", "/v1/policy", ADMIN))[1])["policyHash"] == new.hash
     assert (await agent.request("GET", "/metrics/team/new", ADMIN))[0] == 200
     assert (await agent.request("PUT", "/v1/policy", SHOP, data=dump_policy_json(new)))[0] == 403
 
@@ -407,3 +410,23 @@ async def test_plain_http_on_loopback_with_no_auth_needs_no_token(tmp_path):
     finally:
         await a.session.close()
         await a.server.stop()
+
+
+@pytest.mark.asyncio
+async def test_the_policy_answer_says_which_monitors_were_scraped_and_how_long_ago(agent):
+    """The operator's view of scrapes (the FlowMonitor's Scraped condition): a path read with an
+    authorized token counts, a refused or unknown one does not; monitors leaving the policy are forgotten."""
+
+    async def scraped() -> dict[str, float]:
+        return json.loads((await agent.request("GET", "/v1/policy", ADMIN))[1])["scrapedSecondsAgo"]
+
+    assert await scraped() == {}
+    assert (await agent.request("GET", "/metrics/shop/web", OPS))[0] == 403
+    assert (await agent.request("GET", "/metrics/nope/none", ADMIN))[0] == 404
+    assert await scraped() == {}
+    assert (await agent.request("GET", "/metrics/shop/web", SHOP))[0] == 200
+    ages = await scraped()
+    assert list(ages) == ["shop/web"] and 0 <= ages["shop/web"] < 5
+    only_ops = compile_policy([monitor("ops", "all")], token_hashes={"ops/all": [token_sha256(OPS)]})
+    assert (await agent.request("PUT", "/v1/policy", ADMIN, data=dump_policy_json(only_ops)))[0] == 200
+    assert await scraped() == {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field, model_validator
@@ -119,7 +119,15 @@ def _prefix_notation(value: object) -> object:
         return value
     if not isinstance(value, str) or not re.fullmatch(r"[0-9A-Fa-f:.]+/[0-9]{1,3}", value):
         raise ValueError(f"{value!r} is not a network in prefix notation like 203.0.113.0/24")
-    return value
+    try:
+        ip_network(value)  # strict: no host bits
+    except ValueError as exc:  # the CRD checks only the shape (no CEL IP library before 1.31): say why
+        try:
+            network = ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a valid network: {exc}") from None
+        raise ValueError(f"{value!r} has host bits set: the network is {network}") from None
+    return value  # a string still: strict JSON validation takes networks as strings only
 
 
 CIDR_MAX_LENGTH = 43  # an IPv6 address (39) plus /128
