@@ -28,6 +28,8 @@ from flowmon_agent.export.server import (
 )
 from flowmon_contract.policy import compile_policy
 from tests.export_samples import agent_view
+from tests.kubeapi.shipped import agent_token as shipped_agent_token
+from tests.kubeapi.shipped import install_rbac
 from tests.server_rig import ADMIN, OPS, SHOP, ServerRig, make_policy, monitor
 from tests.waiting import until
 
@@ -134,7 +136,8 @@ async def test_token_review_admits_service_account_tokens(kube_api, tmp_path):
     """Tokens matching no digest are reviewed by the (emulated) API server: the configured reader reads
     every monitor, a ServiceAccount of a monitor's namespace reads that namespace's, unknown ones get 401."""
     agent_token = tmp_path / "sa-token"
-    agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent"))
+    install_rbac(kube_api)  # the shipped token-review overlay lets the agent ask
+    agent_token.write_text(shipped_agent_token(kube_api))
     reviewer = KubeTokenReviewer(kube_api.url, sa_token_file=agent_token, ca_file=None)
     prometheus = kube_api.service_account_token("monitoring", "prometheus")
     team = kube_api.service_account_token("shop", "scraper")

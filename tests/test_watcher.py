@@ -9,6 +9,7 @@ import pytest
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_agent.metadata.watcher import KubeWatcher
 from tests.k8s_objects import namespace, node, owner, pod, rs, service
+from tests.kubeapi.shipped import agent_token, install_rbac
 from tests.waiting import wait_for
 
 
@@ -152,7 +153,8 @@ def test_https_with_a_ca_and_a_rotating_service_account_token(kube_api_https, tm
 
     kube_api = kube_api_https
     pods = [r for r in RESOURCES if r.kind == "Pod"]
-    first, second = (kube_api.service_account_token("flowmon-system", f"agent-{i}") for i in (1, 2))
+    install_rbac(kube_api)
+    first, second = agent_token(kube_api), agent_token(kube_api)
     token_file = tmp_path / "token"
     token_file.write_text(first + "\n")
     kube_api.create(namespace("shop"))

@@ -18,9 +18,10 @@ from tests.tls_samples import make_pki
 from tests.waiting import WAIT, wait_for
 
 from .authn import DISCOVERY as TOKENREVIEW_DISCOVERY
-from .authn import TOKENREVIEW_PATH, Tokens
+from .authn import TOKENREVIEW_PATH, Identity, Tokens
+from .rbac import MASTERS, forbidden_message, resource_request
 from .resources import CRD_TYPE, ResourceType, crd_body
-from .store import BOOKMARK, CLOSE_DROP, CLOSE_END, CLOSE_EXPIRED, ApiError, Store, Watcher
+from .store import APPLY_PATCH, BOOKMARK, CLOSE_DROP, CLOSE_END, CLOSE_EXPIRED, ApiError, Store, Watcher
 
 SERVER_VERSION = {
     "major": "1",
@@ -34,6 +35,7 @@ SERVER_VERSION = {
     "platform": "linux/amd64",
 }
 TRUE = ("true", "1", "t")  # lower-cased; as Go's strconv.ParseBool (clients send True, true, 1)
+ADMIN = Identity("kubeapi-admin", "kubeapi-admin", (MASTERS, "system:authenticated"), ())
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -157,8 +159,9 @@ class KubeAPI:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
-    def kubeconfig(self, path: Path | str, namespace: str = "default") -> Path:
-        """Write a kubeconfig for this server (token auth; its CA when on HTTPS) and return its path."""
+    def kubeconfig(self, path: Path | str, namespace: str = "default", token: str | None = None) -> Path:
+        """Write a kubeconfig for this server (token auth: the admin's, or `token`, e.g. a ServiceAccount's;
+        its CA when on HTTPS) and return its path."""
         path = Path(path)
         cluster = {"server": self.url}
         if self.pki is not None:
@@ -167,7 +170,7 @@ class KubeAPI:
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "kubeapi", "cluster": cluster}],
-            "users": [{"name": "kubeapi", "user": {"token": self.token}}],
+            "users": [{"name": "kubeapi", "user": {"token": token or self.token}}],
             "contexts": [
                 {
                     "name": "kubeapi",
@@ -257,8 +260,14 @@ class KubeAPI:
     # ---- HTTP --------------------------------------------------------------------------------------------
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path_qs))
-        if self.token and not self._authenticated(request.headers.get("Authorization", "")):
+        identity = self._identity(request.headers.get("Authorization", ""))
+        if identity is None:
             return _error(ApiError(401, "Unauthorized", "Unauthorized"))
+        parts = [p for p in request.path.split("/") if p]
+        access = resource_request(request.method, parts, request.query, identity.username, identity.groups)
+        if access is not None and not self.store.policy().allows(access):
+            details = {"name": access.name or "", "group": access.api_group, "kind": access.resource}
+            return _error(ApiError(403, "Forbidden", forbidden_message(access), details))
         for method, prefix, message in self.denials:
             if request.method == method and request.path.startswith(prefix):
                 return _error(ApiError(403, "Forbidden", f"admission webhook denied the request: {message}"))
@@ -269,9 +278,12 @@ class KubeAPI:
         except (ValueError, json.JSONDecodeError) as exc:
             return _error(ApiError(400, "BadRequest", str(exc)))
 
-    def _authenticated(self, header: str) -> bool:
+    def _identity(self, header: str) -> Identity | None:
+        """Who the bearer token is: the harness's own token is a cluster admin (system:masters)."""
         scheme, _, token = header.partition(" ")
-        return scheme == "Bearer" and (token == self.token or self.tokens.known(token))
+        if not self.token or (scheme == "Bearer" and token == self.token):
+            return ADMIN
+        return self.tokens.identity(token) if scheme == "Bearer" else None
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
@@ -352,7 +364,8 @@ class KubeAPI:
             if request.method == "POST":
                 if rtype.namespaced and not route.namespace:
                     raise ApiError(404, "NotFound", "the server could not find the requested resource")
-                return _json(store.create(rtype, route.namespace, await request.json()), 201)
+                manager = q.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0]
+                return _json(store.create(rtype, route.namespace, await request.json(), manager), 201)
             if request.method == "DELETE":
                 items, rv = store.list(rtype, route.namespace, q.get("labelSelector"), q.get("fieldSelector"))
                 for item in items:
@@ -364,13 +377,20 @@ class KubeAPI:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if request.method == "GET":
             return _json(store.get(rtype, route.namespace, route.name))
+        manager = q.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0]
         if request.method == "PUT":
-            return _json(store.replace(rtype, route.namespace, route.name, await request.json(), route.sub))
+            body = await request.json()
+            return _json(store.replace(rtype, route.namespace, route.name, body, route.sub, manager))
         if request.method == "PATCH":
             content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+            if content_type == APPLY_PATCH and not q.get("fieldManager"):
+                raise ApiError(400, "BadRequest", "fieldManager is required for apply requests")
             raw = await request.text()
             body = json.loads(raw) if raw.lstrip().startswith(("{", "[")) else yaml.safe_load(raw)
-            return _json(store.patch(rtype, route.namespace, route.name, content_type, body, route.sub))
+            force = q.get("force", "").lower() in TRUE
+            return _json(
+                store.patch(rtype, route.namespace, route.name, content_type, body, route.sub, manager, force)
+            )
         if request.method == "DELETE":
             raw = await request.text()
             options = json.loads(raw) if raw.strip() else {}

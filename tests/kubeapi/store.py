@@ -17,13 +17,18 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .apply import ApplyConflict, dotted, record_update
+from .apply import apply as apply_config
 from .patching import PatchError, fields_match, json_patch, labels_match, merge_patch
+from .rbac import BOOTSTRAP_CLUSTER_ROLES, Policy, aggregated_rules
 from .resources import BUILTIN, CRD_TYPE, NAMESPACE_TYPE, ResourceType, types_from_crd
 
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"  # served as a merge patch (lists replaced)
 JSON_PATCH = "application/json-patch+json"
-APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply: create or merge, no field pruning
+APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply with field ownership (apply.py)
+HARNESS = "kubeapi-harness"  # the field manager of writes the test code makes directly
+CONTROLLERS = "kube-controller-manager"  # the field manager of the emulated controllers' writes
 
 
 class ApiError(Exception):
@@ -54,6 +59,13 @@ def _not_found(rtype: ResourceType, name: str) -> ApiError:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _without_times(obj: Mapping) -> dict:
+    """For no-op detection: a write that changes nothing but managedFields times changes nothing."""
+    managed = obj["metadata"].get("managedFields") or []
+    entries = [{k: v for k, v in e.items() if k != "time"} for e in managed]
+    return {**obj, "metadata": {**obj["metadata"], "managedFields": entries}}
 
 
 def _key(obj: Mapping) -> tuple[str, str]:
@@ -132,6 +144,34 @@ class Store:
             self._register(rtype)
         for name in ("default", "kube-system", "kube-public"):
             self.create(NAMESPACE_TYPE, None, {"metadata": {"name": name}})
+        cluster_roles = self.type_for("rbac.authorization.k8s.io/v1", "ClusterRole")
+        for role in BOOTSTRAP_CLUSTER_ROLES:
+            self.create(cluster_roles, None, role)
+
+    # ---- RBAC -------------------------------------------------------------------------------------------
+    def policy(self) -> Policy:
+        """The RBAC objects now (the authorizer reads them on every request, as the real one's caches)."""
+        with self.lock:
+
+            def objects(plural: str) -> dict[tuple[str, str], dict]:
+                return self._objects(self.resource("rbac.authorization.k8s.io", "v1", plural))
+
+            return Policy(
+                cluster_roles={name: obj for (_, name), obj in objects("clusterroles").items()},
+                roles=dict(objects("roles")),
+                cluster_role_bindings=list(objects("clusterrolebindings").values()),
+                role_bindings=list(objects("rolebindings").values()),
+            )
+
+    def _aggregate_cluster_roles(self) -> None:
+        """The ClusterRole aggregation controller: roles with an aggregationRule get the rules of the
+        ClusterRoles their selectors match."""
+        rtype = self.resource("rbac.authorization.k8s.io", "v1", "clusterroles")
+        roles = list(self._objects(rtype).values())
+        for role in roles:
+            rules = aggregated_rules(role, roles)
+            if rules is not None and rules != (role.get("rules") or []):
+                self._update(rtype, None, role["metadata"]["name"], lambda o, r=rules: {**o, "rules": r})
 
     # ---- resource types -------------------------------------------------------------------------------
     def _register(self, rtype: ResourceType) -> None:
@@ -272,7 +312,14 @@ class Store:
         self.rv += 1
         return str(self.rv)
 
-    def create(self, rtype: ResourceType, namespace: str | None, body: Mapping) -> dict:
+    def create(
+        self,
+        rtype: ResourceType,
+        namespace: str | None,
+        body: Mapping,
+        manager: str = HARNESS,
+        managed_fields: list[dict] | None = None,  # an apply that creates: its own managedFields
+    ) -> dict:
         with self.lock:
             obj = copy.deepcopy(dict(body))
             meta = obj.setdefault("metadata", {})
@@ -306,6 +353,11 @@ class Store:
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
             if rtype.custom and rtype.has_status:
                 obj.pop("status", None)  # custom resources get status only through the subresource
+            meta["managedFields"] = (
+                managed_fields
+                if managed_fields is not None
+                else record_update(None, obj, manager, rtype.api_version, _now(), not rtype.custom)
+            )
             if rtype is NAMESPACE_TYPE:
                 obj.setdefault("status", {})["phase"] = "Active"
             meta["resourceVersion"] = self._bump()
@@ -313,8 +365,14 @@ class Store:
                 obj = self._establish_crd(obj)
             self._objects(rtype)[_key(obj)] = obj
             self._emit("ADDED", rtype, obj)
-            self._collect_garbage()
+            self._controllers(rtype)
             return copy.deepcopy(obj)
+
+    def _controllers(self, rtype: ResourceType) -> None:
+        """What kube-controller-manager does after a write, at once: RBAC aggregation, garbage collection."""
+        if rtype.key == ("rbac.authorization.k8s.io", "clusterroles"):
+            self._aggregate_cluster_roles()
+        self._collect_garbage()
 
     def _establish_crd(self, crd: dict) -> dict:
         """Register the CRD's resources (they appear in discovery) and mark it Established."""
@@ -344,6 +402,8 @@ class Store:
         name: str,
         mutate: Callable[[dict], dict],
         subresource: str | None = None,
+        manager: str = HARNESS,
+        applied: bool = False,  # mutate is an apply: it set managedFields itself
     ) -> dict:
         with self.lock:
             old = self.get(rtype, namespace, name)
@@ -351,7 +411,14 @@ class Store:
             if not isinstance(candidate, dict):
                 raise ApiError(422, "Invalid", "the object must be a JSON object")
             new = self._merge_rules(rtype, old, candidate, subresource)
-            if new == old:
+            new["metadata"]["managedFields"] = (
+                candidate.get("metadata", {}).get("managedFields")
+                if applied
+                else record_update(
+                    old, new, manager, rtype.api_version, _now(), not rtype.custom, subresource or ""
+                )
+            )
+            if _without_times(new) == _without_times(old):
                 return old  # a no-op write changes nothing, not even the resourceVersion
             new["metadata"]["resourceVersion"] = self._bump()
             self._objects(rtype)[_key(new)] = new
@@ -360,6 +427,8 @@ class Store:
             self._emit("MODIFIED", rtype, new, old)
             if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
                 self._remove(rtype, new)
+            elif rtype.key == ("rbac.authorization.k8s.io", "clusterroles"):
+                self._aggregate_cluster_roles()
             return copy.deepcopy(new)
 
     @staticmethod
@@ -421,12 +490,19 @@ class Store:
         return new
 
     def replace(
-        self, rtype: ResourceType, namespace: str | None, name: str, body: Mapping, subresource=None
+        self,
+        rtype: ResourceType,
+        namespace: str | None,
+        name: str,
+        body: Mapping,
+        subresource=None,
+        manager: str = HARNESS,
     ) -> dict:
         body_name = body.get("metadata", {}).get("name")
         if body_name not in (None, name):
             raise ApiError(400, "BadRequest", "the name of the object does not match the URL")
-        return self._update(rtype, namespace, name, lambda _old: copy.deepcopy(dict(body)), subresource)
+        mutate = lambda _old: copy.deepcopy(dict(body))  # noqa: E731
+        return self._update(rtype, namespace, name, mutate, subresource, manager)
 
     def patch(
         self,
@@ -436,12 +512,17 @@ class Store:
         content_type: str,
         patch: Any,
         subresource: str | None = None,
+        manager: str = HARNESS,
+        force: bool = False,
     ) -> dict:
-        def apply(old: dict) -> dict:
+        if content_type == APPLY_PATCH:
+            return self._apply(rtype, namespace, name, patch, subresource, manager, force)
+
+        def mutate(old: dict) -> dict:
             try:
                 if content_type == JSON_PATCH:
                     return json_patch(old, patch)
-                if content_type in (MERGE_PATCH, STRATEGIC_PATCH, APPLY_PATCH):
+                if content_type in (MERGE_PATCH, STRATEGIC_PATCH):
                     if not isinstance(patch, Mapping):
                         raise PatchError("a merge patch must be a JSON object")
                     return merge_patch(old, patch)
@@ -449,17 +530,63 @@ class Store:
                 raise ApiError(422, "Invalid", str(exc)) from exc
             raise ApiError(415, "UnsupportedMediaType", f"unsupported patch type {content_type!r}")
 
+        return self._update(rtype, namespace, name, mutate, subresource, manager)
+
+    def _apply(
+        self,
+        rtype: ResourceType,
+        namespace: str | None,
+        name: str,
+        config: Any,
+        subresource: str | None,
+        manager: str,
+        force: bool,
+    ) -> dict:
+        """Server-side apply: creates when absent, else merges with field ownership (apply.py)."""
+        if not isinstance(config, Mapping):
+            raise ApiError(400, "BadRequest", "an apply configuration must be an object")
+        if config.get("metadata", {}).get("name") not in (None, name):
+            raise ApiError(400, "BadRequest", "the name of the object does not match the URL")
+        config = copy.deepcopy(dict(config))
+        if subresource == "status":
+            config = {"status": config.get("status") or {}}
+        elif rtype.has_status:
+            config.pop("status", None)  # the main resource ignores status, as for other writes
+
+        def merged(old: dict | None) -> dict:
+            try:
+                return apply_config(
+                    old,
+                    config,
+                    manager,
+                    rtype.api_version,
+                    _now(),
+                    force=force,
+                    builtin=not rtype.custom,
+                    subresource=subresource or "",
+                )
+            except ApplyConflict as exc:
+                causes = [
+                    {
+                        "type": "FieldManagerConflict",
+                        "message": f'conflict with "{m}" using {v}',
+                        "field": dotted(p),
+                    }
+                    for m, v, p in exc.conflicts
+                ]
+                raise ApiError(409, "Conflict", str(exc), {"causes": causes}) from exc
+
         with self.lock:
-            if content_type == APPLY_PATCH and subresource is None:
-                try:
-                    self.get(rtype, namespace, name)
-                except ApiError as exc:
-                    if exc.code != 404:
-                        raise
-                    body = copy.deepcopy(patch)
-                    body.setdefault("metadata", {})["name"] = name
-                    return self.create(rtype, namespace, body)
-            return self._update(rtype, namespace, name, apply, subresource)
+            if self._find(rtype, namespace, name) is None:
+                if subresource is not None:
+                    raise _not_found(rtype, name)
+                body = merged(None)
+                body.setdefault("metadata", {})["name"] = name
+                return self.create(rtype, namespace, body, manager, body["metadata"].pop("managedFields"))
+            return self._update(rtype, namespace, name, merged, subresource, manager, applied=True)
+
+    def _find(self, rtype: ResourceType, namespace: str | None, name: str) -> dict | None:
+        return self._objects(rtype).get((namespace or "" if rtype.namespaced else "", name))
 
     def delete(
         self,
@@ -513,7 +640,7 @@ class Store:
                     lambda o, refs=refs: {**o, "metadata": {**o["metadata"], "ownerReferences": refs}},
                 )
         else:
-            self._collect_garbage()
+            self._controllers(rtype)
 
     def _all_objects(self) -> Iterator[tuple[ResourceType, dict]]:
         seen = set()
