@@ -187,3 +187,45 @@ def test_https_with_a_ca_and_a_rotating_service_account_token(kube_api_https, tm
         other.stop()
     finally:
         watcher.stop()
+
+
+def test_an_expired_continue_token_mid_list_restarts_the_list(kube_api) -> None:
+    """A write, then compaction, between two pages of the first list: the next page answers 410 Expired;
+    the watcher lists again from the first page (a consistent list), ends up with every pod, then watches."""
+    from flowmon_agent.metadata.watcher import RESOURCES
+
+    pods = [r for r in RESOURCES if r.kind == "Pod"]
+    install_rbac(kube_api)
+    kube_api.create(namespace("shop"))
+    for i in range(2, 9):
+        kube_api.create(pod("shop", f"p{i}", f"10.244.0.{i}"))
+    expired: list[str] = []
+
+    def compact_before_the_first_continue(method: str, path: str) -> None:
+        if method == "GET" and "continue=" in path and not expired:
+            expired.append(path)
+            kube_api.create(
+                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "w", "namespace": "shop"}}
+            )
+            kube_api.compact()  # past the list's resourceVersion
+
+    kube_api.on_request(compact_before_the_first_continue)
+    store = MetadataStore()
+    watcher = KubeWatcher(
+        store,
+        kube_api.url,
+        token=agent_token(kube_api),
+        resources=pods,
+        page_size=3,
+        retry_seconds=(0.05, 0.1),
+    ).start()
+    try:
+        assert watcher.wait_synced(10)
+        assert {p.name for p in store.pods()} == {f"p{i}" for i in range(2, 9)}
+        lists = [p for m, p in kube_api.requests if m == "GET" and "/pods?" in p and "watch=" not in p]
+        first_pages = [p for p in lists if "continue=" not in p]
+        assert len(expired) == 1 and len(first_pages) == 2  # listed again from the start, once
+        kube_api.create(pod("shop", "late", "10.244.0.60"))
+        wait_until(lambda: "late" in {p.name for p in store.pods()})
+    finally:
+        watcher.stop()

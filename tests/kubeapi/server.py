@@ -7,7 +7,8 @@ import contextlib
 import json
 import ssl
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from aiohttp import web
 from tests.tls_samples import make_pki
 from tests.waiting import WAIT, wait_for
 
+from . import paging
+from .admission import OWNER_REFERENCES_PERMISSION_ENFORCEMENT, PLUGINS, owner_references_enforcement
 from .authn import DISCOVERY as TOKENREVIEW_DISCOVERY
 from .authn import TOKENREVIEW_PATH, Identity, Tokens
 from .rbac import MASTERS, forbidden_message, resource_request
@@ -35,6 +38,7 @@ SERVER_VERSION = {
     "platform": "linux/amd64",
 }
 TRUE = ("true", "1", "t")  # lower-cased; as Go's strconv.ParseBool (clients send True, true, 1)
+IDENTITY = web.RequestKey("identity", Identity)
 ADMIN = Identity("kubeapi-admin", "kubeapi-admin", (MASTERS, "system:authenticated"), ())
 
 
@@ -83,8 +87,17 @@ class KubeAPI:
         host="127.0.0.1",
         ssl_context: ssl.SSLContext | None = None,  # HTTPS, as clients in pods expect (tests/kubelet)
         tls_dir: Path | None = None,  # or HTTPS with a throwaway CA made there (`self.pki`)
+        admission_plugins: Iterable[str] = (),  # as --enable-admission-plugins (admission.PLUGINS)
+        continue_ttl: float = 300.0,  # seconds a list's continue token stays valid (etcd's compaction)
+        clock: Callable[[], float] = time.monotonic,  # for continue tokens' age
     ):
         self.store = store or Store()
+        unknown = set(admission_plugins) - PLUGINS
+        if unknown:
+            raise ValueError(f"unknown admission plugins: {sorted(unknown)}")
+        self.admission_plugins = set(admission_plugins)  # may change while running
+        self.continue_ttl, self.clock = continue_ttl, clock
+        self.request_hooks: list[Callable[[str, str], None]] = []  # see on_request()
         self.ssl_context = ssl_context
         self.token = token
         self.host = host
@@ -258,8 +271,15 @@ class KubeAPI:
         self.denials.append((method, path_prefix, message))
 
     # ---- HTTP --------------------------------------------------------------------------------------------
+    def on_request(self, hook: Callable[[str, str], None]) -> None:
+        """Call hook(method, path_qs) before serving each request, in the server's thread: to make
+        something happen at an exact point of a client's sequence (e.g. `compact()` before a continue)."""
+        self.request_hooks.append(hook)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path_qs))
+        for hook in list(self.request_hooks):
+            hook(request.method, request.path_qs)
         identity = self._identity(request.headers.get("Authorization", ""))
         if identity is None:
             return _error(ApiError(401, "Unauthorized", "Unauthorized"))
@@ -268,6 +288,7 @@ class KubeAPI:
         if access is not None and not self.store.policy().allows(access):
             details = {"name": access.name or "", "group": access.api_group, "kind": access.resource}
             return _error(ApiError(403, "Forbidden", forbidden_message(access), details))
+        request[IDENTITY] = identity
         for method, prefix, message in self.denials:
             if request.method == method and request.path.startswith(prefix):
                 return _error(ApiError(403, "Forbidden", f"admission webhook denied the request: {message}"))
@@ -365,7 +386,9 @@ class KubeAPI:
                 if rtype.namespaced and not route.namespace:
                     raise ApiError(404, "NotFound", "the server could not find the requested resource")
                 manager = q.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0]
-                return _json(store.create(rtype, route.namespace, await request.json(), manager), 201)
+                body = await request.json()
+                with self._admission(request):
+                    return _json(store.create(rtype, route.namespace, body, manager), 201)
             if request.method == "DELETE":
                 items, rv = store.list(rtype, route.namespace, q.get("labelSelector"), q.get("fieldSelector"))
                 for item in items:
@@ -380,7 +403,8 @@ class KubeAPI:
         manager = q.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0]
         if request.method == "PUT":
             body = await request.json()
-            return _json(store.replace(rtype, route.namespace, route.name, body, route.sub, manager))
+            with self._admission(request):
+                return _json(store.replace(rtype, route.namespace, route.name, body, route.sub, manager))
         if request.method == "PATCH":
             content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
             if content_type == APPLY_PATCH and not q.get("fieldManager"):
@@ -388,9 +412,12 @@ class KubeAPI:
             raw = await request.text()
             body = json.loads(raw) if raw.lstrip().startswith(("{", "[")) else yaml.safe_load(raw)
             force = q.get("force", "").lower() in TRUE
-            return _json(
-                store.patch(rtype, route.namespace, route.name, content_type, body, route.sub, manager, force)
-            )
+            with store.lock, self._admission(request):
+                existed = store.exists(rtype, route.namespace, route.name)
+                patched = store.patch(
+                    rtype, route.namespace, route.name, content_type, body, route.sub, manager, force
+                )
+            return _json(patched, 200 if existed else 201)  # an apply that creates answers 201
         if request.method == "DELETE":
             raw = await request.text()
             options = json.loads(raw) if raw.strip() else {}
@@ -400,22 +427,29 @@ class KubeAPI:
             )
         raise ApiError(405, "MethodNotAllowed", f"{request.method} is not allowed here")
 
-    @staticmethod
-    def _list_body(rtype: ResourceType, items: list[dict], rv: int, q: Mapping) -> dict:
-        """Paged with limit/continue (the continue token is an offset)."""
-        start = int(q.get("continue") or 0)
-        limit = int(q.get("limit") or 0)
-        page = items[start : start + limit] if limit else items[start:]
-        more = bool(limit) and start + limit < len(items)
-        metadata: dict = {"resourceVersion": str(rv)}
-        if more:
-            metadata["continue"] = str(start + limit)
-            metadata["remainingItemCount"] = len(items) - start - limit
+    @contextlib.contextmanager
+    def _admission(self, request: web.Request) -> Iterator[None]:
+        """The enabled admission plugins, as the request's user, around one (synchronous) store write."""
+        if OWNER_REFERENCES_PERMISSION_ENFORCEMENT not in self.admission_plugins:
+            yield
+            return
+        identity: Identity = request[IDENTITY]
+        admit = owner_references_enforcement(
+            identity.username, identity.groups, self.store.policy, self.store.type_for
+        )
+        with self.store.admitting(admit):
+            yield
+
+    def _list_body(self, rtype: ResourceType, items: list[dict], rv: int, q: Mapping) -> dict:
+        """Paged with limit/continue (paging.py): expired tokens answer 410."""
+        chunk, metadata = paging.page(
+            items, rv, q, now=self.clock(), compacted_rv=self.store.compacted_rv, ttl=self.continue_ttl
+        )
         return {
             "kind": f"{rtype.kind}List",
             "apiVersion": rtype.api_version,
             "metadata": metadata,
-            "items": page,
+            "items": chunk,
         }
 
     async def _watch(self, request: web.Request, route: _Route) -> web.StreamResponse:

@@ -7,6 +7,7 @@ Watchers live on an event loop and are fed through `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime
 import secrets
@@ -19,8 +20,18 @@ from typing import Any
 
 from .apply import ApplyConflict, dotted, record_update
 from .apply import apply as apply_config
+from .errors import ApiError
+from .lifecycle import (
+    CRD_FINALIZER,
+    FOREGROUND,
+    NAMESPACE_FINALIZER,
+    Controllers,
+    blocked,
+    qualified,
+    terminating_namespace_error,
+)
 from .patching import PatchError, fields_match, json_patch, labels_match, merge_patch
-from .rbac import BOOTSTRAP_CLUSTER_ROLES, Policy, aggregated_rules
+from .rbac import BOOTSTRAP_CLUSTER_ROLES, Policy
 from .resources import BUILTIN, CRD_TYPE, NAMESPACE_TYPE, ResourceType, types_from_crd
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -28,27 +39,6 @@ STRATEGIC_PATCH = "application/strategic-merge-patch+json"  # served as a merge 
 JSON_PATCH = "application/json-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply with field ownership (apply.py)
 HARNESS = "kubeapi-harness"  # the field manager of writes the test code makes directly
-CONTROLLERS = "kube-controller-manager"  # the field manager of the emulated controllers' writes
-
-
-class ApiError(Exception):
-    """An error the API answers with a `Status` object."""
-
-    def __init__(self, code: int, reason: str, message: str, details: Mapping | None = None):
-        super().__init__(message)
-        self.code, self.reason, self.message, self.details = code, reason, message, dict(details or {})
-
-    def status(self) -> dict:
-        return {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": self.message,
-            "reason": self.reason,
-            "details": self.details,
-            "code": self.code,
-        }
 
 
 def _not_found(rtype: ResourceType, name: str) -> ApiError:
@@ -130,7 +120,7 @@ class Watcher:
 
 
 @dataclass
-class Store:
+class Store(Controllers):
     types: dict[tuple[str, str, str], ResourceType] = field(default_factory=dict)
     objects: dict[tuple[str, str], dict[tuple[str, str], dict]] = field(default_factory=dict)
     rv: int = 1
@@ -138,6 +128,8 @@ class Store:
     compacted_rv: int = 0
     watchers: set[Watcher] = field(default_factory=set)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # Admission for the request the current thread serves (the HTTP server sets it; see `admitting`).
+    request: threading.local = field(default_factory=threading.local)
 
     def __post_init__(self) -> None:
         for rtype in BUILTIN:
@@ -162,16 +154,6 @@ class Store:
                 cluster_role_bindings=list(objects("clusterrolebindings").values()),
                 role_bindings=list(objects("rolebindings").values()),
             )
-
-    def _aggregate_cluster_roles(self) -> None:
-        """The ClusterRole aggregation controller: roles with an aggregationRule get the rules of the
-        ClusterRoles their selectors match."""
-        rtype = self.resource("rbac.authorization.k8s.io", "v1", "clusterroles")
-        roles = list(self._objects(rtype).values())
-        for role in roles:
-            rules = aggregated_rules(role, roles)
-            if rules is not None and rules != (role.get("rules") or []):
-                self._update(rtype, None, role["metadata"]["name"], lambda o, r=rules: {**o, "rules": r})
 
     # ---- resource types -------------------------------------------------------------------------------
     def _register(self, rtype: ResourceType) -> None:
@@ -340,11 +322,12 @@ class Store:
                     raise ApiError(422, "Invalid", "name or generateName is required")
                 alphabet = string.ascii_lowercase + string.digits
                 meta["name"] = prefix + "".join(secrets.choice(alphabet) for _ in range(5))
+            self._admit_create(rtype, namespace, meta["name"])
             if _key(obj) in self._objects(rtype):
                 raise ApiError(
                     409,
                     "AlreadyExists",
-                    f'{rtype.plural} "{meta["name"]}" already exists',
+                    f'{qualified(rtype)} "{meta["name"]}" already exists',
                     {"name": meta["name"], "kind": rtype.plural},
                 )
             obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
@@ -360,6 +343,10 @@ class Store:
             )
             if rtype is NAMESPACE_TYPE:
                 obj.setdefault("status", {})["phase"] = "Active"
+                obj.setdefault("spec", {}).setdefault("finalizers", [NAMESPACE_FINALIZER])
+            if rtype.key == CRD_TYPE.key and CRD_FINALIZER not in (meta.get("finalizers") or []):
+                meta["finalizers"] = [*(meta.get("finalizers") or []), CRD_FINALIZER]
+            self._admit(rtype, None, obj)
             meta["resourceVersion"] = self._bump()
             if rtype.key == CRD_TYPE.key:
                 obj = self._establish_crd(obj)
@@ -368,11 +355,32 @@ class Store:
             self._controllers(rtype)
             return copy.deepcopy(obj)
 
-    def _controllers(self, rtype: ResourceType) -> None:
-        """What kube-controller-manager does after a write, at once: RBAC aggregation, garbage collection."""
-        if rtype.key == ("rbac.authorization.k8s.io", "clusterroles"):
-            self._aggregate_cluster_roles()
-        self._collect_garbage()
+    @contextlib.contextmanager
+    def admitting(self, admit: Callable[[ResourceType, dict | None, dict], None]) -> Iterator[None]:
+        """Writes this thread makes meanwhile pass `admit(rtype, old, new)` first (None old: a create); it
+        raises ApiError to refuse, like a validating admission plugin."""
+        self.request.admit = admit
+        try:
+            yield
+        finally:
+            self.request.admit = None
+
+    def _admit(self, rtype: ResourceType, old: dict | None, new: dict) -> None:
+        admit = getattr(self.request, "admit", None)
+        if admit is not None:
+            admit(rtype, old, new)
+
+    def _admit_create(self, rtype: ResourceType, namespace: str | None, name: str) -> None:
+        """NamespaceLifecycle, and a CRD being deleted: no new content in what is going away."""
+        if rtype.namespaced and namespace:
+            ns = self._objects(NAMESPACE_TYPE).get(("", namespace))
+            if ns is not None and ns["metadata"].get("deletionTimestamp"):
+                raise terminating_namespace_error(rtype, name, namespace)
+        if rtype.custom:
+            crd = self._objects(CRD_TYPE).get(("", f"{rtype.plural}.{rtype.group}"))
+            if crd is not None and crd["metadata"].get("deletionTimestamp"):
+                message = "create not allowed while custom resource definition is terminating"
+                raise ApiError(405, "MethodNotAllowed", message)
 
     def _establish_crd(self, crd: dict) -> dict:
         """Register the CRD's resources (they appear in discovery) and mark it Established."""
@@ -411,6 +419,7 @@ class Store:
             if not isinstance(candidate, dict):
                 raise ApiError(422, "Invalid", "the object must be a JSON object")
             new = self._merge_rules(rtype, old, candidate, subresource)
+            self._admit(rtype, old, new)
             new["metadata"]["managedFields"] = (
                 candidate.get("metadata", {}).get("managedFields")
                 if applied
@@ -425,10 +434,10 @@ class Store:
             if rtype.key == CRD_TYPE.key:
                 self._establish_crd(new)
             self._emit("MODIFIED", rtype, new, old)
-            if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+            if new["metadata"].get("deletionTimestamp") and not blocked(rtype, new):
                 self._remove(rtype, new)
-            elif rtype.key == ("rbac.authorization.k8s.io", "clusterroles"):
-                self._aggregate_cluster_roles()
+            else:
+                self._controllers(rtype)
             return copy.deepcopy(new)
 
     @staticmethod
@@ -585,6 +594,10 @@ class Store:
                 return self.create(rtype, namespace, body, manager, body["metadata"].pop("managedFields"))
             return self._update(rtype, namespace, name, merged, subresource, manager, applied=True)
 
+    def exists(self, rtype: ResourceType, namespace: str | None, name: str) -> bool:
+        with self.lock:
+            return self._find(rtype, namespace, name) is not None
+
     def _find(self, rtype: ResourceType, namespace: str | None, name: str) -> dict | None:
         return self._objects(rtype).get((namespace or "" if rtype.namespaced else "", name))
 
@@ -604,14 +617,20 @@ class Store:
                 expected = (preconditions or {}).get(field_name)
                 if expected is not None and expected != meta.get(field_name):
                     raise ApiError(409, "Conflict", f"Precondition failed: {field_name} mismatch")
-            if meta.get("finalizers"):
+            foreground = propagation == "Foreground" and FOREGROUND not in (meta.get("finalizers") or [])
+            if foreground and self._dependents_of(meta["uid"]):
+                meta["finalizers"] = [*(meta.get("finalizers") or []), FOREGROUND]
+            if blocked(rtype, obj):
                 if not meta.get("deletionTimestamp"):
-                    old = copy.deepcopy(obj)
+                    old = self.get(rtype, namespace, name)
                     meta.update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
+                    if rtype is NAMESPACE_TYPE:
+                        obj.setdefault("status", {})["phase"] = "Terminating"
                     meta["resourceVersion"] = self._bump()
                     self._objects(rtype)[_key(obj)] = obj
                     self._emit("MODIFIED", rtype, obj, old)
-                return copy.deepcopy(obj)
+                    self._controllers(rtype)
+                return self._find(rtype, namespace, name) or obj
             self._remove(rtype, obj, orphan=propagation == "Orphan")
             return obj
 
@@ -620,12 +639,6 @@ class Store:
         obj["metadata"]["resourceVersion"] = self._bump()
         self._emit("DELETED", rtype, obj)
         uid = obj["metadata"]["uid"]
-        if rtype is NAMESPACE_TYPE:  # the namespace controller: everything inside goes too
-            for other in list(self.types.values()):
-                if other.namespaced:
-                    for (ns, other_name), _ in list(self._objects(other).items()):
-                        if ns == obj["metadata"]["name"]:
-                            self.delete(other, ns, other_name)
         if rtype.key == CRD_TYPE.key:
             for served in types_from_crd(obj):
                 self.types.pop((served.group, served.version, served.plural), None)
@@ -641,41 +654,3 @@ class Store:
                 )
         else:
             self._controllers(rtype)
-
-    def _all_objects(self) -> Iterator[tuple[ResourceType, dict]]:
-        seen = set()
-        for rtype in list(self.types.values()):
-            if rtype.key in seen:
-                continue
-            seen.add(rtype.key)
-            for obj in list(self._objects(rtype).values()):
-                yield rtype, obj
-
-    def _dependents_of(self, uid: str) -> list[tuple[ResourceType, dict]]:
-        return [
-            (rtype, obj)
-            for rtype, obj in self._all_objects()
-            if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
-        ]
-
-    def _owner_exists(self, ref: Mapping, dependent_namespace: str) -> bool:
-        """Like the real GC: a namespaced owner is looked up in the dependent's own namespace."""
-        try:
-            owner_type = self.type_for(ref.get("apiVersion", ""), ref.get("kind", ""))
-        except ApiError:
-            return False
-        namespace = dependent_namespace if owner_type.namespaced else ""
-        owner = self._objects(owner_type).get((namespace, ref.get("name", "")))
-        return owner is not None and owner["metadata"]["uid"] == ref.get("uid")
-
-    def _collect_garbage(self) -> None:
-        """Delete every object whose owners are all gone (background propagation)."""
-        for rtype, obj in self._all_objects():
-            meta = obj["metadata"]
-            refs = meta.get("ownerReferences") or []
-            if not refs or meta.get("deletionTimestamp"):
-                continue
-            if (_key(obj) in self._objects(rtype)) and not any(
-                self._owner_exists(ref, meta.get("namespace") or "") for ref in refs
-            ):
-                self.delete(rtype, meta.get("namespace"), meta["name"])
