@@ -38,6 +38,7 @@ from flowmon_operator.handlers import FINALIZER, operator
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi import KubeAPI
 from tests.kubeapi.resources import crd_body
+from tests.kubeapi.shipped import operator_kubeconfig
 from tests.schemas import FLOWMON_CRD, SHARED_SCHEMAS, validate_any
 
 NS = "flowmon-system"
@@ -259,14 +260,19 @@ class Cluster:
 
 
 def running_cluster(
-    kube_api: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings_overrides
+    kube_api: KubeAPI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    overlays: tuple[str, ...] = ("",),  # whose RBAC the operator gets: the base, or an overlay (manifests/)
+    **settings_overrides,
 ) -> Iterator[Cluster]:
-    monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig(tmp_path / "kubeconfig")))
     kube_api.create(yaml.safe_load(FLOWMON_CRD.read_text()))
     for kind in ("servicemonitors", "prometheusrules"):
         kube_api.create(yaml.safe_load((SHARED_SCHEMAS / f"monitoring.coreos.com_{kind}.yaml").read_text()))
     for namespace in (NS, "team-a", "team-b"):
         kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    # the operator runs as its ServiceAccount, with the shipped RBAC
+    monkeypatch.setenv("KUBECONFIG", str(operator_kubeconfig(kube_api, tmp_path / "kubeconfig", overlays)))
     settings = OperatorSettings(
         timer_interval_seconds=TIMER, push_timeout_seconds=2.0, agent_port=free_port(), **settings_overrides
     )
@@ -292,7 +298,9 @@ def cert_manager_cluster(
 ) -> Iterator[Cluster]:
     # A minimal Certificate CRD: the emulator serves the kind; cert-manager's schema is not in ../shared.
     kube_api.create(crd_body("cert-manager.io", "Certificate", "certificates"))
-    yield from running_cluster(kube_api, tmp_path, monkeypatch, cert_manager_issuer="ClusterIssuer/test-ca")
+    yield from running_cluster(
+        kube_api, tmp_path, monkeypatch, ("cert-manager",), cert_manager_issuer="ClusterIssuer/test-ca"
+    )
 
 
 def test_create_builds_every_object_and_pushes_the_policy_to_every_agent(cluster: Cluster):
