@@ -619,7 +619,7 @@ def test_flowmon_operator_command_runs_kopf_and_stops_on_sigint(kube_api: KubeAP
         kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     env = {
         **os.environ,
-        "KUBECONFIG": str(kube_api.kubeconfig(tmp_path / "kubeconfig")),
+        "KUBECONFIG": str(operator_kubeconfig(kube_api, tmp_path / "kubeconfig")),
         "FLOWMON_TIMER_INTERVAL_SECONDS": str(TIMER),
         "FLOWMON_AGENT_PORT": str(free_port()),
     }
