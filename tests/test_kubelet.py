@@ -56,8 +56,7 @@ def api(tmp_path: Path) -> Iterator[tuple[KubeAPI, str]]:
 
 def pods_on_the_node(api: KubeAPI, lab: Lab) -> None:
     api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
-    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "flowmon-system"}})
-    api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})
+    api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})  # flowmon-system: by RBAC
     for pod in lab.pods:
         api.create(
             {
