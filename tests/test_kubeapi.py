@@ -879,3 +879,27 @@ def test_continue_tokens_expire_with_age_or_compaction_and_answer_410_with_a_fre
     kube_api.compact()
     assert call(kube_api, "GET", f"{PODS}?limit=2&continue={fresh}")[0] == 410
     assert call(kube_api, "GET", f"{PODS}?limit=2&continue=garbage")[0] == 400
+
+
+def test_kubectl_server_side_apply_of_the_shipped_manifests_is_idempotent(kube_api_https, tmp_path):
+    """The real client: `kubectl apply --server-side -k manifests/` (HTTPS: kubectl sends no token over
+    plain HTTP; --validate=false: the emulator serves no OpenAPI documents), twice."""
+    import subprocess
+
+    kubeconfig = kube_api_https.kubeconfig(tmp_path / "kubeconfig")
+
+    def kubectl(*args: str) -> str:
+        done = subprocess.run(
+            ["kubectl", "--kubeconfig", str(kubeconfig), *args], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    kubectl("apply", "--server-side", "--validate=false", "-k", "manifests/")
+    version = kube_api_https.store.rv
+    kubectl("apply", "--server-side", "--validate=false", "-k", "manifests/")
+    assert kube_api_https.store.rv == version  # nothing changed, nothing written
+    operator = kube_api_https.get("apps/v1", "Deployment", "flowmon-operator", "flowmon-system")
+    assert [(e["manager"], e["operation"]) for e in operator["metadata"]["managedFields"]] == [
+        ("kubectl", "Apply")
+    ]
