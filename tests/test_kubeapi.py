@@ -699,6 +699,17 @@ def test_a_deleted_namespace_terminates_refuses_new_content_and_goes_when_its_fi
     kube_api.patch("example.io/v1", "Gadget", "g", {"metadata": {"finalizers": None}}, "team")
     assert kube_api.find("v1", "Namespace", "team") is None
     assert call(kube_api, "POST", "/api/v1/namespaces/team/configmaps", {"metadata": {"name": "c"}})[0] == 404
+    # With the namespace controller paused (it is asynchronous on a real server), the content stays a while.
+    kube_api.pause_namespace_controller()
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late"}})
+    kube_api.create({**POD, "metadata": {"name": "p", "namespace": "late"}})
+    kube_api.delete("v1", "Namespace", "late")
+    assert kube_api.get("v1", "Namespace", "late")["status"]["phase"] == "Terminating"
+    assert call(kube_api, "DELETE", "/api/v1/namespaces/late/pods/p")[0] == 200
+    kube_api.create({**POD, "metadata": {"name": "q", "namespace": "default"}})  # other writes: no effect
+    assert kube_api.find("v1", "Namespace", "late") is not None
+    kube_api.finalize_namespaces()
+    assert kube_api.find("v1", "Namespace", "late") is None
 
 
 def test_a_deleted_crd_waits_for_its_objects_finalizers(kube_api):

@@ -43,7 +43,9 @@ has both) talks the Kubernetes API:
   Foreground keeps the owner (finalizer `foregroundDeletion`) until its blockOwnerDeletion dependents are
   gone, Orphan removes the owner reference. A deleted namespace is Terminating (spec.finalizers
   `kubernetes`): its content is deleted, conditions name what remains and which finalizers hold it, new
-  content is refused with the real 403 (also for the admin), and it goes once empty. A deleted CRD waits
+  content is refused with the real 403 (also for the admin), and it goes once empty
+  (`kube_api.pause_namespace_controller()` keeps it Terminating with its content until
+  `kube_api.finalize_namespaces()`, as the real asynchronous controller does for a while). A deleted CRD waits
   for its objects (finalizer `customresourcecleanup.apiextensions.k8s.io`; creates answer 405 meanwhile).
 - `kube_api.stop()` / `kube_api.start()`: the API goes away (open watches are cut, connections refused)
   and comes back on the same port with the same data.

@@ -48,11 +48,15 @@ class Controllers:
     """Mixin: needs the Store's _objects, _update, delete, _remove, types and lock."""
 
     _reconciling = False
+    # False: deleted namespaces stay Terminating with their content until `finalize_namespaces()` runs, as
+    # when the real (asynchronous) namespace controller has not got to them yet.
+    namespace_controller = True
 
     # Provided by Store.
     types: dict
     rv: int
     request: Any
+    lock: Any
     _objects: Any
     _update: Any
     _remove: Any
@@ -74,7 +78,8 @@ class Controllers:
                 self._collect_garbage()
                 self._delete_in_foreground()
                 self._clean_up_crds()
-                self._finalize_namespaces()
+                if self.namespace_controller:
+                    self._finalize_namespaces()
                 if self.rv == before:
                     return
         finally:
@@ -181,6 +186,15 @@ class Controllers:
                 self._drop_finalizer(CRD_TYPE, crd, CRD_FINALIZER)
 
     # ---- namespace controller ------------------------------------------------------------------------------
+    def finalize_namespaces(self) -> None:
+        """One run of the namespace controller (with namespace_controller off, the only ones)."""
+        with self.lock:
+            enabled, self.namespace_controller = self.namespace_controller, True
+            try:
+                self._controllers()
+            finally:
+                self.namespace_controller = enabled
+
     def _finalize_namespaces(self) -> None:
         for (_, name), namespace in list(self._objects(NAMESPACE_TYPE).items()):
             if not namespace["metadata"].get("deletionTimestamp"):

@@ -250,6 +250,15 @@ class KubeAPI:
         """Forget the watch history: resuming a watch from an older resourceVersion answers 410 Gone."""
         return self.store.compact()
 
+    def pause_namespace_controller(self, paused: bool = True) -> None:
+        """Paused, a deleted namespace stays Terminating with its content (as a real one does for a while:
+        its controller is asynchronous) until `finalize_namespaces()`; e.g. for `kubectl delete -k`, which
+        deletes a namespace and then the objects in it."""
+        self.store.namespace_controller = not paused
+
+    def finalize_namespaces(self) -> None:
+        self.store.finalize_namespaces()
+
     def expire_watches(self) -> int:
         """Compact and end every open watch stream with an ERROR 410 event; returns how many."""
         self.store.compact()
