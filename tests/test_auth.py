@@ -186,7 +186,8 @@ def reviews_asked(kube_api) -> int:
 
 def agent_reviewer(kube_api, tmp_path: Path, clock: Clock, **limits) -> KubeTokenReviewer:
     agent_token = tmp_path / "token"
-    agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent"))
+    install_rbac(kube_api)  # the shipped token-review overlay lets the agent ask
+    agent_token.write_text(shipped_agent_token(kube_api))
     return KubeTokenReviewer(
         kube_api.url, sa_token_file=agent_token, ca_file=None, limits=ReviewLimits(**limits), clock=clock
     )

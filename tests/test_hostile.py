@@ -33,6 +33,8 @@ from flowmon_agent.metadata import MetadataStore
 from flowmon_agent.metadata.inventory import InventoryError, read_inventory
 from flowmon_agent.runner import reload_inventory
 from flowmon_operator.pki import issue_serving_cert
+from tests.kubeapi.shipped import agent_token as shipped_agent_token
+from tests.kubeapi.shipped import install_rbac
 from tests.server_rig import ADMIN, SHOP, ServerRig, make_policy
 from tests.test_runner import fake_agent
 from tests.waiting import WAIT, until
@@ -459,7 +461,8 @@ async def test_scrapes_are_served_while_the_default_thread_pool_is_busy(tmp_path
 
 def reviewer_for(kube_api, tmp_path: Path, **limits) -> KubeTokenReviewer:
     agent_token = tmp_path / "sa-token"
-    agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent"))
+    install_rbac(kube_api)  # the shipped token-review overlay lets the agent ask
+    agent_token.write_text(shipped_agent_token(kube_api))
     return KubeTokenReviewer(
         kube_api.url, sa_token_file=agent_token, ca_file=None, limits=ReviewLimits(**limits)
     )
