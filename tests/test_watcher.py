@@ -226,6 +226,6 @@ def test_an_expired_continue_token_mid_list_restarts_the_list(kube_api) -> None:
         first_pages = [p for p in lists if "continue=" not in p]
         assert len(expired) == 1 and len(first_pages) == 2  # listed again from the start, once
         kube_api.create(pod("shop", "late", "10.244.0.60"))
-        wait_until(lambda: "late" in {p.name for p in store.pods()})
+        wait_for(lambda: "late" in {p.name for p in store.pods()})
     finally:
         watcher.stop()
