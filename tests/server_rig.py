@@ -9,6 +9,7 @@ import aiohttp
 from flowmon_agent.export.collectors import AgentStatus, Exporter
 from flowmon_agent.export.policy_store import PolicyStore
 from flowmon_agent.export.server import AgentServer, ServerConfig, ServerLimits
+from flowmon_agent.supervision import Restarts
 from flowmon_contract.policy import compile_policy, token_sha256
 from flowmon_contract.spec import FlowMonitor
 from tests.export_samples import agent_view
@@ -30,7 +31,7 @@ def make_policy(*extra: FlowMonitor):
 class ServerRig:
     """A server with its collaborators, as the runner wires them."""
 
-    def __init__(self, tmp: Path, **config) -> None:
+    def __init__(self, tmp: Path, *, restarts: Restarts | None = None, **config) -> None:
         self.pki = make_pki(tmp)
         token_file = tmp / "admin-token"
         token_file.write_text(ADMIN + "\n")
@@ -57,6 +58,7 @@ class ServerRig:
             policy=self.store,
             readiness=lambda: self.ready_reason,
             liveness=lambda: self.stall,
+            restarts=restarts,
         )
         self.session: aiohttp.ClientSession | None = None
 

@@ -288,7 +288,6 @@ def test_service_monitor_belongs_to_its_monitor():
             "name": "web",
             "uid": "uid-1",
             "controller": True,
-            "blockOwnerDeletion": True,
         }
     ]
     # the user's labels are there, but cannot take over the ownership labels
@@ -403,9 +402,9 @@ PREDICTIONS = [
         NS,
         6,
     ),
-    # the default spec: 9 single-sample metrics (3 of them with two extra-label values), two histograms
-    # (min_rtt is opt-in)
-    ({}, None, 2001 * (5 + 1 + 2 * 3) + 2001 * (10 + 3) + 2001 * (9 + 3)),
+    # the default spec: 9 TCP single-sample metrics (3 of them with two extra-label values), two
+    # histograms (min_rtt is opt-in), 4 UDP counters
+    ({}, None, 2001 * (5 + 1 + 2 * 3) + 2001 * (10 + 3) + 2001 * (9 + 3) + 2001 * 4),
     ({"metrics": ["min_rtt", "syn_retransmits"], "aggregation": {"maxSeries": 10}}, None, 11 * (9 + 3) + 11),
 ]
 

@@ -25,12 +25,12 @@ import dns.query
 import dns.rcode
 import pytest
 
-from flowmon_agent.dns.capture import DnsCapture, decode_event
+from flowmon_agent.dns.capture import DnsCapture, cgroup2_mounts, cgroup2_root, decode_event
 from flowmon_agent.dns.tracker import DnsTracker, PairKey, Vantage
-from flowmon_agent.kernel.cgroup import cgroup2_mounts, cgroup2_root
 from flowmon_lab.network import Lab, Pod
 from flowmon_lab.resolver import ResolverConfig, start_resolver
 from tests.dns_samples import MALFORMED
+from tests.waiting import WAIT
 
 pytestmark = [pytest.mark.root, pytest.mark.root]
 
@@ -59,7 +59,7 @@ class DnsLab:
     capture: DnsCapture
     clock: OffsetClock
 
-    def pump_until(self, done: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    def pump_until(self, done: Callable[[], bool], timeout_s: float = WAIT) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.capture.poll(timeout_ms=50)

@@ -6,6 +6,7 @@ Every wait is bounded; timeouts are configured small so that the tests take seco
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
 import gzip
@@ -13,34 +14,34 @@ import ipaddress
 import json
 import logging
 import ssl
+import sys
 import threading
 from pathlib import Path
 
+import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from flowmon_agent.export.auth import KubeTokenReviewer
+from flowmon_agent.export.review_budget import ReviewLimits
 from flowmon_agent.export.server import ServerLimits
+from flowmon_agent.main import add_arguments, make_agent
 from flowmon_agent.metadata import MetadataStore
 from flowmon_agent.metadata.inventory import InventoryError, read_inventory
 from flowmon_agent.runner import reload_inventory
 from flowmon_operator.pki import issue_serving_cert
+from tests.kubeapi.shipped import agent_token as shipped_agent_token
+from tests.kubeapi.shipped import install_rbac
 from tests.server_rig import ADMIN, SHOP, ServerRig, make_policy
-
-WAIT = 10.0  # the bound on any single wait in this module
+from tests.test_runner import fake_agent
+from tests.waiting import WAIT, until
 
 
 def limits(**fields) -> ServerLimits:
     return ServerLimits(**({"header_timeout": 0.5, "idle_timeout": 30.0} | fields))
-
-
-async def until(condition, timeout: float = WAIT) -> None:
-    """Wait for a condition the test caused (a reload, a close), checking every 20 ms, at most `timeout`."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
 
 
 async def tls_stream(rig: ServerRig, source: str = "127.0.0.1"):
@@ -87,7 +88,8 @@ async def closed_by_server(reader: asyncio.StreamReader) -> bool:
 
 @pytest.mark.asyncio
 async def test_a_tls_client_stuck_mid_headers_is_closed(tmp_path):
-    async with ServerRig(tmp_path, limits=limits(header_timeout=0.5)) as rig:
+    # the handshake must fit in the header time limit, on a loaded host too
+    async with ServerRig(tmp_path, limits=limits(header_timeout=2.0)) as rig:
         reader, writer = await tls_stream(rig)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")  # and nothing more
         await writer.drain()
@@ -452,3 +454,210 @@ async def test_scrapes_are_served_while_the_default_thread_pool_is_busy(tmp_path
         finally:
             release.set()
             await asyncio.gather(*busy)
+
+
+# ---- TokenReview: bounded, rate-limited, and no token in any log line ----
+
+
+def reviewer_for(kube_api, tmp_path: Path, **limits) -> KubeTokenReviewer:
+    agent_token = tmp_path / "sa-token"
+    install_rbac(kube_api)  # the shipped token-review overlay lets the agent ask
+    agent_token.write_text(shipped_agent_token(kube_api))
+    return KubeTokenReviewer(
+        kube_api.url, sa_token_file=agent_token, ca_file=None, limits=ReviewLimits(**limits)
+    )
+
+
+def token_reviews(kube_api) -> int:
+    return sum(1 for m, p in kube_api.requests if m == "POST" and p.endswith("/tokenreviews"))
+
+
+@pytest.mark.asyncio
+async def test_made_up_tokens_past_the_review_rate_get_429_and_cost_no_api_call(kube_api, tmp_path):
+    """One pod guessing tokens: reviews up to its burst, then 429 with Retry-After and no API call; the
+    cluster Prometheus, another address, still gets its review (and then its cached verdict)."""
+    reviewer = reviewer_for(kube_api, tmp_path, source_burst=5, source_rate=0.01)
+    prometheus = kube_api.service_account_token("monitoring", "prometheus")
+    rig = ServerRig(tmp_path, token_reviewer=reviewer, token_review_readers=(PROMETHEUS,))
+    async with rig:
+        statuses = []
+        for n in range(40):
+            status, _body, headers = await raw_request(rig, f"guess-{n:04d}-{'x' * 24}", source="127.0.0.66")
+            statuses.append((status, headers.get("retry-after")))
+        assert statuses[:5] == [(401, None)] * 5
+        assert {s for s, _ in statuses[5:]} == {429} and statuses[5][1] == "100"  # 1 token per 100 s
+        assert token_reviews(kube_api) == 5
+        for _ in range(3):
+            assert (await raw_request(rig, prometheus, source="127.0.0.9"))[0] == 200
+        assert token_reviews(kube_api) == 6
+        assert rig.sample("flowmon_agent_token_reviews_throttled_total", scope="source") == 35.0
+        assert rig.sample("flowmon_agent_token_review_cache_hits_total") == 2.0
+
+
+PROMETHEUS = "system:serviceaccount:monitoring:prometheus"
+
+
+async def raw_request(rig: ServerRig, token: str, source: str, path: str = "/metrics/shop/web"):
+    """One GET with `token` from a 127/8 `source`; (status, body, lower-cased headers)."""
+    reader, writer = await tls_stream(rig, source)
+    try:
+        head = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n"
+        writer.write(head.encode() + b"\r\n")
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), body, {k.lower(): v for k, v in headers.items()}
+
+
+def leaked(tokens: list[str], text: str, window: int = 8) -> list[str]:
+    """Every `window`-character piece of any token found in `text` (a prefix counts as a leak too)."""
+    return [
+        t[i : i + window] for t in tokens for i in range(len(t) - window + 1) if t[i : i + window] in text
+    ]
+
+
+@pytest.mark.asyncio
+async def test_no_token_bytes_in_any_log_line_with_token_review_on(kube_api, tmp_path, caplog):
+    """Known, unknown, throttled, malformed and oversized tokens, with the API server answering and then
+    gone, and refused admin token files: the log at DEBUG holds no piece of any token."""
+    caplog.set_level(logging.DEBUG)
+    reviewer = reviewer_for(kube_api, tmp_path, source_burst=3, source_rate=0.01)
+    prometheus = kube_api.service_account_token("monitoring", "prometheus")
+    secrets_sent = [prometheus, *(f"Zq{n}-made-up-Tk9v3LmW{n:03d}" for n in range(6))]
+    rig = ServerRig(tmp_path, token_reviewer=reviewer, token_review_readers=(PROMETHEUS,))
+    async with rig:
+        assert (await raw_request(rig, prometheus, "127.0.0.9"))[0] == 200
+        for token in secrets_sent[1:7]:  # three reviewed, three throttled
+            await raw_request(rig, token, "127.0.0.66")
+        await raw_request(rig, SHOP, "127.0.0.10")
+        await raw_request(rig, ADMIN, "127.0.0.10", path="/metrics")
+        for header in (
+            f"Authorization: Bearer {secrets_sent[1]}\xff\r\n".encode("latin-1"),
+            f"Authorization: Bearer {secrets_sent[2]}".encode() + b"y" * 20_000 + b"\r\n",
+            f"Authorization: Basic {secrets_sent[3]}\r\n".encode(),
+            f"Authorization: Bearer {secrets_sent[4]} {secrets_sent[5]}\r\n".encode(),
+        ):
+            await raw_exchange(rig, GOOD + header + b"\r\n")
+        echoed = "Ec4-quoted-by-the-API-Vb6Nm1"  # an API server (or proxy) that quotes the request
+        secrets_sent.append(echoed)
+        kube_api.deny("POST", "/apis/authentication.k8s.io/", f'spec.token: Invalid value: "{echoed}"')
+        assert (await raw_request(rig, echoed, "127.0.0.12"))[0] == 401
+        kube_api.stop()  # the API server gone: reviews fail, and say so without the token
+        fresh = "Pm7-never-seen-Hx2Qw8Rt"
+        secrets_sent.append(fresh)
+        assert (await raw_request(rig, fresh, "127.0.0.11"))[0] == 401
+        assert rig.sample("flowmon_agent_token_reviews_total", result="unavailable") == 2.0
+        token_file = rig.server.config.admin_token_file
+        for content in (f"{fresh}\n\xfe".encode("latin-1"), f"{fresh} {ADMIN}\n".encode()):
+            rejected = rig.sample("flowmon_agent_reload_rejected_total", file="admin_token") or 0.0
+            token_file.write_bytes(content)
+            await until(
+                lambda r=rejected: rig.sample("flowmon_agent_reload_rejected_total", file="admin_token") > r
+            )
+    logged = "\n".join(
+        r.getMessage() + (logging.Formatter().formatException(r.exc_info) if r.exc_info else "")
+        for r in caplog.records
+    )
+    assert (
+        "TokenReview unavailable: HTTP 403 Forbidden" in logged and "admin token file" in logged
+    )  # logged...
+    assert leaked(secrets_sent, logged) == []  # ...no token, nor any 8 characters of one
+    assert ADMIN not in logged and SHOP not in logged  # (words like "admin-token" are file names)
+
+
+# ---- auth is never off by omission ----
+
+
+@pytest.mark.asyncio
+async def test_a_token_file_without_an_admin_token_keeps_auth_on_loopback(tmp_path):
+    """`flowmon agent --token-file F` on 127.0.0.1 and no admin token: the scrape token reads the monitor's
+    path; no token, or a wrong one, is a 401 (it used to serve everyone)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("scrape-token-1\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--listen", "127.0.0.1:0", "--node", "n1", "--token-file", str(tokens)])
+    agent, _files, nat, _host = make_agent(args)
+    await agent.server.start()  # the server alone: no kernel needed to ask it for a path
+    try:
+        url = agent.url + "/metrics/flowmon-system/host"
+        async with aiohttp.ClientSession() as http:
+
+            async def status(token: str | None, target: str = url) -> int:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                async with http.get(target, headers=headers) as response:
+                    return response.status
+
+            assert agent.server.mode.auth and agent.url.startswith("http://127.0.0.1:")
+            assert await status(None) == 401
+            assert await status("not-the-token") == 401
+            assert await status("scrape-token-1") == 200
+            assert await status("scrape-token-1", agent.url + "/metrics") == 403  # a scrape token, not admin
+    finally:
+        await agent.server.stop()
+        nat.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")  # a client that old, on purpose
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+async def test_tls_before_1_2_is_refused(tmp_path, version):
+    """A client that speaks only TLS 1.0 or 1.1 (which OpenSSL allows it at SECLEVEL=0) gets no handshake."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.minimum_version = client.maximum_version = version
+    client.set_ciphers("ALL:@SECLEVEL=0")  # the client would; the server must not
+    async with ServerRig(tmp_path) as rig:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.wait_for(asyncio.open_connection("127.0.0.1", rig.server.port, ssl=client), WAIT)
+        await until(lambda: rig.sample("flowmon_agent_http_tls_handshake_failures_total") == 1.0)
+
+
+@pytest.mark.asyncio
+async def test_a_truncated_inventory_is_refused_counted_and_the_last_good_one_serves(tmp_path):
+    """Through the agent's poll (a fake kernel): a truncated write is refused with a log line and
+    flowmon_agent_reload_rejected_total{file="inventory"}; the metadata it had stays."""
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(
+        "kind: Namespace\nmetadata: {name: shop}\n---\nkind: Namespace\nmetadata: {name: ops}\n"
+    )
+    agent, _made = fake_agent(tmp_path, make_policy(), inventory_file=inventory)
+    await agent.start()
+    try:
+        inventory.write_text("kind: Namespace\nmetadata: {name: shop}\n---\nkind: Namespace\nmetadata:\n")
+        agent.poll_once()
+        sample = agent.instruments.registry.get_sample_value
+        assert sample("flowmon_agent_reload_rejected_total", {"file": "inventory"}) == 1.0
+        assert agent.store.namespace_labels("ops") is not None  # the last good inventory
+    finally:
+        await agent.stop()
+
+
+@pytest.mark.asyncio
+async def test_pushed_policies_are_parsed_off_the_event_loop(tmp_path):
+    """Validation is CPU work in proportion to the body: it runs on the server's policy thread, never on
+    the thread of the event loop (which every other client shares). Seen by a profiler on every thread."""
+    parsed_on: list[str] = []
+
+    def profiler(frame, event, _arg):
+        if event == "call" and frame.f_code.co_name == "parse_policy_json":
+            parsed_on.append(threading.current_thread().name)
+
+    async with ServerRig(tmp_path) as rig:
+        threading.setprofile(profiler)  # threads started from now on (the policy pool's)
+        sys.setprofile(profiler)  # and this one, the event loop's
+        try:
+            status, body, _ = await rig.request(
+                "PUT", "/v1/policy", ADMIN, data=make_policy().model_dump_json()
+            )
+            bad = await rig.request("PUT", "/v1/policy", ADMIN, data=b'{"monitors": "x"}')
+        finally:
+            sys.setprofile(None)
+            threading.setprofile(None)
+        assert status == 200, body
+        assert bad[0] == 422
+    assert len(parsed_on) == 2 and all(name.startswith("flowmon-policy") for name in parsed_on), parsed_on

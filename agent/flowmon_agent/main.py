@@ -17,12 +17,12 @@ import asyncio
 import functools
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from flowmon_agent.event_wait import wait_event
 from flowmon_agent.metadata.hostnets import HostMetadata, addresses_of
 from flowmon_agent.scheduling import run_as_batch
+from flowmon_agent.supervision import Restarts
 from flowmon_contract.documents import ManifestError, load_monitors
 from flowmon_contract.policy import AgentPolicy, compile_policy, token_sha256
 from flowmon_contract.spec import FlowMonitor, FlowMonitorSpec, ObjectMeta
@@ -302,12 +302,14 @@ def make_agent(args: argparse.Namespace):
 
     from flowmon_agent.metadata.conntrack import ConntrackNat
 
-    nat = ConntrackNat(args.conntrack_netns)
+    restarts = Restarts()
+    nat = ConntrackNat(args.conntrack_netns, restarts=restarts)
     agent = Agent(
         settings,
         tracer_factory=functools.partial(default_tracer, settings, force_compat=args.compat),
         store=store,
         nat_backends=lambda snapshot: nat.backends(snapshot.flows.keys()),
+        restarts=restarts,
     )
     if policy is not None:
         agent.policy.apply(policy, source="monitor files" if files else "default monitor")
@@ -350,20 +352,33 @@ async def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        follow = functools.partial(follow_local_sources, files, host, agent.policy.apply)
+        local = asyncio.create_task(agent.restarts.supervise("local-files", follow))
         try:
-            while not stop.is_set():
-                await wait_event(stop, 1.0)
-                if (
-                    files is not None
-                    and (policy := await asyncio.to_thread(files.changed_policy)) is not None
-                ):
-                    agent.policy.apply(policy, source="monitor files")
-                if host is not None:  # a container started or stopped: its namespace's pod follows
-                    await asyncio.to_thread(host.refresh)
+            await stop.wait()
         finally:
+            local.cancel()
+            await asyncio.gather(local, return_exceptions=True)
             await agent.stop()
             nat.close()
     return 0
+
+
+async def follow_local_sources(
+    files: MonitorFiles | None,
+    host: HostMetadata | None,
+    apply: Callable[..., object],
+    interval: float = 1.0,
+) -> None:
+    """Every `interval`: recompile changed --monitor files (`apply` the policy), and follow this host's
+    network namespaces (a container started or stopped: its namespace's pod follows). Runs supervised:
+    an unexpected error (a file's stat failing) restarts it after a backoff."""
+    while True:
+        await asyncio.sleep(interval)
+        if files is not None and (policy := await asyncio.to_thread(files.changed_policy)) is not None:
+            apply(policy, source="monitor files")
+        if host is not None:
+            await asyncio.to_thread(host.refresh)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

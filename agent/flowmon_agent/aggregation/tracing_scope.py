@@ -129,11 +129,13 @@ def kernel_config(
 ) -> KernelConfig:
     """What the tracer on this node (or these nodes) is configured with under this policy: the local IPs
     it traces, the NAT peers (Service IPs: connections to them stay per connection, for conntrack), the
-    ports it ignores (the agent's own, configured ones), and whether srtt is sampled (a monitor exports
-    RTT: tcp_probe, the costliest hook, runs on every received segment)."""
+    ports it ignores (the agent's own, configured ones), whether srtt is sampled (a monitor exports
+    RTT: tcp_probe, the costliest hook, runs on every received segment), and whether UDP is counted (a
+    monitor exports a UDP metric: bpf/udp.c runs on every packet of the node)."""
     return KernelConfig(
         local_ips=local_ip_filter(policy, store, nodes),
         nat_peers=frozenset(store.service_ips()),
         ignored_ports=frozenset(ignored_ports),
         rtt=policy.wants_rtt,
+        udp=policy.wants_udp,
     )

@@ -12,15 +12,18 @@ from __future__ import annotations
 import ctypes
 import functools
 import ipaddress
-import os
 import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from flowmon_agent.dns.tracker import DnsTracker, Packet
-from flowmon_agent.kernel.cgroup import ATTACH_INET_EGRESS, ATTACH_INET_INGRESS, cgroup2_root, link
+from flowmon_agent.kernel.cgroup import cgroup2_mounts, cgroup2_root
+from flowmon_agent.kernel.cgroup_skb import CgroupSkbLinks
 from flowmon_agent.kernel.loader import load_program
+
+# cgroup2_mounts and cgroup2_root live in kernel/cgroup.py (shared with UDP and sock_ops); re-exported
+__all__ = ["CaptureStats", "DnsCapture", "cgroup2_mounts", "cgroup2_root", "decode_event"]
 
 SOURCE = "dns.c"
 # struct dns_event up to its payload: ts, saddr, daddr, sport, dport, payload_len, captured, family, egress
@@ -65,24 +68,9 @@ def decode_event(raw: bytes) -> Packet | None:
     )
 
 
-def attach_cgroup_skb(bpf, cgroup_fd: int) -> list[int]:
-    """Load dns_ingress and dns_egress as cgroup-skb programs and link them to the cgroup; the link fds
-    (closing one detaches its program)."""
-    from bcc import BPF
-
-    links: list[int] = []
-    try:
-        for name, attach_type in (("dns_ingress", ATTACH_INET_INGRESS), ("dns_egress", ATTACH_INET_EGRESS)):
-            links.append(link(bpf.load_func(name.encode(), BPF.CGROUP_SKB).fd, cgroup_fd, attach_type, name))
-    except BaseException:
-        for fd in links:
-            os.close(fd)
-        raise
-    return links
-
-
 class DnsCapture:
-    """`with DnsCapture(tracker) as cap: cap.poll()`; `close()` detaches and frees the programs."""
+    """`with DnsCapture(tracker) as cap: cap.poll()`; `close()` detaches and frees the programs. `cgroup`:
+    where the node's cgroup v2 root is mounted (at or below; default the shallowest cgroup2 mount)."""
 
     def __init__(
         self,
@@ -100,14 +88,13 @@ class DnsCapture:
             raise ValueError(f"ring_pages must be a power of two, got {ring_pages}")
         self.tracker, self.batch_max = tracker, batch_max
         self._read = self._left = 0
-        self._links: list[int] = []
+        self._links: CgroupSkbLinks | None = None
         self._bpf = load_program(
             SOURCE, {"DNS_PORT": port, "DNS_CAPTURE_BYTES": capture_bytes, "DNS_RING_PAGES": ring_pages}
         )
-        self._cgroup_fd = -1
         try:
-            self._cgroup_fd = os.open(cgroup or cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
-            self._links = attach_cgroup_skb(self._bpf, self._cgroup_fd)
+            self._links = CgroupSkbLinks(self._bpf, b"dns_ingress", b"dns_egress", cgroup)
+            self._links.attach()
             self._bpf[b"dns_events"].open_ring_buffer(self._on_record)
         except BaseException:
             self.close()
@@ -132,18 +119,21 @@ class DnsCapture:
         self.tracker.expire()
         return self._read - before
 
+    @property
+    def cgroup(self) -> Path:
+        """The cgroup v2 root the programs are linked to."""
+        assert self._links is not None
+        return self._links.cgroup
+
     def stats(self) -> CaptureStats:
         table = self._bpf[b"dns_counts"]
         totals = [sum(table[table.Key(i)]) for i in range(len(_COUNT_NAMES))]
         return CaptureStats(*totals, read=self._read)
 
     def close(self) -> None:
-        for fd in self._links:
-            os.close(fd)  # closing the link detaches the program
-        self._links = []
-        if self._cgroup_fd >= 0:
-            os.close(self._cgroup_fd)
-            self._cgroup_fd = -1
+        if self._links is not None:
+            self._links.close()  # closing the links detaches the programs
+            self._links = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None

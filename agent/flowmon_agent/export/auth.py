@@ -6,18 +6,21 @@ runs over the whole candidate list (no early exit), so timing does not tell how 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
 import aiohttp
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from flowmon_agent.export.review_budget import BoundedTtlCache, ReviewBudget, ReviewLimits
 from flowmon_contract.policy import AgentPolicy
 from flowmon_kube import SERVICE_ACCOUNT, ApiClient, Connection, KubeError, read_json
 
@@ -112,7 +115,11 @@ class ReviewUnavailable(RuntimeError):
 
 
 class TokenReviewer(Protocol):
-    async def review(self, token: str) -> ReviewedUser | None: ...
+    async def review(self, token: str, source: str = "") -> ReviewedUser | None:
+        """The token's user, None when it authenticates nobody; ReviewThrottled when over the budget."""
+        ...
+
+    def collect(self) -> Iterator[Metric]: ...
 
 
 IN_CLUSTER_SA = SERVICE_ACCOUNT
@@ -121,9 +128,11 @@ TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 class KubeTokenReviewer:
     """Asks the API server (`POST /apis/authentication.k8s.io/v1/tokenreviews`, on flowmon_kube's client)
-    with the agent's own ServiceAccount token. Answers are cached for `ttl` seconds by token digest, so that
-    a scrape every few seconds costs one review per minute, not one per scrape. The reviewed token is in
-    the request body only: never in a log or an exception."""
+    with the agent's own ServiceAccount token, within a ReviewBudget (review_budget.py): verdicts cached
+    by token digest (a scrape every few seconds costs one review per minute), calls paced per client
+    address and in total, one call at a time per token (concurrent requests share it). The reviewed token
+    is in the request body only: never in a log or an exception. A prometheus_client collector of its
+    own counts (calls by result, cache hits, evictions, throttled requests)."""
 
     def __init__(
         self,
@@ -132,7 +141,7 @@ class KubeTokenReviewer:
         sa_token_file: Path = IN_CLUSTER_SA / "token",
         ca_file: Path | None = IN_CLUSTER_SA / "ca.crt",
         audiences: Iterable[str] = (),
-        ttl: float = 60.0,
+        limits: ReviewLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.api_url = api_url.rstrip("/")
@@ -140,23 +149,82 @@ class KubeTokenReviewer:
             server=self.api_url, token_file=sa_token_file, ca_path=str(ca_file) if ca_file else None
         )
         self._audiences = list(audiences)
-        self._ttl, self._clock = ttl, clock
-        self._cache: dict[bytes, tuple[float, ReviewedUser | None]] = {}
+        self.limits = limits = limits or ReviewLimits()
+        self._verdicts = {
+            True: BoundedTtlCache[ReviewedUser](limits.max_entries, limits.positive_ttl, clock),
+            False: BoundedTtlCache[None](limits.max_entries, limits.negative_ttl, clock),
+        }
+        self._budget = ReviewBudget(limits, clock)
+        self._pending: dict[bytes, asyncio.Future[ReviewedUser | None]] = {}
+        self.calls = {"authenticated": 0, "unauthenticated": 0, "unavailable": 0}
+        self.cache_hits = 0
 
-    async def review(self, token: str) -> ReviewedUser | None:
-        key, now = digest(token), self._clock()
-        cached = self._cache.get(key)
-        if cached and now - cached[0] < self._ttl:
-            return cached[1]
+    async def review(self, token: str, source: str = "") -> ReviewedUser | None:
+        key = digest(token)
+        for cache in self._verdicts.values():
+            found, user = cache.get(key)
+            if found:
+                self.cache_hits += 1
+                return user
+        if (pending := self._pending.get(key)) is not None:  # the same token, asked right now
+            return await asyncio.shield(pending)
+        self._budget.admit(source)  # ReviewThrottled: nothing asked
+        pending = self._pending[key] = asyncio.get_running_loop().create_future()
+        user = None
         try:
             user = await self._ask(token)
         except ReviewUnavailable as exc:  # not an answer about the token: do not cache it
+            self.calls["unavailable"] += 1
             log.warning("TokenReview unavailable: %s", exc)
-            return None
-        if len(self._cache) > 10_000:  # bounded: unknown tokens must not grow memory forever
-            self._cache.clear()
-        self._cache[key] = (now, user)
+        else:
+            self.calls["authenticated" if user else "unauthenticated"] += 1
+            self._verdicts[user is not None].put(key, user)
+        finally:
+            del self._pending[key]
+            pending.set_result(user)
         return user
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "flowmon_agent_token_reviews",
+            "TokenReviews the API server was asked, by result.",
+            labels=["result"],
+        )
+        for result, count in self.calls.items():
+            calls.add_metric([result], count)
+        yield calls
+        yield CounterMetricFamily(
+            "flowmon_agent_token_review_cache_hits", "Bearer tokens answered from the verdict cache.",
+            value=self.cache_hits,
+        )  # fmt: skip
+        throttled = CounterMetricFamily(
+            "flowmon_agent_token_reviews_throttled",
+            "Requests refused a TokenReview by the rate limit: their client address's (source: 429) or the "
+            "agent's (total: 503).",
+            labels=["scope"],
+        )
+        for scope, count in self._budget.throttled.items():
+            throttled.add_metric([scope], count)
+        yield throttled
+        yield CounterMetricFamily(
+            "flowmon_agent_token_review_sources_evicted",
+            "Client addresses whose rate-limit bucket left the table of max_sources (least recently used).",
+            value=self._budget.sources_evicted,
+        )
+        entries = GaugeMetricFamily(
+            "flowmon_agent_token_review_cache_entries", "Cached TokenReview verdicts.", labels=["verdict"]
+        )
+        evictions = CounterMetricFamily(
+            "flowmon_agent_token_review_cache_evictions",
+            "Unexpired verdicts dropped (least recently used first) to keep the cache within its bound.",
+            labels=["verdict"],
+        )
+        for positive, cache in self._verdicts.items():
+            verdict = "authenticated" if positive else "unauthenticated"
+            entries.add_metric([verdict], len(cache))
+            evictions.add_metric([verdict], cache.evictions)
+        yield entries
+        yield evictions
 
     async def _ask(self, token: str) -> ReviewedUser | None:
         spec: dict = {"token": token}
@@ -167,8 +235,10 @@ class KubeTokenReviewer:
             # One session per review (a review per token per TTL): no session outlives the caller's loop.
             async with ApiClient(self._connection) as client:
                 answer = await read_json(await client.request("POST", TOKEN_REVIEWS, body=body, timeout=5))
-        except (KubeError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ReviewUnavailable(str(exc)) from exc
+        except KubeError as exc:  # the Status message is dropped: a server may quote the request in it
+            raise ReviewUnavailable(f"HTTP {exc.status} {exc.reason}".rstrip()) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ReviewUnavailable(f"{type(exc).__name__}: {exc}") from None
         return parse_token_review(answer)
 
 

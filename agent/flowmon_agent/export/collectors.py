@@ -327,7 +327,7 @@ class AgentInstruments:
             "flowmon_agent_reload_rejected",
             "Changed files refused, keeping the last good content: a TLS pair that does not load (tls), "
             "an admin token file (admin_token) or inventory (inventory) that does not parse or looks "
-            "truncated.",
+            "truncated, a policy file that cannot be looked at (policy; its content: policy_rejected).",
             ["file"],
             registry=self.registry,
         )

@@ -19,6 +19,8 @@ import yaml
 from pydantic import ValidationError
 
 from flowmon_agent.filewatch import FileWatch
+from flowmon_agent.supervision import where
+from flowmon_contract.documents import yaml_error_text
 from flowmon_contract.policy import AgentPolicy
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ def parse_policy_text(text: str, *, yaml_format: bool) -> AgentPolicy:
         document = yaml.safe_load(text)
         as_json = json.dumps(document)
     except yaml.YAMLError as exc:
-        raise PolicyError([FieldError("", f"not YAML: {exc}")]) from None
+        raise PolicyError([FieldError("", f"not YAML: {yaml_error_text(exc)}")]) from None
     except (TypeError, ValueError) as exc:  # e.g. a timestamp: YAML types JSON does not have
         raise PolicyError([FieldError("", f"not a JSON-compatible document: {exc}")]) from None
     return parse_policy_json(as_json)
@@ -129,8 +131,13 @@ class PolicyStore:
             previous, self._policy = self._policy, policy
         if previous is None or previous.hash != policy.hash:
             log.info("policy %s from %s: %d monitors", policy.hash[:12], source, len(policy.monitors))
-        for listener in self._listeners:
-            listener(policy)
+        for (
+            listener
+        ) in self._listeners:  # the policy is in: a listener that fails stops neither it nor the rest
+            try:
+                listener(policy)
+            except Exception as exc:
+                log.error("policy %s: a listener failed with %s", policy.hash[:12], where(exc))
         return policy.hash
 
 

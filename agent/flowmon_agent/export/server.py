@@ -9,6 +9,7 @@ has a time limit, bodies a size limit, and malformed input gets a 4xx. No debug 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import ipaddress
 import json
@@ -34,9 +35,12 @@ from flowmon_agent.export.collectors import CONTENT_TYPE, Exporter, HttpCollecto
 from flowmon_agent.export.http_log import ClientErrorLog
 from flowmon_agent.export.listener import ConnectionGate, HttpStats, ListenerLimits, request_started
 from flowmon_agent.export.policy_store import PolicyError, PolicyStore, parse_policy_json
+from flowmon_agent.export.review_budget import ReviewThrottled
+from flowmon_agent.export.scrapes import ScrapeLog
 from flowmon_agent.export.tls import ServingContext
 from flowmon_agent.export.tokens import TokenFileError, bearer_token, read_token_file
 from flowmon_agent.filewatch import FileWatch
+from flowmon_agent.supervision import Restarts
 from flowmon_contract.policy import AgentPolicy
 
 log = logging.getLogger(__name__)
@@ -150,11 +154,13 @@ class AgentServer:
         policy: PolicyStore,
         readiness: Callable[[], str | None],  # None when ready, else why not
         liveness: Callable[[], str | None] = lambda: None,  # None while healthy, else what is stuck
+        restarts: Restarts | None = None,  # the agent's: restarts the file reload task if it ever dies
     ) -> None:
         self.config = config
         self.mode = server_mode(config)
         self._exporter, self._policy, self._readiness = exporter, policy, readiness
         self._liveness = liveness
+        self._restarts = restarts or Restarts()
         self._instruments = exporter.instruments
         self._admin: list[bytes] = []
         self._tls: ServingContext | None = None
@@ -167,6 +173,7 @@ class AgentServer:
         self._render_pool: ThreadPoolExecutor | None = None
         self._policy_pool: ThreadPoolExecutor | None = None
         self._policy_push = asyncio.Lock()  # one push validated at a time: memory stays one body's worth
+        self.scrapes = ScrapeLog()
         self.port: int | None = None
 
     @property
@@ -229,11 +236,14 @@ class AgentServer:
         )
         self._collector = HttpCollector(self.stats, lambda: self._gate.open if self._gate else 0)
         self._instruments.registry.register(self._collector)
+        if self.config.token_reviewer is not None:
+            self._instruments.registry.register(self.config.token_reviewer)
         loop = asyncio.get_running_loop()
         self._listening = await loop.create_server(self._gate, self.config.host, self.config.port)
         self.port = self._listening.sockets[0].getsockname()[1]
+        watch = functools.partial(self._watch_files, tls_watch, token_watch)
         self._watch_task = asyncio.create_task(
-            self._watch_files(tls_watch, token_watch), name="flowmon-server-files"
+            self._restarts.supervise("server-files", watch), name="flowmon-server-files"
         )
         log.info("serving %s (auth %s)", self.url, "on" if self.mode.auth else "OFF")
 
@@ -250,13 +260,16 @@ class AgentServer:
         if self._collector:
             self._instruments.registry.unregister(self._collector)
             self._collector = None
+            if self.config.token_reviewer is not None:
+                self._instruments.registry.unregister(self.config.token_reviewer)
         for pool in (self._render_pool, self._policy_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
 
     async def _watch_files(self, tls_watch: FileWatch | None, token_watch: FileWatch | None) -> None:
         """Certificates and tokens rotate without a restart: reload what changed, keep the last good on
-        any error. Nothing ends this loop but stop()."""
+        any error. Nothing ends this loop but stop(); an error outside a reload (the files' stat, e.g. a
+        symlink loop) restarts it with a backoff."""
         cert, token = self.config.tls_cert_file, self.config.admin_token_file
         while True:
             await asyncio.sleep(self.config.reload_interval)
@@ -323,7 +336,14 @@ class AgentServer:
             token, target, admin=self._admin, monitors=monitor_digests(self._policy.policy)
         )
         if decision is None and token is not None and self.config.token_reviewer is not None:
-            user = await self.config.token_reviewer.review(token)
+            try:
+                user = await self.config.token_reviewer.review(token, request.remote or "")
+            except ReviewThrottled as exc:  # nothing was asked: the client may come back later
+                return web.Response(
+                    status=exc.status,
+                    text="too many token reviews, retry later\n",
+                    headers={"Retry-After": exc.retry_after_header},
+                )
             decision = decide_reviewed(
                 user,
                 target,
@@ -363,7 +383,9 @@ class AgentServer:
         policy = self._policy.policy
         if policy is None or policy.monitor(*key.split("/", 1)) is None:
             return web.Response(status=404, text="no such FlowMonitor in the running policy\n")
-        return await self._metrics_response(request, lambda: self._exporter.monitor_text(key))
+        response = await self._metrics_response(request, lambda: self._exporter.monitor_text(key))
+        self.scrapes.served(key)
+        return response
 
     async def _metrics_response(self, request: web.Request, render: Callable[[], bytes]) -> web.Response:
         use_gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
@@ -389,12 +411,18 @@ class AgentServer:
             except PolicyError as exc:
                 self._policy.rejected("api")
                 return _json(422, {"errors": exc.dump()})
-        return _json(200, {"policyHash": self._policy.apply(policy, source="api")})
+        return _json(200, self._policy_answer(self._policy.apply(policy, source="api")))
 
     async def _get_policy(self, request: web.Request) -> web.Response:
         if denied := await self._authorize(request, AGENT):
             return denied
-        return _json(200, {"policyHash": self._policy.hash})
+        return _json(200, self._policy_answer(self._policy.hash))
+
+    def _policy_answer(self, policy_hash: str | None) -> dict:
+        """The running policy's hash, and how long ago each of its monitors' paths was last scraped."""
+        policy = self._policy.policy
+        keys = {m.key for m in policy.monitors} if policy is not None else set()
+        return {"policyHash": policy_hash, "scrapedSecondsAgo": self.scrapes.seconds_ago(keys)}
 
 
 def _parse_and_hash(data: bytes) -> AgentPolicy:

@@ -1,5 +1,6 @@
-"""The cgroup v2 root and BPF links to it, shared by the programs that attach there (DNS capture's
-cgroup-skb pair, the tracer's sock_ops program).
+"""The cgroup v2 root and BPF links to it, shared by the programs that attach there (the cgroup-skb
+pairs of DNS capture and UDP flows, in cgroup_skb.py; the tracer's sock_ops program): one discovery, one
+configured root (FLOWMON_AGENT_CGROUP_ROOT) for all three.
 
 Every socket of the node belongs to a cgroup below the root, whatever its network namespace, so one
 attachment there sees every pod. Programs are attached with BPF links, not BPF_PROG_ATTACH: a link goes

@@ -1,14 +1,15 @@
 """The tracer's configuration reaches the kernel through maps only: `cfg` flags and the sets of local IPs,
-NAT peers and ignored ports. Only what changed is written (the runner configures once per poll)."""
+NAT peers and ignored ports. Only what changed is written (the runner configures once per poll).
+bpf/udp.c has the same maps but NAT peers (its flows to a Service IP are never per connection)."""
 
 from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterable
+from typing import Protocol
 
 from flowmon_agent.kernel.flows import IPAddress, KernelConfig
 from flowmon_agent.kernel.maps import CFG_FILTER, CFG_NAT, CFG_PORTS, CFG_TRACING, encode_ip_key
-from flowmon_agent.kernel.program import KernelProgram
 
 
 def sync_ips(table, ips: Iterable[IPAddress]) -> int:
@@ -22,12 +23,17 @@ def sync_ips(table, ips: Iterable[IPAddress]) -> int:
     return len(wanted)
 
 
+class Tables(Protocol):
+    def table(self, name: str): ...  # -> bcc.table.TableBase
+
+
 class ConfigMaps:
     """Writes KernelConfig's filters into the program's maps; `applied` is what the kernel holds."""
 
-    def __init__(self, program: KernelProgram) -> None:
+    def __init__(self, program: Tables, *, nat: bool = True) -> None:
         self._cfg = program.table("cfg")
-        self._local_ips, self._nat = program.table("local_ips"), program.table("nat_peers")
+        self._local_ips = program.table("local_ips")
+        self._nat = program.table("nat_peers") if nat else None
         self._ports = program.table("ignored_ports")
         self.applied: KernelConfig | None = None
 
@@ -38,7 +44,7 @@ class ConfigMaps:
         last = self.applied
         if last is None or config.local_ips != last.local_ips:
             self._set_local_ips(config.local_ips)
-        if last is None or config.nat_peers != last.nat_peers:
+        if self._nat is not None and (last is None or config.nat_peers != last.nat_peers):
             self.set_flag(CFG_NAT, int(sync_ips(self._nat, config.nat_peers) > 0))
         if last is None or config.ignored_ports != last.ignored_ports:
             self._set_ignored_ports(config.ignored_ports)

@@ -15,10 +15,15 @@ from flowmon_agent.kernel.counters import FlowCounters
 IPAddress = IPv4Address | IPv6Address
 
 
+class Transport(StrEnum):
+    TCP = "tcp"
+    UDP = "udp"  # client: the end that sent the first datagram of the 5-tuple (bpf/udp.c)
+
+
 class Reporter(StrEnum):
     """Which end's socket lives on this node and produced the counters."""
 
-    CLIENT = "client"  # the socket that sent the SYN
+    CLIENT = "client"  # the socket that sent the SYN (UDP: the first datagram)
     SERVER = "server"  # the accepted socket
 
 
@@ -33,6 +38,7 @@ class FlowKey:
     # Non-zero only for connections to a NAT peer (KernelConfig.nat_peers, Service IPs): those stay per
     # connection so that user space can undo the NAT through conntrack before aggregating.
     client_port: int = 0
+    protocol: Transport = Transport.TCP  # a UDP flow's counters are in the vector's UDP words
 
 
 @dataclass(slots=True)
@@ -64,6 +70,7 @@ class KernelConfig:
     nat_peers: frozenset[IPAddress] = field(default_factory=frozenset)  # Service IPs: keys per connection
     ignored_ports: frozenset[int] = field(default_factory=frozenset)  # server ports never traced
     rtt: bool = True  # srtt samples (tcp:tcp_probe, the costliest hook): only when a monitor exports RTT
+    udp: bool = True  # UDP accounting (bpf/udp.c attached): only when a monitor exports a UDP metric
 
     def __post_init__(self) -> None:  # iterables in, frozensets kept: configs compare by value
         object.__setattr__(self, "local_ips", _ips(self.local_ips))

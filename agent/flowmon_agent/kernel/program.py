@@ -140,6 +140,11 @@ class KernelProgram:
         self.probe_attached = attached
 
     @property
+    def sockops_cgroup(self) -> Path | None:
+        """The cgroup v2 root the sock_ops program links to (None where it cannot be linked)."""
+        return self._sockops_root
+
+    @property
     def sockops_linked(self) -> bool:
         """Whether the sock_ops program is linked to the cgroup v2 root now."""
         return self._sockops is not None

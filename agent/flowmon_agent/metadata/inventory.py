@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from flowmon_agent.metadata.store import MetadataStore
+from flowmon_contract.documents import yaml_error_text
 
 
 class InventoryError(ValueError):
@@ -41,7 +42,7 @@ def parse_inventory(text: str) -> list[tuple[Mapping[str, Any], str | None]]:
     try:
         documents = list(yaml.safe_load_all(text))  # JSON is YAML: one parser for both
     except yaml.YAMLError as exc:
-        raise InventoryError(f"not valid YAML or JSON: {exc}") from exc
+        raise InventoryError(f"not valid YAML or JSON: {yaml_error_text(exc)}") from None
     if all(document is None for document in documents):
         raise InventoryError(
             "no Kubernetes object in it (empty or truncated); an empty inventory is `kind: List`, `items: []`"

@@ -7,12 +7,16 @@ client (one aiohttp session, the service account's token and the cluster's CA).
   too old) relists, which also removes what was deleted meanwhile.
 - When the API goes away, the store keeps its last content (attribution goes on) and `age_seconds()`
   grows: how long the metadata has not been known to be current (`flowmon_agent_metadata_age_seconds`).
+- Each resource is followed by its own supervised task: an unexpected exception (a bug, an object the
+  parser did not foresee) restarts that resource alone, with a relist, after a jittered backoff
+  (supervision.Restarts); the others go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -26,6 +30,7 @@ import aiohttp
 
 from flowmon_agent.metadata.records import parse_object
 from flowmon_agent.metadata.store import MetadataStore
+from flowmon_agent.supervision import Restarts
 from flowmon_kube import (
     ApiClient,
     Connection,
@@ -93,6 +98,7 @@ class KubeWatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._synced = threading.Event()
+        self._restarts = Restarts()
 
     @classmethod
     def in_cluster(cls, store: MetadataStore, **kwargs: Any) -> KubeWatcher:
@@ -219,13 +225,19 @@ class KubeWatcher:
                 delay = min(delay * 2, self.retry_seconds[1])
 
     async def run(self) -> None:
-        """Follow every resource until cancelled."""
+        """Follow every resource until cancelled; each restarts alone after an unexpected error."""
         async with ApiClient(self._connection) as client:
-            await asyncio.gather(*(self._follow(client, r) for r in self.resources))
+            follows = {r.kind: functools.partial(self._follow, client, r) for r in self.resources}
+            await asyncio.gather(
+                *(self._restarts.supervise(f"kube-watch/{kind}", f) for kind, f in follows.items())
+            )
 
     # --- as a background thread ------------------------------------------------------------------
 
-    def start(self) -> KubeWatcher:
+    def start(self, restarts: Restarts | None = None) -> KubeWatcher:
+        """Run in a thread of its own; `restarts` (the agent's) counts and paces restarts."""
+        if restarts is not None:
+            self._restarts = restarts
         ready = threading.Event()
 
         def main() -> None:
