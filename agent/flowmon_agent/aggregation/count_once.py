@@ -10,8 +10,8 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from flowmon_agent.kernel.counters import RETX_S2C, RST_S2C, WIDTH
-from flowmon_agent.kernel.flows import FlowKey, IPAddress, Reporter
-from flowmon_agent.metadata.resolver import Endpoint, Resolver, service_endpoint
+from flowmon_agent.kernel.flows import FlowKey, IPAddress, IPNetwork, Reporter
+from flowmon_agent.metadata.resolver import EXTERNAL, Endpoint, Resolver, service_endpoint
 from flowmon_agent.metadata.store import MetadataStore
 from flowmon_contract.policy import AgentPolicy
 
@@ -28,8 +28,9 @@ SERVER_SENT_ONLY = (RETX_S2C, RST_S2C)
 
 @dataclass(frozen=True, slots=True)
 class ResolvedFlow:
-    client_ip: IPAddress
-    server_ip: IPAddress  # the backend's for a Service connection conntrack could resolve
+    # a network where the kernel folded the peer (FlowKey.peer_network): external, or a named network
+    client_ip: IPAddress | IPNetwork
+    server_ip: IPAddress | IPNetwork  # the backend's for a Service connection conntrack could resolve
     client: Endpoint
     server: Endpoint
     server_port: int
@@ -37,6 +38,11 @@ class ResolvedFlow:
 
 
 def resolve_flow(key: FlowKey, resolver: Resolver, backends: NatBackends) -> ResolvedFlow:
+    folded, port = key.peer_network, key.server_port
+    if folded is not None:  # never a pod, node or Service: those are the cluster's, kept exact
+        if key.reporter is Reporter.SERVER:
+            return ResolvedFlow(folded, key.server_ip, EXTERNAL, resolver.endpoint(key.server_ip), port, "")
+        return ResolvedFlow(key.client_ip, folded, resolver.endpoint(key.client_ip), EXTERNAL, port, "")
     client = resolver.endpoint(key.client_ip)
     service_record = resolver.service(key.server_ip, key.server_port)
     if service_record is None:

@@ -12,7 +12,7 @@ import argparse
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from flowmon_agent.kernel import adoption as existing
 from flowmon_agent.kernel import paths as kernel_paths
@@ -43,6 +43,8 @@ class FlowTracer:
         adopt_recheck_s: float = 10.0,
         reset_grace_s: float = 0.5,
         connection_key_ttl_s: float = 300.0,
+        idle_flow_ttl_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`config` applies from the first socket: BCC attaches the programs as it loads them, and until the
         tracer has been configured the kernel takes no socket in. `rtt_window_clock=False`: the caller
@@ -74,7 +76,11 @@ class FlowTracer:
                 window_clock=rtt_window_clock,
             )
             self._reader = FlowReader(
-                self.program, reset_grace_s=reset_grace_s, connection_key_ttl_s=connection_key_ttl_s
+                self.program,
+                reset_grace_s=reset_grace_s,
+                connection_key_ttl_s=connection_key_ttl_s,
+                idle_flow_ttl_s=idle_flow_ttl_s,
+                clock=clock,
             )
             self.configure(config or KernelConfig())
             self._maps.start_tracing()  # before discovery: a connection opened in between is not missed
@@ -133,7 +139,15 @@ class FlowTracer:
             if self._adoptions.expire():
                 self.rtt_sampler.update()
             dropped["adopt_table_full"] = self._adoptions.dropped
+            dropped.update(self._maps.refused())
+            dropped["flows_forgotten_idle"] = self._reader.forgotten_idle
+            dropped["flows_forgotten_gone"] = self._reader.forgotten_gone
             return FlowSnapshot(flows, dropped, self.kernel_path, time.monotonic())
+
+    def tracked(self) -> dict[str, int]:
+        """Keys user space holds per table (bounded by the kernel's flow map)."""
+        with self.lock:
+            return self._reader.tracked()
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:
