@@ -556,8 +556,13 @@ def test_local_ip_filter(resolver: Resolver, monitors, node_name, expected) -> N
 def test_kernel_config_carries_the_filter_service_ips_ports_and_whether_rtt_is_wanted(resolver) -> None:
     only_pay = monitor(namespaces={"include": ["pay"]}, metrics=["sent_bytes"])
     got = kernel_config(policy(only_pay), resolver.store, "n1", ignored_ports=[9400])
+    cluster = {ip_address(ip) for ip in (WEB1, WEB2, API1, API2, TOOL, SVC, NODE1, "192.0.2.2")}
     assert got == KernelConfig(
-        local_ips={ip_address(API1)}, nat_peers={ip_address(SVC)}, ignored_ports={9400}, rtt=False
+        local_ips={ip_address(API1)},
+        nat_peers={ip_address(SVC)},
+        ignored_ports={9400},
+        rtt=False,
+        cluster_networks=frozenset(cluster),
     )
     everything = kernel_config(policy(monitor()), resolver.store, ["n1", "n2"])
     assert (everything.local_ips, everything.rtt, everything.ignored_ports) == (None, True, frozenset())
