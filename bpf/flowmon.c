@@ -1095,6 +1095,14 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
         return 0;
     }
     u8 sender = st->key.reporter == FM_ROLE_CLIENT ? FM_ROLE_SERVER : FM_ROLE_CLIENT;
+    if (st->key.peer_fold) {
+        // A folded peer is outside the cluster, no traced socket here: the RST is the peer's. Counted now,
+        // since the pending key (the client's address, zeroed) would mix distinct external clients.
+        struct flow_val *v = flow_get(&st->key);
+        if (v)
+            __sync_fetch_and_add(sender == FM_ROLE_CLIENT ? &v->resets_c2s : &v->resets_s2c, 1);
+        return 0;
+    }
     struct rst_key k = {};
     rst_key_for(&k, &st->key, st->client_port, sender);
     if (rst_sent.lookup(&k)) {
