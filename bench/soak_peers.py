@@ -32,7 +32,7 @@ from flowmon_agent.kernel.tracer import FlowTracer
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_contract.policy import AgentPolicy, MonitorPolicy
 from flowmon_contract.spec import DEFAULT_GROUP_BY, HistogramBuckets, Metric, Selection
-from flowmon_lab.network import Lab
+from flowmon_lab.network import Lab, parse_snmp
 
 SOURCES = IPv4Network("100.64.0.0/10")  # the clients' AnyIP range: 4M addresses, never the cluster's
 PORT = 8080
@@ -171,7 +171,13 @@ def run(args: argparse.Namespace) -> dict:
                     break
                 time.sleep(0.2)
             curve.append((round(time.monotonic() - started, 1), round(rss_mb(), 1), len(snap.flows)))
+            with lab.inside(srv), open("/proc/thread-self/net/netstat") as f:
+                tcp_ext = parse_snmp(f.read(), "TcpExt")  # a full accept queue delays connections
             result.update(
+                opened=sum(c.opened for c in served),
+                bytes_missing=done * args.bytes - sum(c.sent_bytes for c in served),
+                listen_overflows=tcp_ext.get("ListenOverflows", 0),
+                syncookies_sent=tcp_ext.get("SyncookiesSent", 0),
                 peers_made=done,
                 seconds=round(elapsed, 1),
                 peers_per_hour=round(done / elapsed * 3600),
