@@ -11,16 +11,21 @@ process only counts the records, so it is a lower bound of what parsing in the k
 space). Each round measures `none` right before every mode, in a shuffled order. Reported per mode:
 queries/s as a ratio to the `none` beside it (median over rounds), kernel ns per program run (kernel
 bpf_stats), and this process's CPU per record read. Then the pure parts in isolation: parse_message and
-DnsTracker.observe per packet.
+DnsTracker.observe per packet, and the user-space cost of the proposed hybrid (`hybrid_costs`): queries
+and answers without addresses arrive as a kernel-parsed record (id, flags, qtype: struct dns_parsed of
+DNS_MODE 2), only answers with records as payload, against every packet as payload (the product).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
+import ipaddress
 import os
 import random
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -28,8 +33,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flowmon_agent.dns.capture import attach_cgroup_skb, cgroup2_root, decode_event
-from flowmon_agent.dns.parse import parse_message
+from flowmon_agent.dns.capture import EVENT_HEADER, attach_cgroup_skb, cgroup2_root, decode_event
+from flowmon_agent.dns.parse import Message, parse_message
 from flowmon_agent.dns.tracker import DnsTracker, Packet
 from flowmon_agent.kernel.loader import load_program
 from flowmon_lab.network import Lab
@@ -167,13 +172,96 @@ def pure_costs(samples: int = 20000) -> tuple[float, float]:
     return parse_us, (time.process_time() - t0) / samples * 1e6
 
 
+# struct dns_parsed in bpf/dns.c (DNS_MODE 2): ts, saddr, daddr, sport, dport, id, flags, qtype, family,
+# egress (then padding)
+PARSED = struct.Struct("=Q16s16sHHHHHBB")
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(family: int, raw: bytes) -> str:
+    return str(ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw))
+
+
+def decode_parsed(raw: bytes) -> tuple[Packet, Message]:
+    """A kernel-parsed record as the tracker's input, without parsing any DNS bytes here."""
+    ts_ns, saddr, daddr, sport, dport, ident, flags, qtype, family, egress = PARSED.unpack_from(raw)
+    packet = Packet(
+        _address(family, saddr), sport, _address(family, daddr), dport, bool(egress), ts_ns / 1e9, b""
+    )
+    opcode, rcode = (flags >> 11) & 0xF, flags & 0xF
+    return packet, Message(
+        ident, bool(flags & 0x8000), opcode, rcode, bool(flags & 0x200), "", qtype, (), True
+    )
+
+
+def hybrid_costs(transactions: int = 10000) -> dict[str, tuple[float, float]]:
+    """µs of this process per packet, (every packet as payload, hybrid), for two mixes of transactions:
+    every answer carries an address, and half are NXDOMAIN (the `ndots` search-path expansion)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.dns_samples import answer, query
+
+    client, server = socket_bytes("10.0.0.1"), socket_bytes("10.0.0.53")
+
+    def copy_record(src: bytes, dst: bytes, sport: int, dport: int, egress: int, payload: bytes) -> bytes:
+        head = EVENT_HEADER.pack(1_000_000, src, dst, sport, dport, len(payload), len(payload), 4, egress)
+        return head + payload
+
+    def parsed_record(src: bytes, dst: bytes, sport: int, dport: int, egress: int, payload: bytes) -> bytes:
+        ident, flags = struct.unpack_from("!HH", payload)
+        return PARSED.pack(1_000_000, src, dst, sport, dport, ident, flags, 1, 4, egress) + bytes(4)
+
+    out = {}
+    for mix, nx_share in (("all answered with an address", 0.0), ("half NXDOMAIN", 0.5)):
+        packets = []  # (query payload, answer payload, answer has records)
+        for i in range(transactions):
+            ident, port = i % 65536, 1024 + i % 50000
+            nx = (i % 100) < nx_share * 100
+            name = "nope.lab.test" if nx else "web.lab.test"
+            reply = answer(name, "A", ident, rcode="NXDOMAIN" if nx else "NOERROR",
+                           addresses=() if nx else ("10.99.0.7",))  # fmt: skip
+            packets.append((port, query(name, "A", ident), reply, not nx))
+        costs = []
+        for hybrid in (False, True):
+            records = []
+            for port, ask, reply, has_records in packets:
+                make_query = parsed_record if hybrid else copy_record
+                make_answer = copy_record if (has_records or not hybrid) else parsed_record
+                records.append((make_query is parsed_record, make_query(client, server, port, 53, 1, ask)))
+                records.append(
+                    (make_answer is parsed_record, make_answer(server, client, 53, port, 0, reply))
+                )
+            tracker = DnsTracker()
+            t0 = time.process_time()
+            for parsed, raw in records:
+                if parsed:
+                    tracker.observe_message(*decode_parsed(raw))
+                else:
+                    packet = decode_event(raw)
+                    if packet is not None:
+                        tracker.observe(packet)
+            costs.append((time.process_time() - t0) / len(records) * 1e6)
+            assert sum(tracker.requests().values()) == transactions
+        out[mix] = (costs[0], costs[1])
+    return out
+
+
+def socket_bytes(address: str) -> bytes:
+    return ipaddress.IPv4Address(address).packed + bytes(12)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--pure-only", action="store_true", help="only the user-space costs (no netns, no BPF)"
+    )
     args = parser.parse_args()
+    if args.pure_only:
+        report_pure()
+        return
     cgroup_fd = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
     results: dict[str, dict[str, list[float]]] = {m: {"ratio": [], "ns": [], "cpu_us": []} for m in MODES}
     modes = {m: Mode(m, cgroup_fd) for m in MODES}
@@ -201,13 +289,20 @@ def main() -> None:
                       f"{ns / max(runs, 1):6.0f} ns/run  {runs} runs  {records} records  "
                       f"{cpu / max(records, 1) * 1e6:6.1f} µs CPU/record", flush=True)  # fmt: skip
     os.close(cgroup_fd)
-    parse_us, observe_us = pure_costs()
     print("\nmode     q/s vs none (median)  kernel ns/run  user CPU µs/record")
     for name in MODES:
         res = results[name]
         print(f"{name:8s} {statistics.median(res['ratio']):20.3f}  {statistics.median(res['ns']):13.0f}  "
               f"{statistics.median(res['cpu_us']):18.1f}")  # fmt: skip
+    report_pure()
+
+
+def report_pure() -> None:
+    parse_us, observe_us = pure_costs()
     print(f"pure: parse_message {parse_us:.2f} µs/answer; DnsTracker.observe {observe_us:.2f} µs/packet")
+    for mix, (copy_us, hybrid_us) in hybrid_costs().items():
+        print(f"user space per packet, {mix}: payload always {copy_us:.2f} µs, hybrid {hybrid_us:.2f} µs "
+              f"({hybrid_us / copy_us:.2f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from flowmon_lab.prometheus import free_port
 from flowmon_operator.render import render_all
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi.server import KubeAPI
+from tests.kubeapi.shipped import install_rbac
 from tests.kubelet.pod import Node, Pod
 from tests.tls_samples import make_pki
 
@@ -77,6 +78,7 @@ def start_to_ready(image: str, headers: str, work: Path) -> float:
     node = Node(
         "bench-node", "127.0.0.1", work / "kubelet", api.host, api.port, pki.ca_file.read_text(), host_paths
     )
+    install_rbac(api)
     token = api.service_account_token(settings.operator_namespace, settings.agent_service_account)
     pod = Pod(
         node,

@@ -6,7 +6,8 @@
 
 Two network namespaces (client, server) on a bridge; workloads: wrk against nginx with
 `Connection: close` (churn: one connection per request), wrk keep-alive (tiny requests on open
-connections: the send/recv hooks dominate), iperf3 bulk. Each round measures every mode once per workload
+connections: the send/recv hooks dominate), iperf3 bulk, and UDP (bench/udp_modes.py: iperf3 -u at a
+fixed rate, and a flood of small datagrams). Each round measures every mode once per workload
 in a shuffled order, with a no-tracer measurement before the first mode, between modes and after the
 last; a mode's baseline is the mean of the two no-tracer runs around it, so a slow swing of the shared
 machine's speed hits both sides alike. Reported per mode: the median over rounds of (throughput /
@@ -49,6 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from bench.udp_modes import UDP_MODES, UDP_WORKLOADS, UNITS, iperf_udp, load_udp_mode, udp_verdicts
 from bench.waiting import wait_listening, wait_ready
 from flowmon_cli import topview
 from flowmon_lab.network import Lab
@@ -69,12 +71,13 @@ MODES = (
     "flowmon-fresh",
     "agent",
     "agent-steady",
+    *UDP_MODES,
 )
-DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(("nortt", "always", "fresh")))
+DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(("nortt", "always", "fresh", "ports")))
 # Started and stopped around each measurement; every other mode but none loads once and switches on command.
 STARTED_PER_MEASUREMENT = ("tcplife", "agent", "flowmon-fresh")
 PERSISTENT_MODES = tuple(m for m in MODES if m not in ("none", *STARTED_PER_MEASUREMENT))
-WORKLOADS = ("churn", "keepalive", "bulk")
+WORKLOADS = ("churn", "keepalive", "bulk", *UDP_WORKLOADS)
 # What the agent mode's endpoint must have counted of each workload: a connection per request, the bytes sent.
 COUNTED = {"churn": "opened", "bulk": "sent_bytes"}
 PORT_HTTP, PORT_IPERF = 8080, 5201
@@ -120,8 +123,10 @@ class LoadedMode:
 
 
 def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
-    """Compile and load a floor or flowmon mode, detached. flowmon polls once a second, as the agent does,
-    and samples srtt in its window (`-always`: tcp_probe attached all the time)."""
+    """Compile and load a floor, flowmon or UDP mode, detached. flowmon polls once a second, as the agent
+    does, samples srtt in its window (`-always`: tcp_probe attached all the time) and counts UDP."""
+    if mode in UDP_MODES:
+        return load_udp_mode(mode, LoadedMode)
     if mode.startswith("floor"):
         from bcc import BPF
 
@@ -154,12 +159,12 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
     def on() -> None:
         with lock:
             hooks_on()
-            tracer.configure(replace(tracer.config, rtt=rtt))
+            tracer.configure(replace(tracer.config, rtt=rtt, udp=True))
 
     def off() -> None:
         with lock:
             hooks_off()
-            tracer.configure(replace(tracer.config, rtt=False))
+            tracer.configure(replace(tracer.config, rtt=False, udp=False))
 
     def close() -> None:
         stop.set()
@@ -427,6 +432,8 @@ def measure(bench: Workbench, workload: str, seconds: float) -> tuple[float, flo
     cpu0 = process_tree_cpu(bench.servers) + children_cpu()
     if workload == "bulk":
         value, done = iperf(bench, str(server.ipv4), seconds)
+    elif workload in UDP_WORKLOADS:
+        value, done = iperf_udp(bench.client, str(server.ipv4), PORT_IPERF, workload, seconds)
     else:
         value, done = wrk(bench, f"http://{server.ipv4}:{PORT_HTTP}/", seconds, close=workload == "churn")
     cpu = process_tree_cpu(bench.servers) + children_cpu() - cpu0
@@ -548,7 +555,7 @@ def _profile_workload(
                 total = runs[mode].setdefault(name, [0, 0])
                 total[0] += t - before[name][0]
                 total[1] += c - before[name][1]
-    unit = "Gbit" if workload == "bulk" else "request"
+    unit = {"bulk": "Gbit", "udp-rate": "Gbit", "udp-flood": "datagram"}.get(workload, "request")
     print(f"\n### {workload}: kernel ns per {unit}, {repeats} x {seconds} s per mode\n")
     print("| mode | program | runs per unit | ns per run | ns per unit |\n| --- | --- | --- | --- | --- |")
     per_unit = {}
@@ -630,7 +637,7 @@ def median_iqr(values: list[float]) -> str:
 def report(
     results: dict[str, Result], modes: tuple[str, ...], rounds: int, seconds: float, elapsed: float
 ) -> None:
-    units = {"churn": "req/s", "keepalive": "req/s", "bulk": "Gbit/s"}
+    units = {"churn": "req/s", "keepalive": "req/s", "bulk": "Gbit/s", **UNITS}
     print(f"\n{rounds} rounds of {seconds:g} s per measurement, each mode between two no-tracer runs,")
     print(f"{elapsed:.0f} s in all. Ratios: median (quartiles) over rounds.")
     for w, res in results.items():
@@ -654,7 +661,7 @@ def report(
             what = {"churn": "connections opened per request", "bulk": "bytes sent per byte iperf3 sent"}[w]
             med = statistics.median(seen)
             print(f"\n{mode} counted {what}: median {med:.4f} (min {min(seen):.4f}, max {max(seen):.4f})")
-    print("\n" + "\n".join(verdicts(results)))
+    print("\n" + "\n".join(verdicts(results) + udp_verdicts(results)))
 
 
 def gap_interval(
@@ -734,9 +741,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.bpf_stats:
         modes = tuple(m for m in (args.modes or "floor,flowmon").split(",") if m)
         if bad := [
-            m for m in modes if m not in MODES or not m.startswith(("floor", "flowmon")) or "fresh" in m
+            m
+            for m in modes
+            if m not in MODES or not m.startswith(("floor", "flowmon", "udp")) or "fresh" in m
         ]:
-            parser.error(f"--bpf-stats profiles floor and flowmon modes only, not {bad}")
+            parser.error(f"--bpf-stats profiles floor, flowmon and udp modes only, not {bad}")
         workloads = tuple(args.workloads.split(","))
         profile(args.seconds, workloads, args.placement, modes, args.rtt_window, args.rounds)
         return 0

@@ -21,6 +21,8 @@
 //   here so that they share every line before the port match: 0 counts matches only (the floor of
 //   this hook), 2 walks the question in the kernel and hands over a small record without payload.
 
+#include "skb_headers.h"
+
 #ifndef DNS_PORT
 #define DNS_PORT 53
 #endif
@@ -36,9 +38,6 @@
 #ifndef DNS_MODE
 #define DNS_MODE 1
 #endif
-
-#define FM_IPPROTO_UDP 17
-#define FM_UDP_HEADER 8
 
 enum dns_count {
     DNS_SEEN = 0,       // datagrams to or from the DNS port
@@ -67,35 +66,6 @@ BPF_PERCPU_ARRAY(dns_scratch, struct dns_event, 1); // a record is built here, t
 
 BPF_PERCPU_ARRAY(dns_counts, u64, DNS_COUNT_MAX);
 BPF_PERCPU_ARRAY(dns_since_wake, u64, 1);
-
-struct fm_ipv4 {
-    u8 version_ihl;
-    u8 tos;
-    u16 tot_len;
-    u16 id;
-    u16 frag_off;
-    u8 ttl;
-    u8 protocol;
-    u16 check;
-    u8 saddr[4];
-    u8 daddr[4];
-};
-
-struct fm_ipv6 {
-    u32 version_class_flow;
-    u16 payload_len;
-    u8 nexthdr;
-    u8 hop_limit;
-    u8 saddr[16];
-    u8 daddr[16];
-};
-
-struct fm_udp {
-    u16 sport;
-    u16 dport;
-    u16 len;
-    u16 check;
-};
 
 static __always_inline void count(u32 which) {
     u64 *n = dns_counts.lookup(&which);
@@ -170,40 +140,16 @@ static __always_inline int hand_parsed(struct __sk_buff *skb, u32 offset, u8 fam
 #endif
 
 static __always_inline int capture(struct __sk_buff *skb, u8 egress) {
-    u8 first = 0;
-    if (bpf_skb_load_bytes(skb, 0, &first, 1) < 0)
+    struct fm_udp_packet pkt = {};
+    int walked = fm_walk_udp(skb, &pkt);
+    if (walked == FM_NOT_WALKED)
+        count(DNS_NOT_WALKED);
+    if (walked != FM_UDP)
         return 1;
-    u8 family = first >> 4;
-    u32 l4;
-    u8 saddr[16] = {}, daddr[16] = {};
-    if (family == 4) {
-        struct fm_ipv4 ip;
-        if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0 || ip.protocol != FM_IPPROTO_UDP)
-            return 1;
-        if (ip.frag_off & bpf_htons(0x1fff))
-            return 1; // a later fragment: no UDP header here
-        l4 = (ip.version_ihl & 0xf) * 4;
-        __builtin_memcpy(saddr, ip.saddr, 4);
-        __builtin_memcpy(daddr, ip.daddr, 4);
-    } else if (family == 6) {
-        struct fm_ipv6 ip6;
-        if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
-            return 1;
-        if (ip6.nexthdr != FM_IPPROTO_UDP) {
-            // hop-by-hop, routing, fragment, destination options, ... (TCP and ICMPv6 pass untouched)
-            if (ip6.nexthdr == 0 || ip6.nexthdr == 43 || ip6.nexthdr == 44 || ip6.nexthdr == 60)
-                count(DNS_NOT_WALKED);
-            return 1;
-        }
-        l4 = sizeof(ip6);
-        __builtin_memcpy(saddr, ip6.saddr, 16);
-        __builtin_memcpy(daddr, ip6.daddr, 16);
-    } else {
-        return 1;
-    }
-    struct fm_udp udp;
-    if (bpf_skb_load_bytes(skb, l4, &udp, sizeof(udp)) < 0)
-        return 1;
+    struct fm_udp udp = pkt.udp;
+    u32 l4 = pkt.l4;
+    u8 family = pkt.family;
+    u8 *saddr = pkt.saddr, *daddr = pkt.daddr;
     if (udp.sport != bpf_htons(DNS_PORT) && udp.dport != bpf_htons(DNS_PORT))
         return 1;
     count(DNS_SEEN);

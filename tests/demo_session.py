@@ -88,7 +88,7 @@ _STOPS: list = []
 
 @pytest.fixture(scope="session")
 def running_demo(require_root, tmp_path_factory):
-    from tests.test_demo import assert_nothing_left, demo_processes, start_demo
+    from tests.test_demo import assert_nothing_left, demo_processes, run_demo, start_demo
 
     assert demo_processes() == [], "another demo is running"
     proc = start_demo("--no-ui", "--duration", "900")
@@ -103,7 +103,13 @@ def running_demo(require_root, tmp_path_factory):
             prometheus.stop()
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # no teardown ran: remove what it left for the tests after it
+            proc.kill()
+            out, _ = proc.communicate()
+            run_demo("--cleanup", timeout=120)
+            raise AssertionError(f"the demo did not stop on SIGINT:\n{out[-3000:]}") from None
         assert proc.returncode == 0, out
         assert_nothing_left([out])
 

@@ -4,7 +4,8 @@ Each suite feeds synthetic scrapes of one monitor (with the target labels a Serv
 agents and several ports per pair, and a second monitor's series that must stay invisible) and states
 which alerts fire when. The causes are derived from the monitor's own thresholds, so the suites follow
 the spec: a 5x spike, a drop to zero, a new dependency, staging → prod traffic, a retransmit storm,
-refused connects, an RTT jump and resets; the silence cases are daily variation and idle pairs.
+refused connects, an RTT jump and resets, an NXDOMAIN storm, slow and unanswered DNS; the silence
+cases are daily variation and idle pairs.
 
 Only the baseline length is shortened in tests (`baseline.days`); the rule shape is the production one.
 """
@@ -17,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flowmon_contract.alerting import DAY_SECONDS
-from flowmon_contract.metrics import METRICS
-from flowmon_contract.spec import Dimension, FlowMonitor, Metric
+from flowmon_contract.metrics import DNS_LATENCY_BUCKETS, METRICS
+from flowmon_contract.spec import DEFAULT_METRICS, DNS_METRICS, Dimension, FlowMonitor, Metric
 from flowmon_operator.rules import (
     MONITOR_LABEL,
     PAIR_LABELS,
@@ -167,15 +168,20 @@ class Scrapes:
 
     def rtt(self, pair: Pair, samples: Rate, seconds_of: Rate) -> None:
         """An RTT histogram: `samples(t)` samples per second, all of the latency `seconds_of(t)`."""
-        bounds = [*self.monitor.spec.aggregation.histogram_buckets.rtt, math.inf]
+        bounds = self.monitor.spec.aggregation.histogram_buckets.rtt
+        self.histogram("flowmon_tcp_rtt_seconds", bounds, pair, samples, seconds_of)
+
+    def histogram(
+        self, name: str, bounds: Sequence[float], pair: Pair, samples: Rate, seconds_of: Rate
+    ) -> None:
+        """`samples(t)` observations per second, all of the value `seconds_of(t)`."""
         labels = {**self.target("a"), **self.flow_labels(pair, 8080)}
-        for bound in bounds:
+        for bound in [*bounds, math.inf]:
             le = "+Inf" if bound == math.inf else _num(bound)
             within = counter(lambda t, b=bound: samples(t) if seconds_of(t) <= b else 0.0, self.seconds)
-            self.add("flowmon_tcp_rtt_seconds_bucket", {**labels, "le": le}, within)
-        self.add("flowmon_tcp_rtt_seconds_count", labels, counter(samples, self.seconds))
-        total = counter(lambda t: samples(t) * seconds_of(t), self.seconds)
-        self.add("flowmon_tcp_rtt_seconds_sum", labels, total)
+            self.add(f"{name}_bucket", {**labels, "le": le}, within)
+        self.add(f"{name}_count", labels, counter(samples, self.seconds))
+        self.add(f"{name}_sum", labels, counter(lambda t: samples(t) * seconds_of(t), self.seconds))
 
 
 # --- expectations ----------------------------------------------------------------------------------
@@ -393,6 +399,51 @@ def health_suite(monitor: FlowMonitor) -> Suite:
     return _suite("health", "1m", monitor, s, promql_expr_test=tests)
 
 
+def dns_suite(monitor: FlowMonitor) -> Suite:
+    """Two hours; at 80m (an hour of baseline behind) one pair's NXDOMAIN share jumps, one resolver
+    pair gets slow and one client's queries start timing out; steady and idle clients stay silent."""
+    h = monitor.spec.alerting.health
+    seconds, cause = 2 * HOUR, 80 * 60
+    s = Scrapes(monitor, seconds)
+    steady, storm = Pair("shop/web", "kube-system/dns"), Pair("shop/search", "kube-system/dns")
+    slow, timing_out = Pair("shop/cache", "kube-system/dns"), Pair("shop/batch", "kube-system/dns")
+    idle = Pair("shop/cron", "kube-system/dns")
+    answered = 10.0
+    usual_nxdomain = answered * h.dns_failure_ratio_margin / 5  # a steady share, below the margin
+
+    def after(before: float, then: float) -> Rate:
+        return lambda t: then if t >= cause else before
+
+    def requests(pair: Pair, rcode: str, rate: Rate) -> None:
+        s.flow(Metric.DNS_REQUESTS, pair, rate, extra={"rcode": rcode, "qtype": "A"})
+
+    for pair in (steady, storm, slow, timing_out):
+        requests(pair, "NOERROR", lambda t: answered)
+        nxdomain = after(usual_nxdomain, answered) if pair == storm else (lambda t: usual_nxdomain)
+        requests(pair, "NXDOMAIN", nxdomain)
+        latency = after(0.0004, 4 * h.dns_latency_p99_seconds) if pair == slow else (lambda t: 0.0004)
+        s.histogram(METRICS[Metric.DNS_LATENCY].name, DNS_LATENCY_BUCKETS, pair, lambda t: answered, latency)
+    timeouts = max(5 * h.min_dns_timeouts_per_second, answered * h.dns_timeout_ratio * 3)
+    requests(timing_out, "timeout", after(0.0, timeouts))
+    once = lambda t: 1 / STEP if t == 30 * 60 else 0.0  # noqa: E731  one of each, once
+    requests(idle, "NXDOMAIN", once)
+    requests(idle, "timeout", once)
+    s.histogram(METRICS[Metric.DNS_LATENCY].name, DNS_LATENCY_BUCKETS, idle, once, lambda t: 5.0)
+
+    at = cause + 15 * 60
+    this = f'{MONITOR_LABEL}="{monitor_value(monitor)}"'
+    client = {k: v for k, v in timing_out.labels().items() if k.startswith("client_")}
+    tests = [
+        _alerts_at(monitor, "FlowmonDNSFailuresHigh", at, [{**storm.labels(), "rcode": "NXDOMAIN"}]),
+        _alerts_at(monitor, "FlowmonDNSLatencyHigh", at, [slow.labels()]),
+        _alerts_at(monitor, "FlowmonDNSTimeouts", at, [client]),
+        _silent(this, cause, cause),
+        _silent(f'{this}, client_workload="web"', seconds, seconds),
+        _silent(f'{this}, client_workload="cron"', seconds, seconds),
+    ]
+    return _suite("dns", "1m", monitor, s, promql_expr_test=tests)
+
+
 def isolation_suite(monitor: FlowMonitor) -> Suite:
     """A staging workload's first connection to prod, and bytes of an older staging → prod connection."""
     isolation = monitor.spec.alerting.isolation
@@ -457,8 +508,10 @@ def suites(monitor: FlowMonitor) -> list[Suite]:
     out = []
     if needs_pairs and spec.alerting.baseline.enabled:
         out.append(baseline_suite(monitor))
-    if needs_pairs and set(Metric) <= set(spec.metrics):
+    if needs_pairs and set(DEFAULT_METRICS) <= set(spec.metrics):
         out.append(health_suite(monitor))
+    if needs_pairs and set(spec.metrics) >= DNS_METRICS:
+        out.append(dns_suite(monitor))
     if spec.alerting.isolation.active:
         out.append(isolation_suite(monitor))
     return out

@@ -3,6 +3,7 @@ count-once, NAT re-keying, histogram mapping, the kernel filter)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import ip_address
 
 import pytest
@@ -13,7 +14,7 @@ from flowmon_agent.aggregation.series import log2_to_buckets
 from flowmon_agent.aggregation.tracing_scope import TraceSet, kernel_config, local_ip_filter
 from flowmon_agent.aggregation.view import AgentView, Family
 from flowmon_agent.kernel.counters import FlowCounters
-from flowmon_agent.kernel.flows import FlowKey, FlowSnapshot, KernelConfig, Reporter
+from flowmon_agent.kernel.flows import FlowKey, FlowSnapshot, KernelConfig, Reporter, Transport
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_contract.alerting import IsolationAlerting
 from flowmon_contract.metrics import OVERFLOW_VALUE
@@ -553,7 +554,9 @@ def test_local_ip_filter(resolver: Resolver, monitors, node_name, expected) -> N
     assert got == (None if expected is None else {ip_address(ip) for ip in expected})
 
 
-def test_kernel_config_carries_the_filter_service_ips_ports_and_whether_rtt_is_wanted(resolver) -> None:
+def test_kernel_config_carries_the_filter_service_ips_ports_and_whether_rtt_and_udp_are_wanted(
+    resolver,
+) -> None:
     only_pay = monitor(namespaces={"include": ["pay"]}, metrics=["sent_bytes"])
     got = kernel_config(policy(only_pay), resolver.store, "n1", ignored_ports=[9400])
     cluster = {ip_address(ip) for ip in (WEB1, WEB2, API1, API2, TOOL, SVC, NODE1, "192.0.2.2")}
@@ -563,9 +566,19 @@ def test_kernel_config_carries_the_filter_service_ips_ports_and_whether_rtt_is_w
         ignored_ports={9400},
         rtt=False,
         cluster_networks=frozenset(cluster),
+        udp=False,
     )
     everything = kernel_config(policy(monitor()), resolver.store, ["n1", "n2"])
-    assert (everything.local_ips, everything.rtt, everything.ignored_ports) == (None, True, frozenset())
+    assert (everything.local_ips, everything.rtt, everything.udp, everything.ignored_ports) == (
+        None,
+        True,
+        True,
+        frozenset(),
+    )
+    udp_only = kernel_config(policy(monitor(metrics=["udp_received_datagrams"])), resolver.store, "n1")
+    assert (udp_only.rtt, udp_only.udp) == (False, True)
+    named = kernel_config(policy(only_pay), resolver.store, "n1", named_peers=["192.0.2.9", "2001:db8::9"])
+    assert named.named_peers == {ip_address("192.0.2.9"), ip_address("2001:db8::9")}
 
 
 def test_kernel_config_refuses_ports_out_of_range() -> None:
@@ -602,3 +615,23 @@ def test_forbidden_environment_pairs_are_counted_in_the_monitors_view(resolver: 
     assert family(view, "flowmon_isolation_violations").samples == {pair: 4.0}
     without = agg.build_view(snap(flows), policy(monitor()), resolver, 2.0)
     assert all(f.info.name != "flowmon_isolation_violations" for f in without.monitors[mon.key].families)
+
+
+def test_udp_and_tcp_pairs_show_only_their_own_protocols_families(resolver: Resolver) -> None:
+    """A UDP flow key carries the vector's UDP words; a pair that only talks UDP has no flowmon_tcp_*
+    series at 0, and the reverse; count-once drops the server's report of a UDP pair its client's agent
+    reports (both ends traced on n1)."""
+    udp = FlowCounters.of(
+        udp_sent_bytes=120, udp_received_bytes=40, udp_sent_datagrams=3, udp_received_datagrams=1
+    )
+    udp_key = replace(key(WEB1, API1, 8125), protocol=Transport.UDP)
+    flows = {
+        udp_key: udp,
+        replace(udp_key, reporter=S): udp,
+        key(TOOL, API1): counters(sent=10, opened=1),
+    }
+    view = run(resolver, policy(monitor()), flows, node="n1")
+    families = {f.info.name: f.samples for f in view.monitors["flowmon-system/m"].families}
+    assert families["flowmon_udp_sent_bytes"] == {("web", "api"): 120}
+    assert families["flowmon_udp_received_datagrams"] == {("web", "api"): 1}
+    assert families["flowmon_tcp_sent_bytes"] == {("tool", "api"): 10}

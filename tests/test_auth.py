@@ -24,6 +24,8 @@ from flowmon_agent.export.auth import (
 from flowmon_agent.export.review_budget import ReviewLimits, ReviewThrottled
 from flowmon_contract.policy import compile_policy, token_sha256
 from flowmon_contract.spec import FlowMonitor
+from tests.kubeapi.shipped import agent_token as shipped_agent_token
+from tests.kubeapi.shipped import install_rbac
 
 ADMIN = [digest("root-token")]
 MONITORS = {"shop/web": [digest("shop-a"), digest("shop-b")], "ops/all": [digest("ops")]}
@@ -125,7 +127,8 @@ def test_kube_token_reviewer_asks_the_api_server(kube_api_https, tmp_path: Path)
     token comes back as its user."""
     kube_api = kube_api_https
     agent_token = tmp_path / "token"
-    agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent") + "\n")
+    install_rbac(kube_api)  # the shipped token-review overlay lets the agent ask
+    agent_token.write_text(shipped_agent_token(kube_api) + "\n")
     prometheus = kube_api.service_account_token("monitoring", "prometheus")
     clock = Clock()
     reviewer = KubeTokenReviewer(
@@ -157,7 +160,8 @@ def test_kube_token_reviewer_asks_the_api_server(kube_api_https, tmp_path: Path)
 
 def test_kube_token_reviewer_audiences_and_an_unauthorized_agent(kube_api, tmp_path: Path):
     agent_token = tmp_path / "token"
-    agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent"))
+    install_rbac(kube_api)  # the shipped token-review overlay lets the agent ask
+    agent_token.write_text(shipped_agent_token(kube_api))
     scoped = kube_api.service_account_token("shop", "prometheus", audiences=["flowmon"])
     plain = kube_api.service_account_token("shop", "other")
 
@@ -182,7 +186,8 @@ def reviews_asked(kube_api) -> int:
 
 def agent_reviewer(kube_api, tmp_path: Path, clock: Clock, **limits) -> KubeTokenReviewer:
     agent_token = tmp_path / "token"
-    agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent"))
+    install_rbac(kube_api)  # the shipped token-review overlay lets the agent ask
+    agent_token.write_text(shipped_agent_token(kube_api))
     return KubeTokenReviewer(
         kube_api.url, sa_token_file=agent_token, ca_file=None, limits=ReviewLimits(**limits), clock=clock
     )

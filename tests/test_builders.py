@@ -287,7 +287,6 @@ def test_service_monitor_belongs_to_its_monitor():
             "name": "web",
             "uid": "uid-1",
             "controller": True,
-            "blockOwnerDeletion": True,
         }
     ]
     # the user's labels are there, but cannot take over the ownership labels
@@ -402,8 +401,9 @@ PREDICTIONS = [
         NS,
         6,
     ),
-    # the default spec: 8 single-sample metrics (3 of them with two extra-label values), two histograms
-    ({}, None, 2001 * (4 + 1 + 2 * 3) + 2001 * (10 + 3) + 2001 * (9 + 3)),
+    # the default spec: 8 TCP single-sample metrics (3 of them with two extra-label values), two
+    # histograms, 4 UDP counters
+    ({}, None, 2001 * (4 + 1 + 2 * 3) + 2001 * (10 + 3) + 2001 * (9 + 3) + 2001 * 4),
 ]
 
 

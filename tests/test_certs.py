@@ -104,3 +104,16 @@ def test_tokens_are_random_and_long():
 def test_a_serving_certificate_needs_a_name():
     with pytest.raises(ValueError, match="DNS name"):
         certs.issue_serving_cert(CA, [])
+
+
+def test_scrape_tokens_are_derived_the_same_way_every_time_and_differ_per_monitor():
+    admin = certs.generate_token()
+    token = certs.derive_scrape_token(admin, "shop/web", "uid-1")
+    assert token == certs.derive_scrape_token(admin, "shop/web", "uid-1")  # a restart reads nothing back
+    assert len(token) == len(certs.generate_token()) == 43
+    others = {
+        certs.derive_scrape_token(admin, "shop/api", "uid-1"),  # another monitor
+        certs.derive_scrape_token(admin, "shop/web", "uid-2"),  # the monitor deleted and created again
+        certs.derive_scrape_token(certs.generate_token(), "shop/web", "uid-1"),  # a new admin token
+    }
+    assert token not in others and len(others) == 3

@@ -65,7 +65,7 @@ def test_invalid_files_exit_1_with_one_line_per_problem_golden() -> None:
         ("bad-fields.yaml", "spec.aggregation.maxSeries", "greater than or equal to 1"),
         ("bad-fields.yaml", "spec.aggregation.seriesTTL", "should match pattern"),
         ("bad-fields.yaml", "spec.scrape.intervall", "Extra inputs are not permitted"),
-        ("bad-fields.yaml", "spec.selection.networks[0].cidr", "203.0.113.7/24 has host bits set"),
+        ("bad-fields.yaml", "spec.selection.networks[0].cidr", "host bits set: the network is 203.0.113.0"),
         ("bad-fields.yaml", "spec.alerting.isolation", "unknown environment 'prod'"),
         ("semantic.yaml", "spec.selection.namespaces", "both included and excluded: payments"),
         ("semantic.yaml", "spec.aggregation.histogramBuckets", "strictly ascending"),

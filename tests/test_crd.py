@@ -65,6 +65,7 @@ def test_names_scope_and_printer_columns():
         "Ready",
         "PolicyApplied",
         "Degraded",
+        "Scraped",
     ]
 
 

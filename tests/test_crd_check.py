@@ -54,7 +54,9 @@ def test_an_older_crd_refuses_what_it_does_not_know(older_crd: Path) -> None:
         "(CRD cluster-crd.yaml)",
         "examples/team-namespace.yaml: spec.metrics[9]: 'resets' is not one of ['sent_bytes', "
         "'received_bytes', 'connections_opened', 'connections_closed', 'connections_active', "
-        "'connect_failures', 'connect_duration', 'rtt', 'retransmits'] (CRD cluster-crd.yaml)",
+        "'connect_failures', 'connect_duration', 'rtt', 'retransmits', 'udp_sent_bytes', "
+        "'udp_received_bytes', 'udp_sent_datagrams', 'udp_received_datagrams', 'dns_requests', "
+        "'dns_latency'] (CRD cluster-crd.yaml)",
     ]
 
 

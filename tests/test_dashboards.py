@@ -25,9 +25,6 @@ FLOW_DASHBOARDS = ("flowmon-overview", "flowmon-health", "flowmon-cost", "flowmo
 # (dashboard uid, panel title) → why the demo gives it no series
 EMPTY_ALLOWED = {
     ("flowmon-health", "Resets/s by pair and direction"): "the service-map monitor does not export resets",
-    ("flowmon-cost", "External bytes/s by namespace (the server outside every namespace)"): (
-        "the demo's pods talk to nobody outside the cluster"
-    ),
 }
 GRAFANA_MACROS = {"$__rate_interval": "1m", "$__range": "5m"}
 

@@ -30,6 +30,7 @@ from flowmon_agent.dns.tracker import DnsTracker, PairKey, Vantage
 from flowmon_lab.network import Lab, Pod
 from flowmon_lab.resolver import ResolverConfig, start_resolver
 from tests.dns_samples import MALFORMED
+from tests.waiting import WAIT
 
 pytestmark = [pytest.mark.root, pytest.mark.root]
 
@@ -58,7 +59,7 @@ class DnsLab:
     capture: DnsCapture
     clock: OffsetClock
 
-    def pump_until(self, done: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    def pump_until(self, done: Callable[[], bool], timeout_s: float = WAIT) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.capture.poll(timeout_ms=50)

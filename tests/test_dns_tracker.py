@@ -192,6 +192,33 @@ def test_the_name_table_is_bounded_evicting_the_oldest(clock: FakeClock) -> None
     assert names.stats().entries == 1
 
 
+def test_generation_moves_when_a_name_appears_changes_or_goes_not_on_refresh(clock: FakeClock) -> None:
+    """What the flow aggregator re-labels external peers on (server_dns_name)."""
+    names = NameTable(clock=clock)
+    start = names.generation
+    names.learn(CLIENT, "203.0.113.5", "shop.example", 10)
+    assert names.generation == start + 1
+    names.learn(CLIENT, "203.0.113.5", "shop.example", 10)  # a refresh
+    assert names.generation == start + 1
+    names.learn(CLIENT, "203.0.113.5", "blog.example", 10)
+    assert names.generation == start + 2
+    clock.now += 11
+    assert names.expire() == 1 and names.generation == start + 3
+    assert names.expire() == 0 and names.generation == start + 3
+
+
+def test_named_addresses_most_recent_first_live_only_and_bounded(clock: FakeClock) -> None:
+    names = NameTable(clock=clock)
+    names.learn(CLIENT, "203.0.113.1", "a.example", 5)
+    names.learn(CLIENT, "203.0.113.2", "b.example", 60)
+    names.learn(OTHER_CLIENT, "203.0.113.2", "b.example", 60)
+    names.learn(CLIENT, "2001:db8::3", "c.example", 60)
+    assert names.addresses(10) == ["2001:db8::3", "203.0.113.2", "203.0.113.1"]
+    assert names.addresses(2) == ["2001:db8::3", "203.0.113.2"]
+    clock.now += 6  # a.example's TTL ran out, even before expire() drops it
+    assert names.addresses(10) == ["2001:db8::3", "203.0.113.2"]
+
+
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError):
         DnsTracker(max_pending=0)

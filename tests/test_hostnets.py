@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from flowmon_agent.metadata import MetadataStore, hostnets
 from flowmon_lab.network import Lab
+from tests.waiting import wait_for
 
 
 def test_parse_ip_addr_json() -> None:
@@ -60,10 +60,7 @@ def test_every_namespace_once_named_or_held_by_a_process() -> None:
         # A namespace no name points at: `unshare --net` and a process keeping it.
         hidden = subprocess.Popen(["unshare", "--net", "sleep", "30"])
         try:
-            deadline = time.monotonic() + 5
-            while Path(f"/proc/{hidden.pid}/comm").read_text().strip() != "sleep":  # exec'd in its netns
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            wait_for(lambda: Path(f"/proc/{hidden.pid}/comm").read_text().strip() == "sleep")  # in its netns
             found = dict(hostnets.network_namespaces())
             assert {a.netns, b.netns, lab.switch} <= set(found)
             assert found[f"sleep-{hidden.pid}"] == Path(f"/proc/{hidden.pid}/ns/net")
@@ -104,11 +101,12 @@ def test_namespace_inodes_see_one_only_a_process_holds() -> None:
     held = subprocess.Popen(["unshare", "--net", "sleep", "30"])
     try:
         link = f"/proc/{held.pid}/ns/net"
-        deadline = time.monotonic() + 10
-        while os.stat(link).st_ino in before and time.monotonic() < deadline:  # until unshare ran
-            time.sleep(0.01)
-        inode = os.stat(link).st_ino
-        assert inode not in before
+
+        def new_inode() -> int | None:  # once unshare ran
+            inode = os.stat(link).st_ino
+            return None if inode in before else inode
+
+        inode = wait_for(new_inode)
         assert inode in hostnets.namespace_inodes()
     finally:
         held.kill()

@@ -1,6 +1,7 @@
-"""What Python mirrors of bpf/flowmon.c, checked against the C source itself: the constants (cfg and stats
-indexes, map sizes, run bounds), the counter table (struct flow_val's fields, in order) and the byte
-layout of every map entry Python decodes or encodes. A change on one side only fails here."""
+"""What Python mirrors of bpf/flowmon.c and bpf/udp.c, checked against the C source itself: the constants
+(cfg and stats indexes, map sizes, run bounds), the counter table (struct flow_val's fields, then struct
+udp_val's, in order) and the byte layout of every map entry Python decodes or encodes. A change on one
+side only fails here."""
 
 from __future__ import annotations
 
@@ -10,11 +11,20 @@ from dataclasses import dataclass
 
 import pytest
 
-from flowmon_agent.kernel import maps
-from flowmon_agent.kernel.counters import COUNTERS, HISTOGRAM_SLOTS, WIDTH, Kind
+from flowmon_agent.kernel import maps, udp_flows
+from flowmon_agent.kernel.counters import (
+    COUNTERS,
+    HISTOGRAM_SLOTS,
+    TCP_COUNTERS,
+    TCP_WIDTH,
+    UDP_COUNTERS,
+    WIDTH,
+    Kind,
+)
 from flowmon_agent.kernel.loader import BPF_DIR
 
 C_SOURCE = (BPF_DIR / "flowmon.c").read_text() + (BPF_DIR / "peer_fold.h").read_text()  # it includes
+UDP_SOURCE = (BPF_DIR / "udp.c").read_text() + (BPF_DIR / "peer_fold.h").read_text()
 C_TYPES = {"u8": 1, "u16": 2, "u32": 4, "u64": 8, "s32": 4}
 
 
@@ -43,10 +53,10 @@ class CField:
     ctype: str
 
 
-def c_struct(name: str) -> list[CField]:
+def c_struct(name: str, source: str = C_SOURCE) -> list[CField]:
     """The fields of `struct name` with their offsets, by C's natural alignment."""
-    body = re.search(rf"^struct {name} \{{(.*?)^\}};", C_SOURCE, re.M | re.S)
-    assert body, f"struct {name} not found in flowmon.c"
+    body = re.search(rf"^struct {name} \{{(.*?)^\}};", source, re.M | re.S)
+    assert body, f"struct {name} not found"
     fields: list[CField] = []
     offset = 0
     for line in body.group(1).splitlines():
@@ -57,7 +67,7 @@ def c_struct(name: str) -> list[CField]:
         assert m, f"unparsed line in struct {name}: {line}"
         ctype, field, length = m.groups()
         if ctype.startswith("struct "):
-            inner = c_struct(ctype.split()[1])
+            inner = c_struct(ctype.split()[1], source)
             align = max(f.align for f in inner)
             size = -(-(inner[-1].offset + inner[-1].size * inner[-1].count) // align) * align
         else:
@@ -124,14 +134,47 @@ def test_map_layouts_match_the_c_structs(c_name: str, layout: struct.Struct) -> 
     assert python_items(layout) == c_items(fields)
 
 
-def test_the_counter_table_is_struct_flow_val_after_created_ns() -> None:
+def test_the_counter_table_is_struct_flow_val_after_created_ns_then_struct_udp_val() -> None:
     created, *counters = c_struct("flow_val")
     assert (created.name, created.ctype) == ("created_ns", "u64")
-    assert [(f.name, f.count) for f in counters] == [(c.c_name, c.width) for c in COUNTERS]
+    assert [(f.name, f.count) for f in counters] == [(c.c_name, c.width) for c in TCP_COUNTERS]
     assert all(f.ctype == "u64" for f in counters)
     assert [c.width > 1 for c in COUNTERS] == [c.kind is Kind.HISTOGRAM_SLOTS for c in COUNTERS]
-    assert sum(c.width for c in COUNTERS) == WIDTH == len(counters) - 2 + 2 * HISTOGRAM_SLOTS
-    assert maps.FLOW_VAL.size == 8 * (1 + WIDTH)
+    assert sum(c.width for c in TCP_COUNTERS) == TCP_WIDTH == len(counters) - 2 + 2 * HISTOGRAM_SLOTS
+    assert maps.FLOW_VAL.size == 8 * (1 + TCP_WIDTH)
+    created, *udp = c_struct("udp_val", UDP_SOURCE)
+    assert (created.name, created.ctype) == ("created_ns", "u64")
+    assert [(f.name, f.count, f.ctype) for f in udp] == [(c.c_name, 1, "u64") for c in UDP_COUNTERS]
+    assert [c.index for c in UDP_COUNTERS] == list(range(TCP_WIDTH, WIDTH))
+    assert udp_flows.UDP_VAL.size == 8 * (1 + WIDTH - TCP_WIDTH)
+
+
+@pytest.mark.parametrize(
+    ("c_name", "layout"),
+    [
+        ("flow_key", maps.FLOW_KEY),  # the same key as TCP's: one decoder
+        ("udp_val", udp_flows.UDP_VAL),
+        ("udp_role", udp_flows.UDP_ROLE),
+        ("ip_key", maps.IP_KEY),  # written by the same ConfigMaps
+    ],
+)
+def test_udp_map_layouts_match_the_c_structs(c_name: str, layout: struct.Struct) -> None:
+    fields = c_struct(c_name, UDP_SOURCE)
+    assert layout.size == c_size(fields)
+    assert python_items(layout) == c_items(fields)
+
+
+def test_udp_constants_match_the_c_source() -> None:
+    defines = c_defines(UDP_SOURCE)
+    assert {name: int(defines[name]) for name in udp_flows.DEFAULT_UDP_SIZES} == udp_flows.DEFAULT_UDP_SIZES
+    stats = re.findall(r"^\s+(UST_\w+) = (\d+),", UDP_SOURCE, re.M)
+    mirrored = {name: value for name, value in vars(udp_flows).items() if name.startswith("UST_")}
+    assert mirrored == {name: int(value) for name, value in stats if name != "UST_MAX"}
+    assert (int(defines["FM_ROLE_CLIENT"]), int(defines["FM_AF_INET6"])) == (maps.ROLE_CLIENT, maps.AF_INET6)
+    cfg = re.search(r"BPF_ARRAY\(cfg, u64, (\d+)\)", UDP_SOURCE)
+    assert cfg and int(cfg.group(1)) == len(python_constants("CFG_"))
+    assert "cfg[0] local-IP filter on, cfg[1] ignored ports on" in UDP_SOURCE
+    assert (maps.CFG_FILTER, maps.CFG_PORTS) == (0, 1)
 
 
 def python_constants(prefix: str) -> dict[str, int]:

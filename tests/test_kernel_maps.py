@@ -11,7 +11,14 @@ import pytest
 from flowmon_agent.kernel import adoption as existing
 from flowmon_agent.kernel import maps as kernel_maps
 from flowmon_agent.kernel import paths as kernel_paths
-from flowmon_agent.kernel.counters import COUNTERS, HISTOGRAM_SLOTS, WIDTH, FlowCounters, Log2Histogram
+from flowmon_agent.kernel.counters import (
+    COUNTERS,
+    HISTOGRAM_SLOTS,
+    TCP_WIDTH,
+    WIDTH,
+    FlowCounters,
+    Log2Histogram,
+)
 from flowmon_agent.kernel.flow_reader import Incarnations
 from flowmon_agent.kernel.flows import FlowKey, Reporter
 from flowmon_agent.kernel.maps import FLOW_KEY, FLOW_VAL
@@ -51,7 +58,8 @@ def test_flow_value_decodes_every_field() -> None:
     raw = FLOW_VAL.pack(123, 1000, 2000, 5, 4, 1, 2, 3, 0, 1, 0, 50, 9000, *lat, *rtt)
     created_ns, c = kernel_maps.decode_flow_value(raw)
     assert created_ns == 123
-    assert c == FLOW_VAL.unpack(raw)[1:]  # the vector is the struct's words, in its order
+    assert c[:TCP_WIDTH] == FLOW_VAL.unpack(raw)[1:]  # the vector is the struct's words, in its order
+    assert c[TCP_WIDTH:] == (0,) * (WIDTH - TCP_WIDTH)  # then UDP's, zero
     assert (c.sent_bytes, c.received_bytes, c.opened, c.closed, c.active) == (1000, 2000, 5, 4, 1)
     assert (c.failed_refused, c.failed_timeout, c.retransmits_c2s, c.retransmits_s2c) == (1, 2, 3, 0)
     assert (c.resets_c2s, c.resets_s2c) == (1, 0)
@@ -178,3 +186,19 @@ def test_unclaimed_reset_goes_to_the_sending_ends_key_when_that_end_is_traced() 
     assert kernel_maps.reset_owner(client_key, True, {client_key, server_key}) == server_key
     assert kernel_maps.reset_owner(client_key, True, {client_key}) == client_key  # server not traced here
     assert kernel_maps.reset_owner(server_key, False, {client_key, server_key}) == client_key
+
+
+def test_udp_value_decodes_into_the_udp_words_and_idle_tuples_are_found() -> None:
+    from flowmon_agent.kernel.udp_flows import UDP_ROLE, UDP_VAL, decode_udp_value, idle_tuples
+
+    created_ns, c = decode_udp_value(UDP_VAL.pack(7, 300, 21, 3, 2))
+    assert created_ns == 7 and c[:TCP_WIDTH] == (0,) * TCP_WIDTH
+    assert (c.udp_sent_bytes, c.udp_received_bytes, c.udp_sent_datagrams, c.udp_received_datagrams) == (
+        300,
+        21,
+        3,
+        2,
+    )
+    assert (c.sent_bytes, c.opened, c.active) == (0, 0, 0)
+    entries = [(b"old", UDP_ROLE.pack(1_000, 1)), (b"new", UDP_ROLE.pack(9_000, 0))]
+    assert idle_tuples(entries, now_ns=10_000, idle_ns=5_000) == [b"old"]

@@ -187,7 +187,7 @@ def test_server_side_apply_creates_then_merges(kube_api):
         "data": {"a": "1"},
     }
     path = "/api/v1/namespaces/default/configmaps/c?fieldManager=test&force=true"
-    assert call(kube_api, "PATCH", path, cm, "application/apply-patch+yaml")[0] == 200
+    assert call(kube_api, "PATCH", path, cm, "application/apply-patch+yaml")[0] == 201  # created
     kube_api.patch("v1", "ConfigMap", "c", {"metadata": {"annotations": {"other": "x"}}}, "default")
     cm["data"] = {"a": "2"}
     _, merged = call(kube_api, "PATCH", path, cm, "application/apply-patch+yaml")
@@ -405,8 +405,8 @@ def test_token_reviews_answer_for_registered_service_account_tokens(kube_api):
     )
     unknown = call(kube_api, "POST", TOKENREVIEWS, review_body("forged"))[1]["status"]
     assert not unknown.get("authenticated") and unknown["error"]
-    # A registered token also authenticates to the API; a revoked one no longer does.
-    assert call(kube_api, "GET", "/api/v1/namespaces", token=token)[0] == 200
+    # A registered token authenticates to the API (403 without RBAC, not 401); a revoked one does not.
+    assert call(kube_api, "GET", "/api/v1/namespaces", token=token)[0] == 403
     kube_api.tokens.revoke(token)
     assert call(kube_api, "GET", "/api/v1/namespaces", token=token)[0] == 401
     assert call(kube_api, "POST", TOKENREVIEWS, review_body(token))[1]["status"].get("authenticated") is None
@@ -420,3 +420,497 @@ def test_token_reviews_are_create_only_validated_and_discoverable(kube_api):
     assert "authentication.k8s.io" in groups
     resources = call(kube_api, "GET", "/apis/authentication.k8s.io/v1")[1]["resources"]
     assert [(r["name"], r["verbs"]) for r in resources] == [("tokenreviews", ["create"])]
+
+
+RBAC = "rbac.authorization.k8s.io/v1"
+
+
+def role(kind: str, name: str, rules: list[dict], namespace: str | None = None, labels=None) -> dict:
+    meta = {"name": name, **({"namespace": namespace} if namespace else {}), "labels": labels or {}}
+    return {"apiVersion": RBAC, "kind": kind, "metadata": meta, "rules": rules}
+
+
+def binding(
+    kind: str, name: str, role_kind: str, role_name: str, sa: tuple[str, str], namespace=None
+) -> dict:
+    meta = {"name": name, **({"namespace": namespace} if namespace else {})}
+    return {
+        "apiVersion": RBAC,
+        "kind": kind,
+        "metadata": meta,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": role_name},
+        "subjects": [{"kind": "ServiceAccount", "namespace": sa[0], "name": sa[1]}],
+    }
+
+
+def test_rbac_grants_exactly_the_bound_verbs_resources_names_and_namespaces(kube_api):
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+    token = kube_api.service_account_token("shop", "robot")
+    secrets = "/api/v1/namespaces/shop/secrets"
+    status, body = call(kube_api, "GET", secrets, token=token)
+    assert (status, body["reason"]) == (403, "Forbidden")
+    assert body["message"] == (
+        'secrets is forbidden: User "system:serviceaccount:shop:robot" cannot list resource "secrets" '
+        'in API group "" in the namespace "shop"'
+    )
+    kube_api.create(
+        role(
+            "Role",
+            "one-secret",
+            [
+                {
+                    "apiGroups": [""],
+                    "resources": ["secrets"],
+                    "verbs": ["get", "patch"],
+                    "resourceNames": ["mine"],
+                }
+            ],
+            "shop",
+        )
+    )
+    kube_api.create(binding("RoleBinding", "robot", "Role", "one-secret", ("shop", "robot"), "shop"))
+    kube_api.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mine", "namespace": "shop"}})
+    assert call(kube_api, "GET", f"{secrets}/mine", token=token)[0] == 200
+    status, body = call(kube_api, "GET", f"{secrets}/other", token=token)
+    assert status == 403 and body["message"].startswith('secrets "other" is forbidden: User')
+    assert call(kube_api, "GET", secrets, token=token)[0] == 403  # resourceNames never grant list
+    assert call(kube_api, "POST", secrets, {"metadata": {"name": "new"}}, token=token)[0] == 403
+    assert call(kube_api, "GET", "/api/v1/namespaces/default/secrets/mine", token=token)[0] == 403
+    status, body = call(kube_api, "GET", "/api/v1/nodes", token=token)
+    assert status == 403 and body["message"].endswith('in API group "" at the cluster scope')
+    # Discovery is open to every authenticated user; the admin token is system:masters.
+    assert call(kube_api, "GET", "/api/v1", token=token)[0] == 200
+    assert call(kube_api, "GET", "/api/v1/nodes")[0] == 200
+
+
+def test_rbac_subresources_and_aggregated_cluster_roles(kube_api):
+    kube_api.register_crd("flowmon.io", "FlowMonitor", "flowmonitors")
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+    path = "/apis/flowmon.io/v1/namespaces/shop/flowmonitors"
+    kube_api.create(
+        {
+            "apiVersion": "flowmon.io/v1",
+            "kind": "FlowMonitor",
+            "metadata": {"name": "web", "namespace": "shop"},
+        }
+    )
+    token = kube_api.service_account_token("shop", "admin")
+    # The namespace admin: the built-in `admin` ClusterRole, bound in one namespace, aggregates what the
+    # labelled ClusterRoles grant (here: FlowMonitors, not their status).
+    kube_api.create(binding("RoleBinding", "admins", "ClusterRole", "admin", ("shop", "admin"), "shop"))
+    assert call(kube_api, "GET", path, token=token)[0] == 403
+    kube_api.create(
+        role(
+            "ClusterRole",
+            "fm-edit",
+            [{"apiGroups": ["flowmon.io"], "resources": ["flowmonitors"], "verbs": ["get", "list", "patch"]}],
+            labels={"rbac.authorization.k8s.io/aggregate-to-admin": "true"},
+        )
+    )
+    assert kube_api.get(RBAC, "ClusterRole", "admin")["rules"][0]["resources"] == ["flowmonitors"]
+    assert call(kube_api, "GET", path, token=token)[0] == 200
+    status, body = call(
+        kube_api,
+        "PATCH",
+        f"{path}/web/status",
+        {"status": {"ok": True}},
+        "application/merge-patch+json",
+        token=token,
+    )
+    assert (
+        status == 403
+        and 'cannot patch resource "flowmonitors/status" in API group "flowmon.io"' in (body["message"])
+    )
+    assert body["message"].startswith('flowmonitors.flowmon.io "web" is forbidden')
+    assert call(kube_api, "GET", "/apis/flowmon.io/v1/namespaces/default/flowmonitors", token=token)[0] == 403
+    # Another labelled role joins the aggregate at once; removing it takes its rules away again.
+    kube_api.create(
+        role(
+            "ClusterRole",
+            "fm-status",
+            [{"apiGroups": ["flowmon.io"], "resources": ["flowmonitors/status"], "verbs": ["patch"]}],
+            labels={"rbac.authorization.k8s.io/aggregate-to-admin": "true"},
+        )
+    )
+    assert (
+        call(
+            kube_api,
+            "PATCH",
+            f"{path}/web/status",
+            {"status": {"ok": True}},
+            "application/merge-patch+json",
+            token=token,
+        )[0]
+        == 200
+    )
+    kube_api.delete(RBAC, "ClusterRole", "fm-status")
+    assert (
+        call(
+            kube_api,
+            "PATCH",
+            f"{path}/web/status",
+            {"status": {"ok": False}},
+            "application/merge-patch+json",
+            token=token,
+        )[0]
+        == 403
+    )
+
+
+def test_the_shipped_rbac_lets_the_agent_read_metadata_and_nothing_else(kube_api):
+    from tests.kubeapi.shipped import agent_token, install_rbac
+
+    install_rbac(kube_api)
+    token = agent_token(kube_api)
+    for path in (
+        "/api/v1/pods?watch=false",
+        "/api/v1/nodes",
+        "/apis/apps/v1/replicasets",
+        "/api/v1/services",
+    ):
+        assert call(kube_api, "GET", path, token=token)[0] == 200, path
+    assert call(kube_api, "GET", "/api/v1/secrets", token=token)[0] == 403
+    assert call(kube_api, "DELETE", "/api/v1/namespaces/default/pods/x", token=token)[0] == 403
+
+
+APPLY = "application/apply-patch+yaml"
+
+
+def apply_as(api: KubeAPI, manager: str, obj: dict, path: str, force: bool = False):
+    query = f"?fieldManager={manager}" + ("&force=true" if force else "")
+    return call(api, "PATCH", path + query, obj, APPLY)
+
+
+def test_server_side_apply_owns_fields_per_manager_and_prunes_what_a_manager_stops_sending(kube_api):
+    path = "/api/v1/namespaces/default/configmaps/c"
+    first = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "c", "labels": {"app": "x"}},
+        "data": {"a": "1", "b": "1"},
+    }
+    status, created = apply_as(kube_api, "operator", first, path)
+    assert status == 201
+    (entry,) = created["metadata"]["managedFields"]
+    assert (entry["manager"], entry["operation"], entry["fieldsType"]) == ("operator", "Apply", "FieldsV1")
+    assert entry["fieldsV1"] == {"f:data": {"f:a": {}, "f:b": {}}, "f:metadata": {"f:labels": {"f:app": {}}}}
+    # Someone else adds a field with an ordinary patch: it is theirs, and survives the operator's applies.
+    status, patched = call(
+        kube_api,
+        "PATCH",
+        path + "?fieldManager=kubectl-edit",
+        {"data": {"c": "3"}},
+        "application/merge-patch+json",
+    )
+    assert status == 200
+    edit = [e for e in patched["metadata"]["managedFields"] if e["manager"] == "kubectl-edit"]
+    assert edit[0]["operation"] == "Update" and edit[0]["fieldsV1"] == {"f:data": {"f:c": {}}}
+    rv = patched["metadata"]["resourceVersion"]
+    # The same configuration again: nothing changes, not even the resourceVersion.
+    assert apply_as(kube_api, "operator", first, path)[1]["metadata"]["resourceVersion"] == rv
+    # The operator stops sending `b` and the label: they disappear; `c` (another manager's) stays.
+    second = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "2"}}
+    status, after = apply_as(kube_api, "operator", second, path)
+    assert status == 200
+    assert after["data"] == {"a": "2", "c": "3"} and "labels" not in after["metadata"]
+    assert call(kube_api, "PATCH", path, second, APPLY)[0] == 400  # an apply names its field manager
+
+
+def test_server_side_apply_conflicts_between_managers_unless_forced(kube_api):
+    path = "/api/v1/namespaces/default/configmaps/c"
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "1", "b": "1"}}
+    apply_as(kube_api, "one", cm, path)
+    # The same values: shared ownership, no conflict.
+    assert apply_as(kube_api, "two", {**cm, "data": {"a": "1"}}, path)[0] == 200
+    status, body = apply_as(kube_api, "two", {**cm, "data": {"a": "9", "b": "9"}}, path)
+    assert (status, body["reason"]) == (409, "Conflict")
+    assert body["message"].startswith(
+        'Apply failed with 2 conflicts:\nconflicts with "one" using v1:\n- .data.a'
+    )
+    assert [c["field"] for c in body["details"]["causes"]] == [".data.a", ".data.b"]
+    status, body = apply_as(kube_api, "two", {**cm, "data": {"b": "9"}}, path)
+    assert body["message"] == 'Apply failed with 1 conflict: conflict with "one" using v1: .data.b'
+    status, forced = apply_as(kube_api, "two", {**cm, "data": {"a": "1", "b": "9"}}, path, force=True)
+    assert status == 200 and forced["data"] == {"a": "1", "b": "9"}
+    owners = {e["manager"]: e["fieldsV1"] for e in forced["metadata"]["managedFields"]}
+    assert owners == {"one": {"f:data": {"f:a": {}}}, "two": {"f:data": {"f:a": {}, "f:b": {}}}}
+    # `a` is shared: when one manager lets go, the other keeps it (and its value).
+    assert apply_as(kube_api, "one", {**cm, "data": {}}, path)[1]["data"] == {"a": "1", "b": "9"}
+
+
+def test_server_side_apply_merges_associative_lists_by_key(kube_api):
+    path = "/apis/apps/v1/namespaces/default/daemonsets/agent"
+
+    def daemonset(*containers: dict) -> dict:
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": {"name": "agent"},
+            "spec": {"template": {"spec": {"containers": list(containers)}}},
+        }
+
+    assert apply_as(kube_api, "operator", daemonset({"name": "agent", "image": "a:1"}), path)[0] in (200, 201)
+    sidecar = {"name": "sidecar", "image": "s:1"}
+    assert apply_as(kube_api, "mesh", daemonset(sidecar), path)[0] == 200
+    status, body = apply_as(kube_api, "operator", daemonset({"name": "agent", "image": "a:2"}), path)
+    containers = body["spec"]["template"]["spec"]["containers"]
+    assert status == 200 and containers == [{"name": "agent", "image": "a:2"}, sidecar]
+    assert apply_as(kube_api, "mesh", daemonset(), path)[1]["spec"]["template"]["spec"]["containers"] == [
+        {"name": "agent", "image": "a:2"}
+    ]
+    status, body = apply_as(kube_api, "mesh", daemonset({"name": "agent", "image": "evil"}), path)
+    assert status == 409 and '.spec.template.spec.containers[{"name":"agent"}].image' in body["message"]
+
+
+def test_a_deleted_namespace_terminates_refuses_new_content_and_goes_when_its_finalizers_are_done(kube_api):
+    kube_api.register_crd("example.io", "Gadget", "gadgets")
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}})
+    assert kube_api.get("v1", "Namespace", "team")["spec"]["finalizers"] == ["kubernetes"]
+    kube_api.create({**POD, "metadata": {"name": "plain", "namespace": "team"}})
+    gadget = {
+        "apiVersion": "example.io/v1",
+        "kind": "Gadget",
+        "metadata": {"name": "g", "namespace": "team", "finalizers": ["example.io/cleanup"]},
+    }
+    kube_api.create(gadget)
+    status, namespace = call(kube_api, "DELETE", "/api/v1/namespaces/team")
+    assert status == 200 and namespace["status"]["phase"] == "Terminating"
+    assert kube_api.find("v1", "Pod", "plain", "team") is None  # content without finalizers: gone at once
+    assert kube_api.get("example.io/v1", "Gadget", "g", "team")["metadata"]["deletionTimestamp"]
+    conditions = {c["type"]: c for c in kube_api.get("v1", "Namespace", "team")["status"]["conditions"]}
+    assert conditions["NamespaceContentRemaining"]["message"] == (
+        "Some resources are remaining: gadgets.example.io has 1 resource instances"
+    )
+    assert conditions["NamespaceFinalizersRemaining"]["message"] == (
+        "Some content in the namespace has finalizers remaining: example.io/cleanup in 1 resource instances"
+    )
+    # No new content while it terminates, from anyone, whichever way it is written.
+    status, body = call(kube_api, "POST", "/api/v1/namespaces/team/configmaps", {"metadata": {"name": "c"}})
+    assert (status, body["reason"]) == (403, "Forbidden")
+    assert body["message"] == (
+        'configmaps "c" is forbidden: '
+        "unable to create new content in namespace team because it is being terminated"
+    )
+    assert body["details"]["causes"][0]["reason"] == "NamespaceTerminating"
+    apply_path = "/apis/apps/v1/namespaces/team/daemonsets/d?fieldManager=x"
+    status, body = call(kube_api, "PATCH", apply_path, {"apiVersion": "apps/v1", "kind": "DaemonSet"}, APPLY)
+    assert status == 403 and body["message"].startswith('daemonsets.apps "d" is forbidden: unable to create')
+    # Updates are still allowed: removing the last finalizer lets the namespace go.
+    kube_api.patch("example.io/v1", "Gadget", "g", {"metadata": {"finalizers": None}}, "team")
+    assert kube_api.find("v1", "Namespace", "team") is None
+    assert call(kube_api, "POST", "/api/v1/namespaces/team/configmaps", {"metadata": {"name": "c"}})[0] == 404
+    # With the namespace controller paused (it is asynchronous on a real server), the content stays a while.
+    kube_api.pause_namespace_controller()
+    kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late"}})
+    kube_api.create({**POD, "metadata": {"name": "p", "namespace": "late"}})
+    kube_api.delete("v1", "Namespace", "late")
+    assert kube_api.get("v1", "Namespace", "late")["status"]["phase"] == "Terminating"
+    assert call(kube_api, "DELETE", "/api/v1/namespaces/late/pods/p")[0] == 200
+    kube_api.create({**POD, "metadata": {"name": "q", "namespace": "default"}})  # other writes: no effect
+    assert kube_api.find("v1", "Namespace", "late") is not None
+    kube_api.finalize_namespaces()
+    assert kube_api.find("v1", "Namespace", "late") is None
+
+
+def test_a_deleted_crd_waits_for_its_objects_finalizers(kube_api):
+    crd_path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/gadgets.example.io"
+    kube_api.register_crd("example.io", "Gadget", "gadgets")
+    kube_api.create(
+        {
+            "apiVersion": "example.io/v1",
+            "kind": "Gadget",
+            "metadata": {"name": "g", "namespace": "default", "finalizers": ["example.io/x"]},
+        }
+    )
+    assert call(kube_api, "DELETE", crd_path)[1]["metadata"]["deletionTimestamp"]
+    assert kube_api.get("example.io/v1", "Gadget", "g", "default")["metadata"]["deletionTimestamp"]
+    status, body = call(
+        kube_api, "POST", "/apis/example.io/v1/namespaces/default/gadgets", {"metadata": {"name": "new"}}
+    )
+    assert (
+        status == 405
+        and body["message"] == "create not allowed while custom resource definition is terminating"
+    )
+    kube_api.patch("example.io/v1", "Gadget", "g", {"metadata": {"finalizers": None}}, "default")
+    assert call(kube_api, "GET", crd_path)[0] == 404
+    assert call(kube_api, "GET", "/apis/example.io/v1/gadgets")[0] == 404
+
+
+def test_foreground_deletion_keeps_the_owner_until_blocking_dependents_are_gone(kube_api):
+    owner = kube_api.create(
+        {"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "rs", "namespace": "default"}}
+    )
+    ref = {
+        "apiVersion": "apps/v1",
+        "kind": "ReplicaSet",
+        "name": "rs",
+        "uid": owner["metadata"]["uid"],
+        "blockOwnerDeletion": True,
+    }
+    kube_api.create(
+        {
+            **POD,
+            "metadata": {
+                "name": "held",
+                "namespace": "default",
+                "ownerReferences": [ref],
+                "finalizers": ["example.io/x"],
+            },
+        }
+    )
+    kube_api.create(
+        {
+            **POD,
+            "metadata": {
+                "name": "free",
+                "namespace": "default",
+                "ownerReferences": [{**ref, "blockOwnerDeletion": False}],
+            },
+        }
+    )
+    status, body = call(
+        kube_api,
+        "DELETE",
+        "/apis/apps/v1/namespaces/default/replicasets/rs",
+        {"propagationPolicy": "Foreground"},
+    )
+    assert status == 200 and body["metadata"]["finalizers"] == ["foregroundDeletion"]
+    assert kube_api.find("v1", "Pod", "free", "default") is None
+    assert kube_api.get("v1", "Pod", "held", "default")["metadata"]["deletionTimestamp"]
+    assert kube_api.get("apps/v1", "ReplicaSet", "rs", "default")["metadata"]["deletionTimestamp"]
+    kube_api.patch("v1", "Pod", "held", {"metadata": {"finalizers": None}}, "default")
+    assert kube_api.find("apps/v1", "ReplicaSet", "rs", "default") is None
+
+
+def test_block_owner_deletion_needs_the_owners_finalizers_when_the_plugin_is_on(kube_api):
+    kube_api.register_crd("example.io", "Gadget", "gadgets")
+    owner = kube_api.create(
+        {"apiVersion": "example.io/v1", "kind": "Gadget", "metadata": {"name": "g", "namespace": "default"}}
+    )
+    ref = {
+        "apiVersion": "example.io/v1",
+        "kind": "Gadget",
+        "name": "g",
+        "uid": owner["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    token = kube_api.service_account_token("default", "robot")
+    kube_api.create(
+        role(
+            "Role",
+            "cm",
+            [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "patch", "get"]}],
+            "default",
+        )
+    )
+    kube_api.create(binding("RoleBinding", "cm", "Role", "cm", ("default", "robot"), "default"))
+    configmaps = "/api/v1/namespaces/default/configmaps"
+
+    def child(name: str, refs: list[dict]) -> dict:
+        return {"metadata": {"name": name, "ownerReferences": refs}}
+
+    # Off (the default, as on most clusters): anyone who may create the child may block its owner.
+    assert call(kube_api, "POST", configmaps, child("a", [ref]), token=token)[0] == 201
+    kube_api.admission_plugins.add("OwnerReferencesPermissionEnforcement")
+    status, body = call(kube_api, "POST", configmaps, child("b", [ref]), token=token)
+    assert (status, body["reason"]) == (403, "Forbidden")
+    assert body["message"] == (
+        'configmaps "b" is forbidden: cannot set blockOwnerDeletion if an ownerReference refers to a '
+        "resource you can't set finalizers on: , <nil>"
+    )
+    # Without blockOwnerDeletion a create may name the owner; changing references later needs `delete`.
+    assert (
+        call(kube_api, "POST", configmaps, child("c", [{**ref, "blockOwnerDeletion": False}]), token=token)[0]
+        == 201
+    )
+    status, body = call(
+        kube_api,
+        "PATCH",
+        f"{configmaps}/c",
+        {"metadata": {"ownerReferences": []}},
+        "application/merge-patch+json",
+        token=token,
+    )
+    assert (
+        status == 403 and "cannot set an ownerRef on a resource you can't delete: , <nil>" in body["message"]
+    )
+    # An apply is judged the same way; `update` on gadgets/finalizers is what it takes.
+    apply_body = {"apiVersion": "v1", "kind": "ConfigMap", **child("d", [ref])}
+    assert (
+        call(kube_api, "PATCH", f"{configmaps}/d?fieldManager=robot", apply_body, APPLY, token=token)[0]
+        == 403
+    )
+    kube_api.create(
+        role(
+            "Role",
+            "fin",
+            [
+                {
+                    "apiGroups": ["example.io"],
+                    "resources": ["gadgets/finalizers"],
+                    "verbs": ["update"],
+                    "resourceNames": ["g"],
+                }
+            ],
+            "default",
+        )
+    )
+    kube_api.create(binding("RoleBinding", "fin", "Role", "fin", ("default", "robot"), "default"))
+    assert (
+        call(kube_api, "PATCH", f"{configmaps}/d?fieldManager=robot", apply_body, APPLY, token=token)[0]
+        == 201
+    )
+    # The harness's own token is system:masters: never refused.
+    assert call(kube_api, "POST", configmaps, child("e", [ref]))[0] == 201
+
+
+def test_continue_tokens_expire_with_age_or_compaction_and_answer_410_with_a_fresh_token(kube_api):
+    now = [1000.0]
+    kube_api.clock, kube_api.continue_ttl = (lambda: now[0]), 60.0
+    for name in ("a", "b", "c", "d"):
+        kube_api.create({**POD, "metadata": {"name": name, "namespace": "default"}})
+    first = call(kube_api, "GET", f"{PODS}?limit=1")[1]
+    assert first["metadata"]["remainingItemCount"] == 3
+    now[0] += 30  # young enough: the next page, and its token keeps the list's age
+    second = call(kube_api, "GET", f"{PODS}?limit=1&continue={first['metadata']['continue']}")[1]
+    assert [i["metadata"]["name"] for i in second["items"]] == ["b"]
+    now[0] += 31
+    status, body = call(kube_api, "GET", f"{PODS}?limit=1&continue={second['metadata']['continue']}")
+    assert (status, body["reason"], body["code"]) == (410, "Expired", 410)
+    assert body["message"].startswith(
+        "The provided continue parameter is too old to display a consistent list"
+    )
+    # The token in the answer finishes the list from the latest state.
+    rest = call(kube_api, "GET", f"{PODS}?continue={body['metadata']['continue']}")[1]
+    assert [i["metadata"]["name"] for i in rest["items"]] == ["c", "d"]
+    # Compaction past the list's resourceVersion expires a token at any age.
+    fresh = call(kube_api, "GET", f"{PODS}?limit=2")[1]["metadata"]["continue"]
+    kube_api.patch("v1", "Pod", "a", {"metadata": {"labels": {"v": "2"}}}, "default")
+    kube_api.compact()
+    assert call(kube_api, "GET", f"{PODS}?limit=2&continue={fresh}")[0] == 410
+    assert call(kube_api, "GET", f"{PODS}?limit=2&continue=garbage")[0] == 400
+
+
+def test_kubectl_server_side_apply_of_the_shipped_manifests_is_idempotent(kube_api_https, tmp_path):
+    """The real client: `kubectl apply --server-side -k manifests/` (HTTPS: kubectl sends no token over
+    plain HTTP; --validate=false: the emulator serves no OpenAPI documents), twice."""
+    import subprocess
+
+    kubeconfig = kube_api_https.kubeconfig(tmp_path / "kubeconfig")
+
+    def kubectl(*args: str) -> str:
+        done = subprocess.run(
+            ["kubectl", "--kubeconfig", str(kubeconfig), *args], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    kubectl("apply", "--server-side", "--validate=false", "-k", "manifests/")
+    version = kube_api_https.store.rv
+    kubectl("apply", "--server-side", "--validate=false", "-k", "manifests/")
+    assert kube_api_https.store.rv == version  # nothing changed, nothing written
+    operator = kube_api_https.get("apps/v1", "Deployment", "flowmon-operator", "flowmon-system")
+    assert [(e["manager"], e["operation"]) for e in operator["metadata"]["managedFields"]] == [
+        ("kubectl", "Apply")
+    ]

@@ -27,6 +27,7 @@ from flowmon_operator.builders import metrics_path
 from flowmon_operator.render import render_all
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi.server import KubeAPI
+from tests.kubeapi.shipped import install_rbac
 from tests.kubelet.pod import Node, Pod, PodNetwork
 from tests.test_cli_agent import loopback_exchange
 from tests.tls_samples import make_pki
@@ -55,8 +56,7 @@ def api(tmp_path: Path) -> Iterator[tuple[KubeAPI, str]]:
 
 def pods_on_the_node(api: KubeAPI, lab: Lab) -> None:
     api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
-    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "flowmon-system"}})
-    api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})
+    api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})  # flowmon-system: by RBAC
     for pod in lab.pods:
         api.create(
             {
@@ -128,6 +128,7 @@ def test_the_rendered_daemonset_runs_and_counts(tmp_path, images, api, headers):
     settings = OperatorSettings(agent_port=free_port(), agent_image=images["agent"])
     monitor, objects, daemonset = rendered(settings)
     node = node_for(tmp_path, kube, api_ca, headers)
+    install_rbac(kube)  # the agent reads pods, nodes, ... with what the shipped manifests grant
     sa_token = kube.service_account_token(settings.operator_namespace, settings.agent_service_account)
     with Lab("fkl", ["client", "server"]) as lab:
         pods_on_the_node(kube, lab)
@@ -196,6 +197,7 @@ def test_a_failed_start_names_its_cause(tmp_path, images, api, change, code, say
         caps = template["spec"]["containers"][0]["securityContext"]["capabilities"]
         caps["add"] = [c for c in caps["add"] if c != "PERFMON"]
     node = node_for(tmp_path, kube, api_ca, "debian-split")
+    install_rbac(kube)  # the agent reads pods, nodes, ... with what the shipped manifests grant
     sa_token = kube.service_account_token(settings.operator_namespace, settings.agent_service_account)
     pod = Pod(node, "flowmon-agent-k2", settings.operator_namespace, template, objects, sa_token)
     try:
@@ -245,6 +247,7 @@ def test_the_operator_image_runs_as_its_deployment_and_reconciles(tmp_path, imag
                 kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
             node = Node(NODE, "127.0.0.1", tmp_path / "kubelet", str(api_pod.ipv4), kube.port, ca.cert_pem)
             network = PodNetwork(operator_pod.netns, str(operator_pod.ipv4), probe_from=api_pod.netns)
+            install_rbac(kube)
             token = kube.service_account_token("flowmon-system", "flowmon-operator")
             pod = Pod(node, "flowmon-operator-k3", "flowmon-system", template, [], token, network)
             try:

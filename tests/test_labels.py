@@ -1,4 +1,4 @@
-"""Ownership marks (flowmon_operator.labels): one set of labels on every child, selectors that find them."""
+"""Ownership marks (flowmon_operator.labels): one set of labels and one owner reference on every child."""
 
 from __future__ import annotations
 
@@ -13,11 +13,6 @@ def monitor(uid: str | None = "u-1") -> FlowMonitor:
     meta = {"name": "web", "namespace": "shop", **({"uid": uid} if uid else {})}
     spec = {"scrape": {"serviceMonitorLabels": {"release": "kps", labels.MANAGED_BY_LABEL: "me"}}}
     return FlowMonitor.model_validate({"metadata": meta, "spec": spec})
-
-
-def test_selector_for_cleanup_matches_the_labels():
-    selector = dict(part.split("=") for part in labels.monitor_selector("shop", "web").split(","))
-    assert selector.items() <= labels.monitor_labels(monitor()).items()
 
 
 def test_every_child_of_a_monitor_carries_the_same_ownership_labels():

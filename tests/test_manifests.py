@@ -18,6 +18,7 @@ import yaml
 
 from flowmon_agent.metadata.watcher import RESOURCES
 from flowmon_contract.spec import FlowMonitor
+from flowmon_operator.labels import MONITOR_NAME_LABEL
 from flowmon_operator.render import render_all
 from flowmon_operator.settings import OperatorSettings
 from tests import schemas
@@ -108,9 +109,18 @@ def test_files_apply_without_kustomize_too():
 
 # --- RBAC: an evaluator, then what each identity needs --------------------------------------------------
 def allowed(
-    account: str, group: str, resource: str, verb: str, namespace: str | None, objects: list[dict] = OBJECTS
+    account: str,
+    group: str,
+    resource: str,
+    verb: str,
+    namespace: str | None,
+    objects: list[dict] = OBJECTS,
+    *,
+    name: str | None = None,
 ) -> bool:
-    """Whether the ServiceAccount may do `verb` on `resource` in `namespace` (None: cluster-wide)."""
+    """Whether the ServiceAccount may do `verb` on `resource` in `namespace` (None: cluster-wide), on the
+    object `name` (None: a request without a name, as list or POST; rules with resourceNames never match
+    it). A namespace's own object counts as in that namespace, as kube-apiserver authorizes it."""
     for binding in objects:
         if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
             continue
@@ -121,6 +131,9 @@ def allowed(
         ref = binding["roleRef"]
         role = find(ref["kind"], ref["name"], objects)
         for rule in role["rules"]:
+            names = rule.get("resourceNames")
+            if names is not None and name not in names:
+                continue
             if group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]:
                 return True
     return False
@@ -157,29 +170,48 @@ PLURALS = {
     "PrometheusRule": ("monitoring.coreos.com", "prometheusrules"),
     "Certificate": ("cert-manager.io", "certificates"),
 }
-# Kinds the operator applies but never lists or deletes (get: server-side apply reads first).
-APPLY_ONLY = {"Certificate": ("get", "create", "patch")}
-WRITE = ("get", "create", "patch", "delete")  # server-side apply creates and patches
+Need = tuple[str, str, str, str | None, str | None]  # group, resource, verb, namespace, name
 
 
-def operator_needs(settings: OperatorSettings = SETTINGS) -> set[tuple[str, str, str, str | None]]:
-    """(group, resource, verb, namespace) for everything the operator does; derived from what the
-    builders render for monitors in two namespaces, plus kopf's and the reconciler's reads."""
+def writes(obj: dict) -> set[Need]:
+    """How the operator writes an object it renders. Server-side apply = patch by name, and create when
+    absent; nothing is listed. A monitor's children are written blind (their names and the scrape token are
+    derived) and go with the monitor (garbage collection; the PrometheusRule deleted by name when alerting
+    is off). Shared objects are also read by name; the operator's keys are read by name, the CA and admin
+    token created once (POST: no name), a broken CA deleted by name. The Certificate is applied only."""
+    group, plural = PLURALS[obj["kind"]]
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    if MONITOR_NAME_LABEL in obj["metadata"]["labels"]:
+        verbs = {"create": None, "patch": name, "delete": name}
+    elif obj["kind"] == "Certificate":
+        verbs = {"create": None, "patch": name}
+    else:
+        verbs = {"get": name, "create": None, "patch": name, "delete": name}
+    return {(group, plural, verb, ns, named) for verb, named in verbs.items()}
+
+
+def operator_needs(settings: OperatorSettings = SETTINGS) -> set[Need]:
+    """Everything the operator does; derived from what the builders render for monitors in two
+    namespaces, plus kopf's and the reconciler's reads."""
     monitors = [
         FlowMonitor.model_validate({"metadata": {"name": "web", "namespace": ns, "uid": "u"}})
         for ns in ("shop", SETTINGS.operator_namespace)
     ]
-    needs = set()
+    needs: set[Need] = set()
     for obj in render_all(monitors, settings, token_for=lambda _m: "t"):
-        group, plural = PLURALS[obj["kind"]]
-        ns = obj["metadata"]["namespace"]
-        verbs = APPLY_ONLY.get(obj["kind"], (*WRITE, "list"))  # list: cleanup by label
-        needs |= {(group, plural, verb, ns) for verb in verbs}
-    needs |= {("flowmon.io", "flowmonitors", v, None) for v in ("get", "list", "watch", "patch")}
-    needs |= {("flowmon.io", "flowmonitors/status", v, None) for v in ("get", "patch")}
-    needs |= {("", "pods", v, SETTINGS.operator_namespace) for v in ("get", "list", "watch")}
-    needs |= {(g, "events", v, "shop") for g in ("", "events.k8s.io") for v in ("create", "patch")}
+        needs |= writes(obj)
+    own = SETTINGS.operator_namespace
+    needs |= {("flowmon.io", "flowmonitors", v, None, None) for v in ("get", "list", "watch", "patch")}
+    needs |= {("flowmon.io", "flowmonitors/status", v, None, None) for v in ("get", "patch")}
+    needs |= {("", "pods", v, own, None) for v in ("get", "list", "watch")}
+    needs.add(("", "namespaces", "get", own, own))  # is its namespace being deleted?
+    needs |= {(g, "events", v, "shop", None) for g in ("", "events.k8s.io") for v in ("create", "patch")}
     return needs
+
+
+def operator_may(need: Need, objects: list[dict] = OBJECTS) -> bool:
+    group, resource, verb, namespace, name = need
+    return allowed("flowmon-operator", group, resource, verb, namespace, objects, name=name)
 
 
 # Granted beyond operator_needs(), on purpose: kopf watches CRDs to notice its resource (read-only).
@@ -187,12 +219,24 @@ OPERATOR_EXTRAS = {("apiextensions.k8s.io", "customresourcedefinitions", v) for 
 
 
 def test_operator_may_do_what_it_does():
-    missing = [n for n in operator_needs() if not allowed("flowmon-operator", *n)]
+    missing = [n for n in operator_needs() if not operator_may(n)]
     assert missing == []
 
 
+def test_operator_reads_no_secret_but_its_own_keys():
+    """No cluster-wide get/list/watch of Secrets; in its namespace, its three keys by name."""
+    own = SETTINGS.operator_namespace
+    for namespace in ("shop", own, None):
+        for verb in ("get", "list", "watch"):
+            assert not allowed("flowmon-operator", "", "secrets", verb, namespace), (verb, namespace)
+    keys = (SETTINGS.ca_secret_name, SETTINGS.serving_cert_secret_name, SETTINGS.admin_token_secret_name)
+    assert all(allowed("flowmon-operator", "", "secrets", "get", own, name=key) for key in keys)
+    assert not allowed("flowmon-operator", "", "secrets", "get", own, name="someone-elses")
+    assert not allowed("flowmon-operator", "", "secrets", "get", "shop", name=SETTINGS.ca_secret_name)
+
+
 def test_operator_may_do_nothing_else():
-    needed = {(g, r, v) for g, r, v, _ in operator_needs()} | OPERATOR_EXTRAS
+    needed = {(g, r, v) for g, r, v, _, _ in operator_needs()} | OPERATOR_EXTRAS
     assert granted("flowmon-operator") - needed == set()
     # the agent objects are written in the operator's namespace only
     assert not allowed("flowmon-operator", "apps", "daemonsets", "create", "shop")
@@ -265,10 +309,10 @@ def test_cert_manager_overlay_grants_the_operator_certificates_and_turns_it_on(m
         "name": "flowmon-ca",
     }
     needs = operator_needs(settings)
-    missing = [n for n in needs if not allowed("flowmon-operator", *n, overlay)]
+    missing = [n for n in needs if not operator_may(n, overlay)]
     assert missing == []
     extra = granted("flowmon-operator", overlay) - granted("flowmon-operator")
-    assert extra == {("cert-manager.io", "certificates", v) for v in ("get", "create", "patch")}
+    assert extra == {("cert-manager.io", "certificates", v) for v in ("create", "patch")}
     assert not allowed("flowmon-operator", "cert-manager.io", "certificates", "create", "shop", overlay)
     assert granted("flowmon-agent", overlay) == granted("flowmon-agent")
     # The base issues its own certificate: no Certificate rendered, none may be written.
@@ -411,3 +455,27 @@ def test_docs_explain_install_and_kind():
         "KUBECONFIG",
     ):
         assert phrase in docs
+
+
+def test_the_documented_discovery_patch_binds_another_prometheus(tmp_path: Path):
+    """docs/operator.md's kustomization for a Prometheus with another ServiceAccount builds as written."""
+    docs = (REPO / "docs" / "operator.md").read_text()
+    block = docs.split("For another ServiceAccount", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    checkout = os.path.relpath(REPO, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(block.replace("../flowmon/", f"{checkout}/"))
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert built.returncode == 0, built.stderr
+    overlay = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    (binding,) = [
+        o
+        for o in overlay
+        if o["metadata"]["name"] == "flowmon-prometheus-discovery" and o["kind"] == "RoleBinding"
+    ]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kube-prometheus-stack-prometheus", "namespace": "monitoring"}
+    ]
+    assert granted("kube-prometheus-stack-prometheus", overlay) == granted(
+        "prometheus-k8s", kustomize_build(MANIFESTS / "prometheus-discovery")
+    )

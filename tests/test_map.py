@@ -4,16 +4,17 @@ PromQL source's queries, the live page's answer; and a 200-workload map drawn wi
 from __future__ import annotations
 
 import re
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
+from bench.map_draw import synthetic_exposition
 from flowmon_cli import prometheus_source as ps
 from flowmon_cli import topview
 from flowmon_cli.map import dot, graphviz, model, server
 from flowmon_cli.sources import Sample
+from tests.waiting import until
 
 GOLDEN = Path(__file__).parent / "golden" / "map"
 SVG = "{http://www.w3.org/2000/svg}"
@@ -104,26 +105,11 @@ def test_svg_holds_every_workload_and_pair_with_its_marks() -> None:
     assert png.startswith(b"\x89PNG")
 
 
-def synthetic_exposition(workloads: int, namespaces: int, fanout: int) -> str:
-    lines = ["# TYPE flowmon_tcp_sent_bytes_total counter"]
-    for i in range(workloads):
-        for j in range(1, fanout + 1):
-            k = (i * 7 + j * 13) % workloads
-            labels = (
-                f'client_namespace="ns{i % namespaces}",client_workload="w{i}",'
-                f'server_namespace="ns{k % namespaces}",server_workload="w{k}"'
-            )
-            lines.append(f"flowmon_tcp_sent_bytes_total{{{labels}}} {1000 * (i + 1) * j}")
-    return "\n".join(lines) + "\n"
-
-
-def test_a_200_workload_map_is_drawn_within_five_seconds() -> None:
+def test_a_200_workload_map_keeps_the_heaviest_edges_and_says_what_it_left_out() -> None:
+    """The time it takes is bench/map_draw.py's (docs/BENCHMARKS.md), not a test's."""
     snapshot = topview.parse_exposition(synthetic_exposition(200, 12, 3))
-    started = time.monotonic()
     graph = model.build(Sample(snapshot, 2.0, snapshot))
     svg = graphviz.layout(dot.render(graph), "svg")
-    elapsed = time.monotonic() - started
-    assert elapsed < 5.0, f"{elapsed:.2f}s"
     assert len(graph.edges) == model.DEFAULT_MAX_EDGES and graph.omitted_edges == 600 - 150
     assert b"450 lighter edges left out" in svg
 
@@ -179,7 +165,6 @@ def test_output_format_follows_the_file_name() -> None:
 
 @pytest.mark.asyncio
 async def test_live_page_serves_only_its_own_assets_and_reports_a_failed_reading() -> None:
-    import asyncio
 
     from aiohttp.test_utils import TestClient, TestServer
 
@@ -195,9 +180,10 @@ async def test_live_page_serves_only_its_own_assets_and_reports_a_failed_reading
         for asset in ("/map.js", "/map.css"):
             response = await client.get(asset)
             assert response.status == 200 and "http://" not in await response.text()
-        for _ in range(50):  # the first reading fails within a refresh or two
+
+        async def reading() -> dict | None:  # the first reading fails within a refresh or two
             answer = await (await client.get("/api/map")).json()
-            if answer["generation"]:
-                break
-            await asyncio.sleep(0.1)
+            return answer if answer["generation"] else None
+
+        answer = await until(reading)
         assert "Connection refused" in answer["error"] and "svg" not in answer

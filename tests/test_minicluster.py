@@ -6,13 +6,13 @@ import ipaddress
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from flowmon_lab import cluster_objects, cluster_plan
 from flowmon_lab import minicluster as mc
+from tests.waiting import wait_for
 
 SPEC = cluster_plan.ClusterSpec(
     namespaces=[
@@ -214,8 +214,7 @@ def test_built_cluster_routes_clusterip_to_every_backend_and_teardown_leaves_not
             spawned = [p for ns in cluster.netns_names for p in mc.netns_pids(ns)]
             assert len(spawned) == 2
         assert _leftovers(prefix) == []
-        time.sleep(0.2)
-        assert all(not Path(f"/proc/{pid}").exists() for pid in spawned)
+        wait_for(lambda: all(not Path(f"/proc/{pid}").exists() for pid in spawned))  # killed, then reaped
     finally:
         mc.cleanup(prefix)
 
@@ -261,11 +260,7 @@ def test_cleanup_after_a_crash_kills_processes_and_removes_netns() -> None:
         proc.wait(timeout=5)
         names = mc.list_netns(prefix)
         assert len(names) == 3
-        deadline = time.monotonic() + 5
-        while not mc.netns_pids(f"{prefix}-a-x-0") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        sleepers = mc.netns_pids(f"{prefix}-a-x-0")
-        assert sleepers, "the sleeper should still be running inside the pod"
+        sleepers = wait_for(lambda: mc.netns_pids(f"{prefix}-a-x-0"))  # still running inside the pod
         assert sorted(mc.cleanup(prefix)) == sorted(names)
         assert mc.list_netns(prefix) == []
         assert all(not Path(f"/proc/{pid}").exists() for pid in sleepers)

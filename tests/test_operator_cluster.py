@@ -31,11 +31,11 @@ from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
 from flowmon_contract.policy import AgentPolicy, token_sha256
 from flowmon_operator import builders
-from flowmon_operator.handlers import FINALIZER, operator
+from flowmon_operator.handlers import operator
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi import KubeAPI
-from tests.kubeapi.server import wait_for
 from tests.schemas import FLOWMON_CRD, SHARED_SCHEMAS
+from tests.waiting import wait_for
 
 FM = "flowmon.io/v1alpha1"
 MONITORING = "monitoring.coreos.com/v1"
@@ -227,7 +227,7 @@ def test_create_writes_the_shared_objects_secrets_policy_and_status(scenario: Sc
     assert status["predictedSeries"] > 0
     ready = scenario.condition("web", "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "NoAgentsReady")
-    assert FINALIZER in scenario.monitor("web")["metadata"]["finalizers"]
+    assert "finalizers" not in scenario.monitor("web")["metadata"]  # nothing waits for the operator
 
 
 def test_update_changes_the_policy_and_the_status(scenario: Scenario):

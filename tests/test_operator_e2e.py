@@ -34,10 +34,11 @@ from flowmon_contract.policy import AgentPolicy, token_sha256
 from flowmon_lab.prometheus import free_port
 from flowmon_operator import builders
 from flowmon_operator import pki as certs
-from flowmon_operator.handlers import FINALIZER, operator
+from flowmon_operator.handlers import operator
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi import KubeAPI
 from tests.kubeapi.resources import crd_body
+from tests.kubeapi.shipped import operator_kubeconfig
 from tests.schemas import FLOWMON_CRD, SHARED_SCHEMAS, validate_any
 
 NS = "flowmon-system"
@@ -136,6 +137,22 @@ class Cluster:
 
     def wait(self, predicate, timeout: float = WAIT):
         return self.api.wait_for(predicate, timeout)
+
+    def wait_rounds(self, count: int) -> None:
+        """Wait until `count` more operator rounds have run to their end, so a check that nothing changed
+        follows rounds that had their chance to change it (not a fixed window a loaded host may not fill).
+        Every round starts by listing the FlowMonitors; the round after the `count`-th listing has begun,
+        so the `count`-th has ended."""
+        asked = len(self.api.requests)
+
+        def listings() -> int:
+            return sum(
+                1
+                for method, path in self.api.requests[asked:]
+                if method == "GET" and path.split("?")[0].endswith("/flowmonitors") and "watch=" not in path
+            )
+
+        self.wait(lambda: listings() > count, timeout=(count + 1) * TIMER + WAIT)
 
     # FlowMonitors
     def create_monitor(self, name: str, namespace: str = "team-a", spec: dict | None = None) -> dict:
@@ -243,14 +260,19 @@ class Cluster:
 
 
 def running_cluster(
-    kube_api: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings_overrides
+    kube_api: KubeAPI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    overlays: tuple[str, ...] = ("",),  # whose RBAC the operator gets: the base, or an overlay (manifests/)
+    **settings_overrides,
 ) -> Iterator[Cluster]:
-    monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig(tmp_path / "kubeconfig")))
     kube_api.create(yaml.safe_load(FLOWMON_CRD.read_text()))
     for kind in ("servicemonitors", "prometheusrules"):
         kube_api.create(yaml.safe_load((SHARED_SCHEMAS / f"monitoring.coreos.com_{kind}.yaml").read_text()))
     for namespace in (NS, "team-a", "team-b"):
         kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    # the operator runs as its ServiceAccount, with the shipped RBAC
+    monkeypatch.setenv("KUBECONFIG", str(operator_kubeconfig(kube_api, tmp_path / "kubeconfig", overlays)))
     settings = OperatorSettings(
         timer_interval_seconds=TIMER, push_timeout_seconds=2.0, agent_port=free_port(), **settings_overrides
     )
@@ -276,7 +298,9 @@ def cert_manager_cluster(
 ) -> Iterator[Cluster]:
     # A minimal Certificate CRD: the emulator serves the kind; cert-manager's schema is not in ../shared.
     kube_api.create(crd_body("cert-manager.io", "Certificate", "certificates"))
-    yield from running_cluster(kube_api, tmp_path, monkeypatch, cert_manager_issuer="ClusterIssuer/test-ca")
+    yield from running_cluster(
+        kube_api, tmp_path, monkeypatch, ("cert-manager",), cert_manager_issuer="ClusterIssuer/test-ca"
+    )
 
 
 def test_create_builds_every_object_and_pushes_the_policy_to_every_agent(cluster: Cluster):
@@ -312,16 +336,23 @@ def test_create_builds_every_object_and_pushes_the_policy_to_every_agent(cluster
         "Ready": ("True", "Reconciled"),
         "PolicyApplied": ("True", "AllAgentsInSync"),
         "Degraded": ("False", "AsExpected"),
+        "Scraped": ("False", "NotScraped"),  # no Prometheus here yet: the status says so, and why
     }
-    assert FINALIZER in cluster.monitor("web")["metadata"]["finalizers"]
+    assert "flowmon-web" in cluster.condition("web", "Scraped")["message"]
+    assert "finalizers" not in cluster.monitor("web")["metadata"]  # nothing waits for the operator
     # Steady state: timer rounds keep running and write nothing at all (no churn, no watch events).
     settled, asked = cluster.api.store.rv, len(cluster.api.requests)
-    time.sleep(3 * TIMER)
+    cluster.wait_rounds(2)
     rounds = [p for m, p in cluster.api.requests[asked:] if m == "PATCH" and "/daemonsets/" in p]
     assert len(rounds) >= 2 and cluster.api.store.rv == settled
     # Everything the operator wrote is what a real API server with these CRDs would accept.
     for obj in [*shared.values(), *children.values(), cluster.monitor("web")]:
         validate_any(obj)
+    # A scraper with the monitor's token reads its path on one agent: the agents tell the operator.
+    ca = decode(cluster.secret(s.ca_secret_name), "tls.crt")
+    assert cluster.agents.scrape(NODES["node-a"], "/metrics/team-a/web", token, ca) == 200
+    cluster.wait(lambda: cluster.condition("web", "Scraped").get("status") == "True")
+    assert cluster.condition("web", "Scraped")["reason"] == "Scraped"
 
 
 def test_update_pushes_the_new_policy_to_running_agents(cluster: Cluster):
@@ -432,7 +463,7 @@ def test_invalid_spec_gets_a_condition_naming_the_field_and_changes_nothing(
     assert "spec.metrics.0" in cluster.condition("web", "Ready")["message"]
     assert cluster.monitor("web")["status"]["observedGeneration"] == 2
     # Several timer rounds later, nothing that runs has changed.
-    time.sleep(3 * TIMER)
+    cluster.wait_rounds(3)
     assert versions() == before
     assert cluster.policy().hash == running
     assert {cluster.agents.hash(ip) for ip in NODES.values()} == {running}
@@ -464,18 +495,18 @@ def test_deleting_one_of_two_monitors_removes_its_children_and_the_last_removes_
         assert cluster.agents.scrape(ip, "/metrics/team-b/db", tokens["web"], ca) == 403
         assert cluster.agents.scrape(ip, "/metrics/team-a/web", tokens["web"], ca) == 200
 
+    # No finalizer: the monitor goes at once, garbage collection takes its children, a round the policy.
     cluster.api.delete(FM, "FlowMonitor", "db", "team-b")
-    cluster.wait(lambda: cluster.monitor("db", "team-b") is None)
+    assert cluster.monitor("db", "team-b") is None
     assert not any(cluster.children("db", "team-b").values())
+    cluster.wait(lambda: [m.key for m in cluster.policy().monitors] == ["team-a/web"])
     assert all(cluster.shared().values()) and all(cluster.children("web").values())
     only_web = cluster.policy()
-    assert [m.key for m in only_web.monitors] == ["team-a/web"]
     cluster.wait(lambda: {cluster.agents.hash(ip) for ip in NODES.values()} == {only_web.hash})
     cluster.wait(lambda: cluster.ready_with("web", only_web.hash))
 
     cluster.api.delete(FM, "FlowMonitor", "web", "team-a")
-    cluster.wait(lambda: cluster.monitor("web") is None)
-    assert not any(cluster.shared().values())
+    cluster.wait(lambda: not any(cluster.shared().values()))
     assert not any(cluster.children("web").values())
     # The DaemonSet's pods went with it (garbage collection of owned objects).
     assert cluster.api.list("v1", "Pod", NS) == []
@@ -527,12 +558,17 @@ def test_children_deleted_or_edited_by_hand_are_restored_and_foreign_fields_kept
     assert cluster.policy().monitor("team-a", "web").token_sha256 == [token_sha256(token)]
 
 
-def test_the_operator_survives_the_api_going_away(cluster: Cluster):
+def test_the_operator_survives_the_api_going_away(cluster: Cluster, caplog: pytest.LogCaptureFixture):
     cluster.create_monitor("web")
     cluster.bring_up_agents()
     cluster.wait(lambda: cluster.ready_with("web"))
+
+    def failed_rounds() -> int:
+        return sum("the periodic round failed" in r.getMessage() for r in caplog.records)
+
+    before = failed_rounds()
     cluster.api.stop()
-    time.sleep(3 * TIMER)  # timer rounds fail meanwhile
+    cluster.wait(lambda: failed_rounds() >= before + 2)  # timer rounds fail meanwhile
     cluster.api.start()
     # Watches resume: a new monitor is reconciled.
     cluster.create_monitor("db", namespace="team-b")
@@ -590,7 +626,7 @@ def test_flowmon_operator_command_runs_kopf_and_stops_on_sigint(kube_api: KubeAP
         kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     env = {
         **os.environ,
-        "KUBECONFIG": str(kube_api.kubeconfig(tmp_path / "kubeconfig")),
+        "KUBECONFIG": str(operator_kubeconfig(kube_api, tmp_path / "kubeconfig")),
         "FLOWMON_TIMER_INTERVAL_SECONDS": str(TIMER),
         "FLOWMON_AGENT_PORT": str(free_port()),
     }
@@ -637,7 +673,7 @@ def test_missing_prometheus_operator_crds_degrade_but_the_policy_still_runs(clus
     assert {cluster.agents.hash(ip) for ip in NODES.values()} == {cluster.policy().hash}
     # Each monitor's round and the other's agree: the condition does not flap between rounds.
     settled = degraded()
-    time.sleep(3 * TIMER)
+    cluster.wait_rounds(3)
     assert degraded() == settled
 
 
@@ -669,7 +705,7 @@ def test_cert_manager_issues_the_serving_certificate_and_its_ca_is_trusted(cert_
     # Until cert-manager has issued the Secret, the monitor waits and says why; nothing runs yet.
     cluster.wait(lambda: cluster.condition("web", "Ready").get("reason") == "WaitingForCertificate")
     assert s.serving_cert_secret_name in cluster.condition("web", "Ready")["message"]
-    time.sleep(2 * TIMER)
+    cluster.wait_rounds(2)
     assert cluster.secret(s.serving_cert_secret_name) is None  # the operator does not issue it itself
     assert cluster.secret(s.ca_secret_name) is None
     assert not any(cluster.shared().values()) and cluster.children("web")["Secret"] is None
@@ -709,3 +745,41 @@ def test_cert_manager_issues_the_serving_certificate_and_its_ca_is_trusted(cert_
     # The serving Secret is cert-manager's: the operator left it as issued and made no CA of its own.
     assert decode(cluster.secret(s.serving_cert_secret_name), "tls.crt") == serving.cert_pem
     assert cluster.secret(s.ca_secret_name) is None
+
+
+def test_a_network_with_host_bits_gets_ready_false_naming_the_network(cluster: Cluster):
+    """The CRD checks only a CIDR's shape (no CEL IP library before Kubernetes 1.31), so the API stores
+    10.0.0.1/8; the operator refuses it in the monitor's status, with the network it meant."""
+    spec = {"selection": {"networks": [{"name": "corp", "cidr": "10.0.0.1/8"}]}}
+    cluster.create_monitor("corp", spec=spec)
+    validate_any(cluster.monitor("corp"))  # what a real API server with this CRD accepts
+    cluster.wait(lambda: cluster.condition("corp", "Ready").get("reason") == "InvalidSpec")
+    ready = cluster.condition("corp", "Ready")
+    assert ready["status"] == "False"
+    assert ready["message"] == (
+        "spec.selection.networks.0.cidr: '10.0.0.1/8' has host bits set: the network is 10.0.0.0/8"
+    )
+    assert not any(cluster.children("corp").values())
+
+
+def test_one_monitors_refused_child_never_stops_the_others(cluster: Cluster):
+    """An admission webhook refuses every ServiceMonitor in team-b: that monitor says so in its status,
+    the other monitor's children and both policies are applied, round after round."""
+    refusal = "no ServiceMonitors in team-b"
+    cluster.api.deny("PATCH", "/apis/monitoring.coreos.com/v1/namespaces/team-b/servicemonitors", refusal)
+    cluster.create_monitor("db", namespace="team-b")
+    cluster.create_monitor("web")
+    cluster.bring_up_agents()
+    cluster.wait(lambda: cluster.ready_with("web"))
+    cluster.wait(lambda: cluster.condition("db", "Degraded", "team-b").get("reason") == "ChildrenNotApplied")
+    assert refusal in cluster.condition("db", "Degraded", "team-b")["message"]
+    assert all(cluster.children("web").values())
+    assert cluster.children("db", "team-b")["ServiceMonitor"] is None
+    policy = cluster.policy()
+    assert [m.key for m in policy.monitors] == ["team-a/web", "team-b/db"]
+    assert {cluster.agents.hash(ip) for ip in NODES.values()} == {policy.hash}
+    # The next rounds retry team-b and leave team-a as it is.
+    asked = len(cluster.api.requests)
+    refused = "/apis/monitoring.coreos.com/v1/namespaces/team-b/servicemonitors/flowmon-db"
+    cluster.wait(lambda: sum(p.startswith(refused) for _, p in cluster.api.requests[asked:]) >= 2)
+    assert cluster.ready_with("web") and all(cluster.children("web").values())

@@ -9,6 +9,7 @@ import yaml
 
 from flowmon_kube import Connection, in_cluster
 from flowmon_operator.kube import Conflict, KubeClient, KubeError, Ref, load_connection
+from tests.kubeapi.shipped import install_rbac, operator_token
 from tests.schemas import FLOWMON_CRD
 
 CM = {
@@ -47,7 +48,8 @@ async def test_the_kubeconfig_loads_inside_a_running_loop_too(kube_api, connecti
 async def test_in_cluster_service_account_with_a_rotating_token(kube_api, tmp_path, monkeypatch):
     """A pod's credentials: host and port from the environment, the CA and the token from the service
     account folder; the token file is read again on every request (projected tokens rotate)."""
-    first, second = (kube_api.service_account_token("flowmon-system", f"operator-{i}") for i in (1, 2))
+    install_rbac(kube_api)
+    first, second = operator_token(kube_api), operator_token(kube_api)
     (tmp_path / "token").write_text(first)
     (tmp_path / "ca.crt").write_text(kube_api.pki.ca_file.read_text())
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
@@ -55,10 +57,10 @@ async def test_in_cluster_service_account_with_a_rotating_token(kube_api, tmp_pa
     conn = in_cluster(tmp_path)
     assert conn.server == kube_api.url and conn.token_file == tmp_path / "token"
     async with KubeClient(conn) as kube:
-        assert await kube.get("Namespace", "default") is not None
+        assert await kube.list("Pod", "flowmon-system") == []  # the operator's ServiceAccount may
         kube_api.tokens.revoke(first)
         (tmp_path / "token").write_text(second)
-        assert await kube.get("Namespace", "default") is not None
+        assert await kube.list("Pod", "flowmon-system") == []
 
 
 @pytest.mark.asyncio

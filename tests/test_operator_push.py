@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,16 @@ from flowmon_contract.policy import canonical_json, compile_policy
 from flowmon_contract.spec import FlowMonitor
 from flowmon_lab.prometheus import free_port
 from flowmon_operator.pki import generate_ca, issue_serving_cert
-from flowmon_operator.push import AgentPod, PushTarget, agent_nodes, agent_pods, start_failure, sync_agents
+from flowmon_operator.push import (
+    AgentPod,
+    PushTarget,
+    agent_nodes,
+    agent_pods,
+    parse_answer,
+    start_failure,
+    sync_agents,
+)
+from tests.waiting import WAIT, until
 
 SERVICE_DNS = "flowmon-agent.flowmon-system.svc"
 ADMIN = "admin-token-for-push-tests"
@@ -46,7 +56,7 @@ async def fleet(tmp_path: Path):
         server = AgentServer(config, exporter=Exporter(), policy=stores[ip], readiness=lambda: None)
         await server.start()
         servers.append(server)
-    target = PushTarget(port=port, server_name=SERVICE_DNS, ca_pem=ca.cert_pem, token=ADMIN, timeout=2.0)
+    target = PushTarget(port=port, server_name=SERVICE_DNS, ca_pem=ca.cert_pem, token=ADMIN, timeout=WAIT)
     yield target, stores
     for server in servers:
         await server.stop()
@@ -89,28 +99,57 @@ async def test_the_agent_certificate_must_carry_the_service_name(fleet):
     assert report.error and "certificate" in report.error.lower()
 
 
-@pytest.mark.asyncio
-async def test_silent_agents_time_out_concurrently(fleet):
-    target, stores = fleet
+def silent_agents(port: int, *ips: str) -> list[socket.socket]:
+    """Listeners that accept connections (the kernel does) and never answer the TLS handshake."""
     silent = []
-    for ip in ("127.0.0.4", "127.0.0.5"):  # accept connections, never answer the TLS handshake
+    for ip in ips:
         sock = socket.socket()
-        sock.bind((ip, target.port))
+        sock.bind((ip, port))
         sock.listen()
+        sock.setblocking(False)
         silent.append(sock)
-    quick = PushTarget(target.port, target.server_name, target.ca_pem, target.token, timeout=1.0)
-    started = time.monotonic()
+    return silent
+
+
+@pytest.mark.asyncio
+async def test_silent_agents_are_waited_for_concurrently(fleet):
+    """Every silent agent is contacted while the others still hang: a push one agent after the other would
+    reach the second only once the first timed out (a minute here, past the wait below)."""
+    target, stores = fleet
+    silent = silent_agents(target.port, "127.0.0.4", "127.0.0.5")
+    patient = PushTarget(target.port, target.server_name, target.ca_pem, target.token, timeout=2 * WAIT)
+    pods = agents(IPS[0], "127.0.0.4", "127.0.0.5")
+    push = asyncio.create_task(sync_agents(pods, patient, canonical_json(POLICY), POLICY.hash))
+    held: dict[int, socket.socket] = {}
+
+    def every_silent_agent_contacted() -> bool:
+        for i, sock in enumerate(silent):
+            if i not in held:
+                with contextlib.suppress(BlockingIOError):
+                    held[i] = sock.accept()[0]
+        return len(held) == len(silent)
+
     try:
-        reports = await sync_agents(
-            agents(IPS[0], "127.0.0.4", "127.0.0.5"), quick, canonical_json(POLICY), POLICY.hash
-        )
+        await until(every_silent_agent_contacted)
+        assert not push.done()
     finally:
-        for sock in silent:
-            sock.close()
-    elapsed = time.monotonic() - started
+        for sock in [*held.values(), *silent]:
+            sock.close()  # the hanging handshakes fail now
+    reports = await push
     assert reports[0].policy_hash == POLICY.hash and stores[IPS[0]].hash == POLICY.hash
     assert all(r.error and r.policy_hash is None for r in reports[1:])
-    assert elapsed < 1.9, f"two 1 s timeouts took {elapsed:.1f} s: not concurrent"
+
+
+@pytest.mark.asyncio
+async def test_a_silent_agent_times_out(fleet):
+    target, _ = fleet
+    silent = silent_agents(target.port, "127.0.0.4")
+    quick = PushTarget(target.port, target.server_name, target.ca_pem, target.token, timeout=0.5)
+    try:
+        (report,) = await sync_agents(agents("127.0.0.4"), quick, canonical_json(POLICY), POLICY.hash)
+    finally:
+        silent[0].close()
+    assert report.error and report.policy_hash is None
 
 
 @pytest.mark.asyncio
@@ -200,3 +239,22 @@ def test_start_failure_names_why_an_agent_does_not_run(statuses, expected):
     assert start_failure(body) == expected
     (agent,) = agent_pods([body])
     assert agent.start_failure == expected and not agent.ready
+
+
+@pytest.mark.parametrize(
+    ("document", "policy_hash", "ages"),
+    [
+        (
+            {"policyHash": "ab", "scrapedSecondsAgo": {"shop/web": 3.5, "x/y": 0}},
+            "ab",
+            {"shop/web": 3.5, "x/y": 0},
+        ),
+        ({"policyHash": "ab"}, "ab", None),  # an agent of an earlier release: it does not say
+        ({"policyHash": "ab", "scrapedSecondsAgo": {"a/b": -1, "c/d": "x", "e/f": 2}}, "ab", {"e/f": 2.0}),
+        ({"policyHash": None, "scrapedSecondsAgo": []}, "", None),
+        ([], "", None),
+    ],
+)
+def test_parse_answer(document, policy_hash, ages):
+    answer = parse_answer(document)
+    assert (answer.policy_hash, answer.scraped_seconds_ago) == (policy_hash, ages)

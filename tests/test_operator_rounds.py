@@ -28,6 +28,7 @@ from flowmon_operator.reconcile import Runtime, run_round
 from flowmon_operator.rounds import RoundScheduler
 from flowmon_operator.settings import OperatorSettings
 from tests.kubeapi import KubeAPI
+from tests.kubeapi.shipped import operator_kubeconfig
 from tests.schemas import FLOWMON_CRD, SHARED_SCHEMAS
 
 FM = "flowmon.io/v1alpha1"
@@ -147,12 +148,13 @@ async def cluster(
 ) -> AsyncIterator[Cluster]:
     """Three monitors in two namespaces, four Ready agent pods served by stand-ins, and the operator's
     identity Secrets already there (the operator reuses them; the stand-ins serve their certificate)."""
-    monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig(tmp_path / "kubeconfig")))
     kube_api.create(yaml.safe_load(FLOWMON_CRD.read_text()))
     for kind in ("servicemonitors", "prometheusrules"):
         kube_api.create(yaml.safe_load((SHARED_SCHEMAS / f"monitoring.coreos.com_{kind}.yaml").read_text()))
     for namespace in (NS, "team-a", "team-b"):
         kube_api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    # the operator runs as its ServiceAccount, with the shipped RBAC
+    monkeypatch.setenv("KUBECONFIG", str(operator_kubeconfig(kube_api, tmp_path / "kubeconfig")))
     settings = OperatorSettings(agent_port=free_port(), push_timeout_seconds=5.0)
     ca = pki.generate_ca("rounds-test-ca")
     serving = pki.issue_serving_cert(ca, settings.agent_dns_names)

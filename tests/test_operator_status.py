@@ -10,10 +10,13 @@ from flowmon_contract.spec import FlowMonitor
 from flowmon_operator.push import AgentReport
 from flowmon_operator.status import (
     Agents,
+    Scrapes,
     count_agents,
     invalid_status,
+    last_scraped,
     running_status,
     runs_monitor,
+    scrape_condition,
     set_condition,
     status_changed,
     validation_message,
@@ -201,3 +204,43 @@ def test_agents_that_cannot_start_say_why_in_the_monitor_status():
     degraded = {c["type"]: c for c in some_ready["conditions"]}["Degraded"]
     assert (degraded["status"], degraded["reason"]) == ("True", "AgentsNotReady")
     assert degraded["message"] == f"1 of 2 agents are ready: {why}"
+
+
+def scraped(ages: dict[str, float] | None) -> list[AgentReport]:
+    """One ready agent that tells these ages (None: it does not say), one pod not ready."""
+    return [AgentReport("a", True, H1, scraped_seconds_ago=ages), AgentReport("b", False)]
+
+
+@pytest.mark.parametrize(
+    ("reports", "interval", "expected"),
+    [
+        (scraped({}), "15s", (False, "NotScraped")),
+        (scraped({"shop/other": 3.0}), "15s", (False, "NotScraped")),
+        (scraped({"shop/web": 3.0}), "15s", (True, "Scraped")),
+        (scraped({"shop/web": 119.0}), "15s", (True, "Scraped")),  # at least two minutes
+        (scraped({"shop/web": 121.0}), "15s", (False, "ScrapesStopped")),
+        (scraped({"shop/web": 200.0}), "1m", (True, "Scraped")),  # four intervals
+        (scraped({"shop/web": 241.0}), "1m", (False, "ScrapesStopped")),
+        (scraped(None), "15s", None),  # no agent says (not answering, or older): nothing new is known
+    ],
+)
+def test_scrape_condition(reports, interval, expected):
+    condition = scrape_condition(last_scraped(reports, "shop/web"), interval, "flowmon-web")
+    assert (condition[:2] if condition else None) == expected
+    if condition is not None and not condition[0]:
+        assert "ServiceMonitor flowmon-web" in condition[2] and "serviceMonitorLabels" in condition[2]
+
+
+def test_the_scraped_condition_keeps_its_message_while_scrapes_go_on():
+    """Ages are not in the message: a steady state writes no status."""
+    first = scrape_condition(last_scraped(scraped({"shop/web": 1.0}), "shop/web"), "15s", "flowmon-web")
+    later = scrape_condition(last_scraped(scraped({"shop/web": 29.0}), "shop/web"), "15s", "flowmon-web")
+    assert first == later
+
+
+def test_the_most_recent_scrape_on_any_agent_counts():
+    reports = [
+        AgentReport("a", True, H1, scraped_seconds_ago={"shop/web": 500.0}),
+        AgentReport("b", True, H1, scraped_seconds_ago={"shop/web": 4.0}),
+    ]
+    assert last_scraped(reports, "shop/web") == Scrapes(answered=2, seconds_ago=4.0)

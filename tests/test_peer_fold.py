@@ -220,3 +220,19 @@ def test_bookkeeping_returns_to_baseline_once_flows_are_gone(lab: Lab) -> None:
         assert snap.dropped["flows_forgotten_idle"] == forgotten + len(keys)
         assert snap.dropped["flow_table_evicted"] == 0
         assert not [k for k in t.poll().flows if k.server_port in ports]  # deleted in the kernel too
+
+
+def test_named_peers_stay_exact(lab: Lab) -> None:
+    """An external address with a live DNS name (KernelConfig.named_peers, from the name table) keeps its
+    own key, so its flows can carry the name; an unnamed one folds."""
+    a, b = lab.pod("a"), lab.pod("b")
+    port = next(_ports)
+    named, other = (str(EXTERNAL_RANGE.network_address + 200 + i) for i in range(2))
+    cluster = cluster_of(lab)
+    config = KernelConfig(local_ips=[b.ipv4], cluster_networks=cluster, named_peers=[ip_address(named)])
+    with FlowTracer(config, adopt_existing=False) as t:
+        exchange(lab, a, b, port, [named, other], 10)
+        exact = FlowKey(ip_address(named), b.ipv4, port, Reporter.SERVER)
+        folded = FlowKey(ANY4, b.ipv4, port, Reporter.SERVER, peer_prefix=0)
+        snap = wait_closed(t, [exact, folded], 1)
+        assert {k: c.sent_bytes for k, c in flows_on(snap, port).items()} == {exact: 10, folded: 10}

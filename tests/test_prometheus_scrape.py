@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from pathlib import Path
 
 import aiohttp
@@ -11,6 +12,7 @@ import pytest
 
 from flowmon_lab.prometheus import Prometheus, config, https_scrape_job
 from tests.test_server import ADMIN, OPS, SHOP, ServerRig
+from tests.waiting import until, wait_for
 
 
 def _job(name: str, port: int, path: str, ca_file: Path, token_file: Path) -> dict:
@@ -162,11 +164,17 @@ async def test_prometheus_reads_kernel_measured_bytes_of_a_known_flow(tmp_path):
                             agent.url + "/v1/policy", data=dump_policy_json(wider), ssl=pki.client_context()
                         )
                         assert put.status == 200 and (await put.json())["policyHash"] == wider.hash
-                    await asyncio.sleep(1.5)  # a few polls under the new policy
+                    await until(lambda: agent.exporter.holder.status.view.policy_hash == wider.hash)
+                    applied = time.time()
+
+                    def scraped_since() -> bool:  # a scrape that started after the new policy's view
+                        stamps = prom.query(f"timestamp(flowmon_tcp_sent_bytes_total{{{flow}}})")
+                        return any(float(r["value"][1]) > applied for r in stamps)
+
+                    await asyncio.to_thread(wait_for, scraped_since)
                     await asyncio.to_thread(
                         prom.wait_query, f"flowmon_tcp_sent_bytes_total{{{flow}}}", str(SENT)
                     )
-                    assert agent.exporter.holder.status.view.policy_hash == wider.hash
                     assert set(agent.exporter.holder.status.view.monitors) == {"shop/web", "shop/all"}
                     resets = prom.query(f"resets(flowmon_tcp_sent_bytes_total{{{flow}}}[1m])")
                     assert [r["value"][1] for r in resets] == ["0"]

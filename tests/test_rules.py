@@ -14,7 +14,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from flowmon_contract.spec import FlowMonitor
+from flowmon_contract.spec import FlowMonitor, Metric
+from flowmon_operator.dns_rules import DNS_ALERT_NAMES
 from flowmon_operator.rules import (
     ALERT_NAMES,
     MONITOR_LABEL,
@@ -37,6 +38,7 @@ ISOLATION = {
 }
 # The monitor the promtool suites run against; only baseline.days is shortened for speed.
 SUITE_SPEC = {
+    "metrics": list(Metric),  # the TCP defaults and the opt-in DNS metrics
     "scrape": {"interval": "1m", "serviceMonitorLabels": {"release": "kps"}},
     "alerting": {
         "labels": {"team": "shop"},
@@ -46,6 +48,8 @@ SUITE_SPEC = {
     },
 }
 ALL = set(ALERT_NAMES)
+DNS = set(DNS_ALERT_NAMES)
+TCP = ALL - DNS
 HEALTH = {"FlowmonRetransmitsHigh", "FlowmonConnectFailuresHigh", "FlowmonRTTHigh", "FlowmonResetsHigh"}
 
 
@@ -80,16 +84,16 @@ def run_suite(suite: Suite, groups: list[dict], tmp_path: Path) -> subprocess.Co
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        pytest.param({}, ALL - {"FlowmonIsolationViolation"}, id="defaults"),
+        pytest.param({}, TCP - {"FlowmonIsolationViolation"}, id="defaults"),
         pytest.param(SUITE_SPEC, ALL, id="isolation"),
         pytest.param(
             {"aggregation": {"groupBy": ["client_namespace", "server_namespace", "server_port"]}},
-            ALL - {"FlowmonIsolationViolation"},
+            TCP - {"FlowmonIsolationViolation"},
             id="namespace-pairs",
         ),
         pytest.param(
             {"aggregation": {"groupBy": ["server_port"]}},
-            ALL - {"FlowmonIsolationViolation", "FlowmonNewDependency"},
+            TCP - {"FlowmonIsolationViolation", "FlowmonNewDependency"},
             id="no-pair-labels",
         ),
         pytest.param(
@@ -103,8 +107,22 @@ def run_suite(suite: Suite, groups: list[dict], tmp_path: Path) -> subprocess.Co
         pytest.param({"alerting": {"baseline": {"enabled": False}}}, HEALTH, id="baseline-off"),
         pytest.param(
             {"scrape": {"interval": "2m"}, "alerting": {"for": "15m"}},
-            ALL - {"FlowmonIsolationViolation"},
+            TCP - {"FlowmonIsolationViolation"},
             id="slow-scrape",
+        ),
+        pytest.param(
+            {"metrics": ["dns_requests", "dns_latency"], "alerting": {"baseline": {"enabled": False}}},
+            DNS,
+            id="dns-only",
+        ),
+        pytest.param(
+            {
+                "metrics": ["dns_requests"],
+                "aggregation": {"groupBy": ["server_namespace", "server_workload"]},
+                "alerting": {"baseline": {"enabled": False}},
+            },
+            {"FlowmonDNSFailuresHigh"},  # no client to name: no timeout alert
+            id="dns-no-client",
         ),
         pytest.param({"alerting": {"enabled": False}}, None, id="disabled"),
         pytest.param(
@@ -141,7 +159,6 @@ def test_rule_is_valid_and_renders_the_alerts_the_spec_supports(
         "name": "web",
         "uid": "3f1c-uid",
         "controller": True,
-        "blockOwnerDeletion": True,
     }
     window = "8m" if spec.get("scrape", {}).get("interval") == "2m" else "5m"
     for group in rule["spec"]["groups"]:
@@ -222,7 +239,7 @@ SUITES = {s.name: s for s in suites(SUITE_MONITOR)}
 
 
 def test_every_alert_has_a_suite() -> None:
-    assert set(SUITES) == {"baseline", "health", "isolation"}
+    assert set(SUITES) == {"baseline", "health", "isolation", "dns"}
     tested = {
         a
         for s in SUITES.values()
@@ -231,7 +248,7 @@ def test_every_alert_has_a_suite() -> None:
     assert tested == ALL
 
 
-@pytest.mark.parametrize("name", ["baseline", "health", "isolation"])
+@pytest.mark.parametrize("name", ["baseline", "health", "isolation", "dns"])
 def test_alerts_fire_on_their_cause_and_stay_silent_otherwise(name: str, tmp_path: Path) -> None:
     suite = SUITES[name]
     result = run_suite(suite, suite.groups, tmp_path)
@@ -263,6 +280,9 @@ FLOORLESS = monitor(
                 "minRetransmitsPerSecond": 1e-6,
                 "minConnectFailuresPerSecond": 1e-6,
                 "minRttSamplesPerSecond": 1e-6,
+                "minDnsFailuresPerSecond": 1e-6,
+                "minDnsRequestsPerSecond": 1e-6,
+                "minDnsTimeoutsPerSecond": 1e-6,
             },
         },
     }
@@ -275,9 +295,11 @@ FLOORLESS = monitor(
         ("baseline", lambda: _mutate(SUITES["baseline"].groups, _never), "FlowmonTrafficAnomaly"),
         ("health", lambda: _mutate(SUITES["health"].groups, _never), "FlowmonRetransmitsHigh"),
         ("isolation", lambda: _mutate(SUITES["isolation"].groups, _never), "FlowmonIsolationViolation"),
+        ("dns", lambda: _mutate(SUITES["dns"].groups, _never), "FlowmonDNS"),
         # Without idle floors the idle pairs page.
         ("baseline", lambda: suites(FLOORLESS)[0].groups, 'client_workload="cron"'),
         ("health", lambda: suites(FLOORLESS)[1].groups, 'client_workload="cron"'),
+        ("dns", lambda: suites(FLOORLESS)[2].groups, 'client_workload="cron"'),
         # Without the monitor selector another monitor's series raise this monitor's alerts.
         ("baseline", lambda: _mutate(SUITES["baseline"].groups, _any_monitor), "intruder"),
         ("isolation", lambda: _mutate(SUITES["isolation"].groups, _any_monitor), "intruder"),
@@ -286,8 +308,10 @@ FLOORLESS = monitor(
         "baseline-never",
         "health-never",
         "isolation-never",
+        "dns-never",
         "baseline-floorless",
         "health-floorless",
+        "dns-floorless",
         "baseline-any-monitor",
         "isolation-any-monitor",
     ],

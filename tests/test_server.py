@@ -26,9 +26,12 @@ from flowmon_agent.export.server import (
     accepts_gzip,
     server_mode,
 )
-from flowmon_contract.policy import compile_policy
+from flowmon_contract.policy import compile_policy, token_sha256
 from tests.export_samples import agent_view
+from tests.kubeapi.shipped import agent_token as shipped_agent_token
+from tests.kubeapi.shipped import install_rbac
 from tests.server_rig import ADMIN, OPS, SHOP, ServerRig, make_policy, monitor
+from tests.waiting import until
 
 DURATION_LINE = b"flowmon_agent_scrape_collector_duration_seconds{"
 
@@ -133,7 +136,8 @@ async def test_token_review_admits_service_account_tokens(kube_api, tmp_path):
     """Tokens matching no digest are reviewed by the (emulated) API server: the configured reader reads
     every monitor, a ServiceAccount of a monitor's namespace reads that namespace's, unknown ones get 401."""
     agent_token = tmp_path / "sa-token"
-    agent_token.write_text(kube_api.service_account_token("flowmon-system", "flowmon-agent"))
+    install_rbac(kube_api)  # the shipped token-review overlay lets the agent ask
+    agent_token.write_text(shipped_agent_token(kube_api))
     reviewer = KubeTokenReviewer(kube_api.url, sa_token_file=agent_token, ca_file=None)
     prometheus = kube_api.service_account_token("monitoring", "prometheus")
     team = kube_api.service_account_token("shop", "scraper")
@@ -229,7 +233,7 @@ async def test_invalid_policy_push_is_refused_and_the_old_policy_keeps_serving(a
     assert errors[0]["loc"] == "monitors.0.maxSeries" and "greater than or equal to 1" in errors[0]["msg"]
     for bad in (b"{not json", b'{"monitors": "x"}', b'{"surprise": 1}'):
         assert (await agent.request("PUT", "/v1/policy", ADMIN, data=bad))[0] == 422
-    assert json.loads((await agent.request("GET", "/v1/policy", ADMIN))[1]) == {"policyHash": old_hash}
+    assert json.loads((await agent.request("GET", "/v1/policy", ADMIN))[1])["policyHash"] == old_hash
     assert (await agent.request("GET", "/metrics/shop/web", SHOP))[0] == 200
 
 
@@ -238,8 +242,8 @@ async def test_valid_policy_push_applies_without_restart(agent):
     new = make_policy(monitor("team", "new"))
     assert (await agent.request("GET", "/metrics/team/new", ADMIN))[0] == 404
     status, body, _ = await agent.request("PUT", "/v1/policy", ADMIN, data=dump_policy_json(new))
-    assert status == 200 and json.loads(body) == {"policyHash": new.hash}
-    assert json.loads((await agent.request("GET", "/v1/policy", ADMIN))[1]) == {"policyHash": new.hash}
+    assert status == 200 and json.loads(body) == {"policyHash": new.hash, "scrapedSecondsAgo": {}}
+    assert json.loads((await agent.request("GET", "/v1/policy", ADMIN))[1])["policyHash"] == new.hash
     assert (await agent.request("GET", "/metrics/team/new", ADMIN))[0] == 200
     assert (await agent.request("PUT", "/v1/policy", SHOP, data=dump_policy_json(new)))[0] == 403
 
@@ -312,25 +316,35 @@ async def _served_cn(agent: ServerRig) -> str:
 async def test_tls_certificate_reload(agent):
     assert await _served_cn(agent) == "CN=agent-one"
     agent.pki.reissue("agent-two")
-    for _ in range(50):
-        if await _served_cn(agent) == "CN=agent-two":
-            break
-        await asyncio.sleep(0.1)
-    assert await _served_cn(agent) == "CN=agent-two"
+
+    async def serves(cn: str) -> bool:
+        return await _served_cn(agent) == cn
+
+    await until(lambda: serves("CN=agent-two"))
     assert agent.server.tls_reloads == 1
     agent.pki.cert_file.write_text("garbage")  # a broken rotation keeps the old certificate serving
-    await asyncio.sleep(0.5)
-    assert await _served_cn(agent) == "CN=agent-two"
+
+    async def refused() -> bool:
+        return await _admin_sample(agent, 'flowmon_agent_reload_rejected_total{file="tls"} ') == 1.0
+
+    await until(refused)
+    assert await serves("CN=agent-two")
+
+
+async def _admin_sample(agent: ServerRig, prefix: str) -> float | None:
+    _code, body, _ = await agent.request("GET", "/metrics", ADMIN)
+    line = next((x for x in body.decode().splitlines() if x.startswith(prefix)), None)
+    return None if line is None else float(line.rsplit(" ", 1)[1])
 
 
 @pytest.mark.asyncio
 async def test_admin_token_file_reload(agent):
     agent.server.config.admin_token_file.write_text("rotated-admin\n")
-    for _ in range(50):
-        if (await agent.request("GET", "/metrics", "rotated-admin"))[0] == 200:
-            break
-        await asyncio.sleep(0.1)
-    assert (await agent.request("GET", "/metrics", "rotated-admin"))[0] == 200
+
+    async def accepted() -> bool:
+        return (await agent.request("GET", "/metrics", "rotated-admin"))[0] == 200
+
+    await until(accepted)
     assert (await agent.request("GET", "/metrics", ADMIN))[0] == 401
 
 
@@ -341,13 +355,12 @@ async def test_concurrent_scrapes_agree(agent):
     def status(n: int) -> AgentStatus:
         return AgentStatus(view=agent_view(policy_hash=f"{n:064x}", sent_bytes=n, received_bytes=n))
 
-    stop = threading.Event()
+    stop, swaps = threading.Event(), [0]
 
     def swapper() -> None:  # a thread, like the poll loop
-        n = 0
         while not stop.is_set():
-            n += 1
-            agent.exporter.swap(status(n))
+            swaps[0] += 1
+            agent.exporter.swap(status(swaps[0]))
             time.sleep(0.0005)
 
     thread = threading.Thread(target=swapper)
@@ -357,7 +370,7 @@ async def test_concurrent_scrapes_agree(agent):
         for _ in range(4):  # waves of concurrent scrapes, apart in time so that they see different polls
             wave = (agent.request("GET", "/metrics/shop/web", SHOP) for _ in range(10))
             bodies += await asyncio.gather(*wave)
-            await asyncio.sleep(0.02)
+            await until(lambda n=swaps[0]: swaps[0] > n)  # the next wave sees another poll
     finally:
         stop.set()
         thread.join()
@@ -397,3 +410,23 @@ async def test_plain_http_on_loopback_with_no_auth_needs_no_token(tmp_path):
     finally:
         await a.session.close()
         await a.server.stop()
+
+
+@pytest.mark.asyncio
+async def test_the_policy_answer_says_which_monitors_were_scraped_and_how_long_ago(agent):
+    """The operator's view of scrapes (the FlowMonitor's Scraped condition): a path read with an
+    authorized token counts, a refused or unknown one does not; monitors leaving the policy are forgotten."""
+
+    async def scraped() -> dict[str, float]:
+        return json.loads((await agent.request("GET", "/v1/policy", ADMIN))[1])["scrapedSecondsAgo"]
+
+    assert await scraped() == {}
+    assert (await agent.request("GET", "/metrics/shop/web", OPS))[0] == 403
+    assert (await agent.request("GET", "/metrics/nope/none", ADMIN))[0] == 404
+    assert await scraped() == {}
+    assert (await agent.request("GET", "/metrics/shop/web", SHOP))[0] == 200
+    ages = await scraped()
+    assert list(ages) == ["shop/web"] and 0 <= ages["shop/web"] < 5
+    only_ops = compile_policy([monitor("ops", "all")], token_hashes={"ops/all": [token_sha256(OPS)]})
+    assert (await agent.request("PUT", "/v1/policy", ADMIN, data=dump_policy_json(only_ops)))[0] == 200
+    assert await scraped() == {}

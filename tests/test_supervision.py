@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from ipaddress import ip_address
 
 import pytest
@@ -25,6 +24,7 @@ from tests.k8s_objects import namespace, pod
 from tests.server_rig import ADMIN, ServerRig
 from tests.test_runner import fake_agent
 from tests.test_server import monitor
+from tests.waiting import until, wait_for
 
 WAIT = 10.0
 SECRET = "tok-9f8e7d6c5b4a-secret"
@@ -147,13 +147,6 @@ class FailingOnce(MetadataStore):
         super().apply(event_type, obj, kind)
 
 
-def wait_until(predicate, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
 def test_a_metadata_watch_that_raises_restarts_alone_and_relists(kube_api, caplog):
     caplog.set_level(logging.INFO)
     sleeps = Sleeps()
@@ -165,11 +158,11 @@ def test_a_metadata_watch_that_raises_restarts_alone_and_relists(kube_api, caplo
         assert watcher.wait_synced(WAIT)
         kube_api.create(namespace("shop"))
         kube_api.create(pod("shop", "web-1", "10.244.0.7"))  # its watch event raises in the store
-        wait_until(lambda: store.pod_by_ip(ip_address("10.244.0.7")) is not None)  # the relist brings it
+        wait_for(lambda: store.pod_by_ip(ip_address("10.244.0.7")) is not None)  # the relist brings it
         assert restarts.counts() == {"kube-watch/Pod": 1} and sleeps.delays == [0.75]
         assert watcher.relists == 1  # the Pod watch alone relisted; the other resources went on
         kube_api.create(pod("shop", "web-2", "10.244.0.8"))  # and the restarted watch follows events
-        wait_until(lambda: store.pod_by_ip(ip_address("10.244.0.8")) is not None)
+        wait_for(lambda: store.pod_by_ip(ip_address("10.244.0.8")) is not None)
     finally:
         watcher.stop()
     assert [line for line in restart_lines(caplog) if "kube-watch/Pod" in line]
@@ -187,11 +180,11 @@ async def test_the_servers_file_reload_task_restarts_and_then_reloads(tmp_path, 
         token_file = rig.server.config.admin_token_file
         token_file.unlink()
         token_file.symlink_to(token_file)  # ELOOP on every stat
-        await asyncio.wait_for(_until(lambda: restarts.counts().get("server-files", 0) >= 2), WAIT)
+        await until(lambda: restarts.counts().get("server-files", 0) >= 2)
         assert (await rig.request("GET", "/metrics", ADMIN))[0] == 200  # the last good token serves
         token_file.unlink()
         token_file.write_text("rotated-admin\n")
-        await asyncio.wait_for(_until_status(rig, "rotated-admin", 200), WAIT)
+        await until(lambda: _status(rig, "rotated-admin", 200))
         assert (await rig.request("GET", "/metrics", ADMIN))[0] == 401
     lines = [line for line in restart_lines(caplog) if line.startswith("server-files")]
     assert len(lines) == restarts.counts()["server-files"]
@@ -199,14 +192,8 @@ async def test_the_servers_file_reload_task_restarts_and_then_reloads(tmp_path, 
     assert sleeps.delays[:2] == [0.5, 1.0]  # Backoff's steps 1 s and 2 s, their fixed halves
 
 
-async def _until(condition) -> None:
-    while not condition():
-        await asyncio.sleep(0.02)
-
-
-async def _until_status(rig: ServerRig, token: str, status: int) -> None:
-    while (await rig.request("GET", "/metrics", token))[0] != status:
-        await asyncio.sleep(0.05)
+async def _status(rig: ServerRig, token: str, status: int) -> bool:
+    return (await rig.request("GET", "/metrics", token))[0] == status
 
 
 @pytest.mark.asyncio
@@ -252,12 +239,12 @@ async def test_the_local_monitor_files_loop_restarts_and_picks_up_the_next_good_
     try:
         path.unlink()
         path.symlink_to(path)
-        await asyncio.wait_for(_until(lambda: restarts.counts().get("local-files", 0) >= 1), WAIT)
+        await until(lambda: restarts.counts().get("local-files", 0) >= 1)
         path.unlink()
         path.write_text(
             "apiVersion: flowmon.io/v1alpha1\nkind: FlowMonitor\nmetadata: {name: db, namespace: shop}\n"
         )
-        await asyncio.wait_for(_until(lambda: applied), WAIT)
+        await until(lambda: applied)
         assert applied[-1] == ("monitor files", ["shop/db"])
         assert sleeps.delays[0] == 0.5  # Backoff's first step, its fixed half
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from ipaddress import ip_address
 
 import pytest
@@ -10,14 +9,8 @@ import pytest
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_agent.metadata.watcher import KubeWatcher
 from tests.k8s_objects import namespace, node, owner, pod, rs, service
-
-
-def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
+from tests.kubeapi.shipped import agent_token, install_rbac
+from tests.waiting import wait_for
 
 
 def workload_of(resolver: Resolver, ip: str) -> tuple[str, str]:
@@ -80,10 +73,10 @@ def test_list_in_pages_then_watch_changes(watched) -> None:
     assert resolver.endpoint(ip_address("10.244.0.5")).zone == "zone-a"
     assert resolver.service(ip_address("10.96.0.10"), 80).name == "web"
     assert resolver.store.namespace_labels("shop") == {"env": "prod"}
-    wait_until(lambda: watcher.age_seconds() == 0)
+    wait_for(lambda: watcher.age_seconds() == 0)
     # ADDED, MODIFIED (a new IP), DELETED.
     kube_api.create(pod("shop", "solo", "10.244.0.50", "n1"))
-    wait_until(lambda: workload_of(resolver, "10.244.0.50") == ("solo", "pod"))
+    wait_for(lambda: workload_of(resolver, "10.244.0.50") == ("solo", "pod"))
     kube_api.patch(
         "v1",
         "Pod",
@@ -92,48 +85,45 @@ def test_list_in_pages_then_watch_changes(watched) -> None:
         "shop",
         subresource="status",
     )
-    wait_until(lambda: workload_of(resolver, "10.244.0.51") == ("solo", "pod"))
+    wait_for(lambda: workload_of(resolver, "10.244.0.51") == ("solo", "pod"))
     kube_api.delete("v1", "Pod", "web-6b7c-2", "shop")
-    wait_until(lambda: all(p.name != "web-6b7c-2" for p in resolver.store.pods()))
-    time.sleep(0.3)  # the deleted pod's grace period
-    assert resolver.endpoint(ip_address("10.244.0.2")).kind == "external"
+    wait_for(lambda: all(p.name != "web-6b7c-2" for p in resolver.store.pods()))
+    wait_for(lambda: resolver.endpoint(ip_address("10.244.0.2")).kind == "external")  # after its grace
     assert watcher.relists == 0
 
 
 def test_api_gone_keeps_metadata_ages_then_resumes_or_relists(watched) -> None:
     kube_api, watcher, resolver = watched
-    wait_until(lambda: watcher.age_seconds() == 0)
+    wait_for(lambda: watcher.age_seconds() == 0)
     kube_api.stop()
-    time.sleep(1.2)
-    # Still attributing with the last metadata, and saying how old it is.
-    assert workload_of(resolver, "10.244.0.3") == ("web", "deployment")
-    assert watcher.age_seconds() >= 1.0
+    wait_for(lambda: watcher.age_seconds() >= 1.0)  # saying how old the metadata is...
+    assert workload_of(resolver, "10.244.0.3") == ("web", "deployment")  # ...and still attributing with it
     # Changes made while the watcher could not see them; the history is then compacted, so resuming
     # from the old resourceVersion answers 410 and the watcher must relist to learn of them.
     kube_api.delete("v1", "Pod", "web-6b7c-3", "shop")
     kube_api.create(pod("shop", "late", "10.244.0.60", "n1"))
     kube_api.compact()
     kube_api.start()
-    wait_until(lambda: workload_of(resolver, "10.244.0.60") == ("late", "pod"))
-    wait_until(lambda: all(p.name != "web-6b7c-3" for p in resolver.store.pods()))
+    wait_for(lambda: workload_of(resolver, "10.244.0.60") == ("late", "pod"))
+    wait_for(lambda: all(p.name != "web-6b7c-3" for p in resolver.store.pods()))
     assert watcher.relists >= 1
-    wait_until(lambda: watcher.age_seconds() == 0)
+    wait_for(lambda: watcher.age_seconds() == 0)
 
 
 def test_resume_without_relist_and_410_on_open_watch(watched) -> None:
     kube_api, watcher, resolver = watched
-    wait_until(lambda: watcher.age_seconds() == 0)
+    wait_for(lambda: watcher.age_seconds() == 0)
     kube_api.stop()
     kube_api.start()  # same data, history kept: the watches resume from their resourceVersion
     kube_api.create(pod("shop", "after", "10.244.0.70", "n1"))
-    wait_until(lambda: workload_of(resolver, "10.244.0.70") == ("after", "pod"))
+    wait_for(lambda: workload_of(resolver, "10.244.0.70") == ("after", "pod"))
     assert watcher.relists == 0
     # Open watches told their version expired (ERROR 410): relist.
     kube_api.compact()
     kube_api.expire_watches()
-    wait_until(lambda: watcher.relists >= 1)
+    wait_for(lambda: watcher.relists >= 1)
     kube_api.create(pod("shop", "later", "10.244.0.71", "n1"))
-    wait_until(lambda: workload_of(resolver, "10.244.0.71") == ("later", "pod"))
+    wait_for(lambda: workload_of(resolver, "10.244.0.71") == ("later", "pod"))
 
 
 def test_a_watch_resumes_from_its_last_bookmark(watched) -> None:
@@ -141,7 +131,7 @@ def test_a_watch_resumes_from_its_last_bookmark(watched) -> None:
     so that after the history is compacted and the streams end (as at their timeout) every watch resumes
     from the bookmark's version instead of answering 410 and relisting."""
     kube_api, watcher, resolver = watched
-    wait_until(lambda: watcher.age_seconds() == 0)
+    wait_for(lambda: watcher.age_seconds() == 0)
     for i in range(3):
         kube_api.create(
             {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"c{i}", "namespace": "shop"}}
@@ -150,20 +140,21 @@ def test_a_watch_resumes_from_its_last_bookmark(watched) -> None:
     assert kube_api.send_bookmarks() == len(watcher.resources)
     kube_api.end_watches()
     kube_api.create(pod("shop", "after", "10.244.0.80", "n1"))
-    wait_until(lambda: workload_of(resolver, "10.244.0.80") == ("after", "pod"))
+    wait_for(lambda: workload_of(resolver, "10.244.0.80") == ("after", "pod"))
     resumed = [p for _, p in kube_api.requests if "watch=" in p and f"resourceVersion={bookmarked}" in p]
     assert len(resumed) >= len(watcher.resources)
     assert watcher.relists == 0
 
 
-def test_https_with_a_ca_and_a_rotating_service_account_token(kube_api_https, tmp_path) -> None:
+def test_https_with_a_ca_and_a_rotating_service_account_token(kube_api_https, tmp_path, caplog) -> None:
     """In-cluster style: TLS verified against the cluster CA, the token re-read from its file (projected
     tokens rotate) on every request."""
     from flowmon_agent.metadata.watcher import RESOURCES
 
     kube_api = kube_api_https
     pods = [r for r in RESOURCES if r.kind == "Pod"]
-    first, second = (kube_api.service_account_token("flowmon-system", f"agent-{i}") for i in (1, 2))
+    install_rbac(kube_api)
+    first, second = agent_token(kube_api), agent_token(kube_api)
     token_file = tmp_path / "token"
     token_file.write_text(first + "\n")
     kube_api.create(namespace("shop"))
@@ -187,12 +178,54 @@ def test_https_with_a_ca_and_a_rotating_service_account_token(kube_api_https, tm
         token_file.write_text(second + "\n")
         kube_api.end_watches()
         kube_api.create(pod("shop", "c", "10.244.0.4"))
-        wait_until(lambda: "c" in {p.name for p in store.pods()})
+        wait_for(lambda: "c" in {p.name for p in store.pods()})
         # A server whose certificate the CA did not sign is refused.
         other = KubeWatcher(MetadataStore(), kube_api.url, token=kube_api.token, resources=pods)
         other.start()
-        time.sleep(0.5)
+        wait_for(lambda: any("CERTIFICATE_VERIFY_FAILED" in r.getMessage() for r in caplog.records))
         assert not other.synced
         other.stop()
+    finally:
+        watcher.stop()
+
+
+def test_an_expired_continue_token_mid_list_restarts_the_list(kube_api) -> None:
+    """A write, then compaction, between two pages of the first list: the next page answers 410 Expired;
+    the watcher lists again from the first page (a consistent list), ends up with every pod, then watches."""
+    from flowmon_agent.metadata.watcher import RESOURCES
+
+    pods = [r for r in RESOURCES if r.kind == "Pod"]
+    install_rbac(kube_api)
+    kube_api.create(namespace("shop"))
+    for i in range(2, 9):
+        kube_api.create(pod("shop", f"p{i}", f"10.244.0.{i}"))
+    expired: list[str] = []
+
+    def compact_before_the_first_continue(method: str, path: str) -> None:
+        if method == "GET" and "continue=" in path and not expired:
+            expired.append(path)
+            kube_api.create(
+                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "w", "namespace": "shop"}}
+            )
+            kube_api.compact()  # past the list's resourceVersion
+
+    kube_api.on_request(compact_before_the_first_continue)
+    store = MetadataStore()
+    watcher = KubeWatcher(
+        store,
+        kube_api.url,
+        token=agent_token(kube_api),
+        resources=pods,
+        page_size=3,
+        retry_seconds=(0.05, 0.1),
+    ).start()
+    try:
+        assert watcher.wait_synced(10)
+        assert {p.name for p in store.pods()} == {f"p{i}" for i in range(2, 9)}
+        lists = [p for m, p in kube_api.requests if m == "GET" and "/pods?" in p and "watch=" not in p]
+        first_pages = [p for p in lists if "continue=" not in p]
+        assert len(expired) == 1 and len(first_pages) == 2  # listed again from the start, once
+        kube_api.create(pod("shop", "late", "10.244.0.60"))
+        wait_for(lambda: "late" in {p.name for p in store.pods()})
     finally:
         watcher.stop()

@@ -24,7 +24,7 @@ PromLabelName = Annotated[str, Field(max_length=128, pattern=r"^[a-zA-Z_][a-zA-Z
 # Bounds on lists, maps and keys keep the CRD's CEL rules within the API server's cost budget.
 MAX_ENVIRONMENTS, MAX_FORBIDDEN, MAX_ALERT_LABELS = 32, 64, 32
 RESERVED_LABELS = re.compile(
-    r"^(alertname|flowmon_.*|client_.*|server_.*|service|metric|reason|from_env|to_env)$"
+    r"^(alertname|flowmon_.*|client_.*|server_.*|service|metric|reason|from_env|to_env|rcode|qtype)$"
 )
 
 
@@ -155,6 +155,28 @@ class HealthAlerting(StrictModel):
         "idle pair is no percentile.",
     )
     reset_rate: float = Field(default=1.0, gt=0, description="Resets per second.")
+    dns_failure_ratio_margin: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="NXDOMAIN or SERVFAIL answers / DNS requests of a pair, above its own average of the "
+        "baseline days (up to an hour ago) by more than this, alert.",
+    )
+    min_dns_failures_per_second: float = Field(
+        default=0.1, gt=0, description="DNS failure alerts need at least this many such answers per second."
+    )
+    dns_latency_p99_seconds: float = Field(
+        default=0.5, gt=0, le=60, description="DNS query → answer 99th percentile, seconds."
+    )
+    min_dns_requests_per_second: float = Field(
+        default=0.2, gt=0, description="DNS latency alerts need at least this many answers per second."
+    )
+    dns_timeout_ratio: float = Field(
+        default=0.05, gt=0, le=1, description="Unanswered / all DNS queries of a client workload."
+    )
+    min_dns_timeouts_per_second: float = Field(
+        default=0.02, gt=0, description="DNS timeout alerts need at least this many timeouts per second."
+    )
 
 
 class AlertingSpec(StrictModel):

@@ -71,7 +71,40 @@ METRICS: dict[Metric, MetricInfo] = {
         "TCP RST segments, by which end sent them.",
         extra_label="direction",
     ),
+    # UDP: the client is the end that sent the first datagram of the 5-tuple (idle 120 s: decided afresh).
+    Metric.UDP_SENT_BYTES: MetricInfo(
+        "flowmon_udp_sent_bytes", FamilyType.COUNTER, "UDP payload bytes sent from client to server."
+    ),
+    Metric.UDP_RECEIVED_BYTES: MetricInfo(
+        "flowmon_udp_received_bytes", FamilyType.COUNTER, "UDP payload bytes sent from server to client."
+    ),
+    Metric.UDP_SENT_DATAGRAMS: MetricInfo(
+        "flowmon_udp_sent_datagrams", FamilyType.COUNTER, "UDP datagrams sent from client to server."
+    ),
+    Metric.UDP_RECEIVED_DATAGRAMS: MetricInfo(
+        "flowmon_udp_received_datagrams", FamilyType.COUNTER, "UDP datagrams sent from server to client."
+    ),
+    Metric.DNS_REQUESTS: MetricInfo(
+        "flowmon_dns_requests",
+        FamilyType.COUNTER,
+        "DNS queries of a client workload to a server, by answer code (rcode; `timeout`: never answered) "
+        "and query type (qtype).",
+    ),
+    Metric.DNS_LATENCY: MetricInfo(
+        "flowmon_dns_latency_seconds",
+        FamilyType.HISTOGRAM,
+        "Time from a DNS query leaving the client to its answer arriving, per client and server.",
+    ),
 }
+# Labels the DNS families add after the monitor's groupBy labels (qname_suffix only when opted in).
+DNS_REQUEST_LABELS = ("rcode", "qtype")
+QNAME_SUFFIX_LABEL = "qname_suffix"
+QNAME_OTHER = "other"  # a query name ending in none of the monitor's suffixes
+# Values the DNS labels can take (flowmon_agent.dns.codes: 12 rcodes + other + timeout; 17 qtypes + other).
+DNS_RCODE_VALUES, DNS_QTYPE_VALUES = 14, 18
+# flowmon_dns_latency_seconds bounds: a local cache answers well under a millisecond, a remote resolver in
+# tens of milliseconds, a query that times out after 5 s.
+DNS_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 # Environment isolation (flowmon_agent.aggregation.isolation counts, flowmon_operator.rules alerts).

@@ -19,7 +19,10 @@ from pydantic import Field, model_validator
 from flowmon_contract.alerting import IsolationAlerting
 from flowmon_contract.model_base import StrictModel, duration_seconds
 from flowmon_contract.spec import (
+    MAX_QNAME_SUFFIXES,
+    UDP_METRICS,
     Dimension,
+    DnsSuffix,
     FlowMonitor,
     HistogramBuckets,
     Metric,
@@ -53,6 +56,11 @@ class MonitorPolicy(StrictModel):
     series_ttl_seconds: int = Field(ge=10, le=86_400)
     histogram_buckets: HistogramBuckets
     isolation: IsolationAlerting = Field(default_factory=IsolationAlerting)
+    qname_suffixes: list[DnsSuffix] = Field(
+        default_factory=list,
+        max_length=MAX_QNAME_SUFFIXES,
+        description="spec.dns.qnameSuffixes: a qname_suffix label on the DNS metrics when not empty.",
+    )
     token_sha256: list[Sha256Hex] = Field(
         default_factory=list,
         max_length=MAX_TOKENS_PER_MONITOR,
@@ -114,9 +122,19 @@ class AgentPolicy(StrictModel):
         return next((m for m in self.monitors if m.namespace == namespace and m.name == name), None)
 
     @property
+    def qname_suffixes(self) -> frozenset[str]:
+        """Every monitor's qname suffixes: what the DNS tracker matches query names against."""
+        return frozenset(s for m in self.monitors for s in m.qname_suffixes)
+
+    @property
     def wants_rtt(self) -> bool:
         """Whether any monitor exports RTT: without one, the kernel's costliest hook can be detached."""
         return any(Metric.RTT in m.metrics for m in self.monitors)
+
+    @property
+    def wants_udp(self) -> bool:
+        """Whether any monitor exports a UDP metric: without one, bpf/udp.c stays detached."""
+        return any(not UDP_METRICS.isdisjoint(m.metrics) for m in self.monitors)
 
 
 def canonical_json(policy: AgentPolicy) -> str:
@@ -154,6 +172,7 @@ def compile_monitor(
         series_ttl_seconds=duration_seconds(spec.aggregation.series_ttl),
         histogram_buckets=spec.aggregation.histogram_buckets,
         isolation=spec.alerting.isolation,
+        qname_suffixes=spec.dns.qname_suffixes,
         token_sha256=sorted(set(token_hashes)),
     )
 

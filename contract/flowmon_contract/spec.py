@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field, model_validator
@@ -23,7 +23,8 @@ NamespaceName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-
 
 
 class Metric(StrEnum):
-    """Metric families a monitor may export (the allow-list); names map to flowmon_tcp_* metrics."""
+    """Metric families a monitor may export (the allow-list); names map to flowmon_tcp_* metrics, the
+    udp_* ones to flowmon_udp_* metrics."""
 
     SENT_BYTES = "sent_bytes"
     RECEIVED_BYTES = "received_bytes"
@@ -35,6 +36,17 @@ class Metric(StrEnum):
     RTT = "rtt"
     RETRANSMITS = "retransmits"
     RESETS = "resets"
+    UDP_SENT_BYTES = "udp_sent_bytes"
+    UDP_RECEIVED_BYTES = "udp_received_bytes"
+    UDP_SENT_DATAGRAMS = "udp_sent_datagrams"
+    UDP_RECEIVED_DATAGRAMS = "udp_received_datagrams"
+    DNS_REQUESTS = "dns_requests"
+    DNS_LATENCY = "dns_latency"
+
+
+UDP_METRICS = frozenset(m for m in Metric if m.startswith("udp_"))
+DNS_METRICS = frozenset({Metric.DNS_REQUESTS, Metric.DNS_LATENCY})
+DEFAULT_METRICS = tuple(m for m in Metric if m not in DNS_METRICS)
 
 
 class Dimension(StrEnum):
@@ -54,6 +66,7 @@ class Dimension(StrEnum):
     SERVER_ZONE = "server_zone"
     SERVER_PORT = "server_port"
     SERVICE = "service"
+    SERVER_DNS_NAME = "server_dns_name"
 
 
 DEFAULT_GROUP_BY = (
@@ -106,7 +119,15 @@ def _prefix_notation(value: object) -> object:
         return value
     if not isinstance(value, str) or not re.fullmatch(r"[0-9A-Fa-f:.]+/[0-9]{1,3}", value):
         raise ValueError(f"{value!r} is not a network in prefix notation like 203.0.113.0/24")
-    return value
+    try:
+        ip_network(value)  # strict: no host bits
+    except ValueError as exc:  # the CRD checks only the shape (no CEL IP library before 1.31): say why
+        try:
+            network = ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a valid network: {exc}") from None
+        raise ValueError(f"{value!r} has host bits set: the network is {network}") from None
+    return value  # a string still: strict JSON validation takes networks as strings only
 
 
 CIDR_MAX_LENGTH = 43  # an IPv6 address (39) plus /128
@@ -121,6 +142,35 @@ class NamedNetwork(StrictModel):
     cidr: Annotated[IPv4Network | IPv6Network, BeforeValidator(_prefix_notation)] = Field(
         description="The network in prefix notation, without host bits, e.g. 203.0.113.0/24."
     )
+
+
+MAX_QNAME_SUFFIXES = 16
+DnsSuffix = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$",
+    ),
+]
+
+
+class DnsSpec(StrictModel):
+    """DNS requests (flowmon_dns_*): query names are no label unless a suffix here opts in."""
+
+    qname_suffixes: list[DnsSuffix] = Field(
+        default_factory=list,
+        max_length=MAX_QNAME_SUFFIXES,
+        description="Domain suffixes (lower case, no trailing dot, e.g. payment-provider.example) that "
+        "add a qname_suffix label to the DNS metrics: the longest listed suffix a query name ends with, "
+        "`other` for the rest. Empty: no qname_suffix label.",
+    )
+
+    @model_validator(mode="after")
+    def _unique(self) -> DnsSpec:
+        if len(set(self.qname_suffixes)) != len(self.qname_suffixes):
+            raise ValueError("qnameSuffixes lists a suffix twice")
+        return self
 
 
 class Selection(StrictModel):
@@ -213,14 +263,16 @@ class FlowMonitorSpec(StrictModel):
 
     selection: Selection = Field(default_factory=Selection, description="Which flows the monitor sees.")
     metrics: list[Metric] = Field(
-        default_factory=lambda: list(Metric),
+        default_factory=lambda: list(DEFAULT_METRICS),
         min_length=1,
         max_length=len(Metric),
-        description="Metric families to export (allow-list); default all.",
+        description="Metric families to export (allow-list); default all TCP ones (dns_requests and "
+        "dns_latency are opt-in).",
     )
     aggregation: Aggregation = Field(default_factory=Aggregation, description="Grouping and cardinality.")
     scrape: Scrape = Field(default_factory=Scrape, description="Prometheus scrape settings.")
     alerting: AlertingSpec = Field(default_factory=AlertingSpec, description="Alert rules for this monitor.")
+    dns: DnsSpec = Field(default_factory=DnsSpec, description="DNS request metrics.")
 
     @model_validator(mode="after")
     def _unique_metrics(self) -> FlowMonitorSpec:

@@ -37,16 +37,17 @@ def kube_proxy_rules(services: Sequence[Service]) -> str:
     ]
     for svc in services:
         port_name = f"{svc.namespace}/{svc.name}:{svc.port_name}"
-        svc_chain = _chain("SVC", port_name + "tcp")
+        proto = svc.protocol
+        svc_chain = _chain("SVC", port_name + proto)
         chains.append(svc_chain)
         rules.append(
-            f"-A KUBE-SERVICES -d {svc.cluster_ip}/32 -p tcp -m comment --comment "
-            f'"{port_name} cluster IP" -m tcp --dport {svc.port} -j {svc_chain}'
+            f"-A KUBE-SERVICES -d {svc.cluster_ip}/32 -p {proto} -m comment --comment "
+            f'"{port_name} cluster IP" -m {proto} --dport {svc.port} -j {svc_chain}'
         )
         count = len(svc.endpoints)
         for i, pod in enumerate(svc.endpoints):
             endpoint = f"{pod.ip}:{svc.target_port}"
-            sep_chain = _chain("SEP", port_name + "tcp" + endpoint)
+            sep_chain = _chain("SEP", port_name + proto + endpoint)
             chains.append(sep_chain)
             # Rule i is reached only when rules 0..i-1 did not match: 1/(n-i) gives an even spread.
             statistic = (
@@ -59,7 +60,7 @@ def kube_proxy_rules(services: Sequence[Service]) -> str:
                 f'-A {sep_chain} -s {pod.ip}/32 -m comment --comment "{port_name}" -j KUBE-MARK-MASQ'
             )
             rules.append(
-                f'-A {sep_chain} -p tcp -m comment --comment "{port_name}" -m tcp '
+                f'-A {sep_chain} -p {proto} -m comment --comment "{port_name}" -m {proto} '
                 f"-j DNAT --to-destination {endpoint}"
             )
     lines = ["*nat", *(f":{c} - [0:0]" for c in chains), *rules, "COMMIT", ""]
@@ -176,7 +177,7 @@ def inventory_objects(plan: ClusterPlan) -> list[dict]:
                     "ports": [
                         {
                             "name": svc.port_name,
-                            "protocol": "TCP",
+                            "protocol": svc.protocol.upper(),
                             "port": svc.port,
                             "targetPort": svc.target_port,
                         }
@@ -206,7 +207,7 @@ def inventory_objects(plan: ClusterPlan) -> list[dict]:
                     }
                     for p in svc.endpoints
                 ],
-                "ports": [{"name": svc.port_name, "protocol": "TCP", "port": svc.target_port}],
+                "ports": [{"name": svc.port_name, "protocol": svc.protocol.upper(), "port": svc.target_port}],
             }
         )
     return objects

@@ -57,6 +57,7 @@ class ServiceSpec:
     port: int
     target_port: int
     port_name: str = "tcp"
+    protocol: str = "tcp"  # or "udp" (a DNS Service)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class Service:
     port_name: str
     selector: dict[str, str]
     endpoints: tuple[Pod, ...]
+    protocol: str = "tcp"
 
     @property
     def key(self) -> str:
@@ -198,6 +200,7 @@ def plan_cluster(spec: ClusterSpec, prefix: str) -> ClusterPlan:
                 port_name=svc.port_name,
                 selector=dict(svc.selector),
                 endpoints=endpoints,
+                protocol=svc.protocol,
             )
         )
     return ClusterPlan(

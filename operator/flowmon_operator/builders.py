@@ -17,9 +17,15 @@ import json
 import math
 from collections.abc import Mapping
 
-from flowmon_contract.metrics import METRICS, FamilyType
+from flowmon_contract.metrics import (
+    DNS_LATENCY_BUCKETS,
+    DNS_QTYPE_VALUES,
+    DNS_RCODE_VALUES,
+    METRICS,
+    FamilyType,
+)
 from flowmon_contract.policy import AgentPolicy, canonical_json, policy_hash
-from flowmon_contract.spec import Dimension, FlowMonitor
+from flowmon_contract.spec import DNS_METRICS, Dimension, FlowMonitor, Metric
 from flowmon_operator.labels import managed_labels, monitor_labels, owned_by
 from flowmon_operator.pki import KeyPair
 from flowmon_operator.rules import monitor_relabeling
@@ -436,6 +442,17 @@ def build_shared_objects(settings: OperatorSettings, policy: AgentPolicy) -> lis
 EXTRA_LABEL_VALUES = {"reason": 2, "direction": 2}
 
 
+def predicted_dns_series(metric: Metric, monitor: FlowMonitor, label_sets: int) -> int:
+    """DNS families: maxSeries label sets each (flowmon_agent.aggregation.dns_series), plus the rows past
+    the cap, whose groupBy labels fold into __overflow__ but keep rcode, qtype and qname_suffix."""
+    cap = monitor.spec.aggregation.max_series
+    if metric == Metric.DNS_LATENCY:
+        return (min(label_sets, cap) + 1) * (len(DNS_LATENCY_BUCKETS) + 3)
+    suffixes = len(monitor.spec.dns.qname_suffixes)
+    extra = DNS_RCODE_VALUES * DNS_QTYPE_VALUES * (suffixes + 1 if suffixes else 1)
+    return min(label_sets * extra, cap) + extra
+
+
 def predicted_series(monitor: FlowMonitor, *, cardinality: Mapping[Dimension, int] | None = None) -> int:
     """An upper bound of the samples one agent exports on this monitor's path (one scrape target).
 
@@ -459,6 +476,9 @@ def predicted_series(monitor: FlowMonitor, *, cardinality: Mapping[Dimension, in
     histogram_bounds = {"rtt": len(buckets.rtt), "connect_duration": len(buckets.connect_duration)}
     total = 0
     for metric in monitor.spec.metrics:
+        if metric in DNS_METRICS:
+            total += predicted_dns_series(metric, monitor, label_sets)
+            continue
         info = METRICS[metric]
         extra = EXTRA_LABEL_VALUES[info.extra_label] if info.extra_label else 1
         samples = histogram_bounds[metric] + 3 if info.type == FamilyType.HISTOGRAM else 1

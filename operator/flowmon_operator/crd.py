@@ -45,9 +45,10 @@ DNS_LABEL = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 class Condition(BaseModel):
     """A standard Kubernetes condition (metav1.Condition)."""
 
-    type: Literal["Ready", "PolicyApplied", "Degraded"] = Field(
+    type: Literal["Ready", "PolicyApplied", "Degraded", "Scraped"] = Field(
         description="Ready: the monitor's objects exist and its policy runs; PolicyApplied: every ready "
-        "agent runs the current policy; Degraded: something works only partly (see reason)."
+        "agent runs the current policy; Degraded: something works only partly (see reason); Scraped: a "
+        "Prometheus has read the monitor's path recently, as the agents saw it."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(
@@ -86,7 +87,9 @@ class FlowMonitorStatus(BaseModel):
         default=None, alias="observedGeneration", ge=0, description="The spec generation last reconciled."
     )
     conditions: list[Condition] = Field(
-        default_factory=list, max_length=8, description="Ready, PolicyApplied and Degraded, with reasons."
+        default_factory=list,
+        max_length=8,
+        description="Ready, PolicyApplied, Degraded, Scraped.",
     )
     agents: AgentCounts | None = Field(default=None, description="Agents running this monitor's policy.")
     predicted_series: int | None = Field(

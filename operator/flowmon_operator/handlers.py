@@ -3,9 +3,15 @@ registry.
 
 `make_registry(settings)` registers them; `operator(...)` runs the real kopf operator with that registry;
 `flowmon operator` calls it. At startup one RoundScheduler task starts (with the API client and the one
-HTTPS channel to the agents, kept in kopf's memo): create, update, resume and delete only ask it for a
-round and read that round's report for their monitor; it also runs the periodic full round, so there is
-no timer per monitor.
+HTTPS channel to the agents, kept in kopf's memo): create, update and resume only ask it for a round and
+read that round's report for their monitor; it also runs the periodic full round, so there is no timer
+per monitor.
+
+No deletion handler, hence no finalizer on FlowMonitors: a monitor's children are owned by it (garbage
+collection removes them) and a deleted monitor only asks for a round, which drops it from the policy. So
+deleting a monitor, its namespace, the CRD or the operator never waits for the operator. Monitors
+created by an earlier version carry kopf's finalizer FINALIZER; kopf removes it when it sees them,
+because no handler needs it any more.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from flowmon_operator.reconcile import Runtime
 from flowmon_operator.rounds import RoundScheduler
 from flowmon_operator.settings import OperatorSettings
 
-FINALIZER = f"{API_GROUP}/finalizer"
+FINALIZER = f"{API_GROUP}/finalizer"  # earlier versions' finalizer: kopf removes it (see above)
+log = logging.getLogger(__name__)
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
 
 
@@ -98,11 +105,15 @@ async def reconcile_monitor(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         raise kopf.TemporaryError(report.errors[key], delay=memo.config.timer_interval_seconds)
 
 
-async def delete_monitor(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A round without the monitor (the last one takes the shared objects along), then its children."""
-    meta = body["metadata"]
-    await _round_for(body, memo)
-    await reconcile.delete_children(memo.runtime, meta["namespace"], meta["name"])
+async def monitor_deleted(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A monitor is gone: a round without it (the last one takes the shared objects along). Its children
+    are the garbage collector's. Failures are the periodic round's to repair: nothing is retried here."""
+    if event.get("type") != "DELETED":
+        return
+    try:
+        await memo.rounds.request(reconcile.monitor_key(body))
+    except Exception as exc:  # the round failed for everyone; its loop logs and goes on
+        log.info("the round after deleting %s failed: %s", reconcile.monitor_key(body), exc)
 
 
 def make_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
@@ -113,7 +124,7 @@ def make_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
     kopf.on.cleanup(registry=registry)(cleanup)
     for cause in (kopf.on.create, kopf.on.update, kopf.on.resume):
         cause(*RESOURCE, registry=registry, backoff=backoff)(reconcile_monitor)
-    kopf.on.delete(*RESOURCE, registry=registry, backoff=backoff)(delete_monitor)
+    kopf.on.event(*RESOURCE, registry=registry)(monitor_deleted)
     return registry
 
 

@@ -1,5 +1,6 @@
 """The key material kept in the cluster: the operator's CA, the agents' serving certificate, the admin
-token, and each monitor's scrape token. Created once, then reused (agents and Prometheus trust them);
+token (each monitor's scrape token is derived from it: pki.derive_scrape_token). Created once, then
+reused (agents and Prometheus trust them); read by name in the operator's namespace only;
 the serving certificate is reissued only when `pki.needs_renewal` says so. With cert-manager, the
 operator applies a Certificate and trusts the issued Secret's ca.crt instead of keeping a CA.
 """
@@ -8,10 +9,9 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flowmon_contract.spec import FlowMonitor
 from flowmon_operator import builders, pki
 from flowmon_operator.kube import Conflict, KubeClient, NotFound
 from flowmon_operator.pki import KeyPair
@@ -105,16 +105,3 @@ async def ensure_identity(kube: KubeClient, s: OperatorSettings) -> Identity:
     else:
         ca, serving = await _own_pki(kube, s)
     return Identity(ca, serving, await _admin_token(kube, s))
-
-
-async def load_scrape_token(
-    kube: KubeClient, s: OperatorSettings, monitor: FlowMonitor, tokens: MutableMapping[str, str]
-) -> str:
-    """The monitor's scrape token: read once from its Secret (a restarted operator keeps Prometheus'
-    token), generated when there is none, then kept in `tokens` for the operator's life."""
-    if monitor.key not in tokens:
-        existing = await kube.get(
-            "Secret", builders.scrape_secret_name(s, monitor), monitor.metadata.namespace
-        )
-        tokens[monitor.key] = decode(existing, builders.SCRAPE_TOKEN_KEY) or pki.generate_token()
-    return tokens[monitor.key]

@@ -1,8 +1,9 @@
-"""How the operator marks what it owns: labels, label selectors and owner references.
+"""How the operator marks what it owns: labels and owner references.
 
 Every object the operator creates carries OWNER_LABELS; a monitor's objects also carry the monitor's
-namespace and name, by which the operator finds and deletes them (owner references cannot cross
-namespaces, so in the monitor's own namespace they are only a backup). Pure; imports only the contract.
+namespace and name (for people and tools: `kubectl get ... -l flowmon.io/monitor-name=web`). A monitor's
+children live in its namespace and are owned by it: the garbage collector removes them with it. Pure;
+imports only the contract.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ PART_OF_LABEL = "app.kubernetes.io/part-of"
 OWNER_LABELS = {MANAGED_BY_LABEL: MANAGED_BY, PART_OF_LABEL: "flowmon"}
 MONITOR_NAMESPACE_LABEL = "flowmon.io/monitor-namespace"
 MONITOR_NAME_LABEL = "flowmon.io/monitor-name"
-MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 
 
 def managed_labels(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -33,13 +33,14 @@ def monitor_labels(monitor: FlowMonitor, extra: Mapping[str, str] | None = None)
     }
 
 
-def monitor_selector(namespace: str, name: str) -> str:
-    """The label selector (list/delete) for one monitor's objects, in any namespace."""
-    return f"{MANAGED_SELECTOR},{MONITOR_NAMESPACE_LABEL}={namespace},{MONITOR_NAME_LABEL}={name}"
-
-
 def owner_reference(monitor: FlowMonitor) -> dict:
-    """The FlowMonitor as controller owner: garbage collection removes its same-namespace children."""
+    """The FlowMonitor as controller owner: garbage collection removes its same-namespace children.
+
+    No `blockOwnerDeletion`: it only makes a foreground deletion of the monitor wait for its children,
+    which nothing here needs, and under the OwnerReferencesPermissionEnforcement admission plugin
+    (OpenShift, hardened clusters) setting it requires `update` on `flowmonitors/finalizers` — a grant
+    that would also let the operator block any FlowMonitor's deletion. Background garbage collection
+    removes the children either way."""
     if not monitor.metadata.uid:
         raise ValueError(f"FlowMonitor {monitor.key} has no metadata.uid: it must come from the API server")
     return {
@@ -48,7 +49,6 @@ def owner_reference(monitor: FlowMonitor) -> dict:
         "name": monitor.metadata.name,
         "uid": monitor.metadata.uid,
         "controller": True,
-        "blockOwnerDeletion": True,
     }
 
 

@@ -6,7 +6,10 @@ fast to generate at operator start and accepted by Prometheus, Go and Python TLS
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
+import hmac
 import ipaddress
 import secrets
 from collections.abc import Iterable
@@ -114,6 +117,17 @@ def issue_serving_cert(
 def generate_token() -> str:
     """A bearer token with 256 bits of randomness, URL-safe (goes into Secrets and HTTP headers)."""
     return secrets.token_urlsafe(32)
+
+
+def derive_scrape_token(admin_token: str, monitor_key: str, uid: str) -> str:
+    """A monitor's scrape token: HMAC-SHA256 of the monitor's key and uid under the admin token, in the
+    format of generate_token. The same every round and after a restart, so the operator never reads a
+    scrape Secret back (it may not: no cluster-wide Secret reads). Whoever holds the admin token may read
+    every path anyway, so deriving from it grants nothing new; a new uid (the monitor recreated) or a new
+    admin token gives new tokens."""
+    message = f"flowmon.io/scrape-token/v1\n{monitor_key}\n{uid}".encode()
+    digest = hmac.new(admin_token.encode(), message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def cert_dns_names(cert_pem: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""Policy delivery to running agents: PUT /v1/policy over HTTPS, read back each agent's policy hash.
+"""Policy delivery to running agents: PUT /v1/policy over HTTPS, read back each agent's policy hash and
+how long ago each monitor's path was last scraped there (`scrapedSecondsAgo`, for the Scraped condition).
 
 Concurrent over all agent pods, each call bounded by a timeout. The agents' serving certificate carries
 the Service's DNS name, not pod IPs: connections go to the pod IP and verify that name (SNI + hostname).
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -36,6 +37,9 @@ class AgentReport:
     policy_hash: str | None = None
     pushed: bool = False
     error: str | None = None
+    # monitor key → seconds since a scraper last read its path on this agent (absent: never); None: the
+    # agent does not say (unknown, or a release before the Scraped condition)
+    scraped_seconds_ago: Mapping[str, float] | None = field(default=None, hash=False)
 
 
 def _pod_ready(pod: Mapping) -> bool:
@@ -116,6 +120,24 @@ class RefusedError(RuntimeError):
     """The agent answered, with an error status (401, 422...)."""
 
 
+@dataclass(frozen=True)
+class AgentAnswer:
+    policy_hash: str
+    scraped_seconds_ago: Mapping[str, float] | None
+
+
+def parse_answer(document: object) -> AgentAnswer:
+    """Pure: the agent's JSON answer to GET/PUT /v1/policy (an agent too old to report scrapes: none)."""
+    document = document if isinstance(document, dict) else {}
+    ages = document.get("scrapedSecondsAgo")
+    return AgentAnswer(
+        str(document.get("policyHash") or ""),
+        {str(k): float(v) for k, v in ages.items() if isinstance(v, int | float) and v >= 0}
+        if isinstance(ages, dict)
+        else None,
+    )
+
+
 _FAILURES = (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError, OSError)
 
 
@@ -126,8 +148,8 @@ async def _call(
     agent: AgentPod,
     method: str,
     body: str | None = None,
-) -> str:
-    """One request; the agent's policy hash, or an exception with a short reason."""
+) -> AgentAnswer:
+    """One request; the agent's answer, or an exception with a short reason."""
     headers = {"Authorization": f"Bearer {target.token}", "Content-Type": "application/json"}
     async with session.request(
         method,
@@ -141,8 +163,7 @@ async def _call(
         if response.status != 200:
             text = (await response.text())[:300]
             raise RefusedError(f"{method} {POLICY_PATH}: HTTP {response.status}: {text}")
-        document = await response.json(content_type=None)
-        return str(document.get("policyHash") or "")
+        return parse_answer(await response.json(content_type=None))
 
 
 async def _converge(
@@ -156,13 +177,13 @@ async def _converge(
 ) -> AgentReport:
     if not agent.ready:
         return AgentReport(agent.name, ready=False)
-    running = None
+    running: AgentAnswer | None = None
     try:
         running = None if force else await _call(session, target, context, agent, "GET")
-        if running == policy_hash:
-            return AgentReport(agent.name, ready=True, policy_hash=running)
+        if running is not None and running.policy_hash == policy_hash:
+            return _report(agent, running)
         running = await _call(session, target, context, agent, "PUT", policy_json)
-        return AgentReport(agent.name, ready=True, policy_hash=running, pushed=True)
+        return _report(agent, running, pushed=True)
     except _FAILURES as exc:
         error = f"{type(exc).__name__}: {exc}"[:300]
         refused = isinstance(exc, RefusedError)
@@ -171,7 +192,15 @@ async def _converge(
             running = await _call(session, target, context, agent, "GET")
         except _FAILURES:
             running = None
-    return AgentReport(agent.name, ready=True, policy_hash=running, error=error)
+    if running is None:
+        return AgentReport(agent.name, ready=True, error=error)
+    return _report(agent, running, error=error)
+
+
+def _report(
+    agent: AgentPod, answer: AgentAnswer, *, pushed: bool = False, error: str | None = None
+) -> AgentReport:
+    return AgentReport(agent.name, True, answer.policy_hash, pushed, error, answer.scraped_seconds_ago)
 
 
 class AgentChannel:

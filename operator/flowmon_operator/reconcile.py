@@ -2,10 +2,14 @@
 policy brought to every agent once, every monitor's status written.
 
 Rounds never overlap: flowmon_operator.rounds runs them one at a time, for the monitors kopf reported
-(create, update, resume, delete) or periodically for the whole cluster (drift, agents that missed a
+(create, update, resume, deleted) or periodically for the whole cluster (drift, agents that missed a
 push). Each round recomputes from the API (level-triggered). A problem of one monitor (an invalid spec,
 a child or status the API refuses) goes into that monitor's status and the round's report, and never
 stops the other monitors.
+
+FlowMonitors carry no finalizer: a monitor's children live in its namespace and are owned by it, so the
+garbage collector removes them; the next round drops it from the policy (and, with the last monitor,
+deletes the shared objects). Nothing waits for the operator, so an uninstall never hangs.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ from flowmon_contract.policy import AgentPolicy, MonitorPolicy, canonical_json
 from flowmon_contract.spec import FlowMonitor
 from flowmon_operator import builders, rules
 from flowmon_operator.desired import DesiredState, KeyMaterial, MonitorObjects, desired_objects
-from flowmon_operator.keys import Identity, WaitingForCertificate, ensure_identity, load_scrape_token
+from flowmon_operator.keys import Identity, WaitingForCertificate, ensure_identity
 from flowmon_operator.kube import KubeClient, KubeError, NotFound, load_connection
-from flowmon_operator.labels import monitor_selector
+from flowmon_operator.pki import derive_scrape_token
 from flowmon_operator.push import AgentChannel, AgentPod, AgentReport, PushTarget, agent_nodes, agent_pods
 from flowmon_operator.settings import OperatorSettings
 from flowmon_operator.status import (
     count_agents,
     invalid_status,
+    last_scraped,
     running_status,
     runs_monitor,
     status_changed,
@@ -39,10 +44,9 @@ from flowmon_operator.status import (
 
 log = logging.getLogger(__name__)
 FLOWMONITOR = "FlowMonitor"
-CHILD_KINDS = ("ServiceMonitor", "PrometheusRule", "Secret")
 APPLY_CONCURRENCY = 8  # monitors whose children are applied at once (the API server works in parallel)
 
-__all__ = ["RoundReport", "Runtime", "WaitingForCertificate", "delete_children", "run_round"]
+__all__ = ["RoundReport", "Runtime", "WaitingForCertificate", "run_round"]
 
 
 @dataclass
@@ -54,7 +58,7 @@ class Runtime:
     kube: KubeClient
     agents: AgentChannel
     namespaces: tuple[str, ...] = ()  # empty: every namespace
-    tokens: dict[str, str] = field(default_factory=dict)  # monitor key → scrape token
+    applied: set[str] = field(default_factory=set)  # monitors whose children a round applied
     policies: dict[str, AgentPolicy] = field(default_factory=dict)  # recent policies by hash
     notes: dict[str, list[str]] = field(default_factory=dict)  # monitor key → children that cannot exist
 
@@ -165,19 +169,16 @@ async def apply_children(rt: Runtime, children: MonitorObjects) -> list[str]:
     return notes
 
 
-async def delete_children(rt: Runtime, namespace: str, name: str) -> int:
-    """Everything labelled as this monitor's, in its namespace (owner references are only a backup)."""
-    deleted = 0
-    for kind in CHILD_KINDS:
-        try:
-            children = await rt.kube.list(kind, namespace, monitor_selector(namespace, name))
-        except NotFound:  # the kind's CRD is not installed
-            continue
-        for child in children:
-            deleted += await rt.kube.delete(kind, child["metadata"]["name"], namespace)
-    rt.tokens.pop(f"{namespace}/{name}", None)
-    rt.notes.pop(f"{namespace}/{name}", None)
-    return deleted
+async def operator_namespace_ending(rt: Runtime) -> bool:
+    """Whether the operator's namespace is gone or being deleted (an uninstall): then the round writes
+    nothing there. The API refuses creates in a terminating namespace, and re-creating what the namespace
+    controller has just removed would fight it. A refused read counts as not ending (older RBAC)."""
+    try:
+        namespace = await rt.kube.get("Namespace", rt.settings.operator_namespace)
+    except KubeError as exc:
+        log.debug("cannot read the operator's namespace: %s", exc)
+        return False
+    return namespace is None or bool(namespace["metadata"].get("deletionTimestamp"))
 
 
 async def delete_shared(rt: Runtime) -> None:
@@ -245,6 +246,10 @@ async def run_round(rt: Runtime, requested: Collection[str] = (), *, full: bool 
     s = rt.settings
     live = await list_monitors(rt)
     valid, problems = _validate(live)
+    _forget_gone(rt, live)
+    if await operator_namespace_ending(rt):
+        log.info("namespace %s is being deleted: this round writes nothing", s.operator_namespace)
+        return RoundReport(None, None, problems, {})
     running = await running_policy(rt)
     if not valid and not _carried(running, problems):
         await delete_shared(rt)
@@ -256,23 +261,17 @@ async def run_round(rt: Runtime, requested: Collection[str] = (), *, full: bool 
         await _write_waiting(rt, live, problems, exc)
         raise
     errors: dict[str, str] = {}
-    to_apply = [key for key in valid if full or key in requested or key not in rt.tokens]
-    for key in to_apply:
-        try:
-            await load_scrape_token(rt.kube, s, valid[key], rt.tokens)
-        except KubeError as exc:  # without its token the monitor cannot be compiled: it keeps its last policy
-            errors[key] = f"reading its scrape Secret: {_short(exc)}"
-            del valid[key]
+    to_apply = [key for key in valid if full or key in requested or key not in rt.applied]
+    tokens = {
+        key: derive_scrape_token(identity.admin_token, key, monitor.metadata.uid or "")
+        for key, monitor in valid.items()
+    }
     agents = await list_agents(rt)
-    keys = KeyMaterial(identity.ca, identity.serving_cert, identity.admin_token, rt.tokens)
+    keys = KeyMaterial(identity.ca, identity.serving_cert, identity.admin_token, tokens)
     state = desired_objects(
-        valid.values(),
-        s,
-        keys,
-        agent_nodes=agent_nodes(agents.pods),
-        carried=_carried(running, [*problems, *errors]),
+        valid.values(), s, keys, agent_nodes=agent_nodes(agents.pods), carried=_carried(running, problems)
     )
-    if state is None:  # every valid monitor's token was unreadable and nothing runs yet: nothing to do
+    if state is None:  # not reached: a valid or a carried monitor exists (checked above)
         return RoundReport(None, None, problems, errors)
     for obj in state.shared:
         await rt.kube.apply(obj)
@@ -284,9 +283,19 @@ async def run_round(rt: Runtime, requested: Collection[str] = (), *, full: bool 
         remember(rt.policies, known)
     fleet = await push_to_agents(rt, policy, identity, agents, force=changed)
     # Children after the push: the agents need none of them, and at start there are many to apply.
-    applied = await _apply_monitors(rt, state, [k for k in to_apply if k in valid], errors)
+    applied = await _apply_monitors(rt, state, to_apply, errors)
+    rt.applied |= applied
     errors |= await _write_statuses(rt, live, problems, valid, policy, fleet, applied)
     return RoundReport(policy, fleet, problems, errors)
+
+
+def _forget_gone(rt: Runtime, live: list[dict]) -> None:
+    """What the runtime remembers of monitors that no longer exist (deleted: garbage collection took
+    their children)."""
+    keys = {monitor_key(body) for body in live}
+    rt.applied &= keys
+    for key in set(rt.notes) - keys:
+        del rt.notes[key]
 
 
 async def _apply_monitors(
@@ -366,6 +375,9 @@ async def _write_statuses(
                 previous,
                 generation=generation,
                 agents=count_agents(fleet.reports, fleet.desired, runs_monitor(policy, key, rt.policies)),
+                scraped=last_scraped(fleet.reports, key),
+                scrape_interval=valid[key].spec.scrape.interval,
+                service_monitor=builders.service_monitor_name(rt.settings, valid[key]),
                 policy_hash=policy.hash,
                 predicted_series=builders.predicted_series(valid[key]),
                 now=now,

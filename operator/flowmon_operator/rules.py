@@ -16,6 +16,7 @@ from flowmon_contract.alerting import DAY_SECONDS, AlertingSpec
 from flowmon_contract.metrics import METRICS
 from flowmon_contract.model_base import duration_seconds
 from flowmon_contract.spec import Dimension, FlowMonitor, Metric
+from flowmon_operator.dns_rules import DNS_ALERT_NAMES, DNS_SEVERITY, dns_rules
 from flowmon_operator.labels import monitor_labels, owned_by
 
 MONITOR_LABEL = "flowmon_monitor"
@@ -40,6 +41,7 @@ ALERT_NAMES = (
     "FlowmonConnectFailuresHigh",
     "FlowmonRTTHigh",
     "FlowmonResetsHigh",
+    *DNS_ALERT_NAMES,
 )
 
 EVALUATION_INTERVAL = "1m"
@@ -57,6 +59,7 @@ SEVERITY = {
     "FlowmonConnectFailuresHigh": "warning",
     "FlowmonRTTHigh": "warning",
     "FlowmonResetsHigh": "warning",
+    **DNS_SEVERITY,
 }
 
 
@@ -414,6 +417,8 @@ def rule_groups(monitor: FlowMonitor) -> list[dict]:
         add(_rtt(ctx))
     if ctx.has(Metric.RESETS):
         add(_resets(ctx))
+    client_text = _pair_text(ctx.pair).split(" → ")[0]
+    add(dns_rules(ctx, _alert, _pair_text(ctx.pair), client_text))
     prefix = f"flowmon.{monitor.metadata.namespace}.{monitor.metadata.name}"
     groups = [
         {"name": f"{prefix}.records", "interval": EVALUATION_INTERVAL, "rules": records},

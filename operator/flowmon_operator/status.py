@@ -2,7 +2,8 @@
 
 Conditions (types and their meaning are defined with the CRD's status model, flowmon_operator.crd):
 Ready (objects exist and the policy runs), PolicyApplied (every ready agent runs the current policy),
-Degraded (something works only partly). lastTransitionTime changes only when a condition's status does.
+Degraded (something works only partly), Scraped (a Prometheus reads the monitor's path, as the agents
+saw it). lastTransitionTime changes only when a condition's status does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from flowmon_contract.model_base import duration_seconds
 from flowmon_contract.policy import AgentPolicy
 from flowmon_operator.crd import FlowMonitorStatus, agent_counts
 from flowmon_operator.push import AgentReport
@@ -57,12 +59,49 @@ def count_agents(reports: Iterable[AgentReport], desired: int, runs: Callable[[s
     )
 
 
+@dataclass(frozen=True)
+class Scrapes:
+    """What the ready agents that answered say about one monitor's path."""
+
+    answered: int  # ready agents that told the operator this round
+    seconds_ago: float | None  # since the most recent scrape on any of them; None: never (since they started)
+
+
+def last_scraped(reports: Iterable[AgentReport], key: str) -> Scrapes:
+    answered = [r.scraped_seconds_ago for r in reports if r.ready and r.scraped_seconds_ago is not None]
+    ages = [seen[key] for seen in answered if key in seen]
+    return Scrapes(len(answered), min(ages) if ages else None)
+
+
+STALE_SCRAPES = 4  # a path not scraped for this many intervals (and at least two minutes) is not scraped
+
+
+def scrape_condition(scrapes: Scrapes, interval: str, service_monitor: str) -> tuple[bool, str, str] | None:
+    """The Scraped condition; None when no agent answered (nothing new is known: it stays as it was).
+    Messages do not carry times, so a steady state writes nothing."""
+    if scrapes.answered == 0:
+        return None
+    window = max(120, round(STALE_SCRAPES * duration_seconds(interval)))
+    if scrapes.seconds_ago is not None and scrapes.seconds_ago <= window:
+        return True, "Scraped", f"a Prometheus scraped this monitor's path within the last {window}s"
+    hint = (
+        f"check that a Prometheus selects ServiceMonitor {service_monitor} (its labels come from "
+        "spec.scrape.serviceMonitorLabels; the Prometheus' serviceMonitorNamespaceSelector must include "
+        "this namespace) and may discover the agents' endpoints in the operator's namespace "
+        "(manifests/prometheus-discovery; docs/operator.md, Prometheus)"
+    )
+    if scrapes.seconds_ago is None:
+        return False, "NotScraped", f"no Prometheus has scraped this monitor on any agent yet: {hint}"
+    return False, "ScrapesStopped", f"no Prometheus has scraped this monitor for over {window}s: {hint}"
+
+
 def validation_message(exc: ValidationError, prefix: str = "") -> str:
     """Each error as `field.path: message`, e.g. `spec.aggregation.maxSeries: Input should be ...`."""
     lines = []
     for error in exc.errors():
         path = ".".join(str(p) for p in (*((prefix,) if prefix else ()), *error["loc"]))
-        lines.append(f"{path}: {error['msg']}" if path else error["msg"])
+        message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own checks
+        lines.append(f"{path}: {message}" if path else message)
     return "; ".join(lines)
 
 
@@ -90,7 +129,7 @@ def set_condition(
     if generation is not None:
         condition["observedGeneration"] = generation
     kept = [dict(c) for c in conditions if c.get("type") != type_]
-    order = {"Ready": 0, "PolicyApplied": 1, "Degraded": 2}
+    order = {"Ready": 0, "PolicyApplied": 1, "Degraded": 2, "Scraped": 3}
     return sorted([*kept, condition], key=lambda c: order.get(c["type"], 9))
 
 
@@ -109,10 +148,14 @@ def running_status(
     now: str,
     notes: Sequence[str] = (),
     start_failures: Sequence[str] = (),
+    scraped: Scrapes | None = None,
+    scrape_interval: str = "15s",
+    service_monitor: str = "",
 ) -> dict:
     """Status of a valid monitor whose policy has been compiled and pushed; `notes` are children that
-    could not be created (e.g. the Prometheus Operator CRDs are missing), `start_failures` why agents do
-    not start (push.start_failure: the agent's one-line cause from its termination message)."""
+        could not be created (e.g. the Prometheus Operator CRDs are missing), `start_failures` why agents do
+        not start (push.start_failure: the agent's one-line cause from its termination message), `scraped`
+    what the agents saw of Prometheus scraping the monitor's path."""
     why = "; ".join(start_failures)[:1500]  # a condition's message stays readable in `kubectl get -o wide`
     short = policy_hash[:12]
     counts = f"{agents.in_sync} of {agents.ready} ready agents ({agents.desired} desired) run policy {short}"
@@ -144,10 +187,12 @@ def running_status(
     else:
         degraded = (False, "AsExpected", counts)
     conditions = list(previous.get("conditions") or [])
+    scrape = scrape_condition(scraped, scrape_interval, service_monitor) if scraped is not None else None
     for type_, (value, reason, message) in (
         ("Ready", ready),
         ("PolicyApplied", applied),
         ("Degraded", degraded),
+        *((("Scraped", scrape),) if scrape is not None else ()),
     ):
         conditions = set_condition(conditions, type_, value, reason, message, now=now, generation=generation)
     status = {

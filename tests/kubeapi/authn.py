@@ -62,6 +62,10 @@ class Tokens:
         with self._lock:
             return token in self._known
 
+    def identity(self, token: str) -> Identity | None:
+        with self._lock:
+            return self._known.get(token)
+
     def review(self, body: Mapping) -> dict:
         """A TokenReview request body → the TokenReview the API server answers (201)."""
         if body.get("kind") != "TokenReview" or body.get("apiVersion") != "authentication.k8s.io/v1":

@@ -8,7 +8,7 @@ import json
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,15 @@ import yaml
 from aiohttp import web
 
 from tests.tls_samples import make_pki
+from tests.waiting import WAIT, wait_for
 
+from . import paging
+from .admission import OWNER_REFERENCES_PERMISSION_ENFORCEMENT, PLUGINS, owner_references_enforcement
 from .authn import DISCOVERY as TOKENREVIEW_DISCOVERY
-from .authn import TOKENREVIEW_PATH, Tokens
+from .authn import TOKENREVIEW_PATH, Identity, Tokens
+from .rbac import MASTERS, forbidden_message, resource_request
 from .resources import CRD_TYPE, ResourceType, crd_body
-from .store import BOOKMARK, CLOSE_DROP, CLOSE_END, CLOSE_EXPIRED, ApiError, Store, Watcher
+from .store import APPLY_PATCH, BOOKMARK, CLOSE_DROP, CLOSE_END, CLOSE_EXPIRED, ApiError, Store, Watcher
 
 SERVER_VERSION = {
     "major": "1",
@@ -34,6 +38,8 @@ SERVER_VERSION = {
     "platform": "linux/amd64",
 }
 TRUE = ("true", "1", "t")  # lower-cased; as Go's strconv.ParseBool (clients send True, true, 1)
+IDENTITY = web.RequestKey("identity", Identity)
+ADMIN = Identity("kubeapi-admin", "kubeapi-admin", (MASTERS, "system:authenticated"), ())
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -81,8 +87,17 @@ class KubeAPI:
         host="127.0.0.1",
         ssl_context: ssl.SSLContext | None = None,  # HTTPS, as clients in pods expect (tests/kubelet)
         tls_dir: Path | None = None,  # or HTTPS with a throwaway CA made there (`self.pki`)
+        admission_plugins: Iterable[str] = (),  # as --enable-admission-plugins (admission.PLUGINS)
+        continue_ttl: float = 300.0,  # seconds a list's continue token stays valid (etcd's compaction)
+        clock: Callable[[], float] = time.monotonic,  # for continue tokens' age
     ):
         self.store = store or Store()
+        unknown = set(admission_plugins) - PLUGINS
+        if unknown:
+            raise ValueError(f"unknown admission plugins: {sorted(unknown)}")
+        self.admission_plugins = set(admission_plugins)  # may change while running
+        self.continue_ttl, self.clock = continue_ttl, clock
+        self.request_hooks: list[Callable[[str, str], None]] = []  # see on_request()
         self.ssl_context = ssl_context
         self.token = token
         self.host = host
@@ -157,8 +172,9 @@ class KubeAPI:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
-    def kubeconfig(self, path: Path | str, namespace: str = "default") -> Path:
-        """Write a kubeconfig for this server (token auth; its CA when on HTTPS) and return its path."""
+    def kubeconfig(self, path: Path | str, namespace: str = "default", token: str | None = None) -> Path:
+        """Write a kubeconfig for this server (token auth: the admin's, or `token`, e.g. a ServiceAccount's;
+        its CA when on HTTPS) and return its path."""
         path = Path(path)
         cluster = {"server": self.url}
         if self.pki is not None:
@@ -167,7 +183,7 @@ class KubeAPI:
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "kubeapi", "cluster": cluster}],
-            "users": [{"name": "kubeapi", "user": {"token": self.token}}],
+            "users": [{"name": "kubeapi", "user": {"token": token or self.token}}],
             "contexts": [
                 {
                     "name": "kubeapi",
@@ -234,6 +250,15 @@ class KubeAPI:
         """Forget the watch history: resuming a watch from an older resourceVersion answers 410 Gone."""
         return self.store.compact()
 
+    def pause_namespace_controller(self, paused: bool = True) -> None:
+        """Paused, a deleted namespace stays Terminating with its content (as a real one does for a while:
+        its controller is asynchronous) until `finalize_namespaces()`; e.g. for `kubectl delete -k`, which
+        deletes a namespace and then the objects in it."""
+        self.store.namespace_controller = not paused
+
+    def finalize_namespaces(self) -> None:
+        self.store.finalize_namespaces()
+
     def expire_watches(self) -> int:
         """Compact and end every open watch stream with an ERROR 410 event; returns how many."""
         self.store.compact()
@@ -247,7 +272,7 @@ class KubeAPI:
         """End every open watch stream normally, as when its timeoutSeconds is over; returns how many."""
         return self.store.close_watches(CLOSE_END)
 
-    def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = WAIT, interval: float = 0.05) -> Any:
         return wait_for(predicate, timeout, interval)
 
     def deny(self, method: str, path_prefix: str, message: str) -> None:
@@ -255,10 +280,24 @@ class KubeAPI:
         self.denials.append((method, path_prefix, message))
 
     # ---- HTTP --------------------------------------------------------------------------------------------
+    def on_request(self, hook: Callable[[str, str], None]) -> None:
+        """Call hook(method, path_qs) before serving each request, in the server's thread: to make
+        something happen at an exact point of a client's sequence (e.g. `compact()` before a continue)."""
+        self.request_hooks.append(hook)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path_qs))
-        if self.token and not self._authenticated(request.headers.get("Authorization", "")):
+        for hook in list(self.request_hooks):
+            hook(request.method, request.path_qs)
+        identity = self._identity(request.headers.get("Authorization", ""))
+        if identity is None:
             return _error(ApiError(401, "Unauthorized", "Unauthorized"))
+        parts = [p for p in request.path.split("/") if p]
+        access = resource_request(request.method, parts, request.query, identity.username, identity.groups)
+        if access is not None and not self.store.policy().allows(access):
+            details = {"name": access.name or "", "group": access.api_group, "kind": access.resource}
+            return _error(ApiError(403, "Forbidden", forbidden_message(access), details))
+        request[IDENTITY] = identity
         for method, prefix, message in self.denials:
             if request.method == method and request.path.startswith(prefix):
                 return _error(ApiError(403, "Forbidden", f"admission webhook denied the request: {message}"))
@@ -269,9 +308,12 @@ class KubeAPI:
         except (ValueError, json.JSONDecodeError) as exc:
             return _error(ApiError(400, "BadRequest", str(exc)))
 
-    def _authenticated(self, header: str) -> bool:
+    def _identity(self, header: str) -> Identity | None:
+        """Who the bearer token is: the harness's own token is a cluster admin (system:masters)."""
         scheme, _, token = header.partition(" ")
-        return scheme == "Bearer" and (token == self.token or self.tokens.known(token))
+        if not self.token or (scheme == "Bearer" and token == self.token):
+            return ADMIN
+        return self.tokens.identity(token) if scheme == "Bearer" else None
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
@@ -352,7 +394,10 @@ class KubeAPI:
             if request.method == "POST":
                 if rtype.namespaced and not route.namespace:
                     raise ApiError(404, "NotFound", "the server could not find the requested resource")
-                return _json(store.create(rtype, route.namespace, await request.json()), 201)
+                manager = q.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0]
+                body = await request.json()
+                with self._admission(request):
+                    return _json(store.create(rtype, route.namespace, body, manager), 201)
             if request.method == "DELETE":
                 items, rv = store.list(rtype, route.namespace, q.get("labelSelector"), q.get("fieldSelector"))
                 for item in items:
@@ -364,13 +409,24 @@ class KubeAPI:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if request.method == "GET":
             return _json(store.get(rtype, route.namespace, route.name))
+        manager = q.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0]
         if request.method == "PUT":
-            return _json(store.replace(rtype, route.namespace, route.name, await request.json(), route.sub))
+            body = await request.json()
+            with self._admission(request):
+                return _json(store.replace(rtype, route.namespace, route.name, body, route.sub, manager))
         if request.method == "PATCH":
             content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+            if content_type == APPLY_PATCH and not q.get("fieldManager"):
+                raise ApiError(400, "BadRequest", "fieldManager is required for apply requests")
             raw = await request.text()
             body = json.loads(raw) if raw.lstrip().startswith(("{", "[")) else yaml.safe_load(raw)
-            return _json(store.patch(rtype, route.namespace, route.name, content_type, body, route.sub))
+            force = q.get("force", "").lower() in TRUE
+            with store.lock, self._admission(request):
+                existed = store.exists(rtype, route.namespace, route.name)
+                patched = store.patch(
+                    rtype, route.namespace, route.name, content_type, body, route.sub, manager, force
+                )
+            return _json(patched, 200 if existed else 201)  # an apply that creates answers 201
         if request.method == "DELETE":
             raw = await request.text()
             options = json.loads(raw) if raw.strip() else {}
@@ -380,22 +436,29 @@ class KubeAPI:
             )
         raise ApiError(405, "MethodNotAllowed", f"{request.method} is not allowed here")
 
-    @staticmethod
-    def _list_body(rtype: ResourceType, items: list[dict], rv: int, q: Mapping) -> dict:
-        """Paged with limit/continue (the continue token is an offset)."""
-        start = int(q.get("continue") or 0)
-        limit = int(q.get("limit") or 0)
-        page = items[start : start + limit] if limit else items[start:]
-        more = bool(limit) and start + limit < len(items)
-        metadata: dict = {"resourceVersion": str(rv)}
-        if more:
-            metadata["continue"] = str(start + limit)
-            metadata["remainingItemCount"] = len(items) - start - limit
+    @contextlib.contextmanager
+    def _admission(self, request: web.Request) -> Iterator[None]:
+        """The enabled admission plugins, as the request's user, around one (synchronous) store write."""
+        if OWNER_REFERENCES_PERMISSION_ENFORCEMENT not in self.admission_plugins:
+            yield
+            return
+        identity: Identity = request[IDENTITY]
+        admit = owner_references_enforcement(
+            identity.username, identity.groups, self.store.policy, self.store.type_for
+        )
+        with self.store.admitting(admit):
+            yield
+
+    def _list_body(self, rtype: ResourceType, items: list[dict], rv: int, q: Mapping) -> dict:
+        """Paged with limit/continue (paging.py): expired tokens answer 410."""
+        chunk, metadata = paging.page(
+            items, rv, q, now=self.clock(), compacted_rv=self.store.compacted_rv, ttl=self.continue_ttl
+        )
         return {
             "kind": f"{rtype.kind}List",
             "apiVersion": rtype.api_version,
             "metadata": metadata,
-            "items": page,
+            "items": chunk,
         }
 
     async def _watch(self, request: web.Request, route: _Route) -> web.StreamResponse:
@@ -463,15 +526,3 @@ class KubeAPI:
             "type": "BOOKMARK",
             "object": {"kind": rtype.kind, "apiVersion": rtype.api_version, "metadata": metadata},
         }
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll until predicate() is truthy; return its value or raise AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
-        time.sleep(interval)

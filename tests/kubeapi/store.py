@@ -7,6 +7,7 @@ Watchers live on an event loop and are fed through `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime
 import secrets
@@ -17,33 +18,27 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .apply import ApplyConflict, dotted, record_update
+from .apply import apply as apply_config
+from .errors import ApiError
+from .lifecycle import (
+    CRD_FINALIZER,
+    FOREGROUND,
+    NAMESPACE_FINALIZER,
+    Controllers,
+    blocked,
+    qualified,
+    terminating_namespace_error,
+)
 from .patching import PatchError, fields_match, json_patch, labels_match, merge_patch
+from .rbac import BOOTSTRAP_CLUSTER_ROLES, Policy
 from .resources import BUILTIN, CRD_TYPE, NAMESPACE_TYPE, ResourceType, types_from_crd
 
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"  # served as a merge patch (lists replaced)
 JSON_PATCH = "application/json-patch+json"
-APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply: create or merge, no field pruning
-
-
-class ApiError(Exception):
-    """An error the API answers with a `Status` object."""
-
-    def __init__(self, code: int, reason: str, message: str, details: Mapping | None = None):
-        super().__init__(message)
-        self.code, self.reason, self.message, self.details = code, reason, message, dict(details or {})
-
-    def status(self) -> dict:
-        return {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": self.message,
-            "reason": self.reason,
-            "details": self.details,
-            "code": self.code,
-        }
+APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply with field ownership (apply.py)
+HARNESS = "kubeapi-harness"  # the field manager of writes the test code makes directly
 
 
 def _not_found(rtype: ResourceType, name: str) -> ApiError:
@@ -54,6 +49,13 @@ def _not_found(rtype: ResourceType, name: str) -> ApiError:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _without_times(obj: Mapping) -> dict:
+    """For no-op detection: a write that changes nothing but managedFields times changes nothing."""
+    managed = obj["metadata"].get("managedFields") or []
+    entries = [{k: v for k, v in e.items() if k != "time"} for e in managed]
+    return {**obj, "metadata": {**obj["metadata"], "managedFields": entries}}
 
 
 def _key(obj: Mapping) -> tuple[str, str]:
@@ -118,7 +120,7 @@ class Watcher:
 
 
 @dataclass
-class Store:
+class Store(Controllers):
     types: dict[tuple[str, str, str], ResourceType] = field(default_factory=dict)
     objects: dict[tuple[str, str], dict[tuple[str, str], dict]] = field(default_factory=dict)
     rv: int = 1
@@ -126,12 +128,32 @@ class Store:
     compacted_rv: int = 0
     watchers: set[Watcher] = field(default_factory=set)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # Admission for the request the current thread serves (the HTTP server sets it; see `admitting`).
+    request: threading.local = field(default_factory=threading.local)
 
     def __post_init__(self) -> None:
         for rtype in BUILTIN:
             self._register(rtype)
         for name in ("default", "kube-system", "kube-public"):
             self.create(NAMESPACE_TYPE, None, {"metadata": {"name": name}})
+        cluster_roles = self.type_for("rbac.authorization.k8s.io/v1", "ClusterRole")
+        for role in BOOTSTRAP_CLUSTER_ROLES:
+            self.create(cluster_roles, None, role)
+
+    # ---- RBAC -------------------------------------------------------------------------------------------
+    def policy(self) -> Policy:
+        """The RBAC objects now (the authorizer reads them on every request, as the real one's caches)."""
+        with self.lock:
+
+            def objects(plural: str) -> dict[tuple[str, str], dict]:
+                return self._objects(self.resource("rbac.authorization.k8s.io", "v1", plural))
+
+            return Policy(
+                cluster_roles={name: obj for (_, name), obj in objects("clusterroles").items()},
+                roles=dict(objects("roles")),
+                cluster_role_bindings=list(objects("clusterrolebindings").values()),
+                role_bindings=list(objects("rolebindings").values()),
+            )
 
     # ---- resource types -------------------------------------------------------------------------------
     def _register(self, rtype: ResourceType) -> None:
@@ -272,7 +294,14 @@ class Store:
         self.rv += 1
         return str(self.rv)
 
-    def create(self, rtype: ResourceType, namespace: str | None, body: Mapping) -> dict:
+    def create(
+        self,
+        rtype: ResourceType,
+        namespace: str | None,
+        body: Mapping,
+        manager: str = HARNESS,
+        managed_fields: list[dict] | None = None,  # an apply that creates: its own managedFields
+    ) -> dict:
         with self.lock:
             obj = copy.deepcopy(dict(body))
             meta = obj.setdefault("metadata", {})
@@ -293,11 +322,12 @@ class Store:
                     raise ApiError(422, "Invalid", "name or generateName is required")
                 alphabet = string.ascii_lowercase + string.digits
                 meta["name"] = prefix + "".join(secrets.choice(alphabet) for _ in range(5))
+            self._admit_create(rtype, namespace, meta["name"])
             if _key(obj) in self._objects(rtype):
                 raise ApiError(
                     409,
                     "AlreadyExists",
-                    f'{rtype.plural} "{meta["name"]}" already exists',
+                    f'{qualified(rtype)} "{meta["name"]}" already exists',
                     {"name": meta["name"], "kind": rtype.plural},
                 )
             obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
@@ -306,15 +336,51 @@ class Store:
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
             if rtype.custom and rtype.has_status:
                 obj.pop("status", None)  # custom resources get status only through the subresource
+            meta["managedFields"] = (
+                managed_fields
+                if managed_fields is not None
+                else record_update(None, obj, manager, rtype.api_version, _now(), not rtype.custom)
+            )
             if rtype is NAMESPACE_TYPE:
                 obj.setdefault("status", {})["phase"] = "Active"
+                obj.setdefault("spec", {}).setdefault("finalizers", [NAMESPACE_FINALIZER])
+            if rtype.key == CRD_TYPE.key and CRD_FINALIZER not in (meta.get("finalizers") or []):
+                meta["finalizers"] = [*(meta.get("finalizers") or []), CRD_FINALIZER]
+            self._admit(rtype, None, obj)
             meta["resourceVersion"] = self._bump()
             if rtype.key == CRD_TYPE.key:
                 obj = self._establish_crd(obj)
             self._objects(rtype)[_key(obj)] = obj
             self._emit("ADDED", rtype, obj)
-            self._collect_garbage()
+            self._controllers(rtype)
             return copy.deepcopy(obj)
+
+    @contextlib.contextmanager
+    def admitting(self, admit: Callable[[ResourceType, dict | None, dict], None]) -> Iterator[None]:
+        """Writes this thread makes meanwhile pass `admit(rtype, old, new)` first (None old: a create); it
+        raises ApiError to refuse, like a validating admission plugin."""
+        self.request.admit = admit
+        try:
+            yield
+        finally:
+            self.request.admit = None
+
+    def _admit(self, rtype: ResourceType, old: dict | None, new: dict) -> None:
+        admit = getattr(self.request, "admit", None)
+        if admit is not None:
+            admit(rtype, old, new)
+
+    def _admit_create(self, rtype: ResourceType, namespace: str | None, name: str) -> None:
+        """NamespaceLifecycle, and a CRD being deleted: no new content in what is going away."""
+        if rtype.namespaced and namespace:
+            ns = self._objects(NAMESPACE_TYPE).get(("", namespace))
+            if ns is not None and ns["metadata"].get("deletionTimestamp"):
+                raise terminating_namespace_error(rtype, name, namespace)
+        if rtype.custom:
+            crd = self._objects(CRD_TYPE).get(("", f"{rtype.plural}.{rtype.group}"))
+            if crd is not None and crd["metadata"].get("deletionTimestamp"):
+                message = "create not allowed while custom resource definition is terminating"
+                raise ApiError(405, "MethodNotAllowed", message)
 
     def _establish_crd(self, crd: dict) -> dict:
         """Register the CRD's resources (they appear in discovery) and mark it Established."""
@@ -344,6 +410,8 @@ class Store:
         name: str,
         mutate: Callable[[dict], dict],
         subresource: str | None = None,
+        manager: str = HARNESS,
+        applied: bool = False,  # mutate is an apply: it set managedFields itself
     ) -> dict:
         with self.lock:
             old = self.get(rtype, namespace, name)
@@ -351,15 +419,25 @@ class Store:
             if not isinstance(candidate, dict):
                 raise ApiError(422, "Invalid", "the object must be a JSON object")
             new = self._merge_rules(rtype, old, candidate, subresource)
-            if new == old:
+            self._admit(rtype, old, new)
+            new["metadata"]["managedFields"] = (
+                candidate.get("metadata", {}).get("managedFields")
+                if applied
+                else record_update(
+                    old, new, manager, rtype.api_version, _now(), not rtype.custom, subresource or ""
+                )
+            )
+            if _without_times(new) == _without_times(old):
                 return old  # a no-op write changes nothing, not even the resourceVersion
             new["metadata"]["resourceVersion"] = self._bump()
             self._objects(rtype)[_key(new)] = new
             if rtype.key == CRD_TYPE.key:
                 self._establish_crd(new)
             self._emit("MODIFIED", rtype, new, old)
-            if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+            if new["metadata"].get("deletionTimestamp") and not blocked(rtype, new):
                 self._remove(rtype, new)
+            else:
+                self._controllers(rtype)
             return copy.deepcopy(new)
 
     @staticmethod
@@ -421,12 +499,19 @@ class Store:
         return new
 
     def replace(
-        self, rtype: ResourceType, namespace: str | None, name: str, body: Mapping, subresource=None
+        self,
+        rtype: ResourceType,
+        namespace: str | None,
+        name: str,
+        body: Mapping,
+        subresource=None,
+        manager: str = HARNESS,
     ) -> dict:
         body_name = body.get("metadata", {}).get("name")
         if body_name not in (None, name):
             raise ApiError(400, "BadRequest", "the name of the object does not match the URL")
-        return self._update(rtype, namespace, name, lambda _old: copy.deepcopy(dict(body)), subresource)
+        mutate = lambda _old: copy.deepcopy(dict(body))  # noqa: E731
+        return self._update(rtype, namespace, name, mutate, subresource, manager)
 
     def patch(
         self,
@@ -436,12 +521,17 @@ class Store:
         content_type: str,
         patch: Any,
         subresource: str | None = None,
+        manager: str = HARNESS,
+        force: bool = False,
     ) -> dict:
-        def apply(old: dict) -> dict:
+        if content_type == APPLY_PATCH:
+            return self._apply(rtype, namespace, name, patch, subresource, manager, force)
+
+        def mutate(old: dict) -> dict:
             try:
                 if content_type == JSON_PATCH:
                     return json_patch(old, patch)
-                if content_type in (MERGE_PATCH, STRATEGIC_PATCH, APPLY_PATCH):
+                if content_type in (MERGE_PATCH, STRATEGIC_PATCH):
                     if not isinstance(patch, Mapping):
                         raise PatchError("a merge patch must be a JSON object")
                     return merge_patch(old, patch)
@@ -449,17 +539,67 @@ class Store:
                 raise ApiError(422, "Invalid", str(exc)) from exc
             raise ApiError(415, "UnsupportedMediaType", f"unsupported patch type {content_type!r}")
 
+        return self._update(rtype, namespace, name, mutate, subresource, manager)
+
+    def _apply(
+        self,
+        rtype: ResourceType,
+        namespace: str | None,
+        name: str,
+        config: Any,
+        subresource: str | None,
+        manager: str,
+        force: bool,
+    ) -> dict:
+        """Server-side apply: creates when absent, else merges with field ownership (apply.py)."""
+        if not isinstance(config, Mapping):
+            raise ApiError(400, "BadRequest", "an apply configuration must be an object")
+        if config.get("metadata", {}).get("name") not in (None, name):
+            raise ApiError(400, "BadRequest", "the name of the object does not match the URL")
+        config = copy.deepcopy(dict(config))
+        if subresource == "status":
+            config = {"status": config.get("status") or {}}
+        elif rtype.has_status:
+            config.pop("status", None)  # the main resource ignores status, as for other writes
+
+        def merged(old: dict | None) -> dict:
+            try:
+                return apply_config(
+                    old,
+                    config,
+                    manager,
+                    rtype.api_version,
+                    _now(),
+                    force=force,
+                    builtin=not rtype.custom,
+                    subresource=subresource or "",
+                )
+            except ApplyConflict as exc:
+                causes = [
+                    {
+                        "type": "FieldManagerConflict",
+                        "message": f'conflict with "{m}" using {v}',
+                        "field": dotted(p),
+                    }
+                    for m, v, p in exc.conflicts
+                ]
+                raise ApiError(409, "Conflict", str(exc), {"causes": causes}) from exc
+
         with self.lock:
-            if content_type == APPLY_PATCH and subresource is None:
-                try:
-                    self.get(rtype, namespace, name)
-                except ApiError as exc:
-                    if exc.code != 404:
-                        raise
-                    body = copy.deepcopy(patch)
-                    body.setdefault("metadata", {})["name"] = name
-                    return self.create(rtype, namespace, body)
-            return self._update(rtype, namespace, name, apply, subresource)
+            if self._find(rtype, namespace, name) is None:
+                if subresource is not None:
+                    raise _not_found(rtype, name)
+                body = merged(None)
+                body.setdefault("metadata", {})["name"] = name
+                return self.create(rtype, namespace, body, manager, body["metadata"].pop("managedFields"))
+            return self._update(rtype, namespace, name, merged, subresource, manager, applied=True)
+
+    def exists(self, rtype: ResourceType, namespace: str | None, name: str) -> bool:
+        with self.lock:
+            return self._find(rtype, namespace, name) is not None
+
+    def _find(self, rtype: ResourceType, namespace: str | None, name: str) -> dict | None:
+        return self._objects(rtype).get((namespace or "" if rtype.namespaced else "", name))
 
     def delete(
         self,
@@ -477,14 +617,20 @@ class Store:
                 expected = (preconditions or {}).get(field_name)
                 if expected is not None and expected != meta.get(field_name):
                     raise ApiError(409, "Conflict", f"Precondition failed: {field_name} mismatch")
-            if meta.get("finalizers"):
+            foreground = propagation == "Foreground" and FOREGROUND not in (meta.get("finalizers") or [])
+            if foreground and self._dependents_of(meta["uid"]):
+                meta["finalizers"] = [*(meta.get("finalizers") or []), FOREGROUND]
+            if blocked(rtype, obj):
                 if not meta.get("deletionTimestamp"):
-                    old = copy.deepcopy(obj)
+                    old = self.get(rtype, namespace, name)
                     meta.update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
+                    if rtype is NAMESPACE_TYPE:
+                        obj.setdefault("status", {})["phase"] = "Terminating"
                     meta["resourceVersion"] = self._bump()
                     self._objects(rtype)[_key(obj)] = obj
                     self._emit("MODIFIED", rtype, obj, old)
-                return copy.deepcopy(obj)
+                    self._controllers(rtype)
+                return self._find(rtype, namespace, name) or obj
             self._remove(rtype, obj, orphan=propagation == "Orphan")
             return obj
 
@@ -493,12 +639,6 @@ class Store:
         obj["metadata"]["resourceVersion"] = self._bump()
         self._emit("DELETED", rtype, obj)
         uid = obj["metadata"]["uid"]
-        if rtype is NAMESPACE_TYPE:  # the namespace controller: everything inside goes too
-            for other in list(self.types.values()):
-                if other.namespaced:
-                    for (ns, other_name), _ in list(self._objects(other).items()):
-                        if ns == obj["metadata"]["name"]:
-                            self.delete(other, ns, other_name)
         if rtype.key == CRD_TYPE.key:
             for served in types_from_crd(obj):
                 self.types.pop((served.group, served.version, served.plural), None)
@@ -513,42 +653,4 @@ class Store:
                     lambda o, refs=refs: {**o, "metadata": {**o["metadata"], "ownerReferences": refs}},
                 )
         else:
-            self._collect_garbage()
-
-    def _all_objects(self) -> Iterator[tuple[ResourceType, dict]]:
-        seen = set()
-        for rtype in list(self.types.values()):
-            if rtype.key in seen:
-                continue
-            seen.add(rtype.key)
-            for obj in list(self._objects(rtype).values()):
-                yield rtype, obj
-
-    def _dependents_of(self, uid: str) -> list[tuple[ResourceType, dict]]:
-        return [
-            (rtype, obj)
-            for rtype, obj in self._all_objects()
-            if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
-        ]
-
-    def _owner_exists(self, ref: Mapping, dependent_namespace: str) -> bool:
-        """Like the real GC: a namespaced owner is looked up in the dependent's own namespace."""
-        try:
-            owner_type = self.type_for(ref.get("apiVersion", ""), ref.get("kind", ""))
-        except ApiError:
-            return False
-        namespace = dependent_namespace if owner_type.namespaced else ""
-        owner = self._objects(owner_type).get((namespace, ref.get("name", "")))
-        return owner is not None and owner["metadata"]["uid"] == ref.get("uid")
-
-    def _collect_garbage(self) -> None:
-        """Delete every object whose owners are all gone (background propagation)."""
-        for rtype, obj in self._all_objects():
-            meta = obj["metadata"]
-            refs = meta.get("ownerReferences") or []
-            if not refs or meta.get("deletionTimestamp"):
-                continue
-            if (_key(obj) in self._objects(rtype)) and not any(
-                self._owner_exists(ref, meta.get("namespace") or "") for ref in refs
-            ):
-                self.delete(rtype, meta.get("namespace"), meta["name"])
+            self._controllers(rtype)

@@ -18,6 +18,7 @@ import contextlib
 import json
 import re
 import resource
+import secrets
 import ssl
 import subprocess
 import time
@@ -85,6 +86,9 @@ class PodNetwork:
     probe_from: str
 
 
+STATE_FORMAT = "{{.State.Running}} {{.State.ExitCode}}"
+
+
 class Pod:
     """One pod of a template on `node`: `objects` holds the Secrets and ConfigMaps it mounts; `network`
     is its namespace unless the template asks for hostNetwork."""
@@ -107,6 +111,11 @@ class Pod:
         self.dir = node.root / "pods" / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.started: list[str] = []
+        # podman's container names are host-wide: a run that was killed must not block the next one
+        self.run_id = secrets.token_hex(3)
+
+    def container_name(self, name: str) -> str:
+        return f"{self.name}-{self.run_id}-{name}"
 
     # --- volumes ------------------------------------------------------------------------------------------
     def _object(self, kind: str, name: str) -> Mapping:
@@ -206,7 +215,8 @@ class Pod:
         # the pod's securityContext is the default of each container's (runAsUser, seccompProfile, ...)
         security = {**self.spec.get("securityContext", {}), **container.get("securityContext", {})}
         assert not security.get("privileged"), "the stand-in runs no privileged containers"
-        args = [*PODMAN, "run", "--name", f"{self.name}-{container['name']}", "--pull", "never", *ulimits()]
+        args = [*PODMAN, "run", "--name", self.container_name(container["name"]), "--pull", "never"]
+        args += ulimits()
         args += ["-d"] if detach else []
         if self.spec.get("hostNetwork"):
             args += ["--network", "host"]
@@ -259,7 +269,7 @@ class Pod:
                 text=True,
                 timeout=timeout,
             )
-            self.started.append(f"{self.name}-{container['name']}")
+            self.started.append(self.container_name(container["name"]))
             assert done.returncode == 0, f"init container {container['name']}: {done.stdout}{done.stderr}"
 
     def start(self, name: str) -> float:
@@ -268,7 +278,7 @@ class Pod:
         args = self.run_args(container, container["image"], detach=True)
         started = time.monotonic()
         subprocess.run(args, check=True, capture_output=True, timeout=60)
-        self.started.append(f"{self.name}-{name}")
+        self.started.append(self.container_name(name))
         return started
 
     def container(self, name: str) -> Mapping:
@@ -277,7 +287,7 @@ class Pod:
 
     def state(self, name: str) -> tuple[bool, int]:
         out = subprocess.run(
-            [*PODMAN, "inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", f"{self.name}-{name}"],
+            [*PODMAN, "inspect", "--format", STATE_FORMAT, self.container_name(name)],
             capture_output=True,
             text=True,
             check=True,
@@ -292,7 +302,7 @@ class Pod:
         return state[1]
 
     def logs(self, name: str) -> str:
-        done = subprocess.run([*PODMAN, "logs", f"{self.name}-{name}"], capture_output=True, text=True)
+        done = subprocess.run([*PODMAN, "logs", self.container_name(name)], capture_output=True, text=True)
         return done.stdout + done.stderr
 
     # --- probes -----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from flowmon_agent.aggregation.count_once import (
     Backend,
     NatBackends,
+    PeerNames,
     ResolvedFlow,
     Share,
     effective_agent_nodes,
@@ -36,7 +37,7 @@ from flowmon_agent.aggregation.tracing_scope import TraceSet, flow_visible, trac
 from flowmon_agent.aggregation.view import AgentView, LabelValues, MonitorView
 from flowmon_agent.kernel.counters import CLOSED, OPENED, RECEIVED, REFUSED, SENT, TIMEOUT, ZERO
 from flowmon_agent.kernel.flows import FlowKey, FlowSnapshot
-from flowmon_agent.metadata.resolver import Resolver
+from flowmon_agent.metadata.resolver import KIND_EXTERNAL, Resolver
 from flowmon_agent.metadata.store import MetadataStore
 from flowmon_contract.policy import AgentPolicy, MonitorPolicy
 
@@ -60,10 +61,11 @@ class FlowInfo:
     """What a flow resolves to, cached across polls until metadata, policy or its NAT backend changes;
     each monitor's verdict (its labels, or None when it does not see the flow) is cached on it."""
 
-    __slots__ = ("backend", "flow", "labels", "share")
+    __slots__ = ("backend", "flow", "labels", "names", "share")
 
-    def __init__(self, flow: ResolvedFlow, share: Share, backend: Backend | None) -> None:
+    def __init__(self, flow: ResolvedFlow, share: Share, backend: Backend | None, names: int = -1) -> None:
         self.flow, self.share, self.backend = flow, share, backend
+        self.names = names  # the generation of the DNS names an external server was named from
         self.labels: dict[str, LabelValues | None] = {}
 
     def labels_for(self, monitor: MonitorPolicy, store: MetadataStore) -> LabelValues | None:
@@ -106,10 +108,16 @@ class Aggregator:
     whose sockets live on its kernel (standalone mode: one host playing several nodes); `agent_nodes`:
     nodes that run an agent when the policy does not say (default: every known node)."""
 
-    def __init__(self, node: str | Iterable[str], agent_nodes: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        node: str | Iterable[str],
+        agent_nodes: Iterable[str] | None = None,
+        peer_names: PeerNames | None = None,
+    ) -> None:
         self.node: str | frozenset[str] = node if isinstance(node, str) else frozenset(node)
         self._local = frozenset({self.node}) if isinstance(self.node, str) else self.node
         self.agent_nodes = None if agent_nodes is None else set(agent_nodes)
+        self.peer_names = peer_names  # names external servers from DNS answers (server_dns_name)
         self._flows: dict[FlowKey, FlowState] = {}
         self._monitors: dict[str, MonitorState] = {}
         self._info_version: tuple[object, ...] = ()
@@ -119,9 +127,11 @@ class Aggregator:
     def _flow_info(
         self, key: FlowKey, resolver: Resolver, backends: NatBackends, agent_nodes: set[str], traced: TraceSet
     ) -> FlowInfo:
-        flow = resolve_flow(key, resolver, backends)
+        names = self.peer_names
+        flow = resolve_flow(key, resolver, backends, names)
         share = flow_share(key.reporter, flow, node=self.node, agent_nodes=agent_nodes, traced=traced)
-        return FlowInfo(flow, share, backends.get(key) if key.client_port else None)
+        generation = names.generation if names is not None else -1
+        return FlowInfo(flow, share, backends.get(key) if key.client_port else None, generation)
 
     def updates(
         self, snapshot: FlowSnapshot, policy: AgentPolicy, resolver: Resolver, backends: NatBackends
@@ -135,6 +145,7 @@ class Aggregator:
             self._info_version, self._info_epoch = version, self._info_epoch + 1
         self._poll += 1
         poll, epoch, known = self._poll, self._info_epoch, self._flows
+        names = self.peer_names.generation if self.peer_names is not None else -1
         out: list[FlowUpdate] = []
         for key, vector in snapshot.flows.items():
             state = known.get(key)  # one lookup per flow and poll: hashing FlowKeys is the hot spot
@@ -153,6 +164,7 @@ class Aggregator:
                 info is None
                 or state.epoch != epoch
                 or (key.client_port and backends.get(key) != info.backend)
+                or (info.names != names and info.flow.server.kind == KIND_EXTERNAL)  # a name came or went
             ):
                 info = state.info = self._flow_info(key, resolver, backends, agent_nodes, traced)
                 state.epoch = epoch

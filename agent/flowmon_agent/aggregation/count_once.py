@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from flowmon_agent.kernel.counters import RETX_S2C, RST_S2C, WIDTH
 from flowmon_agent.kernel.flows import FlowKey, IPAddress, IPNetwork, Reporter
-from flowmon_agent.metadata.resolver import EXTERNAL, Endpoint, Resolver, service_endpoint
+from flowmon_agent.metadata.resolver import EXTERNAL, KIND_EXTERNAL, Endpoint, Resolver, service_endpoint
 from flowmon_agent.metadata.store import MetadataStore
 from flowmon_contract.policy import AgentPolicy
 
@@ -26,6 +26,15 @@ Vector = tuple[int, ...]
 SERVER_SENT_ONLY = (RETX_S2C, RST_S2C)
 
 
+class PeerNames(Protocol):
+    """Names of external peers learned from DNS answers (flowmon_agent.dns.names.NameTable)."""
+
+    @property
+    def generation(self) -> int: ...  # grows whenever a name appears, changes or goes
+
+    def name_of(self, address: str, client: str | None = None) -> str | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ResolvedFlow:
     # a network where the kernel folded the peer (FlowKey.peer_network): external, or a named network
@@ -35,9 +44,24 @@ class ResolvedFlow:
     server: Endpoint
     server_port: int
     service: str  # the Service's name when the client connected to a ClusterIP
+    server_dns_name: str = ""  # an external server's name from a DNS answer its client received
 
 
-def resolve_flow(key: FlowKey, resolver: Resolver, backends: NatBackends) -> ResolvedFlow:
+def peer_dns_name(
+    client_ip: IPAddress, server: Endpoint, server_ip: IPAddress, names: PeerNames | None
+) -> str:
+    """The name a DNS answer gave an external server's address (the client's own answer first); ""
+    for servers in the cluster and for addresses no answer named."""
+    if names is None or server.kind != KIND_EXTERNAL:
+        return ""
+    return names.name_of(str(server_ip), str(client_ip)) or ""
+
+
+def resolve_flow(
+    key: FlowKey, resolver: Resolver, backends: NatBackends, names: PeerNames | None = None
+) -> ResolvedFlow:
+    """A folded peer has no address left, hence no DNS name (the agent keeps named peers exact:
+    KernelConfig.named_peers)."""
     folded, port = key.peer_network, key.server_port
     if folded is not None:  # never a pod, node or Service: those are the cluster's, kept exact
         if key.reporter is Reporter.SERVER:
@@ -55,7 +79,8 @@ def resolve_flow(key: FlowKey, resolver: Resolver, backends: NatBackends) -> Res
         server_ip, port = key.server_ip, key.server_port
         server = service_endpoint(service_record)
     service = service_record.name if service_record else ""
-    return ResolvedFlow(key.client_ip, server_ip, client, server, port, service)
+    dns_name = peer_dns_name(key.client_ip, server, server_ip, names)
+    return ResolvedFlow(key.client_ip, server_ip, client, server, port, service, dns_name)
 
 
 class Share(Enum):

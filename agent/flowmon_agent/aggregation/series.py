@@ -29,14 +29,20 @@ from flowmon_agent.kernel.counters import (
     RTT_SLOTS,
     RTT_SUM,
     SENT,
+    TCP_WORDS,
     TIMEOUT,
+    UDP_RECEIVED,
+    UDP_RECEIVED_DATAGRAMS,
+    UDP_SENT,
+    UDP_SENT_DATAGRAMS,
+    UDP_WORDS,
     WIDTH,
 )
 from flowmon_agent.kernel.flows import IPAddress
 from flowmon_agent.metadata.resolver import KIND_EXTERNAL, Endpoint, name_network
 from flowmon_contract.metrics import METRICS, OVERFLOW_VALUE, FamilyType
 from flowmon_contract.policy import MonitorPolicy
-from flowmon_contract.spec import Dimension, Metric
+from flowmon_contract.spec import DNS_METRICS, UDP_METRICS, Dimension, Metric
 
 Sparse = tuple[tuple[int, int], ...]  # (index, growth) of the non-zero entries of a counter vector
 
@@ -52,6 +58,10 @@ SINGLE_COUNTERS = {
     Metric.RECEIVED_BYTES: RECEIVED,
     Metric.CONNECTIONS_OPENED: OPENED,
     Metric.CONNECTIONS_CLOSED: CLOSED,
+    Metric.UDP_SENT_BYTES: UDP_SENT,
+    Metric.UDP_RECEIVED_BYTES: UDP_RECEIVED,
+    Metric.UDP_SENT_DATAGRAMS: UDP_SENT_DATAGRAMS,
+    Metric.UDP_RECEIVED_DATAGRAMS: UDP_RECEIVED_DATAGRAMS,
 }
 
 
@@ -101,6 +111,10 @@ def flow_labels(flow: ResolvedFlow, monitor: MonitorPolicy) -> LabelValues:
             values.append(str(flow.server_port))
         elif dim == Dimension.SERVICE:
             values.append(flow.service)
+        elif dim == Dimension.SERVER_DNS_NAME:  # unknown external peers stay `external` (or their network)
+            external = flow.server.kind == KIND_EXTERNAL
+            unnamed = _endpoint_value(flow.server, flow.server_ip, "workload", monitor) if external else ""
+            values.append(flow.server_dns_name or unnamed)
         else:
             end, attr = str(dim).split("_", 1)
             ep, ip = (flow.client, flow.client_ip) if end == "client" else (flow.server, flow.server_ip)
@@ -179,12 +193,24 @@ def expire_idle(state: MonitorState, ttl: float, now: float) -> None:
         state.dirty = True
 
 
+def rows_by_protocol(
+    rows: Sequence[tuple[LabelValues, Series]],
+) -> tuple[list[tuple[LabelValues, Series]], list[tuple[LabelValues, Series]]]:
+    """(TCP rows, UDP rows): a series shows a protocol's families once it has counted some of it (a pair
+    that only talks UDP has no flowmon_tcp_* series at 0). Totals only grow, so a row never leaves."""
+    tcp = [(labels, s) for labels, s in rows if s.active or any(s.totals[TCP_WORDS])]
+    udp = [(labels, s) for labels, s in rows if any(s.totals[UDP_WORDS])]
+    return tcp, udp
+
+
 def monitor_families(
-    monitor: MonitorPolicy, rows: Sequence[tuple[LabelValues, Series]]
+    monitor: MonitorPolicy, all_rows: Sequence[tuple[LabelValues, Series]]
 ) -> tuple[Family, ...]:
     families: list[Family] = []
     group = tuple(str(d) for d in monitor.group_by)
-    for metric in (Metric(m) for m in monitor.metrics):
+    tcp_rows, udp_rows = rows_by_protocol(all_rows)
+    for metric in (Metric(m) for m in monitor.metrics if m not in DNS_METRICS):  # dns_series renders DNS
+        rows = udp_rows if metric in UDP_METRICS else tcp_rows
         info = METRICS[metric]
         names = (*group, info.extra_label) if info.extra_label else group
         if info.type == FamilyType.HISTOGRAM:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from ipaddress import ip_address
 
 from flowmon_agent.aggregation.count_once import ResolvedFlow
 from flowmon_agent.kernel.flows import IPAddress, IPNetwork, KernelConfig
@@ -159,17 +160,25 @@ def cluster_networks(store: MetadataStore) -> ClusterNetworks | None:
     return result
 
 
+# External addresses with a live DNS name kept exact in the kernel's key, the most recently learned
+# (NameTable.addresses): bounded, since a pod forging answers to itself must not unfold the internet
+NAMED_PEERS_MAX = 4096
+
+
 def kernel_config(
     policy: AgentPolicy,
     store: MetadataStore,
     nodes: str | Collection[str],
     ignored_ports: Iterable[int] = (),
+    named_peers: Iterable[str] = (),
 ) -> KernelConfig:
     """What the tracer on this node (or these nodes) is configured with under this policy: the local IPs
     it traces, the NAT peers (Service IPs: connections to them stay per connection, for conntrack), the
-    ports it ignores (the agent's own, configured ones), and whether srtt is sampled (a monitor exports
-    RTT: tcp_probe, the costliest hook, runs on every received segment), and which peers stay exact (the
-    cluster's) or are folded (the rest: to the monitors' named networks, or to external)."""
+    ports it ignores (the agent's own, configured ones), whether srtt is sampled (a monitor exports
+    RTT: tcp_probe, the costliest hook, runs on every received segment), whether UDP is counted (a
+    monitor exports a UDP metric: bpf/udp.c runs on every packet of the node), and which peers stay exact
+    (the cluster's, and `named_peers`: external addresses with a live DNS name) or are folded (the rest:
+    to the monitors' named networks, or to external)."""
     return KernelConfig(
         local_ips=local_ip_filter(policy, store, nodes),
         nat_peers=frozenset(store.service_ips()),
@@ -177,4 +186,6 @@ def kernel_config(
         rtt=policy.wants_rtt,
         cluster_networks=cluster_networks(store),
         fold_networks=frozenset(n.cidr for m in policy.monitors for n in m.selection.networks),
+        named_peers=frozenset(ip_address(a) for a in named_peers),
+        udp=policy.wants_udp,
     )

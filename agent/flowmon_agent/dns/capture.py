@@ -12,20 +12,22 @@ from __future__ import annotations
 import ctypes
 import functools
 import ipaddress
-import os
 import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from flowmon_agent.dns.tracker import DnsTracker, Packet
-from flowmon_agent.kernel.loader import BPFUnavailableError, load_program
+from flowmon_agent.kernel.cgroup_skb import CgroupSkbLinks, cgroup2_mounts, cgroup2_root
+from flowmon_agent.kernel.loader import load_program
+
+# cgroup2_mounts and cgroup2_root live in kernel/cgroup_skb.py (shared with UDP); re-exported
+__all__ = ["CaptureStats", "DnsCapture", "cgroup2_mounts", "cgroup2_root", "decode_event"]
 
 SOURCE = "dns.c"
 # struct dns_event up to its payload: ts, saddr, daddr, sport, dport, payload_len, captured, family, egress
 EVENT_HEADER = struct.Struct("=Q16s16sHHHHBB6x")
 MAX_CAPTURE_BYTES = 4096
-_ATTACH_INGRESS, _ATTACH_EGRESS = 0, 1  # enum bpf_attach_type: BPF_CGROUP_INET_INGRESS, _EGRESS
 _COUNT_NAMES = ("seen", "handed", "ring_full", "not_walked")  # enum dns_count in bpf/dns.c
 
 
@@ -36,24 +38,6 @@ class CaptureStats:
     ring_full: int  # records lost because the ring was full
     not_walked: int  # IPv6 packets with extension headers, not inspected
     read: int  # records this process read from the ring
-
-
-def cgroup2_mounts(mounts_text: str) -> list[Path]:
-    """Mount points of cgroup2 file systems in /proc/self/mounts text, in mount order."""
-    out = []
-    for line in mounts_text.splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[2] == "cgroup2":
-            out.append(Path(fields[1].replace("\\040", " ")))
-    return out
-
-
-def cgroup2_root() -> Path:
-    """The cgroup v2 root: /sys/fs/cgroup on a pure cgroup2 node, /sys/fs/cgroup/unified on hybrid ones."""
-    mounts = cgroup2_mounts(Path("/proc/self/mounts").read_text())
-    if not mounts:
-        raise BPFUnavailableError("no cgroup v2 file system is mounted (DNS capture attaches to its root)")
-    return min(mounts, key=lambda p: len(p.parts))  # the shallowest: a container may see nested ones
 
 
 @functools.lru_cache(maxsize=4096)
@@ -83,29 +67,6 @@ def decode_event(raw: bytes) -> Packet | None:
     )
 
 
-def attach_cgroup_skb(bpf, cgroup_fd: int) -> list[int]:
-    """Load dns_ingress and dns_egress as cgroup-skb programs and link them to the cgroup; the link fds
-    (closing one detaches its program)."""
-    from bcc import BPF, lib
-
-    link_create = lib.bpf_link_create  # libbpf's, reached through libbcc's dependencies
-    link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    link_create.restype = ctypes.c_int
-    links: list[int] = []
-    for name, attach_type in ((b"dns_ingress", _ATTACH_INGRESS), (b"dns_egress", _ATTACH_EGRESS)):
-        prog = bpf.load_func(name, BPF.CGROUP_SKB)
-        fd = link_create(prog.fd, cgroup_fd, attach_type, None)
-        if fd < 0:
-            for link in links:
-                os.close(link)
-            raise BPFUnavailableError(
-                f"cannot attach {name.decode()} to the cgroup v2 root: {os.strerror(-fd)} "
-                "(cgroup BPF links need Linux 5.7+)"
-            )
-        links.append(fd)
-    return links
-
-
 class DnsCapture:
     """`with DnsCapture(tracker) as cap: cap.poll()`; `close()` detaches and frees the programs."""
 
@@ -125,14 +86,13 @@ class DnsCapture:
             raise ValueError(f"ring_pages must be a power of two, got {ring_pages}")
         self.tracker, self.batch_max = tracker, batch_max
         self._read = self._left = 0
-        self._links: list[int] = []
+        self._links: CgroupSkbLinks | None = None
         self._bpf = load_program(
             SOURCE, {"DNS_PORT": port, "DNS_CAPTURE_BYTES": capture_bytes, "DNS_RING_PAGES": ring_pages}
         )
-        self._cgroup_fd = -1
         try:
-            self._cgroup_fd = os.open(cgroup or cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
-            self._links = attach_cgroup_skb(self._bpf, self._cgroup_fd)
+            self._links = CgroupSkbLinks(self._bpf, b"dns_ingress", b"dns_egress", cgroup)
+            self._links.attach()
             self._bpf[b"dns_events"].open_ring_buffer(self._on_record)
         except BaseException:
             self.close()
@@ -163,12 +123,9 @@ class DnsCapture:
         return CaptureStats(*totals, read=self._read)
 
     def close(self) -> None:
-        for fd in self._links:
-            os.close(fd)  # closing the link detaches the program
-        self._links = []
-        if self._cgroup_fd >= 0:
-            os.close(self._cgroup_fd)
-            self._cgroup_fd = -1
+        if self._links is not None:
+            self._links.close()  # closing the links detaches the programs
+            self._links = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None

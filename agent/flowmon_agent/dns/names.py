@@ -41,16 +41,20 @@ class NameTable:
         self._clients_of: dict[str, set[str]] = {}  # address -> clients holding an entry for it
         self._deadlines: list[tuple[float, str, str]] = []  # (expires, client, address), a min-heap
         self._evicted = self._expired = 0
+        self.generation = 0  # grows whenever an entry appears, changes its name or goes (not on refresh)
 
     def learn(self, client: str, address: str, name: str, ttl_s: float) -> None:
         expires = self._clock() + min(max(ttl_s, 0.0), self._max_ttl_s)
         key = (client, address)
-        if key in self._entries:
+        known = self._entries.get(key)
+        if known is not None:
             self._entries.move_to_end(key)
         elif len(self._entries) >= self._max_entries:
             (old_client, old_address), _ = self._entries.popitem(last=False)
             self._forget_index(old_client, old_address)
             self._evicted += 1
+        if known is None or known[0] != name:  # a refresh of the same name changes no label
+            self.generation += 1
         self._entries[key] = (name, expires)
         self._clients_of.setdefault(address, set()).add(client)
         heapq.heappush(self._deadlines, (expires, client, address))
@@ -72,6 +76,18 @@ class NameTable:
         }
         return names.pop() if len(names) == 1 else None
 
+    def addresses(self, limit: int) -> list[str]:
+        """Up to `limit` addresses with a live name, the most recently learned first: what the kernel's
+        map of named peers would hold (docs/dns.md, "Names on folded flows")."""
+        now, out, seen = self._clock(), [], set()
+        for (_, address), (_, expires) in reversed(self._entries.items()):
+            if len(out) >= limit:
+                break
+            if expires > now and address not in seen:
+                seen.add(address)
+                out.append(address)
+        return out
+
     def expire(self) -> int:
         """Drop entries whose TTL has run out; how many went. Work is bounded by what expired."""
         now, gone = self._clock(), 0
@@ -83,6 +99,7 @@ class NameTable:
                 self._forget_index(client, address)
                 gone += 1
         self._expired += gone
+        self.generation += 1 if gone else 0
         return gone
 
     def stats(self) -> NameTableStats:

@@ -17,21 +17,21 @@ from __future__ import annotations
 import bisect
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from flowmon_agent.dns.codes import TIMEOUT, qtype_name, rcode_name
 from flowmon_agent.dns.names import DEFAULT_MAX_ENTRIES, NameTable, NameTableStats
 from flowmon_agent.dns.parse import Malformed, Message, parse_message
+from flowmon_contract.metrics import DNS_LATENCY_BUCKETS
 
 OVERFLOW = "overflow"  # client and server of the series that did not fit under the cap
 OPCODE_QUERY = 0
 DEFAULT_TIMEOUT_S = 5.0  # glibc's resolver gives up on a server after 5 s (resolv.conf `timeout`)
 DEFAULT_MAX_PENDING = 16_384
 DEFAULT_MAX_SERIES = 4_096
-# seconds: a local cache answers in well under a millisecond, a remote resolver in tens of milliseconds
-DEFAULT_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DEFAULT_LATENCY_BUCKETS = DNS_LATENCY_BUCKETS
 
 
 class Vantage(StrEnum):
@@ -60,6 +60,7 @@ class RequestKey:
     server: str
     rcode: str  # NOERROR, NXDOMAIN, ..., other, or timeout
     qtype: str  # A, AAAA, SRV, ..., other
+    qname_suffix: str = ""  # the longest opted-in suffix the query name ends with; "" for none
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,15 @@ class TrackerStats:
 class _Pending:
     timestamp: float
     qtype: str
+    qname_suffix: str
+
+
+def matching_suffix(qname: str, suffixes: Sequence[str]) -> str:
+    """The first of `suffixes` (longest first) that `qname` is or ends with at a label boundary; ""."""
+    for suffix in suffixes:
+        if qname.endswith(suffix) and (len(qname) == len(suffix) or qname[-len(suffix) - 1] == "."):
+            return suffix
+    return ""
 
 
 @dataclass(slots=True)
@@ -138,7 +148,12 @@ class DnsTracker:
         self._bounds = tuple(sorted(latency_buckets))
         self._pending: OrderedDict[tuple, _Pending] = OrderedDict()  # oldest first: timeouts pop the front
         self._c = _Counters()
+        self._suffixes: tuple[str, ...] = ()
         self.names = NameTable(clock=clock, max_entries=max_names)
+
+    def set_qname_suffixes(self, suffixes: Iterable[str]) -> None:
+        """Query names ending in one of these (the policy's opt-in, bounded) count under that suffix."""
+        self._suffixes = tuple(sorted(set(suffixes), key=lambda s: (-len(s), s)))
 
     # --- input ----------------------------------------------------------------------------------------
     def observe(self, packet: Packet) -> None:
@@ -147,6 +162,10 @@ class DnsTracker:
             key = MalformedKey(packet.src, packet.dst, msg.reason.value)
             self._bump(self._c.malformed, key, MalformedKey(OVERFLOW, OVERFLOW, msg.reason.value))
             return
+        self.observe_message(packet, msg)
+
+    def observe_message(self, packet: Packet, msg: Message) -> None:
+        """A message already parsed (or built from a record the kernel parsed); `packet.payload` unused."""
         if msg.opcode != OPCODE_QUERY:
             self._c.other_opcodes += 1
             return
@@ -165,7 +184,7 @@ class DnsTracker:
                 break
             self._pending.popitem(last=False)
             vantage, client, _, server, _, _ = key
-            self._count(vantage, client, server, TIMEOUT, first.qtype)
+            self._count(vantage, client, server, TIMEOUT, first.qtype, first.qname_suffix)
             timed_out += 1
         self.names.expire()
         return timed_out
@@ -178,7 +197,8 @@ class DnsTracker:
         elif len(self._pending) >= self._max_pending:
             self._c.pending_full += 1
         else:
-            self._pending[key] = _Pending(packet.timestamp, qtype_name(msg.qtype))
+            suffix = matching_suffix(msg.qname, self._suffixes) if self._suffixes else ""
+            self._pending[key] = _Pending(packet.timestamp, qtype_name(msg.qtype), suffix)
 
     def _answer(self, packet: Packet, msg: Message) -> None:
         vantage = Vantage.SERVER if packet.egress else Vantage.CLIENT
@@ -188,16 +208,19 @@ class DnsTracker:
             self._c.unmatched_responses += 1
             return
         client, server = packet.dst, packet.src
-        pair = self._count(vantage, client, server, rcode_name(msg.rcode), query.qtype)
+        pair = self._count(vantage, client, server, rcode_name(msg.rcode), query.qtype, query.qname_suffix)
         self._observe_latency(pair, max(packet.timestamp - query.timestamp, 0.0))
         if vantage is Vantage.CLIENT and msg.qname:  # a pod received it: what that pod now calls the address
             for record in msg.answers:
                 self.names.learn(client, record.address, msg.qname, record.ttl)
 
     # --- counters -------------------------------------------------------------------------------------
-    def _count(self, vantage: Vantage, client: str, server: str, rcode: str, qtype: str) -> PairKey:
-        key = RequestKey(vantage, client, server, rcode, qtype)
-        folded = self._bump(self._c.requests, key, RequestKey(vantage, OVERFLOW, OVERFLOW, rcode, qtype))
+    def _count(
+        self, vantage: Vantage, client: str, server: str, rcode: str, qtype: str, suffix: str
+    ) -> PairKey:
+        key = RequestKey(vantage, client, server, rcode, qtype, suffix)
+        overflow = RequestKey(vantage, OVERFLOW, OVERFLOW, rcode, qtype, suffix)
+        folded = self._bump(self._c.requests, key, overflow)
         return PairKey(vantage, folded.client, folded.server)
 
     def _bump(self, table: dict, key, overflow_key):

@@ -36,6 +36,7 @@ from flowmon_agent.export.http_log import ClientErrorLog
 from flowmon_agent.export.listener import ConnectionGate, HttpStats, ListenerLimits, request_started
 from flowmon_agent.export.policy_store import PolicyError, PolicyStore, parse_policy_json
 from flowmon_agent.export.review_budget import ReviewThrottled
+from flowmon_agent.export.scrapes import ScrapeLog
 from flowmon_agent.export.tls import ServingContext
 from flowmon_agent.export.tokens import TokenFileError, bearer_token, read_token_file
 from flowmon_agent.filewatch import FileWatch
@@ -172,6 +173,7 @@ class AgentServer:
         self._render_pool: ThreadPoolExecutor | None = None
         self._policy_pool: ThreadPoolExecutor | None = None
         self._policy_push = asyncio.Lock()  # one push validated at a time: memory stays one body's worth
+        self.scrapes = ScrapeLog()
         self.port: int | None = None
 
     @property
@@ -381,7 +383,9 @@ class AgentServer:
         policy = self._policy.policy
         if policy is None or policy.monitor(*key.split("/", 1)) is None:
             return web.Response(status=404, text="no such FlowMonitor in the running policy\n")
-        return await self._metrics_response(request, lambda: self._exporter.monitor_text(key))
+        response = await self._metrics_response(request, lambda: self._exporter.monitor_text(key))
+        self.scrapes.served(key)
+        return response
 
     async def _metrics_response(self, request: web.Request, render: Callable[[], bytes]) -> web.Response:
         use_gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
@@ -407,12 +411,18 @@ class AgentServer:
             except PolicyError as exc:
                 self._policy.rejected("api")
                 return _json(422, {"errors": exc.dump()})
-        return _json(200, {"policyHash": self._policy.apply(policy, source="api")})
+        return _json(200, self._policy_answer(self._policy.apply(policy, source="api")))
 
     async def _get_policy(self, request: web.Request) -> web.Response:
         if denied := await self._authorize(request, AGENT):
             return denied
-        return _json(200, {"policyHash": self._policy.hash})
+        return _json(200, self._policy_answer(self._policy.hash))
+
+    def _policy_answer(self, policy_hash: str | None) -> dict:
+        """The running policy's hash, and how long ago each of its monitors' paths was last scraped."""
+        policy = self._policy.policy
+        keys = {m.key for m in policy.monitors} if policy is not None else set()
+        return {"policyHash": policy_hash, "scrapedSecondsAgo": self.scrapes.seconds_ago(keys)}
 
 
 def _parse_and_hash(data: bytes) -> AgentPolicy:

@@ -1,7 +1,8 @@
 """The tracer's configuration reaches the kernel through maps only: `cfg` flags and the sets of local IPs,
 NAT peers, ignored ports and peer networks. Only what changed is written (the runner configures once per
 poll). A full map never raises: what it refuses is counted (`refused`) and the filter degrades to the
-side that loses nothing it can avoid losing (see ConfigMaps.apply)."""
+side that loses nothing it can avoid losing (see ConfigMaps.apply). bpf/udp.c has the same maps but NAT
+peers (its flows to a Service IP are never per connection)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import ctypes
 import logging
 from collections.abc import Iterable, Mapping
 from ipaddress import ip_network
+from typing import Protocol
 
 from flowmon_agent.kernel.flows import IPAddress, IPNetwork, KernelConfig
 from flowmon_agent.kernel.maps import (
@@ -20,7 +22,6 @@ from flowmon_agent.kernel.maps import (
     encode_ip_key,
     encode_peer_net,
 )
-from flowmon_agent.kernel.program import KernelProgram
 
 log = logging.getLogger(__name__)
 PRESENT = bytes([1])  # the value of a set's members (u8 1)
@@ -65,21 +66,26 @@ def ip_set(ips: Iterable[IPAddress]) -> dict[bytes, bytes]:
 
 
 def peer_nets(cluster: Iterable[IPAddress | IPNetwork], folded: Iterable[IPNetwork]) -> dict[bytes, bytes]:
-    """`peer_nets`' content: cluster networks keep their peers exact, and win over a folded network
-    with the same prefix (a monitor naming part of the cluster does not hide its pods)."""
+    """`peer_nets`' content: cluster networks (and named external addresses) keep their peers exact, and
+    win over a folded network with the same prefix (a monitor naming part of the cluster does not hide
+    its pods)."""
     out = dict(encode_peer_net(n, fold=True) for n in folded)
     out.update(encode_peer_net(n, fold=False) for n in cluster)
     return out
 
 
+class Tables(Protocol):
+    def table(self, name: str): ...  # -> bcc.table.TableBase
+
+
 class ConfigMaps:
     """Writes KernelConfig's filters into the program's maps; `applied` is what the kernel holds."""
 
-    def __init__(self, program: KernelProgram) -> None:
+    def __init__(self, program: Tables, *, nat: bool = True) -> None:
         self._cfg = program.table("cfg")
         self._fold_on = program.table("peer_fold_on")
         self.local_ips = MapSet(program.table("local_ips"), "local_ips")
-        self.nat_peers = MapSet(program.table("nat_peers"), "nat_peers")
+        self.nat_peers = MapSet(program.table("nat_peers"), "nat_peers") if nat else None
         self.ignored_ports = MapSet(program.table("ignored_ports"), "ignored_ports")
         self.peer_nets = MapSet(program.table("peer_nets"), "peer_nets")
         self.applied: KernelConfig | None = None
@@ -90,7 +96,7 @@ class ConfigMaps:
     def refused(self) -> dict[str, int]:
         """Entries each map refused since start (`<map>_full`, cumulative): exported with the drops."""
         maps = (self.local_ips, self.nat_peers, self.ignored_ports, self.peer_nets)
-        return {f"{m.name}_full": m.refused for m in maps}
+        return {f"{m.name}_full": m.refused for m in maps if m is not None}
 
     def apply(self, config: KernelConfig) -> None:
         """What a full map degrades to: local IPs → every socket traced (a superset; aggregation selects);
@@ -100,7 +106,7 @@ class ConfigMaps:
         last = self.applied
         if last is None or config.local_ips != last.local_ips:
             self._set_local_ips(config.local_ips)
-        if last is None or config.nat_peers != last.nat_peers:
+        if self.nat_peers is not None and (last is None or config.nat_peers != last.nat_peers):
             self.nat_peers.sync(ip_set(config.nat_peers))
             self.set_flag(CFG_NAT, int(bool(self.nat_peers.held)))
         if last is None or config.ignored_ports != last.ignored_ports:
@@ -113,8 +119,9 @@ class ConfigMaps:
                 and config.cluster_networks != last.cluster_networks
             )
             or config.fold_networks != last.fold_networks
+            or config.named_peers != last.named_peers
         ):
-            self._set_peer_nets(config.cluster_networks, config.fold_networks)
+            self._set_peer_nets(config.cluster_networks, config.named_peers, config.fold_networks)
         self.applied = config
 
     def start_tracing(self) -> None:
@@ -130,11 +137,14 @@ class ConfigMaps:
         self.set_flag(CFG_FILTER, int(complete))  # incomplete: tracing every socket loses none
 
     def _set_peer_nets(
-        self, cluster: frozenset[IPAddress | IPNetwork] | None, folded: frozenset[IPNetwork]
+        self,
+        cluster: frozenset[IPAddress | IPNetwork] | None,
+        named: frozenset[IPAddress],
+        folded: frozenset[IPNetwork],
     ) -> None:
         if cluster is None:  # the cluster is not known yet: a pod cannot be told from the internet
             self._fold_on[ctypes.c_int(0)] = ctypes.c_uint64(0)
             self.peer_nets.sync({})
             return
-        self.peer_nets.sync(peer_nets((*cluster, *LOOPBACK), folded))
+        self.peer_nets.sync(peer_nets((*cluster, *LOOPBACK, *named), folded))
         self._fold_on[ctypes.c_int(0)] = ctypes.c_uint64(1)

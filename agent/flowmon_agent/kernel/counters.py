@@ -1,6 +1,8 @@
 """The flow counters, defined once: `COUNTERS` names every word of bpf/flowmon.c's `struct flow_val` after
-`created_ns`, in the C order, and a flow's counters are one integer vector in that order, from the map
-read to the exported series (`FlowCounters`). `struct.unpack` of a map value gives the vector as it is;
+`created_ns`, in the C order (`TCP_COUNTERS`), then every word of bpf/udp.c's `struct udp_val` after
+`created_ns` (`UDP_COUNTERS`), and a flow's counters are one integer vector in that order, from the map
+read to the exported series (`FlowCounters`); a TCP flow's UDP words are zero and the reverse.
+`struct.unpack` of a map value gives the vector as it is (with the other protocol's zeros);
 aggregation adds and subtracts vectors; `active` (open connections, a gauge) is derived, never stored.
 
 tests/test_kernel_layout.py checks the table against the C source.
@@ -37,9 +39,9 @@ class Counter:
         return slice(self.index, self.index + self.width)
 
 
-def _table(*fields: tuple[str, str, Kind]) -> tuple[Counter, ...]:
+def _table(*fields: tuple[str, str, Kind], start: int = 0) -> tuple[Counter, ...]:
     out: list[Counter] = []
-    index = 0
+    index = start
     for name, c_name, kind in fields:
         width = HISTOGRAM_SLOTS if kind is Kind.HISTOGRAM_SLOTS else 1
         out.append(Counter(name, c_name, kind, index, width))
@@ -48,7 +50,7 @@ def _table(*fields: tuple[str, str, Kind]) -> tuple[Counter, ...]:
 
 
 # Directions are always client→server ("c2s") and server→client ("s2c"), whichever end reported.
-COUNTERS = _table(
+TCP_COUNTERS = _table(
     ("sent_bytes", "c2s_bytes", Kind.COUNTER),  # client → server payload bytes
     ("received_bytes", "s2c_bytes", Kind.COUNTER),  # server → client payload bytes
     ("opened", "opened", Kind.COUNTER),  # connections that reached ESTABLISHED
@@ -64,6 +66,16 @@ COUNTERS = _table(
     ("connect_latency_slots", "latency_slots", Kind.HISTOGRAM_SLOTS),
     ("rtt_slots", "rtt_slots", Kind.HISTOGRAM_SLOTS),
 )
+TCP_WIDTH = sum(c.width for c in TCP_COUNTERS)
+# UDP's client is the end that sent the first datagram of the 5-tuple (bpf/udp.c).
+UDP_COUNTERS = _table(
+    ("udp_sent_bytes", "c2s_bytes", Kind.COUNTER),  # client → server application payload bytes
+    ("udp_received_bytes", "s2c_bytes", Kind.COUNTER),
+    ("udp_sent_datagrams", "c2s_datagrams", Kind.COUNTER),
+    ("udp_received_datagrams", "s2c_datagrams", Kind.COUNTER),
+    start=TCP_WIDTH,
+)
+COUNTERS = TCP_COUNTERS + UDP_COUNTERS
 BY_NAME: Mapping[str, Counter] = {c.name: c for c in COUNTERS}
 WIDTH = sum(c.width for c in COUNTERS)
 
@@ -76,6 +88,8 @@ RETX_C2S, RETX_S2C = BY_NAME["retransmits_c2s"].index, BY_NAME["retransmits_s2c"
 RST_C2S, RST_S2C = BY_NAME["resets_c2s"].index, BY_NAME["resets_s2c"].index
 CONNECT_SUM, CONNECT_SLOTS = BY_NAME["connect_latency_sum_us"].index, BY_NAME["connect_latency_slots"].words
 RTT_SUM, RTT_SLOTS = BY_NAME["rtt_sum_us"].index, BY_NAME["rtt_slots"].words
+UDP_SENT, UDP_RECEIVED, UDP_SENT_DATAGRAMS, UDP_RECEIVED_DATAGRAMS = (c.index for c in UDP_COUNTERS)
+TCP_WORDS, UDP_WORDS = slice(0, TCP_WIDTH), slice(TCP_WIDTH, WIDTH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +146,7 @@ for _counter in COUNTERS:  # one read-only attribute per word: c.sent_bytes, c.r
     setattr(FlowCounters, _counter.name, property(_getter, doc=f"struct flow_val.{_counter.c_name}"))
 
 ZERO = FlowCounters((0,) * WIDTH)
+TCP_ZERO, UDP_ZERO = (0,) * TCP_WIDTH, (0,) * (WIDTH - TCP_WIDTH)  # the other protocol's words
 
 
 def add(a: tuple[int, ...], b: tuple[int, ...]) -> FlowCounters:

@@ -16,10 +16,15 @@ IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 
 
+class Transport(StrEnum):
+    TCP = "tcp"
+    UDP = "udp"  # client: the end that sent the first datagram of the 5-tuple (bpf/udp.c)
+
+
 class Reporter(StrEnum):
     """Which end's socket lives on this node and produced the counters."""
 
-    CLIENT = "client"  # the socket that sent the SYN
+    CLIENT = "client"  # the socket that sent the SYN (UDP: the first datagram)
     SERVER = "server"  # the accepted socket
 
 
@@ -38,6 +43,7 @@ class FlowKey:
     # its address is its network's and this the network's prefix length; 0: external, every address
     # outside the cluster's and the monitors' networks (address 0.0.0.0 or ::).
     peer_prefix: int | None = None
+    protocol: Transport = Transport.TCP  # a UDP flow's counters are in the vector's UDP words
 
     @property
     def peer_network(self) -> IPNetwork | None:
@@ -80,6 +86,10 @@ class KernelConfig:
     cluster_networks: frozenset[IPAddress | IPNetwork] | None = None
     # Networks outside the cluster's whose peers are folded each to its own network (monitors' names)
     fold_networks: frozenset[IPNetwork] = field(default_factory=frozenset)
+    # External addresses kept exact while the cluster is known (a live DNS name: docs/dns.md, "Names on
+    # folded flows"), so that their flows can carry the name
+    named_peers: frozenset[IPAddress] = field(default_factory=frozenset)
+    udp: bool = True  # UDP accounting (bpf/udp.c attached): only when a monitor exports a UDP metric
 
     def __post_init__(self) -> None:  # iterables in, frozensets kept: configs compare by value
         object.__setattr__(self, "local_ips", _ips(self.local_ips))
@@ -87,6 +97,7 @@ class KernelConfig:
         if self.cluster_networks is not None:  # frozenset of a frozenset is itself: no copy per poll
             object.__setattr__(self, "cluster_networks", frozenset(self.cluster_networks))
         object.__setattr__(self, "fold_networks", frozenset(self.fold_networks))
+        object.__setattr__(self, "named_peers", frozenset(self.named_peers))
         ports = frozenset(int(p) for p in self.ignored_ports)
         if any(not 0 < p < 65536 for p in ports):
             raise ValueError(f"ports must be 1-65535: {sorted(ports)}")

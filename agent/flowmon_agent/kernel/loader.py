@@ -76,8 +76,8 @@ def load_program(source_name: str, cflags: Mapping[str, int] | None = None):  # 
     path = BPF_DIR / source_name
     if not path.is_file():
         raise BPFUnavailableError(f"BPF source {path} not found (set FLOWMON_BPF_DIR)")
-    # BCC compiles the source as /virtual/main.c: its own headers (peer_fold.h) come from BPF_DIR
-    flags = [f"-I{BPF_DIR}", *(f"-D{name}={int(value)}" for name, value in (cflags or {}).items())]
+    flags = [f"-I{BPF_DIR}"]  # shared headers (skb_headers.h, peer_fold.h): BCC compiles a copy elsewhere
+    flags += [f"-D{name}={int(value)}" for name, value in (cflags or {}).items()]
     try:
         return BPF(src_file=str(path).encode(), cflags=flags)
     except Exception as exc:

@@ -13,8 +13,8 @@ from collections.abc import Container
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_network
 
-from flowmon_agent.kernel.counters import HISTOGRAM_SLOTS, WIDTH, FlowCounters
-from flowmon_agent.kernel.flows import FlowKey, IPAddress, IPNetwork, Reporter
+from flowmon_agent.kernel.counters import HISTOGRAM_SLOTS, TCP_WIDTH, UDP_ZERO, FlowCounters
+from flowmon_agent.kernel.flows import FlowKey, IPAddress, IPNetwork, Reporter, Transport
 
 AF_INET, AF_INET6 = 2, 10  # FM_AF_INET, FM_AF_INET6
 ROLE_CLIENT, ROLE_SERVER = 0, 1  # FM_ROLE_CLIENT, FM_ROLE_SERVER
@@ -40,7 +40,7 @@ FLUSH_PER_RUN = 8  # copies flushed per run of flowmon_flush_closes
 MARK_WORD_SLOTS = 64  # slots per word of the fold's bitmap, and words per group word
 
 FLOW_KEY = struct.Struct("<16s16sHHBBH")  # struct flow_key
-FLOW_VAL = struct.Struct(f"<Q{WIDTH}Q")  # struct flow_val: created_ns, then the counters' vector
+FLOW_VAL = struct.Struct(f"<Q{TCP_WIDTH}Q")  # struct flow_val: created_ns, then the TCP counters
 RST_PENDING = struct.Struct("<40sQB7x")  # struct rst_pending_val
 TUPLE_KEY = struct.Struct("<16s16sHHH2x")  # struct tuple_key
 IP_KEY = struct.Struct("<16sH2x")  # struct ip_key
@@ -66,7 +66,8 @@ def encode_addr(ip: IPAddress) -> tuple[int, bytes]:
     return AF_INET6, ip.packed
 
 
-def decode_flow_key(raw: bytes) -> FlowKey:
+def decode_flow_key(raw: bytes, protocol: Transport = Transport.TCP) -> FlowKey:
+    """bpf/flowmon.c's flow key; bpf/udp.c's has the same layout."""
     client, server, family, port, reporter, fold, client_port = FLOW_KEY.unpack(raw[: FLOW_KEY.size])
     return FlowKey(
         client_ip=decode_addr(family, client),
@@ -75,6 +76,7 @@ def decode_flow_key(raw: bytes) -> FlowKey:
         reporter=Reporter.CLIENT if reporter == ROLE_CLIENT else Reporter.SERVER,
         client_port=client_port,
         peer_prefix=fold - 1 if fold else None,
+        protocol=protocol,
     )
 
 
@@ -89,7 +91,7 @@ def encode_flow_key(key: FlowKey) -> bytes:
 def decode_flow_value(raw: bytes) -> tuple[int, FlowCounters]:
     """(created_ns, counters): created_ns tells one incarnation of an LRU entry from the next."""
     words = FLOW_VAL.unpack(raw[: FLOW_VAL.size])
-    return words[0], FlowCounters(words[1:])
+    return words[0], FlowCounters(words[1:] + UDP_ZERO)
 
 
 def log2_slot(value: int) -> int:

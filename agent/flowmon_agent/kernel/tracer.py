@@ -3,12 +3,14 @@
 poll() (call it about once a second) returns every flow seen since start; configure() applies a
 `KernelConfig`. The parts: program.py (loading, the tcp_probe hook), config_maps.py (filters through
 maps), adoption.py (connections open before the start), rtt_sampler.py (when tcp_probe is attached),
-flow_reader.py (fold, flush, read, decode, incarnations).
+flow_reader.py (fold, flush, read, decode, incarnations), udp_flows.py (UDP pairs, bpf/udp.c), attached
+while the config asks for UDP.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import threading
 import time
@@ -19,14 +21,17 @@ from flowmon_agent.kernel import paths as kernel_paths
 from flowmon_agent.kernel.config_maps import ConfigMaps
 from flowmon_agent.kernel.counters import FlowCounters
 from flowmon_agent.kernel.flow_reader import FlowReader
-from flowmon_agent.kernel.flows import FlowKey, FlowSnapshot, KernelConfig
+from flowmon_agent.kernel.flows import FlowKey, FlowSnapshot, KernelConfig, Transport
 from flowmon_agent.kernel.maps import CFG_ADOPT, CFG_RTT_EPOCH
 from flowmon_agent.kernel.program import KernelProgram, Sizes
 from flowmon_agent.kernel.rtt_sampler import RttSampler
+from flowmon_agent.kernel.udp_flows import UdpFlows
+
+log = logging.getLogger(__name__)
 
 
 class FlowTracer:
-    """Exact TCP flow accounting on this host. Use as a context manager, or call close()."""
+    """Exact TCP and UDP flow accounting on this host. Use as a context manager, or call close()."""
 
     def __init__(
         self,
@@ -45,10 +50,14 @@ class FlowTracer:
         connection_key_ttl_s: float = 300.0,
         idle_flow_ttl_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        udp: bool = True,
+        udp_sizes: Mapping[str, int] | None = None,
     ) -> None:
         """`config` applies from the first socket: BCC attaches the programs as it loads them, and until the
         tracer has been configured the kernel takes no socket in. `rtt_window_clock=False`: the caller
-        opens and closes the srtt sampling windows (`rtt_sampler`)."""
+        opens and closes the srtt sampling windows (`rtt_sampler`). `udp=False`: bpf/udp.c is not even
+        loaded (a config's `udp` then changes nothing). A node where it cannot load or attach (no cgroup v2)
+        keeps TCP: the reason is logged once and kept in `udp_unavailable`."""
         for name, value in (("rtt_interval_ms", rtt_interval_ms), ("rtt_window_ms", rtt_window_ms)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, not {value}")
@@ -59,7 +68,10 @@ class FlowTracer:
         # loop reconfigures; benches hold it to attach and detach hooks of `program` themselves
         self.lock = threading.RLock()
         self._closed = False
+        self._udp: UdpFlows | None = None
+        self.udp_unavailable = ""
         try:
+            self._udp = self._load_udp(udp_sizes) if udp else None
             self._maps = ConfigMaps(self.program)
             self._adoptions = existing.Adoptions(
                 self.program.table("adopt"),
@@ -89,8 +101,30 @@ class FlowTracer:
         except BaseException:
             self._closed = True
             self.program.close()
+            if self._udp is not None:
+                self._udp.close()
             raise
         self.rtt_sampler.start()
+
+    def _load_udp(self, sizes: Mapping[str, int] | None) -> UdpFlows | None:
+        try:
+            return UdpFlows(sizes=sizes)
+        except (kernel_paths.BPFUnavailableError, OSError) as exc:
+            self._without_udp(exc)
+            return None
+
+    def _configure_udp(self, config: KernelConfig) -> None:
+        assert self._udp is not None
+        try:
+            self._udp.configure(config)
+        except kernel_paths.BPFUnavailableError as exc:  # the cgroup links could not be made
+            self._udp.close()
+            self._udp = None
+            self._without_udp(exc)
+
+    def _without_udp(self, exc: Exception) -> None:
+        self.udp_unavailable = str(exc)
+        log.warning("UDP is not counted on this node, TCP is: %s", exc)
 
     # --- configuration (through maps only) -----------------------------------------------------------
     @property
@@ -105,6 +139,8 @@ class FlowTracer:
             self._maps.apply(config)
             if config.rtt != self.rtt_sampler.wanted:
                 self.rtt_sampler.set_wanted(config.rtt)
+            if self._udp is not None:
+                self._configure_udp(config)
 
     def adopt(self, conns: Iterable[existing.ExistingConnection], *, window_s: float = 300.0) -> int:
         """Measure already-open connections from their next received segment on (for window_s)."""
@@ -120,6 +156,11 @@ class FlowTracer:
     def rtt_sampling(self) -> bool:
         """Whether srtt samples are taken (tcp:tcp_probe attached, for a window of each epoch or always)."""
         return self.rtt_sampler.sampling
+
+    @property
+    def udp_attached(self) -> bool:
+        """Whether bpf/udp.c is linked to the cgroup v2 root right now."""
+        return self._udp is not None and self._udp.attached
 
     @property
     def rtt_probe_attached(self) -> bool:
@@ -142,6 +183,10 @@ class FlowTracer:
             dropped.update(self._maps.refused())
             dropped["flows_forgotten_idle"] = self._reader.forgotten_idle
             dropped["flows_forgotten_gone"] = self._reader.forgotten_gone
+            if self._udp is not None:
+                flows.update(self._udp.read())  # keys differ by protocol: no overlap
+                dropped.update(self._udp.drops().as_dropped())
+                dropped.update(self._udp.refused())
             return FlowSnapshot(flows, dropped, self.kernel_path, time.monotonic())
 
     def tracked(self) -> dict[str, int]:
@@ -156,6 +201,8 @@ class FlowTracer:
             if not self._closed:
                 self._closed = True
                 self.program.close()
+                if self._udp is not None:
+                    self._udp.close()
 
     def __enter__(self) -> FlowTracer:
         return self
@@ -165,6 +212,12 @@ class FlowTracer:
 
 
 def format_flow(key: FlowKey, c: FlowCounters) -> str:
+    if key.protocol is Transport.UDP:
+        return (
+            f"udp {key.client_ip} -> {key.server_ip}:{key.server_port} [{key.reporter}] "
+            f"c2s={c.udp_sent_bytes}B/{c.udp_sent_datagrams}dg "
+            f"s2c={c.udp_received_bytes}B/{c.udp_received_datagrams}dg"
+        )
     rtt = f"{c.rtt.sum_us / c.rtt.count / 1000:.2f}ms" if c.rtt.count else "-"
     return (
         f"{key.client_ip} -> {key.server_ip}:{key.server_port} [{key.reporter}] "

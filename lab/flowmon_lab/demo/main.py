@@ -136,7 +136,8 @@ class Demo:
         self.cluster = MiniCluster(spec, scenario.PREFIX)
         self.cluster.build()
         inventory = self.workdir / "inventory.yaml"
-        inventory.write_text(yaml.safe_dump_all(self.cluster.inventory(), sort_keys=False))
+        known = [o for o in self.cluster.inventory() if not scenario.outside_the_cluster(o)]
+        inventory.write_text(yaml.safe_dump_all(known, sort_keys=False))
         return inventory
 
     def start_agents(self, inventory: Path, ca: Path, cert: Path, key: Path, token: Path) -> None:
@@ -220,7 +221,10 @@ class Demo:
         from flowmon_lab.demo import scenario
 
         cluster, duration = self.cluster, self.args.duration
-        say("starting the workloads: servers, a lossy link, steady calls, bursts, a broken dependency...")
+        say(
+            "starting the workloads: servers, a lossy link, a resolver, calls by name and by Service IP, "
+            "bursts, a broken dependency, a name that does not exist, an external provider..."
+        )
         logs = self.workdir / "pods"
         logs.mkdir()
         servers = []
@@ -235,12 +239,35 @@ class Demo:
         namespace, deployment, port, probability = scenario.LOSSY
         for pod in cluster.pods_of(namespace, deployment):
             cluster.iptables(pod, *scenario.loss_rule(port, probability))
+        dns_ip = self.start_resolver()
         for call in scenario.CALLS:
-            svc = cluster.service(*call.service_ref)
+            if call.name:
+                target, server, log_name = f"{call.name}:{call.port}", dns_ip, call.service_ref[1]
+            else:
+                svc = cluster.service(*call.service_ref)
+                target, server, log_name = f"{svc.cluster_ip}:{svc.port}", "", svc.name
             for pod in cluster.pods_of(*call.client_ref):
-                argv = scenario.call_argv(call, f"{svc.cluster_ip}:{svc.port}", duration)
-                with (logs / f"{pod.lab_name}-call-{svc.name}.log").open("w") as out:
+                argv = scenario.call_argv(call, target, duration, server)
+                with (logs / f"{pod.lab_name}-call-{log_name}.log").open("w") as out:
                     cluster.spawn(pod, argv, stdout=out, stderr=subprocess.STDOUT)
+
+    def start_resolver(self) -> str:
+        """dnsmasq in the kube-system pod: the Services' names and the payment provider's; the kube-dns
+        Service IP (what the workloads ask)."""
+        from flowmon_lab.demo import scenario
+        from flowmon_lab.resolver import ResolverConfig, start_resolver
+
+        cluster = self.cluster
+        (pod,) = cluster.pods_of(*scenario.RESOLVER)
+        (provider,) = cluster.pods_of("internet", "payment-provider")
+        cluster_ips = {(s.namespace, s.name): s.cluster_ip for s in cluster.services if s.protocol == "tcp"}
+        config = ResolverConfig(
+            local_zone=scenario.CLUSTER_DOMAIN,
+            hosts=scenario.resolver_hosts(cluster_ips, provider.ip),
+            ttl_s=scenario.DNS_TTL,
+        )
+        start_resolver(cluster.lab, cluster.lab.pod(pod.lab_name), config)
+        return cluster.service(*scenario.DNS_SERVICE).cluster_ip
 
     def _wait_listening(self, pod, port: int, timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout
@@ -447,6 +474,8 @@ def run(args: argparse.Namespace) -> int:
     except DemoError as exc:
         print(f"flowmon demo: {exc}", file=sys.stderr)
         return 1
+    # Python leaves SIGINT ignored when it starts so (a background job of a script): Ctrl-C stops it anyway
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     demo = None

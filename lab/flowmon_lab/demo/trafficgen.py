@@ -6,12 +6,18 @@ request bytes; the server reads them all, answers with the response bytes and cl
 
     python -m flowmon_lab.demo.trafficgen serve --port 8080 --seconds 300
     python -m flowmon_lab.demo.trafficgen call 10.96.0.10:80 --rate 10 --request 300 --response 2048
+    python -m flowmon_lab.demo.trafficgen call cart.shop.svc.cluster.local:80 --dns 10.96.0.20
+
+With --dns the target's name is resolved (an A query over UDP, no cache) before every call, as a client
+without a DNS cache does; a failed resolution is counted by its answer code and no connection is made.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import socket
+import struct
 import sys
 import threading
 import time
@@ -21,7 +27,8 @@ MAX_RESPONSE = 4 * 1024 * 1024
 MAX_CONNECTIONS = 100_000  # per client run, whatever the rate and duration
 
 
-def serve(port: int, seconds: float) -> int:
+def serve(port: int, seconds: float, stop: threading.Event | None = None) -> int:
+    """Answer calls for `seconds`, or until `stop` is set (a caller running it in a thread)."""
     srv = socket.socket(socket.AF_INET6)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 and IPv6
@@ -29,7 +36,7 @@ def serve(port: int, seconds: float) -> int:
     srv.listen(256)
     deadline = time.monotonic() + seconds
     srv.settimeout(1.0)
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (stop and stop.is_set()):
         try:
             conn, _ = srv.accept()
         except TimeoutError:
@@ -85,6 +92,31 @@ def call_once(target: tuple[str, int], request: int, response: int, timeout: flo
         return "error"
 
 
+RCODES = {0: "NOERROR", 2: "SERVFAIL", 3: "NXDOMAIN", 5: "REFUSED"}
+
+
+def resolve(name: str, server: str, timeout: float, port: int = 53) -> tuple[str | None, str]:
+    """(the first IPv4 address of an A answer or None, the answer code or `dns-timeout`)."""
+    ident = random.randrange(1 << 16)
+    question = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0\0\1\0\1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + question, (server, port))
+        try:
+            reply = sock.recv(512)
+        except TimeoutError:
+            return None, "dns-timeout"
+    if len(reply) < 12 or struct.unpack_from("!H", reply)[0] != ident:
+        return None, "dns-error"
+    rcode = RCODES.get(reply[3] & 0xF, "dns-error")
+    # dnsmasq answers with the question, then A records: the address is the last 4 bytes of the first
+    answers = struct.unpack_from("!H", reply, 6)[0]
+    start = 12 + len(question)
+    if rcode != "NOERROR" or not answers or len(reply) < start + 16:
+        return None, rcode
+    return socket.inet_ntoa(reply[start + 12 : start + 16]), rcode
+
+
 def call(args: argparse.Namespace) -> int:
     host, _, port = args.target.rpartition(":")
     target = (host.strip("[]"), int(port))
@@ -99,7 +131,11 @@ def call(args: argparse.Namespace) -> int:
             break
         batch = args.burst if args.burst and args.every and n % args.burst == 0 else 1
         for _ in range(min(batch, limit - n)):
-            results[call_once(target, args.request, args.response, args.timeout)] += 1
+            address, answer = resolve(target[0], args.dns, args.timeout) if args.dns else (target[0], "")
+            if address is None:
+                results[answer] += 1
+            else:
+                results[call_once((address, target[1]), args.request, args.response, args.timeout)] += 1
             n += 1
         next_at += args.every if args.burst and args.every else 1.0 / args.rate
     print(f"{args.target}: {dict(results)}", flush=True)
@@ -113,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--seconds", type=float, default=600)
     c = sub.add_parser("call")
-    c.add_argument("target", help="IP:PORT")
+    c.add_argument("target", help="IP:PORT, or NAME:PORT with --dns")
+    c.add_argument("--dns", default="", help="resolve the target's name at this DNS server before each call")
     c.add_argument("--rate", type=float, default=1.0, help="requests per second")
     c.add_argument("--burst", type=int, default=0, help="requests per burst (with --every)")
     c.add_argument("--every", type=float, default=0.0, help="seconds between bursts")
