@@ -16,7 +16,8 @@
 //   FLOWMON_COMPAT   1: bytes from tcp:tcp_probe (kernels without sock:sock_{send,recv}_length)
 //   FLOWMON_RAW      1: sock_{send,recv}_length as raw tracepoints (cheaper, args are plain values)
 //   FLOWMON_RAW_RESET 1: tcp_send_reset as a raw tracepoint (see on_send_reset)
-//   SOCK_MAX (a power of two), FLOW_MAX, RST_MAX, ADOPT_MAX, CLOSE_SLOTS: map sizes;  FOLD_STEPS:
+//   SOCK_MAX (a power of two), FLOW_MAX, RST_MAX, ADOPT_MAX, NAT_MAX, LOCAL_IPS_MAX, PEER_NETS_MAX
+//   (peer_fold.h), CLOSE_SLOTS: map sizes;  FOLD_STEPS:
 //   steps per run of flowmon_fold
 
 #ifndef FLOWMON_COMPAT
@@ -43,6 +44,9 @@
 #ifndef NAT_MAX
 #define NAT_MAX 16384
 #endif
+#ifndef LOCAL_IPS_MAX
+#define LOCAL_IPS_MAX 4096
+#endif
 
 #define FM_AF_INET 2
 #define FM_AF_INET6 10
@@ -61,13 +65,15 @@
 // Aggregated flow: every connection client -> server:port seen by one end (reporter). IPv4 addresses
 // use the first 4 bytes; IPv4-mapped IPv6 addresses are stored as IPv4. client_port is 0 except for
 // connections to a NAT peer (a Service IP): those stay per connection so user space can undo the NAT.
+// peer_fold (peer_fold.h): 0, or the remote end (the one that is not the reporter) is folded to a network
+// (prefix length + 1; 1: external, every address outside the cluster's networks, address zeroed).
 struct flow_key {
     u8 client[16];
     u8 server[16];
     u16 family;
     u16 server_port;
     u8 reporter;
-    u8 pad;
+    u8 peer_fold;
     u16 client_port;
 };
 
@@ -228,9 +234,21 @@ struct ip_key {
     u16 family;
     u16 pad;
 };
-BPF_HASH(local_ips, struct ip_key, u8, 4096);
+BPF_HASH(local_ips, struct ip_key, u8, LOCAL_IPS_MAX);
 BPF_HASH(ignored_ports, u16, u8, 1024);
 BPF_HASH(nat_peers, struct ip_key, u8, NAT_MAX);
+#include "peer_fold.h"
+
+// A remote address outside the cluster's networks is folded (peer_fold.h); returns the key's marker.
+static __always_inline u8 fold_peer(u8 *addr, u16 family) {
+    u32 zero = 0;
+    u64 *on = peer_fold_on.lookup(&zero);
+    if (!on || !*on)
+        return 0;
+    struct peer_net_key k = {};
+    peer_net_key_of(&k, addr, family);
+    return peer_fold_apply(addr, peer_nets.lookup(&k));
+}
 
 // Drop and event counters (per CPU, summed by user space).
 #define ST_SOCK_FULL 0
@@ -746,6 +764,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             return 0;
         st.start_ns = bpf_ktime_get_ns();
         st.per_conn = is_nat_peer(family, st.key.server);
+        if (!st.per_conn)  // a Service IP stays exact: conntrack resolves it per connection
+            st.key.peer_fold = fold_peer(st.key.server, family);
         sock_insert(sk, &st);
         return 0;
     }
@@ -773,6 +793,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
                                    args->daddr, args->daddr_v6, args->sport, args->dport);
             if (!is_traced(family, st.key.server, st.key.server_port))
                 return 0;
+            st.key.peer_fold = fold_peer(st.key.client, family);
             st.established = 1;
             st.rtt_epoch = rtt_epoch_now();
             st.client_port = args->dport;
@@ -922,6 +943,7 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
         adopt.delete(&t);
         if (!is_traced(family, t.local, fresh.key.server_port))
             return 0;
+        fresh.key.peer_fold = fold_peer(*role == FM_ROLE_CLIENT ? fresh.key.server : fresh.key.client, family);
         fresh.established = 1;
         fresh.client_port = *role == FM_ROLE_CLIENT ? lport : rport;
         fresh.rtt_epoch = epoch;
@@ -1083,6 +1105,14 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
         return 0;
     }
     u8 sender = st->key.reporter == FM_ROLE_CLIENT ? FM_ROLE_SERVER : FM_ROLE_CLIENT;
+    if (st->key.peer_fold) {
+        // A folded peer is outside the cluster, no traced socket here: the RST is the peer's. Counted now,
+        // since the pending key (the client's address, zeroed) would mix distinct external clients.
+        struct flow_val *v = flow_get(&st->key);
+        if (v)
+            __sync_fetch_and_add(sender == FM_ROLE_CLIENT ? &v->resets_c2s : &v->resets_s2c, 1);
+        return 0;
+    }
     struct rst_key k = {};
     rst_key_for(&k, &st->key, st->client_port, sender);
     if (rst_sent.lookup(&k)) {

@@ -18,10 +18,10 @@
 // client port, with the reporting end's role; user space reads it each poll like the TCP flows and counts
 // evictions from udp_stats[UST_FLOWS_CREATED]. Directions are client→server (c2s) and server→client.
 //
-// Integer cflags (set by udp_flows.py): UDP_TUPLE_MAX, UDP_FLOW_MAX, UDP_IDLE_S, and UDP_MODE: 1 the
-// product; for bench/kernel_overhead.py, 0 the count-only floor of this hook (every line up to the
-// datagram's walk shared) and 2 the product with roles by ports alone (no tuple map: what remembering
-// the first sender costs).
+// Integer cflags (set by udp_flows.py): UDP_TUPLE_MAX, UDP_FLOW_MAX, UDP_IDLE_S, PEER_NETS_MAX
+// (peer_fold.h), and UDP_MODE: 1 the product; for bench/kernel_overhead.py, 0 the count-only floor of
+// this hook (every line up to the datagram's walk shared) and 2 the product with roles by ports alone
+// (no tuple map: what remembering the first sender costs).
 
 #include "skb_headers.h"
 
@@ -69,14 +69,15 @@ struct udp_role {
     u64 local_is_client;
 };
 
-// Same layout as struct flow_key in bpf/flowmon.c (user space decodes both alike); client_port is 0.
+// Same layout as struct flow_key in bpf/flowmon.c (user space decodes both alike); client_port is 0;
+// peer_fold as there: the peer outside the cluster's networks folded (peer_fold.h).
 struct flow_key {
     u8 client[16];
     u8 server[16];
     u16 family;
     u16 server_port;
     u8 reporter;
-    u8 pad;
+    u8 peer_fold;
     u16 client_port;
 };
 
@@ -102,6 +103,7 @@ BPF_PERCPU_ARRAY(udp_stats, u64, UST_MAX);
 BPF_ARRAY(cfg, u64, 6);
 BPF_HASH(local_ips, struct ip_key, u8, 4096);
 BPF_HASH(ignored_ports, u16, u8, 1024);
+#include "peer_fold.h"
 
 static __always_inline void stat(u32 which) {
     u64 *n = udp_stats.lookup(&which);
@@ -114,11 +116,17 @@ static __always_inline int flag(u32 index) {
     return on && *on;
 }
 
-// External peers folded into a cluster network (the TCP flow key's LPM folding, when it lands in a
-// shared header) belong here: the key's server or client address, replaced before the flow lookup.
-#ifndef UDP_FOLD_PEER
-#define UDP_FOLD_PEER(key)
-#endif
+// The key's peer (the end that is not the reporter) outside the cluster's networks is folded, as TCP
+// keys are (bpf/flowmon.c's fold_peer): the flows grow with the cluster, not with the internet.
+static __always_inline u8 fold_addr(u8 *addr, u16 family) {
+    u32 zero = 0;
+    u64 *on = peer_fold_on.lookup(&zero);
+    if (!on || !*on)
+        return 0;
+    struct peer_net_key nk = {};
+    peer_net_key_of(&nk, addr, family);
+    return peer_fold_apply(addr, peer_nets.lookup(&nk));
+}
 
 // This end's role for the tuple: remembered from its first datagram while the tuple is active.
 static __always_inline u64 local_role(struct udp_tuple *t, u8 egress, u64 now) {
@@ -188,7 +196,10 @@ static __always_inline int account(struct __sk_buff *skb, u8 egress) {
     }
     if (flag(1) && ignored_ports.lookup(&k.server_port))
         return 1;
-    UDP_FOLD_PEER(&k);
+    if (k.reporter == FM_ROLE_CLIENT)
+        k.peer_fold = fold_addr(k.server, k.family);
+    else
+        k.peer_fold = fold_addr(k.client, k.family);
     struct udp_val *v = udp_flows.lookup(&k);
     if (!v) {
         struct udp_val zero = {.created_ns = now};

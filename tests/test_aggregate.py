@@ -559,8 +559,14 @@ def test_kernel_config_carries_the_filter_service_ips_ports_and_whether_rtt_and_
 ) -> None:
     only_pay = monitor(namespaces={"include": ["pay"]}, metrics=["sent_bytes"])
     got = kernel_config(policy(only_pay), resolver.store, "n1", ignored_ports=[9400])
+    cluster = {ip_address(ip) for ip in (WEB1, WEB2, API1, API2, TOOL, SVC, NODE1, "192.0.2.2")}
     assert got == KernelConfig(
-        local_ips={ip_address(API1)}, nat_peers={ip_address(SVC)}, ignored_ports={9400}, rtt=False, udp=False
+        local_ips={ip_address(API1)},
+        nat_peers={ip_address(SVC)},
+        ignored_ports={9400},
+        rtt=False,
+        cluster_networks=frozenset(cluster),
+        udp=False,
     )
     everything = kernel_config(policy(monitor()), resolver.store, ["n1", "n2"])
     assert (everything.local_ips, everything.rtt, everything.udp, everything.ignored_ports) == (
@@ -571,6 +577,8 @@ def test_kernel_config_carries_the_filter_service_ips_ports_and_whether_rtt_and_
     )
     udp_only = kernel_config(policy(monitor(metrics=["udp_received_datagrams"])), resolver.store, "n1")
     assert (udp_only.rtt, udp_only.udp) == (False, True)
+    named = kernel_config(policy(only_pay), resolver.store, "n1", named_peers=["192.0.2.9", "2001:db8::9"])
+    assert named.named_peers == {ip_address("192.0.2.9"), ip_address("2001:db8::9")}
 
 
 def test_kernel_config_refuses_ports_out_of_range() -> None:

@@ -23,8 +23,8 @@ from flowmon_agent.kernel.counters import (
 )
 from flowmon_agent.kernel.loader import BPF_DIR
 
-C_SOURCE = (BPF_DIR / "flowmon.c").read_text()
-UDP_SOURCE = (BPF_DIR / "udp.c").read_text()
+C_SOURCE = (BPF_DIR / "flowmon.c").read_text() + (BPF_DIR / "peer_fold.h").read_text()  # it includes
+UDP_SOURCE = (BPF_DIR / "udp.c").read_text() + (BPF_DIR / "peer_fold.h").read_text()
 C_TYPES = {"u8": 1, "u16": 2, "u32": 4, "u64": 8, "s32": 4}
 
 
@@ -124,6 +124,8 @@ def python_items(layout: struct.Struct) -> list[tuple[int, int]]:
         ("rst_pending_val", maps.RST_PENDING),
         ("tuple_key", maps.TUPLE_KEY),
         ("ip_key", maps.IP_KEY),
+        ("peer_net_key", maps.PEER_NET_KEY),
+        ("peer_net_val", maps.PEER_NET_VAL),
     ],
 )
 def test_map_layouts_match_the_c_structs(c_name: str, layout: struct.Struct) -> None:

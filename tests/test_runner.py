@@ -21,6 +21,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from flowmon_agent.aggregation.tracing_scope import cluster_networks
 from flowmon_agent.export.policy_store import dump_policy_json
 from flowmon_agent.kernel.cgroup import cgroup2_root
 from flowmon_agent.kernel.counters import FlowCounters
@@ -339,8 +340,9 @@ async def test_the_tracer_is_configured_from_the_policy_metadata_and_settings(tm
             nat_peers={ip_address(SERVICE_IP)},
             ignored_ports={2222, own},
             rtt=True,
+            cluster_networks=cluster_networks(agent.store),  # its pods, nodes and Services stay exact
         )
-        assert tracer.configs[1:] == [expected]
+        assert expected.cluster_networks and tracer.configs[1:] == [expected]
         without_rtt = compile_policy([monitor("shop", "pairs", metrics=["sent_bytes"])])
         polls = agent.polls
         agent.policy.apply(without_rtt, source="api")  # wakes the loop: a poll follows at once

@@ -211,3 +211,28 @@ def test_exported_once_per_pair_through_the_agents_aggregation(udp, lab) -> None
     assert exported(view, "dev/other") == {}  # tenancy: neither end is in dev
     tcp = [f for f in view.monitors["flowmon-system/all"].families if f.info.name.startswith("flowmon_tcp_")]
     assert all(not f.samples and not f.histograms for f in tcp)  # a UDP-only pair has no TCP series
+
+
+def test_distinct_external_peers_fold_into_one_flow(lab) -> None:
+    """Clients outside the cluster's networks (AnyIP addresses routed to a) share one folded key on b's
+    side (bpf/peer_fold.h, as TCP's), holding every datagram's bytes."""
+    a, b = lab.pod("a"), lab.pod("b")
+    lab.run(a, ["ip", "route", "add", "local", "198.18.0.0/24", "dev", "lo"])
+    lab.run(b, ["ip", "route", "add", "198.18.0.0/24", "via", str(a.ipv4)])
+    port, n = next(_ports), 20
+    cluster = frozenset(ip for p in lab.pods for ip in (p.ipv4, p.ipv6))
+    with UdpFlows() as flows:
+        flows.configure(KernelConfig(local_ips=[b.ipv4], cluster_networks=cluster))
+        with lab.socket(b, V4, socket.SOCK_DGRAM) as srv:
+            srv.settimeout(10)
+            srv.bind((b.ip(V4), port))
+            for i in range(n):
+                with lab.socket(a, V4, socket.SOCK_DGRAM) as cli:
+                    cli.bind((f"198.18.0.{i + 1}", 0))
+                    cli.sendto(b"e" * (10 + i), (b.ip(V4), port))
+                    assert len(srv.recvfrom(100)[0]) == 10 + i
+        got = {k: c for k, c in flows.read().items() if k.server_port == port}
+    server = ip_address(b.ip(V4))
+    folded = FlowKey(ip_address("0.0.0.0"), server, port, S, peer_prefix=0, protocol=Transport.UDP)
+    assert list(got) == [folded]
+    assert udp_words(got[folded]) == (sum(10 + i for i in range(n)), 0, n, 0)

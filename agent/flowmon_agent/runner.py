@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from flowmon_agent.aggregation.aggregator import Aggregator
 from flowmon_agent.aggregation.count_once import NatBackends, effective_agent_nodes
 from flowmon_agent.aggregation.dns_series import DnsAggregator, DnsTotals, with_dns
-from flowmon_agent.aggregation.tracing_scope import kernel_config
+from flowmon_agent.aggregation.tracing_scope import NAMED_PEERS_MAX, kernel_config
 from flowmon_agent.aggregation.view import AgentView
 from flowmon_agent.dns.tracker import DnsTracker
 from flowmon_agent.event_wait import wait_event
@@ -100,11 +100,9 @@ class AgentSettings(BaseSettings):
         description="Run the agent's threads as SCHED_BATCH: they never preempt the applications it "
         "measures when they wake (flowmon agent only; not for an Agent embedded in another process).",
     )
+    # sock_ops (srtt at close), UDP and DNS all link there; in a pod: the host's /sys/fs/cgroup, not its own
     cgroup_root: Path | None = Field(
-        default=None,
-        description="Where the node's cgroup v2 root is mounted (at or below): the sock_ops program (srtt "
-        "at close), UDP flows and DNS capture are all linked there (in a pod: the host's /sys/fs/cgroup, "
-        "its own being its cgroup namespace). Default: the shallowest cgroup2 mount.",
+        None, description="Where the node's cgroup v2 root is mounted (at or below); default: the shallowest."
     )
     rtt_window_ms: int = Field(
         default=100,
@@ -414,7 +412,9 @@ class Agent:
         if policy is None:
             return AgentView(policy_hash="", monitors={})
         assert self.tracer is not None
-        self.tracer.configure(kernel_config(policy, self.store, self.settings.node_name, self.ignored_ports))
+        named = self.dns_tracker.names.addresses(NAMED_PEERS_MAX)  # kept exact: their flows carry the name
+        config = kernel_config(policy, self.store, self.settings.node_name, self.ignored_ports, named)
+        self.tracer.configure(config)
         backends = self._nat_backends(snapshot) if self._nat_backends else None
         view = self.aggregator.build_view(snapshot, policy, self.resolver, now, backends)
         tracker, nodes = self.dns_tracker, set(self.settings.node_name)

@@ -10,8 +10,8 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from flowmon_agent.kernel.counters import RETX_S2C, RST_S2C, WIDTH
-from flowmon_agent.kernel.flows import FlowKey, IPAddress, Reporter
-from flowmon_agent.metadata.resolver import KIND_EXTERNAL, Endpoint, Resolver, service_endpoint
+from flowmon_agent.kernel.flows import FlowKey, IPAddress, IPNetwork, Reporter
+from flowmon_agent.metadata.resolver import EXTERNAL, KIND_EXTERNAL, Endpoint, Resolver, service_endpoint
 from flowmon_agent.metadata.store import MetadataStore
 from flowmon_contract.policy import AgentPolicy
 
@@ -37,8 +37,9 @@ class PeerNames(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ResolvedFlow:
-    client_ip: IPAddress
-    server_ip: IPAddress  # the backend's for a Service connection conntrack could resolve
+    # a network where the kernel folded the peer (FlowKey.peer_network): external, or a named network
+    client_ip: IPAddress | IPNetwork
+    server_ip: IPAddress | IPNetwork  # the backend's for a Service connection conntrack could resolve
     client: Endpoint
     server: Endpoint
     server_port: int
@@ -59,6 +60,13 @@ def peer_dns_name(
 def resolve_flow(
     key: FlowKey, resolver: Resolver, backends: NatBackends, names: PeerNames | None = None
 ) -> ResolvedFlow:
+    """A folded peer has no address left, hence no DNS name (the agent keeps named peers exact:
+    KernelConfig.named_peers)."""
+    folded, port = key.peer_network, key.server_port
+    if folded is not None:  # never a pod, node or Service: those are the cluster's, kept exact
+        if key.reporter is Reporter.SERVER:
+            return ResolvedFlow(folded, key.server_ip, EXTERNAL, resolver.endpoint(key.server_ip), port, "")
+        return ResolvedFlow(key.client_ip, folded, resolver.endpoint(key.client_ip), EXTERNAL, port, "")
     client = resolver.endpoint(key.client_ip)
     service_record = resolver.service(key.server_ip, key.server_port)
     if service_record is None:

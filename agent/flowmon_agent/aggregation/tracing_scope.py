@@ -7,9 +7,10 @@ from __future__ import annotations
 import weakref
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from ipaddress import ip_address
 
 from flowmon_agent.aggregation.count_once import ResolvedFlow
-from flowmon_agent.kernel.flows import IPAddress, KernelConfig
+from flowmon_agent.kernel.flows import IPAddress, IPNetwork, KernelConfig
 from flowmon_agent.metadata.records import Labels, PodRecord
 from flowmon_agent.metadata.store import MetadataStore
 from flowmon_contract.policy import AgentPolicy, MonitorPolicy
@@ -121,21 +122,70 @@ def flow_visible(monitor: MonitorPolicy, flow: ResolvedFlow, store: MetadataStor
     )
 
 
+# Per store: generation → the cluster's networks (20k pods: ~20 ms to build, so once per change).
+ClusterNetworks = frozenset[IPAddress | IPNetwork]
+_CLUSTER_NETS: weakref.WeakKeyDictionary[MetadataStore, tuple[int, ClusterNetworks | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def outside(ips: Iterable[IPAddress], networks: Iterable[IPNetwork]) -> list[IPAddress]:
+    """The addresses no network holds (a set lookup per distinct prefix length, not per network)."""
+    by_length: dict[tuple[int, int], set[int]] = {}
+    for net in networks:
+        by_length.setdefault((net.version, net.prefixlen), set()).add(int(net.network_address))
+    shifts = [
+        (version, ip_bits - length, held)
+        for (version, length), held in by_length.items()
+        for ip_bits in (32 if version == 4 else 128,)
+    ]
+    return [
+        ip for ip in ips if not any(ip.version == v and (int(ip) >> s) << s in held for v, s, held in shifts)
+    ]
+
+
+def cluster_networks(store: MetadataStore) -> ClusterNetworks | None:
+    """What the kernel keeps exact as a peer: the nodes' pod CIDRs and every pod, node and Service
+    address outside them (a bare address is a /32 or /128). None while the store knows no pod and no node
+    (agent start): nothing is folded until the cluster is known, since a pod cannot be told from the
+    internet before."""
+    generation = store.current_generation()
+    cached = _CLUSTER_NETS.get(store)
+    if cached is not None and cached[0] == generation:
+        return cached[1]
+    ips, cidrs = store.cluster_addresses()
+    known = store.pods() or store.node_names()
+    result = frozenset((*cidrs, *outside(ips, cidrs))) if known else None
+    _CLUSTER_NETS[store] = (generation, result)
+    return result
+
+
+# External addresses with a live DNS name kept exact in the kernel's key, the most recently learned
+# (NameTable.addresses): bounded, since a pod forging answers to itself must not unfold the internet
+NAMED_PEERS_MAX = 4096
+
+
 def kernel_config(
     policy: AgentPolicy,
     store: MetadataStore,
     nodes: str | Collection[str],
     ignored_ports: Iterable[int] = (),
+    named_peers: Iterable[str] = (),
 ) -> KernelConfig:
     """What the tracer on this node (or these nodes) is configured with under this policy: the local IPs
     it traces, the NAT peers (Service IPs: connections to them stay per connection, for conntrack), the
     ports it ignores (the agent's own, configured ones), whether srtt is sampled (a monitor exports
-    RTT: tcp_probe, the costliest hook, runs on every received segment), and whether UDP is counted (a
-    monitor exports a UDP metric: bpf/udp.c runs on every packet of the node)."""
+    RTT: tcp_probe, the costliest hook, runs on every received segment), whether UDP is counted (a
+    monitor exports a UDP metric: bpf/udp.c runs on every packet of the node), and which peers stay exact
+    (the cluster's, and `named_peers`: external addresses with a live DNS name) or are folded (the rest:
+    to the monitors' named networks, or to external)."""
     return KernelConfig(
         local_ips=local_ip_filter(policy, store, nodes),
         nat_peers=frozenset(store.service_ips()),
         ignored_ports=frozenset(ignored_ports),
         rtt=policy.wants_rtt,
+        cluster_networks=cluster_networks(store),
+        fold_networks=frozenset(n.cidr for m in policy.monitors for n in m.selection.networks),
+        named_peers=frozenset(ip_address(a) for a in named_peers),
         udp=policy.wants_udp,
     )

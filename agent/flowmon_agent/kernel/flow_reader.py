@@ -5,7 +5,13 @@ a per-CPU copy of the flow's entry; before each read the kernel's fold program m
 have had pending since the last fold, and the flush moves the copies (in the kernel: no per-socket work
 in Python). Then only the flow map is read, so user-space work grows with distinct flows, not with open
 connections. Totals are kept here across the LRU entries of a key (`Incarnations`), so a flow the kernel
-evicts keeps its totals; within an entry the kernel only adds, so a key's totals never decrease.
+evicts and re-creates between two reads keeps its totals; within an entry the kernel only adds.
+
+Bounded: a key is remembered only while the kernel holds its entry. A key whose entry is gone (evicted)
+is forgotten, and so is one whose connections are all closed and whose counters have not changed for a
+TTL (deleted from the kernel too): its last totals were reported, and a key that comes back starts from
+zero, which aggregation takes as a restart. So user space holds at most FLOW_MAX flows (the kernel's
+flow map), whatever the traffic; `forgotten` counts them.
 """
 
 from __future__ import annotations
@@ -37,20 +43,23 @@ RESET_C2S, RESET_S2C = FlowCounters.of(resets_c2s=1), FlowCounters.of(resets_s2c
 
 class Incarnations:
     """One flow key's kernel entries over time: LRU eviction and re-creation (a new created_ns) restart
-    the entry from zero; what the evicted one had last is kept in `base`."""
+    the entry from zero; what the evicted one had last is kept in `base`. `changed_at`: when the entry
+    last changed (the reader's clock); `seen`: the last read that found it."""
 
-    __slots__ = ("base", "created_ns", "last", "raw", "total")
+    __slots__ = ("base", "changed_at", "created_ns", "last", "raw", "seen", "total")
 
-    def __init__(self, created_ns: int, counters: FlowCounters, raw: bytes = b"") -> None:
+    def __init__(self, created_ns: int, counters: FlowCounters, raw: bytes = b"", now: float = 0.0) -> None:
         self.created_ns, self.last, self.raw = created_ns, counters, raw
         self.base: FlowCounters | None = None
         self.total = counters  # base + last
+        self.changed_at, self.seen = now, 0
 
-    def observe(self, created_ns: int, counters: FlowCounters, raw: bytes = b"") -> None:
+    def observe(self, created_ns: int, counters: FlowCounters, raw: bytes = b"", now: float = 0.0) -> None:
         if created_ns != self.created_ns and self.created_ns != 0:
             self.base = self.total  # the old entry was evicted: keep what it had
         self.created_ns, self.last, self.raw = created_ns, counters, raw
         self.total = counters if self.base is None else add(self.base, counters)
+        self.changed_at = now
 
 
 def cpus_to_visit(words: bpf_loader.PercpuWords) -> Iterable[int]:
@@ -112,6 +121,7 @@ class FlowReader:
         *,
         reset_grace_s: float = 0.5,
         connection_key_ttl_s: float = 300.0,
+        idle_flow_ttl_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._fold = None if program.fold_fd is None else KernelFold(program)  # compat: nothing to fold
@@ -123,32 +133,46 @@ class FlowReader:
         self._flows_reader = bpf_loader.MapReader(self._flows)
         self._pending_reader = bpf_loader.MapReader(self._pending, chunk=256)
         self._reset_grace_ns = int(reset_grace_s * 1e9)
-        self._conn_ttl_s, self._clock = connection_key_ttl_s, clock
-        self._conn_seen: dict[FlowKey, tuple[float, FlowCounters]] = {}  # per-connection keys: last change
+        self._conn_ttl_s, self._idle_ttl_s, self._clock = connection_key_ttl_s, idle_flow_ttl_s, clock
         self._incarnations: dict[FlowKey, Incarnations] = {}
-        self._resets: dict[FlowKey, FlowCounters] = {}  # resets received from untraced senders
-        self._forgotten = 0  # kernel entries user space deleted (not evictions)
+        # resets received from untraced senders, and when the last one came
+        self._resets: dict[FlowKey, tuple[FlowCounters, float]] = {}
+        self._deleted = 0  # kernel entries user space deleted (not evictions)
         self._evicted = 0
+        self.forgotten_idle = self.forgotten_gone = 0  # keys forgotten (idle past the TTL; entry gone)
+        self._reads = 0
+
+    def tracked(self) -> dict[str, int]:
+        """How many keys user space holds per table: at most the kernel's flow map, whatever the traffic."""
+        return {"flows": len(self._incarnations), "resets": len(self._resets)}
 
     def read(self) -> tuple[dict[FlowKey, FlowCounters], dict[str, int]]:
         if self._fold is not None:
             self._fold.run()
         created = self._stat(ST_FLOWS_CREATED)  # before the map read: evictions are never overestimated
         entries = self._flows_reader.items()
-        incarnations = self._incarnations
+        now, incarnations = self._clock(), self._incarnations
+        self._reads = read = self._reads + 1
         for k, v in entries:
             key = decode_flow_key(k)
             inc = incarnations.get(key)
             if inc is None:
-                incarnations[key] = Incarnations(*decode_flow_value(v), v)
+                inc = incarnations[key] = Incarnations(*decode_flow_value(v), v, now)
             elif inc.raw != v:  # unchanged entries cost a comparison
-                inc.observe(*decode_flow_value(v), v)
-        self._drain_resets(incarnations)
-        self._evicted = max(self._evicted, created - len(entries) - self._forgotten)
+                inc.observe(*decode_flow_value(v), v, now)
+            inc.seen = read
+        self._drain_resets(incarnations, now)
+        self._evicted = max(self._evicted, created - len(entries) - self._deleted)
+        if len(incarnations) > len(entries):  # entries the kernel no longer holds: their totals were reported
+            gone = [key for key, inc in incarnations.items() if inc.seen != read]
+            for key in gone:
+                del incarnations[key]
+                self._resets.pop(key, None)
+            self.forgotten_gone += len(gone)
+        self._forget_idle(now)
         flows = {key: inc.total for key, inc in incarnations.items()}
-        for key, resets in self._resets.items():
+        for key, (resets, _) in self._resets.items():
             flows[key] = add(flows[key], resets) if key in flows else resets
-        self._forget_idle_connections(flows)
         dropped = {
             "socket_table_full": self._stat(ST_SOCK_FULL),
             "flow_table_evicted": self._evicted,
@@ -160,7 +184,7 @@ class FlowReader:
     def _stat(self, index: int) -> int:
         return int(self._stats.sum(ctypes.c_int(index)).value)
 
-    def _drain_resets(self, known: Container[FlowKey]) -> None:
+    def _drain_resets(self, known: Container[FlowKey], now: float) -> None:
         """RSTs received from a peer that no traced socket claimed within the grace period."""
         now_ns = time.monotonic_ns()  # the kernel's clock (bpf_ktime_get_ns)
         for k, v in self._pending_reader.items():
@@ -172,23 +196,46 @@ class FlowReader:
             except KeyError:
                 continue  # the sender claimed it meanwhile
             owner = reset_owner(p.key, p.to_client, known)
-            self._resets[owner] = add(self._resets.get(owner, ZERO), RESET_S2C if p.to_client else RESET_C2S)
+            resets = self._resets.get(owner, (ZERO, now))[0]
+            self._resets[owner] = (add(resets, RESET_S2C if p.to_client else RESET_C2S), now)
 
-    def _forget_idle_connections(self, flows: dict[FlowKey, FlowCounters]) -> None:
-        """Per-connection keys (NAT peers) are dropped, here and in the kernel, once closed and unchanged
-        for connection_key_ttl_s: one snapshot after another reports their final totals until then."""
-        now = self._clock()
-        for key, c in flows.items():
-            if not key.client_port:
-                continue
-            seen = self._conn_seen.get(key)
-            if seen is None or seen[1] != c:
-                self._conn_seen[key] = (now, c)
-            elif c.active == 0 and now - seen[0] >= self._conn_ttl_s:
-                for state in (self._conn_seen, self._incarnations, self._resets):
-                    state.pop(key, None)
-                try:
-                    del self._flows[self._flows.Key.from_buffer_copy(encode_flow_key(key))]
-                    self._forgotten += 1
-                except KeyError:
-                    pass  # already evicted
+    def _forget_idle(self, now: float) -> None:
+        """Keys whose connections are all closed and whose counters have not changed for their TTL
+        (connection_key_ttl_s for per-connection keys, NAT peers; idle_flow_ttl_s for the others) are
+        dropped, here and in the kernel: snapshots reported their final totals until then."""
+        idle: list[FlowKey] = []
+        for key, inc in self._incarnations.items():
+            ttl = self._conn_ttl_s if key.client_port else self._idle_ttl_s
+            resets = self._resets.get(key)
+            changed = max(inc.changed_at, resets[1]) if resets else inc.changed_at
+            if now - changed >= ttl and inc.total.active == 0:
+                idle.append(key)
+        forgotten = 0
+        for key in idle:
+            if self._delete_entry(key, self._incarnations[key].raw):
+                del self._incarnations[key]
+                self._resets.pop(key, None)
+                forgotten += 1
+        orphans = [
+            key
+            for key, (_, at) in self._resets.items()
+            if key not in self._incarnations and now - at >= self._idle_ttl_s
+        ]
+        for key in orphans:
+            del self._resets[key]
+        self.forgotten_idle += forgotten + len(orphans)
+
+    def _delete_entry(self, key: FlowKey, raw: bytes) -> bool:
+        """Delete the key's kernel entry unless it changed since it was read (then it is kept, and read
+        again next time: an add in between would be lost; one between this look and the delete,
+        microseconds, still is). True: the entry is gone."""
+        table = self._flows
+        k = table.Key.from_buffer_copy(encode_flow_key(key))
+        try:
+            if bytes(table[k]) != raw:
+                return False
+            del table[k]
+        except KeyError:
+            return True  # evicted meanwhile
+        self._deleted += 1
+        return True

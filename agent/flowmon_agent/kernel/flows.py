@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Protocol
 
 from flowmon_agent.kernel.counters import FlowCounters
 
 IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
 
 
 class Transport(StrEnum):
@@ -38,7 +39,19 @@ class FlowKey:
     # Non-zero only for connections to a NAT peer (KernelConfig.nat_peers, Service IPs): those stay per
     # connection so that user space can undo the NAT through conntrack before aggregating.
     client_port: int = 0
+    # Not None: the peer (the end that is not the reporter) is folded (KernelConfig.cluster_networks),
+    # its address is its network's and this the network's prefix length; 0: external, every address
+    # outside the cluster's and the monitors' networks (address 0.0.0.0 or ::).
+    peer_prefix: int | None = None
     protocol: Transport = Transport.TCP  # a UDP flow's counters are in the vector's UDP words
+
+    @property
+    def peer_network(self) -> IPNetwork | None:
+        """The network a folded peer stands for (None: the peer is exact)."""
+        if self.peer_prefix is None:
+            return None
+        peer = self.client_ip if self.reporter is Reporter.SERVER else self.server_ip
+        return ip_network((peer, self.peer_prefix))
 
 
 @dataclass(slots=True)
@@ -70,11 +83,24 @@ class KernelConfig:
     nat_peers: frozenset[IPAddress] = field(default_factory=frozenset)  # Service IPs: keys per connection
     ignored_ports: frozenset[int] = field(default_factory=frozenset)  # server ports never traced
     rtt: bool = True  # srtt samples (tcp:tcp_probe, the costliest hook): only when a monitor exports RTT
+    # Peers inside these (a bare address: /32, /128) stay exact; any other peer is folded
+    # (FlowKey.peer_prefix), so the flows grow with the cluster, not with the internet. None: nothing is
+    # folded (the cluster is not known yet).
+    cluster_networks: frozenset[IPAddress | IPNetwork] | None = None
+    # Networks outside the cluster's whose peers are folded each to its own network (monitors' names)
+    fold_networks: frozenset[IPNetwork] = field(default_factory=frozenset)
+    # External addresses kept exact while the cluster is known (a live DNS name: docs/dns.md, "Names on
+    # folded flows"), so that their flows can carry the name
+    named_peers: frozenset[IPAddress] = field(default_factory=frozenset)
     udp: bool = True  # UDP accounting (bpf/udp.c attached): only when a monitor exports a UDP metric
 
     def __post_init__(self) -> None:  # iterables in, frozensets kept: configs compare by value
         object.__setattr__(self, "local_ips", _ips(self.local_ips))
         object.__setattr__(self, "nat_peers", frozenset(self.nat_peers))
+        if self.cluster_networks is not None:  # frozenset of a frozenset is itself: no copy per poll
+            object.__setattr__(self, "cluster_networks", frozenset(self.cluster_networks))
+        object.__setattr__(self, "fold_networks", frozenset(self.fold_networks))
+        object.__setattr__(self, "named_peers", frozenset(self.named_peers))
         ports = frozenset(int(p) for p in self.ignored_ports)
         if any(not 0 < p < 65536 for p in ports):
             raise ValueError(f"ports must be 1-65535: {sorted(ports)}")

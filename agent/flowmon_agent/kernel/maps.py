@@ -7,13 +7,14 @@ source and checks every constant and layout here against it.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Container
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_network
 
 from flowmon_agent.kernel.counters import HISTOGRAM_SLOTS, TCP_WIDTH, UDP_ZERO, FlowCounters
-from flowmon_agent.kernel.flows import FlowKey, IPAddress, Reporter, Transport
+from flowmon_agent.kernel.flows import FlowKey, IPAddress, IPNetwork, Reporter, Transport
 
 AF_INET, AF_INET6 = 2, 10  # FM_AF_INET, FM_AF_INET6
 ROLE_CLIENT, ROLE_SERVER = 0, 1  # FM_ROLE_CLIENT, FM_ROLE_SERVER
@@ -24,17 +25,28 @@ CFG_FILTER, CFG_PORTS, CFG_ADOPT, CFG_NAT, CFG_RTT_EPOCH, CFG_TRACING = range(6)
 ST_SOCK_FULL, ST_FLOW_FAILED, ST_RST_FULL, ST_FLOWS_CREATED, ST_ADOPTED = range(5)
 
 # Map sizes (integer cflags; these are the C defaults)
-DEFAULT_SIZES = {"SOCK_MAX": 65536, "FLOW_MAX": 16384, "RST_MAX": 4096, "ADOPT_MAX": 16384, "NAT_MAX": 16384}
+DEFAULT_SIZES = {
+    "SOCK_MAX": 65536,
+    "FLOW_MAX": 16384,
+    "RST_MAX": 4096,
+    "ADOPT_MAX": 16384,
+    "NAT_MAX": 16384,
+    "LOCAL_IPS_MAX": 4096,
+    "PEER_NETS_MAX": 65536,  # bpf/peer_fold.h
+}
 FOLD_STEPS = 32  # steps per run of flowmon_fold: the verifier walks ~280k instructions (limit 1M)
 CLOSE_SLOTS = 64  # per-CPU copies of flows for closes
 FLUSH_PER_RUN = 8  # copies flushed per run of flowmon_flush_closes
 MARK_WORD_SLOTS = 64  # slots per word of the fold's bitmap, and words per group word
 
-FLOW_KEY = struct.Struct("<16s16sHHBxH")  # struct flow_key
+FLOW_KEY = struct.Struct("<16s16sHHBBH")  # struct flow_key
 FLOW_VAL = struct.Struct(f"<Q{TCP_WIDTH}Q")  # struct flow_val: created_ns, then the TCP counters
 RST_PENDING = struct.Struct("<40sQB7x")  # struct rst_pending_val
 TUPLE_KEY = struct.Struct("<16s16sHHH2x")  # struct tuple_key
 IP_KEY = struct.Struct("<16sH2x")  # struct ip_key
+PEER_NET_KEY = struct.Struct("<IH2x16s")  # struct peer_net_key (bpf/peer_fold.h)
+PEER_NET_VAL = struct.Struct("<16sB7x")  # struct peer_net_val
+LPM_FAMILY_BITS = 32  # the family and its pad, matched before the address
 
 
 def decode_addr(family: int, raw: bytes) -> IPAddress:
@@ -56,13 +68,14 @@ def encode_addr(ip: IPAddress) -> tuple[int, bytes]:
 
 def decode_flow_key(raw: bytes, protocol: Transport = Transport.TCP) -> FlowKey:
     """bpf/flowmon.c's flow key; bpf/udp.c's has the same layout."""
-    client, server, family, port, reporter, client_port = FLOW_KEY.unpack(raw[: FLOW_KEY.size])
+    client, server, family, port, reporter, fold, client_port = FLOW_KEY.unpack(raw[: FLOW_KEY.size])
     return FlowKey(
         client_ip=decode_addr(family, client),
         server_ip=decode_addr(family, server),
         server_port=port,
         reporter=Reporter.CLIENT if reporter == ROLE_CLIENT else Reporter.SERVER,
         client_port=client_port,
+        peer_prefix=fold - 1 if fold else None,
         protocol=protocol,
     )
 
@@ -71,7 +84,8 @@ def encode_flow_key(key: FlowKey) -> bytes:
     family, client = encode_addr(key.client_ip)
     _, server = encode_addr(key.server_ip)
     role = ROLE_CLIENT if key.reporter is Reporter.CLIENT else ROLE_SERVER
-    return FLOW_KEY.pack(client, server, family, key.server_port, role, key.client_port)
+    fold = 0 if key.peer_prefix is None else key.peer_prefix + 1
+    return FLOW_KEY.pack(client, server, family, key.server_port, role, fold, key.client_port)
 
 
 def decode_flow_value(raw: bytes) -> tuple[int, FlowCounters]:
@@ -115,3 +129,13 @@ def encode_tuple(local: IPAddress, local_port: int, remote: IPAddress, remote_po
 def encode_ip_key(ip: IPAddress) -> bytes:
     family, raw = encode_addr(ip)
     return IP_KEY.pack(raw, family)
+
+
+@functools.lru_cache(maxsize=1 << 17)  # a cluster's addresses are encoded again at each metadata change
+def encode_peer_net(network: IPAddress | IPNetwork, *, fold: bool) -> tuple[bytes, bytes]:
+    """(key, value) of `peer_nets`: a network (a bare address: /32, /128) whose peers stay exact
+    (fold=False: the cluster's) or are folded to the network's address (a monitor's named network)."""
+    network = ip_network(network)
+    family, raw = encode_addr(network.network_address)
+    key = PEER_NET_KEY.pack(LPM_FAMILY_BITS + network.prefixlen, family, raw)
+    return key, PEER_NET_VAL.pack(raw, network.prefixlen + 1 if fold else 0)

@@ -14,7 +14,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from flowmon_agent.kernel import adoption as existing
@@ -49,6 +49,8 @@ class FlowTracer:
         adopt_recheck_s: float = 10.0,
         reset_grace_s: float = 0.5,
         connection_key_ttl_s: float = 300.0,
+        idle_flow_ttl_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
         sockops: bool = True,
         cgroup_root: Path | None = None,
         udp: bool = True,
@@ -99,7 +101,11 @@ class FlowTracer:
                 window_clock=rtt_window_clock,
             )
             self._reader = FlowReader(
-                self.program, reset_grace_s=reset_grace_s, connection_key_ttl_s=connection_key_ttl_s
+                self.program,
+                reset_grace_s=reset_grace_s,
+                connection_key_ttl_s=connection_key_ttl_s,
+                idle_flow_ttl_s=idle_flow_ttl_s,
+                clock=clock,
             )
             self.configure(config or KernelConfig())
             self._maps.start_tracing()  # before discovery: a connection opened in between is not missed
@@ -192,10 +198,19 @@ class FlowTracer:
             if self._adoptions.expire():
                 self.rtt_sampler.update()
             dropped["adopt_table_full"] = self._adoptions.dropped
+            dropped.update(self._maps.refused())
+            dropped["flows_forgotten_idle"] = self._reader.forgotten_idle
+            dropped["flows_forgotten_gone"] = self._reader.forgotten_gone
             if self._udp is not None:
                 flows.update(self._udp.read())  # keys differ by protocol: no overlap
                 dropped.update(self._udp.drops().as_dropped())
+                dropped.update(self._udp.refused())
             return FlowSnapshot(flows, dropped, self.kernel_path, time.monotonic(), self.rtt_at_close)
+
+    def tracked(self) -> dict[str, int]:
+        """Keys user space holds per table (bounded by the kernel's flow map)."""
+        with self.lock:
+            return self._reader.tracked()
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -137,6 +137,10 @@ class UdpFlows:
             not_walked=self.stat(UST_NOT_WALKED),
         )
 
+    def refused(self) -> dict[str, int]:
+        """Entries the config maps refused (full), named like the TCP tracer's, `udp_` first."""
+        return {f"udp_{name}": n for name, n in self._maps.refused().items()}
+
     def sweep_idle_tuples(self) -> int:
         """Delete the tuples idle for the kernel's idle time; how many."""
         self._next_sweep = self._clock() + self._sweep_every_s

@@ -10,10 +10,11 @@ import sys
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
 IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
 
 ZONE_LABELS = ("topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone")
 NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
@@ -84,6 +85,7 @@ class NodeRecord:
     name: str
     addresses: tuple[IPAddress, ...]
     zone: str
+    pod_cidrs: tuple[IPNetwork, ...] = ()  # spec.podCIDRs: where its pods' addresses come from
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,16 @@ def _ips(values: Any) -> tuple[IPAddress, ...]:
     return tuple(out)
 
 
+def _networks(values: Any) -> tuple[IPNetwork, ...]:
+    out: list[IPNetwork] = []
+    for value in values:
+        try:
+            out.append(ip_network(value, strict=False))
+        except (TypeError, ValueError):
+            continue
+    return tuple(out)
+
+
 def _controller(meta: Mapping[str, Any]) -> OwnerRef | None:
     refs = meta.get("ownerReferences") or []
     chosen = next((r for r in refs if r.get("controller")), refs[0] if refs else None)
@@ -165,10 +177,12 @@ def _service(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> ServiceRecord:
 def _node(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> NodeRecord:
     labels = meta.get("labels") or {}
     addresses = (obj.get("status") or {}).get("addresses") or []
+    spec = obj.get("spec") or {}
     return NodeRecord(
         name=_s(meta.get("name")),
         addresses=_ips(a.get("address") for a in addresses if a.get("type") in NODE_ADDRESS_TYPES),
         zone=_s(next((labels[k] for k in ZONE_LABELS if labels.get(k)), "")),
+        pod_cidrs=_networks(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])),
     )
 
 

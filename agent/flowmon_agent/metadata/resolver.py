@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from flowmon_agent.metadata.records import EMPTY_LABELS, IPAddress, Labels, ServiceRecord
+from flowmon_agent.metadata.records import EMPTY_LABELS, IPAddress, IPNetwork, Labels, ServiceRecord
 from flowmon_agent.metadata.store import MetadataStore
 from flowmon_contract.spec import NamedNetwork
 
@@ -34,9 +34,13 @@ class Endpoint:
 EXTERNAL = Endpoint(namespace="", workload=KIND_EXTERNAL, kind=KIND_EXTERNAL)
 
 
-def name_network(ip: IPAddress, networks: Sequence[NamedNetwork]) -> str | None:
-    """The most specific named network holding the address."""
-    holding = [n for n in networks if ip.version == n.cidr.version and ip in n.cidr]  # type: ignore[operator]
+def name_network(ip: IPAddress | IPNetwork, networks: Sequence[NamedNetwork]) -> str | None:
+    """The most specific named network holding the address, or all of a network (a peer the kernel
+    folded: FlowKey.peer_network)."""
+    if isinstance(ip, IPAddress):
+        holding = [n for n in networks if ip.version == n.cidr.version and ip in n.cidr]  # type: ignore[operator]
+    else:
+        holding = [n for n in networks if ip.version == n.cidr.version and n.cidr.supernet_of(ip)]  # type: ignore[arg-type]
     return max(holding, key=lambda n: n.cidr.prefixlen).name if holding else None
 
 

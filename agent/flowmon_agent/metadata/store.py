@@ -16,6 +16,7 @@ from flowmon_agent.metadata.records import (
     EMPTY_LABELS,
     KINDS,
     IPAddress,
+    IPNetwork,
     Labels,
     NamespaceRecord,
     NodeRecord,
@@ -165,6 +166,14 @@ class MetadataStore:
     def service_ips(self) -> set[IPAddress]:
         with self._lock:
             return set(self._service_by_ip)
+
+    def cluster_addresses(self) -> tuple[set[IPAddress], list[IPNetwork]]:
+        """Every address that is the cluster's (pods, pods deleted within the grace period, nodes,
+        Services) and the nodes' pod CIDRs: what a flow's peer must be in to stay exact."""
+        with self._lock:
+            ips = {*self._pod_by_ip, *self._deleted_pods, *self._node_by_ip, *self._service_by_ip}
+            nodes: list[NodeRecord] = self.records("Node")  # type: ignore[assignment]
+            return ips, [cidr for node in nodes for cidr in node.pod_cidrs]
 
     def records(self, kind: str) -> list[Record]:
         with self._lock:
