@@ -1289,9 +1289,15 @@ int flowmon_sockops(struct bpf_sock_ops *skops) {
     // The context's socket pointer is a typed pointer the verifier allows no arithmetic on; copied out of
     // the stack it is the plain integer sock_find hashes (the value inet_sock_set_state gives). Allowed
     // with CAP_PERFMON; the stack, unlike a scratch map, is not shared with a softirq on this CPU.
+    // BCC #defines bpf_probe_read_kernel to bpf_probe_read (helper 4, refused in sock_ops) when it cannot
+    // find the symbol in /proc/kallsyms, which shows zero addresses without CAP_SYSLOG (the agent's
+    // container): here the real helper, present on every kernel that has skops->sk (5.10; helper 5.5).
+#pragma push_macro("bpf_probe_read_kernel")
+#undef bpf_probe_read_kernel
     volatile u64 ptr = (u64)skops->sk;
     u64 sk = 0;
     bpf_probe_read_kernel(&sk, sizeof(sk), (void *)&ptr);
+#pragma pop_macro("bpf_probe_read_kernel")
     struct sock_state *st = sock_find(sk);
     if (!st || !st->established)
         return 1;
