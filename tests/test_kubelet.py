@@ -31,6 +31,7 @@ from tests.kubeapi.shipped import install_rbac
 from tests.kubelet.pod import Node, Pod, PodNetwork
 from tests.test_cli_agent import loopback_exchange
 from tests.tls_samples import make_pki
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.root, pytest.mark.slow]
 
@@ -146,6 +147,8 @@ def test_the_rendered_daemonset_runs_and_counts(tmp_path, images, api, headers):
             started = pod.start("agent")
             pod.wait_ready("agent", READY_TIMEOUT_S)
             ready_s = time.monotonic() - started
+            # ready once the programs are attached; the start line follows the first poll and DNS capture
+            wait_for(lambda: "flowmon agent: node " in pod.logs("agent"))
             logs = pod.logs("agent")
             assert "srtt at close: sock_ops" in logs, logs  # linked on the host's cgroup v2 root
             if headers == "none":
