@@ -69,17 +69,7 @@ struct udp_role {
     u64 local_is_client;
 };
 
-// Same layout as struct flow_key in bpf/flowmon.c (user space decodes both alike); client_port is 0;
-// peer_fold as there: the peer outside the cluster's networks folded (peer_fold.h).
-struct flow_key {
-    u8 client[16];
-    u8 server[16];
-    u16 family;
-    u16 server_port;
-    u8 reporter;
-    u8 peer_fold;
-    u16 client_port;
-};
+#include "flow_key.h"  // client_port is 0; peer_fold as for TCP (peer_fold.h)
 
 struct udp_val {
     u64 created_ns;

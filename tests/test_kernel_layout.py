@@ -23,8 +23,9 @@ from flowmon_agent.kernel.counters import (
 )
 from flowmon_agent.kernel.loader import BPF_DIR
 
-C_SOURCE = (BPF_DIR / "flowmon.c").read_text() + (BPF_DIR / "peer_fold.h").read_text()  # it includes
-UDP_SOURCE = (BPF_DIR / "udp.c").read_text() + (BPF_DIR / "peer_fold.h").read_text()
+HEADERS = "".join((BPF_DIR / name).read_text() for name in ("flow_key.h", "peer_fold.h"))  # both include
+C_SOURCE = (BPF_DIR / "flowmon.c").read_text() + HEADERS
+UDP_SOURCE = (BPF_DIR / "udp.c").read_text() + HEADERS
 C_TYPES = {"u8": 1, "u16": 2, "u32": 4, "u64": 8, "s32": 4}
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,9 +198,7 @@ def test_uninstall_in_one_command_while_the_operator_runs_leaves_nothing(install
                 (install.api.find("v1", "Namespace", NS) or {}).get("metadata", {}).get("deletionTimestamp")
             )
         )
-        rounds_from = len(install.api.requests)
-        install.cluster.wait(lambda: len(install.api.requests) > rounds_from + 5, timeout=5 * TIMER + 10)
-        time.sleep(2 * TIMER)  # a few more periodic rounds, which must not bring anything back
+        install.cluster.wait_rounds(3)  # rounds while it terminates, which must not bring anything back
         install.api.finalize_namespaces()
         _, errors = uninstall.communicate(timeout=60)
     finally:
@@ -222,12 +219,7 @@ def test_while_its_namespace_terminates_the_operator_writes_nothing_there(instal
     install.kubectl("delete", "namespace", NS, "--wait=false")
     assert install.api.get("v1", "Namespace", NS)["metadata"].get("deletionTimestamp")
     asked = len(install.api.requests)
-
-    def rounds() -> int:  # each lists the FlowMonitors first (kopf's own requests watch)
-        listed = [p for m, p in install.api.requests[asked:] if m == "GET" and "watch" not in p]
-        return sum(p.startswith("/apis/flowmon.io/v1alpha1/flowmonitors") for p in listed)
-
-    cluster.wait(lambda: rounds() >= 3, timeout=5 * TIMER + 10)
+    cluster.wait_rounds(3)
     writes = [
         (method, path)
         for method, path in install.api.requests[asked:]

@@ -76,7 +76,7 @@ def load_program(source_name: str, cflags: Mapping[str, int] | None = None):  # 
     path = BPF_DIR / source_name
     if not path.is_file():
         raise BPFUnavailableError(f"BPF source {path} not found (set FLOWMON_BPF_DIR)")
-    flags = [f"-I{BPF_DIR}"]  # shared headers (skb_headers.h, peer_fold.h): BCC compiles a copy elsewhere
+    flags = [f"-I{BPF_DIR}"]  # shared headers (bpf/*.h): BCC compiles a copy elsewhere
     flags += [f"-D{name}={int(value)}" for name, value in (cflags or {}).items()]
     try:
         return BPF(src_file=str(path).encode(), cflags=flags)
