@@ -161,9 +161,17 @@ class Tally:
     curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds, agent RSS MB)
 
 
+def thinned(curve: list, columns: int = 13) -> list:
+    """At most `columns` points of a curve, evenly spaced, the first and the last kept."""
+    if len(curve) <= columns:
+        return list(curve)
+    step = (len(curve) - 1) / (columns - 1)
+    return [curve[round(i * step)] for i in range(columns)]
+
+
 def render(result: dict) -> str:
-    """The Markdown rows docs/BENCHMARKS.md records: the RSS curve and one summary table."""
-    curve = result["rss_curve"]
+    """The Markdown rows docs/BENCHMARKS.md records: the RSS curve (thinned) and one summary table."""
+    curve = thinned(result["rss_curve"])
     lines = ["| minute | " + " | ".join(f"{t / 60:.1f}" for t, _ in curve) + " |"]
     lines.append("| --- |" + " --- |" * len(curve))
     lines.append("| agent RSS, MB | " + " | ".join(f"{mb:.0f}" for _, mb in curve) + " |")

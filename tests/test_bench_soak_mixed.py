@@ -16,6 +16,7 @@ from bench.soak_mixed import (
     policies,
     poll_buckets,
     render,
+    thinned,
 )
 
 INF = float("inf")
@@ -94,6 +95,14 @@ def test_report_rows() -> None:
         "| 87.0 / 246.3 | 3 | 10.0 / 200.0 / 200.0 | 429: 1, reset: 3 | {'pushed': 6} | "
         "{'dribble_shed': 2} | yes (200 of 200 B) |",
     ]
+
+
+def test_a_long_curve_is_thinned_to_a_small_table() -> None:
+    curve = [(30.0 * i, 200.0 + i) for i in range(61)]
+    kept = thinned(curve)
+    assert len(kept) == 13 and kept[0] == curve[0] and kept[-1] == curve[-1]
+    assert [t for t, _ in kept] == [150.0 * i for i in range(13)]
+    assert thinned(curve[:3]) == curve[:3]
 
 
 def test_defaults_are_the_issues_numbers() -> None:
