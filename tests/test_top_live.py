@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-RESOLVER = "kube-system/coredns:53 via kube-dns"  # the DNS server as top names it (port and Service)
+RESOLVER = "kube-system/kube-dns via kube-dns"  # the kube-dns Service IP stands for its pods
 
 
 def flowmon_top(*args: str) -> str:
