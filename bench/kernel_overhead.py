@@ -27,7 +27,8 @@ Also compares raw and classic tracepoints for sock_{send,recv}_length (floor and
 tcp:tcp_probe (`-nortt`: what sampling RTT costs, floor and flowmon), and flowmon with tcp_probe attached
 all the time (`flowmon-always`) instead of for its default sampling window (100 ms of every second),
 flowmon without its sock_ops program on the cgroup v2 root (`flowmon-nosockops`: srtt at close only for
-connections that received a segment in a window, what every connection's srtt costs), and
+connections that received a segment in a window, what every connection's srtt costs), flowmon without
+its UDP cgroup-skb programs (`flowmon-noudp`: what counting UDP costs TCP), and
 the tracer started and stopped around each of its measurements like the agent (`flowmon-fresh`: what
 starting costs the measurement that follows, apart from the agent's steady work).
 """
@@ -71,12 +72,14 @@ MODES = (
     "flowmon-nortt",
     "flowmon-always",
     "flowmon-nosockops",
+    "flowmon-noudp",
     "flowmon-fresh",
     "agent",
     "agent-steady",
     *UDP_MODES,
 )
-DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(("nortt", "always", "nosockops", "fresh", "ports")))
+VARIANTS = ("nortt", "always", "nosockops", "noudp", "fresh", "ports")  # compared on demand, not by default
+DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(VARIANTS))
 # Started and stopped around each measurement; every other mode but none loads once and switches on command.
 STARTED_PER_MEASUREMENT = ("tcplife", "agent", "flowmon-fresh")
 PERSISTENT_MODES = tuple(m for m in MODES if m not in ("none", *STARTED_PER_MEASUREMENT))
@@ -153,12 +156,14 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
     lock = threading.Lock()  # the poll thread against on/off/close
     stop = threading.Event()
     rtt = not mode.endswith("nortt")
+    udp = not mode.endswith("noudp")  # noudp: bpf/udp.c not even loaded
     window_ms = 1000 if mode.endswith("always") else rtt_window_ms
     tracer = FlowTracer(
         raw=not mode.endswith("classic"),
         adopt_existing=rtt,
         rtt_window_ms=window_ms,
         sockops=not mode.endswith("nosockops"),
+        udp=udp,
     )
 
     def poll_every_second() -> None:  # the agent's real user-space work
@@ -174,7 +179,7 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
     def on() -> None:
         with lock:
             hooks_on()
-            tracer.configure(replace(tracer.config, rtt=rtt, udp=True))
+            tracer.configure(replace(tracer.config, rtt=rtt, udp=udp))
 
     def off() -> None:
         with lock:

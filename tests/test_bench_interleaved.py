@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench.churn_interleaved import bracketed_ratios, main, passive_opens, pooled_verdicts, rounds_from_log
-from bench.kernel_overhead import PERSISTENT_MODES, Result, verdicts
+from bench.kernel_overhead import DEFAULT_MODES, PERSISTENT_MODES, Result, verdicts
 
 SNMP = """Ip: Forwarding DefaultTTL InReceives
 Ip: 1 64 12345
@@ -50,6 +50,11 @@ def test_modes_started_per_measurement_cannot_be_interleaved(capsys) -> None:
     assert exit_info.value.code == 2
     assert "not ['agent', 'tcplife']" in capsys.readouterr().err
     assert "agent-steady" in PERSISTENT_MODES and "floor" in PERSISTENT_MODES
+
+
+def test_the_variants_without_sock_ops_or_udp_switch_in_milliseconds_and_run_only_on_demand() -> None:
+    for variant in ("flowmon-nosockops", "flowmon-noudp"):
+        assert variant in PERSISTENT_MODES and variant not in DEFAULT_MODES
 
 
 RUN_A = """flowmon agent: compiling and loading the BPF programs (a few seconds)...
