@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowmon_agent.dns.kernel_counts import address_text, read_totals, sweep_pending
+from flowmon_agent.dns.kernel_counts import TotalsReader, address_text, sweep_pending
 from flowmon_agent.dns.tracker import DnsTracker, KernelEvents, Packet
 from flowmon_agent.kernel.cgroup import cgroup2_mounts, cgroup2_root
 from flowmon_agent.kernel.cgroup_skb import CgroupSkbLinks
@@ -93,6 +93,7 @@ class DnsCapture:
         self.tracker, self.batch_max = tracker, batch_max
         self._read = self._left = 0
         self._copy_all: bool | None = None
+        self._totals = TotalsReader(len(bounds))
         self._links: CgroupSkbLinks | None = None
         cflags = {"DNS_PORT": port, "DNS_CAPTURE_BYTES": capture_bytes, "DNS_RING_PAGES": ring_pages}
         cflags |= {"DNS_BUCKETS": len(bounds)} | {f"DNS_LE_{i}": round(b * 1e9) for i, b in enumerate(bounds)}
@@ -128,9 +129,7 @@ class DnsCapture:
             self._bpf.ring_buffer_consume()  # and what was written without waking anyone
         timed_out, waiting = sweep_pending(self._bpf[b"dns_pending"], self.tracker.deadline())
         self.tracker.count_timeouts(timed_out)
-        totals = read_totals(
-            self._bpf[b"dns_requests"], self._bpf[b"dns_latency"], len(self.tracker.latency_bounds)
-        )
+        totals = self._totals.read(self._bpf[b"dns_requests"], self._bpf[b"dns_latency"])
         totals.pending = waiting
         self.tracker.absorb_kernel(totals, KernelEvents(*self._counts()[len(_COUNT_NAMES) :]))
         self.tracker.expire()
@@ -146,6 +145,11 @@ class DnsCapture:
     def _counts(self) -> list[int]:
         table = self._bpf[b"dns_counts"]
         return [sum(table[table.Key(i)]) for i in range(len(_COUNT_NAMES) + len(_KERNEL_EVENTS))]
+
+    @property
+    def bpf(self):  # -> bcc.BPF
+        """The loaded programs and maps (bench/dns_overhead.py reads the programs' run time)."""
+        return self._bpf
 
     @property
     def cgroup(self) -> Path:
