@@ -287,6 +287,7 @@ def main() -> None:
     parser.add_argument(
         "--qname", default="web.lab.test", help="web.lab.test: A answers; nope.lab.test: NXDOMAIN"
     )
+    parser.add_argument("--rate", type=float, default=0.0, help="queries/s (0: as fast as answered)")
     parser.add_argument(
         "--modes", default=",".join(MODES), help="a comma-separated subset of " + ",".join(MODES)
     )
