@@ -105,13 +105,13 @@ class Mode:
         self.name, self.cgroup_fd, self.records = name, cgroup_fd, 0
         self.tracker = DnsTracker()
         self.capture: DnsCapture | None = None
+        self.links: list[int] = []
         if name == "kernel":
             return
         self.bpf = load_program("dns.c", {"DNS_MODE": MODES.index(name)})
         ring = {"copy": b"dns_events", "kparse": b"dns_parsed_events"}.get(name)
         if ring:
             self.bpf[ring].open_ring_buffer(self._on_record)
-        self.links: list[int] = []
 
     def _on_record(self, _ctx, data, size) -> int:
         self.records += 1
