@@ -247,8 +247,11 @@ class Tracer:
 
     def _say(self, word: str) -> None:
         assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(word + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(word + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # say how it ended (a negative code: the signal that ended it)
+            raise RuntimeError(f"mode {self.mode}: its process ended, code {self.proc.wait(5)}") from None
         self._expect("ok")
 
     def switch_on(self) -> None:
@@ -333,7 +336,7 @@ class Tracer:
     def close(self) -> None:
         if self.mode in ("tcplife", "agent"):
             self.detach()
-        elif self.proc is not None:  # flowmon-fresh: between measurements it has no process
+        elif self.proc is not None and self.proc.poll() is None:  # flowmon-fresh: none between measurements
             assert self.proc.stdin is not None
             self.proc.send_signal(signal.SIGCONT)
             self.proc.stdin.close()

@@ -72,15 +72,20 @@ def full_view(flows: int) -> MonitorView:
     return MonitorView("bench/m", tuple(families), flows, 0)
 
 
+def write_serving_files(tmp: Path, admin_token: str = "unused-admin-token") -> None:
+    """A CA (ca.crt), a serving pair for localhost and 127.0.0.1 (tls.crt, tls.key), an admin token file."""
+    ca = generate_ca("bench-ca")
+    pair = issue_serving_cert((ca.cert_pem, ca.key_pem), ["localhost"], ["127.0.0.1"])
+    for name, text in (("ca.crt", ca.cert_pem), ("tls.crt", pair.cert_pem), ("tls.key", pair.key_pem)):
+        (tmp / name).write_text(text)
+    (tmp / "admin").write_text(admin_token + "\n")
+
+
 class Served:
     """The real server on 127.0.0.1 in its own event loop thread."""
 
     def __init__(self, view: MonitorView, tmp: Path) -> None:
-        ca = generate_ca("bench-ca")
-        pair = issue_serving_cert((ca.cert_pem, ca.key_pem), ["localhost"], ["127.0.0.1"])
-        for name, text in (("ca.crt", ca.cert_pem), ("tls.crt", pair.cert_pem), ("tls.key", pair.key_pem)):
-            (tmp / name).write_text(text)
-        (tmp / "admin").write_text("unused-admin-token")
+        write_serving_files(tmp)
         monitor = FlowMonitor.model_validate({"metadata": {"namespace": "bench", "name": "m"}})
         policy = PolicyStore()
         policy.apply(

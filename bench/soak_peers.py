@@ -60,17 +60,19 @@ import socket, sys, time
 from ipaddress import IPv4Address
 server, port, first, step, count, size, deadline = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
     int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7])
-payload, done = b"x" * size, 0
+rate = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0  # connections per second; 0: as fast as it can
+payload, done, start = b"x" * size, 0, time.time()
 for k in range(count):
     if time.time() > deadline: break
+    if rate: time.sleep(max(0.0, start + k / rate - time.time()))
     s = socket.socket(); s.bind((str(IPv4Address(first + k * step)), 0)); s.connect((server, port))
     s.sendall(payload); s.close(); done += 1
 print(done, flush=True)
 """
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
+def rss_mb(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024

@@ -35,6 +35,14 @@ SENT, RECEIVED = name(Metric.SENT_BYTES), name(Metric.RECEIVED_BYTES)
 OPENED, FAILURES = name(Metric.CONNECTIONS_OPENED), name(Metric.CONNECT_FAILURES)
 RETRANSMITS, RESETS = name(Metric.RETRANSMITS), name(Metric.RESETS)
 RTT = name(Metric.RTT, "_bucket")
+UDP_SENT, UDP_RECEIVED = name(Metric.UDP_SENT_BYTES), name(Metric.UDP_RECEIVED_BYTES)
+UDP_SENT_DATAGRAMS, UDP_RECEIVED_DATAGRAMS = (
+    name(Metric.UDP_SENT_DATAGRAMS),
+    name(Metric.UDP_RECEIVED_DATAGRAMS),
+)
+DNS_REQUESTS, DNS_LATENCY = name(Metric.DNS_REQUESTS), name(Metric.DNS_LATENCY, "_bucket")
+CLIENT = "client_namespace, client_workload"
+PAIR_LEGEND = "{{client_namespace}}/{{client_workload}} → {{server_namespace}}/{{server_workload}}"
 
 
 def flows(metric: str, fn: str = "rate", window: str = WINDOW, matchers: str = "") -> str:
@@ -90,6 +98,11 @@ def panel(title: str, targets: list[dict], *, kind: str = "timeseries", unit: st
         "gridPos": {"w": width, "h": height},
         **extra,
     }
+
+
+def row(title: str) -> dict:
+    """A section header (Grafana's row panel, expanded): it has no query."""
+    return {"type": "row", "title": title, "collapsed": False, "panels": [], "gridPos": {"w": 24, "h": 1}}
 
 
 def layout(panels: list[dict]) -> list[dict]:
@@ -197,6 +210,39 @@ def node_graph() -> dict:
     )
 
 
+def both_ways(title: str, sent: str, received: str, unit: str, description: str) -> dict:
+    """One panel, a line per pair and direction (→ client to server, ← back)."""
+    return panel(
+        title,
+        [
+            target(by(PAIR, flows(sent)), f"{PAIR_LEGEND} →"),
+            target(by(PAIR, flows(received)), f"{PAIR_LEGEND} ←", "B"),
+        ],
+        unit=unit,
+        description=description,
+    )
+
+
+def udp_panels() -> list[dict]:
+    return [
+        row("UDP"),
+        both_ways(
+            "UDP bytes/s by pair",
+            UDP_SENT,
+            UDP_RECEIVED,
+            "Bps",
+            "Payload bytes; the client is the end that sent the pair's first datagram.",
+        ),
+        both_ways(
+            "UDP datagrams/s by pair",
+            UDP_SENT_DATAGRAMS,
+            UDP_RECEIVED_DATAGRAMS,
+            "pps",
+            "Datagrams each way (a GSO/GRO train counts its datagrams).",
+        ),
+    ]
+
+
 def overview() -> dict:
     panels = [
         node_graph(),
@@ -213,6 +259,7 @@ def overview() -> dict:
             [target(by(f"{PAIR}, reason", flows(FAILURES)))],
             unit="cps",
         ),
+        *udp_panels(),
     ]
     return dashboard(
         "flowmon-overview",
@@ -261,16 +308,54 @@ def health() -> dict:
             unit="cps",
         ),
         panel("Resets/s by pair and direction", [target(by(f"{PAIR}, direction", flows(RESETS)))], width=24),
+        *dns_panels(),
     ]
     return dashboard(
         "flowmon-health",
         "flowmon / Health",
-        "Per workload pair: RTT, retransmits, resets and failed connects, with the default alert thresholds.",
+        "Per workload pair: RTT, retransmits, resets and failed connects, with the default alert thresholds; "
+        "DNS per client workload and server.",
         flow_variables(
             f'label_values({RTT}{{client_workload!=""}}, flowmon_monitor)', "flowmon-system/service-map", SENT
         ),
         panels,
     )
+
+
+def dns_panels() -> list[dict]:
+    """DNS per client workload (and server): what the DNS alert rules watch (flowmon_operator.dns_rules)."""
+    requests = by(CLIENT, flows(DNS_REQUESTS))
+    failing = by(CLIENT, flows(DNS_REQUESTS, matchers='rcode=~"NXDOMAIN|SERVFAIL"'))
+    timeouts = by(CLIENT, flows(DNS_REQUESTS, matchers='rcode="timeout"'))
+    client_legend = "{{client_namespace}}/{{client_workload}}"
+    return [
+        row("DNS"),
+        panel(
+            "DNS queries/s by client workload and answer code",
+            [target(by(f"{CLIENT}, rcode", flows(DNS_REQUESTS)), f"{client_legend} {{{{rcode}}}}")],
+            unit="reqps",
+            description="rcode `timeout`: a query never answered.",
+        ),
+        panel(
+            "DNS NXDOMAIN and SERVFAIL share by client workload",
+            [target(f"({failing} or {requests} * 0) / {requests}", client_legend)],
+            unit="percentunit",
+            description="Answers that say the name does not exist or the resolver failed, of all queries.",
+        ),
+        panel(
+            "DNS p99 latency by client workload and server",
+            [target(f"histogram_quantile(0.99, {by(f'le, {PAIR}', flows(DNS_LATENCY))})", PAIR_LEGEND)],
+            unit="s",
+            threshold=HEALTH.dns_latency_p99_seconds,
+            description="Query → answer. The line is the default dnsLatencyP99Seconds alert threshold.",
+        ),
+        panel(
+            "DNS timeouts/s by client workload",
+            [target(f"{timeouts} or {requests} * 0", client_legend)],
+            unit="reqps",
+            description="Queries never answered (0 for a workload whose queries were all answered).",
+        ),
+    ]
 
 
 def cost() -> dict:

@@ -76,6 +76,9 @@ def test_dashboard_structure(uid: str) -> None:
     text = json.dumps(board)
     assert "$monitor" in text and (uid not in FLOW_DASHBOARDS or "$namespace" in text)
     for p in panels:
+        if p["type"] == "row":  # a section header: no query
+            assert not p.get("targets") and p["gridPos"]["w"] == 24, p["title"]
+            continue
         assert p["targets"] and all(t["expr"].strip() for t in p["targets"]), p["title"]
         grid = p["gridPos"]
         assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, p["title"]
@@ -90,10 +93,15 @@ def test_health_panels_draw_the_default_alert_thresholds() -> None:
     drawn = {
         p["title"]: p["fieldConfig"]["defaults"]["thresholds"]["steps"][1]["value"]
         for p in dashboards()["flowmon-health"]["panels"]
-        if "thresholds" in p["fieldConfig"]["defaults"]
+        if "thresholds" in p.get("fieldConfig", {}).get("defaults", {})
     }
     assert sorted(drawn.values()) == sorted(
-        [defaults.retransmit_ratio, defaults.connect_failure_ratio, defaults.rtt_p99_seconds]
+        [
+            defaults.retransmit_ratio,
+            defaults.connect_failure_ratio,
+            defaults.rtt_p99_seconds,
+            defaults.dns_latency_p99_seconds,
+        ]
     )
 
 
@@ -172,7 +180,7 @@ def test_every_panel_query_returns_data_from_the_demo(running_demo) -> None:
                     raise
                 time.sleep(1)
         for p in board["panels"]:
-            for t in p["targets"]:
+            for t in p.get("targets", []):
                 pending[(uid, p["title"], t["refId"])] = substitute(t["expr"], values)
     results: dict = {}
     deadline = time.monotonic() + 120  # rates over 1m need a few scrapes of the new Prometheus
@@ -202,6 +210,20 @@ def test_every_panel_query_returns_data_from_the_demo(running_demo) -> None:
     assert ("shop/frontend", "shop/cart") in {(r["metric"]["source"], r["metric"]["target"]) for r in edges}
     cross = results["flowmon-cost", "Cross-zone bytes/s by zone pair", "A"]
     assert cross and all(r["metric"]["client_zone"] != r["metric"].get("server_zone", "") for r in cross)
+    # UDP beside TCP: the demo's DNS goes to the resolver behind kube-dns over UDP, both ways.
+    for ref in ("A", "B"):
+        udp = results["flowmon-overview", "UDP bytes/s by pair", ref]
+        assert any(r["metric"]["server_namespace"] == "kube-system" for r in udp), ref
+    dns = results["flowmon-health", "DNS queries/s by client workload and answer code", "A"]
+    rcodes = {(r["metric"]["client_workload"], r["metric"]["rcode"]) for r in dns}
+    assert {("catalog", "NXDOMAIN"), ("frontend", "NOERROR")} <= rcodes
+    share = results["flowmon-health", "DNS NXDOMAIN and SERVFAIL share by client workload", "A"]
+    by_client = {r["metric"]["client_workload"]: float(r["value"][1]) for r in share}
+    assert (
+        by_client["catalog"] == 1 and by_client["frontend"] == 0
+    )  # asks only for a missing name / existing ones
+    timeouts = results["flowmon-health", "DNS timeouts/s by client workload", "A"]
+    assert {r["metric"]["client_workload"] for r in timeouts} >= {"catalog", "frontend"}  # 0: all answered
     violations = results[
         "flowmon-isolation",
         "Violations by environment pair and workload pair (since the agents started)",

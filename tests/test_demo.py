@@ -273,7 +273,8 @@ def test_live_view_in_a_terminal(no_demo_running) -> None:
     assert proc.returncode == 0, text[-3000:]
     assert "workload pairs" in text and "conns/s" in text
     # Rates appear once two refreshes happened: the steady calls to payments/api through the Service.
-    assert re.search(r"shop/frontend\s*│\s*payments/api via api\s*│\s*[0-9.]+ KiB/s", text), text[-3000:]
+    pattern = r"shop/frontend\s*│\s*payments/api via api\s*│\s*tcp\s*│\s*[0-9.]+ KiB/s"
+    assert re.search(pattern, text), text[-3000:]
     assert "nothing of the demo remains" in text
     assert_nothing_left()
 

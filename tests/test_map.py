@@ -41,6 +41,7 @@ def test_model_marks_violations_failures_cross_zone_and_external_peers() -> None
         ("shop-staging/frontend", "payments/api"),
         ("shop/cart", "shop/recommendations"),
         ("payments/settlement", "object-storage"),
+        ("shop/frontend", "kube-system/coredns"),  # UDP only; catalog's DNS-only pair draws no edge
     }
     assert graph.edges[0].violations == 1  # a violation sorts first, whatever its bytes
     staging = edges["shop-staging/frontend", "payments/api"]
@@ -54,6 +55,15 @@ def test_model_marks_violations_failures_cross_zone_and_external_peers() -> None
     assert {n.id for n in graph.nodes if n.external} == {"object-storage"}
     assert edges["shop/frontend", "shop/cart"].services == ("cart",)
     assert edges["shop/frontend", "shop/cart"].ports == ("8080",)
+    udp = edges["shop/frontend", "kube-system/coredns"]
+    assert (udp.protocol, udp.udp_sent_bytes, udp.udp_received_bytes, udp.datagrams) == (
+        "udp",
+        2000,
+        4500,
+        50,
+    )
+    assert (udp.sent_bytes, udp.opened, udp.bytes) == (0, 0, 6500)
+    assert edges["shop/frontend", "shop/cart"].protocol == "tcp"
 
 
 def test_totals_without_seconds_and_zone_grouping() -> None:
@@ -71,9 +81,9 @@ def test_max_edges_keeps_the_heaviest_and_says_what_was_left_out() -> None:
         ("shop-staging/frontend", "payments/api"),  # the violation
         ("payments/settlement", "object-storage"),  # 514 KiB/s
     ]
-    assert graph.omitted_edges == 3
-    assert graph.note() == "3 lighter edges left out (90.0 KiB/s together)"
-    assert "3 lighter edges left out" in dot.render(graph)
+    assert graph.omitted_edges == 4
+    assert graph.note() == "4 lighter edges left out (96.3 KiB/s together)"  # 90 KiB/s TCP, 6500 B/s UDP
+    assert "4 lighter edges left out" in dot.render(graph)
 
 
 def test_dot_strings_cannot_break_out_of_their_quotes() -> None:
@@ -101,6 +111,12 @@ def test_svg_holds_every_workload_and_pair_with_its_marks() -> None:
     assert dot.VIOLATION_COLOR in ET.tostring(violation, encoding="unicode")
     assert "ISOLATION VIOLATION (1)" in svg_text(violation)
     assert "→ 10.0 KiB/s · ← 75.0 KiB/s" in svg_text(groups["edge:shop/frontend->shop/cart"])
+    udp = groups["edge:shop/frontend->kube-system/coredns"]
+    assert "UDP → 2.0 KiB/s · ← 4.4 KiB/s · 50 dgram/s" in svg_text(udp)
+    (arrowhead,) = udp.iter(f"{SVG}polygon")
+    assert arrowhead.get("fill") == "none"  # hollow: UDP only
+    (tcp_arrowhead,) = groups["edge:shop/frontend->shop/cart"].iter(f"{SVG}polygon")
+    assert tcp_arrowhead.get("fill") != "none"
     png = graphviz.layout(dot.render(graph), "png")
     assert png.startswith(b"\x89PNG")
 

@@ -188,3 +188,78 @@ def test_live_rows_are_rates_but_violations_stay_cumulative() -> None:
     assert first[0].sent_bytes == 1000 and first[0].violations == 1  # totals on the first refresh
     row = tv.live_rows(before, after, 2.0)[0]
     assert row.sent_bytes == 500 and row.opened == 0 and row.violations == 1
+
+
+DNS_PAIR = (
+    'client_namespace="shop",client_workload="web",'
+    'server_namespace="kube-system",server_port="53",server_workload="coredns",service="kube-dns"'
+)
+
+
+def udp_exposition(sent: float, received: float, datagrams: float) -> str:
+    """UDP to the resolver (beside its DNS requests: the same pair) and TCP elsewhere."""
+    return f"""# TYPE flowmon_udp_sent_bytes_total counter
+flowmon_udp_sent_bytes_total{{{DNS_PAIR}}} {sent}
+# TYPE flowmon_udp_received_bytes_total counter
+flowmon_udp_received_bytes_total{{{DNS_PAIR}}} {received}
+# TYPE flowmon_udp_sent_datagrams_total counter
+flowmon_udp_sent_datagrams_total{{{DNS_PAIR}}} {datagrams}
+# TYPE flowmon_udp_received_datagrams_total counter
+flowmon_udp_received_datagrams_total{{{DNS_PAIR}}} {datagrams}
+# TYPE flowmon_dns_requests_total counter
+flowmon_dns_requests_total{{{DNS_PAIR},qtype="A",rcode="NOERROR"}} {datagrams}
+# TYPE flowmon_tcp_sent_bytes_total counter
+flowmon_tcp_sent_bytes_total{{{PAIR}}} 100.0
+"""
+
+
+def test_a_udp_pair_is_a_row_of_its_own_beside_tcp() -> None:
+    snap = tv.parse_exposition(udp_exposition(4000, 9000, 50))
+    udp = snap[tv.pair_key(dict(kv.split("=") for kv in DNS_PAIR.replace('"', "").split(",")))]
+    assert udp.protocols == {"udp", "dns"} and udp.dns_requests == {"NOERROR": 50}
+    assert (udp.udp_sent_bytes, udp.udp_received_bytes, udp.udp_sent_datagrams) == (4000, 9000, 50)
+    rows = tv.rows(snap, seconds=2.0)
+    assert [(r.client, r.server, r.protocol) for r in rows] == [
+        ("shop/web", "kube-system/coredns:53 via kube-dns", "udp"),  # 6.5 KB/s: the busiest first
+        ("shop/web", "pay/api:80", "tcp"),
+    ]
+    udp_row = rows[0]
+    assert (udp_row.sent_bytes, udp_row.received_bytes, udp_row.datagrams) == (2000, 4500, 50)
+    cells = dict(zip(tv.columns(True), tv.row_cells(udp_row, per_second=True), strict=True))
+    assert cells == {
+        "client": "shop/web",
+        "server": "kube-system/coredns:53 via kube-dns",
+        "proto": "udp",
+        "sent": "2.0 KiB/s",
+        "received": "4.4 KiB/s",
+        "conns/s": "-",  # TCP's columns do not apply
+        "dgrams/s": "50",
+        "rtt p50": "-",
+        "rtt p99": "-",
+        "retrans/s": "-",
+        "failed/s": "-",
+        "violations": "-",
+    }
+    tcp_cells = dict(zip(tv.columns(False), tv.row_cells(rows[1], per_second=False), strict=True))
+    assert (tcp_cells["proto"], tcp_cells["dgrams"], tcp_cells["conns"]) == ("tcp", "-", "0")
+
+
+def test_udp_counters_and_dns_requests_take_differences_and_add_up_like_tcp() -> None:
+    before, after = (tv.parse_exposition(udp_exposition(*v)) for v in ((1000, 2000, 10), (3000, 6000, 30)))
+    (udp, tcp) = tv.rows(tv.diff(before, after), seconds=2.0)
+    assert (udp.sent_bytes, udp.received_bytes, udp.datagrams, tcp.sent_bytes) == (1000, 2000, 20, 0)
+    restarted = tv.diff(after, before)  # counters went down: an agent restart, the new values count
+    assert tv.rows(restarted)[0].sent_bytes == 1000
+    assert next(iter(restarted.values())).dns_requests == {"NOERROR": 10}
+    both = tv.combine([before, after])
+    key = next(k for k, t in both.items() if "udp" in t.protocols)
+    assert (both[key].udp_sent_bytes, both[key].dns_requests) == (4000, {"NOERROR": 40})
+    assert before[key].dns_requests == {"NOERROR": 10}  # inputs untouched
+
+
+def test_a_pair_with_only_dns_series_has_no_flow_row() -> None:
+    text = (
+        "# TYPE flowmon_dns_requests_total counter\n"
+        f'flowmon_dns_requests_total{{{DNS_PAIR},qtype="A",rcode="NXDOMAIN"}} 3.0\n'
+    )
+    assert tv.rows(tv.parse_exposition(text)) == []

@@ -16,8 +16,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from ipaddress import ip_address
 
 import pytest
@@ -543,13 +544,55 @@ def test_reset_from_iptables_reject_mid_stream(tracer, lab) -> None:
 
 
 # --- RTT and connect latency ----------------------------------------------------------------------------
-def upload_rtt(tracer: FlowTracer, lab: Lab, port: int, up: int) -> FlowCounters:
-    """One upload from e to f; the module's tracer advances no epoch, so its one srtt sample is the
-    connection's last srtt, taken at close."""
+TCP_CLOSE = 7  # include/net/tcp_states.h
+SO_SNDBUFFORCE = 32  # asm-generic/socket.h (root: above net.core.wmem_max); not in Python's socket module
+
+
+def kernel_rtt(sock: socket.socket) -> tuple[int, int, int]:
+    """The kernel's own view of a TCP socket: (state, srtt µs, min RTT µs); struct tcp_info's tcpi_state
+    at offset 0, tcpi_rtt at 68 and tcpi_min_rtt at 148."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 152)
+    return info[0], struct.unpack_from("I", info, 68)[0], struct.unpack_from("I", info, 148)[0]
+
+
+@dataclass(frozen=True)
+class Upload:
+    flow: FlowCounters  # the client end's flow, as the tracer reports it
+    kernel_srtt_us: int  # the client's kernel's, read once its socket had reached CLOSE
+    kernel_min_rtt_us: int
+
+
+def upload_rtt(tracer: FlowTracer, lab: Lab, port: int, up: int) -> Upload:
+    """One upload from e to f, the client closing first: it sends, shuts its side down and reads until
+    the server's FIN, which the server sends once it has read everything and the client's FIN, so it
+    acknowledges the client's FIN. When the client reads EOF its socket has taken its last RTT sample and
+    reached CLOSE (FIN_WAIT2, then TIME_WAIT in the same softirq): TCP_INFO gives the srtt and min RTT the
+    sock_ops program read at that change. The module's tracer advances no epoch, so the flow's one srtt
+    sample is that one, whatever the FIN handshake did to srtt."""
     e, f = lab.pod("e"), lab.pod("f")
-    request_response(lab, e, f, V4, [(port, up, 1)])
+    seen: list[tuple[int, int, int]] = []
+    with listen(lab, f, V4, port) as srv, connect(lab, e, V4, f, port, timeout=60) as cli:
+
+        def serve() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(60)
+                recv_exact(conn, up)
+                assert conn.recv(1) == b""  # the client's FIN
+
+        def call() -> None:
+            send_exact(cli, up)
+            cli.shutdown(socket.SHUT_WR)
+            assert cli.recv(1) == b""  # the server's FIN
+            seen.append(kernel_rtt(cli))
+
+        run_threads([serve, call])
+    state, srtt_us, min_rtt_us = seen[0]
+    assert state == TCP_CLOSE
     k = key(e, f, V4, port, Reporter.CLIENT)
-    return counters(wait_for(tracer, lambda s: k in s.flows and s.flows[k].closed == 1), k)
+    return Upload(
+        counters(wait_for(tracer, lambda s: k in s.flows and s.flows[k].closed == 1), k), srtt_us, min_rtt_us
+    )
 
 
 def qdisc_backlog_bytes(lab: Lab, pod: Pod) -> int:
@@ -558,57 +601,66 @@ def qdisc_backlog_bytes(lab: Lab, pod: Pod) -> int:
     return int(match[1]) if match else 0
 
 
-def test_min_rtt_plausible_and_rising_behind_a_standing_queue(tracer, lab) -> None:
-    """Each connection's min RTT comes with its srtt at close (sock_ops). Behind a token bucket that a
-    bulk upload keeps full, every segment of a new connection waits in the queue, its SYN too: its min
-    RTT rises with the queue (no netem needed)."""
+@contextmanager
+def standing_queue(lab: Lab, port: int) -> Iterator[None]:
+    """A token bucket on e's egress (8 Mbit/s) that UDP datagrams from e keep full while the block runs:
+    every packet e sends meanwhile, a connection's SYN and FIN too, waits behind them. A TCP bulk would
+    not do: TCP small queues keep a sender's own backlog at a few segments (~13 kB, measured). A UDP
+    socket's datagrams count against its send buffer until the device takes them, so its sender blocks
+    while the buffer is full and the kernel wakes it when half is free: the queue stays between half the
+    buffer and all of it (>= 100 kB, 100 ms at 8 Mbit/s, below the bucket's 416 kB limit, so nothing is
+    dropped), checked before and after the block. f's socket is never read: its buffer fills, then drops
+    quietly (no ICMP). Bounded: until told, 60 s or 64 MB at most."""
     e, f = lab.pod("e"), lab.pod("f")
-    fast = upload_rtt(tracer, lab, next_port(), 100_000)
-    assert fast.min_rtt.count == 1 and 1 <= fast.min_rtt.sum_us <= fast.rtt.sum_us < 20_000
-    bulk_port, port, size = next_port(), next_port(), 4 * MB
     lab.tc(
         e, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "8mbit", "burst", "16kb", "latency", "400ms"
     )
+    stop = threading.Event()
+    sink = lab.socket(f, V4, socket.SOCK_DGRAM)
+    sink.bind((f.ip(V4), port))
+    source = lab.socket(e, V4, socket.SOCK_DGRAM)
+    source.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 256 * 1024)  # the kernel doubles it
+
+    def send() -> None:
+        datagram, sent, deadline = b"\x5a" * 1400, 0, time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline and sent < 64 * MB:
+            sent += source.sendto(datagram, (f.ip(V4), port))
+
+    sender = threading.Thread(target=send, daemon=True)
     try:
-        with listen(lab, f, V4, bulk_port) as srv, connect(lab, e, V4, f, bulk_port, timeout=60) as bulk:
-            conn, _ = srv.accept()
-            with conn:
-                conn.settimeout(60)
-                threads = [
-                    threading.Thread(target=send_exact, args=(bulk, size), daemon=True),
-                    threading.Thread(target=recv_exact, args=(conn, size), daemon=True),
-                ]
-                for thread in threads:
-                    thread.start()
-                deadline = time.monotonic() + 20
-                while qdisc_backlog_bytes(lab, e) < 100_000 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                assert qdisc_backlog_bytes(lab, e) >= 50_000  # a standing queue of >= 50 ms at 8 Mbit/s
-                slow = upload_rtt(tracer, lab, port, 10_000)
-                for thread in threads:
-                    thread.join(60)
+        sender.start()
+        deadline = time.monotonic() + 20
+        while qdisc_backlog_bytes(lab, e) < 100_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert qdisc_backlog_bytes(lab, e) >= 100_000
+        yield
+        assert qdisc_backlog_bytes(lab, e) >= 100_000  # still standing
     finally:
-        lab.tc(e, "qdisc", "del", "dev", "eth0", "root")
-    assert slow.min_rtt.count == 1
-    assert slow.min_rtt.sum_us <= slow.rtt.sum_us
-    assert slow.min_rtt.sum_us > max(20_000, 10 * fast.min_rtt.sum_us), (slow.min_rtt, fast.min_rtt)
+        stop.set()
+        lab.tc(e, "qdisc", "del", "dev", "eth0", "root")  # frees the queued datagrams: the sender wakes
+        sender.join(30)
+        source.close()
+        sink.close()
 
 
 def test_rtt_and_connect_latency_plausible_and_rtt_rises_on_slow_path(tracer, lab) -> None:
+    """Each connection's srtt and min RTT at close (sock_ops) are exactly the kernel's own at close, on a
+    fast path and behind a standing queue, where every segment of a new connection waits: there both
+    rise, by the queue's delay (no netem needed)."""
     fast = upload_rtt(tracer, lab, next_port(), 2 * MB)
-    assert (fast.rtt.count, fast.connect_latency.count) == (1, 1)
-    assert 1 <= fast.rtt.sum_us < 20_000, fast.rtt.sum_us  # veth on one host: well under 20 ms
-    assert 1 <= fast.connect_latency.sum_us < 200_000
-    e = lab.pod("e")
-    lab.tc(
-        e, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "8mbit", "burst", "16kb", "latency", "400ms"
-    )
-    try:
-        slow = upload_rtt(tracer, lab, next_port(), 3 * MB)
-    finally:
-        lab.tc(e, "qdisc", "del", "dev", "eth0", "root")
-    assert slow.rtt.count == 1
-    assert slow.rtt.sum_us > max(20_000, 10 * fast.rtt.sum_us), (slow.rtt.sum_us, fast.rtt.sum_us)
+    rtt, min_rtt, latency = fast.flow.rtt, fast.flow.min_rtt, fast.flow.connect_latency
+    assert (rtt.count, min_rtt.count, latency.count) == (1, 1, 1)
+    assert (rtt.sum_us, min_rtt.sum_us) == (fast.kernel_srtt_us, max(fast.kernel_min_rtt_us, 1))
+    assert 1 <= min_rtt.sum_us <= rtt.sum_us < 20_000  # veth on one host: well under 20 ms
+    assert 1 <= latency.sum_us < 200_000
+    udp_port, port = next_port(), next_port()
+    with standing_queue(lab, udp_port):
+        slow = upload_rtt(tracer, lab, port, 30_000)
+    rtt, min_rtt = slow.flow.rtt, slow.flow.min_rtt
+    assert (rtt.count, min_rtt.count) == (1, 1)
+    assert (rtt.sum_us, min_rtt.sum_us) == (slow.kernel_srtt_us, slow.kernel_min_rtt_us)
+    # every sample waited in the queue: min RTT rises, and srtt, an average of samples none below it
+    assert max(20_000, 10 * fast.flow.min_rtt.sum_us) < min_rtt.sum_us <= rtt.sum_us, (slow, fast)
 
 
 # --- overflow, filters, pre-existing connections (own tracers: they change configuration) ---------------

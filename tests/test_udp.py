@@ -164,6 +164,41 @@ def test_full_tables_are_counted(lab) -> None:
         assert (k.client_ip, udp_words(c)) == (ip_address(a.ip(V4)), (33, 0, 1, 0))
 
 
+def test_keys_idle_for_the_ttl_are_forgotten_here_and_in_the_kernel(lab) -> None:
+    """A pair unchanged for idle_flow_ttl_s (the injected clock) is forgotten and its kernel entry deleted:
+    when it comes back it starts from zero."""
+    a, b = lab.pod("a"), lab.pod("b")
+    port, now = next(_ports), [0.0]
+    with UdpFlows(idle_flow_ttl_s=60.0, clock=lambda: now[0]) as flows:
+        flows.configure(only(lab))
+        exchange(lab, V4, port, [10], [4], connected=True)
+        pair = [key(a, b, V4, port, C), key(a, b, V4, port, S)]
+        assert [udp_words(flows.read()[k]) for k in pair] == [(10, 4, 1, 1)] * 2
+        assert flows.tracked() == 2
+        now[0] += 59.0
+        assert set(pair) <= flows.read().keys()  # not yet idle for the TTL
+        now[0] += 1.0
+        assert not set(pair) & flows.read().keys()
+        assert (flows.tracked(), flows.drops().flows_forgotten_idle) == (0, 2)
+        exchange(lab, V4, port, [7], [], connected=True)  # the same 5-tuple's pair again
+        assert [udp_words(flows.read()[k]) for k in pair] == [(7, 0, 1, 0)] * 2  # from zero: deleted
+        assert flows.drops().flow_table_evicted == 0  # deletions are not evictions
+
+
+def test_keys_the_kernel_evicted_are_forgotten(lab) -> None:
+    """Pairs pass through an LRU of 4 entries, read after each: what user space holds stays within the
+    kernel's map, the rest is counted as gone."""
+    seen: set[FlowKey] = set()
+    with UdpFlows(sizes={"UDP_FLOW_MAX": 4}) as flows:
+        flows.configure(only(lab))
+        for _ in range(8):
+            exchange(lab, V4, next(_ports), [33], [], connected=False)
+            seen |= flows.read().keys()
+            assert flows.tracked() <= 4
+        gone = flows.drops().flows_forgotten_gone
+    assert len(seen) > 4 and gone == len(seen) - flows.tracked() > 0
+
+
 def lab_store(lab: Lab) -> MetadataStore:
     """a: shop/web, b: pay/statsd (both addresses of each), on node n1."""
     store = MetadataStore()

@@ -18,12 +18,17 @@ from dataclasses import dataclass
 from flowmon_cli import topview
 from flowmon_cli.sources import Sample
 from flowmon_contract.metrics import ISOLATION_LABEL_NAMES, METRICS, VIOLATIONS, FamilyType
-from flowmon_contract.spec import Dimension
+from flowmon_contract.spec import Dimension, Metric
 
 MONITOR_LABEL = "flowmon_monitor"  # the target label the ServiceMonitors (and the demo) add
 FLOW_LABELS = ", ".join(d.value for d in Dimension)
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Labels a family keeps beside the flow labels: the views split DNS requests by answer code (qtypes and
+# query name suffixes are summed).
+_KEPT = {metric: info.extra_label for metric, info in METRICS.items() if info.extra_label} | {
+    Metric.DNS_REQUESTS: "rcode"
+}
 
 
 def range_seconds(text: str) -> float:
@@ -38,8 +43,8 @@ def flow_queries(monitor: str, window: str) -> list[tuple[str, str]]:
     """Pure: (the sample name parse_exposition knows, PromQL) for every flow metric of `monitor`."""
     selector = f'{{{MONITOR_LABEL}="{monitor}"}}'
     result = []
-    for info in METRICS.values():
-        extra = f", {info.extra_label}" if info.extra_label else ""
+    for metric, info in METRICS.items():
+        extra = f", {_KEPT[metric]}" if metric in _KEPT else ""
         if info.type is FamilyType.COUNTER:
             name = info.name + "_total"
             expr = f"sum by ({FLOW_LABELS}{extra}) (increase({name}{selector}[{window}]))"

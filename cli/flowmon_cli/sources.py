@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ssl
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -96,6 +97,37 @@ def add_agent_arguments(parser: argparse.ArgumentParser, default_url: str) -> No
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument("--ca", type=Path, metavar="FILE", help="CA certificate that signed the agent's")
     tls.add_argument("--insecure", action="store_true", help="do not verify the agent's certificate")
+
+
+DEFAULT_MONITOR = "flowmon-system/service-map"
+
+
+def add_prometheus_arguments(parser: argparse.ArgumentParser) -> None:
+    """The PromQL source's flags (`flowmon_cli.prometheus_source`), the same for every view."""
+    parser.add_argument("--prometheus", metavar="URL", help="read the monitor's series from this Prometheus")
+    parser.add_argument(
+        "--monitor",
+        default=DEFAULT_MONITOR,
+        help=f"with --prometheus: its flowmon_monitor (default {DEFAULT_MONITOR})",
+    )
+    parser.add_argument(
+        "--range", default="5m", metavar="RANGE", help="with --prometheus: PromQL range of the rates"
+    )
+
+
+def source_from_arguments(args: argparse.Namespace, command: str) -> Source:
+    """Prometheus with --prometheus, else the agents (an agent's address stands for its first monitor;
+    what was chosen is said on stderr)."""
+    from flowmon_cli import prometheus_source
+
+    endpoints = endpoints_from_arguments(args)
+    if args.prometheus:
+        prometheus_source.range_seconds(args.range)  # refuse a bad range before any request
+        return prometheus_source.PrometheusSource(args.prometheus, args.monitor, args.range, endpoints.fetch)
+    endpoints, notes = expanded(endpoints)
+    for note in notes:
+        print(f"flowmon {command}: {note}", file=sys.stderr)
+    return AgentSource(endpoints)
 
 
 def endpoints_from_arguments(args: argparse.Namespace) -> Endpoints:

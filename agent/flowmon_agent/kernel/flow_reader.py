@@ -226,16 +226,21 @@ class FlowReader:
         self.forgotten_idle += forgotten + len(orphans)
 
     def _delete_entry(self, key: FlowKey, raw: bytes) -> bool:
-        """Delete the key's kernel entry unless it changed since it was read (then it is kept, and read
-        again next time: an add in between would be lost; one between this look and the delete,
-        microseconds, still is). True: the entry is gone."""
-        table = self._flows
-        k = table.Key.from_buffer_copy(encode_flow_key(key))
-        try:
-            if bytes(table[k]) != raw:
-                return False
-            del table[k]
-        except KeyError:
-            return True  # evicted meanwhile
-        self._deleted += 1
-        return True
+        """Delete the key's kernel entry unless it changed since it was read. True: the entry is gone."""
+        outcome = delete_unchanged(self._flows, encode_flow_key(key), raw)
+        self._deleted += outcome == "deleted"
+        return outcome != "changed"
+
+
+def delete_unchanged(table, key: bytes, raw: bytes) -> str:  # table: bcc.table.TableBase
+    """Delete a kernel entry unless it changed since it was read as `raw` (then it is kept, and read
+    again next time: an add in between would be lost; one between this look and the delete,
+    microseconds, still is). `deleted`, `changed` (kept) or `evicted` (gone meanwhile)."""
+    k = table.Key.from_buffer_copy(key)
+    try:
+        if bytes(table[k]) != raw:
+            return "changed"
+        del table[k]
+    except KeyError:
+        return "evicted"
+    return "deleted"

@@ -84,7 +84,7 @@ class FlowTracer:
         self._udp: UdpFlows | None = None
         self.udp_unavailable = ""
         try:
-            self._udp = self._load_udp(udp_sizes, cgroup_root) if udp else None
+            self._udp = self._load_udp(udp_sizes, cgroup_root, idle_flow_ttl_s, clock) if udp else None
             self._maps = ConfigMaps(self.program)
             self._adoptions = existing.Adoptions(
                 self.program.table("adopt"),
@@ -119,9 +119,15 @@ class FlowTracer:
             raise
         self.rtt_sampler.start()
 
-    def _load_udp(self, sizes: Mapping[str, int] | None, cgroup_root: Path | None) -> UdpFlows | None:
+    def _load_udp(
+        self,
+        sizes: Mapping[str, int] | None,
+        cgroup_root: Path | None,
+        idle_flow_ttl_s: float,
+        clock: Callable[[], float],
+    ) -> UdpFlows | None:
         try:
-            return UdpFlows(sizes=sizes, cgroup=cgroup_root)
+            return UdpFlows(sizes=sizes, cgroup=cgroup_root, idle_flow_ttl_s=idle_flow_ttl_s, clock=clock)
         except (kernel_paths.BPFUnavailableError, OSError) as exc:
             self._without_udp(exc)
             return None
@@ -210,7 +216,10 @@ class FlowTracer:
     def tracked(self) -> dict[str, int]:
         """Keys user space holds per table (bounded by the kernel's flow map)."""
         with self.lock:
-            return self._reader.tracked()
+            tracked = self._reader.tracked()
+            if self._udp is not None:
+                tracked["udp_flows"] = self._udp.tracked()
+            return tracked
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:

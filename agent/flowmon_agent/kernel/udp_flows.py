@@ -2,7 +2,10 @@
 
 The kernel adds each datagram's payload bytes into its pair's entry (no per-packet output); a poll reads
 only the flow map, so user-space work grows with distinct pairs. Totals are kept across the LRU entries
-of a key (flow_reader.Incarnations); evictions are counted from the entries the kernel created. The
+of a key (flow_reader.Incarnations); evictions are counted from the entries the kernel created.
+Bounded like the TCP flows: a key is remembered only while the kernel holds its entry (gone: forgotten),
+and one whose counters have not changed for `idle_flow_ttl_s` is forgotten and deleted from the kernel
+(its last totals were reported; if it comes back it starts from zero, a restart to aggregation). The
 5-tuples that remember who sent first (`udp_tuples`, a plain hash: never evicts a live tuple) are swept
 here: tuples idle for longer than the kernel's idle time are deleted every `sweep_every_s`.
 """
@@ -21,9 +24,9 @@ from flowmon_agent.kernel import loader as bpf_loader
 from flowmon_agent.kernel.cgroup_skb import CgroupSkbLinks
 from flowmon_agent.kernel.config_maps import ConfigMaps
 from flowmon_agent.kernel.counters import TCP_ZERO, FlowCounters
-from flowmon_agent.kernel.flow_reader import Incarnations
+from flowmon_agent.kernel.flow_reader import Incarnations, delete_unchanged
 from flowmon_agent.kernel.flows import FlowKey, KernelConfig, Transport
-from flowmon_agent.kernel.maps import decode_flow_key
+from flowmon_agent.kernel.maps import decode_flow_key, encode_flow_key
 
 SOURCE = "udp.c"
 UDP_VAL = struct.Struct("<Q4Q")  # struct udp_val: created_ns, c2s/s2c bytes, c2s/s2c datagrams
@@ -52,6 +55,8 @@ class UdpDrops:
     flow_insert_failed: int  # datagrams not counted: no flow entry could be made
     tuple_table_full: int  # new 5-tuples not remembered: their role was decided by ports
     not_walked: int  # IPv6 packets with extension headers, not counted
+    flows_forgotten_idle: int = 0  # keys forgotten (and deleted from the kernel): unchanged for the TTL
+    flows_forgotten_gone: int = 0  # keys forgotten: the kernel no longer held their entry
 
     def as_dropped(self) -> dict[str, int]:
         """Named like the TCP tracer's drop reasons, `udp_` first."""
@@ -68,11 +73,13 @@ class UdpFlows:
         mode: int = MODE_PRODUCT,
         cgroup: Path | None = None,
         sweep_every_s: float = 30.0,
+        idle_flow_ttl_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock`: when to sweep tuples and how long a key has been unchanged (`idle_flow_ttl_s`)."""
         cflags = {**DEFAULT_UDP_SIZES, **(sizes or {}), "UDP_MODE": mode}
         self._idle_ns = int(cflags["UDP_IDLE_S"] * 1e9)
-        self._sweep_every_s, self._clock = sweep_every_s, clock
+        self._sweep_every_s, self._idle_ttl_s, self._clock = sweep_every_s, idle_flow_ttl_s, clock
         self._next_sweep = clock() + sweep_every_s
         self._bpf = bpf_loader.load_program(SOURCE, cflags)
         self._links: CgroupSkbLinks | None = None
@@ -85,7 +92,8 @@ class UdpFlows:
             self.close()
             raise
         self._incarnations: dict[FlowKey, Incarnations] = {}
-        self._evicted = 0
+        self._evicted = self._deleted = self._reads = 0  # _deleted: entries deleted here (not evictions)
+        self.forgotten_idle = self.forgotten_gone = 0
 
     def table(self, name: str):  # -> bcc.table.TableBase
         return self.bpf[name.encode()]
@@ -113,21 +121,44 @@ class UdpFlows:
     def stat(self, index: int) -> int:
         return int(self.table("udp_stats").sum(ctypes.c_int(index)).value)
 
+    def tracked(self) -> int:
+        """Keys user space holds: at most the kernel's flow map, whatever the traffic."""
+        return len(self._incarnations)
+
     def read(self) -> dict[FlowKey, FlowCounters]:
         created = self.stat(UST_FLOWS_CREATED)  # before the map read: evictions are never overestimated
         entries = self._flows_reader.items()
-        incarnations = self._incarnations
+        now, incarnations = self._clock(), self._incarnations
+        self._reads = read = self._reads + 1
         for k, v in entries:
             key = decode_flow_key(k, Transport.UDP)
             inc = incarnations.get(key)
             if inc is None:
-                incarnations[key] = Incarnations(*decode_udp_value(v), v)
+                inc = incarnations[key] = Incarnations(*decode_udp_value(v), v, now)
             elif inc.raw != v:
-                inc.observe(*decode_udp_value(v), v)
-        self._evicted = max(self._evicted, created - len(entries))
-        if self._clock() >= self._next_sweep:
+                inc.observe(*decode_udp_value(v), v, now)
+            inc.seen = read
+        self._evicted = max(self._evicted, created - len(entries) - self._deleted)
+        if len(incarnations) > len(entries):  # entries the kernel no longer holds: their totals were reported
+            gone = [key for key, inc in incarnations.items() if inc.seen != read]
+            for key in gone:
+                del incarnations[key]
+            self.forgotten_gone += len(gone)
+        self._forget_idle(now)
+        if now >= self._next_sweep:
             self.sweep_idle_tuples()
         return {key: inc.total for key, inc in incarnations.items()}
+
+    def _forget_idle(self, now: float) -> None:
+        """Keys unchanged for the TTL: deleted in the kernel unless changed since read (then kept, and
+        read again next time), and forgotten here."""
+        idle = [key for key, inc in self._incarnations.items() if now - inc.changed_at >= self._idle_ttl_s]
+        for key in idle:
+            outcome = delete_unchanged(self._flows, encode_flow_key(key), self._incarnations[key].raw)
+            if outcome != "changed":
+                self._deleted += outcome == "deleted"
+                del self._incarnations[key]
+                self.forgotten_idle += 1
 
     def drops(self) -> UdpDrops:
         return UdpDrops(
@@ -135,6 +166,8 @@ class UdpFlows:
             flow_insert_failed=self.stat(UST_FLOW_FAILED),
             tuple_table_full=self.stat(UST_TUPLE_FULL),
             not_walked=self.stat(UST_NOT_WALKED),
+            flows_forgotten_idle=self.forgotten_idle,
+            flows_forgotten_gone=self.forgotten_gone,
         )
 
     def refused(self) -> dict[str, int]:

@@ -17,21 +17,12 @@ from flowmon_cli.main import Handler, subcommand
 from flowmon_cli.map import model
 
 DEFAULT_URL = "http://127.0.0.1:9400/metrics/flowmon-system/host"  # what `flowmon agent` serves bare
-DEFAULT_MONITOR = "flowmon-system/service-map"
 
 
 @subcommand("map", "the service map: workloads and who talks to whom (SVG, PNG, DOT or a live page)")
 def build(parser: argparse.ArgumentParser) -> Handler:
     sources.add_agent_arguments(parser, DEFAULT_URL)
-    parser.add_argument("--prometheus", metavar="URL", help="read the monitor's series from this Prometheus")
-    parser.add_argument(
-        "--monitor",
-        default=DEFAULT_MONITOR,
-        help=f"with --prometheus: its flowmon_monitor (default {DEFAULT_MONITOR})",
-    )
-    parser.add_argument(
-        "--range", default="5m", metavar="RANGE", help="with --prometheus: PromQL range of the rates"
-    )
+    sources.add_prometheus_arguments(parser)
     parser.add_argument(
         "-o", "--output", type=Path, default=Path("map.svg"), help="map.svg, map.png or map.dot"
     )
@@ -44,19 +35,6 @@ def build(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("--title", default="flowmon service map")
     parser.add_argument("--serve", metavar="HOST:PORT", help="serve a live page instead of writing a file")
     return run
-
-
-def make_source(args: argparse.Namespace) -> sources.Source:
-    from flowmon_cli import prometheus_source
-
-    endpoints = sources.endpoints_from_arguments(args)
-    if args.prometheus:
-        prometheus_source.range_seconds(args.range)  # refuse a bad range before any request
-        return prometheus_source.PrometheusSource(args.prometheus, args.monitor, args.range, endpoints.fetch)
-    endpoints, notes = sources.expanded(endpoints)
-    for note in notes:
-        print(f"flowmon map: {note}", file=sys.stderr)
-    return sources.AgentSource(endpoints)
 
 
 def write_map(args: argparse.Namespace, source: sources.Source) -> str:
@@ -80,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         listen = server.parse_listen(args.serve) if args.serve else None
-        source = make_source(args)
+        source = sources.source_from_arguments(args, "map")
         if listen is not None:
             options = server.PageOptions(
                 interval=args.interval, by_zone=args.by_zone, max_edges=args.max_edges, title=args.title

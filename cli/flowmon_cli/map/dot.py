@@ -1,9 +1,10 @@
 """The service map as Graphviz DOT. Pure: the same map gives the same text (a golden file holds it).
 
 Namespaces are clusters (inside zone clusters with --by-zone); ends outside the cluster are grey
-ellipses. Edges carry bytes/s both ways, connections/s and the Services they went through; the line
-grows with the bytes (relative to the map's heaviest edge). Marks: red and bold for isolation
-violations, orange for failed connects and resets, dashed for cross-zone, dotted for external peers.
+ellipses. Edges carry bytes/s both ways (UDP's on a line of its own, with datagrams/s), connections/s
+and the Services they went through; the line grows with the bytes (relative to the map's heaviest
+edge). Marks: red and bold for isolation violations, orange for failed connects and resets, dashed for
+cross-zone, dotted for external peers, a hollow arrowhead for a UDP-only pair.
 Every node and edge has an SVG id and a tooltip with the health columns of `flowmon top`.
 """
 
@@ -39,9 +40,14 @@ def _rate(value: float, per_second: bool, what: str = "") -> str:
 def edge_label(edge: Edge, per_second: bool) -> str:
     unit = "B/s" if per_second else "B"
     lines = []
-    if edge.bytes:
+    if edge.tcp_bytes:
         sent, received = (topview.human_bytes(v, unit) for v in (edge.sent_bytes, edge.received_bytes))
         lines.append(f"→ {sent} · ← {received}")
+    if edge.udp_bytes or edge.datagrams:
+        sent, received = (
+            topview.human_bytes(v, unit) for v in (edge.udp_sent_bytes, edge.udp_received_bytes)
+        )
+        lines.append(f"UDP → {sent} · ← {received} · {_rate(edge.datagrams, per_second, 'dgram')}")
     if edge.opened:
         lines.append(_rate(edge.opened, per_second, "conn"))
     if edge.failures:
@@ -80,7 +86,10 @@ def _edge_style(edge: Edge, heaviest: float) -> dict[str, str | float]:
         color = TROUBLE_COLOR
     if edge.violations:
         color, style, width = VIOLATION_COLOR, "bold", max(width, 3.0)
-    return {"color": color, "fontcolor": color, "style": style, "penwidth": f"{width:.2f}"}
+    marks: dict[str, str | float] = {"color": color, "fontcolor": color, "style": style}
+    if edge.protocol == topview.UDP:
+        marks["arrowhead"] = "empty"
+    return marks | {"penwidth": f"{width:.2f}"}
 
 
 def _node_line(node: Node, indent: str) -> str:

@@ -4,7 +4,8 @@ Built from one reading of the flows (`sources.Sample`): rates are the reading's 
 seconds (totals when it has none), violations stay cumulative. A node is whatever the monitor groups
 by on that side (namespace/workload, a pod, a namespace alone); an end with an empty namespace is
 outside the cluster (a node's address, an external peer or a named network). Edges join every port
-and Service of a pair; beyond `max_edges`, the heaviest stay and the rest is counted in the map's note.
+and Service of a pair, TCP and UDP (`protocol`: tcp, udp or tcp+udp; a pair with only DNS series is no
+edge); beyond `max_edges`, the heaviest stay and the rest is counted in the map's note.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flowmon_cli import topview
 from flowmon_cli.sources import Sample
 
 DEFAULT_MAX_EDGES = 150
+_FLOW_PROTOCOLS = (topview.TCP, topview.UDP)  # in the order an edge's protocol names them
 _NAME_ATTRS = ("workload", "pod")
 
 
@@ -34,14 +36,24 @@ class Edge(topview.Row):
     ServiceMap.per_second; violations cumulative, so a single forbidden connection stays marked), and
     what the map draws besides."""
 
+    udp_sent_bytes: float = 0.0  # sent_bytes and received_bytes are TCP's
+    udp_received_bytes: float = 0.0
     services: tuple[str, ...] = ()
     ports: tuple[str, ...] = ()
     cross_zone: bool = False
     external: bool = False
 
     @property
-    def bytes(self) -> float:
+    def tcp_bytes(self) -> float:
         return self.sent_bytes + self.received_bytes
+
+    @property
+    def udp_bytes(self) -> float:
+        return self.udp_sent_bytes + self.udp_received_bytes
+
+    @property
+    def bytes(self) -> float:
+        return self.tcp_bytes + self.udp_bytes
 
     @property
     def troubled(self) -> bool:
@@ -88,7 +100,10 @@ def build(sample: Sample, *, by_zone: bool = False, max_edges: int = DEFAULT_MAX
     scale = 1.0 / sample.seconds if sample.seconds else 1.0
     nodes: dict[str, Node] = {}
     groups: dict[tuple[str, str], list[topview.PairKey]] = {}
-    for key in sample.delta.keys() | {k for k, t in sample.totals.items() if t.violations}:
+    flows = {
+        k for k, t in sample.delta.items() if not t.protocols or t.protocols.intersection(_FLOW_PROTOCOLS)
+    }
+    for key in flows | {k for k, t in sample.totals.items() if t.violations}:
         labels = dict(key)
         client, server = endpoint(labels, "client", by_zone), endpoint(labels, "server", by_zone)
         nodes.setdefault(client.id, client)
@@ -104,11 +119,15 @@ def build(sample: Sample, *, by_zone: bool = False, max_edges: int = DEFAULT_MAX
             Edge(
                 client,
                 server,
-                **{f: getattr(delta, f) * scale for f in topview.COUNTER_FIELDS if f != "violations"},
+                **{f: getattr(delta, f) * scale for f in topview.TCP_FIELDS if f != "violations"},
                 violations=sum(sample.totals[k].violations for k in keys if k in sample.totals),
                 active=delta.active,
                 rtt_p50=topview.histogram_quantile(0.5, delta.rtt),
                 rtt_p99=topview.histogram_quantile(0.99, delta.rtt),
+                protocol="+".join(p for p in _FLOW_PROTOCOLS if p in delta.protocols) or topview.TCP,
+                datagrams=(delta.udp_sent_datagrams + delta.udp_received_datagrams) * scale,
+                udp_sent_bytes=delta.udp_sent_bytes * scale,
+                udp_received_bytes=delta.udp_received_bytes * scale,
                 services=tuple(sorted({s for lb in labels if (s := lb.get("service"))})),
                 ports=tuple(sorted({p for lb in labels if (p := lb.get("server_port"))}, key=_port_order)),
                 cross_zone=any(_crosses_zones(lb) for lb in labels),
@@ -138,13 +157,14 @@ def _port_order(port: str) -> tuple[int, str]:
 
 
 def health_row(edge: Edge) -> topview.Row:
-    """The edge as a `flowmon top` row (its health columns, for the live page's table and tooltips)."""
+    """The edge as a `flowmon top` row (its health columns, for the live page's table and tooltips):
+    bytes of both protocols."""
     via = f" via {', '.join(edge.services)}" if edge.services else ""
     return topview.Row(
         client=edge.client,
         server=edge.server + via,
-        sent_bytes=edge.sent_bytes,
-        received_bytes=edge.received_bytes,
+        sent_bytes=edge.sent_bytes + edge.udp_sent_bytes,
+        received_bytes=edge.received_bytes + edge.udp_received_bytes,
         opened=edge.opened,
         failures=edge.failures,
         retransmits=edge.retransmits,
@@ -153,4 +173,6 @@ def health_row(edge: Edge) -> topview.Row:
         active=edge.active,
         rtt_p50=edge.rtt_p50,
         rtt_p99=edge.rtt_p99,
+        protocol=edge.protocol,
+        datagrams=edge.datagrams,
     )

@@ -349,6 +349,7 @@ class Demo:
 
     def live(self, end: float) -> None:
         from flowmon_cli.commands.top import watch, wide_console
+        from flowmon_cli.sources import AgentSource
 
         alerts: list[str] = []
         checked = [0.0]
@@ -361,7 +362,7 @@ class Demo:
             return f"{left:.0f}s left, Ctrl-C stops · Prometheus {self.prometheus.url}{firing}"
 
         watch(
-            self.endpoints(),
+            AgentSource(self.endpoints()),
             interval=2.0,
             title="flowmon demo — workload pairs (service-map monitor, both agents), per second",
             until=lambda: time.monotonic() >= end,
@@ -378,17 +379,17 @@ class Demo:
                 next_note += 10
 
     def summary(self) -> None:
-        from flowmon_cli import topview
-        from flowmon_cli.commands.top import table, wide_console
+        from flowmon_cli.commands.top import view, wide_console
+        from flowmon_cli.sources import Sample
         from flowmon_lab.demo import scenario
 
         console = wide_console()
         try:
-            rows = topview.rows(self.endpoints().snapshot())
+            totals = self.endpoints().snapshot()
         except OSError as exc:
             say(f"could not read the agents for the summary: {exc}")
             return
-        console.print(table(rows, per_second=False, title="flowmon demo — totals per workload pair"))
+        console.print(view(Sample(totals, None, totals), title="flowmon demo — totals per workload pair"))
         for what, expr in scenario.QUERIES:
             try:
                 result = self.prometheus.query(expr)
