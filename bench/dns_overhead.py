@@ -1,19 +1,24 @@
-"""DNS capture overhead: copy the payload to user space (the product) or parse in the kernel?
+"""DNS capture overhead: copy the payload to user space, or keep the transactions in the kernel?
 
-    .venv/bin/python -m bench.dns_overhead [--rounds 3] [--seconds 3]
+    .venv/bin/python -m bench.dns_overhead [--rounds 3] [--seconds 3] [--qname web.lab.test]
 
 A client pod floods a dnsmasq pod with A queries (32 in flight, one UDP socket; a child process so that
 it shares no interpreter lock with the capture). Modes, on the same cgroup-skb hook of bpf/dns.c:
 `none` (nothing attached), `floor` (DNS_MODE=0: match the port and count), `copy` (DNS_MODE=1, the
-product: copy up to 512 payload bytes to the ring; this process reads every record, parses it and feeds
-the tracker), `kparse` (DNS_MODE=2: walk the question in the kernel and hand over a 60-byte record; this
-process only counts the records, so it is a lower bound of what parsing in the kernel would cost in user
-space). Each round measures `none` right before every mode, in a shuffled order. Reported per mode:
-queries/s as a ratio to the `none` beside it (median over rounds), kernel ns per program run (kernel
-bpf_stats), and this process's CPU per record read. Then the pure parts in isolation: parse_message and
-DnsTracker.observe per packet, and the user-space cost of the proposed hybrid (`hybrid_costs`): queries
-and answers without addresses arrive as a kernel-parsed record (id, flags, qtype: struct dns_parsed of
-DNS_MODE 2), only answers with records as payload, against every packet as payload (the product).
+product until 2026-12-06: copy up to 512 payload bytes to the ring; this process reads every record,
+parses it and feeds the tracker), `kparse` (DNS_MODE=2: walk the question in the kernel and hand over a
+60-byte record; this process only counts the records), `kernel` (DNS_MODE=3, the product: the real
+DnsCapture, transactions counted in kernel maps, only answers with addresses copied, for names; its
+poll reads the maps and sweeps timeouts). Each round measures `none` right before every mode, in a
+shuffled order. Reported per mode: queries/s as a ratio to the `none` beside it (median over rounds),
+kernel ns per program run and per query (kernel bpf_stats), this process's CPU per record read and per
+query answered (the bench's own loop, ~the same in every mode, included), and what that makes at a
+busy node's 2,000 queries/s. `--qname nope.lab.test` floods with NXDOMAIN answers (no addresses);
+`--rate 2000` sends at that rate instead of as fast as answers come (then the user CPU per second is the
+share of a core itself). Then the pure parts in isolation: parse_message and DnsTracker.observe per
+packet, and the user-space cost of the hybrid measured before (`hybrid_costs`): queries and answers
+without addresses arrive as a kernel-parsed record (id, flags, qtype: struct dns_parsed of DNS_MODE 2),
+only answers with records as payload, against every packet as payload (DNS_MODE 1).
 """
 
 from __future__ import annotations
@@ -33,23 +38,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flowmon_agent.dns.capture import EVENT_HEADER, attach_cgroup_skb, cgroup2_root, decode_event
+from flowmon_agent.dns.capture import EVENT_HEADER, DnsCapture, cgroup2_root, decode_event
 from flowmon_agent.dns.parse import Message, parse_message
 from flowmon_agent.dns.tracker import DnsTracker, Packet
+from flowmon_agent.kernel.cgroup_skb import attach_cgroup_skb
 from flowmon_agent.kernel.loader import load_program
 from flowmon_lab.network import Lab
 from flowmon_lab.resolver import ResolverConfig, start_resolver
 
-MODES = ("floor", "copy", "kparse")
+MODES = ("floor", "copy", "kparse", "kernel")  # index = DNS_MODE
+NODE_QPS = 2_000  # a busy node's DNS: what the per-query costs are scaled to
 FLOOD = r"""
 import socket, sys, time, struct
-server, seconds = sys.argv[1], float(sys.argv[2])
-question = b"\x03web\x03lab\x04test\x00\x00\x01\x00\x01"
+server, seconds, rate = sys.argv[1], float(sys.argv[2]), float(sys.argv[4])
+question = b"".join(bytes([len(l)]) + l.encode() for l in sys.argv[3].split(".")) + b"\x00\x00\x01\x00\x01"
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.settimeout(0.5)
 sent = answered = 0
-end = time.monotonic() + seconds
+start = time.monotonic()
+end = start + seconds
 while time.monotonic() < end:
+    if rate > 0:
+        time.sleep(max(0.0, start + sent / rate - time.monotonic()))
     for i in range(32):
         header = struct.pack("!HHHHHH", (sent + i) & 0xFFFF, 0x0100, 1, 0, 0, 0)
         sock.sendto(header + question, (server, 53))
@@ -88,16 +98,20 @@ def bpf_stats_enabled() -> Iterator[None]:
 
 class Mode:
     """One variant, loaded once, attached for its measurements only. `copy` does in its ring callback
-    what DnsCapture does: decode the record, feed the tracker."""
+    what DnsCapture did before the kernel kept transactions: decode the record, feed the tracker.
+    `kernel` is the product's DnsCapture itself, attached for the measurement only."""
 
     def __init__(self, name: str, cgroup_fd: int) -> None:
         self.name, self.cgroup_fd, self.records = name, cgroup_fd, 0
         self.tracker = DnsTracker()
+        self.capture: DnsCapture | None = None
+        self.links: list[int] = []
+        if name == "kernel":
+            return
         self.bpf = load_program("dns.c", {"DNS_MODE": MODES.index(name)})
         ring = {"copy": b"dns_events", "kparse": b"dns_parsed_events"}.get(name)
         if ring:
             self.bpf[ring].open_ring_buffer(self._on_record)
-        self.links: list[int] = []
 
     def _on_record(self, _ctx, data, size) -> int:
         self.records += 1
@@ -108,14 +122,28 @@ class Mode:
         return 0
 
     def attach(self) -> None:
-        self.links = attach_cgroup_skb(self.bpf, self.cgroup_fd)
+        if self.name == "kernel":
+            self.capture = DnsCapture(self.tracker)
+            self.bpf = self.capture.bpf
+            return
+        self.links = attach_cgroup_skb(self.bpf, self.cgroup_fd, b"dns_ingress", b"dns_egress")
 
     def detach(self) -> None:
+        if self.capture is not None:
+            self.records += self.capture.stats().read
+            self.capture.close()
+            self.capture = None
         for fd in self.links:
             os.close(fd)
         self.links = []
 
+    def read_records(self) -> int:
+        return self.records + (self.capture.stats().read if self.capture is not None else 0)
+
     def drain(self, timeout_ms: int) -> None:
+        if self.capture is not None:
+            self.capture.poll(timeout_ms)
+            return
         if self.name == "floor":
             time.sleep(timeout_ms / 1000)
             return
@@ -127,12 +155,13 @@ class Mode:
         return program_stats(self.bpf)
 
 
-def flood(lab: Lab, client, server, seconds: float, mode: Mode | None) -> tuple[float, float, int, int, int]:
+def flood(
+    lab: Lab, client, server, seconds: float, mode: Mode | None, qname: str, rate: float = 0.0
+) -> tuple[float, float, int, int, int]:
     """qps, this process's CPU seconds, kernel ns, program runs, records read during one flood."""
-    proc = lab.popen(
-        client, [sys.executable, "-c", FLOOD, str(server.ipv4), str(seconds)], stdout=subprocess.PIPE
-    )
-    cpu0, records0 = time.process_time(), mode.records if mode else 0
+    argv = [sys.executable, "-c", FLOOD, str(server.ipv4), str(seconds), qname, str(rate)]
+    proc = lab.popen(client, argv, stdout=subprocess.PIPE)
+    cpu0, records0 = time.process_time(), mode.read_records() if mode else 0
     ns0, runs0 = mode.stats() if mode else (0, 0)
     ns1 = runs1 = 0
     while proc.poll() is None:
@@ -145,7 +174,7 @@ def flood(lab: Lab, client, server, seconds: float, mode: Mode | None) -> tuple[
         ns1, runs1 = mode.stats()
         mode.drain(0)
     qps = float(proc.stdout.read().decode())
-    records = mode.records - records0 if mode else 0
+    records = mode.read_records() - records0 if mode else 0
     return qps, time.process_time() - cpu0, ns1 - ns0, runs1 - runs0, records
 
 
@@ -256,44 +285,64 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument(
+        "--qname", default="web.lab.test", help="web.lab.test: A answers; nope.lab.test: NXDOMAIN"
+    )
+    parser.add_argument("--rate", type=float, default=0.0, help="queries/s (0: as fast as answered)")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="a comma-separated subset of " + ",".join(MODES)
+    )
+    parser.add_argument(
         "--pure-only", action="store_true", help="only the user-space costs (no netns, no BPF)"
     )
     args = parser.parse_args()
     if args.pure_only:
         report_pure()
         return
+    names = [m for m in args.modes.split(",") if m]
+    if not set(names) <= set(MODES):
+        parser.error(f"modes: {', '.join(MODES)}")
     cgroup_fd = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
-    results: dict[str, dict[str, list[float]]] = {m: {"ratio": [], "ns": [], "cpu_us": []} for m in MODES}
-    modes = {m: Mode(m, cgroup_fd) for m in MODES}
+    keys = ("ratio", "ns", "ns_query", "cpu_us", "cpu_query")
+    results: dict[str, dict[str, list[float]]] = {m: {k: [] for k in keys} for m in names}
+    modes = {m: Mode(m, cgroup_fd) for m in names}
     with Lab("bdns", ["cl", "dns"]) as lab, bpf_stats_enabled():
         client, server = lab.pod("cl"), lab.pod("dns")
-        start_resolver(
-            lab, server, ResolverConfig(local_zone="lab.test", hosts={"web.lab.test": ["10.99.0.7"]})
-        )
-        flood(lab, client, server, 1.0, None)  # warm-up
+        hosts = {"web.lab.test": ["10.99.0.7"]}
+        start_resolver(lab, server, ResolverConfig(local_zone="lab.test", hosts=hosts))
+        flood(lab, client, server, 1.0, None, args.qname)  # warm-up
         for r in range(args.rounds):
-            order = list(MODES)
+            order = list(names)
             random.Random(r).shuffle(order)
             for name in order:
-                base_qps, *_ = flood(lab, client, server, args.seconds, None)
+                base_qps, base_cpu, *_ = flood(lab, client, server, args.seconds, None, args.qname, args.rate)
                 mode = modes[name]
                 mode.attach()
                 try:
-                    qps, cpu, ns, runs, records = flood(lab, client, server, args.seconds, mode)
+                    qps, cpu, ns, runs, records = flood(
+                        lab, client, server, args.seconds, mode, args.qname, args.rate
+                    )
                 finally:
                     mode.detach()
-                results[name]["ratio"].append(qps / base_qps)
-                results[name]["ns"].append(ns / max(runs, 1))
-                results[name]["cpu_us"].append(cpu / max(records, 1) * 1e6)
-                print(f"round {r} {name:7s} none {base_qps:8.0f} q/s  {name} {qps:8.0f} q/s  "
-                      f"{ns / max(runs, 1):6.0f} ns/run  {runs} runs  {records} records  "
-                      f"{cpu / max(records, 1) * 1e6:6.1f} µs CPU/record", flush=True)  # fmt: skip
+                queries = qps * args.seconds
+                res = results[name]
+                res["ratio"].append(qps / base_qps)
+                res["ns"].append(ns / max(runs, 1))
+                res["ns_query"].append(ns / max(queries, 1))
+                res["cpu_us"].append(cpu / max(records, 1) * 1e6)
+                res["cpu_query"].append(cpu / max(queries, 1) * 1e6)
+                base_us = base_cpu / max(base_qps * args.seconds, 1) * 1e6
+                print(f"round {r} {name:7s} none {base_qps:8.0f} q/s ({base_us:4.1f} µs CPU/q)  "
+                      f"{name} {qps:8.0f} q/s  {res['ns'][-1]:6.0f} ns/run  {runs} runs  "
+                      f"{records} records  {res['cpu_us'][-1]:6.1f} µs CPU/record  "
+                      f"{res['cpu_query'][-1]:5.2f} µs CPU/query", flush=True)  # fmt: skip
     os.close(cgroup_fd)
-    print("\nmode     q/s vs none (median)  kernel ns/run  user CPU µs/record")
-    for name in MODES:
-        res = results[name]
-        print(f"{name:8s} {statistics.median(res['ratio']):20.3f}  {statistics.median(res['ns']):13.0f}  "
-              f"{statistics.median(res['cpu_us']):18.1f}")  # fmt: skip
+    print(f"\nmode     q/s vs none  kernel ns/run  kernel ns/query  user µs/record  user µs/query  "
+          f"% of a core at {NODE_QPS} q/s (user + kernel)")  # fmt: skip
+    for name in names:
+        med = {k: statistics.median(v) for k, v in results[name].items()}
+        share = (med["cpu_query"] * 1e3 + med["ns_query"]) * NODE_QPS / 1e9 * 100
+        print(f"{name:8s} {med['ratio']:11.3f}  {med['ns']:13.0f}  {med['ns_query']:15.0f}  "
+              f"{med['cpu_us']:14.1f}  {med['cpu_query']:13.2f}  {share:.2f}%")  # fmt: skip
     report_pure()
 
 

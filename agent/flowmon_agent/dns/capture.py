@@ -1,4 +1,7 @@
-"""Load `bpf/dns.c`, attach it to the cgroup v2 root, and feed its packets to a `DnsTracker`.
+"""Load `bpf/dns.c`, attach it to the cgroup v2 root, and feed what it counts and hands over to a
+`DnsTracker`: the kernel keeps the transactions (its counter maps are read each poll, its pending
+queries swept for timeouts by the tracker's clock, dns/kernel_counts.py); the ring brings what the kernel
+cannot vouch for (parsed and counted here) and answers with addresses (for the names only).
 
 The two programs (ingress, egress) are attached with BPF links, not BPF_PROG_ATTACH: a link goes away
 with its file descriptor, so an agent that dies, even by SIGKILL, leaves nothing attached behind (a
@@ -10,14 +13,12 @@ kernel could not hand over while the ring was full is counted there, not lost si
 from __future__ import annotations
 
 import ctypes
-import functools
-import ipaddress
-import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowmon_agent.dns.tracker import DnsTracker, Packet
+from flowmon_agent.dns.kernel_counts import TotalsReader, address_text, sweep_pending
+from flowmon_agent.dns.tracker import DnsTracker, KernelEvents, Packet
 from flowmon_agent.kernel.cgroup import cgroup2_mounts, cgroup2_root
 from flowmon_agent.kernel.cgroup_skb import CgroupSkbLinks
 from flowmon_agent.kernel.loader import load_program
@@ -26,10 +27,16 @@ from flowmon_agent.kernel.loader import load_program
 __all__ = ["CaptureStats", "DnsCapture", "cgroup2_mounts", "cgroup2_root", "decode_event"]
 
 SOURCE = "dns.c"
-# struct dns_event up to its payload: ts, saddr, daddr, sport, dport, payload_len, captured, family, egress
+# struct dns_event up to its payload: ts, saddr, daddr, sport, dport, payload_len, captured, family, egress,
+# kind (then 5 bytes of padding)
 EVENT_HEADER = struct.Struct("=Q16s16sHHHHBB6x")
+KIND_OFFSET = 50
+RECORD_NAMES = 1  # DNS_RECORD_NAMES: an answer the kernel counted, handed over for its names
 MAX_CAPTURE_BYTES = 4096
-_COUNT_NAMES = ("seen", "handed", "ring_full", "not_walked")  # enum dns_count in bpf/dns.c
+MAX_LATENCY_BOUNDS = 16  # DNS_LE_0..15 in bpf/dns.c
+# enum dns_count in bpf/dns.c
+_COUNT_NAMES = ("seen", "handed", "ring_full", "not_walked", "kept")
+_KERNEL_EVENTS = ("retransmitted", "pending_full", "series_overflow")  # indexes 5, 6, 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +45,8 @@ class CaptureStats:
     handed: int  # records the kernel wrote to the ring
     ring_full: int  # records lost because the ring was full
     not_walked: int  # IPv6 packets with extension headers, not inspected
+    kept: int  # datagrams counted in the kernel, nothing handed over
     read: int  # records this process read from the ring
-
-
-@functools.lru_cache(maxsize=4096)
-def _address_text(family: int, raw: bytes) -> str:
-    if family == 4:
-        return socket.inet_ntoa(raw[:4])
-    return str(ipaddress.IPv6Address(raw))  # the form flows key peers by
 
 
 def decode_event(raw: bytes) -> Packet | None:
@@ -57,9 +58,9 @@ def decode_event(raw: bytes) -> Packet | None:
         return None
     payload = raw[EVENT_HEADER.size : EVENT_HEADER.size + min(captured, MAX_CAPTURE_BYTES)]
     return Packet(
-        src=_address_text(family, saddr),
+        src=address_text(family, saddr),
         sport=sport,
-        dst=_address_text(family, daddr),
+        dst=address_text(family, daddr),
         dport=dport,
         egress=bool(egress),
         timestamp=ts_ns / 1e9,
@@ -86,12 +87,17 @@ class DnsCapture:
             raise ValueError("port 1-65535, capture_bytes 12-4096 and batch_max >= 1")
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise ValueError(f"ring_pages must be a power of two, got {ring_pages}")
+        bounds = tracker.latency_bounds
+        if not 1 <= len(bounds) <= MAX_LATENCY_BOUNDS:
+            raise ValueError(f"the kernel counts 1-{MAX_LATENCY_BOUNDS} latency buckets, got {len(bounds)}")
         self.tracker, self.batch_max = tracker, batch_max
         self._read = self._left = 0
+        self._copy_all: bool | None = None
+        self._totals = TotalsReader(len(bounds))
         self._links: CgroupSkbLinks | None = None
-        self._bpf = load_program(
-            SOURCE, {"DNS_PORT": port, "DNS_CAPTURE_BYTES": capture_bytes, "DNS_RING_PAGES": ring_pages}
-        )
+        cflags = {"DNS_PORT": port, "DNS_CAPTURE_BYTES": capture_bytes, "DNS_RING_PAGES": ring_pages}
+        cflags |= {"DNS_BUCKETS": len(bounds)} | {f"DNS_LE_{i}": round(b * 1e9) for i, b in enumerate(bounds)}
+        self._bpf = load_program(SOURCE, cflags)
         try:
             self._links = CgroupSkbLinks(self._bpf, b"dns_ingress", b"dns_egress", cgroup)
             self._links.attach()
@@ -101,23 +107,49 @@ class DnsCapture:
             raise
 
     def _on_record(self, _ctx, data, size) -> int:
-        packet = decode_event(ctypes.string_at(data, size))
-        if packet is not None:
+        raw = ctypes.string_at(data, size)
+        packet = decode_event(raw)
+        if packet is not None and raw[KIND_OFFSET] == RECORD_NAMES:
+            self.tracker.learn_names(packet)
+        elif packet is not None:
             self.tracker.observe(packet)
         self._read += 1
         self._left -= 1
         return -1 if self._left <= 0 else 0  # < 0 stops this consume after this record
 
     def poll(self, timeout_ms: int = 0) -> int:
-        """Feed the tracker at most `batch_max` records (waiting up to timeout_ms for a wake-up), then
-        expire the tracker's overdue queries; how many records were read."""
+        """Feed the tracker at most `batch_max` records (waiting up to timeout_ms for a wake-up), count
+        the kernel's overdue queries as timeouts, hand the tracker the kernel's counts, then expire the
+        tracker's own overdue queries; how many records were read."""
+        self._hand_queries_over(bool(self.tracker.qname_suffixes))
         before, self._left = self._read, self.batch_max
         if timeout_ms > 0:
             self._bpf.ring_buffer_poll(timeout_ms)  # returns at a wake-up (every DNS_WAKE_EVERY records)
         if self._left > 0:
             self._bpf.ring_buffer_consume()  # and what was written without waking anyone
+        timed_out, waiting = sweep_pending(self._bpf[b"dns_pending"], self.tracker.deadline())
+        self.tracker.count_timeouts(timed_out)
+        totals = self._totals.read(self._bpf[b"dns_requests"], self._bpf[b"dns_latency"])
+        totals.pending = waiting
+        self.tracker.absorb_kernel(totals, KernelEvents(*self._counts()[len(_COUNT_NAMES) :]))
         self.tracker.expire()
         return self._read - before
+
+    def _hand_queries_over(self, copy_all: bool) -> None:
+        """Query-name suffixes need the names: then queries (and their answers) go to user space."""
+        if copy_all != self._copy_all:
+            table = self._bpf[b"dns_config"]
+            table[table.Key(0)] = table.Leaf(int(copy_all))
+            self._copy_all = copy_all
+
+    def _counts(self) -> list[int]:
+        table = self._bpf[b"dns_counts"]
+        return [sum(table[table.Key(i)]) for i in range(len(_COUNT_NAMES) + len(_KERNEL_EVENTS))]
+
+    @property
+    def bpf(self):  # -> bcc.BPF
+        """The loaded programs and maps (bench/dns_overhead.py reads the programs' run time)."""
+        return self._bpf
 
     @property
     def cgroup(self) -> Path:
@@ -126,9 +158,7 @@ class DnsCapture:
         return self._links.cgroup
 
     def stats(self) -> CaptureStats:
-        table = self._bpf[b"dns_counts"]
-        totals = [sum(table[table.Key(i)]) for i in range(len(_COUNT_NAMES))]
-        return CaptureStats(*totals, read=self._read)
+        return CaptureStats(*self._counts()[: len(_COUNT_NAMES)], read=self._read)
 
     def close(self) -> None:
         if self._links is not None:

@@ -10,6 +10,12 @@ A query waits in a bounded table keyed by (vantage, client ip, client port, serv
 its answer completes it (rcode, latency from the kernel's timestamps); a query still waiting after
 `timeout_s` by the injectable clock counts as rcode `timeout`. Counters are cumulative (Prometheus
 counters) and capped in series: past the cap, new (client, server) pairs fold into `overflow`.
+
+With the kernel keeping transactions (bpf/dns.c DNS_MODE 3), the tracker sees only what the kernel
+handed over (malformed packets, other opcodes, unmatched answers, everything while query-name suffixes
+are wanted) and answers with addresses for their names (`learn_names`); the kernel's cumulative counts
+arrive each poll as `KernelTotals` (`absorb_kernel`), its swept queries as `count_timeouts`, and every
+output is the sum of both.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from flowmon_agent.dns.codes import TIMEOUT, qtype_name, rcode_name
+from flowmon_agent.dns.kernel_counts import KernelTotals, TimedOut
 from flowmon_agent.dns.names import DEFAULT_MAX_ENTRIES, NameTable, NameTableStats
 from flowmon_agent.dns.parse import Malformed, Message, parse_message
 from flowmon_contract.metrics import DNS_LATENCY_BUCKETS
@@ -118,6 +125,15 @@ class _Histogram:
     sum: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class KernelEvents:
+    """The kernel's own event counters (bpf/dns.c dns_counts), cumulative."""
+
+    retransmitted: int = 0
+    pending_full: int = 0
+    series_overflow: int = 0
+
+
 @dataclass(slots=True)
 class _Counters:
     pending_full: int = 0
@@ -149,7 +165,20 @@ class DnsTracker:
         self._pending: OrderedDict[tuple, _Pending] = OrderedDict()  # oldest first: timeouts pop the front
         self._c = _Counters()
         self._suffixes: tuple[str, ...] = ()
+        self._kernel, self._kernel_events = KernelTotals(), KernelEvents()
         self.names = NameTable(clock=clock, max_entries=max_names)
+
+    @property
+    def qname_suffixes(self) -> tuple[str, ...]:
+        return self._suffixes
+
+    @property
+    def latency_bounds(self) -> tuple[float, ...]:
+        return self._bounds
+
+    def deadline(self) -> float:
+        """Queries sent at or before this time (CLOCK_MONOTONIC seconds, by the tracker's clock) are late."""
+        return self._clock() - self._timeout_s
 
     def set_qname_suffixes(self, suffixes: Iterable[str]) -> None:
         """Query names ending in one of these (the policy's opt-in, bounded) count under that suffix."""
@@ -163,6 +192,25 @@ class DnsTracker:
             self._bump(self._c.malformed, key, MalformedKey(OVERFLOW, OVERFLOW, msg.reason.value))
             return
         self.observe_message(packet, msg)
+
+    def learn_names(self, packet: Packet) -> None:
+        """An answer the kernel already counted, arriving at its client: only its names are new."""
+        msg = parse_message(packet.payload, complete=packet.complete)
+        if isinstance(msg, Malformed):
+            key = MalformedKey(packet.src, packet.dst, msg.reason.value)
+            self._bump(self._c.malformed, key, MalformedKey(OVERFLOW, OVERFLOW, msg.reason.value))
+        elif msg.qname:
+            for record in msg.answers:
+                self.names.learn(packet.dst, record.address, msg.qname, record.ttl)
+
+    def absorb_kernel(self, totals: KernelTotals, events: KernelEvents) -> None:
+        """The kernel's cumulative counts as of this poll (replacing the previous poll's)."""
+        self._kernel, self._kernel_events = totals, events
+
+    def count_timeouts(self, timed_out: Iterable[TimedOut]) -> None:
+        """Queries the kernel held past their deadline (swept by user space): rcode `timeout`."""
+        for t in timed_out:
+            self._count(Vantage(t.vantage), t.client, t.server, TIMEOUT, t.qtype, "")
 
     def observe_message(self, packet: Packet, msg: Message) -> None:
         """A message already parsed (or built from a record the kernel parsed); `packet.payload` unused."""
@@ -242,14 +290,24 @@ class DnsTracker:
 
     # --- output ---------------------------------------------------------------------------------------
     def requests(self) -> dict[RequestKey, int]:
-        return dict(self._c.requests)
+        out = dict(self._c.requests)
+        for k, n in self._kernel.requests.items():
+            key = RequestKey(Vantage(k.vantage), k.client, k.server, k.rcode, k.qtype)
+            out[key] = out.get(key, 0) + n
+        return out
 
     def malformed(self) -> dict[MalformedKey, int]:
         return dict(self._c.malformed)
 
     def latency(self) -> dict[PairKey, LatencyHistogram]:
+        merged = {pair: _Histogram(list(h.buckets), h.count, h.sum) for pair, h in self._c.latency.items()}
+        for k, kh in self._kernel.latency.items():
+            pair = PairKey(Vantage(k.vantage), k.client, k.server)
+            hist = merged.setdefault(pair, _Histogram([0] * len(self._bounds)))
+            hist.buckets = [a + b for a, b in zip(hist.buckets, kh.buckets, strict=True)]
+            hist.count, hist.sum = hist.count + kh.count, hist.sum + kh.sum_s
         out = {}
-        for pair, hist in self._c.latency.items():
+        for pair, hist in merged.items():
             running, cumulative = 0, []
             for n in hist.buckets:
                 running += n
@@ -258,13 +316,13 @@ class DnsTracker:
         return out
 
     def stats(self) -> TrackerStats:
-        c = self._c
+        c, k = self._c, self._kernel_events
         return TrackerStats(
-            pending=len(self._pending),
-            pending_full=c.pending_full,
-            retransmitted=c.retransmitted,
+            pending=len(self._pending) + self._kernel.pending,
+            pending_full=c.pending_full + k.pending_full,
+            retransmitted=c.retransmitted + k.retransmitted,
             unmatched_responses=c.unmatched_responses,
             other_opcodes=c.other_opcodes,
-            series_overflow=c.series_overflow,
+            series_overflow=c.series_overflow + k.series_overflow,
             names=self.names.stats(),
         )

@@ -20,8 +20,9 @@ ATTACH_FAILURES = MetricInfo(
 EVENTS = MetricInfo(
     "flowmon_agent_dns_events",
     FamilyType.COUNTER,
-    "DNS capture and tracker counters by event: seen, handed and read records, ring_full (lost: the "
-    "ring was full), not_walked (IPv6 extension headers), pending_full, retransmitted, "
+    "DNS capture and tracker counters by event: seen, handed and read records, kept (counted in the "
+    "kernel, nothing handed over), ring_full (lost: the ring was full), not_walked (IPv6 extension "
+    "headers), pending_full, retransmitted, "
     "unmatched_responses, other_opcodes, series_overflow, names_evicted, names_expired.",
 )
 MALFORMED = MetricInfo(
