@@ -403,8 +403,9 @@ PREDICTIONS = [
         6,
     ),
     # the default spec: 9 TCP single-sample metrics (3 of them with two extra-label values), two
-    # histograms (min_rtt is opt-in), 4 UDP counters
-    ({}, None, 2001 * (5 + 1 + 2 * 3) + 2001 * (10 + 3) + 2001 * (9 + 3) + 2001 * 4),
+    # histograms (min_rtt, UDP and DNS are opt-in)
+    ({}, None, 2001 * (5 + 1 + 2 * 3) + 2001 * (10 + 3) + 2001 * (9 + 3)),
+    ({"metrics": ["udp_sent_bytes", "udp_received_datagrams"], "aggregation": {"maxSeries": 10}}, None, 22),
     ({"metrics": ["min_rtt", "syn_retransmits"], "aggregation": {"maxSeries": 10}}, None, 11 * (9 + 3) + 11),
 ]
 

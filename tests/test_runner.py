@@ -30,6 +30,7 @@ from flowmon_agent.metadata import MetadataStore
 from flowmon_agent.metadata.watcher import KubeWatcher
 from flowmon_agent.runner import Agent, AgentSettings, stall_reason
 from flowmon_contract.policy import compile_policy
+from flowmon_contract.spec import DEFAULT_METRICS
 from tests.fake_tracer import FakeTracer
 from tests.k8s_objects import namespace, node, pod, service
 from tests.test_cli_agent import loopback_exchange
@@ -131,7 +132,12 @@ async def test_the_api_going_away_keeps_attribution_and_the_metadata_age_grows(t
     for obj in SHOP_PODS:
         kube_api.create(obj)
     policy_file = tmp_path / "policy.json"
-    pairs = monitor("shop", "pairs", aggregation={"groupBy": ["client_pod", "server_pod"]})
+    pairs = monitor(
+        "shop",
+        "pairs",
+        metrics=[*DEFAULT_METRICS, "udp_sent_bytes"],  # UDP is opt in: its hooks follow the metric
+        aggregation={"groupBy": ["client_pod", "server_pod"]},
+    )
     policy_file.write_text(dump_policy_json(compile_policy([pairs])))
     store = MetadataStore()
     settings = AgentSettings(
@@ -326,8 +332,13 @@ def fake_agent(tmp_path, policy, **settings) -> tuple[Agent, list[FakeTracer]]:
 async def test_the_tracer_is_configured_from_the_policy_metadata_and_settings(tmp_path):
     """From its first socket the tracer ignores the agent's own port and the configured ones; each poll
     configures it with what the running policy needs traced on this node: the local pods it selects, the
-    Service IPs (NAT peers), and srtt only while a monitor exports RTT."""
-    pairs = monitor("shop", "pairs", aggregation={"groupBy": ["client_pod", "server_pod"]})
+    Service IPs (NAT peers), srtt only while a monitor exports RTT, UDP only while one exports UDP."""
+    pairs = monitor(
+        "shop",
+        "pairs",
+        metrics=[*DEFAULT_METRICS, "udp_sent_bytes"],  # UDP is opt in: its hooks follow the metric
+        aggregation={"groupBy": ["client_pod", "server_pod"]},
+    )
     with_rtt = compile_policy([pairs])
     agent, made = fake_agent(tmp_path, with_rtt, ignored_ports=[2222])
     await agent.start()
@@ -357,7 +368,12 @@ async def test_the_tracer_is_configured_from_the_policy_metadata_and_settings(tm
 
 @pytest.mark.asyncio
 async def test_each_poll_turns_the_tracers_snapshot_into_the_exported_view(tmp_path):
-    pairs = monitor("shop", "pairs", aggregation={"groupBy": ["client_pod", "server_pod"]})
+    pairs = monitor(
+        "shop",
+        "pairs",
+        metrics=[*DEFAULT_METRICS, "udp_sent_bytes"],  # UDP is opt in: its hooks follow the metric
+        aggregation={"groupBy": ["client_pod", "server_pod"]},
+    )
     agent, made = fake_agent(tmp_path, compile_policy([pairs]))
     await agent.start()
     try:

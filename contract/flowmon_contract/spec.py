@@ -49,8 +49,12 @@ class Metric(StrEnum):
 UDP_METRICS = frozenset(m for m in Metric if m.startswith("udp_"))
 DNS_METRICS = frozenset({Metric.DNS_REQUESTS, Metric.DNS_LATENCY})
 # min_rtt is a histogram like rtt (len(buckets) + 3 samples per series): opt in, so that a default monitor's
-# series do not grow by a quarter. DNS is opt in too.
-DEFAULT_METRICS = tuple(m for m in Metric if m not in DNS_METRICS and m is not Metric.MIN_RTT)
+# series do not grow by a quarter. DNS is opt in too. UDP is opt in because its cgroup-skb programs run on
+# every packet of the node, TCP's too: +2 points of TCP churn CPU (docs/BENCHMARKS.md); a node loads them
+# only while a monitor lists a udp_* metric.
+DEFAULT_METRICS = tuple(
+    m for m in Metric if m not in DNS_METRICS and m not in UDP_METRICS and m is not Metric.MIN_RTT
+)
 
 
 class Dimension(StrEnum):
