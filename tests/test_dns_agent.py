@@ -158,13 +158,12 @@ def agent_lab(request, require_root) -> Iterator[AgentLab]:
         agent.policy.apply(compile_policy([MONITOR if suffixes else KERNEL_MONITOR]), source="api")
         agent.tracer = default_tracer(settings, KernelConfig())
         try:
-            assert agent.start_dns()
-            agent.poll_once()
+            agent.poll_once()  # the monitor asks for DNS: this poll attaches the capture
+            assert agent.dns.capture is not None
             yield AgentLab(lab, web, resolver, peer, agent, clock, suffixes)
         finally:
             agent.tracer.close()
-            if agent.dns_capture is not None:
-                agent.dns_capture.close()
+            agent.dns.close()
 
 
 def test_requests_per_rcode_qtype_and_suffix_equal_the_queries_made(agent_lab: AgentLab) -> None:
@@ -337,7 +336,7 @@ async def test_a_capture_that_cannot_attach_is_counted_and_the_agent_keeps_worki
     agent.policy.apply(compile_policy([MONITOR]), source="api")
     await agent.start()
     try:
-        assert agent.dns_capture is None and agent.not_ready_reason() is None
+        assert agent.dns.capture is None and agent.not_ready_reason() is None
         text = agent.exporter.agent_text().decode()
         assert "flowmon_agent_dns_attach_failures_total 1.0" in text
         assert "flowmon_agent_dns_capture_up 0.0" in text

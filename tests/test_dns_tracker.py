@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from flowmon_agent.dns.kernel_counts import KernelHistogram, KernelTotals, SeriesKey
 from flowmon_agent.dns.names import NameTable
-from flowmon_agent.dns.tracker import DnsTracker, MalformedKey, Packet, PairKey, RequestKey, Vantage
+from flowmon_agent.dns.tracker import (
+    DnsTracker,
+    KernelEvents,
+    MalformedKey,
+    Packet,
+    PairKey,
+    RequestKey,
+    Vantage,
+)
 from tests.dns_samples import MALFORMED, answer, header, query
 
 CLIENT, SERVER, OTHER_CLIENT = "10.0.0.1", "10.0.0.53", "10.0.0.2"
@@ -224,3 +233,35 @@ def test_bad_bounds_are_refused() -> None:
         DnsTracker(max_pending=0)
     with pytest.raises(ValueError):
         NameTable(max_entries=0)
+
+
+def kernel_totals(tracker: DnsTracker, answered: int, seconds: float) -> KernelTotals:
+    """What a capture's maps hold: `answered` NOERROR A answers of one pair, each `seconds` late."""
+    pair = SeriesKey("client", CLIENT, SERVER)
+    buckets = [0] * len(tracker.latency_bounds)
+    buckets[next(i for i, b in enumerate(tracker.latency_bounds) if b >= seconds)] = answered
+    return KernelTotals(
+        requests={SeriesKey("client", CLIENT, SERVER, "NOERROR", "A"): answered},
+        latency={pair: KernelHistogram(buckets, answered, answered * seconds)},
+        pending=2,
+    )
+
+
+def test_a_closed_captures_kernel_counts_stay_when_the_next_one_starts_from_empty_maps(
+    tracker: DnsTracker,
+) -> None:
+    """The DNS capture is closed when no monitor wants DNS and attached again later, with new maps:
+    the exported counters carry on from where they were, never backwards."""
+    tracker.observe(sent(query("a.example", "A", 1), 1000.0))
+    tracker.observe(replied(answer("a.example", "A", 1), 1000.001))  # one the tracker counted itself
+    tracker.absorb_kernel(kernel_totals(tracker, 3, 0.002), KernelEvents(retransmitted=4))
+    before = (tracker.requests(), tracker.latency(), tracker.stats())
+    assert before[0] == {req("NOERROR", "A"): 4} and before[2].pending == 2
+    tracker.retire_kernel()  # the capture closed
+    after = (tracker.requests(), tracker.latency(), tracker.stats())
+    assert after[:2] == before[:2] and after[2].retransmitted == 4 and after[2].pending == 0
+    tracker.absorb_kernel(kernel_totals(tracker, 2, 0.002), KernelEvents(retransmitted=1))  # a new one
+    assert tracker.requests() == {req("NOERROR", "A"): 6}
+    hist = tracker.latency()[PairKey(Vantage.CLIENT, CLIENT, SERVER)]
+    assert hist.count == 6 and hist.sum == pytest.approx(0.001 + 5 * 0.002)
+    assert tracker.stats().retransmitted == 5

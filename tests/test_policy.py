@@ -105,3 +105,21 @@ def test_unsorted_or_duplicate_monitors_are_refused() -> None:
 )
 def test_label_selectors(selector: dict, labels: dict, expected: bool) -> None:
     assert selector_matches(LabelSelector.model_validate(selector), labels) is expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "wanted"),
+    [
+        ({}, False),  # the default metrics: no DNS
+        ({"metrics": ["sent_bytes", "udp_sent_bytes"]}, False),
+        ({"metrics": ["sent_bytes", "dns_requests"]}, True),
+        ({"metrics": ["dns_latency"]}, True),
+        ({"aggregation": {"groupBy": ["client_workload", "server_dns_name"]}}, True),  # names from answers
+        ({"dns": {"qnameSuffixes": ["svc.cluster.local"]}}, True),
+    ],
+)
+def test_dns_is_wanted_when_a_monitor_exports_it_or_groups_by_its_names(spec: dict, wanted: bool) -> None:
+    """The DNS capture runs on every packet of the node: only a monitor that needs it attaches it."""
+    assert compile_policy([monitor("shop", "m", spec)]).wants_dns is wanted
+    assert compile_policy([monitor("shop", "a"), monitor("shop", "m", spec)]).wants_dns is wanted
+    assert compile_policy([]).wants_dns is False

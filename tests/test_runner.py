@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from ipaddress import ip_address
 
 import aiohttp
@@ -26,6 +26,7 @@ from flowmon_agent.export.policy_store import dump_policy_json
 from flowmon_agent.kernel.cgroup import cgroup2_root
 from flowmon_agent.kernel.counters import FlowCounters
 from flowmon_agent.kernel.flows import FlowKey, KernelConfig, Reporter
+from flowmon_agent.kernel.loader import BPFUnavailableError
 from flowmon_agent.metadata import MetadataStore
 from flowmon_agent.metadata.watcher import KubeWatcher
 from flowmon_agent.runner import Agent, AgentSettings, stall_reason
@@ -305,8 +306,11 @@ async def test_own_port_and_ignored_ports_are_never_traced():
 SERVICE_IP = "10.96.0.5"
 
 
-def fake_agent(tmp_path, policy, **settings) -> tuple[Agent, list[FakeTracer]]:
-    """An agent whose tracer factory makes FakeTracers; metadata: SHOP_PODS and a Service."""
+def fake_agent(
+    tmp_path, policy, agent_args: dict | None = None, **settings
+) -> tuple[Agent, list[FakeTracer]]:
+    """An agent whose tracer factory makes FakeTracers; metadata: SHOP_PODS and a Service; agent_args:
+    more of Agent's (a DNS capture factory, a clock)."""
     policy_file = tmp_path / "policy.json"
     policy_file.write_text(dump_policy_json(policy))
     store = MetadataStore()
@@ -324,7 +328,9 @@ def fake_agent(tmp_path, policy, **settings) -> tuple[Agent, list[FakeTracer]]:
         "policy_file": policy_file,
         "poll_interval_seconds": 60,
     }
-    agent = Agent(AgentSettings(**{**fields, **settings}), tracer_factory=factory, store=store)
+    agent = Agent(
+        AgentSettings(**{**fields, **settings}), tracer_factory=factory, store=store, **(agent_args or {})
+    )
     return agent, made
 
 
@@ -407,6 +413,132 @@ async def test_without_a_policy_the_view_is_empty_and_the_tracer_keeps_its_first
         assert len(made[0].configs) == 1 and made[0].polls == 2  # start() polled once already
     finally:
         await agent.stop()
+
+
+# --- the DNS capture follows the policy (fake capture, no root) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakeCaptureStats:
+    seen: int
+    read: int
+
+
+class FakeDnsCapture:
+    """Stands for DnsCapture: each poll reads one record (one seen, one read)."""
+
+    batch_max = 2048
+
+    def __init__(self) -> None:
+        self.polls, self.closed = 0, False
+
+    def poll(self, timeout_ms: int = 0) -> int:
+        assert not self.closed
+        self.polls += 1
+        return 1
+
+    def stats(self) -> FakeCaptureStats:
+        return FakeCaptureStats(seen=self.polls, read=self.polls)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeCaptureFactory:
+    def __init__(self, failures: int = 0) -> None:
+        self.made: list[FakeDnsCapture] = []
+        self.calls, self.failures = 0, failures
+
+    def __call__(self, _tracker) -> FakeDnsCapture:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise BPFUnavailableError("no cgroup v2 file system is mounted")
+        self.made.append(FakeDnsCapture())
+        return self.made[-1]
+
+
+DNS_MONITOR = monitor("shop", "dns", metrics=["sent_bytes", "dns_requests"])
+
+
+def dns_self_metrics(agent: Agent) -> tuple[float | None, float | None, float | None]:
+    """capture_up, attach failures, and the capture's `seen` count as the agent exports them."""
+    text = agent.exporter.agent_text().decode()
+    return (
+        _sample(text, "flowmon_agent_dns_capture_up "),
+        _sample(text, "flowmon_agent_dns_attach_failures_total "),
+        _sample(text, 'flowmon_agent_dns_events_total{event="seen"} '),
+    )
+
+
+@pytest.mark.asyncio
+async def test_the_dns_capture_is_attached_only_while_a_monitor_asks_for_dns(tmp_path):
+    """bpf/dns.c runs on every packet of the node: a policy without DNS never attaches it; a DNS monitor
+    pushed attaches it on the next poll, and its removal closes it, the counts exported staying."""
+    factory = FakeCaptureFactory()
+    agent, _ = fake_agent(
+        tmp_path, compile_policy([monitor("shop", "web")]), {"dns_capture_factory": factory}
+    )
+    await agent.start()
+    try:
+        agent.poll_once()
+        assert factory.calls == 0 and agent.dns.capture is None
+        assert dns_self_metrics(agent) == (0.0, 0.0, None)
+        polls = agent.polls
+        agent.policy.apply(compile_policy([monitor("shop", "web"), DNS_MONITOR]), source="api")
+        await until(lambda: agent.polls > polls)  # the push woke the loop: that poll attached it
+        (capture,) = factory.made
+        assert agent.dns.capture is capture and not capture.closed
+        assert dns_self_metrics(agent) == (1.0, 0.0, float(capture.polls))
+        polls = agent.polls
+        agent.policy.apply(compile_policy([monitor("shop", "web")]), source="api")
+        await until(lambda: agent.polls > polls)
+        assert capture.closed and agent.dns.capture is None and factory.calls == 1
+        seen = dns_self_metrics(agent)[2]
+        assert seen == float(capture.polls)  # its last counts read before closing: they stay
+        agent.poll_once()
+        assert dns_self_metrics(agent) == (0.0, 0.0, seen) and factory.calls == 1
+    finally:
+        await agent.stop()
+
+
+def test_a_failed_dns_attach_is_counted_and_retried_only_after_the_backoff(tmp_path):
+    """Attaching compiles BPF (seconds): a node where it fails tries again a minute later, not every poll.
+    Counts carry on across a second capture."""
+    clock, factory = Clock(1000.0), FakeCaptureFactory(failures=2)
+    agent, _ = fake_agent(
+        tmp_path, compile_policy([DNS_MONITOR]), {"dns_capture_factory": factory, "clock": clock}
+    )
+    agent.tracer = FakeTracer(KernelConfig())
+    agent.poll_once()  # loads the policy file: a DNS monitor
+    assert factory.calls == 1 and dns_self_metrics(agent) == (0.0, 1.0, None)
+    clock.now = 1059.0
+    agent.poll_once()
+    assert factory.calls == 1  # not yet
+    clock.now = 1060.0
+    agent.poll_once()
+    assert factory.calls == 2 and dns_self_metrics(agent) == (0.0, 2.0, None)
+    clock.now = 1120.0
+    agent.poll_once()
+    assert factory.calls == 3 and dns_self_metrics(agent) == (1.0, 2.0, 1.0)
+    agent.poll_once()
+    assert dns_self_metrics(agent) == (1.0, 2.0, 2.0)
+    agent.policy.apply(compile_policy([monitor("shop", "web")]), source="api")
+    agent.poll_once()  # closed after its last poll: 3 seen
+    agent.policy.apply(compile_policy([DNS_MONITOR]), source="api")
+    agent.poll_once()  # a new capture (no failure since): attached at once, its 1 adds to the 3
+    assert factory.calls == 4 and dns_self_metrics(agent) == (1.0, 2.0, 4.0)
+    agent.dns.close()
+    assert all(c.closed for c in factory.made)
+
+
+def test_dns_capture_false_never_attaches_whatever_the_policy(tmp_path):
+    factory = FakeCaptureFactory()
+    agent, _ = fake_agent(
+        tmp_path, compile_policy([DNS_MONITOR]), {"dns_capture_factory": factory}, dns_capture=False
+    )
+    agent.tracer = FakeTracer(KernelConfig())
+    agent.poll_once()  # loads the policy file: a DNS monitor
+    assert agent.policy.policy.wants_dns and factory.calls == 0 and dns_self_metrics(agent) == (0.0, 0.0, None)
 
 
 @pytest.mark.parametrize(

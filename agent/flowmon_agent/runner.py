@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -20,7 +19,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -30,18 +29,18 @@ from flowmon_agent.aggregation.count_once import NatBackends, effective_agent_no
 from flowmon_agent.aggregation.dns_series import DnsAggregator, DnsTotals, with_dns
 from flowmon_agent.aggregation.tracing_scope import NAMED_PEERS_MAX, kernel_config
 from flowmon_agent.aggregation.view import AgentView
+from flowmon_agent.dns.lifecycle import DnsLifecycle, DnsSource
 from flowmon_agent.dns.tracker import DnsTracker
 from flowmon_agent.event_wait import wait_event
 from flowmon_agent.export.auth import IN_CLUSTER_SA as SA_DIR
 from flowmon_agent.export.auth import KubeTokenReviewer, TokenReviewer
 from flowmon_agent.export.collectors import AgentInstruments, AgentStatus, Exporter
-from flowmon_agent.export.dns_health import DnsHealth, dns_health_families
+from flowmon_agent.export.dns_health import dns_health_families
 from flowmon_agent.export.policy_store import PolicyFile, PolicyStore
 from flowmon_agent.export.review_budget import ReviewLimits
 from flowmon_agent.export.server import AgentServer, ServerConfig, ServerLimits
 from flowmon_agent.filewatch import FileWatch
 from flowmon_agent.kernel.flows import FlowSnapshot, KernelConfig, Tracer
-from flowmon_agent.kernel.loader import BPFUnavailableError
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_agent.metadata.inventory import read_inventory
 from flowmon_agent.metadata.watcher import KubeWatcher
@@ -52,7 +51,6 @@ log = logging.getLogger(__name__)
 
 IN_CLUSTER_API = "https://kubernetes.default.svc"
 STALL_SECONDS = 30.0
-DNS_BATCHES_PER_POLL = 8  # of DnsCapture.batch_max records each: a flood costs a bounded time per poll
 
 
 class AgentSettings(BaseSettings):
@@ -114,8 +112,9 @@ class AgentSettings(BaseSettings):
 
     dns_capture: bool = Field(
         default=True,
-        description="Capture DNS (flowmon_dns_* metrics, server_dns_name): a cgroup-skb program on the "
-        "cgroup v2 root. A failure to attach is logged and counted; everything else keeps working.",
+        description="Allow the DNS capture (flowmon_dns_* metrics, server_dns_name): cgroup-skb programs on "
+        "the cgroup v2 root, attached only while a monitor asks for DNS. A failure to attach is logged, "
+        "counted and retried a minute later; everything else keeps working. False: never attached.",
     )
     dns_ring_pages: int = Field(
         default=256,
@@ -162,16 +161,6 @@ def default_tracer(settings: AgentSettings, config: KernelConfig, *, force_compa
 
     window_ms, cgroup_root = settings.rtt_window_ms, settings.cgroup_root
     return FlowTracer(config, force_compat=force_compat, rtt_window_ms=window_ms, cgroup_root=cgroup_root)
-
-
-class DnsSource(Protocol):
-    """What the runner needs of a DNS capture (flowmon_agent.dns.capture.DnsCapture)."""
-
-    batch_max: int
-
-    def poll(self, timeout_ms: int = 0) -> int: ...
-    def stats(self) -> object: ...
-    def close(self) -> None: ...
 
 
 def default_dns_capture(settings: AgentSettings, tracker: DnsTracker) -> DnsSource:
@@ -238,9 +227,8 @@ class Agent:
         self.dns_tracker = dns_tracker if dns_tracker is not None else DnsTracker()
         self.aggregator = Aggregator(settings.node_name, settings.agent_nodes, self.dns_tracker.names)
         self.dns_aggregator = DnsAggregator()
-        self.dns_capture: DnsSource | None = None
-        self.dns_attach_failures = 0
-        self._dns_capture_factory = dns_capture_factory or functools.partial(default_dns_capture, settings)
+        capture_factory = dns_capture_factory or functools.partial(default_dns_capture, settings)
+        self.dns = DnsLifecycle(self.dns_tracker, capture_factory, enabled=settings.dns_capture, clock=clock)
         if token_reviewer is None and settings.token_review:
             token_reviewer = KubeTokenReviewer(
                 settings.kube_api_url or IN_CLUSTER_API,
@@ -307,9 +295,8 @@ class Agent:
         except BaseException:
             await self.server.stop()
             raise
-        if self.settings.dns_capture:
-            await asyncio.to_thread(self.start_dns)
-        await asyncio.to_thread(self.poll_once)  # the first view before anyone is told we are ready
+        # the first view before anyone is told we are ready (with the DNS capture, if the policy wants it)
+        await asyncio.to_thread(self.poll_once)
         self._task = asyncio.create_task(self.restarts.supervise("poll", self._run), name="flowmon-poll")
 
     async def stop(self) -> None:
@@ -322,20 +309,7 @@ class Agent:
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.close)
             self.tracer = None
-        if self.dns_capture is not None:
-            await asyncio.to_thread(self.dns_capture.close)
-            self.dns_capture = None
-
-    def start_dns(self) -> bool:
-        """Attach the DNS capture; a failure is logged and counted (flowmon_agent_dns_attach_failures)
-        and the agent goes on without DNS."""
-        try:
-            self.dns_capture = self._dns_capture_factory(self.dns_tracker)
-            return True
-        except (BPFUnavailableError, OSError, ValueError, RuntimeError, ImportError) as exc:
-            self.dns_attach_failures += 1
-            log.error("DNS capture not attached, going on without DNS metrics: %s", exc)
-            return False
+        await asyncio.to_thread(self.dns.close)
 
     def poll_soon(self) -> None:
         """Wake the poll loop now (a policy change); from any thread."""
@@ -390,7 +364,7 @@ class Agent:
         if self._inventory_watch:
             self._reload_guarded("inventory", self._reload_inventory_if_changed)
         policy = self.policy.policy
-        self.poll_dns(policy)
+        self.dns.poll(policy)  # attaches or closes the capture as the policy asks
         snapshot = self.tracer.poll()
         now = self._clock()
         view = self._view(snapshot, policy, now)
@@ -423,40 +397,7 @@ class Agent:
         dns = self.dns_aggregator.build(
             totals, policy, self.resolver, now, local=nodes, agent_nodes=agent_nodes
         )
-        return with_dns(view, dns, dns_health_families(self.dns_health()))
-
-    def poll_dns(self, policy: AgentPolicy | None) -> int:
-        """Feed the tracker what the capture holds, in at most DNS_BATCHES_PER_POLL bounded batches."""
-        capture, read = self.dns_capture, 0
-        if policy is not None:
-            self.dns_tracker.set_qname_suffixes(policy.qname_suffixes)
-        if capture is None:
-            self.dns_tracker.expire()
-            return 0
-        for _ in range(DNS_BATCHES_PER_POLL):
-            batch = capture.poll()
-            read += batch
-            if batch < capture.batch_max:
-                break
-        return read
-
-    def dns_health(self) -> DnsHealth:
-        stats = self.dns_tracker.stats()
-        events = {
-            "pending_full": stats.pending_full,
-            "retransmitted": stats.retransmitted,
-            "unmatched_responses": stats.unmatched_responses,
-            "other_opcodes": stats.other_opcodes,
-            "series_overflow": stats.series_overflow,
-            "names_evicted": stats.names.evicted,
-            "names_expired": stats.names.expired,
-        }
-        if self.dns_capture is not None:
-            events |= dataclasses.asdict(self.dns_capture.stats())
-        malformed: dict[str, int] = {}
-        for key, count in self.dns_tracker.malformed().items():
-            malformed[key.reason] = malformed.get(key.reason, 0) + count
-        return DnsHealth(self.dns_capture is not None, self.dns_attach_failures, events, malformed)
+        return with_dns(view, dns, dns_health_families(self.dns.health()))
 
 
 @contextlib.contextmanager

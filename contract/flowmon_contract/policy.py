@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from flowmon_contract.alerting import IsolationAlerting
 from flowmon_contract.model_base import StrictModel, duration_seconds
 from flowmon_contract.spec import (
+    DNS_METRICS,
     MAX_QNAME_SUFFIXES,
     UDP_METRICS,
     Dimension,
@@ -135,6 +136,18 @@ class AgentPolicy(StrictModel):
     def wants_udp(self) -> bool:
         """Whether any monitor exports a UDP metric: without one, bpf/udp.c stays detached."""
         return any(not UDP_METRICS.isdisjoint(m.metrics) for m in self.monitors)
+
+    @property
+    def wants_dns(self) -> bool:
+        """Whether any monitor needs the DNS capture (bpf/dns.c, on every packet of the node): one that
+        exports a DNS metric, names a qname suffix, or groups by server_dns_name (whose names come from
+        DNS answers). Without one, the capture stays detached."""
+        return any(
+            not DNS_METRICS.isdisjoint(m.metrics)
+            or m.qname_suffixes
+            or Dimension.SERVER_DNS_NAME in m.group_by
+            for m in self.monitors
+        )
 
 
 def canonical_json(policy: AgentPolicy) -> str:

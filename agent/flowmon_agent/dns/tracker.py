@@ -146,6 +146,20 @@ class _Counters:
     latency: dict[PairKey, _Histogram] = field(default_factory=dict)
 
 
+def _add_kernel_requests(into: dict[RequestKey, int], kernel: KernelTotals) -> None:
+    for k, n in kernel.requests.items():
+        key = RequestKey(Vantage(k.vantage), k.client, k.server, k.rcode, k.qtype)
+        into[key] = into.get(key, 0) + n
+
+
+def _add_kernel_latency(into: dict[PairKey, _Histogram], kernel: KernelTotals, bucket_count: int) -> None:
+    for k, kh in kernel.latency.items():
+        pair = PairKey(Vantage(k.vantage), k.client, k.server)
+        hist = into.setdefault(pair, _Histogram([0] * bucket_count))
+        hist.buckets = [a + b for a, b in zip(hist.buckets, kh.buckets, strict=True)]
+        hist.count, hist.sum = hist.count + kh.count, hist.sum + kh.sum_s
+
+
 class DnsTracker:
     def __init__(
         self,
@@ -206,6 +220,18 @@ class DnsTracker:
     def absorb_kernel(self, totals: KernelTotals, events: KernelEvents) -> None:
         """The kernel's cumulative counts as of this poll (replacing the previous poll's)."""
         self._kernel, self._kernel_events = totals, events
+
+    def retire_kernel(self) -> None:
+        """The capture was closed: its kernel's last counts become the tracker's own, so that a later
+        capture, whose maps start empty, never takes an exported counter backwards. The queries the
+        kernel still held are dropped uncounted (no socket answers them into a closed capture)."""
+        c, k = self._c, self._kernel_events
+        _add_kernel_requests(c.requests, self._kernel)
+        _add_kernel_latency(c.latency, self._kernel, len(self._bounds))
+        c.pending_full += k.pending_full
+        c.retransmitted += k.retransmitted
+        c.series_overflow += k.series_overflow
+        self._kernel, self._kernel_events = KernelTotals(), KernelEvents()
 
     def count_timeouts(self, timed_out: Iterable[TimedOut]) -> None:
         """Queries the kernel held past their deadline (swept by user space): rcode `timeout`."""
@@ -291,9 +317,7 @@ class DnsTracker:
     # --- output ---------------------------------------------------------------------------------------
     def requests(self) -> dict[RequestKey, int]:
         out = dict(self._c.requests)
-        for k, n in self._kernel.requests.items():
-            key = RequestKey(Vantage(k.vantage), k.client, k.server, k.rcode, k.qtype)
-            out[key] = out.get(key, 0) + n
+        _add_kernel_requests(out, self._kernel)
         return out
 
     def malformed(self) -> dict[MalformedKey, int]:
@@ -301,11 +325,7 @@ class DnsTracker:
 
     def latency(self) -> dict[PairKey, LatencyHistogram]:
         merged = {pair: _Histogram(list(h.buckets), h.count, h.sum) for pair, h in self._c.latency.items()}
-        for k, kh in self._kernel.latency.items():
-            pair = PairKey(Vantage(k.vantage), k.client, k.server)
-            hist = merged.setdefault(pair, _Histogram([0] * len(self._bounds)))
-            hist.buckets = [a + b for a, b in zip(hist.buckets, kh.buckets, strict=True)]
-            hist.count, hist.sum = hist.count + kh.count, hist.sum + kh.sum_s
+        _add_kernel_latency(merged, self._kernel, len(self._bounds))
         out = {}
         for pair, hist in merged.items():
             running, cumulative = 0, []
