@@ -509,7 +509,8 @@ def test_a_failed_dns_attach_is_counted_and_retried_only_after_the_backoff(tmp_p
         tmp_path, compile_policy([DNS_MONITOR]), {"dns_capture_factory": factory, "clock": clock}
     )
     agent.tracer = FakeTracer(KernelConfig())
-    agent.poll_once()  # loads the policy file: a DNS monitor
+    agent.policy.apply(compile_policy([DNS_MONITOR]), source="api")  # not started: no file load
+    agent.poll_once()
     assert factory.calls == 1 and dns_self_metrics(agent) == (0.0, 1.0, None)
     clock.now = 1059.0
     agent.poll_once()
@@ -537,8 +538,11 @@ def test_dns_capture_false_never_attaches_whatever_the_policy(tmp_path):
         tmp_path, compile_policy([DNS_MONITOR]), {"dns_capture_factory": factory}, dns_capture=False
     )
     agent.tracer = FakeTracer(KernelConfig())
-    agent.poll_once()  # loads the policy file: a DNS monitor
-    assert agent.policy.policy.wants_dns and factory.calls == 0 and dns_self_metrics(agent) == (0.0, 0.0, None)
+    agent.policy.apply(compile_policy([DNS_MONITOR]), source="api")  # not started: no file load
+    agent.poll_once()
+    assert (
+        agent.policy.policy.wants_dns and factory.calls == 0 and dns_self_metrics(agent) == (0.0, 0.0, None)
+    )
 
 
 @pytest.mark.parametrize(
