@@ -89,8 +89,8 @@ class DnsLifecycle:
             try:
                 if read_last:
                     capture.poll()
-            finally:
                 self._retired.update(dataclasses.asdict(capture.stats()))
+            finally:  # closed whatever the last read did: the programs never stay behind
                 capture.close()
                 self.tracker.retire_kernel()
             log.info("DNS capture closed")
