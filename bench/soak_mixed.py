@@ -47,6 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.scrape_time import write_serving_files
 from bench.soak_peers import CLIENT, SERVER, SOURCES, percentile, rss_mb
 from flowmon_agent.main import host_objects
+from flowmon_cli.topview import histogram_quantile  # as PromQL computes it, one copy
 from flowmon_contract.policy import canonical_json, compile_policy, token_sha256
 from flowmon_contract.spec import FlowMonitor
 from flowmon_lab.network import Lab, Pod
@@ -77,25 +78,6 @@ def policies() -> list[tuple[str, str]]:
     first = compile_policy([main], token_hashes={main.key: hashes})
     second = compile_policy([main, extra], token_hashes={main.key: hashes, extra.key: hashes})
     return [(canonical_json(p), p.hash) for p in (first, second)]
-
-
-def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
-    """Prometheus' histogram_quantile: `buckets` (upper bound, cumulative count) sorted by bound, +Inf
-    last; linear within the bucket; the highest finite bound if the rank falls in +Inf. None: empty."""
-    total = buckets[-1][1] if buckets else 0
-    if total <= 0:
-        return None
-    rank = q * total
-    lower_bound, lower_count = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if bound == float("inf"):
-                return lower_bound
-            if count == lower_count:
-                return bound
-            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
-        lower_bound, lower_count = bound, count
-    return lower_bound
 
 
 def samples(text: str, prefix: str) -> list[tuple[str, dict[str, str], float]]:
@@ -424,7 +406,7 @@ async def soak(agent: Agent, lab: Lab, args: argparse.Namespace) -> dict:
     counted, own = await final_counts(agent, lab, known * args.bytes)
     tally.curve.append((round(time.monotonic() - started, 1), round(rss_mb(agent.proc.pid), 1)))
     buckets = poll_buckets(own)
-    poll = {f"p{round(q * 100)}_ms": histogram_quantile(q, buckets) for q in (0.5, 0.99)}
+    poll = {f"p{round(q * 100)}_ms": histogram_quantile(q, dict(buckets)) for q in (0.5, 0.99)}
     return {
         "minutes": args.minutes,
         "connections": known,

@@ -44,11 +44,11 @@ server_workload="mx-srv",server_port="8080",service=""} 9.0
 def test_histogram_quantile_interpolates_like_prometheus() -> None:
     buckets = poll_buckets(AGENT_METRICS)
     assert buckets == [(0.01, 10.0), (0.1, 90.0), (INF, 100.0)]
-    assert histogram_quantile(0.5, buckets) == pytest.approx(0.01 + 0.09 * 40 / 80)
-    assert histogram_quantile(0.05, buckets) == pytest.approx(0.005)
-    assert histogram_quantile(0.99, buckets) == 0.1  # in +Inf: the highest finite bound
-    assert histogram_quantile(0.5, []) is None
-    assert histogram_quantile(0.5, [(0.1, 0.0), (INF, 0.0)]) is None
+    assert histogram_quantile(0.5, dict(buckets)) == pytest.approx(0.01 + 0.09 * 40 / 80)
+    assert histogram_quantile(0.05, dict(buckets)) == pytest.approx(0.005)
+    assert histogram_quantile(0.99, dict(buckets)) == 0.1  # in +Inf: the highest finite bound
+    assert histogram_quantile(0.5, {}) is None
+    assert histogram_quantile(0.5, {0.1: 0.0, INF: 0.0}) is None
 
 
 def test_pair_bytes_is_the_one_series_of_the_pair_and_port() -> None:
