@@ -21,6 +21,10 @@ flowmon_agent_poll_duration_seconds histogram, interpolated in its buckets), scr
 failures by kind, how slow clients ended, and whether the agent's counter for cli → srv (read by a real
 scrape at the end) equals the bytes the clients sent. Every loop is bounded by the run's deadline;
 the lab, the agent and the clients are torn down at the end (also on failure).
+
+--profile PATH samples the agent process with py-spy for the whole run (raw collapsed stacks, one line
+per stack with its count, idle threads included: a poll waiting for the GIL is still the poll's time)
+and reports the poll's samples (stacks through `poll_once`) by the functions they spend in.
 """
 
 from __future__ import annotations
@@ -388,12 +392,21 @@ async def final_counts(agent: Agent, lab: Lab, expected: int, timeout: float = 3
     return counted, own
 
 
+def start_profiler(agent: Agent, path: Path, seconds: float) -> subprocess.Popen:
+    """py-spy on the agent process for `seconds` (root: it reads the process's memory)."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    argv = [str(py_spy), "record", "--pid", str(agent.proc.pid), "--duration", str(int(seconds))]
+    argv += ["--format", "raw", "--idle", "--threads", "--rate", "50", "--output", str(path)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 async def soak(agent: Agent, lab: Lab, args: argparse.Namespace) -> dict:
     await wait_ready(agent)
     seconds = args.minutes * 60
     tally = Tally()
     started = time.monotonic()
     deadline = started + seconds
+    profiler = start_profiler(agent, args.profile, seconds) if args.profile else None
     traffic = start_traffic(lab, args, seconds)
     loops = [sample_rss(agent, started, deadline, args.sample, tally)]
     loops += [pusher(agent, deadline, args.push_interval, tally)]
@@ -405,6 +418,8 @@ async def soak(agent: Agent, lab: Lab, args: argparse.Namespace) -> dict:
     peers = await asyncio.to_thread(finished_count, traffic["peers"], 90)
     counted, own = await final_counts(agent, lab, known * args.bytes)
     tally.curve.append((round(time.monotonic() - started, 1), round(rss_mb(agent.proc.pid), 1)))
+    if profiler is not None:
+        await asyncio.to_thread(profiler.communicate, timeout=60)
     buckets = poll_buckets(own)
     poll = {f"p{round(q * 100)}_ms": histogram_quantile(q, dict(buckets)) for q in (0.5, 0.99)}
     return {
@@ -471,6 +486,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slow-clients", type=int, default=4, help="dribblers (and as many slow readers)")
     parser.add_argument("--bytes", type=int, default=100, help="sent per connection")
     parser.add_argument("--sample", type=float, default=30.0, help="RSS sample period, seconds")
+    parser.add_argument("--profile", type=Path, help="py-spy the agent for the run: raw stacks to this file")
     return parser.parse_args(argv)
 
 

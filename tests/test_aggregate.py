@@ -289,6 +289,33 @@ def test_open_connections_keep_a_series_alive(resolver: Resolver) -> None:
     assert sent(view) == {("web", "api"): 10}
 
 
+def test_a_poll_looks_only_at_new_changed_and_open_flows(resolver: Resolver) -> None:
+    """Quiet flows (unchanged, no open connection) cost no work in a poll however many there are; a
+    flow with open connections is looked at each poll (its gauge is counted afresh); the totals are the
+    same as if every flow had been looked at."""
+    pol = policy(monitor())
+    agg = Aggregator("n1", ["n1"])
+    quiet = {key(WEB1, API1, client_port=40000 + i): counters(10, opened=1, closed=1) for i in range(500)}
+    live = key(TOOL, API1)
+    flows = {**quiet, live: counters(7, opened=2)}
+    agg.build_view(snap(flows), pol, resolver, 0.0)
+    assert agg.visited == 501
+    view = agg.build_view(snap(dict(flows)), pol, resolver, 1.0)
+    assert agg.visited == 1  # the open one
+    assert sent(view) == {("web", "api"): 5000, ("tool", "api"): 7}
+    grown = key(WEB1, API1, client_port=40007)
+    flows[grown] = counters(25, opened=2, closed=2)  # a new object for a changed flow
+    flows[key(WEB1, API1, client_port=41000)] = counters(1, opened=1, closed=1)  # a new flow
+    view = agg.build_view(snap(dict(flows)), pol, resolver, 2.0)
+    assert agg.visited == 3
+    assert sent(view) == {("web", "api"): 5016, ("tool", "api"): 7}
+    assert family(view, "flowmon_tcp_connections_active").samples == {("web", "api"): 0, ("tool", "api"): 2}
+    del flows[grown]  # gone from the tracer, then back from zero (a restart): all growth
+    agg.build_view(snap(dict(flows)), pol, resolver, 3.0)
+    view = agg.build_view(snap({**flows, grown: counters(4, opened=1, closed=1)}), pol, resolver, 4.0)
+    assert agg.visited == 2 and sent(view)[("web", "api")] == 5020
+
+
 def test_counters_stay_monotonic_when_entries_vanish_and_flows_rekey(resolver: Resolver) -> None:
     pol = policy(monitor())
     agg = Aggregator("n1", ["n1", "n2"])

@@ -1,5 +1,5 @@
 """Pure parts of the kernel agent on synthetic input: map decoding, the counter vector, incarnations of a
-flow's entries, path choice, /proc/net/tcp parsing. No BPF needed."""
+flow's entries, the flow book's reads, path choice, /proc/net/tcp parsing. No BPF needed."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from flowmon_agent.kernel.counters import (
     FlowCounters,
     Log2Histogram,
 )
-from flowmon_agent.kernel.flow_reader import Incarnations
+from flowmon_agent.kernel.flow_reader import FlowBook, Incarnations
 from flowmon_agent.kernel.flows import FlowKey, Reporter
 from flowmon_agent.kernel.maps import FLOW_KEY, FLOW_VAL
 
@@ -116,6 +116,46 @@ def test_totals_never_decrease_across_evictions_and_re_creations() -> None:
     assert inc is not None and inc.total == FlowCounters.of(
         sent_bytes=5 * 80, opened=10, closed=10, rtt_slots=[10] * HISTOGRAM_SLOTS
     )
+
+
+def flow_entry(i: int, sent: int, created_ns: int = 1) -> tuple[bytes, bytes]:
+    """A flow map entry's (key, value) bytes: client 100.64.x.y → V4B:9090, `sent` bytes."""
+    key = FlowKey(IPv4Address(0x64400000 + i), V4B, 9090, Reporter.CLIENT)
+    value = FlowCounters.of(sent_bytes=sent, opened=1, closed=1)[:TCP_WIDTH]
+    return kernel_maps.encode_flow_key(key), FLOW_VAL.pack(created_ns, *value)
+
+
+def read_into(book: FlowBook, entries: list[tuple[bytes, bytes]], now: float) -> list[bytes]:
+    return book.update([k for k, _ in entries], [v for _, v in entries], now)
+
+
+def test_a_read_decodes_only_new_keys_and_changed_values() -> None:
+    """Over a map read again and again, an unchanged entry costs no decoding however many there are;
+    totals follow changes, evictions and re-creations as Incarnations say."""
+    book = FlowBook()
+    entries = [flow_entry(i, 100) for i in range(1000)]
+    assert read_into(book, entries, 0.0) == []
+    assert (book.decoded_keys, book.decoded_values, len(book.totals)) == (1000, 1000, 1000)
+    assert read_into(book, list(reversed(entries)), 1.0) == []  # the same bytes, in another order
+    assert (book.decoded_keys, book.decoded_values) == (1000, 1000)
+    entries[5] = flow_entry(5, 150)  # grew
+    entries[6] = flow_entry(6, 30, created_ns=2)  # evicted and re-created: 100 + 30
+    entries.append(flow_entry(1000, 1))  # new
+    gone_key, _ = entries.pop(0)  # evicted
+    assert read_into(book, entries, 2.0) == [gone_key]
+    assert (book.decoded_keys, book.decoded_values) == (1001, 1003)
+    assert book.forget(gone_key) not in book.totals and len(book) == len(book.totals) == 1000
+    totals = {kernel_maps.encode_flow_key(k): c.sent_bytes for k, c in book.totals.items()}
+    assert totals == {k: 150 if i == 5 else 130 if i == 6 else 1 if i == 1000 else 100
+                      for k, i in ((flow_entry(i, 0)[0], i) for i in range(1, 1001))}  # fmt: skip
+    # idle ones lead the order: the oldest change first, and none younger than asked
+    idle = [kernel_maps.decode_flow_key(k).client_ip for k, _ in book.unchanged_for(2.0, 1.5)]
+    assert len(idle) == 997 and IPv4Address(0x64400000 + 5) not in idle
+    assert [k for k, _ in book.unchanged_for(2.0, 0.0)][-3:] == [entries[4][0], entries[5][0], entries[-1][0]]
+    forgotten = flow_entry(7, 100)[0]
+    book.forget(forgotten)  # deleted here and in the kernel; the same bytes coming back are a new entry
+    read_into(book, entries, 3.0)
+    assert book.decoded_keys == 1002 and kernel_maps.decode_flow_key(forgotten) in book.totals
 
 
 # --- kernel path choice -----------------------------------------------------------------------------------

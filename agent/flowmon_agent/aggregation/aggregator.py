@@ -9,6 +9,7 @@ flow re-keys (its pod changes, its NAT backend becomes known) or the tracer rest
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -80,13 +81,12 @@ class FlowInfo:
 class FlowState:
     """Per flow, between polls: its last counters, and what it resolved to (valid for one epoch)."""
 
-    __slots__ = ("epoch", "info", "seen", "vector")
+    __slots__ = ("epoch", "info", "vector")
 
     def __init__(self, vector: Vector) -> None:
         self.vector = vector
         self.info: FlowInfo | None = None
         self.epoch = -1
-        self.seen = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +119,13 @@ class Aggregator:
         self.agent_nodes = None if agent_nodes is None else set(agent_nodes)
         self.peer_names = peer_names  # names external servers from DNS answers (server_dns_name)
         self._flows: dict[FlowKey, FlowState] = {}
+        # the flows whose last counters had no open connection, with those counters: while a snapshot
+        # brings them back unchanged they yield nothing, and they are skipped in C (`updates`)
+        self._quiet: dict[FlowKey, Vector] = {}
+        self.visited = 0  # flows the last poll looked at (new, changed, or with open connections)
         self._monitors: dict[str, MonitorState] = {}
         self._info_version: tuple[object, ...] = ()
         self._info_epoch = 0
-        self._poll = 0
 
     def _flow_info(
         self, key: FlowKey, resolver: Resolver, backends: NatBackends, agent_nodes: set[str], traced: TraceSet
@@ -143,20 +146,25 @@ class Aggregator:
         version = (store.current_generation(), policy.hash, frozenset(agent_nodes))
         if version != self._info_version:  # resolutions and verdicts may have changed
             self._info_version, self._info_epoch = version, self._info_epoch + 1
-        self._poll += 1
-        poll, epoch, known = self._poll, self._info_epoch, self._flows
+        epoch, known, quiet = self._info_epoch, self._flows, self._quiet
         names = self.peer_names.generation if self.peer_names is not None else -1
         out: list[FlowUpdate] = []
-        for key, vector in snapshot.flows.items():
-            state = known.get(key)  # one lookup per flow and poll: hashing FlowKeys is the hot spot
+        visited = 0
+        # in the snapshot's order, every flow but those quiet and unchanged (most of them, each poll)
+        for key, vector in itertools.filterfalse(quiet.items().__contains__, snapshot.flows.items()):
+            visited += 1
+            state = known.get(key)
             if state is None:
                 state = known[key] = FlowState(vector)
                 delta = vector
             else:
                 delta = vector_delta(vector, state.vector)
                 state.vector = vector
-            state.seen = poll
             active = vector[OPENED] - vector[CLOSED]  # FlowCounters.active, inlined: the hot loop
+            if active <= 0:
+                quiet[key] = vector
+            else:
+                quiet.pop(key, None)
             if delta is ZERO and active <= 0:
                 continue
             info = state.info
@@ -174,9 +182,13 @@ class Aggregator:
             active = 0 if info.share == Share.SERVER_SENT or active < 0 else active
             if growth or active:
                 out.append(FlowUpdate(key, info, growth, active))
+        self.visited = visited
         if len(known) > len(snapshot.flows):  # entries the tracer no longer reports
-            for key in [k for k, state in known.items() if state.seen != poll]:
+            gone = set(known)  # sets from dicts reuse the keys' hashes: no hashing here
+            gone.difference_update(set(snapshot.flows))
+            for key in gone:
                 del known[key]
+                quiet.pop(key, None)
         return out
 
     def build_view(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import time
 from collections.abc import Callable, Container, Iterable
 
@@ -33,7 +34,6 @@ from flowmon_agent.kernel.maps import (
     decode_flow_key,
     decode_flow_value,
     decode_pending_reset,
-    encode_flow_key,
     reset_owner,
 )
 from flowmon_agent.kernel.program import KernelProgram
@@ -60,6 +60,78 @@ class Incarnations:
         self.created_ns, self.last, self.raw = created_ns, counters, raw
         self.total = counters if self.base is None else add(self.base, counters)
         self.changed_at = now
+
+
+class FlowEntry(Incarnations):
+    """A flow key's incarnations, with the key its bytes decode to."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: FlowKey, created_ns: int, counters: FlowCounters, raw: bytes, now: float) -> None:
+        super().__init__(created_ns, counters, raw, now)
+        self.key = key
+
+
+class FlowBook:
+    """The flows user space holds, by the bytes of their kernel keys, in the order they last changed.
+
+    A read of the whole flow map is compared with the previous one in C (the entries whose bytes are
+    the same, most of them, cost no Python code): only new keys are decoded (`decoded_keys`), only
+    changed values (`decoded_values`), and `totals` (each key's cumulative counters, in the order first
+    seen) is kept up to date in place. Because the entries stay ordered by their last change, idle ones
+    are found from the oldest on (`unchanged_for`) instead of by a scan of every flow."""
+
+    def __init__(
+        self,
+        decode_key: Callable[[bytes], FlowKey] = decode_flow_key,
+        decode_value: Callable[[bytes], tuple[int, FlowCounters]] = decode_flow_value,
+    ) -> None:
+        self._decode_key, self._decode_value = decode_key, decode_value
+        self._entries: dict[bytes, FlowEntry] = {}
+        self._last: dict[bytes, bytes] = {}  # each held entry's value bytes, as last read
+        self.totals: dict[FlowKey, FlowCounters] = {}
+        self.decoded_keys = self.decoded_values = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def update(self, keys: list[bytes], values: list[bytes], now: float) -> list[bytes]:
+        """One read of the map (every entry it holds); returns the keys held here that the read did not
+        find (the kernel evicted them), still held until `forget`."""
+        read = dict(zip(keys, values, strict=True))
+        entries, totals, decode_value = self._entries, self.totals, self._decode_value
+        for raw_key, raw in itertools.filterfalse(self._last.items().__contains__, read.items()):
+            entry = entries.get(raw_key)
+            if entry is None:
+                key = self._decode_key(raw_key)
+                entry = entries[raw_key] = FlowEntry(key, *decode_value(raw), raw, now)
+                self.decoded_keys += 1
+            else:
+                entry.observe(*decode_value(raw), raw, now)
+                del entries[raw_key]  # re-inserted last: the order of last change
+                entries[raw_key] = entry
+            self.decoded_values += 1
+            totals[entry.key] = entry.total
+        self._last = read
+        if len(entries) > len(read):
+            return list(entries.keys() - read.keys())
+        return []
+
+    def unchanged_for(self, now: float, age: float) -> list[tuple[bytes, FlowEntry]]:
+        """The entries that have not changed for `age` or more, the oldest first: they lead the order, so
+        the scan stops at the first younger one."""
+        old: list[tuple[bytes, FlowEntry]] = []
+        for raw_key, entry in self._entries.items():
+            if now - entry.changed_at < age:
+                break
+            old.append((raw_key, entry))
+        return old
+
+    def forget(self, raw_key: bytes) -> FlowKey:
+        key = self._entries.pop(raw_key).key
+        self._last.pop(raw_key, None)  # a new entry with these bytes is new again
+        self.totals.pop(key, None)
+        return key
 
 
 def cpus_to_visit(words: bpf_loader.PercpuWords) -> Iterable[int]:
@@ -134,43 +206,36 @@ class FlowReader:
         self._pending_reader = bpf_loader.MapReader(self._pending, chunk=256)
         self._reset_grace_ns = int(reset_grace_s * 1e9)
         self._conn_ttl_s, self._idle_ttl_s, self._clock = connection_key_ttl_s, idle_flow_ttl_s, clock
-        self._incarnations: dict[FlowKey, Incarnations] = {}
+        self._book = FlowBook()
         # resets received from untraced senders, and when the last one came
         self._resets: dict[FlowKey, tuple[FlowCounters, float]] = {}
         self._deleted = 0  # kernel entries user space deleted (not evictions)
         self._evicted = 0
         self.forgotten_idle = self.forgotten_gone = 0  # keys forgotten (idle past the TTL; entry gone)
-        self._reads = 0
 
     def tracked(self) -> dict[str, int]:
         """How many keys user space holds per table: at most the kernel's flow map, whatever the traffic."""
-        return {"flows": len(self._incarnations), "resets": len(self._resets)}
+        return {"flows": len(self._book), "resets": len(self._resets)}
+
+    @property
+    def decoded(self) -> dict[str, int]:
+        """Keys and values decoded since start: new keys and changed values only."""
+        return {"keys": self._book.decoded_keys, "values": self._book.decoded_values}
 
     def read(self) -> tuple[dict[FlowKey, FlowCounters], dict[str, int]]:
         if self._fold is not None:
             self._fold.run()
         created = self._stat(ST_FLOWS_CREATED)  # before the map read: evictions are never overestimated
-        entries = self._flows_reader.items()
-        now, incarnations = self._clock(), self._incarnations
-        self._reads = read = self._reads + 1
-        for k, v in entries:
-            key = decode_flow_key(k)
-            inc = incarnations.get(key)
-            if inc is None:
-                inc = incarnations[key] = Incarnations(*decode_flow_value(v), v, now)
-            elif inc.raw != v:  # unchanged entries cost a comparison
-                inc.observe(*decode_flow_value(v), v, now)
-            inc.seen = read
-        self._drain_resets(incarnations, now)
-        self._evicted = max(self._evicted, created - len(entries) - self._deleted)
-        if len(incarnations) > len(entries):  # entries the kernel no longer holds: their totals were reported
-            gone = [key for key, inc in incarnations.items() if inc.seen != read]
-            for key in gone:
-                del incarnations[key]
-                self._resets.pop(key, None)
-            self.forgotten_gone += len(gone)
+        keys, values = self._flows_reader.columns()
+        now, book = self._clock(), self._book
+        gone = book.update(keys, values, now)
+        self._drain_resets(book.totals, now)
+        self._evicted = max(self._evicted, created - len(keys) - self._deleted)
+        for raw_key in gone:  # entries the kernel no longer holds: their totals were reported
+            self._resets.pop(book.forget(raw_key), None)
+        self.forgotten_gone += len(gone)
         self._forget_idle(now)
-        flows = {key: inc.total for key, inc in incarnations.items()}
+        flows = book.totals.copy()
         for key, (resets, _) in self._resets.items():
             flows[key] = add(flows[key], resets) if key in flows else resets
         dropped = {
@@ -202,32 +267,32 @@ class FlowReader:
     def _forget_idle(self, now: float) -> None:
         """Keys whose connections are all closed and whose counters have not changed for their TTL
         (connection_key_ttl_s for per-connection keys, NAT peers; idle_flow_ttl_s for the others) are
-        dropped, here and in the kernel: snapshots reported their final totals until then."""
-        idle: list[FlowKey] = []
-        for key, inc in self._incarnations.items():
-            ttl = self._conn_ttl_s if key.client_port else self._idle_ttl_s
-            resets = self._resets.get(key)
-            changed = max(inc.changed_at, resets[1]) if resets else inc.changed_at
-            if now - changed >= ttl and inc.total.active == 0:
-                idle.append(key)
+        dropped, here and in the kernel: snapshots reported their final totals until then. Only the
+        entries unchanged for the shorter TTL are looked at."""
+        idle: list[tuple[bytes, FlowEntry]] = []
+        for raw_key, entry in self._book.unchanged_for(now, min(self._conn_ttl_s, self._idle_ttl_s)):
+            ttl = self._conn_ttl_s if entry.key.client_port else self._idle_ttl_s
+            resets = self._resets.get(entry.key)
+            changed = max(entry.changed_at, resets[1]) if resets else entry.changed_at
+            if now - changed >= ttl and entry.total.active == 0:
+                idle.append((raw_key, entry))
         forgotten = 0
-        for key in idle:
-            if self._delete_entry(key, self._incarnations[key].raw):
-                del self._incarnations[key]
-                self._resets.pop(key, None)
+        for raw_key, entry in idle:
+            if self._delete_entry(raw_key, entry.raw):
+                self._resets.pop(self._book.forget(raw_key), None)
                 forgotten += 1
         orphans = [
             key
             for key, (_, at) in self._resets.items()
-            if key not in self._incarnations and now - at >= self._idle_ttl_s
+            if key not in self._book.totals and now - at >= self._idle_ttl_s
         ]
         for key in orphans:
             del self._resets[key]
         self.forgotten_idle += forgotten + len(orphans)
 
-    def _delete_entry(self, key: FlowKey, raw: bytes) -> bool:
-        """Delete the key's kernel entry unless it changed since it was read. True: the entry is gone."""
-        outcome = delete_unchanged(self._flows, encode_flow_key(key), raw)
+    def _delete_entry(self, raw_key: bytes, raw: bytes) -> bool:
+        """Delete the kernel entry unless it changed since it was read. True: the entry is gone."""
+        outcome = delete_unchanged(self._flows, raw_key, raw)
         self._deleted += outcome == "deleted"
         return outcome != "changed"
 

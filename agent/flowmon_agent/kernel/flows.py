@@ -44,6 +44,22 @@ class FlowKey:
     # outside the cluster's and the monitors' networks (address 0.0.0.0 or ::).
     peer_prefix: int | None = None
     protocol: Transport = Transport.TCP  # a UDP flow's counters are in the vector's UDP words
+    # Computed once: every poll looks flows up by key (the tracer's, aggregation's tables), and the
+    # generated hash would hash both addresses and the enums again, in Python, at each lookup.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(self._fields()))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple:  # another process hashes strings differently: the hash is not carried
+        return FlowKey, self._fields()
+
+    def _fields(self) -> tuple:
+        return (self.client_ip, self.server_ip, self.server_port, self.reporter, self.client_port,
+                self.peer_prefix, self.protocol)  # fmt: skip
 
     @property
     def peer_network(self) -> IPNetwork | None:

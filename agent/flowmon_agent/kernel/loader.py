@@ -208,17 +208,27 @@ class MapReader:
         self._values = ctypes.create_string_buffer(self._value_size * n)
 
     def items(self) -> list[tuple[bytes, bytes]]:
+        return list(zip(*self.columns(), strict=True))
+
+    def columns(self) -> tuple[list[bytes], list[bytes]]:
+        """Every entry's key and value bytes, as two lists in the same order."""
         if self._batch:
             try:
                 return self._batched()
             except _BatchUnsupported:
                 self._batch = False
-        return [(bytes(k), bytes(v)) for k, v in self.table.items()]
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        for k, v in self.table.items():
+            keys.append(bytes(k))
+            values.append(bytes(v))
+        return keys, values
 
-    def _batched(self) -> list[tuple[bytes, bytes]]:
+    def _batched(self) -> tuple[list[bytes], list[bytes]]:
         from bcc import lib  # imported here: this module must load on hosts without BCC
 
-        out: list[tuple[bytes, bytes]] = []
+        keys: list[bytes] = []
+        values: list[bytes] = []
         token, next_token, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
         first = True
         ks, vs = self._key_size, self._value_size
@@ -234,18 +244,22 @@ class MapReader:
             )
             err = ctypes.get_errno() if res != 0 else 0
             n = count.value
-            if n:
-                keys, values = self._keys.raw[: n * ks], self._values.raw[: n * vs]
-                out += [(keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs]) for i in range(n)]
+            if n:  # one copy of the n entries, then one per entry
+                chunk_keys, chunk_values = (
+                    ctypes.string_at(self._keys, n * ks),
+                    ctypes.string_at(self._values, n * vs),
+                )
+                keys += [chunk_keys[i : i + ks] for i in range(0, n * ks, ks)]
+                values += [chunk_values[i : i + vs] for i in range(0, n * vs, vs)]
             if res == 0:
                 token.value, first = next_token.value, False
                 continue
             if err == errno.ENOENT:  # the end of the map (this call's entries were still copied)
-                return out
+                return keys, values
             if err == errno.ENOSPC and n == 0 and self.chunk < self.table.max_entries:
                 self._alloc(min(self.chunk * 2, self.table.max_entries))  # one bucket holds more
                 continue
-            if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) and first and not out:
+            if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) and first and not keys:
                 raise _BatchUnsupported
             raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
 
