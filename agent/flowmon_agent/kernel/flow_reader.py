@@ -88,7 +88,7 @@ class FlowBook:
     ) -> None:
         self._decode_key, self._decode_value = decode_key, decode_value
         self._entries: dict[bytes, FlowEntry] = {}
-        self._last: dict[bytes, bytes] = {}  # each held entry's value bytes, as last read
+        self._last: dict[bytes, bytes] = {}  # each held entry's value bytes (its `raw`), as last read
         self.totals: dict[FlowKey, FlowCounters] = {}
         self.decoded_keys = self.decoded_values = 0
 
@@ -99,8 +99,9 @@ class FlowBook:
         """One read of the map (every entry it holds); returns the keys held here that the read did not
         find (the kernel evicted them), still held until `forget`."""
         read = dict(zip(keys, values, strict=True))
-        entries, totals, decode_value = self._entries, self.totals, self._decode_value
-        for raw_key, raw in itertools.filterfalse(self._last.items().__contains__, read.items()):
+        entries, last, totals, decode_value = self._entries, self._last, self.totals, self._decode_value
+        for raw_key, raw in itertools.filterfalse(last.items().__contains__, read.items()):
+            last[raw_key] = raw  # the bytes the entry holds: kept once
             entry = entries.get(raw_key)
             if entry is None:
                 key = self._decode_key(raw_key)
@@ -112,7 +113,6 @@ class FlowBook:
                 entries[raw_key] = entry
             self.decoded_values += 1
             totals[entry.key] = entry.total
-        self._last = read
         if len(entries) > len(read):
             return list(entries.keys() - read.keys())
         return []
