@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from flowmon_agent.kernel.loader import BPFUnavailableError
 from flowmon_agent.metadata import MetadataStore
 from flowmon_agent.metadata.watcher import KubeWatcher
 from flowmon_agent.runner import Agent, AgentSettings, stall_reason
+from flowmon_agent.scheduling import NEVER, FullCollections
 from flowmon_contract.policy import compile_policy
 from flowmon_contract.spec import DEFAULT_METRICS
 from tests.fake_tracer import FakeTracer
@@ -398,6 +400,41 @@ async def test_each_poll_turns_the_tracers_snapshot_into_the_exported_view(tmp_p
         assert _pair_sent(agent) == 500.0
     finally:
         await agent.stop()
+
+
+def test_full_collections_run_when_due_and_thresholds_come_back() -> None:
+    now = [0.0]
+    collected: list[float] = []
+    full = FullCollections(30.0, clock=lambda: now[0], collect=lambda: collected.append(now[0]))
+    for now[0] in (1.0, 29.9, 30.0, 31.0, 59.0, 61.0):
+        full.after_poll()
+    assert collected == [30.0, 61.0] and full.collections == 2
+    before = gc.get_threshold()
+    full.take_over()
+    try:
+        assert gc.get_threshold() == (*before[:2], NEVER)  # the young generations as before
+    finally:
+        full.give_back()
+    assert gc.get_threshold() == before
+
+
+@pytest.mark.asyncio
+async def test_full_collections_run_between_polls_while_the_agent_runs(tmp_path):
+    """Each full collection comes after a poll has ended (the number of polls ended when it ran), and
+    none automatically meanwhile; Python's thresholds are back after stop."""
+    before = gc.get_threshold()
+    polls_at_collect: list[int] = []
+    agent, made = fake_agent(tmp_path, compile_policy([]), poll_interval_seconds=0.01)
+    agent.full_collections = FullCollections(1e-9, collect=lambda: polls_at_collect.append(agent.polls))
+    await agent.start()
+    try:
+        assert gc.get_threshold()[2] == NEVER
+        await until(lambda: len(polls_at_collect) >= 3)
+    finally:
+        await agent.stop()
+    assert gc.get_threshold() == before
+    assert polls_at_collect == sorted(set(polls_at_collect)) and polls_at_collect[0] >= 2
+    assert made[0].polls >= polls_at_collect[-1]
 
 
 @pytest.mark.asyncio

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from flowmon_agent.metadata.hostnets import HostMetadata, addresses_of
-from flowmon_agent.scheduling import run_as_batch
+from flowmon_agent.scheduling import FullCollections, run_as_batch
 from flowmon_agent.supervision import Restarts
 from flowmon_contract.documents import ManifestError, load_monitors
 from flowmon_contract.policy import AgentPolicy, compile_policy, token_sha256
@@ -304,12 +304,14 @@ def make_agent(args: argparse.Namespace):
 
     restarts = Restarts()
     nat = ConntrackNat(args.conntrack_netns, restarts=restarts)
+    period = settings.full_gc_period_seconds
     agent = Agent(
         settings,
         tracer_factory=functools.partial(default_tracer, settings, force_compat=args.compat),
         store=store,
         nat_backends=lambda snapshot: nat.backends(snapshot.flows.keys()),
         restarts=restarts,
+        full_collections=None if period is None else FullCollections(period),
     )
     if policy is not None:
         agent.policy.apply(policy, source="monitor files" if files else "default monitor")

@@ -44,6 +44,7 @@ from flowmon_agent.kernel.flows import FlowSnapshot, KernelConfig, Tracer
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_agent.metadata.inventory import read_inventory
 from flowmon_agent.metadata.watcher import KubeWatcher
+from flowmon_agent.scheduling import FullCollections
 from flowmon_agent.supervision import Restarts, where
 from flowmon_contract.policy import AgentPolicy
 
@@ -97,6 +98,12 @@ class AgentSettings(BaseSettings):
         default=True,
         description="Run the agent's threads as SCHED_BATCH: they never preempt the applications it "
         "measures when they wake (flowmon agent only; not for an Agent embedded in another process).",
+    )
+    full_gc_period_seconds: float | None = Field(
+        default=30.0,
+        gt=0,
+        description="Python's full garbage collections only between polls, one per this many seconds "
+        "(flowmon agent only: the process's thresholds); None: wherever Python triggers them.",
     )
     # sock_ops (srtt at close), UDP and DNS all link there; in a pod: the host's /sys/fs/cgroup, not its own
     cgroup_root: Path | None = Field(
@@ -204,6 +211,7 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         dns_tracker: DnsTracker | None = None,
         dns_capture_factory: Callable[[DnsTracker], DnsSource] | None = None,
+        full_collections: FullCollections | None = None,
     ) -> None:
         self.settings = settings
         self.instruments = AgentInstruments()
@@ -245,6 +253,7 @@ class Agent:
         )
         self._tracer_factory = tracer_factory or functools.partial(default_tracer, settings)
         self._nat_backends, self._clock = nat_backends, clock
+        self.full_collections = full_collections  # taken over from start to stop
         self._policy_file = PolicyFile(settings.policy_file, self.policy) if settings.policy_file else None
         self._inventory_watch = FileWatch(settings.inventory_file) if settings.inventory_file else None
         self._metadata_at: float | None = None
@@ -297,6 +306,8 @@ class Agent:
             raise
         # the first view before anyone is told we are ready (with the DNS capture, if the policy wants it)
         await asyncio.to_thread(self.poll_once)
+        if self.full_collections is not None:
+            self.full_collections.take_over()
         self._task = asyncio.create_task(self.restarts.supervise("poll", self._run), name="flowmon-poll")
 
     async def stop(self) -> None:
@@ -310,6 +321,8 @@ class Agent:
             await asyncio.to_thread(self.tracer.close)
             self.tracer = None
         await asyncio.to_thread(self.dns.close)
+        if self.full_collections is not None:
+            self.full_collections.give_back()
 
     def poll_soon(self) -> None:
         """Wake the poll loop now (a policy change); from any thread."""
@@ -330,6 +343,8 @@ class Agent:
                 self.last_error = repr(exc)
                 self.instruments.poll_errors.inc()
                 log.exception("poll failed")
+            if self.full_collections is not None:  # in the gap before the next poll, never inside one
+                await asyncio.to_thread(self.full_collections.after_poll)
 
     # ---- one poll (worker thread) ----
 
