@@ -392,6 +392,21 @@ async def final_counts(agent: Agent, lab: Lab, expected: int, timeout: float = 3
     return counted, own
 
 
+def poll_shares(raw: str, depth: int = 3) -> tuple[int, Counter]:
+    """From py-spy's raw stacks: the samples inside a poll (stacks through `Agent.poll_once`), and how
+    many of them each call path below it holds (its first `depth` functions, without line numbers)."""
+    total, shares = 0, Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [frame.split(" (")[0] for frame in stack.split(";")]
+        if "Agent.poll_once" not in frames:
+            continue
+        below = frames[frames.index("Agent.poll_once") + 1 :][:depth]
+        total += int(count)
+        shares[" > ".join(below) or "Agent.poll_once"] += int(count)
+    return total, shares
+
+
 def start_profiler(agent: Agent, path: Path, seconds: float) -> subprocess.Popen:
     """py-spy on the agent process for `seconds` (root: it reads the process's memory)."""
     py_spy = Path(sys.executable).with_name("py-spy")
@@ -436,6 +451,9 @@ async def soak(agent: Agent, lab: Lab, args: argparse.Namespace) -> dict:
         "http": {
             name + json.dumps(labels) * bool(labels): v
             for name, labels, v in samples(own, "flowmon_agent_http")
+        },
+        "flows_dropped": {  # the flow map's churn: evicted (LRU), forgotten (gone, idle)
+            labels["reason"]: v for _, labels, v in samples(own, "flowmon_agent_flows_dropped_total")
         },
         "bytes_sent": known * args.bytes,
         "bytes_counted": counted,
@@ -491,9 +509,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    result = run(parse_args(argv))
+    args = parse_args(argv)
+    result = run(args)
     print(json.dumps(result))
     print(render(result))
+    if args.profile:
+        total, shares = poll_shares(args.profile.read_text())
+        print(f"\npoll samples (py-spy, 50 Hz): {total}")
+        for path, count in shares.most_common(15):
+            print(f"{count:6d} {100 * count / max(total, 1):5.1f}%  {path}")
     return 0 if result["bytes_exact"] and result["agent_alive"] else 1
 
 

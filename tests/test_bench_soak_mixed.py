@@ -1,4 +1,5 @@
-"""bench/soak_mixed.py's pure parts: the poll histogram's quantiles, reading a scrape, the report."""
+"""bench/soak_mixed.py's pure parts: the poll histogram's quantiles, reading a scrape, the report, the
+profile's poll shares."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from bench.soak_mixed import (
     parse_args,
     policies,
     poll_buckets,
+    poll_shares,
     render,
     thinned,
 )
@@ -114,3 +116,23 @@ def test_defaults_are_the_issues_numbers() -> None:
         500,
         10.0,
     )
+
+
+def test_poll_shares_count_only_the_polls_samples_by_call_path() -> None:
+    poll = "thread (1): asyncio_0;_worker (t.py:83);Agent.poll_once (runner.py:368)"
+    raw = "\n".join(
+        [
+            f"{poll};FlowTracer.poll (tracer.py:203);FlowReader.read (flow_reader.py:229) 7",
+            f"{poll};FlowTracer.poll (tracer.py:203);FlowReader.read (flow_reader.py:231) 5",
+            f"{poll};Agent._view (runner.py:393);Aggregator.build_view (aggregator.py:202) 3",
+            f"{poll} 1",
+            "thread (2): MainThread;BaseEventLoop._run_once (base_events.py:1922) 40",
+        ]
+    )
+    total, shares = poll_shares(raw, depth=2)
+    assert total == 16
+    assert shares == {
+        "FlowTracer.poll > FlowReader.read": 12,
+        "Agent._view > Aggregator.build_view": 3,
+        "Agent.poll_once": 1,
+    }
