@@ -25,7 +25,7 @@ import dns.query
 import dns.rcode
 import pytest
 
-from flowmon_agent.dns.capture import DnsCapture, cgroup2_mounts, cgroup2_root, decode_event
+from flowmon_agent.dns.capture import EVENT_HEADER, DnsCapture, cgroup2_mounts, cgroup2_root, decode_event
 from flowmon_agent.dns.tracker import DnsTracker, PairKey, Vantage
 from flowmon_lab.network import Lab, Pod
 from flowmon_lab.resolver import ResolverConfig, start_resolver
@@ -354,8 +354,9 @@ def test_cgroup2_mounts_find_hybrid_and_pure_layouts() -> None:
 def test_ring_records_are_not_trusted() -> None:
     assert decode_event(b"\x00" * 10) is None  # shorter than the header
     header = bytes(8) + bytes(32) + (53).to_bytes(2, "little") * 2 + (3).to_bytes(2, "little") * 2
-    assert decode_event(header + bytes([7, 1]) + bytes(6) + b"abc") is None  # not IPv4 or IPv6
-    packet = decode_event(header + bytes([4, 1]) + bytes(6) + b"abc")
+    pad = bytes(EVENT_HEADER.size - len(header) - 2)  # kind, padding, the kernel's answer key fields
+    assert decode_event(header + bytes([7, 1]) + pad + b"abc") is None  # not IPv4 or IPv6
+    packet = decode_event(header + bytes([4, 1]) + pad + b"abc")
     assert packet is not None and packet.payload == b"abc" and packet.complete and packet.src == "0.0.0.0"
-    cut = decode_event(header + bytes([6, 0]) + bytes(6) + b"ab")  # says 3 captured, holds 2
+    cut = decode_event(header + bytes([6, 0]) + pad + b"ab")  # says 3 captured, holds 2
     assert cut is not None and cut.payload == b"ab" and not cut.complete and cut.dst == "::"

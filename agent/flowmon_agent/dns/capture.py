@@ -1,7 +1,9 @@
 """Load `bpf/dns.c`, attach it to the cgroup v2 root, and feed what it counts and hands over to a
 `DnsTracker`: the kernel keeps the transactions (its counter maps are read each poll, its pending
 queries swept for timeouts by the tracker's clock, dns/kernel_counts.py); the ring brings what the kernel
-cannot vouch for (parsed and counted here) and answers with addresses (for the names only).
+cannot vouch for (parsed and counted here) and answers with addresses (for the names only), each once per
+TTL: the kernel keys it in `dns_answers`, and each poll the keys whose names the tracker's table no longer
+holds are deleted there (`NameTable.take_forgotten`), so that their next answer is handed over again.
 
 The two programs (ingress, egress) are attached with BPF links, not BPF_PROG_ATTACH: a link goes away
 with its file descriptor, so an agent that dies, even by SIGKILL, leaves nothing attached behind (a
@@ -13,6 +15,7 @@ kernel could not hand over while the ring was full is counted there, not lost si
 from __future__ import annotations
 
 import ctypes
+import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +31,18 @@ __all__ = ["CaptureStats", "DnsCapture", "cgroup2_mounts", "cgroup2_root", "deco
 
 SOURCE = "dns.c"
 # struct dns_event up to its payload: ts, saddr, daddr, sport, dport, payload_len, captured, family, egress,
-# kind (then 5 bytes of padding)
-EVENT_HEADER = struct.Struct("=Q16s16sHHHHBB6x")
+# (then kind, 5 bytes of padding, answer_hash, answers_at and 4 bytes of padding)
+EVENT_HEADER = struct.Struct("=Q16s16sHHHHBB22x")
 KIND_OFFSET = 50
+DADDR_OFFSET, FAMILY_OFFSET, ANSWER_HASH = 24, 48, struct.Struct("=56xQ")
 RECORD_NAMES = 1  # DNS_RECORD_NAMES: an answer the kernel counted, handed over for its names
+ANSWER_KEY = struct.Struct("=16sQB7x")  # struct dns_answer_key: client, hash, family
 MAX_CAPTURE_BYTES = 4096
 MAX_LATENCY_BOUNDS = 16  # DNS_LE_0..15 in bpf/dns.c
 # enum dns_count in bpf/dns.c
 _COUNT_NAMES = ("seen", "handed", "ring_full", "not_walked", "kept")
 _KERNEL_EVENTS = ("retransmitted", "pending_full", "series_overflow")  # indexes 5, 6, 7
+_ANSWER_COUNTS = ("answers_handed", "answers_deduplicated", "answers_unwalked")  # indexes 8, 9, 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,20 @@ class CaptureStats:
     not_walked: int  # IPv6 packets with extension headers, not inspected
     kept: int  # datagrams counted in the kernel, nothing handed over
     read: int  # records this process read from the ring
+    answers_handed: int = 0  # answers with addresses handed over for their names
+    answers_deduplicated: int = 0  # ... not handed over: the names table has them (counted in kept)
+    answers_unwalked: int = 0  # ... handed over without a key (not walked in the kernel: every copy)
+
+
+def answer_key(raw: bytes) -> bytes | None:
+    """The kernel's dns_answers key of a names record (None: the kernel gave it none)."""
+    if len(raw) < EVENT_HEADER.size:
+        return None
+    (answer_hash,) = ANSWER_HASH.unpack_from(raw)
+    if not answer_hash:
+        return None
+    client = raw[DADDR_OFFSET : DADDR_OFFSET + 16]
+    return ANSWER_KEY.pack(client, answer_hash, raw[FAMILY_OFFSET])
 
 
 def decode_event(raw: bytes) -> Packet | None:
@@ -82,6 +102,7 @@ class DnsCapture:
         capture_bytes: int = 512,
         ring_pages: int = 64,
         batch_max: int = 2048,
+        answers_once: bool = True,
     ) -> None:
         if not 1 <= port <= 65535 or not 12 <= capture_bytes <= MAX_CAPTURE_BYTES or batch_max < 1:
             raise ValueError("port 1-65535, capture_bytes 12-4096 and batch_max >= 1")
@@ -97,6 +118,8 @@ class DnsCapture:
         self._links: CgroupSkbLinks | None = None
         cflags = {"DNS_PORT": port, "DNS_CAPTURE_BYTES": capture_bytes, "DNS_RING_PAGES": ring_pages}
         cflags |= {"DNS_BUCKETS": len(bounds)} | {f"DNS_LE_{i}": round(b * 1e9) for i, b in enumerate(bounds)}
+        # answers_once=False: every answer with addresses handed over (bench/dns_overhead.py's before)
+        cflags |= {"DNS_ANSWERS_ONCE": int(answers_once), "DNS_ANSWER_SEED": secrets.randbits(63)}
         self._bpf = load_program(SOURCE, cflags)
         try:
             self._links = CgroupSkbLinks(self._bpf, b"dns_ingress", b"dns_egress", cgroup)
@@ -110,7 +133,7 @@ class DnsCapture:
         raw = ctypes.string_at(data, size)
         packet = decode_event(raw)
         if packet is not None and raw[KIND_OFFSET] == RECORD_NAMES:
-            self.tracker.learn_names(packet)
+            self.tracker.learn_names(packet, answer_key(raw))
         elif packet is not None:
             self.tracker.observe(packet)
         self._read += 1
@@ -131,9 +154,24 @@ class DnsCapture:
         self.tracker.count_timeouts(timed_out)
         totals = self._totals.read(self._bpf[b"dns_requests"], self._bpf[b"dns_latency"])
         totals.pending = waiting
-        self.tracker.absorb_kernel(totals, KernelEvents(*self._counts()[len(_COUNT_NAMES) :]))
+        events = self._counts()[len(_COUNT_NAMES) : len(_COUNT_NAMES) + len(_KERNEL_EVENTS)]
+        self.tracker.absorb_kernel(totals, KernelEvents(*events))
         self.tracker.expire()
+        self._forget_answers()
         return self._read - before
+
+    def _forget_answers(self) -> None:
+        """Delete the kernel's keys of answers whose names the table no longer holds."""
+        forgotten = self.tracker.names.take_forgotten()
+        table = self._bpf[b"dns_answers"]
+        if forgotten.everything:
+            table.clear()
+            return
+        for key in forgotten.sources:
+            try:
+                del table[table.Key.from_buffer_copy(key)]
+            except KeyError:
+                pass  # evicted, or never inserted (a zero TTL)
 
     def _hand_queries_over(self, copy_all: bool) -> None:
         """Query-name suffixes need the names: then queries (and their answers) go to user space."""
@@ -144,7 +182,8 @@ class DnsCapture:
 
     def _counts(self) -> list[int]:
         table = self._bpf[b"dns_counts"]
-        return [sum(table[table.Key(i)]) for i in range(len(_COUNT_NAMES) + len(_KERNEL_EVENTS))]
+        total = len(_COUNT_NAMES) + len(_KERNEL_EVENTS) + len(_ANSWER_COUNTS)
+        return [sum(table[table.Key(i)]) for i in range(total)]
 
     @property
     def bpf(self):  # -> bcc.BPF
@@ -158,7 +197,9 @@ class DnsCapture:
         return self._links.cgroup
 
     def stats(self) -> CaptureStats:
-        return CaptureStats(*self._counts()[: len(_COUNT_NAMES)], read=self._read)
+        counts = self._counts()
+        answers = dict(zip(_ANSWER_COUNTS, counts[-len(_ANSWER_COUNTS) :], strict=True))
+        return CaptureStats(*counts[: len(_COUNT_NAMES)], read=self._read, **answers)
 
     def close(self) -> None:
         if self._links is not None:
