@@ -14,6 +14,7 @@ kernel could not hand over while the ring was full is counted there, not lost si
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import secrets
 import struct
@@ -168,10 +169,8 @@ class DnsCapture:
             table.clear()
             return
         for key in forgotten.sources:
-            try:
+            with contextlib.suppress(KeyError):  # evicted, or never inserted (a zero TTL)
                 del table[table.Key.from_buffer_copy(key)]
-            except KeyError:
-                pass  # evicted, or never inserted (a zero TTL)
 
     def _hand_queries_over(self, copy_all: bool) -> None:
         """Query-name suffixes need the names: then queries (and their answers) go to user space."""
