@@ -435,7 +435,9 @@ static __always_inline int hand_answer_once(struct dns_event *ev, u16 an, u64 no
     u32 captured = *(volatile u16 *)&ev->captured, wire = *(volatile u16 *)&ev->payload_len;
     u32 records_at = *(volatile u32 *)&ev->answers_at;
     u32 ttl = 0;
-    u64 hash = captured >= wire && captured <= DNS_CAPTURE_BYTES ? answer_hash(ev->payload, captured, records_at, an, &ttl) : 0;
+    u64 hash = 0;
+    if (captured >= wire && captured <= DNS_CAPTURE_BYTES) // whole answers only
+        hash = answer_hash(ev->payload, captured, records_at, an, &ttl);
     if (!hash) {
         count(DNS_ANSWERS_UNWALKED);
         count(DNS_ANSWERS_HANDED);
