@@ -114,20 +114,23 @@ class SkbHooks:
 
 class SharedSkbHooks:
     """The agent's one SkbHooks, made by `load` on the first `get()`; a failed load raises there and is
-    tried again by the next `get()` (the tracer's UDP and the DNS lifecycle each retry on their terms)."""
+    tried again by the next `get()` (the tracer's UDP and the DNS lifecycle each retry on their terms).
+    After `close()` nothing loads again."""
 
     def __init__(self, load: Callable[[], SkbHooks]) -> None:
-        self._load, self._hooks = load, None
+        self._load, self._hooks, self._closed = load, None, False
         self._lock = threading.Lock()
 
     def get(self) -> SkbHooks:
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the agent's cgroup-skb programs are closed")
             if self._hooks is None:
                 self._hooks = self._load()
             return self._hooks
 
     def close(self) -> None:
         with self._lock:
-            hooks, self._hooks = self._hooks, None
+            hooks, self._hooks, self._closed = self._hooks, None, True
         if hooks is not None:
             hooks.close()
