@@ -318,10 +318,10 @@ static __always_inline void observe_latency(struct dns_txn_key *t, u64 ns) {
 // (other addresses, another order) hashes differently and is handed over. User space deletes a key when
 // the names it taught leave its table (expired by its clock, evicted) or did not parse, and the kernel
 // when the ring had no room for it: the next copy is handed over. Only answers the kernel can walk get a
-// key: whole in the bytes copied, at most DNS_ANSWER_RECORDS records, owner names of plain labels or a
-// pointer back to after the header, A/AAAA data of the right size; any other is handed over every time
-// (answers_unwalked). An LRU map: an evicted key costs one more hand-over. The hash is FNV-1a from a
-// random basis per load (DNS_ANSWER_SEED), so a pod cannot aim at another answer's key.
+// key: whole in the bytes copied, at most DNS_ANSWER_RECORDS records, each owner name a compression
+// pointer back to after the header; any other is handed over every time (answers_unwalked). An LRU map:
+// an evicted key costs one more hand-over. The hash is FNV-1a from a random basis per load
+// (DNS_ANSWER_SEED), so a pod cannot aim at another answer's key.
 
 #ifndef DNS_ANSWERS_MAX
 #define DNS_ANSWERS_MAX 8192
