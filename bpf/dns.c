@@ -376,13 +376,15 @@ static __always_inline u32 skip_owner(u8 *payload, u32 pos, u32 captured) {
 // find (bad_rdata: user space then gives the key back).
 static __always_inline u64 answer_hash(u8 *p, u32 captured, u32 pos, u16 an, u32 *ttl_min) {
     u32 ttl_at[DNS_ANSWER_RECORDS] = {}, ttl_raw[DNS_ANSWER_RECORDS] = {};
-    int records = 0;
+    int records = 0, walked = 1;
     for (int r = 0; r < DNS_ANSWER_RECORDS; r++) {
         if (r >= an)
             break;
         pos = skip_owner(p, pos, captured);
-        if (pos == 0 || pos + DNS_RECORD_TAIL > captured)
-            return 0;
+        if (pos == 0 || pos + DNS_RECORD_TAIL > captured) {
+            walked = 0; // (not a return: the TTLs zeroed so far are put back below)
+            break;
+        }
         ttl_at[r] = pos + 4;
         for (int b = 0; b < DNS_TTL_SIZE; b++) {
             ttl_raw[r] = (ttl_raw[r] << 8) | byte_at(p, pos + 4 + b);
@@ -391,9 +393,10 @@ static __always_inline u64 answer_hash(u8 *p, u32 captured, u32 pos, u16 an, u32
         pos += DNS_RECORD_TAIL + ((byte_at(p, pos + 8) << 8) | byte_at(p, pos + 9));
         records = r + 1;
     }
-    u64 hash = (u64)DNS_ANSWER_SEED;
-    if (an <= DNS_ANSWER_RECORDS && pos <= captured) { // (checked after the walk: before, the compiler
-        for (int i = 0; i < DNS_CAPTURE_BYTES / 8; i++) { // drops the walk's own bound)
+    u64 hash = 0;
+    if (walked && an <= DNS_ANSWER_RECORDS && pos <= captured) { // (after the walk: before, the compiler
+        hash = (u64)DNS_ANSWER_SEED;                             // drops the walk's own bound)
+        for (int i = 0; i < DNS_CAPTURE_BYTES / 8; i++) {
             u32 at = 2 + i * 8; // the id (bytes 0-1) left out
             if (at >= pos)
                 break;
@@ -406,8 +409,7 @@ static __always_inline u64 answer_hash(u8 *p, u32 captured, u32 pos, u16 an, u32
                 word &= (1ULL << ((pos - at) * 8)) - 1; // the bytes after the answers are not its
             hash = (hash ^ word) * 0x100000001b3ULL;
         }
-    } else {
-        hash = 0;
+        hash = hash ? hash : 1; // 0 says "no key"
     }
     u32 low = DNS_ANSWER_TTL_MAX;
     for (int r = 0; r < DNS_ANSWER_RECORDS; r++) {
@@ -421,7 +423,7 @@ static __always_inline u64 answer_hash(u8 *p, u32 captured, u32 pos, u16 an, u32
         low = ttl < low ? ttl : low;
     }
     *ttl_min = low;
-    return hash || !records ? hash : 1;
+    return hash;
 }
 
 // An answer with addresses at its client: DNS_KEEP when user space already has it, else DNS_RECORD_NAMES

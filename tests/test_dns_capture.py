@@ -432,6 +432,19 @@ def test_answers_the_kernel_cannot_vouch_for_are_handed_over_every_time(dns_lab:
     counts.wait(answered=2, handed=2)
     assert dns_lab.capture.stats().answers_unwalked - counts.stats0.answers_unwalked >= 2
 
+    # a second owner name spelled out, not a pointer: the walk stops there, and the copy handed over still
+    # carries the TTL of the first record (the walk zeroes TTLs while it hashes, and puts them back)
+    def second_owner_spelled_out(reply: bytes) -> bytes:
+        second = reply.index(b"\xc0\x0c", reply.index(b"\xc0\x0c") + 2)
+        name = b"".join(bytes([len(label)]) + label.encode() for label in EXT.split(".")) + b"\x00"
+        return reply[:second] + name + reply[second + 2 :]
+
+    serve_answer(dns_lab, ["203.0.113.60", "203.0.113.61"], 3600, edit=second_owner_spelled_out)
+    counts.wait(answered=3, handed=3)
+    assert dns_lab.capture.stats().answers_unwalked - counts.stats0.answers_unwalked >= 3
+    dns_lab.clock.offset += 60
+    assert dns_lab.tracker.names.name_of("203.0.113.60", client) == EXT  # learned with its TTL, not 0
+
     # A data of 5 bytes: walked and keyed by the kernel, malformed for the parser, which gives the key back
     def bad_rdata(reply: bytes) -> bytes:
         return reply[:-6] + b"\x00\x05" + reply[-4:] + b"\x00"
@@ -441,10 +454,10 @@ def test_answers_the_kernel_cannot_vouch_for_are_handed_over_every_time(dns_lab:
 
     before = malformed()
     serve_answer(dns_lab, ["203.0.113.50"], 3600, edit=bad_rdata)
-    counts.wait(answered=3, handed=3)
+    counts.wait(answered=4, handed=4)
     dns_lab.capture.poll()  # the key goes back to the kernel's map: deleted
     serve_answer(dns_lab, ["203.0.113.50"], 3600, edit=bad_rdata)
-    counts.wait(answered=4, handed=4)
+    counts.wait(answered=5, handed=5)
     assert malformed() - before == 2  # each copy counted
 
 
