@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from bench.skb_modes import SKB_MODES, load_skb_mode
 from bench.udp_modes import UDP_MODES, UDP_WORKLOADS, UNITS, iperf_udp, load_udp_mode, udp_verdicts
 from bench.waiting import wait_listening, wait_ready
 from flowmon_cli import topview
@@ -77,8 +78,10 @@ MODES = (
     "agent",
     "agent-steady",
     *UDP_MODES,
+    *SKB_MODES,
 )
 VARIANTS = ("nortt", "always", "nosockops", "noudp", "fresh", "ports")  # compared on demand, not by default
+VARIANTS += SKB_MODES  # on demand too (bench/skb_modes.py)
 DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(VARIANTS))
 # Started and stopped around each measurement; every other mode but none loads once and switches on command.
 STARTED_PER_MEASUREMENT = ("tcplife", "agent", "flowmon-fresh")
@@ -138,6 +141,8 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
     does, samples srtt in its window (`-always`: tcp_probe attached all the time) and counts UDP."""
     if mode in UDP_MODES:
         return load_udp_mode(mode, LoadedMode)
+    if mode in SKB_MODES:
+        return load_skb_mode(mode, LoadedMode)
     if mode.startswith("floor"):
         from bcc import BPF
 
