@@ -49,10 +49,10 @@ class FullCollections:
     A full collection visits every object the process holds, and a full flow map holds ~8 per flow in
     the tracer and in aggregation: with 16,384 flows, one took 130-170 ms on the mixed soak's 2 shared
     cores, every ~24 s, and all 7 of a 2.5-minute run ran inside a poll, which set the poll's p99
-    (docs/BENCHMARKS.md, "Mixed soak"). `take_over` turns the automatic ones off for the process (the young generations are
-    collected as before; `give_back` restores Python's thresholds); `after_poll` runs one when `period_s`
-    has passed since the last, in the time a poll leaves before the next. Only for the `flowmon agent`
-    process: the thresholds are the process's."""
+    (docs/BENCHMARKS.md, "Mixed soak"). `take_over` turns the automatic ones off for the process (the
+    young generations are collected as before; `give_back` restores Python's thresholds); `after_poll`
+    runs one when `period_s` has passed since the last, in the time a poll leaves before the next. Only
+    for the `flowmon agent` process: the thresholds are the process's."""
 
     def __init__(
         self,
