@@ -69,6 +69,8 @@ from bench.udp_dns_modes import (
     TracerDns,
     counted_totals,
     dns_queries,
+    program_ids,
+    program_stats,
     skb_floor_lines,
     with_skb_floor,
 )
@@ -546,16 +548,6 @@ def bench_lab(placement: str = "free") -> Iterator[Workbench]:
         yield Workbench(lab, tmp, servers, client_cpus)
 
 
-def _program_stats(bpf) -> dict[str, tuple[int, int]]:
-    """(run_time_ns, run_cnt) per loaded program, from fdinfo (needs kernel.bpf_stats_enabled=1)."""
-    out = {}
-    for name, fn in bpf.funcs.items():
-        info = Path(f"/proc/self/fdinfo/{fn.fd}").read_text()
-        fields = dict(line.split(":\t", 1) for line in info.splitlines() if ":\t" in line)
-        out[name.decode()] = (int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0)))
-    return out
-
-
 def profile(
     seconds: int,
     workloads: tuple[str, ...],
@@ -594,28 +586,27 @@ def _profile_workload(
     runs: dict[str, dict[str, list[int]]] = {m: {} for m in modes}  # program -> [run_time_ns, run_cnt]
     units = dict.fromkeys(modes, 0.0)
     workload_cpu = dict.fromkeys(modes, 0.0)  # CPU seconds of the workload's processes
+    ids = {m: set(program_ids(loaded[m].bpf)) for m in modes}
+    foreign = {m: set().union(*(ids[o] for o in modes if o != m)) - ids[m] for m in modes}
     for r in range(repeats):
         for mode in modes if r % 2 == 0 else modes[::-1]:
             loaded[mode].on()
             try:
-                before = _program_stats(loaded[mode].bpf)
+                before = program_stats(loaded[mode].bpf, foreign[mode])
                 value, cost, _ = measure(bench, workload, seconds)
-                after = _program_stats(loaded[mode].bpf)
+                after = program_stats(loaded[mode].bpf, foreign[mode])
             finally:
                 loaded[mode].off()
             units[mode] += value * seconds
             workload_cpu[mode] += cost * value * seconds
             for name, (t, c) in after.items():
                 total = runs[mode].setdefault(name, [0, 0])
-                total[0] += t - before[name][0]
-                total[1] += c - before[name][1]
-    units = {
-        "bulk": "Gbit",
-        "udp-rate": "Gbit",
-        "udp-flood": "datagram",
-        **dict.fromkeys(DNS_WORKLOADS, "query"),
-    }
-    unit = units.get(workload, "request")
+                total[0] += t - before.get(name, (0, 0))[0]
+                total[1] += c - before.get(name, (0, 0))[1]
+    unit_of = {"bulk": "Gbit", "udp-rate": "Gbit", "udp-flood": "datagram"} | dict.fromkeys(
+        DNS_WORKLOADS, "query"
+    )
+    unit = unit_of.get(workload, "request")
     print(f"\n### {workload}: kernel ns per {unit}, {repeats} x {seconds} s per mode\n")
     print("| mode | program | runs per unit | ns per run | ns per unit |\n| --- | --- | --- | --- | --- |")
     per_unit = {}

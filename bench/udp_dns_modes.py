@@ -20,12 +20,15 @@ the tracker keeps its counts across (`retire_kernel`, as DnsLifecycle does).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import os
 import statistics
 import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from bench.dns_overhead import QNAME, flood_argv
 from bench.udp_modes import UDP_WORKLOADS
@@ -191,6 +194,53 @@ def with_skb_floor(bpf, on: Callable[[], None], off: Callable[[], None], close: 
         close()
 
     return skb_on, skb_off, skb_close
+
+
+# --- kernel time of every program this process holds --------------------------------------------------
+def _fdinfo(fd: int) -> dict[str, str]:
+    text = Path(f"/proc/self/fdinfo/{fd}").read_text()
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def _kernel_name(fd: int) -> str:
+    """A program's name as the kernel holds it (BPF_OBJ_GET_INFO_BY_FD; at most 15 characters)."""
+    from bcc import lib
+
+    info, size = ctypes.create_string_buffer(256), ctypes.c_uint32(256)  # struct bpf_prog_info, zeroed
+    if lib.bpf_obj_get_info(fd, info, ctypes.byref(size)) != 0:
+        return f"fd {fd}"
+    return info.raw[64:80].split(b"\0", 1)[0].decode()  # its `name` field
+
+
+def program_ids(bpf) -> dict[str, str]:
+    """The kernel's id of each program `bpf` (a bcc.BPF) has loaded → its name there."""
+    return {_fdinfo(fn.fd)["prog_id"].strip(): name.decode() for name, fn in bpf.funcs.items()}
+
+
+def program_stats(bpf, foreign: set[str] = frozenset()) -> dict[str, tuple[int, int]]:
+    """(run_time_ns, run_cnt) per program name, summed over every BPF program this process holds open
+    (kernel.bpf_stats_enabled=1) but the `foreign` ids (other modes' objects: their polls test-run
+    programs while detached): a mode's programs are the only ones attached while it is measured, so
+    this covers the ones `bpf` (the mode's main object) does not hold, FlowTracer's UDP programs and a DNS
+    capture made at switch-on. Named as in `bpf` where it holds them, as the kernel names them otherwise."""
+    names = program_ids(bpf)
+    out: dict[str, tuple[int, int]] = {}
+    seen: set[str] = set(foreign)
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            if os.readlink(entry) != "anon_inode:bpf-prog":
+                continue
+            fields = _fdinfo(int(entry.name))
+        except OSError:  # closed meanwhile
+            continue
+        prog_id = fields["prog_id"].strip()
+        if prog_id in seen:  # one program, several fds
+            continue
+        seen.add(prog_id)
+        name = names.get(prog_id) or _kernel_name(int(entry.name))
+        t, c = out.get(name, (0, 0))
+        out[name] = (t + int(fields.get("run_time_ns", 0)), c + int(fields.get("run_cnt", 0)))
+    return out
 
 
 # --- what the agent counted ----------------------------------------------------------------------------
