@@ -59,6 +59,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.dns_overhead import LAB_RESOLVER
+from bench.skb_modes import SKB_MODES, load_skb_mode
 from bench.udp_dns_modes import (
     COUNTED_WHAT,
     DNS_UNITS,
@@ -98,10 +99,11 @@ MODES = (
     "agent",
     "agent-steady",
     *UDP_MODES,
+    *SKB_MODES,
     *UDP_DNS_MODES,
 )
-# compared on demand, not by default
-VARIANTS = ("nortt", "always", "nosockops", "noudp", "fresh", "ports", "skb", "udp-dns")
+VARIANTS = ("nortt", "always", "nosockops", "noudp", "fresh", "ports")  # compared on demand, not by default
+VARIANTS += SKB_MODES + UDP_DNS_MODES  # on demand too (bench/skb_modes.py, bench/udp_dns_modes.py)
 DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(VARIANTS))
 # Started and stopped around each measurement; every other mode but none loads once and switches on command.
 STARTED_PER_MEASUREMENT = ("tcplife", "agent", "flowmon-fresh")
@@ -163,6 +165,8 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
     does, samples srtt in its window (`-always`: tcp_probe attached all the time) and counts UDP."""
     if mode in UDP_MODES:
         return load_udp_mode(mode, LoadedMode)
+    if mode in SKB_MODES:
+        return load_skb_mode(mode, LoadedMode)
     if mode.startswith("floor"):
         from bcc import BPF
 
@@ -187,14 +191,15 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
     rtt = not mode.endswith("nortt")
     udp = not mode.endswith("noudp")  # noudp: bpf/udp.c not even loaded
     window_ms = 1000 if mode.endswith("always") else rtt_window_ms
+    dns = TracerDns() if mode == "flowmon-udp-dns" else None  # the capture as the agent holds it
     tracer = FlowTracer(
         raw=not mode.endswith("classic"),
         adopt_existing=rtt,
         rtt_window_ms=window_ms,
         sockops=not mode.endswith("nosockops"),
         udp=udp,
+        udp_hooks=dns.skb_hooks.get if dns is not None else None,  # one pair for UDP and DNS
     )
-    dns = TracerDns() if mode == "flowmon-udp-dns" else None  # the capture as the agent holds it
 
     def poll_every_second() -> None:  # the agent's real user-space work
         while not stop.wait(1.0):
@@ -228,6 +233,8 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
             if dns is not None:
                 dns.close()
             tracer.close()
+            if dns is not None:
+                dns.skb_hooks.close()  # after both jobs stopped, as the agent does
 
     loaded = LoadedMode(tracer.program.bpf, on, off, close)
     loaded.off()

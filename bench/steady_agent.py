@@ -8,9 +8,9 @@ modes, so the agent can be measured in its steady state, seconds apart from no t
 polls keep running while it is off; the bench freezes the process (SIGSTOP) for that.
 
 `udp_dns=True` (agent-udp-dns): the same with a monitor that exports UDP and DNS metrics too
-(bench/udp_dns_modes.py), so its UDP programs follow the switch with the tracer's, and its DNS capture is
-made at each switch-on and closed at each switch-off, in the agent's own poll thread (the switch waits
-for that poll).
+(bench/udp_dns_modes.py), so its UDP job follows the switch with the tracer's hooks, and its DNS capture
+is made at each switch-on and closed at each switch-off (over the program pair the agent loaded once), in
+the agent's own poll thread (the switch waits for that poll).
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def run_steady_agent(toggles, udp_dns: bool = False) -> int:
 
     real_dns_capture = runner.default_dns_capture
 
-    def switched_dns_capture(settings, tracker) -> SwitchedDns:
-        switched = SwitchedDns(tracker, functools.partial(real_dns_capture, settings))
+    def switched_dns_capture(settings, tracker, **kwargs) -> SwitchedDns:  # kwargs: the shared skb pair
+        switched = SwitchedDns(tracker, functools.partial(real_dns_capture, settings, **kwargs))
         dns[:] = [switched]
         dns_made.set()
         return switched

@@ -10,18 +10,22 @@ Modes:
                    direction on the cgroup v2 root, where UDP and DNS hook: every packet of the node runs
                    one and is counted, none is read. The floor on the same hooks as the two below.
   flowmon-udp-dns  FlowTracer with UDP attached, and the DNS capture held by DnsLifecycle under a policy
-                   that wants DNS, as the agent holds it; both read once a second.
+                   that wants DNS, both over one cgroup-skb program pair (SharedSkbHooks), as the agent
+                   holds them (runner.default_skb_hooks, default_dns_capture); both read once a second.
   agent-udp-dns    the whole `flowmon agent` in its steady state (bench/steady_agent.py) with one monitor
                    exporting the default metrics and every udp_* and dns_* one.
-Switching DNS: DnsCapture attaches when it is made and detaches when closed, so each switch-on compiles
-bpf/dns.c (~0.4 s, before the measurement starts) and each switch-off closes the capture after reading it;
-the tracker keeps its counts across (`retire_kernel`, as DnsLifecycle does).
+Switching: UDP and DNS are jobs of the shared pair (kernel/skb_hooks.py), linked while either runs. UDP
+follows the tracer's configuration; DnsCapture starts its job when it is made and stops it (emptying its
+maps) when closed, so each switch-on makes a capture over the loaded pair (no compile) and each
+switch-off closes it after a last read; the tracker keeps its counts across (`retire_kernel`, as
+DnsLifecycle does).
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -150,16 +154,22 @@ class SwitchedDns:
 
 
 class TracerDns:
-    """flowmon-udp-dns's DNS side: DnsLifecycle following the UDP+DNS policy, its capture switched."""
+    """flowmon-udp-dns's DNS side, as the agent holds it: the program pair UDP and DNS share (give
+    `skb_hooks.get` to the FlowTracer), and DnsLifecycle following the UDP+DNS policy, its capture
+    switched. Close the lifecycle (`close`) before the tracer, the pair (`skb_hooks.close`) after both."""
 
     def __init__(self) -> None:
-        from flowmon_agent.dns.capture import DnsCapture
+        from flowmon_agent import runner
         from flowmon_agent.dns.lifecycle import DnsLifecycle
         from flowmon_agent.dns.tracker import DnsTracker
+        from flowmon_agent.kernel.skb_hooks import SharedSkbHooks
 
+        settings, tracker = runner.AgentSettings(), DnsTracker()
+        self.skb_hooks = SharedSkbHooks(functools.partial(runner.default_skb_hooks, settings, tracker))
+        make = functools.partial(runner.default_dns_capture, settings, skb_hooks=self.skb_hooks.get)
         self.policy = udp_dns_policy()
-        self.switched = SwitchedDns(DnsTracker(), DnsCapture)
-        self.lifecycle = DnsLifecycle(self.switched.tracker, lambda _tracker: self.switched)
+        self.switched = SwitchedDns(tracker, make)
+        self.lifecycle = DnsLifecycle(tracker, lambda _tracker: self.switched)
         self.lifecycle.poll(self.policy)  # the policy wants DNS: the lifecycle holds the (off) source
 
     def poll(self) -> None:

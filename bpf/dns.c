@@ -1,9 +1,10 @@
 // flowmon DNS capture: every UDP datagram to or from the DNS port at a socket of this node, handed to
 // user space with its addresses and the first DNS_CAPTURE_BYTES of its payload; user space parses it.
 //
-// Hook: BPF_PROG_TYPE_CGROUP_SKB on the cgroup v2 root, ingress and egress. Every socket of the node
-// belongs to a cgroup below the root, so one attachment sees every pod's packets, whatever its network
-// namespace. The program reads only the packet through `__sk_buff` and bpf_skb_load_bytes (stable UAPI,
+// Hook: BPF_PROG_TYPE_CGROUP_SKB on the cgroup v2 root, ingress and egress; the product's entry points
+// are bpf/skb.c's (one program per direction for UDP and DNS), this file's own are the benches'. Every
+// socket of the node belongs to a cgroup below the root, so one attachment sees every pod's packets,
+// whatever its network namespace. The program reads only the packet through `__sk_buff` and bpf_skb_load_bytes (stable UAPI,
 // no kernel struct layouts), always lets the packet pass (returns 1) and never changes it.
 //
 // Bounded: a record is its header and the payload bytes copied (variable length, at most
@@ -410,17 +411,26 @@ static __always_inline int hand_parsed(struct __sk_buff *skb, u32 offset, u8 fam
 }
 #endif
 
-static __always_inline int capture(struct __sk_buff *skb, u8 egress) {
+static __always_inline int capture(struct __sk_buff *skb, struct fm_udp_packet *pkt, u8 egress);
+
+// The standalone entry points' walk (bench/dns_overhead.py's variants); the product's is bpf/skb.c's,
+// which walks the headers once for UDP accounting and this capture.
+static __always_inline int walk_then_capture(struct __sk_buff *skb, u8 egress) {
     struct fm_udp_packet pkt = {};
     int walked = fm_walk_udp(skb, &pkt);
     if (walked == FM_NOT_WALKED)
         count(DNS_NOT_WALKED);
     if (walked != FM_UDP)
         return 1;
-    struct fm_udp udp = pkt.udp;
-    u32 l4 = pkt.l4;
-    u8 family = pkt.family;
-    u8 *saddr = pkt.saddr, *daddr = pkt.daddr;
+    return capture(skb, &pkt, egress);
+}
+
+// One UDP datagram, its headers walked by the caller.
+static __always_inline int capture(struct __sk_buff *skb, struct fm_udp_packet *pkt, u8 egress) {
+    struct fm_udp udp = pkt->udp;
+    u32 l4 = pkt->l4;
+    u8 family = pkt->family;
+    u8 *saddr = pkt->saddr, *daddr = pkt->daddr;
     if (udp.sport != bpf_htons(DNS_PORT) && udp.dport != bpf_htons(DNS_PORT))
         return 1;
     count(DNS_SEEN);
@@ -470,9 +480,9 @@ static __always_inline int capture(struct __sk_buff *skb, u8 egress) {
 }
 
 int dns_ingress(struct __sk_buff *skb) {
-    return capture(skb, 0);
+    return walk_then_capture(skb, 0);
 }
 
 int dns_egress(struct __sk_buff *skb) {
-    return capture(skb, 1);
+    return walk_then_capture(skb, 1);
 }

@@ -1,7 +1,9 @@
 // flowmon UDP accounting: application payload bytes and datagrams per workload pair, aggregated in the
 // kernel (no per-packet output to user space), for connected and unconnected sockets, IPv4 and IPv6.
 //
-// Hook: BPF_PROG_TYPE_CGROUP_SKB on the cgroup v2 root, ingress and egress (as bpf/dns.c): every socket
+// Hook: BPF_PROG_TYPE_CGROUP_SKB on the cgroup v2 root, ingress and egress: this file is a body, its
+// entry points are bpf/skb.c's (one program per direction for UDP and DNS, loaded by
+// agent/flowmon_agent/kernel/skb_hooks.py). Every socket
 // of the node is below the root, whatever its network namespace. Egress runs before IP fragmentation
 // and ingress after reassembly, at the socket: one whole datagram (or a UDP GSO/GRO train of
 // skb->gso_segs datagrams) per run, of a socket on this node. Only `__sk_buff` and the packet are read
@@ -137,14 +139,9 @@ static __always_inline u64 local_role(struct udp_tuple *t, u8 egress, u64 now) {
     return egress;
 }
 
-static __always_inline int account(struct __sk_buff *skb, u8 egress) {
-    struct fm_udp_packet pkt = {};
-    int walked = fm_walk_udp(skb, &pkt);
-    if (walked == FM_NOT_WALKED)
-        stat(UST_NOT_WALKED);
-    if (walked != FM_UDP)
-        return 1;
-    u32 headers = pkt.l4 + FM_UDP_HEADER;
+// Count one UDP datagram, its headers walked by the caller (bpf/skb.c, once for UDP and DNS).
+static __always_inline int account(struct __sk_buff *skb, struct fm_udp_packet *pkt, u8 egress) {
+    u32 headers = pkt->l4 + FM_UDP_HEADER;
     u64 payload = skb->len > headers ? skb->len - headers : 0;
     u64 datagrams = skb->gso_segs > 1 ? skb->gso_segs : 1;
 #if UDP_MODE == 0
@@ -152,17 +149,17 @@ static __always_inline int account(struct __sk_buff *skb, u8 egress) {
     return 1;
 #endif
     struct udp_tuple t = {};
-    t.family = pkt.family == 4 ? FM_AF_INET : FM_AF_INET6;
+    t.family = pkt->family == 4 ? FM_AF_INET : FM_AF_INET6;
     if (egress) {
-        __builtin_memcpy(t.local, pkt.saddr, 16);
-        __builtin_memcpy(t.remote, pkt.daddr, 16);
-        t.local_port = bpf_ntohs(pkt.udp.sport);
-        t.remote_port = bpf_ntohs(pkt.udp.dport);
+        __builtin_memcpy(t.local, pkt->saddr, 16);
+        __builtin_memcpy(t.remote, pkt->daddr, 16);
+        t.local_port = bpf_ntohs(pkt->udp.sport);
+        t.remote_port = bpf_ntohs(pkt->udp.dport);
     } else {
-        __builtin_memcpy(t.local, pkt.daddr, 16);
-        __builtin_memcpy(t.remote, pkt.saddr, 16);
-        t.local_port = bpf_ntohs(pkt.udp.dport);
-        t.remote_port = bpf_ntohs(pkt.udp.sport);
+        __builtin_memcpy(t.local, pkt->daddr, 16);
+        __builtin_memcpy(t.remote, pkt->saddr, 16);
+        t.local_port = bpf_ntohs(pkt->udp.dport);
+        t.remote_port = bpf_ntohs(pkt->udp.sport);
     }
     if (flag(0)) {
         struct ip_key ip = {.family = t.family};
@@ -209,12 +206,4 @@ static __always_inline int account(struct __sk_buff *skb, u8 egress) {
         __sync_fetch_and_add(&v->s2c_datagrams, datagrams);
     }
     return 1;
-}
-
-int udp_ingress(struct __sk_buff *skb) {
-    return account(skb, 0);
-}
-
-int udp_egress(struct __sk_buff *skb) {
-    return account(skb, 1);
 }

@@ -180,17 +180,23 @@ def dashboard(uid: str, title: str, description: str, variables: list[dict], pan
 # --- the dashboards ------------------------------------------------------------------------------
 
 
+def all_bytes(labels: str, metrics: tuple[str, ...] = (SENT, RECEIVED, UDP_SENT, UDP_RECEIVED)) -> str:
+    """Bytes/s of TCP and UDP together, summed by `labels`. Each rate is tagged with its metric first:
+    rate() drops the name, and `or` would otherwise keep only TCP's series for a pair that has both."""
+    tagged = " or ".join(f'label_replace({flows(m)}, "metric", "{m}", "", "")' for m in metrics)
+    return by(labels, tagged)
+
+
 def node_graph() -> dict:
     """Grafana's Node Graph: a `nodes` frame (id, title, mainstat) and an `edges` frame (id, source,
-    target, mainstat), built from the pairs with label_join."""
-    bytes_by_pair = by(PAIR, flows(SENT)) + " + " + by(PAIR, flows(RECEIVED))
-    source = f'label_join(({bytes_by_pair}), "source", "/", "client_namespace", "client_workload")'
+    target, mainstat), built from the pairs with label_join; TCP and UDP bytes (DNS is a UDP pair)."""
+    source = f'label_join(({all_bytes(PAIR)}), "source", "/", "client_namespace", "client_workload")'
     target_ = f'label_join({source}, "target", "/", "server_namespace", "server_workload")'
     edges = f'sum by (id, source, target) (label_join({target_}, "id", " → ", "source", "target"))'
     as_client, as_server = (
-        f"label_join({by(f'{side}_namespace, {side}_workload', flows(metric))}, "
+        f"label_join({all_bytes(f'{side}_namespace, {side}_workload', metrics)}, "
         f'"id", "/", "{side}_namespace", "{side}_workload")'
-        for side, metric in (("client", SENT), ("server", RECEIVED))
+        for side, metrics in (("client", (SENT, UDP_SENT)), ("server", (RECEIVED, UDP_RECEIVED)))
     )
     nodes = f'label_join(sum by (id) ({as_client} or {as_server}), "title", "", "id")'
     return panel(
@@ -200,7 +206,7 @@ def node_graph() -> dict:
         unit="Bps",
         width=24,
         height=14,
-        description="Workloads and the pairs that talked, by bytes/s both ways.",
+        description="Workloads and the pairs that talked, by TCP and UDP bytes/s both ways.",
         transformations=[
             {
                 "id": "organize",
@@ -248,9 +254,10 @@ def overview() -> dict:
         node_graph(),
         panel(
             "Top pairs by bytes/s (both ways)",
-            [target(f"topk(20, {by(PAIR, flows(SENT))} + {by(PAIR, flows(RECEIVED))})", instant=True)],
+            [target(f"topk(20, {all_bytes(PAIR)})", instant=True)],
             kind="table",
             unit="Bps",
+            description="TCP and UDP bytes/s together.",
         ),
         panel("Bytes/s sent by pair", [target(by(PAIR, flows(SENT)))], unit="Bps"),
         panel("Connections opened/s by pair", [target(by(PAIR, flows(OPENED)))], unit="cps"),

@@ -207,7 +207,11 @@ def test_every_panel_query_returns_data_from_the_demo(running_demo) -> None:
     edges = results["flowmon-overview", "Service map (bytes/s)", "edges"]
     assert {"shop/frontend", "payments/api", "shop-staging/frontend"} <= {r["metric"]["id"] for r in nodes}
     assert all(r["metric"]["title"] == r["metric"]["id"] for r in nodes)
-    assert ("shop/frontend", "shop/cart") in {(r["metric"]["source"], r["metric"]["target"]) for r in edges}
+    pairs = {(r["metric"]["source"], r["metric"]["target"]) for r in edges}
+    assert ("shop/frontend", "shop/cart") in pairs
+    # UDP pairs too: the demo's workloads talk to the resolver in kube-system over UDP only.
+    assert any(t.startswith("kube-system/") for _, t in pairs), pairs
+    assert any(r["metric"]["id"].startswith("kube-system/") for r in nodes)
     cross = results["flowmon-cost", "Cross-zone bytes/s by zone pair", "A"]
     assert cross and all(r["metric"]["client_zone"] != r["metric"].get("server_zone", "") for r in cross)
     # UDP beside TCP: the demo's DNS goes to the resolver behind kube-dns over UDP, both ways.

@@ -156,7 +156,8 @@ def agent_lab(request, require_root) -> Iterator[AgentLab]:
         settings = AgentSettings(listen_port=0, node_name="node-a", no_auth=True, poll_interval_seconds=60)
         agent = Agent(settings, store=store, dns_tracker=DnsTracker(clock=clock, timeout_s=30.0))
         agent.policy.apply(compile_policy([MONITOR if suffixes else KERNEL_MONITOR]), source="api")
-        agent.tracer = default_tracer(settings, KernelConfig())
+        # one program pair for UDP and DNS, as start() makes it
+        agent.tracer = default_tracer(settings, KernelConfig(), skb_hooks=agent.skb_hooks.get)
         try:
             agent.poll_once()  # the monitor asks for DNS: this poll attaches the capture
             assert agent.dns.capture is not None
@@ -164,6 +165,7 @@ def agent_lab(request, require_root) -> Iterator[AgentLab]:
         finally:
             agent.tracer.close()
             agent.dns.close()
+            agent.skb_hooks.close()
 
 
 def test_requests_per_rcode_qtype_and_suffix_equal_the_queries_made(agent_lab: AgentLab) -> None:

@@ -272,7 +272,7 @@ def make_agent(args: argparse.Namespace):
     from pydantic import ValidationError
 
     from flowmon_agent.metadata import MetadataStore
-    from flowmon_agent.runner import Agent, AgentSettings, default_tracer
+    from flowmon_agent.runner import Agent, AgentSettings
 
     try:
         settings = AgentSettings(**settings_overrides(args))
@@ -306,7 +306,7 @@ def make_agent(args: argparse.Namespace):
     nat = ConntrackNat(args.conntrack_netns, restarts=restarts)
     agent = Agent(
         settings,
-        tracer_factory=functools.partial(default_tracer, settings, force_compat=args.compat),
+        force_compat=args.compat,
         store=store,
         nat_backends=lambda snapshot: nat.backends(snapshot.flows.keys()),
         restarts=restarts,

@@ -41,6 +41,7 @@ from flowmon_agent.export.review_budget import ReviewLimits
 from flowmon_agent.export.server import AgentServer, ServerConfig, ServerLimits
 from flowmon_agent.filewatch import FileWatch
 from flowmon_agent.kernel.flows import FlowSnapshot, KernelConfig, Tracer
+from flowmon_agent.kernel.skb_hooks import SharedSkbHooks, SkbHooks
 from flowmon_agent.metadata import MetadataStore, Resolver
 from flowmon_agent.metadata.inventory import read_inventory
 from flowmon_agent.metadata.watcher import KubeWatcher
@@ -155,18 +156,45 @@ class AgentSettings(BaseSettings):
         )
 
 
-def default_tracer(settings: AgentSettings, config: KernelConfig, *, force_compat: bool = False) -> Tracer:
-    """The real tracer; `config` (the ignored ports: no policy yet) applies from its first socket."""
+def default_skb_hooks(settings: AgentSettings, tracker: DnsTracker) -> SkbHooks:
+    """UDP accounting and the DNS capture in one cgroup-skb program pair (kernel/skb_hooks.py)."""
+    from flowmon_agent.dns.capture import dns_cflags
+    from flowmon_agent.kernel.skb_hooks import SkbHooks
+    from flowmon_agent.kernel.udp_flows import udp_cflags
+
+    cflags = udp_cflags() | dns_cflags(tracker.latency_bounds, ring_pages=settings.dns_ring_pages)
+    return SkbHooks(cflags, cgroup=settings.cgroup_root)
+
+
+def default_tracer(
+    settings: AgentSettings,
+    config: KernelConfig,
+    *,
+    force_compat: bool = False,
+    skb_hooks: Callable[[], SkbHooks] | None = None,
+) -> Tracer:
+    """The real tracer; `config` (the ignored ports: no policy yet) applies from its first socket.
+    `skb_hooks`: the program pair UDP shares with the DNS capture (default: UDP's own)."""
     from flowmon_agent.kernel.tracer import FlowTracer  # imports BCC: only when the kernel is wanted
 
     window_ms, cgroup_root = settings.rtt_window_ms, settings.cgroup_root
-    return FlowTracer(config, force_compat=force_compat, rtt_window_ms=window_ms, cgroup_root=cgroup_root)
+    return FlowTracer(
+        config,
+        force_compat=force_compat,
+        rtt_window_ms=window_ms,
+        cgroup_root=cgroup_root,
+        udp_hooks=skb_hooks,
+    )
 
 
-def default_dns_capture(settings: AgentSettings, tracker: DnsTracker) -> DnsSource:
+def default_dns_capture(
+    settings: AgentSettings, tracker: DnsTracker, *, skb_hooks: Callable[[], SkbHooks] | None = None
+) -> DnsSource:
+    """`skb_hooks`: the program pair the capture shares with UDP (default: the capture's own)."""
     from flowmon_agent.dns.capture import DnsCapture  # imports BCC: only when the kernel is wanted
 
-    return DnsCapture(tracker, cgroup=settings.cgroup_root, ring_pages=settings.dns_ring_pages)
+    hooks = skb_hooks() if skb_hooks is not None else None
+    return DnsCapture(tracker, hooks=hooks, cgroup=settings.cgroup_root, ring_pages=settings.dns_ring_pages)
 
 
 def stall_reason(
@@ -204,7 +232,10 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         dns_tracker: DnsTracker | None = None,
         dns_capture_factory: Callable[[DnsTracker], DnsSource] | None = None,
+        force_compat: bool = False,
     ) -> None:
+        """The default tracer and DNS capture share one cgroup-skb program pair (`skb_hooks`, loaded when
+        the first of them needs it); `force_compat`: the default tracer's kernel path."""
         self.settings = settings
         self.instruments = AgentInstruments()
         self.restarts = restarts or Restarts()  # every long-lived task's restarts, counted here
@@ -227,7 +258,10 @@ class Agent:
         self.dns_tracker = dns_tracker if dns_tracker is not None else DnsTracker()
         self.aggregator = Aggregator(settings.node_name, settings.agent_nodes, self.dns_tracker.names)
         self.dns_aggregator = DnsAggregator()
-        capture_factory = dns_capture_factory or functools.partial(default_dns_capture, settings)
+        self.skb_hooks = SharedSkbHooks(functools.partial(default_skb_hooks, settings, self.dns_tracker))
+        capture_factory = dns_capture_factory or functools.partial(
+            default_dns_capture, settings, skb_hooks=self.skb_hooks.get
+        )
         self.dns = DnsLifecycle(self.dns_tracker, capture_factory, enabled=settings.dns_capture, clock=clock)
         if token_reviewer is None and settings.token_review:
             token_reviewer = KubeTokenReviewer(
@@ -243,7 +277,9 @@ class Agent:
             liveness=self.stall_reason,
             restarts=self.restarts,
         )
-        self._tracer_factory = tracer_factory or functools.partial(default_tracer, settings)
+        self._tracer_factory = tracer_factory or functools.partial(
+            default_tracer, settings, force_compat=force_compat, skb_hooks=self.skb_hooks.get
+        )
         self._nat_backends, self._clock = nat_backends, clock
         self._policy_file = PolicyFile(settings.policy_file, self.policy) if settings.policy_file else None
         self._inventory_watch = FileWatch(settings.inventory_file) if settings.inventory_file else None
@@ -310,6 +346,7 @@ class Agent:
             await asyncio.to_thread(self.tracer.close)
             self.tracer = None
         await asyncio.to_thread(self.dns.close)
+        await asyncio.to_thread(self.skb_hooks.close)  # after both jobs stopped
 
     def poll_soon(self) -> None:
         """Wake the poll loop now (a policy change); from any thread."""

@@ -1,9 +1,10 @@
-"""Load `bpf/dns.c`, attach it to the cgroup v2 root, and feed what it counts and hands over to a
-`DnsTracker`: the kernel keeps the transactions (its counter maps are read each poll, its pending
+"""Run `bpf/dns.c` on the cgroup v2 root (a job of kernel/skb_hooks.py's program pair, shared with UDP
+accounting), and feed what it counts and hands over to a `DnsTracker`: the kernel keeps the
+transactions (its counter maps are read each poll, its pending
 queries swept for timeouts by the tracker's clock, dns/kernel_counts.py); the ring brings what the kernel
 cannot vouch for (parsed and counted here) and answers with addresses (for the names only).
 
-The two programs (ingress, egress) are attached with BPF links, not BPF_PROG_ATTACH: a link goes away
+The pair (ingress, egress) is attached with BPF links, not BPF_PROG_ATTACH: a link goes away
 with its file descriptor, so an agent that dies, even by SIGKILL, leaves nothing attached behind (a
 prog-attach stays on the cgroup until someone detaches it). Needs Linux 5.8+ (links on cgroups, ring
 buffer). `poll()` reads at most `batch_max` records: a flood costs a bounded amount per poll, and what the
@@ -20,13 +21,11 @@ from pathlib import Path
 from flowmon_agent.dns.kernel_counts import TotalsReader, address_text, sweep_pending
 from flowmon_agent.dns.tracker import DnsTracker, KernelEvents, Packet
 from flowmon_agent.kernel.cgroup import cgroup2_mounts, cgroup2_root
-from flowmon_agent.kernel.cgroup_skb import CgroupSkbLinks
-from flowmon_agent.kernel.loader import load_program
+from flowmon_agent.kernel.skb_hooks import Job, SkbHooks
 
 # cgroup2_mounts and cgroup2_root live in kernel/cgroup.py (shared with UDP and sock_ops); re-exported
-__all__ = ["CaptureStats", "DnsCapture", "cgroup2_mounts", "cgroup2_root", "decode_event"]
+__all__ = ["CaptureStats", "DnsCapture", "cgroup2_mounts", "cgroup2_root", "decode_event", "dns_cflags"]
 
-SOURCE = "dns.c"
 # struct dns_event up to its payload: ts, saddr, daddr, sport, dport, payload_len, captured, family, egress,
 # kind (then 5 bytes of padding)
 EVENT_HEADER = struct.Struct("=Q16s16sHHHHBB6x")
@@ -37,6 +36,9 @@ MAX_LATENCY_BOUNDS = 16  # DNS_LE_0..15 in bpf/dns.c
 # enum dns_count in bpf/dns.c
 _COUNT_NAMES = ("seen", "handed", "ring_full", "not_walked", "kept")
 _KERNEL_EVENTS = ("retransmitted", "pending_full", "series_overflow")  # indexes 5, 6, 7
+# What a capture leaves in a shared pair's maps: emptied at its close, as unloading its own does
+_HASHES = (b"dns_pending", b"dns_requests", b"dns_latency")
+_ARRAYS = (b"dns_counts", b"dns_since_wake", b"dns_config")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,39 +71,55 @@ def decode_event(raw: bytes) -> Packet | None:
     )
 
 
+def dns_cflags(
+    latency_bounds: tuple[float, ...], *, port: int = 53, capture_bytes: int = 512, ring_pages: int = 64
+) -> dict[str, int]:
+    """bpf/dns.c's integer defines; `latency_bounds`: the tracker's (seconds)."""
+    if not 1 <= port <= 65535 or not 12 <= capture_bytes <= MAX_CAPTURE_BYTES:
+        raise ValueError("port 1-65535 and capture_bytes 12-4096")
+    if ring_pages < 1 or ring_pages & (ring_pages - 1):
+        raise ValueError(f"ring_pages must be a power of two, got {ring_pages}")
+    if not 1 <= len(latency_bounds) <= MAX_LATENCY_BOUNDS:
+        got = len(latency_bounds)
+        raise ValueError(f"the kernel counts 1-{MAX_LATENCY_BOUNDS} latency buckets, got {got}")
+    cflags = {"DNS_PORT": port, "DNS_CAPTURE_BYTES": capture_bytes, "DNS_RING_PAGES": ring_pages}
+    cflags |= {"DNS_BUCKETS": len(latency_bounds)}
+    return cflags | {f"DNS_LE_{i}": round(b * 1e9) for i, b in enumerate(latency_bounds)}
+
+
 class DnsCapture:
-    """`with DnsCapture(tracker) as cap: cap.poll()`; `close()` detaches and frees the programs. `cgroup`:
-    where the node's cgroup v2 root is mounted (at or below; default the shallowest cgroup2 mount)."""
+    """`with DnsCapture(tracker) as cap: cap.poll()`; `close()` stops the capture. `hooks`: the program
+    pair shared with UDP (compiled with the tracker's dns_cflags; its owner closes it); without, one of
+    its own is loaded from the arguments (`cgroup`: where the node's cgroup v2 root is mounted, at or
+    below; default the shallowest cgroup2 mount) and closed with this."""
 
     def __init__(
         self,
         tracker: DnsTracker,
         *,
+        hooks: SkbHooks | None = None,
         cgroup: Path | None = None,
         port: int = 53,
         capture_bytes: int = 512,
         ring_pages: int = 64,
         batch_max: int = 2048,
     ) -> None:
-        if not 1 <= port <= 65535 or not 12 <= capture_bytes <= MAX_CAPTURE_BYTES or batch_max < 1:
-            raise ValueError("port 1-65535, capture_bytes 12-4096 and batch_max >= 1")
-        if ring_pages < 1 or ring_pages & (ring_pages - 1):
-            raise ValueError(f"ring_pages must be a power of two, got {ring_pages}")
+        if batch_max < 1:
+            raise ValueError("batch_max >= 1")
         bounds = tracker.latency_bounds
-        if not 1 <= len(bounds) <= MAX_LATENCY_BOUNDS:
-            raise ValueError(f"the kernel counts 1-{MAX_LATENCY_BOUNDS} latency buckets, got {len(bounds)}")
+        cflags = dns_cflags(bounds, port=port, capture_bytes=capture_bytes, ring_pages=ring_pages)
+        buckets = [k for k in cflags if k.startswith(("DNS_LE", "DNS_BUCKETS"))]
+        if hooks is not None and any(hooks.cflags.get(k) != cflags[k] for k in buckets):
+            raise ValueError("the shared cgroup-skb programs count other latency buckets than the tracker's")
         self.tracker, self.batch_max = tracker, batch_max
         self._read = self._left = 0
         self._copy_all: bool | None = None
         self._totals = TotalsReader(len(bounds))
-        self._links: CgroupSkbLinks | None = None
-        cflags = {"DNS_PORT": port, "DNS_CAPTURE_BYTES": capture_bytes, "DNS_RING_PAGES": ring_pages}
-        cflags |= {"DNS_BUCKETS": len(bounds)} | {f"DNS_LE_{i}": round(b * 1e9) for i, b in enumerate(bounds)}
-        self._bpf = load_program(SOURCE, cflags)
+        self._owns_hooks = hooks is None
+        self._hooks: SkbHooks | None = hooks or SkbHooks(cflags, jobs=Job.DNS, cgroup=cgroup)
         try:
-            self._links = CgroupSkbLinks(self._bpf, b"dns_ingress", b"dns_egress", cgroup)
-            self._links.attach()
-            self._bpf[b"dns_events"].open_ring_buffer(self._on_record)
+            self._hooks.read_ring_with(self._on_record)
+            self._hooks.set_job(Job.DNS, True)
         except BaseException:
             self.close()
             raise
@@ -124,12 +142,12 @@ class DnsCapture:
         self._hand_queries_over(bool(self.tracker.qname_suffixes))
         before, self._left = self._read, self.batch_max
         if timeout_ms > 0:
-            self._bpf.ring_buffer_poll(timeout_ms)  # returns at a wake-up (every DNS_WAKE_EVERY records)
+            self.bpf.ring_buffer_poll(timeout_ms)  # returns at a wake-up (every DNS_WAKE_EVERY records)
         if self._left > 0:
-            self._bpf.ring_buffer_consume()  # and what was written without waking anyone
-        timed_out, waiting = sweep_pending(self._bpf[b"dns_pending"], self.tracker.deadline())
+            self.bpf.ring_buffer_consume()  # and what was written without waking anyone
+        timed_out, waiting = sweep_pending(self.bpf[b"dns_pending"], self.tracker.deadline())
         self.tracker.count_timeouts(timed_out)
-        totals = self._totals.read(self._bpf[b"dns_requests"], self._bpf[b"dns_latency"])
+        totals = self._totals.read(self.bpf[b"dns_requests"], self.bpf[b"dns_latency"])
         totals.pending = waiting
         self.tracker.absorb_kernel(totals, KernelEvents(*self._counts()[len(_COUNT_NAMES) :]))
         self.tracker.expire()
@@ -138,35 +156,50 @@ class DnsCapture:
     def _hand_queries_over(self, copy_all: bool) -> None:
         """Query-name suffixes need the names: then queries (and their answers) go to user space."""
         if copy_all != self._copy_all:
-            table = self._bpf[b"dns_config"]
+            table = self.bpf[b"dns_config"]
             table[table.Key(0)] = table.Leaf(int(copy_all))
             self._copy_all = copy_all
 
     def _counts(self) -> list[int]:
-        table = self._bpf[b"dns_counts"]
+        table = self.bpf[b"dns_counts"]
         return [sum(table[table.Key(i)]) for i in range(len(_COUNT_NAMES) + len(_KERNEL_EVENTS))]
 
     @property
     def bpf(self):  # -> bcc.BPF
         """The loaded programs and maps (bench/dns_overhead.py reads the programs' run time)."""
-        return self._bpf
+        assert self._hooks is not None
+        return self._hooks.bpf
 
     @property
     def cgroup(self) -> Path:
         """The cgroup v2 root the programs are linked to."""
-        assert self._links is not None
-        return self._links.cgroup
+        assert self._hooks is not None
+        return self._hooks.cgroup
 
     def stats(self) -> CaptureStats:
         return CaptureStats(*self._counts()[: len(_COUNT_NAMES)], read=self._read)
 
     def close(self) -> None:
-        if self._links is not None:
-            self._links.close()  # closing the links detaches the programs
-            self._links = None
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        """Stop the DNS job. A shared pair keeps its maps: what this capture left there (records not read,
+        counts, pending queries) is dropped, so that a later capture starts from empty maps, as one that
+        loads its own does (DnsTracker.retire_kernel keeps the exported counters from going backwards)."""
+        hooks, self._hooks = self._hooks, None
+        if hooks is None:
+            return
+        if self._owns_hooks:
+            hooks.close()
+            return
+        try:
+            hooks.set_job(Job.DNS, False)
+        finally:
+            hooks.read_ring_with(None)
+            hooks.bpf.ring_buffer_consume()
+            for name in _HASHES:
+                hooks.bpf[name].clear()
+            for name in _ARRAYS:
+                table = hooks.bpf[name]
+                for i in range(table.max_entries):
+                    table.clearitem(i)
 
     def __enter__(self) -> DnsCapture:
         return self

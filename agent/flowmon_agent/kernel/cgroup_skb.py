@@ -1,4 +1,4 @@
-"""Cgroup-skb program pairs on the cgroup v2 root (bpf/dns.c, bpf/udp.c), linked with BPF links.
+"""Cgroup-skb program pairs on the cgroup v2 root (bpf/skb.c: UDP and DNS), linked with BPF links.
 
 Where the root is and how links are made: kernel/cgroup.py (shared with the tracer's sock_ops program,
 so that all three attach to the same configured root).

@@ -66,6 +66,12 @@ def kernel_headers() -> Path | None:
 
 def load_program(source_name: str, cflags: Mapping[str, int] | None = None):  # -> bcc.BPF
     """Compile bpf/<source_name> with integer-only defines (never user strings) and return the BPF object."""
+    return load_sources([source_name], cflags)
+
+
+def load_sources(source_names: Sequence[str], cflags: Mapping[str, int] | None = None):  # -> bcc.BPF
+    """Compile bpf/<name>s as one source text, in order (BCC rewrites map calls only in the main text, not
+    in #included files: bpf/skb.c); integer-only defines, as load_program."""
     check_host()
     try:
         from bcc import BPF
@@ -73,15 +79,21 @@ def load_program(source_name: str, cflags: Mapping[str, int] | None = None):  # 
         raise BPFUnavailableError(
             "the bcc Python module is missing: install Debian's python3-bpfcc (make setup)"
         ) from exc
-    path = BPF_DIR / source_name
-    if not path.is_file():
-        raise BPFUnavailableError(f"BPF source {path} not found (set FLOWMON_BPF_DIR)")
+    paths = [BPF_DIR / name for name in source_names]
+    for path in paths:
+        if not path.is_file():
+            raise BPFUnavailableError(f"BPF source {path} not found (set FLOWMON_BPF_DIR)")
     flags = [f"-I{BPF_DIR}"]  # shared headers (bpf/*.h): BCC compiles a copy elsewhere
     flags += [f"-D{name}={int(value)}" for name, value in (cflags or {}).items()]
+    names = "+".join(path.name for path in paths)
     try:
-        return BPF(src_file=str(path).encode(), cflags=flags)
+        if len(paths) == 1:
+            return BPF(src_file=str(paths[0]).encode(), cflags=flags)
+        # #line: the compiler's messages name each file and its own line numbers
+        text = "".join(f'#line 1 "{path.name}"\n{path.read_text()}\n' for path in paths)
+        return BPF(text=text.encode(), cflags=flags)
     except Exception as exc:
-        raise BPFUnavailableError(f"BCC could not compile or load {path.name}: {exc}") from exc
+        raise BPFUnavailableError(f"BCC could not compile or load {names}: {exc}") from exc
 
 
 def raw_tracepoints_supported() -> bool:

@@ -3,7 +3,7 @@
 poll() (call it about once a second) returns every flow seen since start; configure() applies a
 `KernelConfig`. The parts: program.py (loading, the tcp_probe hook), config_maps.py (filters through
 maps), adoption.py (connections open before the start), rtt_sampler.py (when tcp_probe is attached),
-flow_reader.py (fold, flush, read, decode, incarnations), udp_flows.py (UDP pairs, bpf/udp.c), attached
+flow_reader.py (fold, flush, read, decode, incarnations), udp_flows.py (UDP pairs, bpf/udp.c), counted
 while the config asks for UDP.
 """
 
@@ -26,6 +26,7 @@ from flowmon_agent.kernel.flows import FlowKey, FlowSnapshot, KernelConfig, Tran
 from flowmon_agent.kernel.maps import CFG_ADOPT, CFG_RTT_EPOCH
 from flowmon_agent.kernel.program import KernelProgram, Sizes
 from flowmon_agent.kernel.rtt_sampler import RttSampler
+from flowmon_agent.kernel.skb_hooks import SkbHooks
 from flowmon_agent.kernel.udp_flows import UdpFlows
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class FlowTracer:
         cgroup_root: Path | None = None,
         udp: bool = True,
         udp_sizes: Mapping[str, int] | None = None,
+        udp_hooks: Callable[[], SkbHooks] | None = None,
     ) -> None:
         """`config` applies from the first socket: BCC attaches the programs as it loads them, and until the
         tracer has been configured the kernel takes no socket in. `rtt_window_clock=False`: the caller
@@ -63,7 +65,8 @@ class FlowTracer:
         where the node's cgroup v2 root is looked for (cgroup.cgroup2_root's `under`), by sock_ops and UDP
         alike. `udp=False`: bpf/udp.c is not even loaded (a config's `udp` then changes nothing). A node
         where it cannot load or attach (no cgroup v2) keeps TCP: the reason is logged once and kept in
-        `udp_unavailable`."""
+        `udp_unavailable`. `udp_hooks`: gives the cgroup-skb program pair UDP shares with the DNS capture
+        (kernel/skb_hooks.py SharedSkbHooks.get; `udp_sizes` were its to apply); default one of UDP's own."""
         for name, value in (("rtt_interval_ms", rtt_interval_ms), ("rtt_window_ms", rtt_window_ms)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, not {value}")
@@ -84,7 +87,8 @@ class FlowTracer:
         self._udp: UdpFlows | None = None
         self.udp_unavailable = ""
         try:
-            self._udp = self._load_udp(udp_sizes, cgroup_root, idle_flow_ttl_s, clock) if udp else None
+            if udp:
+                self._udp = self._load_udp(udp_sizes, cgroup_root, idle_flow_ttl_s, clock, udp_hooks)
             self._maps = ConfigMaps(self.program)
             self._adoptions = existing.Adoptions(
                 self.program.table("adopt"),
@@ -125,9 +129,12 @@ class FlowTracer:
         cgroup_root: Path | None,
         idle_flow_ttl_s: float,
         clock: Callable[[], float],
+        hooks: Callable[[], SkbHooks] | None,
     ) -> UdpFlows | None:
         try:
-            return UdpFlows(sizes=sizes, cgroup=cgroup_root, idle_flow_ttl_s=idle_flow_ttl_s, clock=clock)
+            shared = hooks() if hooks is not None else None
+            ttl = idle_flow_ttl_s
+            return UdpFlows(shared, sizes=sizes, cgroup=cgroup_root, idle_flow_ttl_s=ttl, clock=clock)
         except (kernel_paths.BPFUnavailableError, OSError) as exc:
             self._without_udp(exc)
             return None
@@ -178,7 +185,7 @@ class FlowTracer:
 
     @property
     def udp_attached(self) -> bool:
-        """Whether bpf/udp.c is linked to the cgroup v2 root right now."""
+        """Whether UDP is counted right now (bpf/udp.c's job runs, its program pair is linked)."""
         return self._udp is not None and self._udp.attached
 
     @property

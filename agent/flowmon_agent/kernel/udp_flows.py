@@ -1,4 +1,5 @@
-"""UDP flows: bpf/udp.c on the cgroup v2 root, its flow map read each poll like the TCP flows.
+"""UDP flows: bpf/udp.c on the cgroup v2 root (a job of kernel/skb_hooks.py's program pair, shared with
+the DNS capture), its flow map read each poll like the TCP flows.
 
 The kernel adds each datagram's payload bytes into its pair's entry (no per-packet output); a poll reads
 only the flow map, so user-space work grows with distinct pairs. Totals are kept across the LRU entries
@@ -21,14 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowmon_agent.kernel import loader as bpf_loader
-from flowmon_agent.kernel.cgroup_skb import CgroupSkbLinks
 from flowmon_agent.kernel.config_maps import ConfigMaps
 from flowmon_agent.kernel.counters import TCP_ZERO, FlowCounters
 from flowmon_agent.kernel.flow_reader import Incarnations, delete_unchanged
 from flowmon_agent.kernel.flows import FlowKey, KernelConfig, Transport
 from flowmon_agent.kernel.maps import decode_flow_key, encode_flow_key
+from flowmon_agent.kernel.skb_hooks import Job, SkbHooks
 
-SOURCE = "udp.c"
 UDP_VAL = struct.Struct("<Q4Q")  # struct udp_val: created_ns, c2s/s2c bytes, c2s/s2c datagrams
 UDP_ROLE = struct.Struct("<QQ")  # struct udp_role: last_ns, local_is_client
 # enum udp_stat in bpf/udp.c
@@ -36,6 +36,11 @@ UST_FLOWS_CREATED, UST_FLOW_FAILED, UST_TUPLE_FULL, UST_NOT_WALKED, UST_SEEN = r
 DEFAULT_UDP_SIZES = {"UDP_TUPLE_MAX": 65536, "UDP_FLOW_MAX": 16384, "UDP_IDLE_S": 120}
 # UDP_MODE: the product; for benches, the hook's count-only floor, and roles by ports (no tuple map)
 MODE_PRODUCT, MODE_COUNT_ONLY, MODE_PORTS_ONLY = 1, 0, 2
+
+
+def udp_cflags(sizes: Mapping[str, int] | None = None, mode: int = MODE_PRODUCT) -> dict[str, int]:
+    """bpf/udp.c's integer defines: the map sizes and idle time (DEFAULT_UDP_SIZES), and UDP_MODE."""
+    return {**DEFAULT_UDP_SIZES, **(sizes or {}), "UDP_MODE": mode}
 
 
 def decode_udp_value(raw: bytes) -> tuple[int, FlowCounters]:
@@ -64,10 +69,13 @@ class UdpDrops:
 
 
 class UdpFlows:
-    """`configure()` attaches while the config asks for UDP; `read()` every flow seen since start."""
+    """`configure()` runs the UDP job while the config asks for UDP; `read()` every flow seen since start.
+    `hooks`: the program pair shared with the DNS capture (compiled with udp_cflags; its owner closes it);
+    without, one of its own is loaded from `sizes`, `mode` and `cgroup`, and closed with this."""
 
     def __init__(
         self,
+        hooks: SkbHooks | None = None,
         *,
         sizes: Mapping[str, int] | None = None,
         mode: int = MODE_PRODUCT,
@@ -77,17 +85,17 @@ class UdpFlows:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`clock`: when to sweep tuples and how long a key has been unchanged (`idle_flow_ttl_s`)."""
-        cflags = {**DEFAULT_UDP_SIZES, **(sizes or {}), "UDP_MODE": mode}
-        self._idle_ns = int(cflags["UDP_IDLE_S"] * 1e9)
+        self._owns_hooks = hooks is None
+        if hooks is None:
+            hooks = SkbHooks(udp_cflags(sizes, mode), jobs=Job.UDP, cgroup=cgroup)
+        self._hooks: SkbHooks | None = hooks
+        self._idle_ns = int(hooks.cflags["UDP_IDLE_S"] * 1e9)
         self._sweep_every_s, self._idle_ttl_s, self._clock = sweep_every_s, idle_flow_ttl_s, clock
         self._next_sweep = clock() + sweep_every_s
-        self._bpf = bpf_loader.load_program(SOURCE, cflags)
-        self._links: CgroupSkbLinks | None = None
         try:
             self._maps = ConfigMaps(self, nat=False)
             self._flows, self._tuples = self.table("udp_flows"), self.table("udp_tuples")
             self._flows_reader = bpf_loader.MapReader(self._flows)
-            self._links = CgroupSkbLinks(self._bpf, b"udp_ingress", b"udp_egress", cgroup)
         except BaseException:
             self.close()
             raise
@@ -100,23 +108,25 @@ class UdpFlows:
 
     @property
     def bpf(self):  # -> bcc.BPF: benches profile its programs
-        return self._bpf
+        assert self._hooks is not None
+        return self._hooks.bpf
 
     @property
     def attached(self) -> bool:
-        return self._links is not None and self._links.attached
+        """Whether UDP is counted right now (its job runs, the pair is linked)."""
+        return self._hooks is not None and self._hooks.running(Job.UDP) and self._hooks.attached
 
     @property
     def cgroup(self) -> Path:
         """The cgroup v2 root the pair links to (`cgroup`: where it is mounted, at or below)."""
-        assert self._links is not None
-        return self._links.cgroup
+        assert self._hooks is not None
+        return self._hooks.cgroup
 
     def configure(self, config: KernelConfig) -> None:
-        """Filters first, then the links: a datagram is never counted under the previous filters' gap."""
+        """Filters first, then the job: a datagram is never counted under the previous filters' gap."""
         self._maps.apply(config)
-        assert self._links is not None
-        self._links.attach(config.udp)
+        assert self._hooks is not None
+        self._hooks.set_job(Job.UDP, config.udp)
 
     def stat(self, index: int) -> int:
         return int(self.table("udp_stats").sum(ctypes.c_int(index)).value)
@@ -185,12 +195,12 @@ class UdpFlows:
         return len(stale)
 
     def close(self) -> None:
-        if self._links is not None:
-            self._links.close()  # closing the links detaches the programs
-            self._links = None
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        """Stop the UDP job (the maps stay with a shared pair: its owner closes it), or close our own pair."""
+        hooks, self._hooks = self._hooks, None
+        if hooks is not None and self._owns_hooks:
+            hooks.close()
+        elif hooks is not None:
+            hooks.set_job(Job.UDP, False)
 
     def __enter__(self) -> UdpFlows:
         return self
