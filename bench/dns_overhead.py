@@ -3,22 +3,24 @@
     .venv/bin/python -m bench.dns_overhead [--rounds 3] [--seconds 3] [--qname web.lab.test]
 
 A client pod floods a dnsmasq pod with A queries (32 in flight, one UDP socket; a child process so that
-it shares no interpreter lock with the capture). Modes, on the same cgroup-skb hook of bpf/dns.c:
-`none` (nothing attached), `floor` (DNS_MODE=0: match the port and count), `copy` (DNS_MODE=1, the
-product until 2026-12-06: copy up to 512 payload bytes to the ring; this process reads every record,
-parses it and feeds the tracker), `kparse` (DNS_MODE=2: walk the question in the kernel and hand over a
-60-byte record; this process only counts the records), `kernel` (DNS_MODE=3, the product: the real
-DnsCapture, transactions counted in kernel maps, only answers with addresses copied, for names; its
-poll reads the maps and sweeps timeouts). Each round measures `none` right before every mode, in a
-shuffled order. Reported per mode: queries/s as a ratio to the `none` beside it (median over rounds),
-kernel ns per program run and per query (kernel bpf_stats), this process's CPU per record read and per
-query answered (the bench's own loop, ~the same in every mode, included), and what that makes at a
-busy node's 2,000 queries/s. `--qname nope.lab.test` floods with NXDOMAIN answers (no addresses);
-`--rate 2000` sends at that rate instead of as fast as answers come (then the user CPU per second is the
-share of a core itself). Then the pure parts in isolation: parse_message and DnsTracker.observe per
-packet, and the user-space cost of the hybrid measured before (`hybrid_costs`): queries and answers
-without addresses arrive as a kernel-parsed record (id, flags, qtype: struct dns_parsed of DNS_MODE 2),
-only answers with records as payload, against every packet as payload (DNS_MODE 1).
+it shares no interpreter lock with the capture). Modes, on the same cgroup-skb hook of bpf/dns.c: `none`
+(nothing attached), `floor` (DNS_MODE=0: match the port and count), `copy` (DNS_MODE=1, the product
+until 2026-12-06: copy up to 512 payload bytes to the ring; this process reads every record, parses it
+and feeds the tracker), `kparse` (DNS_MODE=2: walk the question in the kernel and hand over a 60-byte
+record; this process only counts the records), `kernel` (DNS_MODE=3, the product: the real DnsCapture,
+transactions counted in kernel maps, only answers with addresses copied, for names, each once per TTL;
+its poll reads the maps and sweeps timeouts), `kernel-every` (the same, every answer with addresses
+copied: the product before answers were handed over once per TTL). Each round measures `none` right
+before every mode, in a shuffled order. Reported per mode: queries/s as a ratio to the `none` beside it
+(median over rounds), kernel ns per program run and per query (kernel bpf_stats), this process's CPU per
+record read and per query answered (the bench's own loop, ~the same in every mode, included), and what
+that makes at a busy node's 2,000 queries/s. `--qname nope.lab.test` floods with NXDOMAIN answers (no
+addresses); `--rate 2000` sends at that rate instead of as fast as answers come (then the user CPU per
+second is the share of a core itself). Then the pure parts in isolation: parse_message and
+DnsTracker.observe per packet, and the user-space cost of the hybrid measured before (`hybrid_costs`):
+queries and answers without addresses arrive as a kernel-parsed record (id, flags, qtype: struct
+dns_parsed of DNS_MODE 2), only answers with records as payload, against every packet as payload
+(DNS_MODE 1).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from flowmon_agent.kernel.loader import load_program
 from flowmon_lab.network import Lab
 from flowmon_lab.resolver import ResolverConfig, start_resolver
 
-MODES = ("floor", "copy", "kparse", "kernel")  # index = DNS_MODE
+MODES = ("floor", "copy", "kparse", "kernel", "kernel-every")  # index = DNS_MODE (kernel-every: 3 too)
 NODE_QPS = 2_000  # a busy node's DNS: what the per-query costs are scaled to
 # The resolver's zone (bench/kernel_overhead.py's DNS workloads query it too): A answers by default
 LAB_RESOLVER = ResolverConfig(local_zone="lab.test", hosts={"web.lab.test": ["10.99.0.7"]})
@@ -109,7 +111,7 @@ class Mode:
         self.tracker = DnsTracker()
         self.capture: DnsCapture | None = None
         self.links: list[int] = []
-        if name == "kernel":
+        if name.startswith("kernel"):
             return
         self.bpf = load_program("dns.c", {"DNS_MODE": MODES.index(name)})
         ring = {"copy": b"dns_events", "kparse": b"dns_parsed_events"}.get(name)
@@ -125,8 +127,8 @@ class Mode:
         return 0
 
     def attach(self) -> None:
-        if self.name == "kernel":
-            self.capture = DnsCapture(self.tracker)
+        if self.name.startswith("kernel"):
+            self.capture = DnsCapture(self.tracker, answers_once=self.name == "kernel")
             self.bpf = self.capture.bpf
             return
         self.links = attach_cgroup_skb(self.bpf, self.cgroup_fd, b"dns_ingress", b"dns_egress")

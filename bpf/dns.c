@@ -25,6 +25,8 @@
 //   tracks: the product until 2026-12-06), 2 walks the question in the kernel and hands over a small
 //   record without payload.
 //   DNS_PENDING_MAX, DNS_SERIES_MAX, DNS_BUCKETS and DNS_LE_<i> (latency bounds, ns): the transaction part below.
+//   DNS_ANSWERS_MAX, DNS_ANSWER_TTL_MAX (s), DNS_ANSWER_SEED (a random u64 per load), DNS_ANSWERS_ONCE:
+//   answers with addresses handed over once per TTL (below).
 
 #include "skb_headers.h"
 
@@ -55,7 +57,10 @@ enum dns_count {
     DNS_RETRANSMITTED = 5,   // a query seen again while its first copy waits (latency from the first)
     DNS_PENDING_FULL = 6,    // queries not tracked: dns_pending was full
     DNS_SERIES_OVERFLOW = 7, // requests or latencies folded into an overflow key: a counter map was full
-    DNS_COUNT_MAX = 8,
+    DNS_ANSWERS_HANDED = 8,       // answers with addresses handed over for their names
+    DNS_ANSWERS_DEDUPLICATED = 9, // ... not handed over: user space has them (dns_answers), counted in kept
+    DNS_ANSWERS_UNWALKED = 10,    // ... handed over without a key: the kernel could not walk their records
+    DNS_COUNT_MAX = 11,
 };
 
 // Layout mirrored by agent/flowmon_agent/dns/capture.py (EVENT_HEADER).
@@ -71,6 +76,9 @@ struct dns_event {
     u8 egress;          // 1: leaving the socket; 0: arriving at it
     u8 kind;            // DNS_RECORD_PACKET or DNS_RECORD_NAMES (below)
     u8 pad[5];
+    u64 answer_hash;    // DNS_RECORD_NAMES: its key in dns_answers (with daddr, family); 0: none
+    u32 answers_at;     // the kernel's own: where the answer records start (DNS_MODE 3)
+    u32 pad2;
     u8 payload[DNS_PAYLOAD_ROOM]; // the first `captured` bytes are written and handed over
 };
 BPF_RINGBUF_OUTPUT(dns_events, DNS_RING_PAGES);
@@ -222,9 +230,10 @@ static __always_inline u32 latency_bucket(u64 ns) {
     return DNS_BUCKETS; // above every bound: +Inf only
 }
 
-// Walk the one question: its type, or -1 when the kernel cannot vouch for the name (a pointer, a label
-// type other than plain, over 255 octets, or past the bytes copied). `payload`: the scratch copy.
-static __always_inline int question_type(u8 *payload, u32 captured) {
+// Walk the one question: its type (and in *end the offset after it), or -1 when the kernel cannot vouch
+// for the name (a pointer, a label type other than plain, over 255 octets, or past the bytes copied).
+// `payload`: the scratch copy.
+static __always_inline int question_type(u8 *payload, u32 captured, u32 *end) {
     u32 pos = DNS_HEADER, octets = 1;
     for (int i = 0; i < 128; i++) { // a name has at most 127 labels
         if (pos >= captured)
@@ -242,6 +251,7 @@ static __always_inline int question_type(u8 *payload, u32 captured) {
             u16 hi = payload[type_at];
             type_at += 1;
             asm volatile("%0 &= 4095" : "+r"(type_at));
+            *end = pos + 5;
             return (hi << 8) | payload[type_at];
         }
         octets += len + 1;
@@ -299,9 +309,173 @@ static __always_inline void observe_latency(struct dns_txn_key *t, u64 ns) {
 // What to do with a packet after the kernel's look: hand it to user space or not, and as what.
 #define DNS_KEEP -1 // counted here, nothing to hand over
 
+// --- Answers with addresses, handed to user space once per TTL (the IP→name table, dns/names.py) ------
+// An answer is keyed by its client and a hash of its bytes from offset 2 to the end of its answer
+// section, each record's TTL left out: the id differs per query and a cache counts TTLs down, and neither
+// changes what user space learns. `dns_answers` holds per key when user space's copy runs out: the time
+// it was handed over plus the smallest TTL of its records (capped at DNS_ANSWER_TTL_MAX, the name table's
+// cap). A repeat before then is counted (answers_deduplicated, and kept) and not copied; a changed answer
+// (other addresses, another order) hashes differently and is handed over. User space deletes a key when
+// the names it taught leave its table (expired by its clock, evicted) or did not parse, and the kernel
+// when the ring had no room for it: the next copy is handed over. Only answers the kernel can walk get a
+// key: whole in the bytes copied, at most DNS_ANSWER_RECORDS records, each owner name a compression
+// pointer back to after the header; any other is handed over every time (answers_unwalked). An LRU map:
+// an evicted key costs one more hand-over. The hash is FNV-1a from a random basis per load
+// (DNS_ANSWER_SEED), so a pod cannot aim at another answer's key.
+
+#ifndef DNS_ANSWERS_MAX
+#define DNS_ANSWERS_MAX 8192
+#endif
+#ifndef DNS_ANSWER_TTL_MAX
+#define DNS_ANSWER_TTL_MAX 86400
+#endif
+#ifndef DNS_ANSWER_SEED
+#define DNS_ANSWER_SEED 0xcbf29ce484222325ULL
+#endif
+#ifndef DNS_ANSWERS_ONCE
+#define DNS_ANSWERS_ONCE 1 // 0: every answer with addresses handed over (bench/dns_overhead.py's before)
+#endif
+#define DNS_ANSWER_RECORDS 8
+#define DNS_RECORD_TAIL 10 // type, class, TTL, rdlength
+#define DNS_TTL_SIZE 4
+
+struct dns_answer_key {
+    u8 client[16];
+    u64 hash;
+    u8 family;
+    u8 pad[7];
+};
+BPF_TABLE("lru_hash", struct dns_answer_key, u64, dns_answers, DNS_ANSWERS_MAX); // value: expiry, ns
+
+static __always_inline u8 byte_at(u8 *payload, u32 pos) {
+    asm volatile("%0 &= 4095" : "+r"(pos)); // DNS_PAYLOAD_ROOM - 1
+    return payload[pos];
+}
+
+static __always_inline void put_byte(u8 *payload, u32 pos, u8 value) {
+    asm volatile("%0 &= 4095" : "+r"(pos));
+    payload[pos] = value;
+}
+
+// The offset after the record owner name at pos, or 0 when the kernel does not walk it: only a
+// compression pointer back to after the header (what resolvers write: the question's name, or a CNAME's
+// target) is; a name of labels here would be a second label walk per record, too much for the verifier.
+static __always_inline u32 skip_owner(u8 *payload, u32 pos, u32 captured) {
+    if (pos + 2 > captured)
+        return 0;
+    u8 hi = byte_at(payload, pos);
+    if ((hi & 0xc0) != 0xc0)
+        return 0;
+    u32 target = ((hi & 0x3f) << 8) | byte_at(payload, pos + 1);
+    return target >= DNS_HEADER && target < pos ? pos + 2 : 0; // the parser's rule: strictly backwards
+}
+
+// The key hash of the answer whose records start at pos (0: not walked), its smallest TTL in *ttl_min.
+// The TTLs are zeroed in the scratch copy while it is hashed (8 bytes a step: the verifier walks each
+// step of each path) and put back before returning. A/AAAA data of the wrong size is the parser's to
+// find (bad_rdata: user space then gives the key back).
+static __always_inline u64 answer_hash(u8 *p, u32 captured, u32 pos, u16 an, u32 *ttl_min) {
+    u32 ttl_at[DNS_ANSWER_RECORDS] = {}, ttl_raw[DNS_ANSWER_RECORDS] = {};
+    int records = 0, walked = 1;
+    for (int r = 0; r < DNS_ANSWER_RECORDS; r++) {
+        if (r >= an)
+            break;
+        pos = skip_owner(p, pos, captured);
+        if (pos == 0 || pos + DNS_RECORD_TAIL > captured) {
+            walked = 0; // (not a return: the TTLs zeroed so far are put back below)
+            break;
+        }
+        ttl_at[r] = pos + 4;
+        for (int b = 0; b < DNS_TTL_SIZE; b++) {
+            ttl_raw[r] = (ttl_raw[r] << 8) | byte_at(p, pos + 4 + b);
+            put_byte(p, pos + 4 + b, 0);
+        }
+        pos += DNS_RECORD_TAIL + ((byte_at(p, pos + 8) << 8) | byte_at(p, pos + 9));
+        records = r + 1;
+    }
+    u64 hash = 0;
+    if (walked && an <= DNS_ANSWER_RECORDS && pos <= captured) { // (after the walk: before, the compiler
+        hash = (u64)DNS_ANSWER_SEED;                             // drops the walk's own bound)
+        for (int i = 0; i < DNS_CAPTURE_BYTES / 8; i++) {
+            u32 at = 2 + i * 8; // the id (bytes 0-1) left out
+            if (at >= pos)
+                break;
+            asm volatile("%0 &= 4095" : "+r"(at));
+            if (at > DNS_PAYLOAD_ROOM - 8)
+                break;
+            u64 word;
+            __builtin_memcpy(&word, p + at, 8);
+            if (pos - at < 8)
+                word &= (1ULL << ((pos - at) * 8)) - 1; // the bytes after the answers are not its
+            hash = (hash ^ word) * 0x100000001b3ULL;
+        }
+        hash = hash ? hash : 1; // 0 says "no key"
+    }
+    u32 low = DNS_ANSWER_TTL_MAX;
+    for (int r = 0; r < DNS_ANSWER_RECORDS; r++) {
+        if (r >= records)
+            break;
+        u32 ttl = ttl_raw[r];
+        for (int b = 0; b < DNS_TTL_SIZE; b++)
+            put_byte(p, ttl_at[r] + b, ttl >> (24 - 8 * b));
+        if (ttl >= 0x80000000)
+            ttl = 0; // RFC 2181 8: as the parser reads it
+        low = ttl < low ? ttl : low;
+    }
+    *ttl_min = low;
+    return hash;
+}
+
+// An answer with addresses at its client: DNS_KEEP when user space already has it, else DNS_RECORD_NAMES
+// (with its key in ev->answer_hash when it has one).
+static __always_inline int hand_answer_once(struct dns_event *ev, u16 an, u64 now) {
+    if (!DNS_ANSWERS_ONCE) {
+        count(DNS_ANSWERS_HANDED);
+        return DNS_RECORD_NAMES;
+    }
+    // read back from the map, not kept in registers: what the verifier learnt about them on each path
+    // of the question walk is forgotten, so that those paths merge here (else each walks the answer)
+    u32 captured = *(volatile u16 *)&ev->captured, wire = *(volatile u16 *)&ev->payload_len;
+    u32 records_at = *(volatile u32 *)&ev->answers_at;
+    u32 ttl = 0;
+    u64 hash = 0;
+    if (captured >= wire && captured <= DNS_CAPTURE_BYTES) // whole answers only
+        hash = answer_hash(ev->payload, captured, records_at, an, &ttl);
+    if (!hash) {
+        count(DNS_ANSWERS_UNWALKED);
+        count(DNS_ANSWERS_HANDED);
+        return DNS_RECORD_NAMES;
+    }
+    struct dns_answer_key k = {.hash = hash, .family = ev->family};
+    __builtin_memcpy(k.client, ev->daddr, 16);
+    u64 *expires = dns_answers.lookup(&k);
+    if (expires && *expires > now) {
+        count(DNS_ANSWERS_DEDUPLICATED);
+        return DNS_KEEP;
+    }
+    if (ttl > 0) {
+        u64 until = now + (u64)ttl * 1000000000ULL;
+        dns_answers.update(&k, &until);
+        ev->answer_hash = hash;
+    }
+    count(DNS_ANSWERS_HANDED);
+    return DNS_RECORD_NAMES;
+}
+
+// The ring had no room for an answer with a key: forget the key, so that its next copy is handed over.
+static __always_inline void forget_answer(struct dns_event *ev) {
+    if (ev->kind != DNS_RECORD_NAMES || !ev->answer_hash)
+        return;
+    struct dns_answer_key k = {.hash = ev->answer_hash, .family = ev->family};
+    __builtin_memcpy(k.client, ev->daddr, 16);
+    dns_answers.delete(&k);
+}
+
+
 // The transaction step of one DNS datagram whose payload (its first `captured` bytes, `wire` on the
 // wire) is in ev->payload; returns DNS_KEEP or the kind of record to hand over.
 static __always_inline int transact(struct dns_event *ev, u32 captured, u32 wire, u64 now) {
+    ev->answer_hash = 0;
     if (captured < DNS_HEADER || captured > DNS_CAPTURE_BYTES)
         return DNS_RECORD_PACKET;
     u8 *p = ev->payload;
@@ -313,7 +487,7 @@ static __always_inline int transact(struct dns_event *ev, u32 captured, u32 wire
         return DNS_RECORD_PACKET;
     if (captured >= wire && 5 + ((u64)an + ns + ar) * 11 > captured - DNS_HEADER)
         return DNS_RECORD_PACKET; // the parser's counts_exceed_payload (checked on whole payloads only)
-    int qtype = question_type(p, captured);
+    int qtype = question_type(p, captured, &ev->answers_at);
     if (qtype < 0)
         return DNS_RECORD_PACKET;
     u32 zero = 0;
@@ -352,7 +526,7 @@ static __always_inline int transact(struct dns_event *ev, u32 captured, u32 wire
     count_request(&t, rcode, asked);
     observe_latency(&t, now > started ? now - started : 0);
     if (t.vantage == DNS_VANTAGE_CLIENT && rcode == 0 && an > 0 && (qtype == 1 || qtype == 28))
-        return DNS_RECORD_NAMES;
+        return hand_answer_once(ev, an, now);
     return DNS_KEEP;
 }
 #endif
@@ -472,9 +646,12 @@ static __always_inline int capture(struct __sk_buff *skb, struct fm_udp_packet *
     ev->kind = kind;
 #endif
     u64 size = offsetof(struct dns_event, payload) + len;
-    if (dns_events.ringbuf_output(ev, size, wake_flags()) < 0)
+    if (dns_events.ringbuf_output(ev, size, wake_flags()) < 0) {
         count(DNS_RING_FULL);
-    else
+#if DNS_MODE == 3
+        forget_answer(ev);
+#endif
+    } else
         count(DNS_HANDED);
     return 1;
 }

@@ -23,10 +23,11 @@ from pathlib import Path
 import dns.message
 import dns.query
 import dns.rcode
+import dns.rrset
 import pytest
 
-from flowmon_agent.dns.capture import DnsCapture, cgroup2_mounts, cgroup2_root, decode_event
-from flowmon_agent.dns.tracker import DnsTracker, PairKey, Vantage
+from flowmon_agent.dns.capture import EVENT_HEADER, DnsCapture, cgroup2_mounts, cgroup2_root, decode_event
+from flowmon_agent.dns.tracker import DnsTracker, MalformedKey, Packet, PairKey, Vantage
 from flowmon_lab.network import Lab, Pod
 from flowmon_lab.resolver import ResolverConfig, start_resolver
 from tests.dns_samples import MALFORMED
@@ -50,22 +51,36 @@ class OffsetClock:
         return time.monotonic() + self.offset
 
 
+class CountingTracker(DnsTracker):
+    """A DnsTracker that counts the answers handed over for their names, per client address."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.names_handed: dict[str, int] = {}
+
+    def learn_names(self, packet: Packet, source=None) -> None:
+        self.names_handed[packet.dst] = self.names_handed.get(packet.dst, 0) + 1
+        super().learn_names(packet, source)
+
+
 @dataclass
 class DnsLab:
     lab: Lab
     client: Pod
     resolver: Pod
-    tracker: DnsTracker
+    tracker: CountingTracker
     capture: DnsCapture
     clock: OffsetClock
 
-    def pump_until(self, done: Callable[[], bool], timeout_s: float = WAIT) -> None:
+    def pump_until(self, done: Callable[[], bool], timeout_s: float = WAIT, seen=None) -> None:
+        """Poll until done(); `seen`: what to show when it never is."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.capture.poll(timeout_ms=50)
             if done():
                 return
-        raise AssertionError(f"not reached within {timeout_s} s; capture {self.capture.stats()}")
+        shown = f"; {seen()}" if seen else ""
+        raise AssertionError(f"not reached within {timeout_s} s; capture {self.capture.stats()}{shown}")
 
     def ask(self, name: str, qtype: str, family: int = socket.AF_INET) -> dns.message.Message:
         query = dns.message.make_query(name, qtype, use_edns=0, payload=4096)
@@ -101,7 +116,7 @@ def dns_lab(require_root) -> Iterator[DnsLab]:
         )
         start_resolver(lab, resolver, config)
         clock = OffsetClock()
-        tracker = DnsTracker(clock=clock, timeout_s=30.0)  # real queries never take that long
+        tracker = CountingTracker(clock=clock, timeout_s=30.0)  # real queries never take that long
         with DnsCapture(tracker) as capture:
             yield DnsLab(lab, client, resolver, tracker, capture, clock)
 
@@ -304,6 +319,148 @@ def test_a_late_answer_after_a_kernel_timeout_is_unmatched(dns_lab: DnsLab) -> N
     assert grown(before, timeouts()) == late
 
 
+# --- answers with addresses, handed over once per TTL -----------------------------------------------------
+EXT = "api.ext.test"
+
+
+def serve_answer(dns_lab: DnsLab, addresses: list[str], ttl: int, *, edit=None) -> None:
+    """The client pod asks EXT once; a server socket of the test on port 53 of the same pod answers with
+    these A records (`edit`: a change to the answer's bytes). A new query id and client port each time."""
+    v4 = dns_lab.client.ip(socket.AF_INET)
+    with (
+        dns_lab.lab.socket(dns_lab.client, socket.AF_INET, socket.SOCK_DGRAM) as server,
+        dns_lab.lab.socket(dns_lab.client, socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        server.bind((v4, 53))
+        server.settimeout(10)
+        client.settimeout(10)
+        client.sendto(dns.message.make_query(EXT, "A").to_wire(), (v4, 53))
+        wire, asker = server.recvfrom(512)
+        response = dns.message.make_response(dns.message.from_wire(wire))
+        for address in addresses:  # one RRset each: in one, dnspython does not keep the order
+            response.answer.append(dns.rrset.from_text(EXT + ".", ttl, "IN", "A", address))
+        reply = response.to_wire()
+        server.sendto(edit(reply) if edit else reply, asker)
+        client.recv(4096)
+
+
+class AnswerCounts:
+    """What the test's answers (client = server = the client pod's IPv4) did, from a starting point."""
+
+    def __init__(self, dns_lab: DnsLab) -> None:
+        self.dns_lab, self.v4 = dns_lab, dns_lab.client.ip(socket.AF_INET)
+        self.handed0 = dns_lab.tracker.names_handed.get(self.v4, 0)
+        self.stats0 = dns_lab.capture.stats()
+        self.answered0 = self.answered()
+
+    def answered(self) -> int:
+        key = (Vantage.CLIENT, self.v4, self.v4)
+        return sum(
+            n for k, n in self.dns_lab.tracker.requests().items() if (k.vantage, k.client, k.server) == key
+        )
+
+    def wait(self, answered: int, handed: int) -> None:
+        """Until the kernel counted `answered` answers at the client and `handed` reached user space."""
+
+        def now() -> tuple[int, int]:
+            return self.answered() - self.answered0, self.handed()
+
+        self.dns_lab.pump_until(
+            lambda: now() == (answered, handed), seen=lambda: f"(answered, handed) {now()}"
+        )
+
+    def handed(self) -> int:
+        return self.dns_lab.tracker.names_handed.get(self.v4, 0) - self.handed0
+
+    def deduplicated(self) -> int:  # node-wide: other answers on the host may add to it, never take from it
+        return self.dns_lab.capture.stats().answers_deduplicated - self.stats0.answers_deduplicated
+
+
+def test_the_same_answer_is_handed_over_once_within_its_ttl(dns_lab: DnsLab) -> None:
+    v4, names = dns_lab.client.ip(socket.AF_INET), dns_lab.tracker.names
+    counts = AnswerCounts(dns_lab)
+    for _ in range(6):  # other ids, other client ports, the same answer
+        serve_answer(dns_lab, ["203.0.113.10", "203.0.113.11"], 3600)
+    counts.wait(answered=6, handed=1)  # every answer counted in the kernel, one copy to user space
+    assert counts.deduplicated() >= 5
+    assert names.name_of("203.0.113.10", v4) == EXT and names.name_of("203.0.113.11", v4) == EXT
+    # another answer (round robin: another address) is handed over; then both are known and kept
+    serve_answer(dns_lab, ["203.0.113.12", "203.0.113.11"], 3600)
+    counts.wait(answered=7, handed=2)
+    assert names.name_of("203.0.113.12", v4) == EXT
+    serve_answer(dns_lab, ["203.0.113.10", "203.0.113.11"], 3600)
+    serve_answer(dns_lab, ["203.0.113.12", "203.0.113.11"], 3600)
+    counts.wait(answered=9, handed=2)
+    assert counts.deduplicated() >= 7
+
+
+def test_an_answer_is_handed_over_again_after_its_ttl(dns_lab: DnsLab) -> None:
+    v4, names, ttl = dns_lab.client.ip(socket.AF_INET), dns_lab.tracker.names, 2
+    counts = AnswerCounts(dns_lab)
+    serve_answer(dns_lab, ["203.0.113.20"], ttl)
+    handed_at = time.monotonic()  # after the kernel's timestamp of the answer: its expiry is before +ttl
+    serve_answer(dns_lab, ["203.0.113.20"], ttl)
+    counts.wait(answered=2, handed=1)
+    assert names.name_of("203.0.113.20", v4) == EXT
+    time.sleep(max(0.0, handed_at + ttl + 0.1 - time.monotonic()))  # the record's TTL, in real time
+    serve_answer(dns_lab, ["203.0.113.20"], ttl)
+    counts.wait(answered=3, handed=2)
+    assert names.name_of("203.0.113.20", v4) == EXT  # still named: the resolver keeps answering
+
+
+def test_an_answer_is_handed_over_again_when_the_name_table_forgets_it(dns_lab: DnsLab) -> None:
+    """The table's own clock (here injected) expires the name long before the kernel's TTL would."""
+    v4, names = dns_lab.client.ip(socket.AF_INET), dns_lab.tracker.names
+    counts = AnswerCounts(dns_lab)
+    serve_answer(dns_lab, ["203.0.113.30"], 600)
+    counts.wait(answered=1, handed=1)
+    dns_lab.clock.offset += 601
+    dns_lab.capture.poll()  # the name expires; its answer's key is deleted in the kernel
+    assert names.name_of("203.0.113.30", v4) is None
+    serve_answer(dns_lab, ["203.0.113.30"], 600)
+    counts.wait(answered=2, handed=2)
+    assert names.name_of("203.0.113.30", v4) == EXT
+
+
+def test_answers_the_kernel_cannot_vouch_for_are_handed_over_every_time(dns_lab: DnsLab) -> None:
+    client = dns_lab.client.ip(socket.AF_INET)
+    counts = AnswerCounts(dns_lab)
+    # more records than the kernel walks: no key, every copy handed over
+    many = [f"203.0.113.{40 + i}" for i in range(9)]
+    serve_answer(dns_lab, many, 3600)
+    serve_answer(dns_lab, many, 3600)
+    counts.wait(answered=2, handed=2)
+    assert dns_lab.capture.stats().answers_unwalked - counts.stats0.answers_unwalked >= 2
+
+    # a second owner name spelled out, not a pointer: the walk stops there, and the copy handed over still
+    # carries the TTL of the first record (the walk zeroes TTLs while it hashes, and puts them back)
+    def second_owner_spelled_out(reply: bytes) -> bytes:
+        second = reply.index(b"\xc0\x0c", reply.index(b"\xc0\x0c") + 2)
+        name = b"".join(bytes([len(label)]) + label.encode() for label in EXT.split(".")) + b"\x00"
+        return reply[:second] + name + reply[second + 2 :]
+
+    serve_answer(dns_lab, ["203.0.113.60", "203.0.113.61"], 3600, edit=second_owner_spelled_out)
+    counts.wait(answered=3, handed=3)
+    assert dns_lab.capture.stats().answers_unwalked - counts.stats0.answers_unwalked >= 3
+    dns_lab.clock.offset += 60
+    assert dns_lab.tracker.names.name_of("203.0.113.60", client) == EXT  # learned with its TTL, not 0
+
+    # A data of 5 bytes: walked and keyed by the kernel, malformed for the parser, which gives the key back
+    def bad_rdata(reply: bytes) -> bytes:
+        return reply[:-6] + b"\x00\x05" + reply[-4:] + b"\x00"
+
+    def malformed() -> int:
+        return dns_lab.tracker.malformed().get(MalformedKey(client, client, "bad_rdata"), 0)
+
+    before = malformed()
+    serve_answer(dns_lab, ["203.0.113.50"], 3600, edit=bad_rdata)
+    counts.wait(answered=4, handed=4)
+    dns_lab.capture.poll()  # the key goes back to the kernel's map: deleted
+    serve_answer(dns_lab, ["203.0.113.50"], 3600, edit=bad_rdata)
+    counts.wait(answered=5, handed=5)
+    assert malformed() - before == 2  # each copy counted
+
+
 # --- attachment --------------------------------------------------------------------------------------
 _libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
 
@@ -354,8 +511,9 @@ def test_cgroup2_mounts_find_hybrid_and_pure_layouts() -> None:
 def test_ring_records_are_not_trusted() -> None:
     assert decode_event(b"\x00" * 10) is None  # shorter than the header
     header = bytes(8) + bytes(32) + (53).to_bytes(2, "little") * 2 + (3).to_bytes(2, "little") * 2
-    assert decode_event(header + bytes([7, 1]) + bytes(6) + b"abc") is None  # not IPv4 or IPv6
-    packet = decode_event(header + bytes([4, 1]) + bytes(6) + b"abc")
+    pad = bytes(EVENT_HEADER.size - len(header) - 2)  # kind, padding, the kernel's answer key fields
+    assert decode_event(header + bytes([7, 1]) + pad + b"abc") is None  # not IPv4 or IPv6
+    packet = decode_event(header + bytes([4, 1]) + pad + b"abc")
     assert packet is not None and packet.payload == b"abc" and packet.complete and packet.src == "0.0.0.0"
-    cut = decode_event(header + bytes([6, 0]) + bytes(6) + b"ab")  # says 3 captured, holds 2
+    cut = decode_event(header + bytes([6, 0]) + pad + b"ab")  # says 3 captured, holds 2
     assert cut is not None and cut.payload == b"ab" and not cut.complete and cut.dst == "::"

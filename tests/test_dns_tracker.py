@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowmon_agent.dns.kernel_counts import KernelHistogram, KernelTotals, SeriesKey
-from flowmon_agent.dns.names import NameTable
+from flowmon_agent.dns.names import FORGOTTEN_MAX, NameTable
 from flowmon_agent.dns.tracker import (
     DnsTracker,
     KernelEvents,
@@ -265,3 +265,50 @@ def test_a_closed_captures_kernel_counts_stay_when_the_next_one_starts_from_empt
     hist = tracker.latency()[PairKey(Vantage.CLIENT, CLIENT, SERVER)]
     assert hist.count == 6 and hist.sum == pytest.approx(0.001 + 5 * 0.002)
     assert tracker.stats().retransmitted == 5
+
+
+# --- sources: the kernel's keys of the answers that taught an entry (bpf/dns.c dns_answers) -------------
+def test_an_entry_gives_its_answers_back_when_it_expires_or_is_evicted(clock: FakeClock) -> None:
+    names = NameTable(clock=clock, max_entries=2)
+    names.learn(CLIENT, "203.0.113.1", "a.example", 10, source=b"k1")
+    names.learn(CLIENT, "203.0.113.2", "a.example", 60, source=b"k1")  # one answer, two addresses
+    names.learn(CLIENT, "203.0.113.1", "a.example", 10, source=b"k1")  # the same answer again
+    assert names.take_forgotten().sources == []
+    clock.now += 11
+    assert names.expire() == 1
+    assert names.take_forgotten().sources == [b"k1"]  # the table no longer holds all it taught
+    assert names.take_forgotten().sources == []  # taken once
+    names.learn(CLIENT, "203.0.113.3", "c.example", 60, source=b"k3")
+    names.learn(CLIENT, "203.0.113.4", "d.example", 60, source=b"k4")  # full: 203.0.113.2 evicted
+    assert names.take_forgotten().sources == [b"k1"] and names.stats().evicted == 1
+
+
+def test_a_renamed_entry_gives_back_what_taught_the_old_name_sources_bounded(clock: FakeClock) -> None:
+    names = NameTable(clock=clock)
+    names.learn(CLIENT, "203.0.113.5", "shop.example", 60, source=b"old")
+    names.learn(CLIENT, "203.0.113.5", "blog.example", 60, source=b"new")
+    assert names.take_forgotten().sources == [b"old"]
+    for i in range(6):  # round-robin answers sharing the address: the oldest beyond four go back
+        names.learn(CLIENT, "203.0.113.5", "blog.example", 60, source=f"rr{i}".encode())
+    assert names.take_forgotten().sources == [b"new", b"rr0", b"rr1"]
+    names.learn(OTHER_CLIENT, "203.0.113.5", "blog.example", 60)  # no key: nothing to give back
+    clock.now += 61
+    names.expire()
+    assert sorted(names.take_forgotten().sources) == [b"rr2", b"rr3", b"rr4", b"rr5"]
+
+
+def test_the_forgotten_queue_is_bounded(clock: FakeClock) -> None:
+    names = NameTable(clock=clock)
+    names.release(*range(FORGOTTEN_MAX + 1))
+    forgotten = names.take_forgotten()
+    assert forgotten.everything and forgotten.sources == []
+    assert not names.take_forgotten().everything
+
+
+def test_an_answer_that_does_not_parse_gives_its_key_back(tracker: DnsTracker) -> None:
+    bad = next(payload for _, payload, reason in MALFORMED if reason == "bad_rdata")
+    tracker.learn_names(replied(bad, 1.0), source=b"key")
+    assert tracker.names.take_forgotten().sources == [b"key"]
+    good = answer("a.example", "A", 1, addresses=("192.0.2.9",), ttl=30)
+    tracker.learn_names(replied(good, 1.1), source=b"good")
+    assert tracker.names.take_forgotten().sources == [] and tracker.names.name_of("192.0.2.9") == "a.example"

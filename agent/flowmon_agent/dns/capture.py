@@ -2,7 +2,9 @@
 accounting), and feed what it counts and hands over to a `DnsTracker`: the kernel keeps the
 transactions (its counter maps are read each poll, its pending
 queries swept for timeouts by the tracker's clock, dns/kernel_counts.py); the ring brings what the kernel
-cannot vouch for (parsed and counted here) and answers with addresses (for the names only).
+cannot vouch for (parsed and counted here) and answers with addresses (for the names only), each once per
+TTL: the kernel keys it in `dns_answers`, and each poll the keys whose names the tracker's table no longer
+holds are deleted there (`NameTable.take_forgotten`), so that their next answer is handed over again.
 
 The pair (ingress, egress) is attached with BPF links, not BPF_PROG_ATTACH: a link goes away
 with its file descriptor, so an agent that dies, even by SIGKILL, leaves nothing attached behind (a
@@ -13,7 +15,9 @@ kernel could not hand over while the ring was full is counted there, not lost si
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,17 +31,20 @@ from flowmon_agent.kernel.skb_hooks import Job, SkbHooks
 __all__ = ["CaptureStats", "DnsCapture", "cgroup2_mounts", "cgroup2_root", "decode_event", "dns_cflags"]
 
 # struct dns_event up to its payload: ts, saddr, daddr, sport, dport, payload_len, captured, family, egress,
-# kind (then 5 bytes of padding)
-EVENT_HEADER = struct.Struct("=Q16s16sHHHHBB6x")
+# (then kind, 5 bytes of padding, answer_hash, answers_at and 4 bytes of padding)
+EVENT_HEADER = struct.Struct("=Q16s16sHHHHBB22x")
 KIND_OFFSET = 50
+DADDR_OFFSET, FAMILY_OFFSET, ANSWER_HASH = 24, 48, struct.Struct("=56xQ")
 RECORD_NAMES = 1  # DNS_RECORD_NAMES: an answer the kernel counted, handed over for its names
+ANSWER_KEY = struct.Struct("=16sQB7x")  # struct dns_answer_key: client, hash, family
 MAX_CAPTURE_BYTES = 4096
 MAX_LATENCY_BOUNDS = 16  # DNS_LE_0..15 in bpf/dns.c
 # enum dns_count in bpf/dns.c
 _COUNT_NAMES = ("seen", "handed", "ring_full", "not_walked", "kept")
 _KERNEL_EVENTS = ("retransmitted", "pending_full", "series_overflow")  # indexes 5, 6, 7
+_ANSWER_COUNTS = ("answers_handed", "answers_deduplicated", "answers_unwalked")  # indexes 8, 9, 10
 # What a capture leaves in a shared pair's maps: emptied at its close, as unloading its own does
-_HASHES = (b"dns_pending", b"dns_requests", b"dns_latency")
+_HASHES = (b"dns_pending", b"dns_requests", b"dns_latency", b"dns_answers")
 _ARRAYS = (b"dns_counts", b"dns_since_wake", b"dns_config")
 
 
@@ -49,6 +56,20 @@ class CaptureStats:
     not_walked: int  # IPv6 packets with extension headers, not inspected
     kept: int  # datagrams counted in the kernel, nothing handed over
     read: int  # records this process read from the ring
+    answers_handed: int = 0  # answers with addresses handed over for their names
+    answers_deduplicated: int = 0  # ... not handed over: the names table has them (counted in kept)
+    answers_unwalked: int = 0  # ... handed over without a key (not walked in the kernel: every copy)
+
+
+def answer_key(raw: bytes) -> bytes | None:
+    """The kernel's dns_answers key of a names record (None: the kernel gave it none)."""
+    if len(raw) < EVENT_HEADER.size:
+        return None
+    (answer_hash,) = ANSWER_HASH.unpack_from(raw)
+    if not answer_hash:
+        return None
+    client = raw[DADDR_OFFSET : DADDR_OFFSET + 16]
+    return ANSWER_KEY.pack(client, answer_hash, raw[FAMILY_OFFSET])
 
 
 def decode_event(raw: bytes) -> Packet | None:
@@ -72,9 +93,16 @@ def decode_event(raw: bytes) -> Packet | None:
 
 
 def dns_cflags(
-    latency_bounds: tuple[float, ...], *, port: int = 53, capture_bytes: int = 512, ring_pages: int = 64
+    latency_bounds: tuple[float, ...],
+    *,
+    port: int = 53,
+    capture_bytes: int = 512,
+    ring_pages: int = 64,
+    answers_once: bool = True,
 ) -> dict[str, int]:
-    """bpf/dns.c's integer defines; `latency_bounds`: the tracker's (seconds)."""
+    """bpf/dns.c's integer defines; `latency_bounds`: the tracker's (seconds). `answers_once=False`:
+    every answer with addresses handed over (bench/dns_overhead.py's before). The answer hash's basis is
+    random per call."""
     if not 1 <= port <= 65535 or not 12 <= capture_bytes <= MAX_CAPTURE_BYTES:
         raise ValueError("port 1-65535 and capture_bytes 12-4096")
     if ring_pages < 1 or ring_pages & (ring_pages - 1):
@@ -84,6 +112,7 @@ def dns_cflags(
         raise ValueError(f"the kernel counts 1-{MAX_LATENCY_BOUNDS} latency buckets, got {got}")
     cflags = {"DNS_PORT": port, "DNS_CAPTURE_BYTES": capture_bytes, "DNS_RING_PAGES": ring_pages}
     cflags |= {"DNS_BUCKETS": len(latency_bounds)}
+    cflags |= {"DNS_ANSWERS_ONCE": int(answers_once), "DNS_ANSWER_SEED": secrets.randbits(63)}
     return cflags | {f"DNS_LE_{i}": round(b * 1e9) for i, b in enumerate(latency_bounds)}
 
 
@@ -103,11 +132,14 @@ class DnsCapture:
         capture_bytes: int = 512,
         ring_pages: int = 64,
         batch_max: int = 2048,
+        answers_once: bool = True,
     ) -> None:
         if batch_max < 1:
             raise ValueError("batch_max >= 1")
         bounds = tracker.latency_bounds
-        cflags = dns_cflags(bounds, port=port, capture_bytes=capture_bytes, ring_pages=ring_pages)
+        cflags = dns_cflags(
+            bounds, port=port, capture_bytes=capture_bytes, ring_pages=ring_pages, answers_once=answers_once
+        )
         buckets = [k for k in cflags if k.startswith(("DNS_LE", "DNS_BUCKETS"))]
         if hooks is not None and any(hooks.cflags.get(k) != cflags[k] for k in buckets):
             raise ValueError("the shared cgroup-skb programs count other latency buckets than the tracker's")
@@ -128,7 +160,7 @@ class DnsCapture:
         raw = ctypes.string_at(data, size)
         packet = decode_event(raw)
         if packet is not None and raw[KIND_OFFSET] == RECORD_NAMES:
-            self.tracker.learn_names(packet)
+            self.tracker.learn_names(packet, answer_key(raw))
         elif packet is not None:
             self.tracker.observe(packet)
         self._read += 1
@@ -149,9 +181,22 @@ class DnsCapture:
         self.tracker.count_timeouts(timed_out)
         totals = self._totals.read(self.bpf[b"dns_requests"], self.bpf[b"dns_latency"])
         totals.pending = waiting
-        self.tracker.absorb_kernel(totals, KernelEvents(*self._counts()[len(_COUNT_NAMES) :]))
+        events = self._counts()[len(_COUNT_NAMES) : len(_COUNT_NAMES) + len(_KERNEL_EVENTS)]
+        self.tracker.absorb_kernel(totals, KernelEvents(*events))
         self.tracker.expire()
+        self._forget_answers()
         return self._read - before
+
+    def _forget_answers(self) -> None:
+        """Delete the kernel's keys of answers whose names the table no longer holds."""
+        forgotten = self.tracker.names.take_forgotten()
+        table = self.bpf[b"dns_answers"]
+        if forgotten.everything:
+            table.clear()
+            return
+        for key in forgotten.sources:
+            with contextlib.suppress(KeyError):  # evicted, or never inserted (a zero TTL)
+                del table[table.Key.from_buffer_copy(key)]
 
     def _hand_queries_over(self, copy_all: bool) -> None:
         """Query-name suffixes need the names: then queries (and their answers) go to user space."""
@@ -162,7 +207,8 @@ class DnsCapture:
 
     def _counts(self) -> list[int]:
         table = self.bpf[b"dns_counts"]
-        return [sum(table[table.Key(i)]) for i in range(len(_COUNT_NAMES) + len(_KERNEL_EVENTS))]
+        total = len(_COUNT_NAMES) + len(_KERNEL_EVENTS) + len(_ANSWER_COUNTS)
+        return [sum(table[table.Key(i)]) for i in range(total)]
 
     @property
     def bpf(self):  # -> bcc.BPF
@@ -177,7 +223,9 @@ class DnsCapture:
         return self._hooks.cgroup
 
     def stats(self) -> CaptureStats:
-        return CaptureStats(*self._counts()[: len(_COUNT_NAMES)], read=self._read)
+        counts = self._counts()
+        answers = dict(zip(_ANSWER_COUNTS, counts[-len(_ANSWER_COUNTS) :], strict=True))
+        return CaptureStats(*counts[: len(_COUNT_NAMES)], read=self._read, **answers)
 
     def close(self) -> None:
         """Stop the DNS job. A shared pair keeps its maps: what this capture left there (records not read,

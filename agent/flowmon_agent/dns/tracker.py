@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -207,15 +207,19 @@ class DnsTracker:
             return
         self.observe_message(packet, msg)
 
-    def learn_names(self, packet: Packet) -> None:
-        """An answer the kernel already counted, arriving at its client: only its names are new."""
+    def learn_names(self, packet: Packet, source: Hashable | None = None) -> None:
+        """An answer the kernel already counted, arriving at its client: only its names are new.
+        `source`: the kernel's key for this answer (it hands the same answer over once per TTL); an
+        answer that does not parse gives it back, so that each copy is counted as malformed."""
         msg = parse_message(packet.payload, complete=packet.complete)
         if isinstance(msg, Malformed):
             key = MalformedKey(packet.src, packet.dst, msg.reason.value)
             self._bump(self._c.malformed, key, MalformedKey(OVERFLOW, OVERFLOW, msg.reason.value))
+            if source is not None:
+                self.names.release(source)
         elif msg.qname:
             for record in msg.answers:
-                self.names.learn(packet.dst, record.address, msg.qname, record.ttl)
+                self.names.learn(packet.dst, record.address, msg.qname, record.ttl, source)
 
     def absorb_kernel(self, totals: KernelTotals, events: KernelEvents) -> None:
         """The kernel's cumulative counts as of this poll (replacing the previous poll's)."""

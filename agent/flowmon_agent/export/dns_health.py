@@ -22,7 +22,8 @@ EVENTS = MetricInfo(
     FamilyType.COUNTER,
     "DNS capture and tracker counters by event: seen, handed and read records, kept (counted in the "
     "kernel, nothing handed over), ring_full (lost: the ring was full), not_walked (IPv6 extension "
-    "headers), pending_full, retransmitted, "
+    "headers), answers_handed, answers_deduplicated (answers with addresses user space already had), "
+    "answers_unwalked, pending_full, retransmitted, "
     "unmatched_responses, other_opcodes, series_overflow, names_evicted, names_expired.",
 )
 MALFORMED = MetricInfo(
