@@ -50,6 +50,9 @@ from flowmon_lab.resolver import ResolverConfig, start_resolver
 
 MODES = ("floor", "copy", "kparse", "kernel", "kernel-every")  # index = DNS_MODE (kernel-every: 3 too)
 NODE_QPS = 2_000  # a busy node's DNS: what the per-query costs are scaled to
+# The resolver's zone (bench/kernel_overhead.py's DNS workloads query it too): A answers by default
+LAB_RESOLVER = ResolverConfig(local_zone="lab.test", hosts={"web.lab.test": ["10.99.0.7"]})
+QNAME = "web.lab.test"
 FLOOD = r"""
 import socket, sys, time, struct
 server, seconds, rate = sys.argv[1], float(sys.argv[2]), float(sys.argv[4])
@@ -157,12 +160,16 @@ class Mode:
         return program_stats(self.bpf)
 
 
+def flood_argv(server_ip: str, seconds: float, qname: str = QNAME, rate: float = 0.0) -> list[str]:
+    """The flood client's command line (run it in the client pod); it prints answers per second."""
+    return [sys.executable, "-c", FLOOD, server_ip, str(seconds), qname, str(rate)]
+
+
 def flood(
     lab: Lab, client, server, seconds: float, mode: Mode | None, qname: str, rate: float = 0.0
 ) -> tuple[float, float, int, int, int]:
     """qps, this process's CPU seconds, kernel ns, program runs, records read during one flood."""
-    argv = [sys.executable, "-c", FLOOD, str(server.ipv4), str(seconds), qname, str(rate)]
-    proc = lab.popen(client, argv, stdout=subprocess.PIPE)
+    proc = lab.popen(client, flood_argv(str(server.ipv4), seconds, qname, rate), stdout=subprocess.PIPE)
     cpu0, records0 = time.process_time(), mode.read_records() if mode else 0
     ns0, runs0 = mode.stats() if mode else (0, 0)
     ns1 = runs1 = 0
@@ -286,9 +293,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument(
-        "--qname", default="web.lab.test", help="web.lab.test: A answers; nope.lab.test: NXDOMAIN"
-    )
+    parser.add_argument("--qname", default=QNAME, help="web.lab.test: A answers; nope.lab.test: NXDOMAIN")
     parser.add_argument("--rate", type=float, default=0.0, help="queries/s (0: as fast as answered)")
     parser.add_argument(
         "--modes", default=",".join(MODES), help="a comma-separated subset of " + ",".join(MODES)
@@ -309,8 +314,7 @@ def main() -> None:
     modes = {m: Mode(m, cgroup_fd) for m in names}
     with Lab("bdns", ["cl", "dns"]) as lab, bpf_stats_enabled():
         client, server = lab.pod("cl"), lab.pod("dns")
-        hosts = {"web.lab.test": ["10.99.0.7"]}
-        start_resolver(lab, server, ResolverConfig(local_zone="lab.test", hosts=hosts))
+        start_resolver(lab, server, LAB_RESOLVER)
         flood(lab, client, server, 1.0, None, args.qname)  # warm-up
         for r in range(args.rounds):
             order = list(names)

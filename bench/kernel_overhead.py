@@ -31,6 +31,11 @@ connections that received a segment in a window, what every connection's srtt co
 its UDP cgroup-skb programs (`flowmon-noudp`: what counting UDP costs TCP), and
 the tracer started and stopped around each of its measurements like the agent (`flowmon-fresh`: what
 starting costs the measurement that follows, apart from the agent's steady work).
+With UDP and DNS on (bench/udp_dns_modes.py, not run by default): DNS workloads (`dns-flood`, `dns-rate`:
+the client pod against dnsmasq in the server pod), `flowmon-udp-dns` (FlowTracer with UDP, and the DNS
+capture held by DnsLifecycle), `agent-udp-dns` (agent-steady with a monitor of udp_* and dns_* metrics),
+and their floor on the same hooks, `floor-skb` (the floor plus a count-only cgroup-skb program per
+direction); every mode is then also compared with floor-skb.
 """
 
 from __future__ import annotations
@@ -53,12 +58,28 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from bench.dns_overhead import LAB_RESOLVER
 from bench.skb_modes import SKB_MODES, load_skb_mode
+from bench.udp_dns_modes import (
+    COUNTED_WHAT,
+    DNS_UNITS,
+    DNS_WORKLOADS,
+    UDP_DNS_AGENT,
+    UDP_DNS_COUNTED,
+    UDP_DNS_MODES,
+    TracerDns,
+    counted_totals,
+    dns_queries,
+    program_ids,
+    program_stats,
+    skb_floor_lines,
+    with_skb_floor,
+)
 from bench.udp_modes import UDP_MODES, UDP_WORKLOADS, UNITS, iperf_udp, load_udp_mode, udp_verdicts
 from bench.waiting import wait_listening, wait_ready
-from flowmon_cli import topview
 from flowmon_lab.network import Lab
 from flowmon_lab.prometheus import free_port
+from flowmon_lab.resolver import start_resolver
 
 ROOT = Path(__file__).resolve().parents[1]
 TCPLIFE = "/usr/sbin/tcplife-bpfcc"
@@ -79,16 +100,19 @@ MODES = (
     "agent-steady",
     *UDP_MODES,
     *SKB_MODES,
+    *UDP_DNS_MODES,
 )
 VARIANTS = ("nortt", "always", "nosockops", "noudp", "fresh", "ports")  # compared on demand, not by default
-VARIANTS += SKB_MODES  # on demand too (bench/skb_modes.py)
+VARIANTS += SKB_MODES + UDP_DNS_MODES  # on demand too (bench/skb_modes.py, bench/udp_dns_modes.py)
 DEFAULT_MODES = tuple(m for m in MODES if not m.endswith(VARIANTS))
 # Started and stopped around each measurement; every other mode but none loads once and switches on command.
 STARTED_PER_MEASUREMENT = ("tcplife", "agent", "flowmon-fresh")
 PERSISTENT_MODES = tuple(m for m in MODES if m not in ("none", *STARTED_PER_MEASUREMENT))
-WORKLOADS = ("churn", "keepalive", "bulk", *UDP_WORKLOADS)
-# What the agent mode's endpoint must have counted of each workload: a connection per request, the bytes sent.
+WORKLOADS = ("churn", "keepalive", "bulk", *UDP_WORKLOADS, *DNS_WORKLOADS)
+# What the agent modes' endpoint must have counted of each workload: a connection per request, the bytes
+# sent (agent-udp-dns: UDP's and DNS's too, bench/udp_dns_modes.py).
 COUNTED = {"churn": "opened", "bulk": "sent_bytes"}
+STEADY_AGENTS = ("agent-steady", UDP_DNS_AGENT)  # the whole agent, loaded once, switched on command
 PORT_HTTP, PORT_IPERF = 8080, 5201
 # The agent is measured as it runs for days, not in the seconds after its start: its BPF compile (clang,
 # a few seconds of CPU and ~300 MB) has just evicted the workloads' caches and is returning its memory.
@@ -148,9 +172,13 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
 
         cflags = [f"-DFLOOR_RAW={0 if mode.endswith('classic') else 1}"]
         cflags.append(f"-DFLOOR_PROBE={0 if mode.endswith('nortt') else 1}")  # nortt: no tcp_probe
+        cflags.append(f"-DFLOOR_SKB={int(mode == 'floor-skb')}")  # and the cgroup-skb hook
         bpf = BPF(src_file=str(ROOT / "bench" / "count_floor.c").encode(), cflags=cflags)
         on, off = _toggles(bpf)
-        loaded = LoadedMode(bpf, on, off, bpf.cleanup)
+        close = bpf.cleanup
+        if mode == "floor-skb":
+            on, off, close = with_skb_floor(bpf, on, off, close)
+        loaded = LoadedMode(bpf, on, off, close)
         loaded.off()
         return loaded
 
@@ -163,18 +191,22 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
     rtt = not mode.endswith("nortt")
     udp = not mode.endswith("noudp")  # noudp: bpf/udp.c not even loaded
     window_ms = 1000 if mode.endswith("always") else rtt_window_ms
+    dns = TracerDns() if mode == "flowmon-udp-dns" else None  # the capture as the agent holds it
     tracer = FlowTracer(
         raw=not mode.endswith("classic"),
         adopt_existing=rtt,
         rtt_window_ms=window_ms,
         sockops=not mode.endswith("nosockops"),
         udp=udp,
+        udp_hooks=dns.skb_hooks.get if dns is not None else None,  # one pair for UDP and DNS
     )
 
     def poll_every_second() -> None:  # the agent's real user-space work
         while not stop.wait(1.0):
             with lock:
                 tracer.poll()
+                if dns is not None:
+                    dns.poll()
 
     # tcp_probe follows the tracer's sampling window; nortt: never attached
     hooks_on, hooks_off = _toggles(
@@ -185,16 +217,24 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
         with lock:
             hooks_on()
             tracer.configure(replace(tracer.config, rtt=rtt, udp=udp))
+            if dns is not None:
+                dns.switch(True)
 
     def off() -> None:
         with lock:
+            if dns is not None:
+                dns.switch(False)
             hooks_off()
             tracer.configure(replace(tracer.config, rtt=False, udp=False))
 
     def close() -> None:
         stop.set()
         with lock:
+            if dns is not None:
+                dns.close()
             tracer.close()
+            if dns is not None:
+                dns.skb_hooks.close()  # after both jobs stopped, as the agent does
 
     loaded = LoadedMode(tracer.program.bpf, on, off, close)
     loaded.off()
@@ -204,10 +244,10 @@ def load_mode(mode: str, rtt_window_ms: int = 100) -> LoadedMode:
 
 def run_mode(mode: str) -> int:
     """Child process: load the mode's programs detached, then obey `on`/`off` lines until stdin closes."""
-    if mode == "agent-steady":
+    if mode in STEADY_AGENTS:
         from bench.steady_agent import run_steady_agent
 
-        return run_steady_agent(_toggles)
+        return run_steady_agent(_toggles, udp_dns=mode == UDP_DNS_AGENT)
     loaded = load_mode(mode)
     print("ready", flush=True)
     for line in sys.stdin:
@@ -225,8 +265,8 @@ class Tracer:
         self.tmp = tmp
         self.pair = pair  # agent mode: the (client, server) pod names its view shows for the workload
         self.proc: subprocess.Popen | None = None
-        self._before = topview.PairTotals()  # agent mode: its endpoint's totals when it was attached
-        self.seen: topview.PairTotals | None = None  # agent mode: what it counted during the measurement
+        self._before: dict[str, float] = {}  # agent modes: their endpoint's totals when attached
+        self.seen: dict[str, float] | None = None  # agent modes: what they counted during the measurement
         self.persistent = mode in PERSISTENT_MODES  # loaded once: switch_on/switch_off in milliseconds
         if self.persistent:
             self._spawn(mode)
@@ -234,7 +274,7 @@ class Tracer:
 
     def _spawn(self, mode: str) -> None:
         env = dict(os.environ)
-        if mode == "agent-steady":  # it serves where its counts can be read, like the agent mode's
+        if mode in STEADY_AGENTS:  # it serves where its counts can be read, like the agent mode's
             port = free_port()
             env.update(FLOWMON_AGENT_LISTEN_HOST="127.0.0.1", FLOWMON_AGENT_LISTEN_PORT=str(port))
             env.update(FLOWMON_AGENT_NO_AUTH="true")
@@ -304,26 +344,17 @@ class Tracer:
                 time.sleep(0.05)
         elif self.persistent:
             self.switch_on()
-            if self.mode == "agent-steady":
+            if self.mode in STEADY_AGENTS:
                 self._before = self._pair_totals()
 
-    def _pair_totals(self) -> topview.PairTotals:
+    def _pair_totals(self) -> dict[str, float]:
         with urllib.request.urlopen(self.url, timeout=10) as r:
-            rows = topview.rows(topview.parse_exposition(r.read().decode()))
-        client, server = self.pair
-        totals = topview.PairTotals()
-        for row in rows:
-            if row.client == client and row.server.startswith(server + ":"):
-                totals.opened += row.opened
-                totals.sent_bytes += row.sent_bytes
-        return totals
+            return counted_totals(r.read().decode(), *self.pair)
 
     def _count_seen(self) -> None:
         time.sleep(1.0)  # two of its polls: the last connections reach its endpoint
         before, after = self._before, self._pair_totals()  # one scrape per measurement
-        self.seen = topview.PairTotals(
-            opened=after.opened - before.opened, sent_bytes=after.sent_bytes - before.sent_bytes
-        )
+        self.seen = {what: after[what] - before[what] for what in after}
 
     def detach(self) -> None:
         if self.mode == "agent" and self.proc is not None:
@@ -339,7 +370,7 @@ class Tracer:
             self.close()
             self.proc = None
         elif self.persistent:
-            if self.mode == "agent-steady":
+            if self.mode in STEADY_AGENTS:
                 self._count_seen()
             self.switch_off()
 
@@ -429,7 +460,8 @@ class Result:
     ratio: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (CPU s, wall s)
     cost: dict[str, list[float]] = field(default_factory=dict)
-    counted: dict[str, list[float]] = field(default_factory=dict)  # agent: what it counted / what was done
+    # agent modes: (what, what it counted / what was done), kernel_overhead.COUNTED and udp_dns_modes
+    counted: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
 
 def process_tree_cpu(pids: list[int]) -> float:
@@ -462,6 +494,8 @@ def measure(bench: Workbench, workload: str, seconds: float) -> tuple[float, flo
         value, done = iperf(bench, str(server.ipv4), seconds)
     elif workload in UDP_WORKLOADS:
         value, done = iperf_udp(bench.client, str(server.ipv4), PORT_IPERF, workload, seconds)
+    elif workload in DNS_WORKLOADS:
+        value, done = dns_queries(bench.client, str(server.ipv4), workload, seconds)
     else:
         value, done = wrk(bench, f"http://{server.ipv4}:{PORT_HTTP}/", seconds, close=workload == "churn")
     cpu = process_tree_cpu(bench.servers) + children_cpu() - cpu0
@@ -517,17 +551,8 @@ def bench_lab(placement: str = "free") -> Iterator[Workbench]:
         for port in (PORT_HTTP, PORT_IPERF):  # both listening before anything is measured
             with lab.inside(client):
                 wait_listening(str(server.ipv4), port)
+        servers.append(start_resolver(lab, server, LAB_RESOLVER).pid)  # the DNS workloads' (answering)
         yield Workbench(lab, tmp, servers, client_cpus)
-
-
-def _program_stats(bpf) -> dict[str, tuple[int, int]]:
-    """(run_time_ns, run_cnt) per loaded program, from fdinfo (needs kernel.bpf_stats_enabled=1)."""
-    out = {}
-    for name, fn in bpf.funcs.items():
-        info = Path(f"/proc/self/fdinfo/{fn.fd}").read_text()
-        fields = dict(line.split(":\t", 1) for line in info.splitlines() if ":\t" in line)
-        out[name.decode()] = (int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0)))
-    return out
 
 
 def profile(
@@ -568,22 +593,27 @@ def _profile_workload(
     runs: dict[str, dict[str, list[int]]] = {m: {} for m in modes}  # program -> [run_time_ns, run_cnt]
     units = dict.fromkeys(modes, 0.0)
     workload_cpu = dict.fromkeys(modes, 0.0)  # CPU seconds of the workload's processes
+    ids = {m: set(program_ids(loaded[m].bpf)) for m in modes}
+    foreign = {m: set().union(*(ids[o] for o in modes if o != m)) - ids[m] for m in modes}
     for r in range(repeats):
         for mode in modes if r % 2 == 0 else modes[::-1]:
             loaded[mode].on()
             try:
-                before = _program_stats(loaded[mode].bpf)
+                before = program_stats(loaded[mode].bpf, foreign[mode])
                 value, cost, _ = measure(bench, workload, seconds)
-                after = _program_stats(loaded[mode].bpf)
+                after = program_stats(loaded[mode].bpf, foreign[mode])
             finally:
                 loaded[mode].off()
             units[mode] += value * seconds
             workload_cpu[mode] += cost * value * seconds
             for name, (t, c) in after.items():
                 total = runs[mode].setdefault(name, [0, 0])
-                total[0] += t - before[name][0]
-                total[1] += c - before[name][1]
-    unit = {"bulk": "Gbit", "udp-rate": "Gbit", "udp-flood": "datagram"}.get(workload, "request")
+                total[0] += t - before.get(name, (0, 0))[0]
+                total[1] += c - before.get(name, (0, 0))[1]
+    unit_of = {"bulk": "Gbit", "udp-rate": "Gbit", "udp-flood": "datagram"} | dict.fromkeys(
+        DNS_WORKLOADS, "query"
+    )
+    unit = unit_of.get(workload, "request")
     print(f"\n### {workload}: kernel ns per {unit}, {repeats} x {seconds} s per mode\n")
     print("| mode | program | runs per unit | ns per run | ns per unit |\n| --- | --- | --- | --- | --- |")
     per_unit = {}
@@ -643,9 +673,10 @@ def run(
                         res.ratio.setdefault(mode, []).append(value / base)
                         res.cpu.setdefault(mode, []).append((used, wall))
                         res.cost.setdefault(mode, []).append(cost / base_cost)
-                        if tracer.seen is not None and w in COUNTED:  # the agent saw the work it slowed
-                            seen = getattr(tracer.seen, COUNTED[w])
-                            res.counted.setdefault(mode, []).append(seen / done)
+                        counted = {**COUNTED, **(UDP_DNS_COUNTED if mode == UDP_DNS_AGENT else {})}
+                        if tracer.seen is not None and w in counted:  # the agent saw the work it slowed
+                            seen = tracer.seen[counted[w]]
+                            res.counted.setdefault(mode, []).append((counted[w], seen / done))
                         line.append(f"{mode}={value / base:.3f}")
                         before, before_cost = after, after_cost
                     print(f"round {r + 1}/{rounds} {w:9s} " + "  ".join(sorted(line)), flush=True)
@@ -665,7 +696,7 @@ def median_iqr(values: list[float]) -> str:
 def report(
     results: dict[str, Result], modes: tuple[str, ...], rounds: int, seconds: float, elapsed: float
 ) -> None:
-    units = {"churn": "req/s", "keepalive": "req/s", "bulk": "Gbit/s", **UNITS}
+    units = {"churn": "req/s", "keepalive": "req/s", "bulk": "Gbit/s", **UNITS, **DNS_UNITS}
     print(f"\n{rounds} rounds of {seconds:g} s per measurement, each mode between two no-tracer runs,")
     print(f"{elapsed:.0f} s in all. Ratios: median (quartiles) over rounds.")
     for w, res in results.items():
@@ -685,11 +716,12 @@ def report(
             cpu = sum(c for c, _ in res.cpu[mode]) / sum(w for _, w in res.cpu[mode])
             ratio, cost = median_iqr(res.ratio[mode]), median_iqr(res.cost[mode])
             print(f"| {mode} | {tp:,.1f} | {ratio} | {cost} | {cpu:.3f} cores |")
-        for mode, seen in res.counted.items():
-            what = {"churn": "connections opened per request", "bulk": "bytes sent per byte iperf3 sent"}[w]
+        for mode, counts in res.counted.items():
+            what, seen = COUNTED_WHAT[counts[0][0]], [ratio for _, ratio in counts]
             med = statistics.median(seen)
             print(f"\n{mode} counted {what}: median {med:.4f} (min {min(seen):.4f}, max {max(seen):.4f})")
-    print("\n" + "\n".join(verdicts(results) + udp_verdicts(results)))
+    lines = verdicts(results) + udp_verdicts(results) + skb_floor_lines(results, gap_interval)
+    print("\n" + "\n".join(lines))
 
 
 def gap_interval(
@@ -712,18 +744,21 @@ def gap_interval(
 def verdicts(results: dict[str, Result]) -> list[str]:
     """The issue's targets, against this run's medians: churn and bulk within 2 points of the floor,
     keep-alive at least 0.95, the agent's CPU under churn at most 0.05 cores. A gap's verdict is firm when
-    its 90% interval lies wholly on one side of the target, "within noise" otherwise."""
+    its 90% interval lies wholly on one side of the target, "within noise" otherwise. With UDP and DNS on,
+    each gap also against floor-skb, the floor on the same hooks (bench/udp_dns_modes.py)."""
     lines = ["Targets (medians of this run):"]
-    for mode in ("flowmon", "agent", "agent-steady"):
-        for w in ("churn", "bulk"):
+    judged = ("flowmon", "flowmon-noudp", "agent", "agent-steady", "flowmon-udp-dns", UDP_DNS_AGENT)
+    for mode in judged:
+        for w, floor_mode in ((w, f) for w in ("churn", "bulk") for f in ("floor", "floor-skb")):
             res = results.get(w)
-            if res and mode in res.ratio and "floor" in res.ratio:
-                floor, ours = res.ratio["floor"], res.ratio[mode]
+            if res and mode in res.ratio and floor_mode in res.ratio:
+                floor, ours = res.ratio[floor_mode], res.ratio[mode]
                 gap = round(100 * (statistics.median(floor) - statistics.median(ours)), 1)  # as printed
                 low, high = gap_interval(floor, ours)
                 firm = "" if high <= 2 or low > 2 else ", within noise"
+                below = "the floor" if floor_mode == "floor" else floor_mode
                 lines.append(
-                    f"- {w}: {mode} {gap:+.1f} points below the floor (target <= 2): {_ok(gap <= 2)}"
+                    f"- {w}: {mode} {gap:+.1f} points below {below} (target <= 2): {_ok(gap <= 2)}"
                     f" (90% interval {low:+.1f} to {high:+.1f}{firm})"
                 )
         res = results.get("keepalive")

@@ -39,7 +39,7 @@ def load_skb_mode(mode: str, loaded_mode):  # -> kernel_overhead.LoadedMode
                 for c in capture:
                     c.poll()
 
-    class Programs:  # what kernel_overhead._program_stats reads: every program loaded now (one pair or two)
+    class Programs:  # what kernel_overhead.program_stats names by: every program loaded now (one pair or two)
         @property
         def funcs(self) -> dict:  # named by job: each pair of `apart` names its programs skb_*
             jobs: dict[int, tuple[bytes, object]] = {id(flows.bpf): (b"udp", flows.bpf)}
