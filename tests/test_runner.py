@@ -418,6 +418,16 @@ def test_full_collections_run_when_due_and_thresholds_come_back() -> None:
     assert gc.get_threshold() == before
 
 
+def test_full_collection_period_can_be_turned_off_from_the_environment(monkeypatch) -> None:
+    """0 hands full collections back to Python (an operator can set it as FLOWMON_AGENT_...); below 0
+    is refused."""
+    monkeypatch.setenv("FLOWMON_AGENT_FULL_GC_PERIOD_SECONDS", "0")
+    assert AgentSettings().full_gc_period_seconds == 0
+    monkeypatch.setenv("FLOWMON_AGENT_FULL_GC_PERIOD_SECONDS", "-1")
+    with pytest.raises(ValidationError):
+        AgentSettings()
+
+
 @pytest.mark.asyncio
 async def test_full_collections_run_between_polls_while_the_agent_runs(tmp_path):
     """Each full collection comes after a poll has ended (the number of polls ended when it ran), and

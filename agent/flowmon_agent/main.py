@@ -311,7 +311,7 @@ def make_agent(args: argparse.Namespace):
         store=store,
         nat_backends=lambda snapshot: nat.backends(snapshot.flows.keys()),
         restarts=restarts,
-        full_collections=None if period is None else FullCollections(period),
+        full_collections=FullCollections(period) if period > 0 else None,
     )
     if policy is not None:
         agent.policy.apply(policy, source="monitor files" if files else "default monitor")

@@ -100,11 +100,11 @@ class AgentSettings(BaseSettings):
         description="Run the agent's threads as SCHED_BATCH: they never preempt the applications it "
         "measures when they wake (flowmon agent only; not for an Agent embedded in another process).",
     )
-    full_gc_period_seconds: float | None = Field(
+    full_gc_period_seconds: float = Field(
         default=30.0,
-        gt=0,
+        ge=0,
         description="Python's full garbage collections only between polls, one per this many seconds "
-        "(flowmon agent only: the process's thresholds); None: wherever Python triggers them.",
+        "(flowmon agent only: the process's thresholds); 0: wherever Python triggers them.",
     )
     # sock_ops (srtt at close), UDP and DNS all link there; in a pod: the host's /sys/fs/cgroup, not its own
     cgroup_root: Path | None = Field(
