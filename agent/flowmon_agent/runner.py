@@ -101,10 +101,12 @@ class AgentSettings(BaseSettings):
         "measures when they wake (flowmon agent only; not for an Agent embedded in another process).",
     )
     full_gc_period_seconds: float = Field(
-        default=30.0,
+        default=0.0,
         ge=0,
         description="Python's full garbage collections only between polls, one per this many seconds "
-        "(flowmon agent only: the process's thresholds); 0: wherever Python triggers them.",
+        "(flowmon agent only: the process's thresholds); 0: wherever Python triggers them. Off by default: "
+        "on the mixed soak it took the poll's p99 from 167 to 99 ms but held ~25-30 MB more RSS (30 s and "
+        "10 s alike; docs/BENCHMARKS.md, Mixed soak).",
     )
     # sock_ops (srtt at close), UDP and DNS all link there; in a pod: the host's /sys/fs/cgroup, not its own
     cgroup_root: Path | None = Field(
