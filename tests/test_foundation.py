@@ -43,12 +43,12 @@ def test_cli_lists_all_subcommands() -> None:
 def test_smoke_bpf_program_loads_and_counts_a_connection() -> None:
     prog = bpf_loader.load_program("smoke.c")
     try:
-        before = sum(v.value for v in prog["events_seen"].values())
+        before = sum(v.value for v in prog[b"events_seen"].values())
         with socket.socket() as sock:
             sock.settimeout(1)
             with pytest.raises(ConnectionRefusedError):
                 sock.connect(("127.0.0.1", 9))  # nothing listens: SYN_SENT then CLOSE
-        after = sum(v.value for v in prog["events_seen"].values())
+        after = sum(v.value for v in prog[b"events_seen"].values())
         assert after - before >= 2
     finally:
         prog.cleanup()
